@@ -1,0 +1,26 @@
+//! The fleetlaps agent: rotates the password of one local administrator account on a LAPS
+//! policy, and backs every new password up to the orchestrator before it changes the account.
+//!
+//! Layout:
+//! - [`app`]: start-up and the run loop (a cycle at start, every interval, and on request).
+//! - [`config`]: the typed configuration, with the local LAPS policy.
+//! - [`telemetry`]: logging set-up.
+//! - [`rotation`]: the processing cycle and the rotation, in the order that loses nothing.
+//! - [`state`]: durable state in sled: identity, sequence, pending rotation, outbox.
+//! - [`account`]: account backends (a file database for simulations and tests).
+//! - [`bus`]: publishing to JetStream (the only module that knows NATS).
+//! - [`control`]: the local control socket behind `reset` and `process-now`.
+//! - [`clock`]: injectable time.
+
+pub mod account;
+pub mod app;
+pub mod bus;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod rotation;
+pub mod state;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;

@@ -1,0 +1,283 @@
+//! The agent's durable state, in sled: its identity, the event sequence, the current and the
+//! pending rotation, and the outbox of events not yet acknowledged by JetStream.
+//!
+//! One tree, key prefixes, and every change that must happen together written as one atomic
+//! batch and flushed before the caller goes on: when `begin_rotation` returns, the pending
+//! rotation and its backup event are on disk together.
+//!
+//! Keys:
+//! - `m/device_id`, `m/next_sequence`, `m/current`, `m/pending`;
+//! - `o/<sequence>`: an outbox entry (an [`Envelope`] as JSON), sequence big-endian.
+//!
+//! No plaintext password is ever stored here: the backup event holds the password sealed to
+//! the escrow key, which this device cannot open.
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::event::{Envelope, Event, RotationReason};
+use fleetlaps_proto::ids::{AccountName, DeviceId, RotationId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+const DEVICE_ID_KEY: &[u8] = b"m/device_id";
+const NEXT_SEQUENCE_KEY: &[u8] = b"m/next_sequence";
+const CURRENT_KEY: &[u8] = b"m/current";
+const PENDING_KEY: &[u8] = b"m/pending";
+const OUTBOX_PREFIX: &[u8] = b"o/";
+
+/// A failure of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// sled failed.
+    #[error("agent state: {0}")]
+    Store(#[from] sled::Error),
+    /// A stored record does not decode.
+    #[error("agent state: corrupt record {key}: {detail}")]
+    Corrupt {
+        /// Which record.
+        key: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// The password the account has, as far as the agent knows: backed up and applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CurrentCredential {
+    /// The rotation that made it.
+    pub rotation_id: RotationId,
+    /// The account it is for.
+    pub account_name: AccountName,
+    /// When it was applied to the account.
+    pub applied_at: DateTime<Utc>,
+    /// When it expires (`PasswordAgeDays` after the rotation).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A rotation whose backup is written (to the outbox, maybe already to the stream) but whose
+/// password is not yet known to be on the account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingRotation {
+    /// The rotation.
+    pub rotation_id: RotationId,
+    /// The account it is for.
+    pub account_name: AccountName,
+    /// Why it started.
+    pub reason: RotationReason,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When the new password will expire.
+    pub expires_at: DateTime<Utc>,
+    /// The device sequence of its backup event, to know when that left the outbox.
+    pub backup_sequence: u64,
+}
+
+/// The agent's state store. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentState {
+    db: sled::Db,
+    tree: sled::Tree,
+    device_id: DeviceId,
+}
+
+impl AgentState {
+    /// Opens (or creates) the state in `dir`; a new state gets a new random device id.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let db = sled::open(dir.join("state"))?;
+        let tree = db.open_tree("agent")?;
+        let device_id = match tree.get(DEVICE_ID_KEY)? {
+            Some(bytes) => DeviceId::parse(&String::from_utf8_lossy(&bytes)).map_err(|err| StateError::Corrupt {
+                key: "m/device_id".to_owned(),
+                detail: err.to_string(),
+            })?,
+            None => {
+                let device_id = DeviceId::new_random();
+                tree.insert(DEVICE_ID_KEY, device_id.as_str().as_bytes())?;
+                db.flush()?;
+                device_id
+            }
+        };
+        Ok(Self { db, tree, device_id })
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
+    }
+
+    /// The applied credential, if any.
+    pub fn current(&self) -> Result<Option<CurrentCredential>, StateError> {
+        self.get(CURRENT_KEY)
+    }
+
+    /// The rotation in progress, if any.
+    pub fn pending(&self) -> Result<Option<PendingRotation>, StateError> {
+        self.get(PENDING_KEY)
+    }
+
+    /// Queues one event in the outbox, durably, and returns it.
+    pub async fn emit(&self, time: DateTime<Utc>, event: Event) -> Result<Envelope, StateError> {
+        let mut batch = sled::Batch::default();
+        let envelope = self.envelope(&mut batch, time, event)?;
+        self.commit(batch).await?;
+        Ok(envelope)
+    }
+
+    /// Records a rotation as pending together with its backup event, durably.
+    pub async fn begin_rotation(
+        &self,
+        time: DateTime<Utc>,
+        pending: impl FnOnce(u64) -> PendingRotation,
+        backup: Event,
+    ) -> Result<(PendingRotation, Envelope), StateError> {
+        let mut batch = sled::Batch::default();
+        let envelope = self.envelope(&mut batch, time, backup)?;
+        let pending = pending(envelope.sequence);
+        batch.insert(PENDING_KEY, encode(&pending));
+        self.commit(batch).await?;
+        Ok((pending, envelope))
+    }
+
+    /// Records that the pending rotation's password is on the account, with its commit event.
+    pub async fn complete_rotation(
+        &self,
+        time: DateTime<Utc>,
+        current: &CurrentCredential,
+        rotated: Event,
+    ) -> Result<Envelope, StateError> {
+        let mut batch = sled::Batch::default();
+        let envelope = self.envelope(&mut batch, time, rotated)?;
+        batch.insert(CURRENT_KEY, encode(current));
+        batch.remove(PENDING_KEY);
+        self.commit(batch).await?;
+        Ok(envelope)
+    }
+
+    /// Drops the pending rotation (its password was never applied), with a failure event.
+    pub async fn abandon_rotation(&self, time: DateTime<Utc>, failed: Event) -> Result<Envelope, StateError> {
+        let mut batch = sled::Batch::default();
+        let envelope = self.envelope(&mut batch, time, failed)?;
+        batch.remove(PENDING_KEY);
+        self.commit(batch).await?;
+        Ok(envelope)
+    }
+
+    /// The oldest event not yet acknowledged by JetStream.
+    pub fn outbox_first(&self) -> Result<Option<Envelope>, StateError> {
+        match self.tree.scan_prefix(OUTBOX_PREFIX).next().transpose()? {
+            Some((key, value)) => {
+                let envelope = Envelope::from_json(&value).map_err(|err| StateError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: err.to_string(),
+                })?;
+                Ok(Some(envelope))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the event with device sequence `sequence` is still in the outbox.
+    pub fn in_outbox(&self, sequence: u64) -> Result<bool, StateError> {
+        Ok(self.tree.contains_key(outbox_key(sequence))?)
+    }
+
+    /// Removes an acknowledged event from the outbox, durably.
+    pub async fn acknowledged(&self, sequence: u64) -> Result<(), StateError> {
+        self.tree.remove(outbox_key(sequence))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// How many events wait in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.tree.scan_prefix(OUTBOX_PREFIX).count()
+    }
+
+    fn envelope(&self, batch: &mut sled::Batch, time: DateTime<Utc>, event: Event) -> Result<Envelope, StateError> {
+        let sequence = self.tree.get(NEXT_SEQUENCE_KEY)?.map_or(1, |bytes| decode_u64(&bytes));
+        let envelope = Envelope::new(self.device_id.clone(), sequence, time, event);
+        batch.insert(NEXT_SEQUENCE_KEY, &(sequence + 1).to_be_bytes());
+        batch.insert(outbox_key(sequence), envelope.to_json());
+        Ok(envelope)
+    }
+
+    async fn commit(&self, batch: sled::Batch) -> Result<(), StateError> {
+        self.tree.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StateError> {
+        self.tree
+            .get(key)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|err| StateError::Corrupt {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    detail: err.to_string(),
+                })
+            })
+            .transpose()
+    }
+}
+
+fn outbox_key(sequence: u64) -> Vec<u8> {
+    let mut key = OUTBOX_PREFIX.to_vec();
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("state records serialise: string keys only")
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    let mut array = [0u8; 8];
+    let len = bytes.len().min(8);
+    array[..len].copy_from_slice(&bytes[..len]);
+    u64::from_be_bytes(array)
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetlaps_proto::event::{RotationFailed, RotationStage};
+
+    use super::*;
+
+    fn failed() -> Event {
+        Event::RotationFailed(RotationFailed {
+            rotation_id: None,
+            stage: RotationStage::Prepare,
+            error: "x".to_owned(),
+        })
+    }
+
+    #[tokio::test]
+    async fn events_get_increasing_sequences_and_leave_the_outbox_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = AgentState::open(dir.path()).unwrap();
+        let first = state.emit(Utc::now(), failed()).await.unwrap();
+        let second = state.emit(Utc::now(), failed()).await.unwrap();
+        assert_eq!((first.sequence, second.sequence), (1, 2));
+        assert_eq!(state.outbox_len(), 2);
+        assert_eq!(state.outbox_first().unwrap().unwrap().id, first.id);
+        state.acknowledged(1).await.unwrap();
+        assert_eq!(state.outbox_first().unwrap().unwrap().id, second.id);
+    }
+
+    #[tokio::test]
+    async fn identity_sequence_and_outbox_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (device_id, envelope) = {
+            let state = AgentState::open(dir.path()).unwrap();
+            (
+                state.device_id().clone(),
+                state.emit(Utc::now(), failed()).await.unwrap(),
+            )
+        };
+        let state = AgentState::open(dir.path()).unwrap();
+        assert_eq!(state.device_id(), &device_id);
+        assert_eq!(state.outbox_first().unwrap().unwrap().id, envelope.id);
+        assert_eq!(state.emit(Utc::now(), failed()).await.unwrap().sequence, 2);
+    }
+}

@@ -1,0 +1,248 @@
+//! The projection consumer: a durable pull consumer on the events stream that folds each batch
+//! into sled, flushes, and only then acknowledges.
+//!
+//! Invariant: a message is acknowledged only after its effect on the projections is durable.
+//! Position: the projections record the last stream sequence they hold. On start, if the durable
+//! consumer's position differs from it (the sled directory was deleted, or a crash fell between
+//! the flush and the ack), the consumer is recreated to deliver from the sequence after it: that
+//! is how a deleted projection is rebuilt by replay.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::projection::{Outcome, ProjectionError, Projections, StreamMessage};
+
+/// A failure of the bus (not of a message: those are quarantined).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// NATS could not be reached.
+    #[error("connecting to NATS at {url}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The stream could not be created or read.
+    #[error("events stream")]
+    Stream {
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The existing stream is not what the orchestrator needs.
+    #[error("stream {stream} exists but {problem}")]
+    StreamMismatch {
+        /// The stream's name.
+        stream: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The consumer could not be created or read.
+    #[error("durable consumer {name}")]
+    Consumer {
+        /// The consumer's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The projections failed; the batch was not acknowledged.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+}
+
+/// The running consumer's parts.
+pub struct Consumer {
+    /// Where events are folded.
+    projections: Projections,
+    /// Counters for what each message did.
+    metrics: Metrics,
+    /// The durable pull consumer.
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+}
+
+/// Messages fetched at once; one flush and one acknowledgement cover them all.
+const BATCH_SIZE: usize = 256;
+/// How long one fetch waits for messages before the loop looks at the shutdown signal again.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+
+impl Consumer {
+    /// Binds the durable consumer `name` on `stream` at the projections' position.
+    pub async fn bind(
+        stream: &stream::Stream,
+        name: &str,
+        projections: Projections,
+        metrics: Metrics,
+    ) -> Result<Self, BusError> {
+        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
+            name: name.to_owned(),
+            source,
+        };
+        let last_applied = projections.last_applied_sequence()?;
+        let existing = match stream.get_consumer::<pull::Config>(name).await {
+            Ok(mut consumer) => {
+                let info = consumer.info().await.map_err(|err| consumer_error(err.into()))?;
+                let in_step =
+                    info.ack_floor.stream_sequence == last_applied && info.delivered.stream_sequence == last_applied;
+                if in_step {
+                    Some(consumer)
+                } else {
+                    tracing::info!(
+                        consumer = name,
+                        ack_floor = info.ack_floor.stream_sequence,
+                        last_applied,
+                        "consumer and projections differ; replaying from the projections' position"
+                    );
+                    stream
+                        .delete_consumer(name)
+                        .await
+                        .map_err(|err| consumer_error(err.into()))?;
+                    None
+                }
+            }
+            Err(_) => None,
+        };
+        let consumer = match existing {
+            Some(consumer) => consumer,
+            None => {
+                let deliver_policy = if last_applied == 0 {
+                    jetstream::consumer::DeliverPolicy::All
+                } else {
+                    jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last_applied + 1,
+                    }
+                };
+                let config = pull::Config {
+                    durable_name: Some(name.to_owned()),
+                    deliver_policy,
+                    ack_policy: jetstream::consumer::AckPolicy::All,
+                    ack_wait: Duration::from_secs(30),
+                    filter_subject: fleetlaps_proto::subject::EVENTS_WILDCARD.to_owned(),
+                    ..Default::default()
+                };
+                stream
+                    .create_consumer(config)
+                    .await
+                    .map_err(|err| consumer_error(err.into()))?
+            }
+        };
+        metrics
+            .projection_last_sequence
+            .set(i64::try_from(last_applied).unwrap_or(i64::MAX));
+        metrics
+            .devices
+            .set(i64::try_from(projections.devices()?.len()).unwrap_or(i64::MAX));
+        Ok(Self {
+            projections,
+            metrics,
+            consumer,
+        })
+    }
+
+    /// Consumes until `shutdown` is cancelled. NATS trouble is logged and retried; a projection
+    /// failure stops the loop with an error, leaving the batch unacknowledged for redelivery.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        loop {
+            let batch = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                batch = self.fetch() => batch,
+            };
+            match batch {
+                Ok(messages) if messages.is_empty() => {}
+                Ok(messages) => self.process(messages).await?,
+                Err(err) => {
+                    tracing::warn!(error = %err, "fetching events failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+        let mut batch = self
+            .consumer
+            .batch()
+            .max_messages(BATCH_SIZE)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await?;
+        let mut messages = Vec::new();
+        while let Some(message) = batch.next().await {
+            messages.push(message?);
+        }
+        Ok(messages)
+    }
+
+    async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BusError> {
+        let started = Instant::now();
+        let mut last_sequence = None;
+        for message in &messages {
+            let info = match message.info() {
+                Ok(info) => info,
+                Err(err) => {
+                    tracing::warn!(error = %err, "message without JetStream metadata; skipped");
+                    continue;
+                }
+            };
+            let published = info.published;
+            let outcome = self.projections.apply(StreamMessage {
+                sequence: info.stream_sequence,
+                subject: message.subject.as_str(),
+                published,
+                payload: &message.payload,
+            })?;
+            self.record(outcome, info.stream_sequence, message.subject.as_str());
+            last_sequence = Some(info.stream_sequence);
+        }
+        self.projections.flush().await?;
+        if let Some(last) = messages.last() {
+            // AckPolicy::All: acknowledging the last message acknowledges the whole batch.
+            if let Err(err) = last.ack_with(AckKind::Ack).await {
+                tracing::warn!(error = %err, "acknowledging a batch failed; it will be redelivered and skipped");
+            }
+        }
+        if let Some(sequence) = last_sequence {
+            self.metrics
+                .projection_last_sequence
+                .set(i64::try_from(sequence).unwrap_or(i64::MAX));
+        }
+        self.metrics
+            .devices
+            .set(i64::try_from(self.projections.devices()?.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .consumer_batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn record(&self, outcome: Outcome, stream_sequence: u64, subject: &str) {
+        match outcome {
+            Outcome::Applied(kind) => {
+                self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
+                tracing::debug!(stream_sequence, %kind, "event applied");
+            }
+            Outcome::Duplicate => {
+                self.metrics.events_duplicate.inc();
+                tracing::debug!(stream_sequence, "duplicate event skipped");
+            }
+            Outcome::AlreadySeen => {}
+            Outcome::Quarantined(reason) => {
+                self.metrics
+                    .events_quarantined
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                // Never the payload: it may hold anything, a password included.
+                tracing::warn!(stream_sequence, subject, %reason, "event quarantined");
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Everything that talks to NATS: the event stream's definition and the projection consumer.
+//!
+//! Boundary: this is the only module of the orchestrator that knows async-nats.
+
+mod consumer;
+mod stream;
+
+pub use consumer::{BusError, Consumer};
+pub use stream::{connect, ensure_events_stream};

@@ -1,0 +1,60 @@
+//! The event stream: created when missing, checked when present.
+
+use async_nats::jetstream::{self, stream};
+use fleetlaps_proto::subject;
+
+use super::BusError;
+
+/// Connects to NATS and returns a JetStream context.
+pub async fn connect(url: &str) -> Result<jetstream::Context, BusError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("fleetlaps-orchestrator")
+        .connect(url)
+        .await
+        .map_err(|err| BusError::Connect {
+            url: url.to_owned(),
+            source: err.into(),
+        })?;
+    Ok(jetstream::new(client))
+}
+
+/// Creates the events stream if it does not exist; if it does, checks that it holds the
+/// subjects the orchestrator consumes and keeps messages for ever.
+pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stream::Stream, BusError> {
+    let config = stream::Config {
+        name: subject::EVENTS_STREAM.to_owned(),
+        subjects: vec![subject::EVENTS_WILDCARD.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        // The stream is the history: nothing may remove messages from it.
+        deny_delete: true,
+        deny_purge: true,
+        duplicate_window: std::time::Duration::from_secs(120),
+        ..Default::default()
+    };
+    let mut stream = jetstream
+        .get_or_create_stream(config)
+        .await
+        .map_err(|err| BusError::Stream { source: err.into() })?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|err| BusError::Stream { source: err.into() })?;
+    if !info.config.subjects.iter().any(|s| s == subject::EVENTS_WILDCARD) {
+        return Err(BusError::StreamMismatch {
+            stream: subject::EVENTS_STREAM,
+            problem: format!(
+                "subjects are {:?}, expected to include {}",
+                info.config.subjects,
+                subject::EVENTS_WILDCARD
+            ),
+        });
+    }
+    if info.config.max_age != std::time::Duration::ZERO || info.config.max_messages > 0 {
+        return Err(BusError::StreamMismatch {
+            stream: subject::EVENTS_STREAM,
+            problem: "it expires or limits messages, but the history must be kept whole".to_owned(),
+        });
+    }
+    Ok(stream)
+}

@@ -1,0 +1,327 @@
+//! The API client behind `lapsctl`: reads `deviceLocalCredentials` as Graph clients do.
+//!
+//! Errors keep the server's OData code and message, so a 403 reads as the server wrote it
+//! ("… requires the DeviceLocalCredential.Read.All scope"). The token is held as a
+//! [`SecretString`] and sent only to the configured server's origin: a next link that points
+//! elsewhere is refused rather than followed with the token.
+
+use std::time::Duration;
+
+use fleetlaps_proto::api::{DeviceLocalCredentialInfo, ODataCollection, ODataError};
+use fleetlaps_proto::ids::DeviceId;
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+
+/// Graph's optional header naming the calling tool.
+const CLIENT_NAME_HEADER: &str = "ocp-client-name";
+/// Graph's optional header giving the calling tool's version.
+const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
+/// The name sent in [`CLIENT_NAME_HEADER`].
+const CLIENT_NAME: &str = "lapsctl";
+/// The collection's path, relative to the base URL.
+const COLLECTION_PATH: &str = "v1.0/directory/deviceLocalCredentials";
+/// How long one request may take, connection included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A bound on next links followed for one listing, against a server that never stops paging.
+const MAX_PAGES: usize = 1000;
+
+/// A client of one orchestrator's API, with one bearer token.
+pub struct ApiClient {
+    /// The API root; its path ends in `/`, so relative paths join under it.
+    base_url: Url,
+    /// Sent as `Authorization: Bearer`; redacted in `Debug`, never logged.
+    token: SecretString,
+    /// Keeps connections alive across requests; carries the client headers.
+    http: reqwest::Client,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an OData error.
+    #[error("{message} (HTTP {status}, {code})")]
+    Http {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The OData error code, such as `Authorization_RequestDenied`.
+        code: String,
+        /// The server's message, as it wrote it.
+        message: String,
+    },
+    /// The server could not be reached, or the exchange broke off. The cause is the `source`,
+    /// not repeated in the message, so that `{:#}` shows it once.
+    #[error("request to the API failed")]
+    Transport(#[from] reqwest::Error),
+    /// The server answered something that is not the API's: an error without an OData body, or a
+    /// body that does not decode.
+    #[error("unexpected response from {url} (HTTP {status}): {detail}")]
+    UnexpectedResponse {
+        /// The URL requested, without its query.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// What was wrong with it; never the body itself, which may hold a password.
+        detail: String,
+    },
+}
+
+impl ApiClient {
+    /// A client for the API at `base_url` (such as `http://127.0.0.1:8080`), calling with `token`.
+    pub fn new(base_url: &str, token: SecretString) -> anyhow::Result<Self> {
+        let mut base_url =
+            Url::parse(base_url).map_err(|err| anyhow::anyhow!("invalid API URL {base_url:?}: {err}"))?;
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.host_str().is_none() {
+            anyhow::bail!("invalid API URL {base_url}: allowed: http:// or https:// with a host");
+        }
+        if !base_url.path().ends_with('/') {
+            let path = format!("{}/", base_url.path());
+            base_url.set_path(&path);
+        }
+        base_url.set_query(None);
+        base_url.set_fragment(None);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(CLIENT_NAME_HEADER, HeaderValue::from_static(CLIENT_NAME));
+        headers.insert(
+            CLIENT_VERSION_HEADER,
+            HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+        );
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("lapsctl/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers)
+            .timeout(REQUEST_TIMEOUT)
+            .build()?;
+        Ok(Self { base_url, token, http })
+    }
+
+    /// The devices named `device_name` (compared case-insensitively by the server), every page.
+    pub async fn find_devices(&self, device_name: &str) -> Result<Vec<DeviceLocalCredentialInfo>, ClientError> {
+        let mut url = self.url(COLLECTION_PATH)?;
+        url.query_pairs_mut().append_pair(
+            "$filter",
+            &format!("deviceName eq '{}'", device_name.replace('\'', "''")),
+        );
+        let mut devices = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let page: ODataCollection<DeviceLocalCredentialInfo> = self.get_json(url.clone()).await?;
+            devices.extend(page.value);
+            match page.next_link {
+                Some(link) => url = self.next_url(&url, &link)?,
+                None => return Ok(devices),
+            }
+        }
+        Err(ClientError::UnexpectedResponse {
+            url: without_query(&url),
+            status: StatusCode::OK,
+            detail: format!("still paging after {MAX_PAGES} pages"),
+        })
+    }
+
+    /// One device's metadata; with `include_passwords`, also its newest credentials, which needs
+    /// the `DeviceLocalCredential.Read.All` scope.
+    pub async fn device(
+        &self,
+        device_id: &DeviceId,
+        include_passwords: bool,
+    ) -> Result<DeviceLocalCredentialInfo, ClientError> {
+        let mut url = self.url(&format!("{COLLECTION_PATH}/{device_id}"))?;
+        if include_passwords {
+            url.query_pairs_mut().append_pair("$select", "credentials");
+        }
+        self.get_json(url).await
+    }
+
+    /// The devices `name_or_id` designates, as `Get-LapsAADPassword -DeviceIds` finds them: those
+    /// with that name; or, when none has it and it is a valid device id, the device with that id.
+    /// Empty when neither finds one; more than one when several devices share the name.
+    pub async fn lookup_device(&self, name_or_id: &str) -> Result<Vec<DeviceLocalCredentialInfo>, ClientError> {
+        let by_name = self.find_devices(name_or_id).await?;
+        if !by_name.is_empty() {
+            return Ok(by_name);
+        }
+        let Ok(device_id) = DeviceId::parse(name_or_id) else {
+            return Ok(by_name);
+        };
+        match self.device(&device_id, false).await {
+            Ok(device) => Ok(vec![device]),
+            Err(ClientError::Http {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(Vec::new()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `path` under the base URL.
+    fn url(&self, path: &str) -> Result<Url, ClientError> {
+        self.base_url.join(path).map_err(|err| ClientError::UnexpectedResponse {
+            url: self.base_url.to_string(),
+            status: StatusCode::OK,
+            detail: format!("cannot build a URL for {path}: {err}"),
+        })
+    }
+
+    /// A next link resolved against the page it came from; refused unless it stays on the
+    /// server's origin, since the token goes with it.
+    fn next_url(&self, current: &Url, link: &str) -> Result<Url, ClientError> {
+        let refused = |detail: String| ClientError::UnexpectedResponse {
+            url: without_query(current),
+            status: StatusCode::OK,
+            detail,
+        };
+        let next = current
+            .join(link)
+            .map_err(|err| refused(format!("invalid @odata.nextLink: {err}")))?;
+        if next.origin() != self.base_url.origin() {
+            return Err(refused(format!(
+                "@odata.nextLink leaves the server for {}",
+                next.origin().ascii_serialization()
+            )));
+        }
+        Ok(next)
+    }
+
+    /// GETs `url` and decodes a successful JSON answer, or turns the failure into a [`ClientError`].
+    async fn get_json<T: DeserializeOwned>(&self, url: Url) -> Result<T, ClientError> {
+        let display_url = without_query(&url);
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(self.token.expose_secret())
+            .send()
+            .await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|err| ClientError::UnexpectedResponse {
+                url: display_url,
+                status,
+                detail: format!("the body is not the expected JSON ({})", describe_json_error(&err)),
+            });
+        }
+        match serde_json::from_slice::<ODataError>(&body) {
+            Ok(odata) => Err(ClientError::Http {
+                status,
+                code: odata.error.code,
+                message: odata.error.message,
+            }),
+            Err(_) => Err(ClientError::UnexpectedResponse {
+                url: display_url,
+                status,
+                detail: "the error has no OData body; is the URL an orchestrator's?".to_owned(),
+            }),
+        }
+    }
+}
+
+/// `url` without its query, for messages.
+fn without_query(url: &Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.to_string()
+}
+
+/// Where and what kind of JSON error, without serde's message, which can quote a value from the
+/// body (such as a password).
+fn describe_json_error(err: &serde_json::Error) -> String {
+    let category = match err.classify() {
+        serde_json::error::Category::Io => "i/o",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!("{category} error at line {} column {}", err.line(), err.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_url_gets_a_trailing_slash_so_paths_join_under_it() {
+        let client = ApiClient::new("https://laps.example/prefix", SecretString::from("t")).unwrap();
+        assert_eq!(
+            client.url(COLLECTION_PATH).unwrap().as_str(),
+            "https://laps.example/prefix/v1.0/directory/deviceLocalCredentials"
+        );
+        assert!(ApiClient::new("ftp://x", SecretString::from("t")).is_err());
+        assert!(ApiClient::new("not a url", SecretString::from("t")).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_client_reads_what_the_router_serves() {
+        use crate::http::tests::{Fixture, READ_ALL_TOKEN, READ_BASIC_TOKEN};
+        let mut fixture = Fixture::new();
+        fixture.back_up("dev-a", "web", "pw-a");
+        fixture.back_up("dev-b", "web", "pw-b");
+        fixture.back_up("dev-c", "db", "pw-c");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let router = crate::http::router(fixture.state.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let admin = ApiClient::new(&base_url, SecretString::from(READ_ALL_TOKEN)).unwrap();
+
+        let web = admin.find_devices("WEB").await.unwrap();
+        assert_eq!(
+            web.iter().map(|device| device.id.as_str()).collect::<Vec<_>>(),
+            ["dev-a", "dev-b"]
+        );
+        assert!(admin.find_devices("o'brien & co").await.unwrap().is_empty());
+        let by_id = admin.lookup_device("dev-c").await.unwrap();
+        assert_eq!(by_id[0].device_name.as_str(), "db");
+        assert!(admin.lookup_device("nothing").await.unwrap().is_empty());
+        assert_eq!(admin.lookup_device("web").await.unwrap().len(), 2);
+
+        let device_id = DeviceId::parse("dev-c").unwrap();
+        let device = admin.device(&device_id, true).await.unwrap();
+        let credentials = device.credentials.expect("asked for");
+        assert_eq!(credentials[0].password_base64.decode().unwrap().expose(), "pw-c");
+
+        let helpdesk = ApiClient::new(&base_url, SecretString::from(READ_BASIC_TOKEN)).unwrap();
+        assert!(helpdesk.device(&device_id, false).await.unwrap().credentials.is_none());
+        let denied = helpdesk.device(&device_id, true).await.unwrap_err();
+        assert!(
+            matches!(
+                &denied,
+                ClientError::Http {
+                    status: StatusCode::FORBIDDEN,
+                    ..
+                }
+            ),
+            "{denied}"
+        );
+        assert!(
+            denied.to_string().contains("DeviceLocalCredential.Read.All"),
+            "{denied}"
+        );
+        let stranger = ApiClient::new(&base_url, SecretString::from("wrong")).unwrap();
+        let refused = stranger.find_devices("web").await.unwrap_err();
+        assert!(
+            matches!(
+                &refused,
+                ClientError::Http {
+                    status: StatusCode::UNAUTHORIZED,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        server.abort();
+    }
+
+    #[test]
+    fn next_links_must_stay_on_the_server() {
+        let client = ApiClient::new("http://127.0.0.1:8080", SecretString::from("t")).unwrap();
+        let current = client.url(COLLECTION_PATH).unwrap();
+        let next = client
+            .next_url(&current, "/v1.0/directory/deviceLocalCredentials?$top=1&$skiptoken=a")
+            .unwrap();
+        assert_eq!(
+            next.as_str(),
+            "http://127.0.0.1:8080/v1.0/directory/deviceLocalCredentials?$top=1&$skiptoken=a"
+        );
+        assert!(client.next_url(&current, "http://evil.example/steal").is_err());
+    }
+}

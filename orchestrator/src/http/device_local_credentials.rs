@@ -1,0 +1,215 @@
+//! Graph's `deviceLocalCredentials`: the devices' backup metadata, and on request their passwords.
+//!
+//! - `GET /v1.0/directory/deviceLocalCredentials`: the list, metadata only
+//!   (`DeviceLocalCredential.ReadBasic.All`), with `$filter`, `$top`, `$skiptoken`.
+//! - `GET /v1.0/directory/deviceLocalCredentials/{deviceId}`: one device; with
+//!   `$select=credentials` also its newest passwords (`DeviceLocalCredential.Read.All`).
+//!
+//! Context and next links are relative to the server (`$metadata#…`, `/v1.0/…`), not absolute as
+//! Graph's: the server does not trust the `Host` header to tell it its own name.
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use fleetlaps_proto::api::{DeviceLocalCredential, DeviceLocalCredentialInfo, ODataCollection, PasswordBase64};
+use fleetlaps_proto::event::sealing_context;
+use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::seal::EscrowSecretKey;
+use serde_json::Value;
+
+use super::AppState;
+use super::auth::Authenticated;
+use super::error::ApiError;
+use super::odata::{self, Filter, Property, QueryOptions};
+use crate::auth::Scope;
+use crate::projection::{CredentialRecord, DeviceRecord};
+
+/// The collection's route.
+pub(super) const LIST_PATH: &str = "/v1.0/directory/deviceLocalCredentials";
+/// One device's route.
+pub(super) const ITEM_PATH: &str = "/v1.0/directory/deviceLocalCredentials/{deviceId}";
+
+/// `@odata.context` of the collection.
+const COLLECTION_CONTEXT: &str = "$metadata#directory/deviceLocalCredentials";
+/// `@odata.context` of one device.
+const ENTITY_CONTEXT: &str = "$metadata#directory/deviceLocalCredentials/$entity";
+/// How many credentials one device answers with, newest first: three, as Entra keeps.
+const CREDENTIALS_RETURNED: usize = 3;
+/// Graph's optional client headers, recorded with each disclosure when present.
+const CLIENT_NAME_HEADER: &str = "ocp-client-name";
+/// See [`CLIENT_NAME_HEADER`].
+const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
+
+/// Lists devices' metadata, ordered by id, one page at a time.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    options: QueryOptions,
+) -> Result<Json<ODataCollection<DeviceLocalCredentialInfo>>, ApiError> {
+    principal.require(Scope::ReadBasic)?;
+    let filter = options.parsed_filter()?;
+    let page_size = options.page_size()?;
+    let after = options
+        .skip_token
+        .as_deref()
+        .map(|token| DeviceId::parse(token).map_err(|err| ApiError::BadRequest(format!("invalid $skiptoken: {err}"))))
+        .transpose()?;
+    if options.selected()?.contains(&Property::Credentials) {
+        return Err(ApiError::UnsupportedQuery(format!(
+            "$select=credentials is not supported on the collection; read one device with \
+             GET {ITEM_PATH}?$select=credentials"
+        )));
+    }
+
+    let mut devices = state
+        .projections
+        .devices()?
+        .into_iter()
+        .filter(|device| after.as_ref().is_none_or(|after| device.device_id > *after))
+        .filter(|device| filter.as_ref().is_none_or(|filter| matches(filter, device)));
+    let page: Vec<DeviceRecord> = devices.by_ref().take(page_size).collect();
+    let next_link = match (devices.next(), page.last()) {
+        (Some(_), Some(last)) => Some(next_link(&options, page_size, &last.device_id)),
+        _ => None,
+    };
+    Ok(Json(ODataCollection {
+        context: COLLECTION_CONTEXT.to_owned(),
+        value: page.iter().map(metadata).collect(),
+        next_link,
+    }))
+}
+
+/// One device's metadata, and with `$select=credentials` its newest passwords.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name, %device_id))]
+pub(super) async fn get(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    DevicePath(device_id): DevicePath,
+    options: QueryOptions,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::ReadBasic)?;
+    options.allow_only(&["$select"], "a single device")?;
+    let include_credentials = options.selected()?.contains(&Property::Credentials);
+    if include_credentials {
+        principal.require(Scope::ReadPasswords)?;
+    }
+    let device = state
+        .projections
+        .device(&device_id)?
+        .ok_or_else(|| ApiError::DeviceNotFound(device_id.clone()))?;
+    let mut info = metadata(&device);
+    if include_credentials {
+        let credentials = state
+            .projections
+            .credentials(&device_id, CREDENTIALS_RETURNED)?
+            .iter()
+            .map(|record| open_credential(&state.escrow, &device_id, record))
+            .collect::<Result<Vec<_>, _>>()?;
+        state.metrics.passwords_disclosed.inc_by(credentials.len() as u64);
+        tracing::info!(
+            n_credentials = credentials.len(),
+            client_name = client_header(&headers, CLIENT_NAME_HEADER),
+            client_version = client_header(&headers, CLIENT_VERSION_HEADER),
+            "passwords disclosed"
+        );
+        info.credentials = Some(credentials);
+    }
+    Ok(Json(entity(&info)))
+}
+
+/// The `{deviceId}` path parameter, validated: a malformed id is a 400 in the OData shape.
+pub(super) struct DevicePath(pub(super) DeviceId);
+
+impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        DeviceId::parse(&text)
+            .map(Self)
+            .map_err(|err| ApiError::BadRequest(err.to_string()))
+    }
+}
+
+/// Whether `device` passes `filter`. Names compare case-insensitively, as host names do.
+fn matches(filter: &Filter, device: &DeviceRecord) -> bool {
+    match filter {
+        Filter::DeviceName(name) => device.device_name.as_str().eq_ignore_ascii_case(name),
+        Filter::Id(id) => device.device_id.as_str() == id,
+    }
+}
+
+/// The link to the page after `last`, keeping the request's other options.
+fn next_link(options: &QueryOptions, page_size: usize, last: &DeviceId) -> String {
+    let mut link = format!("{LIST_PATH}?");
+    if let Some(filter) = &options.filter {
+        link.push_str(&format!("$filter={}&", odata::percent_encode(filter)));
+    }
+    if let Some(select) = &options.select {
+        link.push_str(&format!("$select={}&", odata::percent_encode(select)));
+    }
+    link.push_str(&format!(
+        "$top={page_size}&$skiptoken={}",
+        odata::percent_encode(last.as_str())
+    ));
+    link
+}
+
+/// A device's Graph metadata, without credentials.
+fn metadata(device: &DeviceRecord) -> DeviceLocalCredentialInfo {
+    DeviceLocalCredentialInfo {
+        id: device.device_id.clone(),
+        device_name: device.device_name.clone(),
+        last_backup_date_time: device.last_backup,
+        refresh_date_time: device.refresh,
+        credentials: None,
+    }
+}
+
+/// Opens one sealed password into Graph's `deviceLocalCredential`.
+fn open_credential(
+    escrow: &EscrowSecretKey,
+    device_id: &DeviceId,
+    record: &CredentialRecord,
+) -> Result<DeviceLocalCredential, ApiError> {
+    let opened = escrow
+        .open(
+            &record.sealed_password,
+            &sealing_context(device_id, &record.rotation_id),
+        )
+        .map_err(|source| ApiError::Unseal {
+            device_id: device_id.clone(),
+            rotation_id: record.rotation_id,
+            source,
+        })?;
+    let password = std::str::from_utf8(&opened).map_err(|_| ApiError::PasswordNotUtf8 {
+        device_id: device_id.clone(),
+        rotation_id: record.rotation_id,
+    })?;
+    Ok(DeviceLocalCredential {
+        account_name: record.account_name.to_string(),
+        account_sid: record.account_uid.map(|uid| uid.to_string()),
+        backup_date_time: record.backup_time,
+        password_base64: PasswordBase64::encode(password),
+    })
+}
+
+/// `info` as an OData entity: its fields and `@odata.context`.
+fn entity(info: &DeviceLocalCredentialInfo) -> Value {
+    let mut value = serde_json::to_value(info).expect("deviceLocalCredentialInfo serialises: string keys only");
+    if let Value::Object(fields) = &mut value {
+        fields.insert("@odata.context".to_owned(), Value::from(ENTITY_CONTEXT));
+    }
+    value
+}
+
+/// A client header's value for the log, cut to 64 characters; `None` when absent or not text.
+fn client_header(headers: &HeaderMap, name: &str) -> Option<String> {
+    let value = headers.get(name)?.to_str().ok()?;
+    Some(value.chars().take(64).collect())
+}

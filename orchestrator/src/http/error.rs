@@ -1,0 +1,143 @@
+//! [`ApiError`]: every way a request can fail, and the OData error body each one becomes.
+
+use std::fmt;
+
+use axum::Json;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use fleetlaps_proto::api::ODataError;
+use fleetlaps_proto::ids::{DeviceId, RotationId};
+use fleetlaps_proto::seal::SealError;
+
+use crate::auth::Scope;
+use crate::projection::ProjectionError;
+
+/// Why a request failed.
+///
+/// 4xx variants carry a message for the caller. 5xx variants answer with a generic message and
+/// log their whole cause chain once, inside the request span, when they become a response.
+/// No variant holds a password or a token.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No `Authorization` header.
+    #[error("the request has no access token: send `Authorization: Bearer <token>`")]
+    MissingToken,
+    /// An `Authorization` header that is not `Bearer <token>`.
+    #[error("the Authorization header is not of the form `Bearer <token>`")]
+    MalformedToken,
+    /// A bearer token that no principal holds.
+    #[error("the access token is not valid")]
+    UnknownToken,
+    /// The principal lacks a scope the request needs.
+    #[error("insufficient privileges to complete the operation: it requires the {0} scope")]
+    MissingScope(Scope),
+    /// A malformed path parameter or query option value.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A query option, or a form of one, that this API does not implement.
+    #[error("{0}")]
+    UnsupportedQuery(String),
+    /// No device with this id.
+    #[error("device {0} was not found")]
+    DeviceNotFound(DeviceId),
+    /// No route has this path (the path, without the query).
+    #[error("no resource at {0}")]
+    NoRoute(String),
+    /// The path exists but not with this method.
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(Method),
+    /// The projection store failed.
+    #[error("reading the projections")]
+    Projection(#[from] ProjectionError),
+    /// A stored sealed password does not open with the escrow key.
+    #[error("opening the sealed password of device {device_id} rotation {rotation_id}")]
+    Unseal {
+        /// The device whose credential it is.
+        device_id: DeviceId,
+        /// The rotation that made it.
+        rotation_id: RotationId,
+        /// Why it did not open.
+        #[source]
+        source: SealError,
+    },
+    /// A sealed password opened to bytes that are not UTF-8 text.
+    #[error("the opened password of device {device_id} rotation {rotation_id} is not UTF-8")]
+    PasswordNotUtf8 {
+        /// The device whose credential it is.
+        device_id: DeviceId,
+        /// The rotation that made it.
+        rotation_id: RotationId,
+    },
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingToken | Self::MalformedToken | Self::UnknownToken => StatusCode::UNAUTHORIZED,
+            Self::MissingScope(_) => StatusCode::FORBIDDEN,
+            Self::BadRequest(_) | Self::UnsupportedQuery(_) => StatusCode::BAD_REQUEST,
+            Self::DeviceNotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// The OData error code, as Microsoft Graph names it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingToken | Self::MalformedToken | Self::UnknownToken => "InvalidAuthenticationToken",
+            Self::MissingScope(_) => "Authorization_RequestDenied",
+            Self::BadRequest(_) | Self::MethodNotAllowed(_) => "Request_BadRequest",
+            Self::UnsupportedQuery(_) => "Request_UnsupportedQuery",
+            Self::DeviceNotFound(_) | Self::NoRoute(_) => "Request_ResourceNotFound",
+            Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => "InternalServerError",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = if status.is_server_error() {
+            // The caller learns nothing about the inside; the operator gets the whole chain, once.
+            tracing::error!(error = %ErrorChain(&self), "request failed");
+            "an internal error occurred; the server log has the details".to_owned()
+        } else {
+            self.to_string()
+        };
+        let body = Json(ODataError::new(self.code(), message));
+        if status == StatusCode::UNAUTHORIZED {
+            (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+        } else {
+            (status, body).into_response()
+        }
+    }
+}
+
+/// The fallback for paths no route matches.
+pub(super) async fn no_route(uri: Uri) -> ApiError {
+    ApiError::NoRoute(uri.path().to_owned())
+}
+
+/// The fallback for a known path called with a method it does not serve.
+pub(super) async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method)
+}
+
+/// Displays an error and its sources, `outer: inner: innermost`.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

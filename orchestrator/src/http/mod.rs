@@ -1,0 +1,69 @@
+//! The Graph-compatible HTTP API and the metrics endpoint: the only module that knows axum.
+//!
+//! Layout:
+//! - `device_local_credentials`: Graph's `/v1.0/directory/deviceLocalCredentials`, list and item.
+//! - `escrow`: the escrow public key, for agents and tools.
+//! - `health`: the liveness probe.
+//! - `metrics`: the request metrics middleware and the `/metrics` endpoint.
+//! - `auth`: the bearer-token extractor.
+//! - `odata`: OData query options (`$filter`, `$select`, `$top`, `$skiptoken`).
+//! - `error`: [`ApiError`], the one error type that becomes a response.
+
+mod auth;
+mod device_local_credentials;
+mod error;
+mod escrow;
+mod health;
+mod metrics;
+mod odata;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use fleetlaps_proto::seal::EscrowSecretKey;
+
+use crate::auth::TokenStore;
+use crate::metrics::Metrics;
+use crate::projection::Projections;
+
+pub use error::ApiError;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The read side: devices and their sealed credentials.
+    pub projections: Projections,
+    /// Opens sealed passwords for authorised reads; never leaves this process.
+    pub escrow: Arc<EscrowSecretKey>,
+    /// The bearer tokens allowed to call the API.
+    pub tokens: Arc<TokenStore>,
+    /// Request counts, latencies and disclosures are recorded here.
+    pub metrics: Metrics,
+}
+
+/// The API: health, the escrow public key and Graph's `deviceLocalCredentials`.
+///
+/// Every request, matched or not, is counted by route pattern and status code.
+pub fn router(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route(health::PATH, get(health::get))
+        .route(escrow::PATH, get(escrow::get_public_key))
+        .route(device_local_credentials::LIST_PATH, get(device_local_credentials::list))
+        .route(device_local_credentials::ITEM_PATH, get(device_local_credentials::get))
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(metrics, metrics::track_requests))
+}
+
+/// The Prometheus endpoint, served on its own listener: `GET /metrics`.
+pub fn metrics_router(metrics: Metrics) -> Router {
+    Router::new()
+        .route(metrics::PATH, get(metrics::render))
+        .with_state(metrics)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,317 @@
+//! OData system query options: the subset of `$filter`, `$select`, `$top` and `$skiptoken` that
+//! Graph supports on `deviceLocalCredentials`, parsed from the raw query string.
+//!
+//! Options this API does not implement (`$orderby`, `$count`, …) are refused with
+//! `Request_UnsupportedQuery` rather than ignored, so a caller never mistakes an unfiltered or
+//! unordered answer for what it asked. Parameters without a `$` are not OData's and are ignored.
+
+use std::fmt::Write as _;
+
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+
+use super::error::ApiError;
+
+/// The default page size of a collection, as Graph's.
+pub(super) const DEFAULT_TOP: usize = 100;
+/// The largest page a caller may ask for.
+pub(super) const MAX_TOP: usize = 1000;
+
+/// The OData options of one request, as sent; each resource checks what it supports.
+#[derive(Debug, Default)]
+pub(super) struct QueryOptions {
+    /// `$filter`, decoded.
+    pub(super) filter: Option<String>,
+    /// `$select`, decoded.
+    pub(super) select: Option<String>,
+    /// `$top`, decoded.
+    pub(super) top: Option<String>,
+    /// `$skiptoken`, decoded.
+    pub(super) skip_token: Option<String>,
+}
+
+/// A `$filter` this API can evaluate: one equality on one property.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Filter {
+    /// `deviceName eq '<name>'`.
+    DeviceName(String),
+    /// `id eq '<id>'`.
+    Id(String),
+}
+
+/// A property of `deviceLocalCredentialInfo`, as named in `$select`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Property {
+    /// `id`.
+    Id,
+    /// `deviceName`.
+    DeviceName,
+    /// `lastBackupDateTime`.
+    LastBackupDateTime,
+    /// `refreshDateTime`.
+    RefreshDateTime,
+    /// `credentials`: the passwords themselves.
+    Credentials,
+}
+
+impl QueryOptions {
+    /// The names of the options this API knows, for error messages.
+    const SUPPORTED: &'static str = "$filter, $select, $top and $skiptoken";
+
+    /// Fails unless only options in `allowed` are present; `resource` names where, for the message.
+    pub(super) fn allow_only(&self, allowed: &[&str], resource: &str) -> Result<(), ApiError> {
+        let present = [
+            ("$filter", self.filter.is_some()),
+            ("$select", self.select.is_some()),
+            ("$top", self.top.is_some()),
+            ("$skiptoken", self.skip_token.is_some()),
+        ];
+        match present
+            .iter()
+            .find(|(name, is_present)| *is_present && !allowed.contains(name))
+        {
+            Some((name, _)) => Err(ApiError::UnsupportedQuery(format!(
+                "query option {name} is not supported on {resource}; supported: {}",
+                allowed.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The page size: `$top` when given (1 to [`MAX_TOP`]), else [`DEFAULT_TOP`].
+    pub(super) fn page_size(&self) -> Result<usize, ApiError> {
+        let Some(text) = &self.top else {
+            return Ok(DEFAULT_TOP);
+        };
+        match text.trim().parse::<usize>() {
+            Ok(top) if (1..=MAX_TOP).contains(&top) => Ok(top),
+            _ => Err(ApiError::BadRequest(format!(
+                "invalid $top {:?}: allowed: an integer from 1 to {MAX_TOP}",
+                truncated(text)
+            ))),
+        }
+    }
+
+    /// The `$filter`, if any, parsed.
+    pub(super) fn parsed_filter(&self) -> Result<Option<Filter>, ApiError> {
+        self.filter.as_deref().map(Filter::parse).transpose()
+    }
+
+    /// The properties named in `$select`, in order; empty when there is no `$select`.
+    pub(super) fn selected(&self) -> Result<Vec<Property>, ApiError> {
+        let Some(text) = &self.select else {
+            return Ok(Vec::new());
+        };
+        text.split(',').map(|name| Property::parse(name.trim())).collect()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryOptions {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        let mut options = Self::default();
+        for (key, value) in pairs {
+            let slot = match key.as_str() {
+                "$filter" => &mut options.filter,
+                "$select" => &mut options.select,
+                "$top" => &mut options.top,
+                "$skiptoken" => &mut options.skip_token,
+                other if other.starts_with('$') => {
+                    return Err(ApiError::UnsupportedQuery(format!(
+                        "query option {:?} is not supported; supported: {}",
+                        truncated(other),
+                        Self::SUPPORTED
+                    )));
+                }
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "query option {key} is given more than once"
+                )));
+            }
+        }
+        Ok(options)
+    }
+}
+
+impl Filter {
+    const SUPPORTED: &'static str = "supported: deviceName eq '<name>' and id eq '<id>'";
+
+    /// Parses `<property> eq '<literal>'`, where the literal doubles its quotes as OData does.
+    /// Property names and `eq` are matched case-insensitively.
+    pub(super) fn parse(text: &str) -> Result<Self, ApiError> {
+        let unsupported = || {
+            ApiError::UnsupportedQuery(format!(
+                "unsupported $filter {:?}: {}",
+                truncated(text),
+                Self::SUPPORTED
+            ))
+        };
+        let (property, rest) = text.trim().split_once(char::is_whitespace).ok_or_else(unsupported)?;
+        let (operator, literal) = rest
+            .trim_start()
+            .split_once(char::is_whitespace)
+            .ok_or_else(unsupported)?;
+        if !operator.eq_ignore_ascii_case("eq") {
+            return Err(unsupported());
+        }
+        let value = string_literal(literal.trim()).ok_or_else(unsupported)?;
+        if property.eq_ignore_ascii_case("deviceName") {
+            Ok(Self::DeviceName(value))
+        } else if property.eq_ignore_ascii_case("id") {
+            Ok(Self::Id(value))
+        } else {
+            Err(unsupported())
+        }
+    }
+}
+
+impl Property {
+    const ALL: [Self; 5] = [
+        Self::Id,
+        Self::DeviceName,
+        Self::LastBackupDateTime,
+        Self::RefreshDateTime,
+        Self::Credentials,
+    ];
+
+    /// The property's Graph name.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Id => "id",
+            Self::DeviceName => "deviceName",
+            Self::LastBackupDateTime => "lastBackupDateTime",
+            Self::RefreshDateTime => "refreshDateTime",
+            Self::Credentials => "credentials",
+        }
+    }
+
+    /// The property named `name`, case-insensitively.
+    fn parse(name: &str) -> Result<Self, ApiError> {
+        Self::ALL
+            .into_iter()
+            .find(|property| property.as_str().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "invalid $select: deviceLocalCredentialInfo has no property {:?}; allowed: {}",
+                    truncated(name),
+                    Self::ALL.map(Self::as_str).join(", ")
+                ))
+            })
+    }
+}
+
+/// Percent-encodes `text` for a query string: everything but RFC 3986's unreserved characters.
+pub(super) fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            write!(encoded, "%{byte:02X}").expect("writing to a String cannot fail");
+        }
+    }
+    encoded
+}
+
+/// The value of an OData string literal `'…'`, whose quotes inside are doubled (`''`).
+fn string_literal(text: &str) -> Option<String> {
+    let inner = text.strip_prefix('\'')?.strip_suffix('\'')?;
+    let mut value = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\'' && chars.next() != Some('\'') {
+            // A lone quote ends the literal early: something follows it.
+            return None;
+        }
+        value.push(c);
+    }
+    Some(value)
+}
+
+/// At most 100 characters of caller input, for echoing in a message.
+fn truncated(text: &str) -> String {
+    text.chars().take(100).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equality_filters_parse_with_doubled_quotes() {
+        assert_eq!(
+            Filter::parse("deviceName eq 'host-1'").unwrap(),
+            Filter::DeviceName("host-1".to_owned())
+        );
+        assert_eq!(
+            Filter::parse("  DeviceName  EQ  'o''brien' ").unwrap(),
+            Filter::DeviceName("o'brien".to_owned())
+        );
+        assert_eq!(Filter::parse("id eq 'dev-1'").unwrap(), Filter::Id("dev-1".to_owned()));
+        assert_eq!(
+            Filter::parse("deviceName eq ''").unwrap(),
+            Filter::DeviceName(String::new())
+        );
+    }
+
+    #[test]
+    fn other_filters_are_unsupported() {
+        for text in [
+            "",
+            "deviceName",
+            "deviceName ne 'x'",
+            "startswith(deviceName, 'x')",
+            "deviceName eq 'a' or id eq 'b'",
+            "deviceName eq x",
+            "deviceName eq 'a'b'",
+            "lastBackupDateTime eq '2020-01-01'",
+        ] {
+            let err = Filter::parse(text).expect_err(text);
+            assert!(matches!(err, ApiError::UnsupportedQuery(_)), "{text}: {err:?}");
+            assert!(err.to_string().contains("deviceName eq '<name>'"), "{err}");
+        }
+    }
+
+    #[test]
+    fn top_is_bounded() {
+        let options = |top: &str| QueryOptions {
+            top: Some(top.to_owned()),
+            ..QueryOptions::default()
+        };
+        assert_eq!(QueryOptions::default().page_size().unwrap(), DEFAULT_TOP);
+        assert_eq!(options("1").page_size().unwrap(), 1);
+        assert_eq!(options("1000").page_size().unwrap(), 1000);
+        for bad in ["0", "1001", "-1", "ten", ""] {
+            assert!(options(bad).page_size().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn select_names_are_checked() {
+        let options = QueryOptions {
+            select: Some("id, credentials,DEVICENAME".to_owned()),
+            ..QueryOptions::default()
+        };
+        assert_eq!(
+            options.selected().unwrap(),
+            vec![Property::Id, Property::Credentials, Property::DeviceName]
+        );
+        let options = QueryOptions {
+            select: Some("id,password".to_owned()),
+            ..QueryOptions::default()
+        };
+        let err = options.selected().expect_err("unknown property");
+        assert!(err.to_string().contains("\"password\""), "{err}");
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(percent_encode("deviceName eq 'a&b'"), "deviceName%20eq%20%27a%26b%27");
+        assert_eq!(percent_encode("dev-1_x.y~"), "dev-1_x.y~");
+    }
+}

@@ -1,0 +1,28 @@
+//! The fleetlaps orchestrator: consumes the fleet's events from JetStream, folds them into sled
+//! projections, and serves backed-up passwords through a Microsoft Graph-compatible API.
+//!
+//! Layout:
+//! - [`app`]: start-up, the run loop and shutdown.
+//! - [`config`]: the typed configuration, from a file and `FLEETLAPS_*` variables.
+//! - [`telemetry`]: logging set-up.
+//! - [`escrow`]: the escrow key that opens backed-up passwords.
+//! - [`auth`]: bearer tokens, principals and Graph-named scopes.
+//! - [`bus`]: the events stream and the durable consumer (the only module that knows NATS).
+//! - [`projection`]: devices, credentials and quarantine, folded from events into sled.
+//! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
+//! - [`metrics`]: metric names and the registry.
+//! - [`client`]: the API client behind `lapsctl`.
+
+pub mod app;
+pub mod auth;
+pub mod bus;
+pub mod client;
+pub mod config;
+pub mod escrow;
+pub mod http;
+pub mod metrics;
+pub mod projection;
+pub mod telemetry;
+
+pub use app::App;
+pub use config::Config;

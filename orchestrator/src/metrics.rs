@@ -1,0 +1,141 @@
+//! Prometheus metrics: every name is a constant here, and dashboards query only these names.
+//!
+//! Labels come only from bounded sets (event kind, quarantine reason, matched route, status
+//! class, outcome), never a device id, a principal or error text.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::projection::QuarantineReason;
+
+/// Events folded into the projections, by kind.
+pub const EVENTS_APPLIED_TOTAL: &str = "fleetlaps_events_applied_total";
+/// Re-sent events recognised by id and skipped.
+pub const EVENTS_DUPLICATE_TOTAL: &str = "fleetlaps_events_duplicate_total";
+/// Messages refused into the quarantine, by reason.
+pub const EVENTS_QUARANTINED_TOTAL: &str = "fleetlaps_events_quarantined_total";
+/// The stream sequence of the last message folded in.
+pub const PROJECTION_LAST_SEQUENCE: &str = "fleetlaps_projection_last_sequence";
+/// Devices known to the projections.
+pub const DEVICES: &str = "fleetlaps_devices";
+/// Time to fold, flush and acknowledge one batch.
+pub const CONSUMER_BATCH_DURATION_SECONDS: &str = "fleetlaps_consumer_batch_duration_seconds";
+/// API requests, by matched route and status code.
+pub const HTTP_REQUESTS_TOTAL: &str = "fleetlaps_http_requests_total";
+/// API request latency, by matched route.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "fleetlaps_http_request_duration_seconds";
+/// Passwords disclosed through the API (one per credential returned).
+pub const PASSWORDS_DISCLOSED_TOTAL: &str = "fleetlaps_passwords_disclosed_total";
+
+/// The orchestrator's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// See [`EVENTS_APPLIED_TOTAL`].
+    pub events_applied: IntCounterVec,
+    /// See [`EVENTS_DUPLICATE_TOTAL`].
+    pub events_duplicate: IntCounter,
+    /// See [`EVENTS_QUARANTINED_TOTAL`].
+    pub events_quarantined: IntCounterVec,
+    /// See [`PROJECTION_LAST_SEQUENCE`].
+    pub projection_last_sequence: IntGauge,
+    /// See [`DEVICES`].
+    pub devices: IntGauge,
+    /// See [`CONSUMER_BATCH_DURATION_SECONDS`].
+    pub consumer_batch_duration: Histogram,
+    /// See [`HTTP_REQUESTS_TOTAL`].
+    pub http_requests: IntCounterVec,
+    /// See [`HTTP_REQUEST_DURATION_SECONDS`].
+    pub http_request_duration: HistogramVec,
+    /// See [`PASSWORDS_DISCLOSED_TOTAL`].
+    pub passwords_disclosed: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let events_applied = IntCounterVec::new(
+            Opts::new(EVENTS_APPLIED_TOTAL, "Events folded into the projections."),
+            &["kind"],
+        )
+        .expect("metric definition is valid");
+        let events_duplicate = IntCounter::new(EVENTS_DUPLICATE_TOTAL, "Re-sent events recognised by id and skipped.")
+            .expect("metric definition is valid");
+        let events_quarantined = IntCounterVec::new(
+            Opts::new(EVENTS_QUARANTINED_TOTAL, "Messages refused into the quarantine."),
+            &["reason"],
+        )
+        .expect("metric definition is valid");
+        let projection_last_sequence = IntGauge::new(
+            PROJECTION_LAST_SEQUENCE,
+            "Stream sequence of the last message folded in.",
+        )
+        .expect("metric definition is valid");
+        let devices = IntGauge::new(DEVICES, "Devices known to the projections.").expect("metric definition is valid");
+        let consumer_batch_duration = Histogram::with_opts(HistogramOpts::new(
+            CONSUMER_BATCH_DURATION_SECONDS,
+            "Time to fold, flush and acknowledge one batch.",
+        ))
+        .expect("metric definition is valid");
+        let http_requests = IntCounterVec::new(Opts::new(HTTP_REQUESTS_TOTAL, "API requests."), &["route", "status"])
+            .expect("metric definition is valid");
+        let http_request_duration = HistogramVec::new(
+            HistogramOpts::new(HTTP_REQUEST_DURATION_SECONDS, "API request latency."),
+            &["route"],
+        )
+        .expect("metric definition is valid");
+        let passwords_disclosed = IntCounter::new(PASSWORDS_DISCLOSED_TOTAL, "Passwords disclosed through the API.")
+            .expect("metric definition is valid");
+
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(events_applied.clone()),
+            Box::new(events_duplicate.clone()),
+            Box::new(events_quarantined.clone()),
+            Box::new(projection_last_sequence.clone()),
+            Box::new(devices.clone()),
+            Box::new(consumer_batch_duration.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_request_duration.clone()),
+            Box::new(passwords_disclosed.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector).expect("each metric is registered once");
+        }
+        // Show every bounded label value from the start, so rates exist before the first event.
+        for kind in fleetlaps_proto::event::EventKind::ALL {
+            events_applied.with_label_values(&[kind.as_str()]);
+        }
+        for reason in QuarantineReason::ALL {
+            events_quarantined.with_label_values(&[reason.as_str()]);
+        }
+        Self {
+            registry,
+            events_applied,
+            events_duplicate,
+            events_quarantined,
+            projection_last_sequence,
+            devices,
+            consumer_batch_duration,
+            http_requests,
+            http_request_duration,
+            passwords_disclosed,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text encoder writes UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,15 @@
+//! Projections: the orchestrator's derived state, folded from the event stream into sled.
+//!
+//! Everything here can be deleted and rebuilt by replaying the stream from its first message;
+//! the fold is deterministic (it uses only what is in the messages, never the wall clock), so a
+//! rebuild yields byte-identical state, which [`Projections::digest`] lets tests compare.
+
+mod credentials;
+mod devices;
+mod quarantine;
+mod store;
+
+pub use credentials::CredentialRecord;
+pub use devices::{DeviceRecord, FailureRecord};
+pub use quarantine::{QuarantineReason, QuarantineRecord};
+pub use store::{Outcome, ProjectionError, Projections, StreamMessage};

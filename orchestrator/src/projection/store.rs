@@ -1,0 +1,360 @@
+//! The sled store behind the projections, and the fold that applies one stream message.
+//!
+//! One sled tree holds every projection under a key prefix, so that applying a message is one
+//! atomic batch: either every record it changes is written, or none is.
+//!
+//! Keys:
+//! - `m/last_sequence`: the stream sequence of the last applied (or refused) message;
+//! - `d/<device>`: a [`DeviceRecord`];
+//! - `c/<device>/<sequence>`: a [`CredentialRecord`], the sequence big-endian so keys sort by it;
+//! - `r/<device>/<rotation>`: the `c/` key of a rotation's credential;
+//! - `e/<event id>`: marks an applied event id, for idempotence;
+//! - `q/<sequence>`: a [`QuarantineRecord`].
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind};
+use fleetlaps_proto::ids::{DeviceId, DeviceName, RotationId};
+use fleetlaps_proto::subject;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::credentials::CredentialRecord;
+use super::devices::{DeviceRecord, FailureRecord};
+use super::quarantine::{QuarantineReason, QuarantineRecord};
+
+const LAST_SEQUENCE_KEY: &[u8] = b"m/last_sequence";
+
+/// A failure of the store itself (not of a message: those are quarantined).
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// sled failed.
+    #[error("projection store: {0}")]
+    Store(#[from] sled::Error),
+    /// A stored record does not decode: the store is corrupt or from another version.
+    #[error("projection store: corrupt record under {key}: {source}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One message as read from the stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamMessage<'a> {
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// Its subject.
+    pub subject: &'a str,
+    /// When the stream stored it.
+    pub published: DateTime<Utc>,
+    /// Its bytes.
+    pub payload: &'a [u8],
+}
+
+/// What applying a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event changed the projections.
+    Applied(EventKind),
+    /// An event with the same id was applied before (a re-sent event); nothing changed.
+    Duplicate,
+    /// The message's stream sequence is not after the last applied one (redelivery); skipped.
+    AlreadySeen,
+    /// The message was refused and recorded in the quarantine.
+    Quarantined(QuarantineReason),
+}
+
+/// The projections, in a sled database. Cheap to clone: clones share the database.
+#[derive(Clone)]
+pub struct Projections {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Projections {
+    /// Opens (or creates) the projections at `path`.
+    pub fn open(path: &Path) -> Result<Self, ProjectionError> {
+        let db = sled::open(path)?;
+        let tree = db.open_tree("projections")?;
+        Ok(Self { db, tree })
+    }
+
+    /// The stream sequence of the last message folded in; 0 for a new store.
+    pub fn last_applied_sequence(&self) -> Result<u64, ProjectionError> {
+        Ok(self.tree.get(LAST_SEQUENCE_KEY)?.map_or(0, |bytes| decode_u64(&bytes)))
+    }
+
+    /// Folds one stream message into the projections, atomically. Not yet durable: call
+    /// [`Self::flush`] before acknowledging the message.
+    pub fn apply(&self, message: StreamMessage<'_>) -> Result<Outcome, ProjectionError> {
+        if message.sequence <= self.last_applied_sequence()? {
+            return Ok(Outcome::AlreadySeen);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
+        let outcome = match self.fold(message, &mut batch)? {
+            Ok(outcome) => outcome,
+            Err((reason, detail)) => {
+                let record = QuarantineRecord {
+                    stream_sequence: message.sequence,
+                    subject: message.subject.to_owned(),
+                    reason,
+                    detail,
+                    received_at: message.published,
+                };
+                // A refused message changes nothing but the quarantine and the position.
+                batch = sled::Batch::default();
+                batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
+                batch.insert(quarantine_key(message.sequence), encode(&record));
+                Outcome::Quarantined(reason)
+            }
+        };
+        self.tree.apply_batch(batch)?;
+        Ok(outcome)
+    }
+
+    /// Makes everything applied so far durable.
+    pub async fn flush(&self) -> Result<(), ProjectionError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Every device, ordered by id.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, ProjectionError> {
+        self.tree
+            .scan_prefix(b"d/")
+            .values()
+            .map(|value| decode("d/", &value?))
+            .collect()
+    }
+
+    /// One device.
+    pub fn device(&self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, ProjectionError> {
+        self.get(&device_key(device_id))
+    }
+
+    /// A device's credentials, newest backup first, at most `limit`.
+    pub fn credentials(&self, device_id: &DeviceId, limit: usize) -> Result<Vec<CredentialRecord>, ProjectionError> {
+        let prefix = format!("c/{device_id}/");
+        self.tree
+            .scan_prefix(prefix.as_bytes())
+            .values()
+            .rev()
+            .take(limit)
+            .map(|value| decode(&prefix, &value?))
+            .collect()
+    }
+
+    /// Every quarantined message, oldest first.
+    pub fn quarantine(&self) -> Result<Vec<QuarantineRecord>, ProjectionError> {
+        self.tree
+            .scan_prefix(b"q/")
+            .values()
+            .map(|value| decode("q/", &value?))
+            .collect()
+    }
+
+    /// A SHA-256 over every key and value: equal digests mean equal projections.
+    pub fn digest(&self) -> Result<String, ProjectionError> {
+        let mut hasher = Sha256::new();
+        for entry in self.tree.iter() {
+            let (key, value) = entry?;
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(&key);
+            hasher.update((value.len() as u64).to_be_bytes());
+            hasher.update(&value);
+        }
+        Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
+    }
+
+    /// Decides what a message does. `Ok(Err(..))` means: quarantine it.
+    fn fold(
+        &self,
+        message: StreamMessage<'_>,
+        batch: &mut sled::Batch,
+    ) -> Result<Result<Outcome, (QuarantineReason, String)>, ProjectionError> {
+        let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
+            return Ok(Err((
+                QuarantineReason::UnknownSubject,
+                "not laps.events.<device>.<kind>".to_owned(),
+            )));
+        };
+        let envelope = match Envelope::from_json(message.payload) {
+            Ok(envelope) => envelope,
+            Err(err) => return Ok(Err(describe_decode_error(&err))),
+        };
+        if envelope.device_id != subject_device || envelope.event.kind() != subject_kind {
+            return Ok(Err((
+                QuarantineReason::SubjectMismatch,
+                format!(
+                    "envelope names device {} kind {}",
+                    envelope.device_id,
+                    envelope.event.kind()
+                ),
+            )));
+        }
+        let event_key = event_key(&envelope);
+        if self.tree.contains_key(&event_key)? {
+            return Ok(Ok(Outcome::Duplicate));
+        }
+        batch.insert(event_key, &message.sequence.to_be_bytes());
+
+        let device_key = device_key(&envelope.device_id);
+        let existing: Option<DeviceRecord> = self.get(&device_key)?;
+        let mut device = match (existing, &envelope.event) {
+            (Some(device), _) => device,
+            (None, Event::PolicyApplied(body)) => new_device(&envelope, &body.device_name),
+            (None, Event::PasswordBackedUp(body)) => new_device(&envelope, &body.device_name),
+            (None, Event::PasswordRotated(_) | Event::RotationFailed(_)) => {
+                return Ok(Err((
+                    QuarantineReason::UnknownDevice,
+                    format!("device {} is unknown", envelope.device_id),
+                )));
+            }
+        };
+        device.last_sequence = device.last_sequence.max(envelope.sequence);
+        device.last_seen = device.last_seen.max(envelope.time);
+
+        match &envelope.event {
+            Event::PolicyApplied(body) => {
+                device.device_name = body.device_name.clone();
+                device.policy = Some((body.policy.clone(), body.source));
+            }
+            Event::PasswordBackedUp(body) => {
+                let credential = CredentialRecord {
+                    rotation_id: body.rotation_id,
+                    stream_sequence: message.sequence,
+                    account_name: body.account_name.clone(),
+                    account_uid: body.account_uid,
+                    backup_time: envelope.time,
+                    expires_at: body.expires_at,
+                    reason: body.reason,
+                    sealed_password: body.sealed_password.clone(),
+                    applied_at: None,
+                };
+                let credential_key = credential_key(&envelope.device_id, message.sequence);
+                batch.insert(
+                    rotation_key(&envelope.device_id, &body.rotation_id),
+                    credential_key.as_bytes(),
+                );
+                batch.insert(credential_key.as_bytes(), encode(&credential));
+                device.device_name = body.device_name.clone();
+                device.account_name = Some(body.account_name.clone());
+                device.account_uid = body.account_uid;
+                device.last_backup = Some(envelope.time);
+                device.refresh = Some(body.expires_at);
+            }
+            Event::PasswordRotated(body) => {
+                let Some(credential_key) = self.tree.get(rotation_key(&envelope.device_id, &body.rotation_id))? else {
+                    return Ok(Err((
+                        QuarantineReason::UnknownRotation,
+                        format!("rotation {} was never backed up", body.rotation_id),
+                    )));
+                };
+                let key_text = String::from_utf8_lossy(&credential_key).into_owned();
+                let mut credential: CredentialRecord =
+                    self.get(&key_text)?.ok_or_else(|| ProjectionError::Corrupt {
+                        key: key_text.clone(),
+                        source: serde::de::Error::custom("rotation index points to no credential"),
+                    })?;
+                credential.applied_at = Some(envelope.time);
+                batch.insert(credential_key, encode(&credential));
+                device.current_rotation = Some(body.rotation_id);
+                device.last_rotated = Some(envelope.time);
+                device.last_failure = None;
+            }
+            Event::RotationFailed(body) => {
+                device.last_failure = Some(FailureRecord {
+                    time: envelope.time,
+                    stage: body.stage,
+                    error: body.error.clone(),
+                });
+            }
+        }
+        batch.insert(device_key.as_bytes(), encode(&device));
+        Ok(Ok(Outcome::Applied(envelope.event.kind())))
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ProjectionError> {
+        self.tree
+            .get(key.as_bytes())?
+            .map(|value| decode(key, &value))
+            .transpose()
+    }
+}
+
+fn new_device(envelope: &Envelope, device_name: &DeviceName) -> DeviceRecord {
+    DeviceRecord::new(envelope.device_id.clone(), device_name.clone(), envelope.time)
+}
+
+/// A reason and a payload-free explanation. serde's own messages can quote payload values
+/// (`invalid type: string "…"`), which could be a secret, so only the category and position
+/// are kept.
+fn describe_decode_error(err: &DecodeError) -> (QuarantineReason, String) {
+    match err {
+        DecodeError::Malformed(json) => {
+            let category = match json.classify() {
+                serde_json::error::Category::Io => "i/o",
+                serde_json::error::Category::Syntax => "syntax",
+                serde_json::error::Category::Data => "data",
+                serde_json::error::Category::Eof => "truncated",
+            };
+            (
+                QuarantineReason::Malformed,
+                format!("{category} error at line {} column {}", json.line(), json.column()),
+            )
+        }
+        DecodeError::UnsupportedSchema { .. } => (QuarantineReason::UnsupportedSchema, err.to_string()),
+        DecodeError::CodeMismatch { .. } => (QuarantineReason::CodeMismatch, err.to_string()),
+    }
+}
+
+fn device_key(device_id: &DeviceId) -> String {
+    format!("d/{device_id}")
+}
+
+fn credential_key(device_id: &DeviceId, sequence: u64) -> String {
+    // Zero-padded decimal sorts like the number and keeps keys readable.
+    format!("c/{device_id}/{sequence:020}")
+}
+
+fn rotation_key(device_id: &DeviceId, rotation_id: &RotationId) -> Vec<u8> {
+    format!("r/{device_id}/{rotation_id}").into_bytes()
+}
+
+fn event_key(envelope: &Envelope) -> Vec<u8> {
+    let mut key = b"e/".to_vec();
+    key.extend_from_slice(envelope.id.as_bytes());
+    key
+}
+
+fn quarantine_key(sequence: u64) -> Vec<u8> {
+    format!("q/{sequence:020}").into_bytes()
+}
+
+fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("projection records serialise: string keys only")
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ProjectionError> {
+    serde_json::from_slice(bytes).map_err(|source| ProjectionError::Corrupt {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn decode_u64(bytes: &[u8]) -> u64 {
+    let mut array = [0u8; 8];
+    let len = bytes.len().min(8);
+    array[..len].copy_from_slice(&bytes[..len]);
+    u64::from_be_bytes(array)
+}
+
+#[cfg(test)]
+mod tests;

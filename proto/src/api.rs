@@ -1,0 +1,193 @@
+//! The shapes of the orchestrator's HTTP API: Microsoft Graph's `deviceLocalCredentialInfo`.
+//!
+//! Field names and formats are Graph's, so a script written for
+//! `GET https://graph.microsoft.com/v1.0/directory/deviceLocalCredentials/{id}?$select=credentials`
+//! works against the orchestrator by changing the base URL. Errors use OData's shape.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::ids::{DeviceId, DeviceName};
+
+/// Graph's scope that reads credential metadata only.
+pub const SCOPE_READ_BASIC: &str = "DeviceLocalCredential.ReadBasic.All";
+/// Graph's scope that also reads the passwords.
+pub const SCOPE_READ_PASSWORDS: &str = "DeviceLocalCredential.Read.All";
+
+/// Graph's `deviceLocalCredentialInfo`: one device's backed-up credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceLocalCredentialInfo {
+    /// The device id.
+    pub id: DeviceId,
+    /// The device's host name.
+    pub device_name: DeviceName,
+    /// When the newest password was backed up.
+    pub last_backup_date_time: Option<DateTime<Utc>>,
+    /// When the newest password is due to be rotated.
+    pub refresh_date_time: Option<DateTime<Utc>>,
+    /// Present only when asked for with `$select=credentials`: newest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Vec<DeviceLocalCredential>>,
+}
+
+/// Graph's `deviceLocalCredential`: one backed-up password of one account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceLocalCredential {
+    /// The managed account's name.
+    pub account_name: String,
+    /// The account's identifier: on Linux, its UID.
+    pub account_sid: Option<String>,
+    /// When this password was backed up.
+    pub backup_date_time: DateTime<Utc>,
+    /// The password, base64 of its UTF-8 bytes, as Graph sends it.
+    pub password_base64: PasswordBase64,
+}
+
+/// A password as Graph's `passwordBase64`. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct PasswordBase64(SecretString);
+
+impl PasswordBase64 {
+    /// Encodes a password.
+    pub fn encode(password: &str) -> Self {
+        use base64::Engine as _;
+        Self(
+            base64::engine::general_purpose::STANDARD
+                .encode(password.as_bytes())
+                .into(),
+        )
+    }
+
+    /// Decodes the password, refusing text that is not base64 of UTF-8.
+    pub fn decode(&self) -> Result<crate::password::Password, String> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(self.0.expose_secret())
+            .map_err(|err| format!("passwordBase64 is not base64: {err}"))?;
+        String::from_utf8(bytes)
+            .map(crate::password::Password::new)
+            .map_err(|_| "passwordBase64 is not UTF-8 text".to_owned())
+    }
+
+    /// The base64 text.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl PartialEq for PasswordBase64 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.expose_secret() == other.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for PasswordBase64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PasswordBase64(***)")
+    }
+}
+
+impl Serialize for PasswordBase64 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.expose_secret())
+    }
+}
+
+impl<'de> Deserialize<'de> for PasswordBase64 {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self(String::deserialize(deserializer)?.into()))
+    }
+}
+
+/// An OData collection page: `{"@odata.context": …, "value": [...], "@odata.nextLink": …}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ODataCollection<T> {
+    /// Where the collection's metadata is described.
+    #[serde(rename = "@odata.context")]
+    pub context: String,
+    /// The items of this page.
+    pub value: Vec<T>,
+    /// The URL of the next page, when there is one.
+    #[serde(rename = "@odata.nextLink", default, skip_serializing_if = "Option::is_none")]
+    pub next_link: Option<String>,
+}
+
+/// OData's error body: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ODataError {
+    /// The error itself.
+    pub error: ODataErrorDetail,
+}
+
+/// The inside of an [`ODataError`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ODataErrorDetail {
+    /// A stable machine-readable code (`Authorization_RequestDenied`, `Request_ResourceNotFound`, …).
+    pub code: String,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ODataError {
+    /// An error with its code and message.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error: ODataErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_info_uses_graph_field_names() {
+        let info = DeviceLocalCredentialInfo {
+            id: DeviceId::parse("dev-1").expect("valid"),
+            device_name: DeviceName::parse("host-1").expect("valid"),
+            last_backup_date_time: Some(DateTime::from_timestamp(0, 0).expect("valid")),
+            refresh_date_time: None,
+            credentials: Some(vec![DeviceLocalCredential {
+                account_name: "lapsadmin".to_owned(),
+                account_sid: Some("1001".to_owned()),
+                backup_date_time: DateTime::from_timestamp(0, 0).expect("valid"),
+                password_base64: PasswordBase64::encode("Pässword"),
+            }]),
+        };
+        let json = serde_json::to_value(&info).expect("serialises");
+        assert_eq!(json["deviceName"], "host-1");
+        assert_eq!(json["lastBackupDateTime"], "1970-01-01T00:00:00Z");
+        assert_eq!(json["credentials"][0]["accountSid"], "1001");
+        assert_eq!(json["credentials"][0]["passwordBase64"], "UMOkc3N3b3Jk");
+        let back: DeviceLocalCredentialInfo = serde_json::from_value(json).expect("parses");
+        let password = back.credentials.expect("present")[0]
+            .password_base64
+            .decode()
+            .expect("decodes");
+        assert_eq!(password.expose(), "Pässword");
+    }
+
+    #[test]
+    fn password_base64_is_not_in_debug_output() {
+        let encoded = PasswordBase64::encode("hunter2");
+        assert!(!format!("{encoded:?}").contains(encoded.expose()));
+    }
+
+    #[test]
+    fn odata_error_shape() {
+        let json = serde_json::to_value(ODataError::new("Request_ResourceNotFound", "no such device")).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {"code": "Request_ResourceNotFound", "message": "no such device"}})
+        );
+    }
+}

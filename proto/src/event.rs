@@ -1,0 +1,346 @@
+//! The event envelope and the closed set of event kinds.
+//!
+//! Every fact a device reports is one [`Envelope`] on the stream, as JSON with an explicit schema
+//! version. The kinds form one closed enum, [`Event`], named as past-tense facts, so that every
+//! consumer matches on all of them in one place. Each kind carries the Windows LAPS event code
+//! where LAPS has one (10029 for a backup, 10020 for the local account update, …).
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{AccountName, DeviceId, DeviceName, EventId, RotationId};
+use crate::policy::{Policy, PolicySource};
+use crate::seal::SealedBox;
+
+/// The schema version written into every envelope; a consumer refuses any other.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One event as it travels on the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Always [`SCHEMA_VERSION`] when written by this version.
+    pub schema: u32,
+    /// Unique id, also the `Nats-Msg-Id` header, so a re-sent event is deduplicated.
+    pub id: EventId,
+    /// The device the event is about; must match the device token of its subject.
+    pub device_id: DeviceId,
+    /// The device's own counter: each event it emits has the next number, starting at 1.
+    pub sequence: u64,
+    /// When the fact happened, in UTC.
+    pub time: DateTime<Utc>,
+    /// The LAPS event code of the kind, when LAPS has one; redundant with the kind and checked.
+    pub code: Option<u32>,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What happened: one closed set of past-tense facts, each with its body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum Event {
+    /// The agent started with (or changed to) a policy (LAPS 10022).
+    PolicyApplied(PolicyApplied),
+    /// A new password was sealed and handed to the stream, before the account changes (LAPS 10029).
+    PasswordBackedUp(PasswordBackedUp),
+    /// The managed account now has the backed-up password (LAPS 10020).
+    PasswordRotated(PasswordRotated),
+    /// A rotation could not be completed; the account keeps its password (LAPS 10005).
+    RotationFailed(RotationFailed),
+}
+
+/// The kind of an event, without its body: names subjects and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// See [`Event::PolicyApplied`].
+    PolicyApplied,
+    /// See [`Event::PasswordBackedUp`].
+    PasswordBackedUp,
+    /// See [`Event::PasswordRotated`].
+    PasswordRotated,
+    /// See [`Event::RotationFailed`].
+    RotationFailed,
+}
+
+/// Body of [`Event::PolicyApplied`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    /// The device's host name.
+    pub device_name: DeviceName,
+    /// Where the policy came from.
+    pub source: PolicySource,
+    /// Every setting of the policy in force.
+    pub policy: Policy,
+}
+
+/// Why a rotation was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationReason {
+    /// The device had no backed-up password yet.
+    Initial,
+    /// The password reached `PasswordAgeDays`.
+    Expired,
+    /// Someone asked for it on the device (`fleetlaps-agent reset`, LAPS `Reset-LapsPassword`).
+    Manual,
+    /// The orchestrator sent a rotate command.
+    Command,
+    /// The post-authentication grace period ended.
+    PostAuthentication,
+}
+
+/// Body of [`Event::PasswordBackedUp`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PasswordBackedUp {
+    /// The rotation this backup belongs to; the matching [`PasswordRotated`] names it too.
+    pub rotation_id: RotationId,
+    /// The device's host name.
+    pub device_name: DeviceName,
+    /// The managed account.
+    pub account_name: AccountName,
+    /// The account's numeric id (LAPS: its SID; here the UID, for Graph's `accountSid`).
+    pub account_uid: Option<u32>,
+    /// The new password, sealed to the escrow key with [`sealing_context`].
+    pub sealed_password: SealedBox,
+    /// When the new password must be rotated again (Graph's `refreshDateTime`).
+    pub expires_at: DateTime<Utc>,
+    /// Why the rotation started.
+    pub reason: RotationReason,
+}
+
+/// Body of [`Event::PasswordRotated`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PasswordRotated {
+    /// The rotation whose backup is now the account's password.
+    pub rotation_id: RotationId,
+    /// The managed account.
+    pub account_name: AccountName,
+}
+
+/// Where in the rotation a failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationStage {
+    /// Before anything was sent: the account or the policy was not usable.
+    Prepare,
+    /// The backup could not be stored; the account was not touched.
+    Backup,
+    /// The account could not be changed after the backup.
+    Apply,
+}
+
+/// Body of [`Event::RotationFailed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotationFailed {
+    /// The rotation that failed, if it got as far as having one.
+    pub rotation_id: Option<RotationId>,
+    /// Where it failed.
+    pub stage: RotationStage,
+    /// What went wrong, without any secret.
+    pub error: String,
+}
+
+/// Why bytes from the stream are not a valid envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, or not of the envelope's shape.
+    #[error("malformed envelope: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// Written by a schema this version does not read.
+    #[error("unsupported schema version {found}, expected {SCHEMA_VERSION}")]
+    UnsupportedSchema {
+        /// The version in the envelope.
+        found: u32,
+    },
+    /// The LAPS code does not belong to the kind.
+    #[error("event code {found:?} does not match kind {kind}, which has {expected:?}")]
+    CodeMismatch {
+        /// The kind of the event.
+        kind: EventKind,
+        /// The code the envelope carried.
+        found: Option<u32>,
+        /// The code of the kind.
+        expected: Option<u32>,
+    },
+}
+
+impl Envelope {
+    /// Wraps an event with a fresh id and the kind's LAPS code.
+    pub fn new(device_id: DeviceId, sequence: u64, time: DateTime<Utc>, event: Event) -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            id: EventId::new(),
+            device_id,
+            sequence,
+            time,
+            code: event.kind().code(),
+            event,
+        }
+    }
+
+    /// The envelope as JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serialises: it has only string keys")
+    }
+
+    /// Parses and checks an envelope: the schema version and the code of its kind.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let envelope: Self = serde_json::from_slice(bytes)?;
+        if envelope.schema != SCHEMA_VERSION {
+            return Err(DecodeError::UnsupportedSchema { found: envelope.schema });
+        }
+        let kind = envelope.event.kind();
+        if envelope.code != kind.code() {
+            return Err(DecodeError::CodeMismatch {
+                kind,
+                found: envelope.code,
+                expected: kind.code(),
+            });
+        }
+        Ok(envelope)
+    }
+}
+
+impl Event {
+    /// The kind of this event.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::PolicyApplied(_) => EventKind::PolicyApplied,
+            Self::PasswordBackedUp(_) => EventKind::PasswordBackedUp,
+            Self::PasswordRotated(_) => EventKind::PasswordRotated,
+            Self::RotationFailed(_) => EventKind::RotationFailed,
+        }
+    }
+}
+
+impl EventKind {
+    /// Every kind, for metrics and documentation.
+    pub const ALL: [Self; 4] = [
+        Self::PolicyApplied,
+        Self::PasswordBackedUp,
+        Self::PasswordRotated,
+        Self::RotationFailed,
+    ];
+
+    /// The kind's name on the wire and in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PolicyApplied => "policy_applied",
+            Self::PasswordBackedUp => "password_backed_up",
+            Self::PasswordRotated => "password_rotated",
+            Self::RotationFailed => "rotation_failed",
+        }
+    }
+
+    /// The kind named `name` on the wire, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
+    /// The Windows LAPS event code for this fact, where LAPS has one.
+    pub fn code(self) -> Option<u32> {
+        match self {
+            Self::PolicyApplied => Some(10022),
+            Self::PasswordBackedUp => Some(10029),
+            Self::PasswordRotated => Some(10020),
+            Self::RotationFailed => Some(10005),
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The associated data a password is sealed with: binds the ciphertext to one device and one
+/// rotation, so a sealed password replayed under another device or rotation does not open.
+pub fn sealing_context(device_id: &DeviceId, rotation_id: &RotationId) -> Vec<u8> {
+    format!("fleetlaps password v1\0{device_id}\0{rotation_id}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::{EscrowSecretKey, seal};
+
+    fn backed_up() -> Envelope {
+        let device_id = DeviceId::parse("dev-1").expect("valid");
+        let rotation_id = RotationId::new();
+        let escrow = EscrowSecretKey::generate();
+        let sealed = seal(
+            &escrow.public_key(),
+            b"secret",
+            &sealing_context(&device_id, &rotation_id),
+        );
+        Envelope::new(
+            device_id,
+            1,
+            Utc::now(),
+            Event::PasswordBackedUp(PasswordBackedUp {
+                rotation_id,
+                device_name: DeviceName::parse("host-1").expect("valid"),
+                account_name: AccountName::parse("lapsadmin").expect("valid"),
+                account_uid: Some(1001),
+                sealed_password: sealed,
+                expires_at: Utc::now(),
+                reason: RotationReason::Initial,
+            }),
+        )
+    }
+
+    #[test]
+    fn envelope_round_trips_with_kind_code_and_schema() {
+        let envelope = backed_up();
+        let json: serde_json::Value = serde_json::from_slice(&envelope.to_json()).expect("json");
+        assert_eq!(json["schema"], 1);
+        assert_eq!(json["kind"], "password_backed_up");
+        assert_eq!(json["code"], 10029);
+        assert_eq!(json["body"]["account_name"], "lapsadmin");
+        assert_eq!(Envelope::from_json(&envelope.to_json()).expect("valid"), envelope);
+    }
+
+    #[test]
+    fn a_wrong_code_or_schema_is_refused() {
+        let mut json: serde_json::Value = serde_json::from_slice(&backed_up().to_json()).expect("json");
+        json["code"] = 10020.into();
+        let err = Envelope::from_json(json.to_string().as_bytes()).expect_err("code mismatch");
+        assert!(matches!(err, DecodeError::CodeMismatch { .. }), "{err}");
+        json["code"] = 10029.into();
+        json["schema"] = 2.into();
+        let err = Envelope::from_json(json.to_string().as_bytes()).expect_err("schema");
+        assert_eq!(err.to_string(), "unsupported schema version 2, expected 1");
+    }
+
+    #[test]
+    fn garbage_and_unknown_kinds_are_malformed() {
+        assert!(matches!(
+            Envelope::from_json(b"not json"),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut json: serde_json::Value = serde_json::from_slice(&backed_up().to_json()).expect("json");
+        json["kind"] = "password_stolen".into();
+        assert!(matches!(
+            Envelope::from_json(json.to_string().as_bytes()),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn kinds_have_unique_names() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::from_name(kind.as_str()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn sealing_context_differs_per_device_and_rotation() {
+        let rotation_id = RotationId::new();
+        let a = sealing_context(&DeviceId::parse("a").expect("valid"), &rotation_id);
+        let b = sealing_context(&DeviceId::parse("b").expect("valid"), &rotation_id);
+        assert_ne!(a, b);
+    }
+}

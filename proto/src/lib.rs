@@ -1,0 +1,26 @@
+//! The wire boundary of fleetlaps: every type that crosses a process boundary lives here.
+//!
+//! The agent and the orchestrator talk only through these types, as JSON on NATS subjects and
+//! HTTP. This crate does no I/O and pulls in no async runtime; its only contact with the
+//! operating system is the CSPRNG used to make passwords, keys and nonces.
+//!
+//! Layout:
+//! - [`ids`]: validated identifiers (`DeviceId`, `EventId`, `RotationId`, `DeviceName`, `AccountName`).
+//! - [`event`]: the event envelope and the closed set of event kinds, with LAPS event codes.
+//! - [`subject`]: NATS subject and stream names, in one place.
+//! - [`policy`]: the LAPS policy settings, their ranges and defaults, and validation.
+//! - [`password`]: password and passphrase generation for every LAPS complexity.
+//! - [`seal`]: the sealed box that carries a password from a device to the escrow key.
+//! - [`api`]: Microsoft Graph shapes served by the orchestrator's HTTP API.
+//! - [`control`]: requests and answers on the agent's local control socket.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod control;
+pub mod event;
+pub mod ids;
+pub mod password;
+pub mod policy;
+pub mod seal;
+pub mod subject;

@@ -1,0 +1,62 @@
+//! NATS subject and stream names, in one place.
+//!
+//! Device events are published on `laps.events.<device_id>.<kind>`: one subject per device and
+//! kind, so that a device's user can be allowed exactly its own subjects and a consumer can
+//! filter by device or kind. The device token is a [`DeviceId`], which is always one token.
+
+use crate::event::EventKind;
+use crate::ids::DeviceId;
+
+/// The stream that holds the whole history of device events.
+pub const EVENTS_STREAM: &str = "LAPS_EVENTS";
+
+/// Every subject of [`EVENTS_STREAM`].
+pub const EVENTS_WILDCARD: &str = "laps.events.>";
+
+/// The subject a device publishes one kind of event on.
+pub fn device_event(device_id: &DeviceId, kind: EventKind) -> String {
+    format!("laps.events.{device_id}.{kind}")
+}
+
+/// The device token and kind named by a device event subject, if it is one.
+pub fn parse_device_event(subject: &str) -> Option<(DeviceId, EventKind)> {
+    let mut tokens = subject.split('.');
+    let (Some("laps"), Some("events"), Some(device), Some(kind), None) = (
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+    ) else {
+        return None;
+    };
+    Some((DeviceId::parse(device).ok()?, EventKind::from_name(kind)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_event_subjects_round_trip() {
+        let device_id = DeviceId::parse("dev-1").expect("valid");
+        let subject = device_event(&device_id, EventKind::PasswordBackedUp);
+        assert_eq!(subject, "laps.events.dev-1.password_backed_up");
+        assert_eq!(
+            parse_device_event(&subject),
+            Some((device_id, EventKind::PasswordBackedUp))
+        );
+    }
+
+    #[test]
+    fn other_subjects_are_not_device_events() {
+        for subject in [
+            "laps.events.dev-1",
+            "laps.events.dev-1.nope",
+            "laps.commands.dev-1.rotate",
+            "x.events.a.policy_applied",
+        ] {
+            assert_eq!(parse_device_event(subject), None, "{subject}");
+        }
+    }
+}

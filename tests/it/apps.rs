@@ -1,0 +1,425 @@
+//! The applications under test, started for real: the orchestrator and agents run in this
+//! process (their libraries' `App`, on port 0, with temporary directories), and the command-line
+//! tools run as the built binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetlaps_agent::account::{Account, AccountBackend, FileAccounts};
+use fleetlaps_agent::clock::ShiftedClock;
+use fleetlaps_proto::api::{DeviceLocalCredentialInfo, ODataCollection};
+use fleetlaps_proto::control::{ControlRequest, ControlResponse};
+use fleetlaps_proto::ids::{AccountName, DeviceId};
+use fleetlaps_proto::password::Password;
+use fleetlaps_proto::seal::EscrowPublicKey;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::harness::{TestNats, init_tracing, wait_until};
+
+/// The token with `DeviceLocalCredential.Read.All`.
+pub const READ_TOKEN: &str = "test-read-token";
+/// The token with `DeviceLocalCredential.ReadBasic.All` only.
+pub const READ_BASIC_TOKEN: &str = "test-read-basic-token";
+
+/// A running orchestrator.
+pub struct TestOrchestrator {
+    /// The API's base URL, `http://127.0.0.1:<port>`.
+    pub base_url: String,
+    /// The metrics endpoint's URL.
+    pub metrics_url: String,
+    /// The key agents seal to.
+    pub escrow_public_key: EscrowPublicKey,
+    /// Its data directory (projections and escrow key); kept across restarts.
+    pub data_dir: PathBuf,
+    /// The NATS URL it consumes from.
+    nats_url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Owns `data_dir` unless the test supplied one.
+    _dir: Option<TempDir>,
+    /// For the API calls of the helpers.
+    pub http: reqwest::Client,
+}
+
+impl TestOrchestrator {
+    /// Starts an orchestrator on `nats` with a fresh data directory.
+    pub async fn spawn(nats: &TestNats) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-orchestrator-")
+            .tempdir()
+            .expect("tempdir");
+        let mut orchestrator = Self::spawn_in(&nats.url(), dir.path()).await;
+        orchestrator._dir = Some(dir);
+        orchestrator
+    }
+
+    /// Starts an orchestrator on the NATS at `nats_url` with the data directory `data_dir`.
+    pub async fn spawn_in(nats_url: &str, data_dir: &Path) -> Self {
+        init_tracing();
+        let config = fleetlaps_orchestrator::Config::from_toml(&format!(
+            r#"
+data_dir = "{data_dir}"
+[nats]
+url = "{nats_url}"
+[http]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[[tokens]]
+name = "investigator"
+token = "{READ_TOKEN}"
+scopes = ["DeviceLocalCredential.Read.All"]
+[[tokens]]
+name = "helpdesk"
+token = "{READ_BASIC_TOKEN}"
+scopes = ["DeviceLocalCredential.ReadBasic.All"]
+"#,
+            data_dir = data_dir.display()
+        ))
+        .expect("test config is valid");
+        let app = fleetlaps_orchestrator::App::build(config)
+            .await
+            .expect("orchestrator starts");
+        let base_url = format!("http://{}", app.http_addr());
+        let metrics_url = format!("http://{}/metrics", app.metrics_addr());
+        let escrow_public_key = app.escrow_public_key();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async move {
+            let _ = stop.await;
+        }));
+        Self {
+            base_url,
+            metrics_url,
+            escrow_public_key,
+            data_dir: data_dir.to_owned(),
+            nats_url: nats_url.to_owned(),
+            shutdown: Some(shutdown),
+            task: Some(task),
+            _dir: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Stops it and waits until it has released its data directory.
+    pub async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("orchestrator task does not panic")
+                .expect("orchestrator stops cleanly");
+        }
+    }
+
+    /// Stops it and starts it again on the same data directory.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let dir = self._dir.take();
+        *self = Self::spawn_in(&self.nats_url.clone(), &self.data_dir.clone()).await;
+        self._dir = dir;
+    }
+
+    /// `GET` on the API with an optional bearer token.
+    pub async fn get(&self, path_and_query: &str, token: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path_and_query}", self.base_url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.expect("the API answers")
+    }
+
+    /// The device's credential info with passwords, read with the Read.All token.
+    pub async fn credentials(&self, device_id: &DeviceId) -> Option<DeviceLocalCredentialInfo> {
+        let response = self
+            .get(
+                &format!("/v1.0/directory/deviceLocalCredentials/{device_id}?$select=credentials"),
+                Some(READ_TOKEN),
+            )
+            .await;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "credentials request failed");
+        Some(response.json().await.expect("deviceLocalCredentialInfo"))
+    }
+
+    /// The passwords the orchestrator holds for the device, newest first.
+    pub async fn passwords(&self, device_id: &DeviceId) -> Vec<Password> {
+        let Some(info) = self.credentials(device_id).await else {
+            return Vec::new();
+        };
+        info.credentials
+            .unwrap_or_default()
+            .iter()
+            .map(|credential| credential.password_base64.decode().expect("passwordBase64 decodes"))
+            .collect()
+    }
+
+    /// Waits until the orchestrator holds at least `count` passwords for the device, and
+    /// returns them, newest first.
+    pub async fn wait_for_passwords(&self, device_id: &DeviceId, count: usize) -> Vec<Password> {
+        wait_until(
+            &format!("the orchestrator holds {count} password(s) of {device_id}"),
+            Duration::from_secs(30),
+            || async {
+                let passwords = self.passwords(device_id).await;
+                (passwords.len() >= count).then_some(passwords)
+            },
+        )
+        .await
+    }
+
+    /// Every device's metadata, read with the ReadBasic token.
+    pub async fn devices(&self) -> Vec<DeviceLocalCredentialInfo> {
+        let response = self
+            .get("/v1.0/directory/deviceLocalCredentials", Some(READ_BASIC_TOKEN))
+            .await;
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        let page: ODataCollection<DeviceLocalCredentialInfo> = response.json().await.expect("collection");
+        page.value
+    }
+
+    /// The metrics text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(&self.metrics_url)
+            .send()
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// The value of one sample line of the metrics (`name{labels}`), or 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestOrchestrator {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The account every test agent manages.
+pub const MANAGED_ACCOUNT: &str = "lapsadmin";
+
+/// Options for a test agent.
+pub struct AgentOptions {
+    /// Its host name.
+    pub device_name: String,
+    /// Seconds between cycles.
+    pub processing_interval_secs: u64,
+    /// Extra `[policy]` lines.
+    pub policy: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            device_name: "device-1".to_owned(),
+            processing_interval_secs: 3600,
+            policy: String::new(),
+        }
+    }
+}
+
+/// A running agent managing `lapsadmin` in a file-backed account database.
+pub struct TestAgent {
+    /// Its device id.
+    pub device_id: DeviceId,
+    /// Its state directory (sled state, control socket).
+    pub state_dir: PathBuf,
+    /// Its config file, for the command-line tools.
+    pub config_path: PathBuf,
+    /// Its account database.
+    pub accounts: FileAccounts,
+    /// Its clock, which tests move forward.
+    pub clock: Arc<ShiftedClock>,
+    nats_url: String,
+    escrow_public_key: EscrowPublicKey,
+    options_policy: String,
+    device_name: String,
+    interval: u64,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: TempDir,
+}
+
+impl TestAgent {
+    /// Starts an agent with default options.
+    pub async fn spawn(nats: &TestNats, orchestrator: &TestOrchestrator) -> Self {
+        Self::spawn_with(nats, orchestrator, AgentOptions::default()).await
+    }
+
+    /// Starts an agent.
+    pub async fn spawn_with(nats: &TestNats, orchestrator: &TestOrchestrator, options: AgentOptions) -> Self {
+        init_tracing();
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let accounts_path = dir.path().join("accounts");
+        let accounts = FileAccounts::create(&accounts_path, &[("root", 0), (MANAGED_ACCOUNT, 1001)])
+            .expect("creating the account database");
+        let mut agent = Self {
+            device_id: DeviceId::parse("pending").expect("valid"),
+            state_dir: dir.path().join("state"),
+            config_path: dir.path().join("agent.toml"),
+            accounts,
+            clock: Arc::new(ShiftedClock::default()),
+            nats_url: nats.url(),
+            escrow_public_key: orchestrator.escrow_public_key,
+            options_policy: options.policy,
+            device_name: options.device_name,
+            interval: options.processing_interval_secs,
+            shutdown: None,
+            task: None,
+            _dir: dir,
+        };
+        agent.start().await;
+        agent
+    }
+
+    fn config_text(&self) -> String {
+        format!(
+            r#"
+device_name = "{device_name}"
+state_dir = "{state_dir}"
+escrow_public_key = "{escrow}"
+processing_interval_secs = {interval}
+[nats]
+url = "{nats_url}"
+ack_timeout_secs = 2
+[account]
+backend = "file"
+path = "{accounts}"
+[policy]
+AdministratorAccountName = "{MANAGED_ACCOUNT}"
+{policy}
+"#,
+            device_name = self.device_name,
+            state_dir = self.state_dir.display(),
+            escrow = self.escrow_public_key,
+            interval = self.interval,
+            nats_url = self.nats_url,
+            accounts = self
+                .state_dir
+                .parent()
+                .expect("has a parent")
+                .join("accounts")
+                .display(),
+            policy = self.options_policy,
+        )
+    }
+
+    async fn start(&mut self) {
+        std::fs::write(&self.config_path, self.config_text()).expect("writing agent.toml");
+        let config = fleetlaps_agent::Config::load(&self.config_path).expect("test agent config is valid");
+        let app = fleetlaps_agent::App::build_with_clock(config, self.clock.clone())
+            .await
+            .expect("agent starts");
+        self.device_id = app.device_id();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        self.shutdown = Some(shutdown);
+        self.task = Some(tokio::spawn(app.run_until(async move {
+            let _ = stop.await;
+        })));
+    }
+
+    /// Stops the agent and waits until it has released its state.
+    pub async fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("agent task does not panic")
+                .expect("agent stops cleanly");
+        }
+    }
+
+    /// Stops the agent and starts it again on the same state.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start().await;
+    }
+
+    /// Sends a control request, as `fleetlaps-agent reset` / `process-now` do.
+    pub async fn control(&self, request: ControlRequest) -> ControlResponse {
+        fleetlaps_agent::control::send(&self.state_dir, &request)
+            .await
+            .expect("control socket answers")
+    }
+
+    /// Whether `password` is the managed account's password right now.
+    pub fn has_password(&self, password: &Password) -> bool {
+        let account = Account {
+            name: AccountName::parse(MANAGED_ACCOUNT).expect("valid"),
+            uid: 1001,
+        };
+        self.accounts
+            .verify_password(&account, password)
+            .expect("account database readable")
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The path of a workspace binary built next to this test binary.
+///
+/// # Panics
+///
+/// If it is not built, naming the command that builds it.
+pub fn binary(name: &str) -> PathBuf {
+    let test_binary = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/it-<hash> → target/<profile>/<name>
+    let path = test_binary
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a workspace binary with arguments and returns its output, without blocking the runtime
+/// (the orchestrator and agents it talks to run on it).
+pub async fn run(name: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(binary(name))
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|err| panic!("running {name}: {err}"))
+}
+
+/// Runs a workspace binary from a test that starts no server in-process.
+pub fn run_blocking(name: &str, args: &[&str]) -> Output {
+    Command::new(binary(name))
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("running {name}: {err}"))
+}

@@ -1,0 +1,297 @@
+//! What every integration test needs: a real nats-server with JetStream per test, a poll-until
+//! helper, and logs that stay silent unless `TEST_LOG=1`.
+//!
+//! The server is driven with `std::process`, not tokio, so it works from sync and async tests
+//! alike, and is stopped from `Drop` even when a test panics.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a starting nats-server may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a nats-server may take to exit after SIGTERM before [`TestNats::stop`] kills it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often [`wait_until`] polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How many free ports [`TestNats::start`] tries: another process can take the port chosen
+/// between the moment it is found free and the moment nats-server binds it.
+const START_ATTEMPTS: u32 = 3;
+
+/// A nats-server with JetStream on a free loopback port, with its store and log in a temporary
+/// directory. It is killed on drop, and the directory is then removed.
+///
+/// [`stop`](Self::stop), [`kill`](Self::kill) and [`restart`](Self::restart) keep the port and the
+/// store, for tests of restarts and crashes.
+#[derive(Debug)]
+pub struct TestNats {
+    /// The running server; `None` after `stop` or `kill`, until `restart`.
+    child: Option<Child>,
+    /// The client port on 127.0.0.1. Invariant: the same across restarts, so clients reconnect.
+    port: u16,
+    /// The `nats-server` executable, resolved once so restarts run the same one.
+    binary: PathBuf,
+    /// The JetStream store (`-sd`), inside `dir`.
+    store_dir: PathBuf,
+    /// The server's stdout and stderr, appended to across restarts, inside `dir`.
+    log_path: PathBuf,
+    /// Owns `store_dir` and `log_path`; held only to be removed on drop. Fields drop after
+    /// `Drop::drop` has killed the server, so the directory is never removed under a running server.
+    _dir: TempDir,
+}
+
+impl TestNats {
+    /// Starts a nats-server with JetStream and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If `nats-server` is installed neither on `PATH` nor in `/usr/sbin`, or it does not accept
+    /// connections within 10 s (the message then includes the end of its log).
+    pub fn start() -> Self {
+        let binary = find_nats_server();
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-nats-")
+            .tempdir()
+            .expect("creating a temporary directory for nats-server");
+        let mut nats = Self {
+            child: None,
+            port: 0,
+            binary,
+            store_dir: dir.path().join("store"),
+            log_path: dir.path().join("nats.log"),
+            _dir: dir,
+        };
+        let mut attempt = 1;
+        loop {
+            nats.port = free_loopback_port();
+            match nats.launch() {
+                Ok(()) => return nats,
+                Err(err) if attempt < START_ATTEMPTS && nats.child.is_none() => {
+                    // The server exited, most likely because the port was taken: try another one.
+                    eprintln!("TestNats: {err}; retrying on another port");
+                    attempt += 1;
+                }
+                Err(err) => nats.panic_with_log(&err),
+            }
+        }
+    }
+
+    /// The URL to connect clients to: `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port on 127.0.0.1, the same across restarts.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory, kept across `stop`, `kill` and `restart`.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// The server's log (stdout and stderr of every run), for diagnosing a failing test.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Stops the server gracefully (SIGTERM, so it flushes its store) and waits until it has exited.
+    /// It is killed if it is still running after 10 s. The store is kept. Does nothing if the server
+    /// is not running.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // The `kill` command sends SIGTERM without libc or unsafe code (unsafe code is forbidden).
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        if sent.is_ok_and(|status| status.success()) {
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("TestNats: nats-server ignored SIGTERM for {STOP_TIMEOUT:?}, killing it");
+        }
+        reap(&mut child);
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would, and waits until it has exited. The
+    /// store is kept. Does nothing if the server is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            reap(&mut child);
+        }
+    }
+
+    /// Starts the server again on the same port with the same store, stopping it first if it is
+    /// running, and waits until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// If the server does not accept connections within 10 s, for example because another
+    /// process took the port meanwhile.
+    pub fn restart(&mut self) {
+        self.stop();
+        if let Err(err) = self.launch() {
+            self.panic_with_log(&err);
+        }
+    }
+
+    /// Spawns the server on `self.port` and waits until it accepts connections. On error,
+    /// `self.child` is `None` if the server exited, and still set if it timed out.
+    fn launch(&mut self) -> Result<(), String> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("opening the nats-server log file");
+        let log_for_stderr = log.try_clone().expect("duplicating the log file handle");
+        let child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr)
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawning {}: {err}", self.binary.display()));
+        let child = self.child.insert(child);
+
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(format!(
+                    "nats-server exited ({status}) before accepting connections on port {}",
+                    self.port
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server did not accept connections on port {} within {READY_TIMEOUT:?}",
+                    self.port
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn panic_with_log(&self, err: &str) -> ! {
+        panic!(
+            "{err}; the end of {}:\n{}",
+            self.log_path.display(),
+            log_tail(&self.log_path)
+        )
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, and returns that value.
+///
+/// # Panics
+///
+/// After `timeout`, with a message naming `what` (write it as the condition awaited, such as
+/// "the orchestrator has stored the backup").
+pub async fn wait_until<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = f().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Shows the logs of the code under test when `TEST_LOG=1`, filtered by `RUST_LOG` (default
+/// `info`). Output goes through the test harness's capture, so it is shown for failing tests, or
+/// for all with `-- --nocapture`. Safe to call from every test: only the first call installs it.
+pub fn init_tracing() {
+    if std::env::var_os("TEST_LOG").is_none_or(|value| value != "1") {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // An error means another test installed the subscriber first, which is fine.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// `nats-server` on `PATH`, else in `/usr/sbin` (where Debian installs it, often not on a user's
+/// `PATH`).
+fn find_nats_server() -> PathBuf {
+    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    path_dirs
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| {
+            fs::metadata(candidate).is_ok_and(|metadata| {
+                metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "nats-server not found: install Debian's package `nats-server` (apt-get install nats-server) or run `cargo xtask test`"
+            )
+        })
+}
+
+/// A loopback port that was free a moment ago (see [`START_ATTEMPTS`] for the race).
+fn free_loopback_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .expect("binding 127.0.0.1:0 to find a free port")
+        .port()
+}
+
+/// SIGKILL and wait; either may fail only because the process has already exited and been reaped.
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The last 4 KiB of a log file, or a note saying why it cannot be read.
+fn log_tail(path: &Path) -> String {
+    const MAX_BYTES: u64 = 4096;
+    let read = || -> std::io::Result<String> {
+        let mut file = fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    read().unwrap_or_else(|err| format!("(cannot read the log: {err})"))
+}

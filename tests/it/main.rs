@@ -1,0 +1,15 @@
+//! The fleetlaps integration tests: one binary, one module per feature, and `harness` with what
+//! they share.
+//!
+//! Every test starts its own servers on free loopback ports (see [`harness::TestNats`]), so tests
+//! run in parallel and leave nothing behind. The binaries under test must be built first
+//! (`cargo build --workspace --bins`, which `cargo xtask test` does). Set `TEST_LOG=1` to see logs.
+
+pub mod harness;
+
+mod api;
+pub mod apps;
+mod config;
+mod harness_smoke;
+mod resilience;
+mod rotation;

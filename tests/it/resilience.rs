@@ -1,0 +1,133 @@
+//! What happens when parts fail: NATS goes away, the orchestrator restarts or loses its projections,
+//! garbage lands on the stream.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fleetlaps_orchestrator::projection::Projections;
+use fleetlaps_proto::control::{ControlRequest, ControlResponse};
+
+use crate::apps::{AgentOptions, TestAgent, TestOrchestrator};
+use crate::harness::{TestNats, wait_until};
+
+#[tokio::test]
+async fn with_nats_down_the_account_keeps_its_password_until_nats_is_back() {
+    let mut nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    let before = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+
+    nats.stop();
+    let answer = agent.control(ControlRequest::Reset).await;
+    assert!(
+        matches!(&answer, ControlResponse::Refused { message } if message.contains("backup not stored")),
+        "{answer:?}"
+    );
+    assert!(
+        agent.has_password(&before),
+        "no backup, no change: the account keeps its password"
+    );
+
+    nats.restart();
+    // The agent retries the same backup on its own once NATS is back, then applies it.
+    let passwords = orchestrator.wait_for_passwords(&agent.device_id, 2).await;
+    wait_until("the account has the new password", Duration::from_secs(30), || async {
+        agent.has_password(&passwords[0]).then_some(())
+    })
+    .await;
+    assert_eq!(passwords[1].expose(), before.expose());
+}
+
+#[tokio::test]
+async fn restarting_the_orchestrator_duplicates_nothing_and_a_deleted_projection_is_rebuilt_the_same() {
+    let nats = TestNats::start();
+    let mut orchestrator = TestOrchestrator::spawn(&nats).await;
+    let mut agents = Vec::new();
+    for index in 1..=3 {
+        let options = AgentOptions {
+            device_name: format!("device-{index}"),
+            ..AgentOptions::default()
+        };
+        agents.push(TestAgent::spawn_with(&nats, &orchestrator, options).await);
+    }
+    for agent in &agents {
+        orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+        agent.control(ControlRequest::Reset).await;
+        orchestrator.wait_for_passwords(&agent.device_id, 2).await;
+    }
+    let devices_before = orchestrator.devices().await;
+    orchestrator.stop().await;
+    let projections_dir = orchestrator.data_dir.join("projections");
+    let digest_before = digest(&projections_dir);
+
+    // Restart on the same sled directory: the same state, nothing applied twice.
+    orchestrator.restart().await;
+    assert_eq!(orchestrator.devices().await, devices_before);
+    orchestrator.stop().await;
+    assert_eq!(digest(&projections_dir), digest_before, "a restart changes nothing");
+
+    // Delete the projections and restart: replaying the stream rebuilds the same state.
+    std::fs::remove_dir_all(&projections_dir).expect("deleting the projections");
+    orchestrator.restart().await;
+    wait_until("the projections are rebuilt", Duration::from_secs(30), || async {
+        (orchestrator.devices().await == devices_before).then_some(())
+    })
+    .await;
+    for agent in &agents {
+        assert_eq!(orchestrator.passwords(&agent.device_id).await.len(), 2);
+    }
+    orchestrator.stop().await;
+    assert_eq!(
+        digest(&projections_dir),
+        digest_before,
+        "the rebuilt projections equal the originals"
+    );
+}
+
+#[tokio::test]
+async fn malformed_events_are_counted_quarantined_acked_and_do_not_stop_the_consumer() {
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let client = async_nats::connect(nats.url()).await.expect("connects");
+    let jetstream = jetstream::new(client);
+    for payload in [&b"not json at all"[..], br#"{"schema":1,"password":"hunter2"}"#] {
+        jetstream
+            .publish("laps.events.intruder.password_backed_up", payload.to_vec().into())
+            .await
+            .expect("published")
+            .await
+            .expect("acked");
+    }
+    wait_until("both are counted as malformed", Duration::from_secs(30), || async {
+        (orchestrator
+            .metric("fleetlaps_events_quarantined_total{reason=\"malformed\"}")
+            .await
+            == 2.0)
+            .then_some(())
+    })
+    .await;
+
+    // The consumer goes on: a real device's events still arrive.
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+
+    // Acked: the durable consumer has nothing pending.
+    wait_until("every message is acknowledged", Duration::from_secs(30), || async {
+        let stream = jetstream.get_stream("LAPS_EVENTS").await.ok()?;
+        let mut consumer = stream
+            .get_consumer::<jetstream::consumer::pull::Config>("orchestrator")
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+}
+
+/// The digest of the projections in `dir`, opened after the orchestrator released them.
+fn digest(dir: &std::path::Path) -> String {
+    Projections::open(dir)
+        .expect("projections open")
+        .digest()
+        .expect("digest")
+}

@@ -1,0 +1,324 @@
+//! The fleet part of the demo: the orchestrator and three agents (file-backed accounts), started
+//! against the demo's nats-server, then a walk-through of what fleetlaps does.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::DemoEnv;
+use crate::tools::{self, ChildGuard};
+
+/// The devices of the demo fleet.
+const DEVICES: [&str; 3] = ["demo-01", "demo-02", "demo-03"];
+/// The account each device manages.
+const MANAGED_ACCOUNT: &str = "lapsadmin";
+/// How long the fleet may take to back up its first passwords.
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts the orchestrator and the agents, walks through a retrieval and a rotation, and returns
+/// (or, with `--keep-running`, waits for Ctrl-C). Every process stops when its guard drops.
+pub(crate) fn run(env: &DemoEnv) -> anyhow::Result<()> {
+    let token = random_token()?;
+    let http_port = tools::free_loopback_port()?;
+    let metrics_port = tools::free_loopback_port()?;
+    let orchestrator_dir = env.root.join("orchestrator");
+    fs::create_dir_all(&orchestrator_dir)?;
+    let orchestrator_config = orchestrator_dir.join("orchestrator.toml");
+    write_private(
+        &orchestrator_config,
+        &format!(
+            r#"data_dir = "{data}"
+[nats]
+url = "{nats}"
+[http]
+listen = "127.0.0.1:{http_port}"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[[tokens]]
+name = "demo-admin"
+token = "{token}"
+scopes = ["DeviceLocalCredential.Read.All"]
+"#,
+            data = orchestrator_dir.join("data").display(),
+            nats = env.nats_url,
+        ),
+    )?;
+    let base_url = format!("http://127.0.0.1:{http_port}");
+
+    let escrow = command_output(
+        Command::new(env.bin_dir.join("fleetlaps-orchestrator"))
+            .args(["escrow-public-key", "--config"])
+            .arg(&orchestrator_config),
+    )?;
+    let escrow_public_key = escrow.trim().to_owned();
+
+    tools::step(&format!(
+        "start the orchestrator: API {base_url}, metrics http://127.0.0.1:{metrics_port}/metrics"
+    ));
+    let mut orchestrator = ChildGuard::spawn(
+        "orchestrator",
+        Command::new(env.bin_dir.join("fleetlaps-orchestrator"))
+            .args(["run", "--config"])
+            .arg(&orchestrator_config)
+            .stdout(log_file(&orchestrator_dir.join("orchestrator.log"))?)
+            .stderr(log_file(&orchestrator_dir.join("orchestrator.log"))?),
+    )?;
+    tools::wait_until_listening(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, http_port)),
+        Duration::from_secs(30),
+        &mut orchestrator,
+        &env.interrupt,
+    )
+    .with_context(|| {
+        format!(
+            "the orchestrator did not start; see {}",
+            orchestrator_dir.join("orchestrator.log").display()
+        )
+    })?;
+
+    let mut agents = Vec::new();
+    let mut agent_configs = Vec::new();
+    for device in DEVICES {
+        let device_dir = env.root.join("agents").join(device);
+        fs::create_dir_all(&device_dir)?;
+        let accounts = device_dir.join("accounts");
+        write_private(&accounts, &format!("root:0:!\n{MANAGED_ACCOUNT}:1001:!\n"))?;
+        let config = device_dir.join("agent.toml");
+        write_private(
+            &config,
+            &format!(
+                r#"device_name = "{device}"
+state_dir = "{state}"
+escrow_public_key = "{escrow_public_key}"
+processing_interval_secs = 3600
+[nats]
+url = "{nats}"
+[account]
+backend = "file"
+path = "{accounts}"
+[policy]
+AdministratorAccountName = "{MANAGED_ACCOUNT}"
+PasswordAgeDays = 30
+PasswordComplexity = 4
+PasswordLength = 14
+"#,
+                state = device_dir.join("state").display(),
+                nats = env.nats_url,
+                accounts = accounts.display(),
+            ),
+        )?;
+        tools::step(&format!("start agent {device} (accounts in {})", accounts.display()));
+        agents.push(ChildGuard::spawn(
+            format!("agent {device}"),
+            Command::new(env.bin_dir.join("fleetlaps-agent"))
+                .arg("--config")
+                .arg(&config)
+                .arg("run")
+                .stdout(log_file(&device_dir.join("agent.log"))?)
+                .stderr(log_file(&device_dir.join("agent.log"))?),
+        )?);
+        agent_configs.push(config);
+    }
+
+    let lapsctl = Lapsctl {
+        binary: env.bin_dir.join("lapsctl"),
+        base_url: base_url.clone(),
+        token: token.clone(),
+    };
+    tools::step("wait until every device has backed up a password");
+    let deadline = Instant::now() + BACKUP_TIMEOUT;
+    for device in DEVICES {
+        loop {
+            let output = lapsctl.run(&["get-password", "--device", device, "-o", "json"])?;
+            if output.status.success() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{device} did not back up a password within {BACKUP_TIMEOUT:?}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+            env.interrupt.sleep(Duration::from_millis(250))?;
+        }
+    }
+    print!("{}", lapsctl.stdout(&["get-password", "--device", DEVICES[0]])?);
+
+    tools::step(&format!(
+        "retrieve {}'s password with lapsctl and check it against the device's account",
+        DEVICES[0]
+    ));
+    let password = lapsctl.password(DEVICES[0])?;
+    check_password(&env.bin_dir, &agent_configs[0], &password)?;
+    println!(
+        "lapsctl returned {}'s password, and the device's account accepts it",
+        DEVICES[0]
+    );
+
+    tools::step(&format!(
+        "force a rotation on {} (fleetlaps-agent reset, LAPS Reset-LapsPassword)",
+        DEVICES[1]
+    ));
+    let before = lapsctl.password(DEVICES[1])?;
+    print!(
+        "{}",
+        command_output(
+            Command::new(env.bin_dir.join("fleetlaps-agent"))
+                .arg("--config")
+                .arg(&agent_configs[1])
+                .arg("reset")
+        )?
+    );
+    let after = lapsctl.password(DEVICES[1])?;
+    anyhow::ensure!(after != before, "the rotation did not produce a new password");
+    check_password(&env.bin_dir, &agent_configs[1], &after)?;
+    println!(
+        "{} has a new password, backed up before it was set; the history keeps the previous one:",
+        DEVICES[1]
+    );
+    print!(
+        "{}",
+        lapsctl.stdout(&["get-password", "--device", DEVICES[1], "--include-passwords"])?
+    );
+
+    tools::step("metrics");
+    println!("Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics");
+    println!("Logs and state: {}", env.root.display());
+    for (guard, config) in agents.iter_mut().zip(&agent_configs) {
+        if let Some(status) = guard.exit_status()? {
+            anyhow::bail!("{} exited early ({status}); config {}", guard.name(), config.display());
+        }
+    }
+
+    if env.keep_running {
+        tools::step("the fleet keeps running: press Ctrl-C to stop");
+        println!(
+            "try: {} --url {base_url} --token {token} get-password --device {} --include-passwords --as-plain-text",
+            lapsctl.binary.display(),
+            DEVICES[2]
+        );
+        loop {
+            env.interrupt.sleep(Duration::from_secs(1))?;
+        }
+    }
+    tools::step("shut down");
+    drop(agents);
+    orchestrator.stop().context("stopping the orchestrator")?;
+    Ok(())
+}
+
+/// The admin CLI, pointed at the demo's orchestrator.
+struct Lapsctl {
+    binary: PathBuf,
+    base_url: String,
+    token: String,
+}
+
+impl Lapsctl {
+    fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Command::new(&self.binary)
+            .args(["--url", &self.base_url])
+            .args(args)
+            .env("LAPSCTL_TOKEN", &self.token)
+            .output()
+            .with_context(|| format!("running {}", self.binary.display()))
+    }
+
+    fn stdout(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.run(args)?;
+        anyhow::ensure!(
+            output.status.success(),
+            "lapsctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The newest password of `device`, in plain text.
+    fn password(&self, device: &str) -> anyhow::Result<String> {
+        let json = self.stdout(&[
+            "get-password",
+            "--device",
+            device,
+            "--include-passwords",
+            "--as-plain-text",
+            "-o",
+            "json",
+        ])?;
+        let entries: serde_json::Value = serde_json::from_str(&json).context("lapsctl -o json printed no JSON")?;
+        entries[0]["Password"]
+            .as_str()
+            .map(str::to_owned)
+            .context("lapsctl printed no Password")
+    }
+}
+
+/// Asks the agent's account backend whether `password` is the managed account's.
+fn check_password(bin_dir: &Path, config: &Path, password: &str) -> anyhow::Result<()> {
+    let mut child = Command::new(bin_dir.join("fleetlaps-agent"))
+        .arg("--config")
+        .arg(config)
+        .arg("check-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running fleetlaps-agent check-password")?;
+    child
+        .stdin
+        .take()
+        .context("stdin is piped")?
+        .write_all(password.as_bytes())?;
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+fn command_output(command: &mut Command) -> anyhow::Result<String> {
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn log_file(path: &Path) -> anyhow::Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Writes a file only its owner can read: configs hold tokens, account files hold hashes.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// A random API token for this demo run, from the kernel's CSPRNG.
+fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 24];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
