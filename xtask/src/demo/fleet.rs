@@ -174,8 +174,19 @@ PasswordLength = 14
                 .arg("reset")
         )?
     );
-    let after = lapsctl.password(DEVICES[1])?;
-    anyhow::ensure!(after != before, "the rotation did not produce a new password");
+    // The orchestrator has the backup once it has consumed it from the stream: poll for it.
+    let deadline = Instant::now() + BACKUP_TIMEOUT;
+    let after = loop {
+        let newest = lapsctl.password(DEVICES[1])?;
+        if newest != before {
+            break newest;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the orchestrator did not receive the new backup in time"
+        );
+        env.interrupt.sleep(Duration::from_millis(250))?;
+    };
     check_password(&env.bin_dir, &agent_configs[1], &after)?;
     println!(
         "{} has a new password, backed up before it was set; the history keeps the previous one:",
