@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::command::Command;
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::event::RotationReason;
 use fleetlaps_proto::ids::{DeviceId, DeviceName};
@@ -13,11 +15,12 @@ use fleetlaps_proto::policy::PolicySource;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
-use crate::account::{AccountBackend, FileAccounts};
-use crate::bus::Publisher;
+use crate::account::{self, AccountBackend};
+use crate::bus::{Incoming, Publisher};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{AccountConfig, Config};
+use crate::config::Config;
 use crate::control;
+use crate::postauth::PostAuth;
 use crate::rotation::{CycleOutcome, Processor};
 use crate::state::AgentState;
 
@@ -32,6 +35,8 @@ pub struct App {
     control: UnixListener,
     /// Time between cycles.
     interval: Duration,
+    /// The post-authentication schedule (LAPS PostAuthenticationActions).
+    post_auth: PostAuth,
 }
 
 impl App {
@@ -51,9 +56,7 @@ impl App {
             Some(name) => name,
             None => system_hostname()?,
         };
-        let backend: Arc<dyn AccountBackend> = match &config.account {
-            AccountConfig::File { path } => Arc::new(FileAccounts::new(path)),
-        };
+        let backend: Arc<dyn AccountBackend> = account::backend(&config.account);
         let publisher = Publisher::connect(&config.nats.url, Duration::from_secs(config.nats.ack_timeout_secs)).await?;
         let control = control::bind(&control::socket_path(&config.state_dir))?;
         let processor = Processor {
@@ -65,12 +68,16 @@ impl App {
             policy_source: PolicySource::LocalConfig,
             device_name,
             escrow: config.escrow_public_key,
-            in_flight: None,
+            settings: config.processor_settings(),
+            last_error: None,
         };
+        let post_auth = PostAuth::load(&processor.state, config.post_authentication.clone())
+            .context("loading the post-authentication schedule")?;
         Ok(Self {
             processor,
             control,
             interval: config.processing_interval(),
+            post_auth,
         })
     }
 
@@ -85,10 +92,14 @@ impl App {
             mut processor,
             control,
             interval,
+            mut post_auth,
         } = self;
-        tracing::info!(device_id = %processor.state.device_id(), device_name = %processor.device_name, "agent started");
-        let (requests, mut incoming) = mpsc::channel::<control::Request>(8);
+        let device_id = processor.state.device_id().clone();
+        tracing::info!(%device_id, device_name = %processor.device_name, "agent started");
+        let (requests, mut incoming_requests) = mpsc::channel::<control::Request>(8);
         let control_task = tokio::spawn(control::serve(control, requests));
+        let (inbox, mut incoming) = mpsc::channel::<Incoming>(64);
+        processor.publisher.listen(&device_id, inbox).await?;
         tokio::pin!(shutdown);
 
         if let Err(err) = processor.announce_policy().await {
@@ -96,29 +107,63 @@ impl App {
         }
         // Failures are logged inside; the loop retries them.
         let _outcome = run_cycle(&mut processor, None).await;
+        check_last_command(&mut processor).await;
         loop {
-            let wait = if processor.state.outbox_len() > 0 || processor.state.pending()?.is_some() {
-                RETRY_INTERVAL.min(interval)
-            } else {
-                interval
-            };
+            let busy = processor.state.outbox_len() > 0
+                || processor.state.pending()?.is_some()
+                || !processor.state.unconfirmed_backups()?.is_empty();
+            let wait = if busy { RETRY_INTERVAL.min(interval) } else { interval };
             tokio::select! {
                 () = &mut shutdown => break,
                 () = tokio::time::sleep(wait) => {
                     let _outcome = run_cycle(&mut processor, None).await;
+                    check_last_command(&mut processor).await;
                 }
-                Some((request, reply)) = incoming.recv() => {
-                    let force = match request {
-                        ControlRequest::Reset => Some(RotationReason::Manual),
-                        ControlRequest::ProcessNow => None,
+                Some((request, reply)) = incoming_requests.recv() => {
+                    let response = match request {
+                        ControlRequest::Reset => answer(processor.reset().await),
+                        ControlRequest::ProcessNow => {
+                            let response = answer(run_cycle(&mut processor, None).await);
+                            check_last_command(&mut processor).await;
+                            response
+                        }
+                        ControlRequest::Status => match processor.status() {
+                            Ok(mut report) => {
+                                report.post_authentication_reset_at = post_auth.next_deadline();
+                                ControlResponse::Status(Box::new(report))
+                            }
+                            Err(err) => ControlResponse::Refused { message: err.to_string() },
+                        },
+                        ControlRequest::Authentication(report) => {
+                            let now = processor.clock.now();
+                            match post_auth.on_authentication(report, &processor, now).await {
+                                Ok(response) => response,
+                                Err(err) => ControlResponse::Refused { message: err.to_string() },
+                            }
+                        }
                     };
-                    let response = match run_cycle(&mut processor, force).await {
-                        Ok(outcome) => ControlResponse::Done { message: describe(outcome) },
-                        Err(message) => ControlResponse::Refused { message },
-                    };
-                    // The asker may have gone away; the cycle ran regardless.
+                    // The asker may have gone away; the work was done regardless.
                     let _ = reply.send(response);
+                    // What the request queued (an authentication's event) leaves after the answer,
+                    // so the PAM hook never waits for NATS.
+                    processor.publish_outbox().await;
                 }
+                // Post-authentication: also re-evaluated after every other wake-up, so a clock moved
+                // forward (tests) takes effect at the next control request.
+                () = sleep_until(post_auth.next_deadline(), processor.clock.now()) => {
+                    let now = processor.clock.now();
+                    if let Err(err) = post_auth.run_due(&mut processor, now).await {
+                        tracing::error!(error = %err, "recording the post-authentication actions failed");
+                    }
+                }
+                Some(message) = incoming.recv() => match message {
+                    Incoming::Confirmation(confirmation) => {
+                        if let Err(err) = processor.confirmed(&confirmation.event_id).await {
+                            tracing::error!(error = %err, "recording a backup confirmation failed");
+                        }
+                    }
+                    Incoming::Command(command) => execute(&mut processor, command).await,
+                },
             }
         }
         control_task.abort();
@@ -127,17 +172,48 @@ impl App {
     }
 }
 
-async fn run_cycle(processor: &mut Processor, force: Option<RotationReason>) -> Result<CycleOutcome, String> {
-    match processor.process(force).await {
-        Ok(outcome) => {
-            tracing::debug!(?outcome, "processing cycle finished");
-            Ok(outcome)
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, "processing cycle failed");
-            Err(err.to_string())
-        }
+/// Sleeps until `deadline` of the agent's clock (`now` is that clock's time), or for ever
+/// without one.
+async fn sleep_until(deadline: Option<DateTime<Utc>>, now: DateTime<Utc>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep((deadline - now).to_std().unwrap_or_default()).await,
+        None => std::future::pending().await,
     }
+}
+
+fn answer<E: std::fmt::Display>(result: Result<CycleOutcome, E>) -> ControlResponse {
+    match result {
+        Ok(outcome) => ControlResponse::Done {
+            message: describe(outcome),
+        },
+        Err(err) => ControlResponse::Refused {
+            message: err.to_string(),
+        },
+    }
+}
+
+/// Executes the last command kept for this device, if it was not executed yet: how a device
+/// that was offline when a command was issued catches up.
+async fn check_last_command(processor: &mut Processor) {
+    let device_id = processor.state.device_id().clone();
+    match processor.publisher.last_command(&device_id).await {
+        Ok(Some(command)) => execute(processor, command).await,
+        Ok(None) => {}
+        Err(err) => tracing::debug!(error = %err, "reading the last command failed; will retry"),
+    }
+}
+
+async fn execute(processor: &mut Processor, command: Command) {
+    let command_id = command.id;
+    match processor.execute(command).await {
+        Ok(Some(outcome)) => tracing::info!(%command_id, ?outcome, "command executed"),
+        Ok(None) => {}
+        Err(err) => tracing::warn!(%command_id, error = %err, "command failed; will retry"),
+    }
+}
+
+async fn run_cycle(processor: &mut Processor, force: Option<RotationReason>) -> Result<CycleOutcome, String> {
+    processor.process(force).await.map_err(|err| err.to_string())
 }
 
 fn describe(outcome: CycleOutcome) -> String {

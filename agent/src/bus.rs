@@ -5,8 +5,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
+use fleetlaps_proto::command::{BackupConfirmation, Command};
 use fleetlaps_proto::event::Envelope;
+use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::subject;
+use futures::StreamExt;
+use tokio::sync::mpsc;
 
 /// A publish that was not acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +21,15 @@ pub struct PublishError {
     /// Why.
     #[source]
     source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// What the orchestrator sends this device.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A backup is stored; the device may forget its copy.
+    Confirmation(BackupConfirmation),
+    /// Something to do.
+    Command(Command),
 }
 
 /// Publishes envelopes to JetStream, each with its event id as `Nats-Msg-Id`.
@@ -58,6 +71,62 @@ impl Publisher {
             .map_err(|err| error(err.into()))?;
         ack.await.map_err(|err| error(err.into()))?;
         Ok(())
+    }
+
+    /// Forwards the orchestrator's backup confirmations and rotate commands for `device_id` to
+    /// `inbox` until the receiver is dropped. Subscriptions are re-made by the client after a
+    /// reconnection; commands missed while offline are found with [`Self::last_command`].
+    pub async fn listen(&self, device_id: &DeviceId, inbox: mpsc::Sender<Incoming>) -> anyhow::Result<()> {
+        let client = self.jetstream.client();
+        let mut confirmations = client.subscribe(subject::device_confirmations(device_id)).await?;
+        let mut commands = client.subscribe(subject::device_commands(device_id)).await?;
+        tokio::spawn(async move {
+            loop {
+                let incoming = tokio::select! {
+                    Some(message) = confirmations.next() => {
+                        match serde_json::from_slice::<BackupConfirmation>(&message.payload) {
+                            Ok(confirmation) => Incoming::Confirmation(confirmation),
+                            Err(err) => {
+                                tracing::warn!(error = %err, "malformed backup confirmation ignored");
+                                continue;
+                            }
+                        }
+                    }
+                    Some(message) = commands.next() => {
+                        match serde_json::from_slice::<Command>(&message.payload) {
+                            Ok(command) => Incoming::Command(command),
+                            Err(err) => {
+                                tracing::warn!(error = %err, "malformed command ignored");
+                                continue;
+                            }
+                        }
+                    }
+                    else => return,
+                };
+                if inbox.send(incoming).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// The last command kept for `device_id` in the commands stream, if any. `Ok(None)` also
+    /// when the stream does not exist yet (no command was ever issued).
+    pub async fn last_command(&self, device_id: &DeviceId) -> anyhow::Result<Option<Command>> {
+        let stream = match self.jetstream.get_stream(subject::COMMANDS_STREAM).await {
+            Ok(stream) => stream,
+            Err(err) if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        match stream
+            .get_last_raw_message_by_subject(&subject::device_commands(device_id))
+            .await
+        {
+            Ok(message) => Ok(Some(serde_json::from_slice(&message.payload)?)),
+            Err(err) if matches!(err.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Whether the client is connected right now.

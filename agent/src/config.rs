@@ -28,6 +28,16 @@ pub struct Config {
     /// Seconds between processing cycles (LAPS: one hour).
     #[serde(default = "default_processing_interval_secs")]
     pub processing_interval_secs: u64,
+    /// At most this many events wait in the outbox; at the bound the agent stops rotating
+    /// rather than risk losing a backup.
+    #[serde(default = "default_outbox_limit")]
+    pub outbox_limit: usize,
+    /// Seconds after which a backup the orchestrator has not confirmed storing is sent again.
+    #[serde(default = "default_backup_confirmation_timeout_secs")]
+    pub backup_confirmation_timeout_secs: u64,
+    /// `fleetlaps-agent reset` is refused within this many seconds of the previous one.
+    #[serde(default = "default_reset_min_interval_secs")]
+    pub reset_min_interval_secs: u64,
     /// The NATS server.
     pub nats: NatsConfig,
     /// Which account database the agent manages.
@@ -38,6 +48,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// How the post-authentication actions end sessions, reboot and terminate processes.
+    #[serde(default)]
+    pub post_authentication: PostAuthConfig,
 }
 
 /// How to reach NATS.
@@ -60,6 +73,76 @@ pub enum AccountConfig {
         /// The file.
         path: PathBuf,
     },
+    /// The machine's own accounts: `/etc/passwd`, `/etc/shadow`, and `chpasswd -e` to write.
+    Linux {
+        /// The user database.
+        #[serde(default = "default_passwd")]
+        passwd: PathBuf,
+        /// The shadow database, which holds the hashes.
+        #[serde(default = "default_shadow")]
+        shadow: PathBuf,
+        /// The program that stores a hash; it reads `name:hash` lines on its standard input.
+        #[serde(default = "default_chpasswd")]
+        chpasswd: PathBuf,
+    },
+}
+
+/// The commands behind LAPS `PostAuthenticationActions`, run as argv (no shell) with `{user}`
+/// replaced by the managed account's name. A non-zero exit is a failure, and the actions are
+/// retried `retry_after_secs` later.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostAuthConfig {
+    /// Ends the account's sessions (actions 3 and 11).
+    #[serde(default = "default_logoff_command")]
+    pub logoff_command: Vec<String>,
+    /// Restarts the device (action 5).
+    #[serde(default = "default_reboot_command")]
+    pub reboot_command: Vec<String>,
+    /// Kills the account's remaining processes (action 11). Exit code 1 means "no process
+    /// matched", as `pkill` says it, and counts as success.
+    #[serde(default = "default_terminate_command")]
+    pub terminate_command: Vec<String>,
+    /// Seconds between attempts after a failure (LAPS retries until the reset succeeds).
+    #[serde(default = "default_retry_after_secs")]
+    pub retry_after_secs: u64,
+}
+
+impl Default for PostAuthConfig {
+    fn default() -> Self {
+        Self {
+            logoff_command: default_logoff_command(),
+            reboot_command: default_reboot_command(),
+            terminate_command: default_terminate_command(),
+            retry_after_secs: default_retry_after_secs(),
+        }
+    }
+}
+
+impl PostAuthConfig {
+    /// The time between attempts after a failure.
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_secs(self.retry_after_secs)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, command) in [
+            ("logoff_command", &self.logoff_command),
+            ("reboot_command", &self.reboot_command),
+            ("terminate_command", &self.terminate_command),
+        ] {
+            if command.first().is_none_or(String::is_empty) {
+                anyhow::bail!("post_authentication.{name} is empty: give a program and its arguments");
+            }
+        }
+        if self.retry_after_secs == 0 || self.retry_after_secs > 86_400 {
+            anyhow::bail!(
+                "post_authentication.retry_after_secs = {}: allowed 1 to 86400 seconds",
+                self.retry_after_secs
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Log output.
@@ -86,8 +169,48 @@ fn default_processing_interval_secs() -> u64 {
     3600
 }
 
+fn default_outbox_limit() -> usize {
+    10_000
+}
+
+fn default_backup_confirmation_timeout_secs() -> u64 {
+    60
+}
+
+fn default_reset_min_interval_secs() -> u64 {
+    60
+}
+
 fn default_ack_timeout_secs() -> u64 {
     5
+}
+
+fn default_passwd() -> PathBuf {
+    PathBuf::from("/etc/passwd")
+}
+
+fn default_shadow() -> PathBuf {
+    PathBuf::from("/etc/shadow")
+}
+
+fn default_chpasswd() -> PathBuf {
+    PathBuf::from("/usr/sbin/chpasswd")
+}
+
+fn default_logoff_command() -> Vec<String> {
+    ["loginctl", "terminate-user", "{user}"].map(str::to_owned).to_vec()
+}
+
+fn default_reboot_command() -> Vec<String> {
+    ["systemctl", "reboot"].map(str::to_owned).to_vec()
+}
+
+fn default_terminate_command() -> Vec<String> {
+    ["pkill", "-KILL", "-u", "{user}"].map(str::to_owned).to_vec()
+}
+
+fn default_retry_after_secs() -> u64 {
+    300
 }
 
 impl Config {
@@ -130,8 +253,37 @@ impl Config {
         Duration::from_secs(self.processing_interval_secs)
     }
 
+    /// The cycle's limits and timings.
+    pub fn processor_settings(&self) -> crate::rotation::ProcessorSettings {
+        crate::rotation::ProcessorSettings {
+            outbox_limit: self.outbox_limit,
+            backup_confirmation_timeout: chrono::Duration::seconds(
+                i64::try_from(self.backup_confirmation_timeout_secs).unwrap_or(i64::MAX),
+            ),
+            reset_min_interval: chrono::Duration::seconds(
+                i64::try_from(self.reset_min_interval_secs).unwrap_or(i64::MAX),
+            ),
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         self.policy()?;
+        self.post_authentication.validate()?;
+        if !(1..=10_000_000).contains(&self.outbox_limit) {
+            anyhow::bail!("outbox_limit = {}: allowed 1 to 10000000 events", self.outbox_limit);
+        }
+        if !(1..=86_400).contains(&self.backup_confirmation_timeout_secs) {
+            anyhow::bail!(
+                "backup_confirmation_timeout_secs = {}: allowed 1 to 86400 seconds",
+                self.backup_confirmation_timeout_secs
+            );
+        }
+        if self.reset_min_interval_secs > 86_400 {
+            anyhow::bail!(
+                "reset_min_interval_secs = {}: allowed 0 to 86400 seconds",
+                self.reset_min_interval_secs
+            );
+        }
         if self.processing_interval_secs == 0 || self.processing_interval_secs > 86_400 {
             anyhow::bail!(
                 "processing_interval_secs = {}: allowed 1 to 86400 seconds",
@@ -179,6 +331,44 @@ path = "/tmp/shadow"
             err.to_string().contains("PasswordComplexity = 9: allowed 1 to 8"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn post_authentication_commands_default_and_can_be_replaced() {
+        let config = Config::from_toml(BASE).expect("valid");
+        assert_eq!(
+            config.post_authentication.terminate_command,
+            ["pkill", "-KILL", "-u", "{user}"]
+        );
+        assert_eq!(config.post_authentication.retry_after(), Duration::from_secs(300));
+        let text = format!("{BASE}[post_authentication]\nlogoff_command = [\"true\"]\nretry_after_secs = 5\n");
+        let config = Config::from_toml(&text).expect("valid");
+        assert_eq!(config.post_authentication.logoff_command, ["true"]);
+        assert_eq!(config.post_authentication.reboot_command, ["systemctl", "reboot"]);
+        let err =
+            Config::from_toml(&format!("{BASE}[post_authentication]\nreboot_command = []\n")).expect_err("refused");
+        assert!(
+            err.to_string().contains("post_authentication.reboot_command is empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_linux_backend_defaults_to_the_system_files() {
+        let config =
+            Config::from_toml(&BASE.replace("backend = \"file\"\npath = \"/tmp/shadow\"", "backend = \"linux\""))
+                .expect("valid");
+        let AccountConfig::Linux {
+            passwd,
+            shadow,
+            chpasswd,
+        } = config.account
+        else {
+            panic!("the linux backend: {:?}", config.account);
+        };
+        assert_eq!(passwd, Path::new("/etc/passwd"));
+        assert_eq!(shadow, Path::new("/etc/shadow"));
+        assert_eq!(chpasswd, Path::new("/usr/sbin/chpasswd"));
     }
 
     #[test]

@@ -6,11 +6,14 @@
 //! - [`config`]: the typed configuration, with the local LAPS policy.
 //! - [`telemetry`]: logging set-up.
 //! - [`rotation`]: the processing cycle and the rotation, in the order that loses nothing.
+//! - [`status`]: the text of `fleetlaps-agent status`.
 //! - [`state`]: durable state in sled: identity, sequence, pending rotation, outbox.
 //! - [`account`]: account backends (a file database for simulations and tests).
 //! - [`bus`]: publishing to JetStream (the only module that knows NATS).
 //! - [`control`]: the local control socket behind `reset` and `process-now`.
+//! - [`postauth`]: LAPS post-authentication actions: reset (and log off, reboot, terminate) after a login.
 //! - [`clock`]: injectable time.
+//! - [`fault`]: the test-only fault-injection switch of the crash tests.
 
 pub mod account;
 pub mod app;
@@ -18,8 +21,11 @@ pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod fault;
+pub mod postauth;
 pub mod rotation;
 pub mod state;
+pub mod status;
 pub mod telemetry;
 
 pub use app::App;

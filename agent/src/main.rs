@@ -1,14 +1,14 @@
 //! `fleetlaps-agent`: the device side of fleetlaps.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetlaps_agent::account::{AccountBackend, FileAccounts};
-use fleetlaps_agent::config::AccountConfig;
 use fleetlaps_agent::{App, Config, control, telemetry};
-use fleetlaps_proto::control::{ControlRequest, ControlResponse};
+use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
+use fleetlaps_proto::event::AuthenticationOutcome;
 use fleetlaps_proto::password::Password;
 
 /// The fleetlaps agent.
@@ -30,13 +30,34 @@ enum Command {
     Reset,
     /// Run a processing cycle now (LAPS Invoke-LapsPolicyProcessing).
     ProcessNow,
-    /// Check whether the password on standard input is the managed account's (file backend).
+    /// Show the policy, the managed account, the last rotation and what waits (LAPS Get-LapsDiagnostics).
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check whether the password on standard input is the managed account's.
     CheckPassword,
+    /// Report an authentication to the agent; run by `pam_exec` (see packaging/pam.d/fleetlaps).
+    /// Reads PAM_USER, PAM_SERVICE, PAM_RHOST and PAM_TTY, and always exits 0.
+    PamHook {
+        /// `success` or `failure`.
+        #[arg(value_name = "success|failure")]
+        outcome: Option<String>,
+    },
 }
+
+/// How long the PAM hook waits for the agent: a login waits for the hook.
+const PAM_HOOK_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::PamHook { outcome } = &cli.command {
+        // Before the config is loaded: whatever fails, a PAM hook exits 0.
+        pam_hook(&cli.config, outcome.as_deref()).await;
+        return Ok(());
+    }
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Run => {
@@ -46,9 +67,20 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Reset => ask(&config, ControlRequest::Reset).await,
         Command::ProcessNow => ask(&config, ControlRequest::ProcessNow).await,
+        Command::Status { json } => match control::send(&config.state_dir, &ControlRequest::Status).await? {
+            ControlResponse::Status(report) if json => {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                Ok(())
+            }
+            ControlResponse::Status(report) => {
+                print!("{}", fleetlaps_agent::status::render(&report));
+                Ok(())
+            }
+            ControlResponse::Done { message } | ControlResponse::Refused { message } => anyhow::bail!("{message}"),
+        },
+        Command::PamHook { .. } => Ok(()),
         Command::CheckPassword => {
-            let AccountConfig::File { path } = &config.account;
-            let backend = FileAccounts::new(path);
+            let backend = fleetlaps_agent::account::backend(&config.account);
             let account = backend.resolve(config.policy()?.administrator_account_name())?;
             let mut text = String::new();
             std::io::stdin()
@@ -72,5 +104,47 @@ async fn ask(config: &Config, request: ControlRequest) -> anyhow::Result<()> {
             Ok(())
         }
         ControlResponse::Refused { message } => anyhow::bail!("{message}"),
+        ControlResponse::Status(_) => anyhow::bail!("the agent answered with a status report"),
+    }
+}
+
+/// Reports one authentication to the running agent, as `pam_exec` runs it. Never fails: a hook
+/// must not lock anyone out, so a problem (the agent is down) is a warning on standard error.
+async fn pam_hook(config_path: &Path, outcome: Option<&str>) {
+    if let Err(err) = report_authentication(config_path, outcome).await {
+        eprintln!("fleetlaps-agent pam-hook: warning: {err:#}");
+    }
+}
+
+async fn report_authentication(config_path: &Path, outcome: Option<&str>) -> anyhow::Result<()> {
+    let outcome = match outcome {
+        Some("success") => AuthenticationOutcome::Success,
+        Some("failure") => AuthenticationOutcome::Failure,
+        other => anyhow::bail!("expected `pam-hook success` or `pam-hook failure`, got {other:?}"),
+    };
+    // Only the auth stack reports authentications (pam_exec also sets PAM_TYPE elsewhere).
+    if std::env::var("PAM_TYPE").is_ok_and(|pam_type| pam_type != "auth") {
+        return Ok(());
+    }
+    let pam_item = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let user = pam_item("PAM_USER").context("PAM_USER is not set: pam-hook is meant to run from pam_exec")?;
+    let report = AuthenticationReport {
+        user,
+        service: pam_item("PAM_SERVICE").unwrap_or_default(),
+        remote_host: pam_item("PAM_RHOST"),
+        tty: pam_item("PAM_TTY"),
+        outcome,
+    };
+    // The file alone, without FLEETLAPS_* variables: pam_exec hands the hook the PAM
+    // environment, which the user logging in can influence.
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("reading the config file {}", config_path.display()))?;
+    let config = Config::from_toml(&text)?;
+    let request = ControlRequest::Authentication(report);
+    match tokio::time::timeout(PAM_HOOK_TIMEOUT, control::send(&config.state_dir, &request)).await {
+        Ok(Ok(ControlResponse::Refused { message })) => anyhow::bail!("the agent refused the report: {message}"),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(err.context("the authentication was not reported")),
+        Err(_) => anyhow::bail!("the agent did not answer within {PAM_HOOK_TIMEOUT:?}"),
     }
 }

@@ -6,25 +6,34 @@
 //! rotation and its backup event are on disk together.
 //!
 //! Keys:
-//! - `m/device_id`, `m/next_sequence`, `m/current`, `m/pending`;
-//! - `o/<sequence>`: an outbox entry (an [`Envelope`] as JSON), sequence big-endian.
+//! - `m/device_id`, `m/next_sequence`, `m/current`, `m/pending`, `m/last_manual_reset`;
+//! - `o/<sequence>`: an outbox entry (an [`Envelope`] as JSON), sequence big-endian;
+//! - `u/<event id>`: a backup sent but not yet confirmed stored by the orchestrator;
+//! - `x/<command id>`: a command already executed;
+//! - other prefixes (such as `p/`) belong to other modules, through [`AgentState::put_record`].
 //!
 //! No plaintext password is ever stored here: the backup event holds the password sealed to
-//! the escrow key, which this device cannot open.
+//! the escrow key, which this device cannot open, and the pending rotation holds its SHA-512
+//! crypt hash, as the account database does.
 
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
+use fleetlaps_proto::command::CommandId;
 use fleetlaps_proto::event::{Envelope, Event, RotationReason};
-use fleetlaps_proto::ids::{AccountName, DeviceId, RotationId};
+use fleetlaps_proto::ids::{AccountName, DeviceId, EventId, RotationId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::account::PasswordHash;
 
 const DEVICE_ID_KEY: &[u8] = b"m/device_id";
 const NEXT_SEQUENCE_KEY: &[u8] = b"m/next_sequence";
 const CURRENT_KEY: &[u8] = b"m/current";
 const PENDING_KEY: &[u8] = b"m/pending";
+const LAST_MANUAL_RESET_KEY: &[u8] = b"m/last_manual_reset";
 const OUTBOX_PREFIX: &[u8] = b"o/";
+const UNCONFIRMED_PREFIX: &[u8] = b"u/";
 
 /// A failure of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +80,20 @@ pub struct PendingRotation {
     pub expires_at: DateTime<Utc>,
     /// The device sequence of its backup event, to know when that left the outbox.
     pub backup_sequence: u64,
+    /// The new password's hash: what is written to the account, and what recovery compares the
+    /// account's stored hash with to know whether it was written.
+    pub password_hash: PasswordHash,
+    /// The orchestrator command that asked for it, if one did.
+    pub command_id: Option<CommandId>,
+}
+
+/// A backup the orchestrator has not yet confirmed storing: re-sent until it does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnconfirmedBackup {
+    /// The backup event (the password in it is sealed).
+    pub envelope: Envelope,
+    /// When it was last handed to JetStream.
+    pub last_sent: DateTime<Utc>,
 }
 
 /// The agent's state store. Cheap to clone.
@@ -135,6 +158,11 @@ impl AgentState {
         let envelope = self.envelope(&mut batch, time, backup)?;
         let pending = pending(envelope.sequence);
         batch.insert(PENDING_KEY, encode(&pending));
+        let unconfirmed = UnconfirmedBackup {
+            envelope: envelope.clone(),
+            last_sent: time,
+        };
+        batch.insert(unconfirmed_key(&envelope.id), encode(&unconfirmed));
         self.commit(batch).await?;
         Ok((pending, envelope))
     }
@@ -154,11 +182,90 @@ impl AgentState {
         Ok(envelope)
     }
 
-    /// Drops the pending rotation (its password was never applied), with a failure event.
-    pub async fn abandon_rotation(&self, time: DateTime<Utc>, failed: Event) -> Result<Envelope, StateError> {
+    /// Backups not yet confirmed stored by the orchestrator, oldest first.
+    pub fn unconfirmed_backups(&self) -> Result<Vec<UnconfirmedBackup>, StateError> {
+        let mut backups: Vec<UnconfirmedBackup> = self
+            .tree
+            .scan_prefix(UNCONFIRMED_PREFIX)
+            .values()
+            .map(|value| decode("u/", &value?))
+            .collect::<Result<_, _>>()?;
+        backups.sort_by_key(|backup| backup.envelope.sequence);
+        Ok(backups)
+    }
+
+    /// Notes that a backup was handed to JetStream again.
+    pub async fn backup_resent(&self, event_id: &EventId, time: DateTime<Utc>) -> Result<(), StateError> {
+        let key = unconfirmed_key(event_id);
+        if let Some(mut backup) = self.get::<UnconfirmedBackup>(&key)? {
+            backup.last_sent = time;
+            self.tree.insert(key, encode(&backup))?;
+            self.db.flush_async().await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a backup the orchestrator confirmed storing. Returns whether it was waiting.
+    pub async fn backup_confirmed(&self, event_id: &EventId) -> Result<bool, StateError> {
+        let removed = self.tree.remove(unconfirmed_key(event_id))?.is_some();
+        if removed {
+            self.db.flush_async().await?;
+        }
+        Ok(removed)
+    }
+
+    /// Whether a command was already executed.
+    pub fn command_executed(&self, command_id: &CommandId) -> Result<bool, StateError> {
+        Ok(self.tree.contains_key(executed_key(command_id))?)
+    }
+
+    /// Records a command as executed, with its outcome event, durably.
+    pub async fn record_command(
+        &self,
+        command_id: &CommandId,
+        time: DateTime<Utc>,
+        executed: Event,
+    ) -> Result<Envelope, StateError> {
         let mut batch = sled::Batch::default();
-        let envelope = self.envelope(&mut batch, time, failed)?;
-        batch.remove(PENDING_KEY);
+        let envelope = self.envelope(&mut batch, time, executed)?;
+        batch.insert(executed_key(command_id), encode(&time));
+        self.commit(batch).await?;
+        Ok(envelope)
+    }
+
+    /// When `fleetlaps-agent reset` last rotated.
+    pub fn last_manual_reset(&self) -> Result<Option<DateTime<Utc>>, StateError> {
+        self.get(LAST_MANUAL_RESET_KEY)
+    }
+
+    /// Notes a manual reset, for throttling.
+    pub async fn manual_reset_at(&self, time: DateTime<Utc>) -> Result<(), StateError> {
+        self.tree.insert(LAST_MANUAL_RESET_KEY, encode(&time))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Reads a record that another module keeps under its own key prefix (such as `p/` for
+    /// post-authentication). Prefixes `m/`, `o/` and `u/` belong to this module.
+    pub fn get_record<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
+        self.get(key.as_bytes())
+    }
+
+    /// Writes such a record, durably, together with an event queued in the outbox (if any):
+    /// the record and the event are on disk together or not at all.
+    pub async fn put_record<T: Serialize>(
+        &self,
+        key: &str,
+        record: Option<&T>,
+        time: DateTime<Utc>,
+        event: Option<Event>,
+    ) -> Result<Option<Envelope>, StateError> {
+        let mut batch = sled::Batch::default();
+        match record {
+            Some(record) => batch.insert(key.as_bytes(), encode(record)),
+            None => batch.remove(key.as_bytes()),
+        }
+        let envelope = event.map(|event| self.envelope(&mut batch, time, event)).transpose()?;
         self.commit(batch).await?;
         Ok(envelope)
     }
@@ -219,6 +326,23 @@ impl AgentState {
             })
             .transpose()
     }
+}
+
+fn unconfirmed_key(event_id: &EventId) -> Vec<u8> {
+    let mut key = UNCONFIRMED_PREFIX.to_vec();
+    key.extend_from_slice(event_id.as_bytes());
+    key
+}
+
+fn executed_key(command_id: &CommandId) -> Vec<u8> {
+    format!("x/{command_id}").into_bytes()
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|err| StateError::Corrupt {
+        key: key.to_owned(),
+        detail: err.to_string(),
+    })
 }
 
 fn outbox_key(sequence: u64) -> Vec<u8> {

@@ -47,7 +47,15 @@ impl App {
 
         let jetstream = bus::connect(&config.nats.url).await?;
         let stream = bus::ensure_events_stream(&jetstream).await?;
-        let consumer = Consumer::bind(&stream, &config.nats.consumer, projections.clone(), metrics.clone()).await?;
+        bus::ensure_commands_stream(&jetstream).await?;
+        let consumer = Consumer::bind(
+            &jetstream,
+            &stream,
+            &config.nats.consumer,
+            projections.clone(),
+            metrics.clone(),
+        )
+        .await?;
 
         let http_listener = TcpListener::bind(config.http.listen)
             .await

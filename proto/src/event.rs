@@ -49,6 +49,20 @@ pub enum Event {
     PasswordRotated(PasswordRotated),
     /// A rotation could not be completed; the account keeps its password (LAPS 10005).
     RotationFailed(RotationFailed),
+    /// The configured managed account does not exist; nothing was rotated (LAPS 10013).
+    AccountMissing(AccountMissing),
+    /// Someone authenticated as the managed account; a reset is scheduled (LAPS 10041).
+    AuthenticationSucceeded(AuthenticationObserved),
+    /// An authentication as the managed account failed.
+    AuthenticationFailed(AuthenticationObserved),
+    /// The post-authentication grace period ended; the actions start (LAPS 10042).
+    PostAuthenticationActionsStarted(PostAuthenticationActions),
+    /// The post-authentication reset and actions succeeded (LAPS 10044).
+    PostAuthenticationActionsSucceeded(PostAuthenticationActions),
+    /// The post-authentication reset or an action failed; it will be retried (LAPS 10043).
+    PostAuthenticationActionsFailed(PostAuthenticationActionsFailed),
+    /// A command from the orchestrator was carried out (or refused).
+    CommandExecuted(CommandExecuted),
 }
 
 /// The kind of an event, without its body: names subjects and metric labels.
@@ -62,6 +76,20 @@ pub enum EventKind {
     PasswordRotated,
     /// See [`Event::RotationFailed`].
     RotationFailed,
+    /// See [`Event::AccountMissing`].
+    AccountMissing,
+    /// See [`Event::AuthenticationSucceeded`].
+    AuthenticationSucceeded,
+    /// See [`Event::AuthenticationFailed`].
+    AuthenticationFailed,
+    /// See [`Event::PostAuthenticationActionsStarted`].
+    PostAuthenticationActionsStarted,
+    /// See [`Event::PostAuthenticationActionsSucceeded`].
+    PostAuthenticationActionsSucceeded,
+    /// See [`Event::PostAuthenticationActionsFailed`].
+    PostAuthenticationActionsFailed,
+    /// See [`Event::CommandExecuted`].
+    CommandExecuted,
 }
 
 /// Body of [`Event::PolicyApplied`].
@@ -142,6 +170,74 @@ pub struct RotationFailed {
     pub error: String,
 }
 
+/// Body of [`Event::AccountMissing`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountMissing {
+    /// The account looked for: a name, or `uid 0`.
+    pub account: String,
+}
+
+/// Whether an authentication succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthenticationOutcome {
+    /// The password was accepted.
+    Success,
+    /// The password was refused.
+    Failure,
+}
+
+/// Body of [`Event::AuthenticationSucceeded`] and [`Event::AuthenticationFailed`]: what PAM told
+/// the agent about one authentication as the managed account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthenticationObserved {
+    /// The managed account.
+    pub account_name: AccountName,
+    /// The PAM service (`sshd`, `login`, `sudo`, …).
+    pub service: String,
+    /// The remote host, when PAM knows one.
+    pub remote_host: Option<String>,
+    /// The terminal, when PAM knows one.
+    pub tty: Option<String>,
+    /// After a success: when the post-authentication reset will run (`None` when
+    /// PostAuthenticationResetDelay is 0, which disables it).
+    pub reset_deadline: Option<DateTime<Utc>>,
+}
+
+/// Body of [`Event::PostAuthenticationActionsStarted`] and
+/// [`Event::PostAuthenticationActionsSucceeded`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostAuthenticationActions {
+    /// The managed account.
+    pub account_name: AccountName,
+    /// The LAPS `PostAuthenticationActions` value carried out: 1, 3, 5 or 11.
+    pub actions: u8,
+}
+
+/// Body of [`Event::PostAuthenticationActionsFailed`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostAuthenticationActionsFailed {
+    /// The managed account.
+    pub account_name: AccountName,
+    /// The LAPS `PostAuthenticationActions` value attempted.
+    pub actions: u8,
+    /// How many attempts have failed so far.
+    pub attempt: u32,
+    /// What went wrong, without any secret.
+    pub error: String,
+}
+
+/// Body of [`Event::CommandExecuted`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandExecuted {
+    /// The command carried out.
+    pub command_id: crate::command::CommandId,
+    /// The rotation it made, if it rotated.
+    pub rotation_id: Option<RotationId>,
+    /// `None` on success, else why it failed.
+    pub error: Option<String>,
+}
+
 /// Why bytes from the stream are not a valid envelope.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -211,17 +307,31 @@ impl Event {
             Self::PasswordBackedUp(_) => EventKind::PasswordBackedUp,
             Self::PasswordRotated(_) => EventKind::PasswordRotated,
             Self::RotationFailed(_) => EventKind::RotationFailed,
+            Self::AccountMissing(_) => EventKind::AccountMissing,
+            Self::AuthenticationSucceeded(_) => EventKind::AuthenticationSucceeded,
+            Self::AuthenticationFailed(_) => EventKind::AuthenticationFailed,
+            Self::PostAuthenticationActionsStarted(_) => EventKind::PostAuthenticationActionsStarted,
+            Self::PostAuthenticationActionsSucceeded(_) => EventKind::PostAuthenticationActionsSucceeded,
+            Self::PostAuthenticationActionsFailed(_) => EventKind::PostAuthenticationActionsFailed,
+            Self::CommandExecuted(_) => EventKind::CommandExecuted,
         }
     }
 }
 
 impl EventKind {
     /// Every kind, for metrics and documentation.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 11] = [
         Self::PolicyApplied,
         Self::PasswordBackedUp,
         Self::PasswordRotated,
         Self::RotationFailed,
+        Self::AccountMissing,
+        Self::AuthenticationSucceeded,
+        Self::AuthenticationFailed,
+        Self::PostAuthenticationActionsStarted,
+        Self::PostAuthenticationActionsSucceeded,
+        Self::PostAuthenticationActionsFailed,
+        Self::CommandExecuted,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -231,6 +341,13 @@ impl EventKind {
             Self::PasswordBackedUp => "password_backed_up",
             Self::PasswordRotated => "password_rotated",
             Self::RotationFailed => "rotation_failed",
+            Self::AccountMissing => "account_missing",
+            Self::AuthenticationSucceeded => "authentication_succeeded",
+            Self::AuthenticationFailed => "authentication_failed",
+            Self::PostAuthenticationActionsStarted => "post_authentication_actions_started",
+            Self::PostAuthenticationActionsSucceeded => "post_authentication_actions_succeeded",
+            Self::PostAuthenticationActionsFailed => "post_authentication_actions_failed",
+            Self::CommandExecuted => "command_executed",
         }
     }
 
@@ -246,6 +363,12 @@ impl EventKind {
             Self::PasswordBackedUp => Some(10029),
             Self::PasswordRotated => Some(10020),
             Self::RotationFailed => Some(10005),
+            Self::AccountMissing => Some(10013),
+            Self::AuthenticationSucceeded => Some(10041),
+            Self::AuthenticationFailed | Self::CommandExecuted => None,
+            Self::PostAuthenticationActionsStarted => Some(10042),
+            Self::PostAuthenticationActionsSucceeded => Some(10044),
+            Self::PostAuthenticationActionsFailed => Some(10043),
         }
     }
 }

@@ -12,11 +12,13 @@
 //! - [`password`]: password and passphrase generation for every LAPS complexity.
 //! - [`seal`]: the sealed box that carries a password from a device to the escrow key.
 //! - [`api`]: Microsoft Graph shapes served by the orchestrator's HTTP API.
+//! - [`command`]: rotate commands and backup confirmations, from the orchestrator to devices.
 //! - [`control`]: requests and answers on the agent's local control socket.
 
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod command;
 pub mod control;
 pub mod event;
 pub mod ids;

@@ -13,6 +13,23 @@ pub const EVENTS_STREAM: &str = "LAPS_EVENTS";
 /// Every subject of [`EVENTS_STREAM`].
 pub const EVENTS_WILDCARD: &str = "laps.events.>";
 
+/// The stream that keeps the last command for each device.
+pub const COMMANDS_STREAM: &str = "LAPS_COMMANDS";
+
+/// Every subject of [`COMMANDS_STREAM`].
+pub const COMMANDS_WILDCARD: &str = "laps.commands.>";
+
+/// The subject of one device's commands.
+pub fn device_commands(device_id: &DeviceId) -> String {
+    format!("laps.commands.{device_id}")
+}
+
+/// The subject the orchestrator confirms a device's stored backups on (core NATS, not a stream:
+/// a device that misses one re-sends its backup and is confirmed again).
+pub fn device_confirmations(device_id: &DeviceId) -> String {
+    format!("laps.confirmations.{device_id}")
+}
+
 /// The subject a device publishes one kind of event on.
 pub fn device_event(device_id: &DeviceId, kind: EventKind) -> String {
     format!("laps.events.{device_id}.{kind}")

@@ -225,6 +225,14 @@ pub struct AgentOptions {
     pub processing_interval_secs: u64,
     /// Extra `[policy]` lines.
     pub policy: String,
+    /// Manage this real Linux account through the `linux` backend instead of `lapsadmin` in a
+    /// file-backed database.
+    pub linux_account: Option<String>,
+    /// Extra top-level settings (`key = value` lines), such as `reset_min_interval_secs = 0`.
+    pub settings: String,
+    /// Text appended at the end of `agent.toml`, after `[policy]`: whole tables, such as
+    /// `[post_authentication]`.
+    pub extra_config: String,
 }
 
 impl Default for AgentOptions {
@@ -233,6 +241,9 @@ impl Default for AgentOptions {
             device_name: "device-1".to_owned(),
             processing_interval_secs: 3600,
             policy: String::new(),
+            linux_account: None,
+            settings: String::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -252,6 +263,9 @@ pub struct TestAgent {
     nats_url: String,
     escrow_public_key: EscrowPublicKey,
     options_policy: String,
+    linux_account: Option<String>,
+    settings: String,
+    extra_config: String,
     device_name: String,
     interval: u64,
     shutdown: Option<oneshot::Sender<()>>,
@@ -284,6 +298,9 @@ impl TestAgent {
             nats_url: nats.url(),
             escrow_public_key: orchestrator.escrow_public_key,
             options_policy: options.policy,
+            linux_account: options.linux_account,
+            settings: options.settings,
+            extra_config: options.extra_config,
             device_name: options.device_name,
             interval: options.processing_interval_secs,
             shutdown: None,
@@ -295,34 +312,45 @@ impl TestAgent {
     }
 
     fn config_text(&self) -> String {
+        let (account, managed) = match &self.linux_account {
+            Some(name) => ("backend = \"linux\"".to_owned(), name.clone()),
+            None => (
+                format!(
+                    "backend = \"file\"\npath = \"{}\"",
+                    self.state_dir
+                        .parent()
+                        .expect("has a parent")
+                        .join("accounts")
+                        .display()
+                ),
+                MANAGED_ACCOUNT.to_owned(),
+            ),
+        };
         format!(
             r#"
 device_name = "{device_name}"
 state_dir = "{state_dir}"
 escrow_public_key = "{escrow}"
 processing_interval_secs = {interval}
+{settings}
 [nats]
 url = "{nats_url}"
 ack_timeout_secs = 2
 [account]
-backend = "file"
-path = "{accounts}"
+{account}
 [policy]
-AdministratorAccountName = "{MANAGED_ACCOUNT}"
+AdministratorAccountName = "{managed}"
 {policy}
+{extra_config}
 "#,
             device_name = self.device_name,
             state_dir = self.state_dir.display(),
             escrow = self.escrow_public_key,
             interval = self.interval,
             nats_url = self.nats_url,
-            accounts = self
-                .state_dir
-                .parent()
-                .expect("has a parent")
-                .join("accounts")
-                .display(),
             policy = self.options_policy,
+            settings = self.settings,
+            extra_config = self.extra_config,
         )
     }
 
@@ -338,6 +366,42 @@ AdministratorAccountName = "{MANAGED_ACCOUNT}"
         self.task = Some(tokio::spawn(app.run_until(async move {
             let _ = stop.await;
         })));
+    }
+
+    /// Stops the in-process agent and runs the `fleetlaps-agent` binary on the same config and
+    /// state instead, with `LAPS_TEST_KILL_AT` set to `kill_at` when given (the agent then
+    /// kills itself with SIGKILL at that point of a rotation). The caller owns the process.
+    pub async fn run_binary(&mut self, kill_at: Option<&str>) -> tokio::process::Child {
+        self.stop().await;
+        std::fs::write(&self.config_path, self.config_text()).expect("writing agent.toml");
+        let mut command = tokio::process::Command::new(binary("fleetlaps-agent"));
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("run")
+            .kill_on_drop(true);
+        command.stdout(std::process::Stdio::null());
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stderr(std::process::Stdio::null());
+        }
+        match kill_at {
+            Some(point) => command.env(fleetlaps_agent::fault::KILL_AT_VARIABLE, point),
+            None => command.env_remove(fleetlaps_agent::fault::KILL_AT_VARIABLE),
+        };
+        command.spawn().expect("starting fleetlaps-agent")
+    }
+
+    /// Starts the agent in this process again (after [`Self::run_binary`]).
+    pub async fn start_in_process(&mut self) {
+        self.start().await;
+    }
+
+    /// The agent's status, through the control socket.
+    pub async fn status(&self) -> fleetlaps_proto::control::StatusReport {
+        match self.control(ControlRequest::Status).await {
+            ControlResponse::Status(report) => *report,
+            other => panic!("status answered {other:?}"),
+        }
     }
 
     /// Stops the agent and waits until it has released its state.

@@ -7,9 +7,13 @@
 
 pub mod harness;
 
+mod agent_cli;
 mod api;
 pub mod apps;
+mod commands;
 mod config;
+mod durability;
 mod harness_smoke;
+mod linux_account;
 mod resilience;
 mod rotation;

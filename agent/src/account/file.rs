@@ -10,9 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use fleetlaps_proto::ids::AccountName;
-use fleetlaps_proto::password::Password;
 
-use super::{Account, AccountBackend, AccountError};
+use super::{Account, AccountBackend, AccountError, PasswordHash};
 
 /// Accounts kept in one file.
 #[derive(Debug, Clone)]
@@ -109,31 +108,30 @@ impl AccountBackend for FileAccounts {
         })
     }
 
-    fn set_password(&self, account: &Account, password: &Password) -> Result<(), AccountError> {
-        let params = sha_crypt::Sha512Params::default();
-        let hash = sha_crypt::sha512_simple(password.expose(), &params)
-            .map_err(|err| self.error(format!("hashing failed: {err:?}")))?;
-        let mut entries = self.read()?;
-        let entry = entries
-            .iter_mut()
-            .find(|entry| entry.name == account.name.as_str())
-            .ok_or_else(|| AccountError::Missing(account.name.as_str().to_owned()))?;
-        entry.hash = hash;
-        self.write(&entries)
-    }
-
-    fn verify_password(&self, account: &Account, password: &Password) -> Result<bool, AccountError> {
+    fn password_hash(&self, account: &Account) -> Result<String, AccountError> {
         let entries = self.read()?;
         let entry = entries
             .iter()
             .find(|entry| entry.name == account.name.as_str())
             .ok_or_else(|| AccountError::Missing(account.name.as_str().to_owned()))?;
-        Ok(entry.hash.starts_with("$6$") && sha_crypt::sha512_check(password.expose(), &entry.hash).is_ok())
+        Ok(entry.hash.clone())
+    }
+
+    fn set_password_hash(&self, account: &Account, hash: &PasswordHash) -> Result<(), AccountError> {
+        let mut entries = self.read()?;
+        let entry = entries
+            .iter_mut()
+            .find(|entry| entry.name == account.name.as_str())
+            .ok_or_else(|| AccountError::Missing(account.name.as_str().to_owned()))?;
+        hash.as_str().clone_into(&mut entry.hash);
+        self.write(&entries)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use fleetlaps_proto::password::Password;
+
     use super::*;
 
     #[test]
@@ -147,7 +145,9 @@ mod tests {
         assert_eq!(account.uid, 1001);
         let password = Password::new("Correct-Horse-1".to_owned());
         assert!(!backend.verify_password(&account, &password).unwrap());
-        backend.set_password(&account, &password).unwrap();
+        backend
+            .set_password_hash(&account, &PasswordHash::new(&password))
+            .unwrap();
         assert!(backend.verify_password(&account, &password).unwrap());
         assert!(
             !backend

@@ -2,15 +2,32 @@
 //!
 //! The agent finds the managed account (by name, or the UID 0 account when
 //! `AdministratorAccountName` is unset, as LAPS finds the built-in administrator by its RID),
-//! sets its password, and can check whether a candidate is the account's password.
+//! reads its stored password hash, and stores a new hash.
+//!
+//! The agent hashes a new password itself ([`PasswordHash::new`], SHA-512 crypt, as
+//! `/etc/shadow` holds it) and keeps that hash with the pending rotation. After a crash it
+//! compares the account's stored hash with the pending one to know, exactly, whether the new
+//! password reached the account, without ever keeping the password itself.
 //! Backends never create accounts: LAPS does not either.
+//!
+//! Layout:
+//! - `file`: [`FileAccounts`], a file of `name:uid:hash` lines for simulated fleets and tests.
+//! - `linux`: [`LinuxAccounts`], the machine's `/etc/passwd` and `/etc/shadow`, written with `chpasswd -e`.
 
 mod file;
+mod linux;
 
 pub use file::FileAccounts;
+pub use linux::LinuxAccounts;
+
+use std::fmt;
+use std::sync::Arc;
 
 use fleetlaps_proto::ids::AccountName;
 use fleetlaps_proto::password::Password;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AccountConfig;
 
 /// The managed account, as found in the account database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,10 +38,10 @@ pub struct Account {
     pub uid: u32,
 }
 
-/// Why an account operation failed. Messages never contain a password.
+/// Why an account operation failed. Messages never contain a password or a hash.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountError {
-    /// The named account does not exist (LAPS does not create it).
+    /// The managed account does not exist (LAPS does not create it).
     #[error("managed account {0} does not exist; create it or change AdministratorAccountName")]
     Missing(String),
     /// The account database could not be read or written.
@@ -37,14 +54,70 @@ pub enum AccountError {
     },
 }
 
+/// A SHA-512 crypt hash of a password (`$6$salt$hash`), in the format of `/etc/shadow`.
+///
+/// It is what the agent stores with a pending rotation and what it writes to the account:
+/// never the password. `Debug` hides it all the same.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordHash(String);
+
+impl PasswordHash {
+    /// Hashes a password with a fresh random salt.
+    pub fn new(password: &Password) -> Self {
+        let params = sha_crypt::Sha512Params::default();
+        let hash = sha_crypt::sha512_simple(password.expose(), &params)
+            .expect("SHA-512 crypt with default parameters and an OS salt does not fail");
+        Self(hash)
+    }
+
+    /// The crypt string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `password` hashes to this.
+    pub fn matches(&self, password: &Password) -> bool {
+        sha_crypt::sha512_check(password.expose(), &self.0).is_ok()
+    }
+}
+
+impl fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PasswordHash(***)")
+    }
+}
+
+/// The account database that `config` names.
+pub fn backend(config: &AccountConfig) -> Arc<dyn AccountBackend> {
+    match config {
+        AccountConfig::File { path } => Arc::new(FileAccounts::new(path)),
+        AccountConfig::Linux {
+            passwd,
+            shadow,
+            chpasswd,
+        } => Arc::new(LinuxAccounts {
+            passwd: passwd.clone(),
+            shadow: shadow.clone(),
+            chpasswd: chpasswd.clone(),
+        }),
+    }
+}
+
 /// An account database.
 pub trait AccountBackend: Send + Sync + 'static {
     /// Finds the managed account: `name`, or the account with UID 0 when `None`.
     fn resolve(&self, name: Option<&AccountName>) -> Result<Account, AccountError>;
 
-    /// Sets the account's password.
-    fn set_password(&self, account: &Account, password: &Password) -> Result<(), AccountError>;
+    /// The account's stored password hash, as stored (any crypt format, or `!`/`*` for none).
+    fn password_hash(&self, account: &Account) -> Result<String, AccountError>;
 
-    /// Whether `password` is the account's password.
-    fn verify_password(&self, account: &Account, password: &Password) -> Result<bool, AccountError>;
+    /// Stores `hash` as the account's password.
+    fn set_password_hash(&self, account: &Account, hash: &PasswordHash) -> Result<(), AccountError>;
+
+    /// Whether `password` is the account's password. Only SHA-512 crypt hashes (those this
+    /// agent writes) can be checked; any other stored hash answers `false`.
+    fn verify_password(&self, account: &Account, password: &Password) -> Result<bool, AccountError> {
+        let stored = self.password_hash(account)?;
+        Ok(stored.starts_with("$6$") && sha_crypt::sha512_check(password.expose(), &stored).is_ok())
+    }
 }

@@ -65,6 +65,8 @@ pub struct Consumer {
     metrics: Metrics,
     /// The durable pull consumer.
     consumer: jetstream::consumer::Consumer<pull::Config>,
+    /// For backup confirmations to devices.
+    client: async_nats::Client,
 }
 
 /// Messages fetched at once; one flush and one acknowledgement cover them all.
@@ -75,6 +77,7 @@ const FETCH_WAIT: Duration = Duration::from_millis(500);
 impl Consumer {
     /// Binds the durable consumer `name` on `stream` at the projections' position.
     pub async fn bind(
+        jetstream: &jetstream::Context,
         stream: &stream::Stream,
         name: &str,
         projections: Projections,
@@ -142,6 +145,7 @@ impl Consumer {
             projections,
             metrics,
             consumer,
+            client: jetstream.client(),
         })
     }
 
@@ -185,6 +189,7 @@ impl Consumer {
     async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BusError> {
         let started = Instant::now();
         let mut last_sequence = None;
+        let mut confirmations = Vec::new();
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -194,13 +199,14 @@ impl Consumer {
                 }
             };
             let published = info.published;
-            let outcome = self.projections.apply(StreamMessage {
+            let applied = self.projections.apply(StreamMessage {
                 sequence: info.stream_sequence,
                 subject: message.subject.as_str(),
                 published,
                 payload: &message.payload,
             })?;
-            self.record(outcome, info.stream_sequence, message.subject.as_str());
+            self.record(applied.outcome, info.stream_sequence, message.subject.as_str());
+            confirmations.extend(applied.confirmation);
             last_sequence = Some(info.stream_sequence);
         }
         self.projections.flush().await?;
@@ -208,6 +214,14 @@ impl Consumer {
             // AckPolicy::All: acknowledging the last message acknowledges the whole batch.
             if let Err(err) = last.ack_with(AckKind::Ack).await {
                 tracing::warn!(error = %err, "acknowledging a batch failed; it will be redelivered and skipped");
+            }
+        }
+        // Only now, with the projections durable, may devices forget their copies.
+        for confirmation in confirmations {
+            let subject = fleetlaps_proto::subject::device_confirmations(&confirmation.device_id);
+            let payload = serde_json::to_vec(&confirmation).expect("a confirmation serialises");
+            if let Err(err) = self.client.publish(subject, payload.into()).await {
+                tracing::warn!(error = %err, "sending a backup confirmation failed; the device will re-send its backup");
             }
         }
         if let Some(sequence) = last_sequence {

@@ -2,8 +2,10 @@
 //!
 //! Boundary: this is the only module of the orchestrator that knows async-nats.
 
+mod commands;
 mod consumer;
 mod stream;
 
+pub use commands::{ensure_commands_stream, issue_command};
 pub use consumer::{BusError, Consumer};
 pub use stream::{connect, ensure_events_stream};

@@ -103,7 +103,8 @@ impl Fixture {
                 published: time,
                 payload: &payload,
             })
-            .unwrap();
+            .unwrap()
+            .outcome;
         assert!(matches!(outcome, Outcome::Applied(_)), "{outcome:?}");
     }
 

@@ -31,6 +31,12 @@ pub struct DeviceRecord {
     pub last_rotated: Option<DateTime<Utc>>,
     /// The last failed rotation, if the latest outcome was a failure.
     pub last_failure: Option<FailureRecord>,
+    /// When someone last authenticated as the managed account.
+    #[serde(default)]
+    pub last_authentication: Option<DateTime<Utc>>,
+    /// When the post-authentication reset is scheduled, if one is.
+    #[serde(default)]
+    pub post_authentication_reset_at: Option<DateTime<Utc>>,
     /// The highest device sequence number seen.
     pub last_sequence: u64,
     /// When the device's newest event happened.
@@ -62,6 +68,8 @@ impl DeviceRecord {
             current_rotation: None,
             last_rotated: None,
             last_failure: None,
+            last_authentication: None,
+            post_authentication_reset_at: None,
             last_sequence: 0,
             last_seen: time,
         }

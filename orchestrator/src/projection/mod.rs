@@ -12,4 +12,4 @@ mod store;
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
 pub use quarantine::{QuarantineReason, QuarantineRecord};
-pub use store::{Outcome, ProjectionError, Projections, StreamMessage};
+pub use store::{Applied, Outcome, ProjectionError, Projections, StreamMessage};

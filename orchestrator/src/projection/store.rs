@@ -14,7 +14,8 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind};
+use fleetlaps_proto::command::BackupConfirmation;
+use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage};
 use fleetlaps_proto::ids::{DeviceId, DeviceName, RotationId};
 use fleetlaps_proto::subject;
 use serde::Serialize;
@@ -70,6 +71,16 @@ pub enum Outcome {
     Quarantined(QuarantineReason),
 }
 
+/// What applying one message did, and what to tell its device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The effect on the projections.
+    pub outcome: Outcome,
+    /// For a backup now stored (or stored before, when re-sent): the confirmation its device
+    /// waits for. Send it only after the projections are flushed.
+    pub confirmation: Option<BackupConfirmation>,
+}
+
 /// The projections, in a sled database. Cheap to clone: clones share the database.
 #[derive(Clone)]
 pub struct Projections {
@@ -92,14 +103,17 @@ impl Projections {
 
     /// Folds one stream message into the projections, atomically. Not yet durable: call
     /// [`Self::flush`] before acknowledging the message.
-    pub fn apply(&self, message: StreamMessage<'_>) -> Result<Outcome, ProjectionError> {
+    pub fn apply(&self, message: StreamMessage<'_>) -> Result<Applied, ProjectionError> {
         if message.sequence <= self.last_applied_sequence()? {
-            return Ok(Outcome::AlreadySeen);
+            return Ok(Applied {
+                outcome: Outcome::AlreadySeen,
+                confirmation: None,
+            });
         }
         let mut batch = sled::Batch::default();
         batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
-        let outcome = match self.fold(message, &mut batch)? {
-            Ok(outcome) => outcome,
+        let applied = match self.fold(message, &mut batch)? {
+            Ok(applied) => applied,
             Err((reason, detail)) => {
                 let record = QuarantineRecord {
                     stream_sequence: message.sequence,
@@ -112,11 +126,14 @@ impl Projections {
                 batch = sled::Batch::default();
                 batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
                 batch.insert(quarantine_key(message.sequence), encode(&record));
-                Outcome::Quarantined(reason)
+                Applied {
+                    outcome: Outcome::Quarantined(reason),
+                    confirmation: None,
+                }
             }
         };
         self.tree.apply_batch(batch)?;
-        Ok(outcome)
+        Ok(applied)
     }
 
     /// Makes everything applied so far durable.
@@ -178,7 +195,7 @@ impl Projections {
         &self,
         message: StreamMessage<'_>,
         batch: &mut sled::Batch,
-    ) -> Result<Result<Outcome, (QuarantineReason, String)>, ProjectionError> {
+    ) -> Result<Result<Applied, (QuarantineReason, String)>, ProjectionError> {
         let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
             return Ok(Err((
                 QuarantineReason::UnknownSubject,
@@ -199,9 +216,20 @@ impl Projections {
                 ),
             )));
         }
+        let confirmation = match &envelope.event {
+            Event::PasswordBackedUp(body) => Some(BackupConfirmation {
+                device_id: envelope.device_id.clone(),
+                event_id: envelope.id,
+                rotation_id: body.rotation_id,
+            }),
+            _ => None,
+        };
         let event_key = event_key(&envelope);
         if self.tree.contains_key(&event_key)? {
-            return Ok(Ok(Outcome::Duplicate));
+            return Ok(Ok(Applied {
+                outcome: Outcome::Duplicate,
+                confirmation,
+            }));
         }
         batch.insert(event_key, &message.sequence.to_be_bytes());
 
@@ -211,7 +239,7 @@ impl Projections {
             (Some(device), _) => device,
             (None, Event::PolicyApplied(body)) => new_device(&envelope, &body.device_name),
             (None, Event::PasswordBackedUp(body)) => new_device(&envelope, &body.device_name),
-            (None, Event::PasswordRotated(_) | Event::RotationFailed(_)) => {
+            (None, _) => {
                 return Ok(Err((
                     QuarantineReason::UnknownDevice,
                     format!("device {} is unknown", envelope.device_id),
@@ -276,9 +304,29 @@ impl Projections {
                     error: body.error.clone(),
                 });
             }
+            Event::AccountMissing(body) => {
+                device.last_failure = Some(FailureRecord {
+                    time: envelope.time,
+                    stage: RotationStage::Prepare,
+                    error: format!("managed account {} does not exist", body.account),
+                });
+            }
+            Event::AuthenticationSucceeded(body) => {
+                device.last_authentication = Some(envelope.time);
+                device.post_authentication_reset_at = body.reset_deadline;
+            }
+            Event::PostAuthenticationActionsSucceeded(_) => device.post_authentication_reset_at = None,
+            // Kept in the stream for investigators; no projection needs them yet.
+            Event::AuthenticationFailed(_)
+            | Event::PostAuthenticationActionsStarted(_)
+            | Event::PostAuthenticationActionsFailed(_)
+            | Event::CommandExecuted(_) => {}
         }
         batch.insert(device_key.as_bytes(), encode(&device));
-        Ok(Ok(Outcome::Applied(envelope.event.kind())))
+        Ok(Ok(Applied {
+            outcome: Outcome::Applied(envelope.event.kind()),
+            confirmation,
+        }))
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ProjectionError> {

@@ -40,6 +40,7 @@ impl Fixture {
                 payload,
             })
             .expect("store works")
+            .outcome
     }
 
     fn apply(&mut self, envelope: &Envelope) -> Outcome {
@@ -160,7 +161,8 @@ fn a_redelivered_sequence_is_skipped() {
             published: Utc::now(),
             payload: &payload,
         })
-        .unwrap();
+        .unwrap()
+        .outcome;
     assert_eq!(outcome, Outcome::AlreadySeen);
 }
 
