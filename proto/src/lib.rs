@@ -12,12 +12,14 @@
 //! - [`password`]: password and passphrase generation for every LAPS complexity.
 //! - [`seal`]: the sealed box that carries a password from a device to the escrow key.
 //! - [`api`]: Microsoft Graph shapes served by the orchestrator's HTTP API.
+//! - [`audit`]: what the orchestrator itself does (password reads, tokens, rotation requests), on the same history.
 //! - [`command`]: rotate commands and backup confirmations, from the orchestrator to devices.
 //! - [`control`]: requests and answers on the agent's local control socket.
 
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod command;
 pub mod control;
 pub mod event;

@@ -10,8 +10,21 @@ use crate::ids::DeviceId;
 /// The stream that holds the whole history of device events.
 pub const EVENTS_STREAM: &str = "LAPS_EVENTS";
 
-/// Every subject of [`EVENTS_STREAM`].
+/// The device events' subjects in [`EVENTS_STREAM`].
 pub const EVENTS_WILDCARD: &str = "laps.events.>";
+
+/// The orchestrator's own events' subjects in [`EVENTS_STREAM`].
+pub const AUDIT_WILDCARD: &str = "laps.audit.>";
+
+/// The subject the orchestrator records one kind of its own events on.
+pub fn audit_event(kind: crate::audit::AuditKind) -> String {
+    format!("laps.audit.{kind}")
+}
+
+/// The kind named by an audit subject, if it is one.
+pub fn parse_audit_event(subject: &str) -> Option<crate::audit::AuditKind> {
+    subject.strip_prefix("laps.audit.").and_then(crate::audit::AuditKind::from_name)
+}
 
 /// The stream that keeps the last command for each device.
 pub const COMMANDS_STREAM: &str = "LAPS_COMMANDS";

@@ -15,5 +15,6 @@ mod config;
 mod durability;
 mod harness_smoke;
 mod linux_account;
+mod post_authentication;
 mod resilience;
 mod rotation;

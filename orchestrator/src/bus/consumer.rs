@@ -52,6 +52,13 @@ pub enum BusError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// An orchestrator event could not be recorded.
+    #[error("recording to the history")]
+    Journal {
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The projections failed; the batch was not acknowledged.
     #[error(transparent)]
     Projection(#[from] ProjectionError),
@@ -126,7 +133,7 @@ impl Consumer {
                     deliver_policy,
                     ack_policy: jetstream::consumer::AckPolicy::All,
                     ack_wait: Duration::from_secs(30),
-                    filter_subject: fleetlaps_proto::subject::EVENTS_WILDCARD.to_owned(),
+                    // Every subject of the stream: devices' events and the orchestrator's own.
                     ..Default::default()
                 };
                 stream

@@ -23,7 +23,7 @@ pub async fn connect(url: &str) -> Result<jetstream::Context, BusError> {
 pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stream::Stream, BusError> {
     let config = stream::Config {
         name: subject::EVENTS_STREAM.to_owned(),
-        subjects: vec![subject::EVENTS_WILDCARD.to_owned()],
+        subjects: vec![subject::EVENTS_WILDCARD.to_owned(), subject::AUDIT_WILDCARD.to_owned()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         // The stream is the history: nothing may remove messages from it.
@@ -32,21 +32,32 @@ pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stre
         duplicate_window: std::time::Duration::from_secs(120),
         ..Default::default()
     };
+    let wanted_subjects = config.subjects.clone();
     let mut stream = jetstream
         .get_or_create_stream(config)
         .await
         .map_err(|err| BusError::Stream { source: err.into() })?;
-    let info = stream
+    let mut info = stream
         .info()
         .await
-        .map_err(|err| BusError::Stream { source: err.into() })?;
-    if !info.config.subjects.iter().any(|s| s == subject::EVENTS_WILDCARD) {
+        .map_err(|err| BusError::Stream { source: err.into() })?
+        .clone();
+    // A stream made by an older version lacks the audit subjects: add them, keeping the rest.
+    let missing: Vec<String> =
+        wanted_subjects.iter().filter(|wanted| !info.config.subjects.contains(wanted)).cloned().collect();
+    if !missing.is_empty() && info.config.subjects.iter().any(|s| s == subject::EVENTS_WILDCARD) {
+        let mut updated = info.config.clone();
+        updated.subjects.extend(missing);
+        info = jetstream.update_stream(updated).await.map_err(|err| BusError::Stream { source: err.into() })?;
+        tracing::info!(subjects = ?info.config.subjects, "events stream subjects updated");
+    }
+    if !wanted_subjects.iter().all(|wanted| info.config.subjects.contains(wanted)) {
         return Err(BusError::StreamMismatch {
             stream: subject::EVENTS_STREAM,
             problem: format!(
-                "subjects are {:?}, expected to include {}",
+                "subjects are {:?}, expected to include {:?}",
                 info.config.subjects,
-                subject::EVENTS_WILDCARD
+                wanted_subjects
             ),
         });
     }

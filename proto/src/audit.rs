@@ -1,0 +1,245 @@
+//! What the orchestrator itself decides, recorded on the same history as the devices' events:
+//! a password read by a person, a token created or revoked, a rotation requested.
+//!
+//! Each is an [`AuditEnvelope`] on `laps.audit.<kind>` in the events stream, so a replay and an
+//! investigation see devices' facts and people's actions in one order.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::command::CommandId;
+use crate::event::SCHEMA_VERSION;
+use crate::ids::{DeviceId, EventId, IdError, RotationId};
+
+/// One orchestrator event as it travels on the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEnvelope {
+    /// Always [`SCHEMA_VERSION`] when written by this version.
+    pub schema: u32,
+    /// Unique id, also the `Nats-Msg-Id` header.
+    pub id: EventId,
+    /// When it happened, in UTC.
+    pub time: DateTime<Utc>,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// What the orchestrator did or allowed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A principal was given passwords (Entra: "Recover device local administrator password").
+    PasswordRead(PasswordRead),
+    /// An API token was created.
+    TokenCreated(TokenCreated),
+    /// An API token was revoked.
+    TokenRevoked(TokenRevoked),
+    /// A principal asked a device to rotate now.
+    RotationRequested(RotationRequested),
+}
+
+/// The kind of an orchestrator event, without its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditKind {
+    /// See [`AuditEvent::PasswordRead`].
+    PasswordRead,
+    /// See [`AuditEvent::TokenCreated`].
+    TokenCreated,
+    /// See [`AuditEvent::TokenRevoked`].
+    TokenRevoked,
+    /// See [`AuditEvent::RotationRequested`].
+    RotationRequested,
+}
+
+/// Body of [`AuditEvent::PasswordRead`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordRead {
+    /// Who read: the token's name.
+    pub principal: String,
+    /// Whose passwords.
+    pub device_id: DeviceId,
+    /// Which credential versions were returned, newest first.
+    pub rotation_ids: Vec<RotationId>,
+    /// Why, when the reader said.
+    pub reason: Option<String>,
+    /// Graph's `ocp-client-name` header, when sent.
+    pub client_name: Option<String>,
+    /// Graph's `ocp-client-version` header, when sent.
+    pub client_version: Option<String>,
+    /// The address the request came from.
+    pub source_address: Option<String>,
+}
+
+/// The id of an API token (not the token itself).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TokenId(Uuid);
+
+impl TokenId {
+    /// A fresh token id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Parses a token id.
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        Uuid::parse_str(value).map(Self).map_err(|_| IdError {
+            what: "token id",
+            value: value.chars().take(80).collect(),
+            allowed: "a UUID",
+        })
+    }
+}
+
+impl Default for TokenId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenId({})", self.0)
+    }
+}
+
+/// Body of [`AuditEvent::TokenCreated`]. Holds the token's SHA-256 digest, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The token's id.
+    pub token_id: TokenId,
+    /// Its holder's name: the principal recorded for what it does.
+    pub name: String,
+    /// Its scopes, by their Graph-style names.
+    pub scopes: Vec<String>,
+    /// When it stops working, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Hex SHA-256 of the token.
+    pub token_sha256: String,
+    /// Who created it.
+    pub created_by: String,
+}
+
+/// Body of [`AuditEvent::TokenRevoked`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    /// The token revoked.
+    pub token_id: TokenId,
+    /// Who revoked it.
+    pub revoked_by: String,
+}
+
+/// Body of [`AuditEvent::RotationRequested`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationRequested {
+    /// The command sent to the device.
+    pub command_id: CommandId,
+    /// The device.
+    pub device_id: DeviceId,
+    /// Who asked.
+    pub principal: String,
+    /// Why, when said.
+    pub reason: Option<String>,
+}
+
+/// Why bytes are not a valid orchestrator event.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditDecodeError {
+    /// Not JSON, or not of the envelope's shape.
+    #[error("malformed audit envelope: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// Written by a schema this version does not read.
+    #[error("unsupported schema version {found}, expected {SCHEMA_VERSION}")]
+    UnsupportedSchema {
+        /// The version in the envelope.
+        found: u32,
+    },
+}
+
+impl AuditEnvelope {
+    /// Wraps an event with a fresh id.
+    pub fn new(time: DateTime<Utc>, event: AuditEvent) -> Self {
+        Self { schema: SCHEMA_VERSION, id: EventId::new(), time, event }
+    }
+
+    /// The envelope as JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an audit envelope always serialises: it has only string keys")
+    }
+
+    /// Parses and checks an envelope.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, AuditDecodeError> {
+        let envelope: Self = serde_json::from_slice(bytes)?;
+        if envelope.schema != SCHEMA_VERSION {
+            return Err(AuditDecodeError::UnsupportedSchema { found: envelope.schema });
+        }
+        Ok(envelope)
+    }
+}
+
+impl AuditEvent {
+    /// The kind of this event.
+    pub fn kind(&self) -> AuditKind {
+        match self {
+            Self::PasswordRead(_) => AuditKind::PasswordRead,
+            Self::TokenCreated(_) => AuditKind::TokenCreated,
+            Self::TokenRevoked(_) => AuditKind::TokenRevoked,
+            Self::RotationRequested(_) => AuditKind::RotationRequested,
+        }
+    }
+}
+
+impl AuditKind {
+    /// Every kind.
+    pub const ALL: [Self; 4] = [Self::PasswordRead, Self::TokenCreated, Self::TokenRevoked, Self::RotationRequested];
+
+    /// The kind's name on the wire and in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PasswordRead => "password_read",
+            Self::TokenCreated => "token_created",
+            Self::TokenRevoked => "token_revoked",
+            Self::RotationRequested => "rotation_requested",
+        }
+    }
+
+    /// The kind named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+}
+
+impl fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_envelopes_round_trip_with_kind_and_schema() {
+        let envelope = AuditEnvelope::new(
+            Utc::now(),
+            AuditEvent::TokenRevoked(TokenRevoked { token_id: TokenId::new(), revoked_by: "admin".to_owned() }),
+        );
+        let json: serde_json::Value = serde_json::from_slice(&envelope.to_json()).expect("json");
+        assert_eq!(json["kind"], "token_revoked");
+        assert_eq!(json["schema"], 1);
+        assert_eq!(AuditEnvelope::from_json(&envelope.to_json()).expect("valid"), envelope);
+        for kind in AuditKind::ALL {
+            assert_eq!(AuditKind::from_name(kind.as_str()), Some(kind));
+        }
+    }
+}
