@@ -316,6 +316,17 @@ path = "/tmp/shadow"
 "#;
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = include_str!("../packaging/agent.toml")
+            .replace("REPLACE-WITH-THE-ESCROW-PUBLIC-KEY", "CQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        let config = Config::from_toml(&example).expect("the example parses");
+        let policy = config.policy().expect("the example's policy is valid");
+        assert_eq!(policy.post_authentication_actions().value(), 3);
+        assert!(matches!(config.account, AccountConfig::Linux { .. }));
+        assert_eq!(config.post_authentication.terminate_command[0], "pkill");
+    }
+
+    #[test]
     fn a_minimal_config_takes_laps_defaults() {
         let config = Config::from_toml(BASE).expect("valid");
         assert_eq!(config.processing_interval(), Duration::from_secs(3600));
