@@ -431,6 +431,9 @@ AdministratorAccountName = "{managed}"
 
     /// Whether `password` is the managed account's password right now.
     pub fn has_password(&self, password: &Password) -> bool {
+        if let Some(user) = &self.linux_account {
+            return crate::linux::account_holds(user, password);
+        }
         let account = Account {
             name: AccountName::parse(MANAGED_ACCOUNT).expect("valid"),
             uid: 1001,
@@ -486,4 +489,35 @@ pub fn run_blocking(name: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|err| panic!("running {name}: {err}"))
+}
+
+/// The device's events of `kind` in the stream, oldest first.
+pub async fn device_events(
+    nats: &TestNats,
+    device_id: &DeviceId,
+    kind: fleetlaps_proto::event::EventKind,
+) -> Vec<fleetlaps_proto::event::Envelope> {
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let stream = jetstream
+        .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let mut consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: fleetlaps_proto::subject::device_event(device_id, kind),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let pending = consumer.info().await.expect("consumer info").num_pending;
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut envelopes = Vec::new();
+    for _ in 0..pending {
+        let message = futures::StreamExt::next(&mut messages)
+            .await
+            .expect("a pending message")
+            .expect("a message");
+        envelopes.push(fleetlaps_proto::event::Envelope::from_json(&message.payload).expect("a valid envelope"));
+    }
+    envelopes
 }

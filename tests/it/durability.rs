@@ -8,6 +8,7 @@ use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 
 use crate::apps::{AgentOptions, TestAgent, TestOrchestrator};
 use crate::harness::{TestNats, wait_until};
+use crate::linux::LinuxUser;
 
 /// The invariant: the account's password is one the orchestrator holds (or the account has
 /// none yet). Waits for the orchestrator to consume what JetStream already acknowledged.
@@ -28,17 +29,30 @@ async fn assert_account_password_is_held(agent: &TestAgent, orchestrator: &TestO
 
 #[tokio::test]
 async fn a_crash_at_any_step_of_a_rotation_never_leaves_the_account_with_a_password_the_orchestrator_lacks() {
+    crash_at_every_step(None, 2).await;
+}
+
+#[tokio::test]
+async fn a_crash_at_any_step_of_a_rotation_of_a_real_linux_account_loses_nothing() {
+    let user = LinuxUser::create().await;
+    crash_at_every_step(Some(user.name.clone()), 1).await;
+}
+
+/// Kills the agent (SIGKILL, through the fault-injection switch) at every step of a rotation,
+/// `rounds` times over, checks the invariant while it is dead, and that a restart rolls forward.
+async fn crash_at_every_step(linux_account: Option<String>, rounds: u32) {
     let nats = TestNats::start();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let options = AgentOptions {
         settings: "reset_min_interval_secs = 0".to_owned(),
+        linux_account,
         ..AgentOptions::default()
     };
     let mut agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
     orchestrator.wait_for_passwords(&agent.device_id, 1).await;
 
     let mut rotations = 1;
-    for round in 1..=2 {
+    for round in 1..=rounds {
         for point in fault::POINTS {
             let context = format!("round {round}, killed {point}");
             // Arrange: the real binary, armed to SIGKILL itself at `point`.

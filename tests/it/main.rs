@@ -14,6 +14,7 @@ mod commands;
 mod config;
 mod durability;
 mod harness_smoke;
+pub mod linux;
 mod linux_account;
 mod post_authentication;
 mod resilience;

@@ -7,34 +7,23 @@
 //! `pkill -KILL -u {user}`, which only reaches the throwaway user's processes. Nothing reboots or
 //! logs out the machine.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream;
-use fleetlaps_agent::account::{AccountBackend, LinuxAccounts};
 use fleetlaps_proto::control::{ControlRequest, ControlResponse, StatusReport};
 use fleetlaps_proto::event::{Envelope, Event, EventKind};
-use fleetlaps_proto::ids::{AccountName, DeviceId};
 use fleetlaps_proto::password::Password;
-use fleetlaps_proto::subject;
-use futures::StreamExt;
 use tempfile::TempDir;
-use tokio::io::AsyncWriteExt;
 
-use crate::apps::{AgentOptions, TestAgent, TestOrchestrator, binary};
+use crate::apps::{AgentOptions, TestAgent, TestOrchestrator, binary, device_events as events};
 use crate::harness::{TestNats, wait_until};
+use crate::linux::{LinuxUser, pamtester, unused_name};
 
 /// The shipped PAM snippet, whose stack the tests' PAM services use.
 const PAM_SNIPPET: &str = include_str!("../../agent/packaging/pam.d/fleetlaps");
 /// The hook command as the snippet writes it.
 const SNIPPET_HOOK: &str = "/usr/bin/fleetlaps-agent --config /etc/fleetlaps/agent.toml";
-/// `useradd`'s exit status when the name is taken.
-const USERADD_NAME_IN_USE: i32 = 9;
 /// How long the tests wait for something the agent or the orchestrator does.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -95,21 +84,7 @@ impl Fixture {
             .wait_for_passwords(&self.agent.device_id, count)
             .await
             .remove(0);
-        let backend = LinuxAccounts::default();
-        let account = backend
-            .resolve(Some(&AccountName::parse(&self.user.name).expect("valid name")))
-            .expect("the test user exists");
-        wait_until(
-            &format!("account {} holds the newest backed-up password", self.user.name),
-            TIMEOUT,
-            || async {
-                backend
-                    .verify_password(&account, &newest)
-                    .expect("/etc/shadow is readable")
-                    .then_some(())
-            },
-        )
-        .await;
+        self.user.wait_until_holds(&newest).await;
         newest
     }
 
@@ -280,20 +255,7 @@ async fn the_snippet_decides_as_pam_unix_alone_when_the_agent_is_down_or_the_hoo
     // Arrange: a user with a known password, and no agent at all.
     let user = LinuxUser::create().await;
     let password = Password::new("Correct-Horse-7".to_owned());
-    let mut chpasswd = tokio::process::Command::new("chpasswd")
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("running chpasswd");
-    let mut stdin = chpasswd.stdin.take().expect("stdin is piped");
-    stdin
-        .write_all(format!("{}:{}\n", user.name, password.expose()).as_bytes())
-        .await
-        .expect("writing to chpasswd");
-    drop(stdin);
-    assert!(
-        chpasswd.wait().await.expect("chpasswd runs").success(),
-        "chpasswd failed"
-    );
+    user.set_password(&password).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("agent.toml");
     std::fs::write(
@@ -329,34 +291,10 @@ async fn the_snippet_decides_as_pam_unix_alone_when_the_agent_is_down_or_the_hoo
     }
 }
 
-/// The device's events of `kind` in the stream, oldest first.
-async fn events(nats: &TestNats, device_id: &DeviceId, kind: EventKind) -> Vec<Envelope> {
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
-    let stream = jetstream
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .expect("events stream");
-    let mut consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject::device_event(device_id, kind),
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let pending = consumer.info().await.expect("consumer info").num_pending;
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut envelopes = Vec::new();
-    for _ in 0..pending {
-        let message = messages.next().await.expect("a pending message").expect("a message");
-        envelopes.push(Envelope::from_json(&message.payload).expect("a valid envelope"));
-    }
-    envelopes
-}
-
 /// A PAM service for one test, in `/etc/pam.d`: the shipped snippet with its hook pointed at the
 /// built agent binary and the test agent's config. Removed on drop.
 struct PamService {
-    /// The service name, `fleetlaps-test-` and 8 random hex digits.
+    /// The service name, `fleetlaps-test-` and a fresh random suffix.
     name: String,
 }
 
@@ -369,7 +307,7 @@ impl PamService {
             "the snippet has two hooks"
         );
         let stack = PAM_SNIPPET.replace(SNIPPET_HOOK, hook);
-        let name = format!("fleetlaps-test-{}", random_hex());
+        let name = format!("fleetlaps-test-{}", unused_name());
         std::fs::write(Path::new("/etc/pam.d").join(&name), stack)
             .unwrap_or_else(|err| panic!("writing /etc/pam.d/{name} (the tests must run as root): {err}"));
         Self { name }
@@ -402,87 +340,4 @@ fn hook_command(agent_config: &Path) -> String {
 /// Whether Debian's `login` service (no hook) accepts `password` for `user`.
 async fn pam_login_accepts(user: &str, password: &Password) -> bool {
     pamtester("login", user, password).await
-}
-
-/// `echo PASSWORD | pamtester SERVICE USER authenticate`: true when it exits 0, false when 1.
-async fn pamtester(service: &str, user: &str, password: &Password) -> bool {
-    let mut child = tokio::process::Command::new("pamtester")
-        .args([service, user, "authenticate"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|err| panic!("running pamtester: {err}; install Debian's pamtester or run cargo xtask test"));
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    stdin
-        .write_all(format!("{}\n", password.expose()).as_bytes())
-        .await
-        .expect("writing the password to pamtester");
-    drop(stdin);
-    let output = child.wait_with_output().await.expect("pamtester runs");
-    match output.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!(
-            "pamtester {service} {user} authenticate failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ),
-    }
-}
-
-/// A local user that exists for one test: created with `useradd`, removed with `userdel` on drop.
-/// No home directory and a `nologin` shell.
-struct LinuxUser {
-    /// `flpa` and 8 random hex digits.
-    name: String,
-}
-
-impl LinuxUser {
-    async fn create() -> Self {
-        for _ in 0..5 {
-            let name = format!("flpa{}", random_hex());
-            let output = tokio::process::Command::new("useradd")
-                .args(["--no-create-home", "--shell", "/usr/sbin/nologin", &name])
-                .output()
-                .await
-                .unwrap_or_else(|err| panic!("running useradd (the tests need the passwd package): {err}"));
-            if output.status.success() {
-                return Self { name };
-            }
-            if output.status.code() != Some(USERADD_NAME_IN_USE) {
-                panic!(
-                    "useradd {name} failed ({}); the tests must run as root: {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-            }
-        }
-        panic!("useradd found every name taken, 5 times in a row");
-    }
-}
-
-impl Drop for LinuxUser {
-    fn drop(&mut self) {
-        // Drop cannot await; the test is over, so blocking for a moment holds nothing up.
-        match std::process::Command::new("userdel").arg(&self.name).output() {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => eprintln!(
-                "userdel {} failed ({}): {}",
-                self.name,
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-            Err(err) => eprintln!("running userdel {}: {err}", self.name),
-        }
-    }
-}
-
-/// 8 hex digits, different for every call in this process and random across runs.
-fn random_hex() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // RandomState is seeded randomly per process.
-    let random = RandomState::new().hash_one((std::process::id(), count));
-    format!("{:08x}", random & 0xffff_ffff)
 }
