@@ -16,7 +16,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use crate::account::{self, AccountBackend};
-use crate::bus::{Incoming, Publisher};
+use crate::bus::{ConnectSettings, Incoming, Publisher};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::control;
@@ -57,7 +57,13 @@ impl App {
             None => system_hostname()?,
         };
         let backend: Arc<dyn AccountBackend> = account::backend(&config.account);
-        let publisher = Publisher::connect(&config.nats.url, Duration::from_secs(config.nats.ack_timeout_secs)).await?;
+        let publisher = Publisher::connect(ConnectSettings {
+            url: &config.nats.url,
+            ack_timeout: Duration::from_secs(config.nats.ack_timeout_secs),
+            device_id: state.device_id(),
+            nkey_seed_file: config.nats.nkey_seed_file.as_deref(),
+        })
+        .await?;
         let control = control::bind(&control::socket_path(&config.state_dir))?;
         let processor = Processor {
             state,

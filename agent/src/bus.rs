@@ -1,15 +1,26 @@
 //! The agent's side of NATS: publishing events to JetStream and waiting for the ack.
 //!
 //! Boundary: the only module of the agent that knows async-nats.
+//!
+//! Every subject used here is one the device's NATS user is allowed on a server with
+//! permissions (`orchestrator/packaging/nats-server.conf`): its own event subjects, its own
+//! commands and confirmations, a direct get of its own last command, and replies on its own
+//! inbox prefix. A new NATS call here needs a new permission there.
 
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_nats::jetstream::{self, message::PublishMessage};
 use fleetlaps_proto::command::{BackupConfirmation, Command};
 use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::subject;
 use futures::StreamExt;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::mpsc;
 
 /// A publish that was not acknowledged.
@@ -32,6 +43,18 @@ pub enum Incoming {
     Command(Command),
 }
 
+/// How the agent connects to NATS.
+pub struct ConnectSettings<'a> {
+    /// The server URL, `nats://host:port`.
+    pub url: &'a str,
+    /// How long to wait for JetStream to acknowledge a publish.
+    pub ack_timeout: Duration,
+    /// This device: replies come on its own inbox prefix, the only one its NATS user may read.
+    pub device_id: &'a DeviceId,
+    /// The file holding the device's nkey seed, when the server requires authentication.
+    pub nkey_seed_file: Option<&'a Path>,
+}
+
 /// Publishes envelopes to JetStream, each with its event id as `Nats-Msg-Id`.
 #[derive(Clone)]
 pub struct Publisher {
@@ -39,11 +62,27 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects to `url`. The connection is made in the background and re-made after losses, so
-    /// an agent starts (and keeps its account untouched) while NATS is unreachable.
-    pub async fn connect(url: &str, ack_timeout: Duration) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects as `settings` say. The connection is made in the background and re-made after
+    /// losses, so an agent starts (and keeps its account untouched) while NATS is unreachable,
+    /// and also while the server refuses its nkey: a device not yet enrolled gets in once the
+    /// server's config lists it. Fails only when the seed file cannot be used.
+    pub async fn connect(settings: ConnectSettings<'_>) -> anyhow::Result<Self> {
+        let ConnectSettings {
+            url,
+            ack_timeout,
+            device_id,
+            nkey_seed_file,
+        } = settings;
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(path) = nkey_seed_file {
+            let seed = NkeySeed::read_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
+            // The line an operator enrols the device from: `--device <device_id>=<nkey>`.
+            tracing::info!(%device_id, nkey = %seed.public_key, "connecting to NATS as this device's nkey user");
+            options = options.nkey(seed.seed.expose_secret().to_owned());
+        }
+        let client = options
             .name("fleetlaps-agent")
+            .custom_inbox_prefix(subject::device_inbox_prefix(device_id))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 200).min(2_000)))
@@ -113,24 +152,133 @@ impl Publisher {
 
     /// The last command kept for `device_id` in the commands stream, if any. `Ok(None)` also
     /// when the stream does not exist yet (no command was ever issued).
+    ///
+    /// A direct get, whose API subject names the message's subject
+    /// (`$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.<device_id>`), so the server can allow
+    /// each device its own and nothing else; `STREAM.MSG.GET` carries the subject in its payload,
+    /// beyond what permissions see. On a replicated stream any replica answers and may lag a
+    /// moment behind the leader: a command missed that way is found at the next cycle, and
+    /// live ones arrive through [`Self::listen`] anyway.
     pub async fn last_command(&self, device_id: &DeviceId) -> anyhow::Result<Option<Command>> {
-        let stream = match self.jetstream.get_stream(subject::COMMANDS_STREAM).await {
-            Ok(stream) => stream,
-            Err(err) if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => return Ok(None),
-            Err(err) => return Err(err.into()),
-        };
+        use jetstream::stream::DirectGetErrorKind;
+        let stream = self.jetstream.get_stream_no_info(subject::COMMANDS_STREAM).await?;
         match stream
-            .get_last_raw_message_by_subject(&subject::device_commands(device_id))
+            .direct_get_last_for_subject(subject::device_commands(device_id))
             .await
         {
             Ok(message) => Ok(Some(serde_json::from_slice(&message.payload)?)),
-            Err(err) if matches!(err.kind(), jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
-            Err(err) => Err(err.into()),
+            Err(err) => match err.kind() {
+                DirectGetErrorKind::NotFound => Ok(None),
+                // Nobody answers direct gets on a stream that does not exist (yet).
+                DirectGetErrorKind::ErrorResponse(status, _) if status == async_nats::StatusCode::NO_RESPONDERS => {
+                    Ok(None)
+                }
+                _ => Err(err.into()),
+            },
         }
     }
 
     /// Whether the client is connected right now.
     pub fn is_connected(&self) -> bool {
         self.jetstream.client().connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// An nkey user seed read from its file. The seed is redacted in `Debug`.
+struct NkeySeed {
+    /// The seed (`SU…`). Never logged.
+    seed: SecretString,
+    /// Its public half, which the server's config lists for this device.
+    public_key: String,
+}
+
+impl NkeySeed {
+    /// Reads the seed in `path`, refusing a file that group or others may access. Errors name
+    /// the file, never its content.
+    fn read_file(path: &Path) -> anyhow::Result<Self> {
+        let mode = fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is accessible by group or others (mode {:04o}); allowed: 0600 or 0400, run `chmod 600 {}`",
+                path.display(),
+                mode & 0o7777,
+                path.display()
+            );
+        }
+        let text = SecretString::from(fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
+        let seed = text.expose_secret().trim();
+        let key_pair = nkeys::KeyPair::from_seed(seed)
+            .ok()
+            .filter(|key_pair| key_pair.key_pair_type() == nkeys::KeyPairType::User)
+            .with_context(|| {
+                format!(
+                    "{} does not hold a user nkey seed (58 characters starting with SU)",
+                    path.display()
+                )
+            })?;
+        Ok(Self {
+            seed: SecretString::from(seed.to_owned()),
+            public_key: key_pair.public_key(),
+        })
+    }
+}
+
+impl fmt::Debug for NkeySeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NkeySeed")
+            .field("seed", &"***")
+            .field("public_key", &self.public_key)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_seed(dir: &Path, mode: u32) -> std::path::PathBuf {
+        let path = dir.join("device.nk");
+        let seed = nkeys::KeyPair::new_user().seed().expect("a new pair has a seed");
+        fs::write(&path, format!("{seed}\n")).expect("written");
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+        path
+    }
+
+    #[test]
+    fn an_owner_only_seed_file_is_read_and_its_seed_is_not_shown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for mode in [0o600, 0o400] {
+            let path = write_seed(dir.path(), mode);
+            let seed = NkeySeed::read_file(&path).expect("readable");
+            assert!(seed.public_key.starts_with('U'));
+            assert!(!format!("{seed:?}").contains(seed.seed.expose_secret()));
+            fs::remove_file(&path).expect("removed");
+        }
+    }
+
+    #[test]
+    fn a_seed_file_others_may_read_is_refused_naming_the_file_and_the_allowed_modes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write_seed(dir.path(), 0o644);
+        let err = NkeySeed::read_file(&path).expect_err("refused");
+        let message = format!("{err:#}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("mode 0644"), "{message}");
+        assert!(message.contains("allowed: 0600 or 0400"), "{message}");
+    }
+
+    #[test]
+    fn a_file_without_a_user_seed_is_refused_without_quoting_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("device.nk");
+        fs::write(&path, "SUnot-really-a-seed\n").expect("written");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let err = NkeySeed::read_file(&path).expect_err("refused");
+        let message = format!("{err:#}");
+        assert!(message.contains("does not hold a user nkey seed"), "{message}");
+        assert!(!message.contains("not-really"), "{message}");
     }
 }

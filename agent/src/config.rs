@@ -62,6 +62,11 @@ pub struct NatsConfig {
     /// Seconds to wait for JetStream to acknowledge a publish.
     #[serde(default = "default_ack_timeout_secs")]
     pub ack_timeout_secs: u64,
+    /// A file holding this device's nkey seed (`SU…`), for a nats-server that requires
+    /// authentication. It must be owner-only (mode 0600 or 0400). The server's config lists the
+    /// device's id with the seed's public key, which the agent logs when it connects.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
 }
 
 /// The account database behind the managed account.

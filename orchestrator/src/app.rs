@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,17 +13,20 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenStore;
-use crate::bus::{self, Consumer};
-use crate::config::Config;
+use crate::bus::{self, Consumer, JetStreamJournal};
+use crate::config::{ApiTransport, Config};
 use crate::escrow;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, TlsListener};
 use crate::metrics::Metrics;
 use crate::projection::Projections;
+use crate::tls::{self, ServerTls};
 
 /// A built orchestrator, listening but not yet serving.
 pub struct App {
     /// The API listener, already bound (so port 0 is resolved).
     http_listener: TcpListener,
+    /// The API's TLS; `None` only when the config asked for plain HTTP (`http.plain_http`).
+    api_tls: Option<ServerTls>,
     /// The metrics listener, already bound.
     metrics_listener: TcpListener,
     /// Shared with the HTTP handlers.
@@ -40,12 +44,21 @@ impl App {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let escrow = escrow::load_or_create(&config.data_dir.join(escrow::KEY_FILE))?;
+        let api_tls = match config.http.transport()? {
+            ApiTransport::Tls(source) => Some(tls::load(&source, &config.data_dir)?),
+            ApiTransport::PlainHttp => {
+                tracing::warn!(
+                    "the API serves plain HTTP (http.plain_http = true): tokens and passwords cross the network in clear"
+                );
+                None
+            }
+        };
         let projections_path = config.data_dir.join("projections");
         let projections = Projections::open(&projections_path)
             .with_context(|| format!("opening sled db at {}", projections_path.display()))?;
         let metrics = Metrics::new();
 
-        let jetstream = bus::connect(&config.nats.url).await?;
+        let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
         let stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
         let consumer = Consumer::bind(
@@ -64,13 +77,21 @@ impl App {
             .await
             .with_context(|| format!("binding metrics.listen {}", config.metrics.listen))?;
         let state = AppState {
-            projections,
+            projections: projections.clone(),
             escrow: Arc::new(escrow),
-            tokens: Arc::new(TokenStore::from_config(&config.tokens)),
+            tokens: Arc::new(TokenStore::new(
+                &config.tokens,
+                config.bootstrap_admin_token.as_ref(),
+                projections.clone(),
+            )),
+            journal: Arc::new(JetStreamJournal::new(jetstream.clone())),
+            rotate_min_interval: Duration::from_secs(config.http.rotate_min_interval_secs),
+            rotate_requests: Arc::default(),
             metrics,
         };
         Ok(Self {
             http_listener,
+            api_tls,
             metrics_listener,
             state,
             consumer,
@@ -82,6 +103,18 @@ impl App {
         self.http_listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The API's base URL: `https://<http_addr>`, or `http://` when plain HTTP was asked for.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.api_tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr())
+    }
+
+    /// The certificate file the API presents, when it serves TLS. With `self_signed = true` it is
+    /// the certificate clients trust (`lapsctl --ca`); with `cert_file`, it is that file.
+    pub fn tls_certificate_path(&self) -> Option<&Path> {
+        self.api_tls.as_ref().map(|tls| tls.certificate_path.as_path())
     }
 
     /// Where `/metrics` is served.
@@ -104,14 +137,32 @@ impl App {
     /// Serves until `shutdown` completes, then stops every task and waits for them to drain.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let cancel = CancellationToken::new();
-        tracing::info!(http = %self.http_addr(), metrics = %self.metrics_addr(), "orchestrator started");
+        tracing::info!(api = %self.api_url(), metrics = %self.metrics_addr(), "orchestrator started");
 
-        let api = axum::serve(self.http_listener, http::router(self.state.clone()))
-            .with_graceful_shutdown(cancel.clone().cancelled_owned());
+        let mut tasks = tokio::task::JoinSet::new();
+        // Connection info gives handlers the peer address, which the audit records.
+        let api_router = http::router(self.state.clone());
+        match self.api_tls {
+            Some(api_tls) => {
+                let listener =
+                    TlsListener::new(self.http_listener, api_tls.config).context("starting the API's TLS listener")?;
+                let api = axum::serve(listener, api_router.into_make_service_with_connect_info::<http::PeerAddr>())
+                    .with_graceful_shutdown(cancel.clone().cancelled_owned());
+                tasks.spawn(async move { api.await.context("serving the API") });
+            }
+            None => {
+                let api = axum::serve(
+                    self.http_listener,
+                    api_router.into_make_service_with_connect_info::<http::PeerAddr>(),
+                )
+                .with_graceful_shutdown(cancel.clone().cancelled_owned());
+                tasks.spawn(async move { api.await.context("serving the API") });
+            }
+        }
+        // Plain HTTP on purpose: Prometheus scrapes this listener locally (it binds loopback by
+        // default), and it serves counters, never tokens or passwords.
         let metrics = axum::serve(self.metrics_listener, http::metrics_router(self.state.metrics.clone()))
             .with_graceful_shutdown(cancel.clone().cancelled_owned());
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(async move { api.await.context("serving the API") });
         tasks.spawn(async move { metrics.await.context("serving metrics") });
         let consumer_cancel = cancel.clone();
         tasks.spawn(async move { self.consumer.run(consumer_cancel).await.context("consuming events") });

@@ -1,44 +1,97 @@
 //! Principals, bearer tokens and scopes.
 //!
 //! Scopes are named after Microsoft Graph's where Graph has them, so an operator who knows
-//! `DeviceLocalCredential.Read.All` knows what a token with it can do. Tokens are compared by
-//! their SHA-256 digest in constant time; the plaintext token is never kept after start-up.
+//! `DeviceLocalCredential.Read.All` knows what a token with it can do.
+//!
+//! Tokens are kept only as SHA-256 digests: those of the config (`[[tokens]]`, with
+//! `token_sha256`), the bootstrap admin token (from the config or `FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN`,
+//! hashed at start), and those created through the API, which live in the history as
+//! `token_created` events and in the projections. A token is 32 random bytes, so a plain SHA-256
+//! is as strong as a slow hash would be.
 
 use std::fmt;
 
-use secrecy::ExposeSecret;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::api;
+use fleetlaps_proto::audit::TokenId;
+use rand_core::{OsRng, RngCore};
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TokenConfig;
+use crate::projection::{ProjectionError, Projections};
+
+/// The prefix of tokens the orchestrator makes, so they can be recognised (by secret scanners too).
+pub const TOKEN_PREFIX: &str = "flp_";
 
 /// What a principal may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
+    /// Read the device directory.
+    DeviceRead,
     /// Read credential metadata (backup and expiry times), not passwords.
     ReadBasic,
     /// Read credential metadata and passwords.
     ReadPasswords,
+    /// Ask a device to rotate now.
+    Rotate,
+    /// Declare a breach.
+    BreachDeclare,
+    /// Read the audit history.
+    AuditRead,
+    /// Manage tokens.
+    Admin,
 }
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Self; 2] = [Self::ReadBasic, Self::ReadPasswords];
+    pub const ALL: [Self; 7] = [
+        Self::DeviceRead,
+        Self::ReadBasic,
+        Self::ReadPasswords,
+        Self::Rotate,
+        Self::BreachDeclare,
+        Self::AuditRead,
+        Self::Admin,
+    ];
 
-    /// The scope's Graph name.
+    /// The scope's name.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::ReadBasic => fleetlaps_proto::api::SCOPE_READ_BASIC,
-            Self::ReadPasswords => fleetlaps_proto::api::SCOPE_READ_PASSWORDS,
+            Self::DeviceRead => api::SCOPE_DEVICE_READ,
+            Self::ReadBasic => api::SCOPE_READ_BASIC,
+            Self::ReadPasswords => api::SCOPE_READ_PASSWORDS,
+            Self::Rotate => api::SCOPE_ROTATE,
+            Self::BreachDeclare => api::SCOPE_BREACH_DECLARE,
+            Self::AuditRead => api::SCOPE_AUDIT_READ,
+            Self::Admin => api::SCOPE_ADMIN,
         }
     }
 
-    /// The scope with this Graph name.
+    /// The scope with this name.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|scope| scope.as_str() == name)
     }
 
-    /// Whether holding `self` grants `wanted`: reading passwords includes reading metadata.
+    /// Parses scope names, naming the first unknown one and the allowed names.
+    pub fn parse_all(names: &[String]) -> Result<Vec<Self>, String> {
+        names
+            .iter()
+            .map(|name| {
+                Self::from_name(name).ok_or_else(|| {
+                    format!(
+                        "unknown scope {name:?}; allowed: {}",
+                        Self::ALL.map(Self::as_str).join(", ")
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Whether holding `self` grants `wanted`: reading passwords includes reading their
+    /// metadata, as in Graph. `Admin` manages tokens; it does not include the other scopes.
     pub fn grants(self, wanted: Self) -> bool {
         self == wanted || (self == Self::ReadPasswords && wanted == Self::ReadBasic)
     }
@@ -53,8 +106,10 @@ impl fmt::Display for Scope {
 /// Someone who presented a valid token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The token's name from the config.
+    /// The token's holder: what the audit records.
     pub name: String,
+    /// The token's id, for tokens made through the API.
+    pub token_id: Option<TokenId>,
     /// What it may do.
     pub scopes: Vec<Scope>,
 }
@@ -66,68 +121,206 @@ impl Principal {
     }
 }
 
-/// The known tokens, by digest.
-pub struct TokenStore {
-    entries: Vec<([u8; 32], Principal)>,
+/// Why a presented token is not accepted. Messages never quote the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token has this value.
+    #[error("the bearer token is not valid")]
+    Unknown,
+    /// The token expired.
+    #[error("the bearer token expired at {0}")]
+    Expired(DateTime<Utc>),
+    /// The token was revoked.
+    #[error("the bearer token was revoked at {0}")]
+    Revoked(DateTime<Utc>),
 }
 
+/// A token from the config, by digest.
+struct StaticToken {
+    digest: [u8; 32],
+    principal: Principal,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// The known tokens: the config's and the bootstrap admin's by digest, and those of the
+/// projections.
+pub struct TokenStore {
+    statics: Vec<StaticToken>,
+    projections: Projections,
+}
+
+/// The principal name of the bootstrap admin token.
+pub const BOOTSTRAP_ADMIN: &str = "bootstrap-admin";
+
 impl TokenStore {
-    /// Builds the store from the config, keeping only digests of the tokens.
-    pub fn from_config(tokens: &[TokenConfig]) -> Self {
-        let entries = tokens
+    /// The config's tokens (already validated), the bootstrap admin token if given, and the
+    /// tokens the projections hold.
+    pub fn new(tokens: &[TokenConfig], bootstrap_admin: Option<&SecretString>, projections: Projections) -> Self {
+        let mut statics: Vec<StaticToken> = tokens
             .iter()
-            .map(|token| {
-                let scopes = token.scopes.iter().filter_map(|name| Scope::from_name(name)).collect();
-                (
-                    digest(token.token.expose_secret()),
-                    Principal {
+            .filter_map(|token| {
+                Some(StaticToken {
+                    digest: parse_digest(&token.token_sha256)?,
+                    principal: Principal {
                         name: token.name.clone(),
-                        scopes,
+                        token_id: None,
+                        scopes: token.scopes.iter().filter_map(|name| Scope::from_name(name)).collect(),
                     },
-                )
+                    expires_at: token.expires_at,
+                })
             })
             .collect();
-        Self { entries }
+        if let Some(token) = bootstrap_admin {
+            statics.push(StaticToken {
+                digest: digest(token.expose_secret()),
+                principal: Principal {
+                    name: BOOTSTRAP_ADMIN.to_owned(),
+                    token_id: None,
+                    scopes: vec![Scope::Admin],
+                },
+                expires_at: None,
+            });
+        }
+        Self { statics, projections }
     }
 
-    /// The principal holding `token`, if any. Every entry is compared, in constant time.
-    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+    /// The principal holding `token` at `now`.
+    pub fn authenticate(&self, token: &str, now: DateTime<Utc>) -> Result<Result<Principal, AuthError>, ProjectionError> {
         let presented = digest(token);
+        // Every static entry is compared, in constant time.
         let mut found = None;
-        for (known, principal) in &self.entries {
-            if bool::from(known.ct_eq(&presented)) {
-                found = Some(principal.clone());
+        for entry in &self.statics {
+            if bool::from(entry.digest.ct_eq(&presented)) {
+                found = Some(entry);
             }
         }
-        found
+        if let Some(entry) = found {
+            return Ok(match entry.expires_at {
+                Some(expiry) if expiry <= now => Err(AuthError::Expired(expiry)),
+                _ => Ok(entry.principal.clone()),
+            });
+        }
+        // A lookup by digest: timing can reveal at most something about the digest of a
+        // 256-bit random value, which helps no one guess a token.
+        let Some(record) = self.projections.token_by_digest(&hex(&presented))? else {
+            return Ok(Err(AuthError::Unknown));
+        };
+        if let Some(revoked) = record.revoked_at {
+            return Ok(Err(AuthError::Revoked(revoked)));
+        }
+        if let Some(expiry) = record.expires_at.filter(|expiry| *expiry <= now) {
+            return Ok(Err(AuthError::Expired(expiry)));
+        }
+        Ok(Ok(Principal {
+            name: record.name,
+            token_id: Some(record.token_id),
+            scopes: record.scopes.iter().filter_map(|name| Scope::from_name(name)).collect(),
+        }))
     }
+}
+
+/// A fresh token: the prefix and 32 random bytes, URL-safe base64.
+pub fn generate_token() -> SecretString {
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    let token = format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    token.into()
+}
+
+/// The hex SHA-256 of a token, as `token_sha256` holds it.
+pub fn token_sha256(token: &str) -> String {
+    hex(&digest(token))
+}
+
+/// Whether `text` is a hex SHA-256 (64 hex digits, lower case).
+pub fn is_sha256_hex(text: &str) -> bool {
+    parse_digest(text).is_some()
 }
 
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn parse_digest(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (index, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn read_passwords_includes_read_basic_but_not_the_reverse() {
-        assert!(Scope::ReadPasswords.grants(Scope::ReadBasic));
-        assert!(!Scope::ReadBasic.grants(Scope::ReadPasswords));
+    fn store(dir: &tempfile::TempDir, tokens: &[TokenConfig], bootstrap: Option<&str>) -> TokenStore {
+        let projections = Projections::open(&dir.path().join("db")).expect("opens");
+        let bootstrap = bootstrap.map(|token| SecretString::from(token.to_owned()));
+        TokenStore::new(tokens, bootstrap.as_ref(), projections)
     }
 
     #[test]
-    fn tokens_authenticate_by_value() {
-        let store = TokenStore::from_config(&[TokenConfig {
-            name: "helpdesk".to_owned(),
-            token: "t0ken".to_owned().into(),
-            scopes: vec![fleetlaps_proto::api::SCOPE_READ_BASIC.to_owned()],
-        }]);
-        let principal = store.authenticate("t0ken").expect("known");
+    fn read_passwords_includes_read_basic_but_not_the_reverse_and_admin_nothing_else() {
+        assert!(Scope::ReadPasswords.grants(Scope::ReadBasic));
+        assert!(!Scope::ReadBasic.grants(Scope::ReadPasswords));
+        for scope in Scope::ALL {
+            assert_eq!(Scope::Admin.grants(scope), scope == Scope::Admin, "{scope}");
+            assert_eq!(Scope::from_name(scope.as_str()), Some(scope));
+        }
+    }
+
+    #[test]
+    fn config_tokens_authenticate_by_digest_and_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Utc::now();
+        let store = store(
+            &dir,
+            &[
+                TokenConfig {
+                    name: "helpdesk".to_owned(),
+                    token_sha256: token_sha256("t0ken"),
+                    scopes: vec![api::SCOPE_READ_BASIC.to_owned()],
+                    expires_at: None,
+                },
+                TokenConfig {
+                    name: "old".to_owned(),
+                    token_sha256: token_sha256("old-token"),
+                    scopes: vec![api::SCOPE_READ_BASIC.to_owned()],
+                    expires_at: Some(now - chrono::Duration::seconds(1)),
+                },
+            ],
+            Some("boot"),
+        );
+        let principal = store.authenticate("t0ken", now).expect("store").expect("known");
         assert_eq!(principal.name, "helpdesk");
         assert!(principal.has(Scope::ReadBasic));
         assert!(!principal.has(Scope::ReadPasswords));
-        assert_eq!(store.authenticate("other"), None);
+        assert_eq!(store.authenticate("other", now).expect("store"), Err(AuthError::Unknown));
+        assert!(matches!(store.authenticate("old-token", now).expect("store"), Err(AuthError::Expired(_))));
+        let admin = store.authenticate("boot", now).expect("store").expect("bootstrap");
+        assert_eq!((admin.name.as_str(), admin.scopes.as_slice()), (BOOTSTRAP_ADMIN, &[Scope::Admin][..]));
+    }
+
+    #[test]
+    fn generated_tokens_are_prefixed_random_and_hash_to_hex() {
+        let first = generate_token();
+        let second = generate_token();
+        assert!(first.expose_secret().starts_with(TOKEN_PREFIX));
+        assert_eq!(first.expose_secret().len(), TOKEN_PREFIX.len() + 43);
+        assert_ne!(first.expose_secret(), second.expose_secret());
+        let hash = token_sha256(first.expose_secret());
+        assert!(is_sha256_hex(&hash), "{hash}");
+        assert!(!is_sha256_hex("ABC"));
+        assert!(!is_sha256_hex(&hash.to_uppercase()));
     }
 }

@@ -4,13 +4,22 @@
 //! ("… requires the DeviceLocalCredential.Read.All scope"). The token is held as a
 //! [`SecretString`] and sent only to the configured server's origin: a next link that points
 //! elsewhere is refused rather than followed with the token.
+//!
+//! For an `https` API the client trusts either the built-in web roots or, given a CA file, only
+//! the certificates in that file; a handshake that fails because the server's certificate is not
+//! trusted says so and how to fix it.
 
+use std::path::Path;
 use std::time::Duration;
 
-use fleetlaps_proto::api::{DeviceLocalCredentialInfo, ODataCollection, ODataError};
+use anyhow::Context as _;
+use fleetlaps_proto::api::{
+    AuditEntry, COMMAND_ID_HEADER, CreatedToken, DeviceLocalCredentialInfo, ODataCollection, ODataError,
+    REASON_HEADER, TokenInfo, TokenRequest,
+};
 use fleetlaps_proto::ids::DeviceId;
 use reqwest::header::{HeaderMap, HeaderValue};
-use reqwest::{StatusCode, Url};
+use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 
@@ -22,6 +31,10 @@ const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
 const CLIENT_NAME: &str = "lapsctl";
 /// The collection's path, relative to the base URL.
 const COLLECTION_PATH: &str = "v1.0/directory/deviceLocalCredentials";
+/// The tokens' path, relative to the base URL.
+const TOKENS_PATH: &str = "v1.0/fleetlaps/tokens";
+/// The audit history's path, relative to the base URL.
+const AUDIT_PATH: &str = "v1.0/fleetlaps/auditEvents";
 /// How long one request may take, connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound on next links followed for one listing, against a server that never stops paging.
@@ -35,6 +48,8 @@ pub struct ApiClient {
     token: SecretString,
     /// Keeps connections alive across requests; carries the client headers.
     http: reqwest::Client,
+    /// Sent as `x-fleetlaps-reason` when set.
+    reason: Option<String>,
 }
 
 /// Why a request failed.
@@ -53,7 +68,17 @@ pub enum ClientError {
     /// The server could not be reached, or the exchange broke off. The cause is the `source`,
     /// not repeated in the message, so that `{:#}` shows it once.
     #[error("request to the API failed")]
-    Transport(#[from] reqwest::Error),
+    Transport(#[source] reqwest::Error),
+    /// The TLS handshake failed: `problem` says why in words and what to do; the `source` has
+    /// rustls's own reason.
+    #[error("TLS with the API failed: {problem}")]
+    Tls {
+        /// What went wrong and how to fix it.
+        problem: &'static str,
+        /// The failed request.
+        #[source]
+        source: reqwest::Error,
+    },
     /// The server answered something that is not the API's: an error without an OData body, or a
     /// body that does not decode.
     #[error("unexpected response from {url} (HTTP {status}): {detail}")]
@@ -68,8 +93,16 @@ pub enum ClientError {
 }
 
 impl ApiClient {
-    /// A client for the API at `base_url` (such as `http://127.0.0.1:8080`), calling with `token`.
+    /// A client for the API at `base_url` (such as `https://127.0.0.1:8080`), calling with
+    /// `token`, trusting the built-in web roots.
     pub fn new(base_url: &str, token: SecretString) -> anyhow::Result<Self> {
+        Self::with_ca(base_url, token, None)
+    }
+
+    /// Like [`Self::new`]; with `ca_file`, an `https` server's certificate must be issued by one
+    /// of the certificates in that PEM file (or be one of them, for a self-signed server), and
+    /// the built-in web roots are not trusted.
+    pub fn with_ca(base_url: &str, token: SecretString, ca_file: Option<&Path>) -> anyhow::Result<Self> {
         let mut base_url =
             Url::parse(base_url).map_err(|err| anyhow::anyhow!("invalid API URL {base_url:?}: {err}"))?;
         if !matches!(base_url.scheme(), "http" | "https") || base_url.host_str().is_none() {
@@ -88,12 +121,23 @@ impl ApiClient {
             CLIENT_VERSION_HEADER,
             HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
         );
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("lapsctl/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
-            .timeout(REQUEST_TIMEOUT)
-            .build()?;
-        Ok(Self { base_url, token, http })
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(ca_file) = ca_file {
+            for certificate in read_ca_file(ca_file)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+            builder = builder.tls_built_in_root_certs(false);
+        }
+        let http = builder.build().context("building the HTTP client")?;
+        Ok(Self {
+            base_url,
+            token,
+            http,
+            reason: None,
+        })
     }
 
     /// The devices named `device_name` (compared case-insensitively by the server), every page.
@@ -185,21 +229,35 @@ impl ApiClient {
 
     /// GETs `url` and decodes a successful JSON answer, or turns the failure into a [`ClientError`].
     async fn get_json<T: DeserializeOwned>(&self, url: Url) -> Result<T, ClientError> {
+        let (_, body, display_url, status) = self.send(Method::GET, url, None).await?;
+        decode(&body, display_url, status)
+    }
+
+    /// Sends one request with the token (and the reason, if set), and returns the headers and
+    /// body of a successful answer, or the failure as a [`ClientError`].
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes, String, StatusCode), ClientError> {
         let display_url = without_query(&url);
-        let response = self
+        let mut request = self
             .http
-            .get(url)
-            .bearer_auth(self.token.expose_secret())
-            .send()
-            .await?;
+            .request(method, url)
+            .bearer_auth(self.token.expose_secret());
+        if let Some(reason) = &self.reason {
+            request = request.header(REASON_HEADER, reason);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = response.bytes().await?;
         if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|err| ClientError::UnexpectedResponse {
-                url: display_url,
-                status,
-                detail: format!("the body is not the expected JSON ({})", describe_json_error(&err)),
-            });
+            return Ok((headers, body, display_url, status));
         }
         match serde_json::from_slice::<ODataError>(&body) {
             Ok(odata) => Err(ClientError::Http {
@@ -214,6 +272,158 @@ impl ApiClient {
             }),
         }
     }
+
+    /// Records `reason` with every request from now on (`x-fleetlaps-reason`): the audit keeps it
+    /// with each password read and rotation request.
+    pub fn set_reason(&mut self, reason: Option<String>) {
+        self.reason = reason;
+    }
+
+    /// Asks the device to rotate its password now; returns the id of the command sent to it.
+    pub async fn rotate(&self, device_id: &DeviceId) -> Result<String, ClientError> {
+        let url = self.url(&format!(
+            "v1.0/deviceManagement/managedDevices/{device_id}/rotateLocalAdminPassword"
+        ))?;
+        let (headers, _, display_url, status) = self.send(Method::POST, url, None).await?;
+        headers
+            .get(COMMAND_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(ClientError::UnexpectedResponse {
+                url: display_url,
+                status,
+                detail: format!("no {COMMAND_ID_HEADER} header"),
+            })
+    }
+
+    /// Creates a token; the answer holds the token, which the server never shows again.
+    pub async fn create_token(&self, request: &TokenRequest) -> Result<CreatedToken, ClientError> {
+        let url = self.url(TOKENS_PATH)?;
+        let body = serde_json::to_value(request).expect("a token request serialises");
+        let (_, body, display_url, status) = self.send(Method::POST, url, Some(&body)).await?;
+        decode(&body, display_url, status)
+    }
+
+    /// Every token made through the API.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        let page: ODataCollection<TokenInfo> = self.get_json(self.url(TOKENS_PATH)?).await?;
+        Ok(page.value)
+    }
+
+    /// Revokes a token.
+    pub async fn revoke_token(&self, token_id: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("{TOKENS_PATH}/{token_id}"))?;
+        self.send(Method::DELETE, url, None).await?;
+        Ok(())
+    }
+
+    /// The audit history, oldest first, every page; only one device's or one kind's if asked.
+    pub async fn audit(&self, device_id: Option<&DeviceId>, kind: Option<&str>) -> Result<Vec<AuditEntry>, ClientError> {
+        let mut url = self.url(AUDIT_PATH)?;
+        if let Some(device_id) = device_id {
+            url.query_pairs_mut().append_pair("deviceId", device_id.as_str());
+        }
+        if let Some(kind) = kind {
+            url.query_pairs_mut().append_pair("kind", kind);
+        }
+        let mut entries = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let page: ODataCollection<AuditEntry> = self.get_json(url.clone()).await?;
+            entries.extend(page.value);
+            match page.next_link {
+                Some(link) => url = self.next_url(&url, &link)?,
+                None => return Ok(entries),
+            }
+        }
+        Err(ClientError::UnexpectedResponse {
+            url: without_query(&url),
+            status: StatusCode::OK,
+            detail: format!("still paging after {MAX_PAGES} pages"),
+        })
+    }
+}
+
+/// Decodes a successful JSON answer.
+fn decode<T: DeserializeOwned>(body: &[u8], url: String, status: StatusCode) -> Result<T, ClientError> {
+    serde_json::from_slice(body).map_err(|err| ClientError::UnexpectedResponse {
+        url,
+        status,
+        detail: format!("the body is not the expected JSON ({})", describe_json_error(&err)),
+    })
+}
+
+/// The certificates in the PEM file at `path`, each checked to be one rustls can trust.
+fn read_ca_file(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+
+    let pem = std::fs::read(path).with_context(|| format!("reading CA file {}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| anyhow::anyhow!("CA file {}: invalid PEM: {err}", path.display()))?;
+    if certificates.is_empty() {
+        anyhow::bail!(
+            "CA file {}: no certificate; allowed: PEM with -----BEGIN CERTIFICATE-----",
+            path.display()
+        );
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    certificates
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            roots
+                .add(der.clone())
+                .map_err(|err| anyhow::anyhow!("CA file {}: certificate {}: {err}", path.display(), index + 1))?;
+            reqwest::Certificate::from_der(der)
+                .with_context(|| format!("CA file {}: certificate {}", path.display(), index + 1))
+        })
+        .collect()
+}
+
+impl From<reqwest::Error> for ClientError {
+    /// A failed request, as [`ClientError::Tls`] when rustls ended it.
+    fn from(err: reqwest::Error) -> Self {
+        match tls_problem(&err) {
+            Some(problem) => Self::Tls { problem, source: err },
+            None => Self::Transport(err),
+        }
+    }
+}
+
+/// What to tell the user when rustls is somewhere in `err`'s causes.
+fn tls_problem(err: &reqwest::Error) -> Option<&'static str> {
+    use rustls::CertificateError;
+
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = cause {
+        // rustls's error travels inside (nested) `io::Error`s, whose `source` skips the error they
+        // wrap, so look inside them.
+        let mut inner = current;
+        while let Some(wrapped) = inner.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+            inner = wrapped;
+        }
+        if let Some(rustls_error) = inner.downcast_ref::<rustls::Error>() {
+            return Some(match rustls_error {
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+                ) => "the server's certificate is not valid for the host in the URL; use a name the certificate lists",
+                rustls::Error::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. },
+                ) => "the server's certificate has expired or is not valid yet",
+                rustls::Error::InvalidCertificate(_) => {
+                    "certificate not trusted; pass --ca with the certificate of the CA that issued it \
+                     (for a self-signed orchestrator: its data_dir/tls/cert.pem)"
+                }
+                _ => "the TLS handshake failed; if the server serves plain HTTP, use an http:// URL",
+            });
+        }
+        cause = current.source();
+    }
+    None
 }
 
 /// `url` without its query, for messages.

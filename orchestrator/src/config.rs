@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Everything the orchestrator needs to start.
@@ -17,15 +17,20 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The NATS server with JetStream.
     pub nats: NatsConfig,
-    /// The Graph-compatible API.
+    /// The Graph-compatible API. Its defaults ask for no transport, so a config without `[http]`
+    /// is refused: the API serves TLS, or plain HTTP only when asked for.
     #[serde(default)]
     pub http: HttpConfig,
     /// The Prometheus endpoint, on its own listener.
     #[serde(default)]
     pub metrics: MetricsConfig,
-    /// Bearer tokens allowed to call the API.
+    /// Bearer tokens allowed to call the API, by digest (more are made through the API).
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    /// A token with the `Admin` scope, to create the first tokens with. Prefer the environment
+    /// (`FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN`) to the file; it is hashed at start and never stored.
+    #[serde(default)]
+    pub bootstrap_admin_token: Option<SecretString>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -40,14 +45,75 @@ pub struct NatsConfig {
     /// The durable consumer's name; replicas of one orchestrator share none, so each has its own.
     #[serde(default = "default_consumer")]
     pub consumer: String,
+    /// A file holding the orchestrator's nkey seed (`SU…`), for a nats-server that requires
+    /// authentication (see `packaging/nats-server.conf`). It must be owner-only (mode 0600 or
+    /// 0400); `fleetlaps-orchestrator nkey --seed-file <file>` creates one.
+    #[serde(default)]
+    pub nkey_seed_file: Option<PathBuf>,
 }
 
-/// The API listener.
+/// The API listener. Exactly one of `tls` and `plain_http = true` must be set; [`Self::transport`]
+/// checks that and gives the validated choice.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address to bind; port 0 picks a free one.
+    #[serde(default = "default_http_listen")]
     pub listen: SocketAddr,
+    /// `[http.tls]`: the certificate the API serves.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The least seconds between two rotation requests for one device (more get 429).
+    #[serde(default = "default_rotate_min_interval_secs")]
+    pub rotate_min_interval_secs: u64,
+    /// Serve plain HTTP, without TLS. Passwords and tokens then cross the network in clear, so it
+    /// is never a default: only for a TLS-terminating proxy on the same host, or tests.
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+/// `[http.tls]`: either a certificate and key from PEM files, or `self_signed = true`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM), the server's certificate first.
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1); must not be readable by others.
+    pub key_file: Option<PathBuf>,
+    /// Make a self-signed certificate at first start in `data_dir/tls/`, and reuse it later.
+    #[serde(default)]
+    pub self_signed: bool,
+    /// Names and addresses the self-signed certificate is valid for, besides `localhost`,
+    /// `127.0.0.1`, `::1` and the host name.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// How the API is served: the validated form of [`HttpConfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiTransport {
+    /// HTTPS.
+    Tls(TlsSource),
+    /// Plain HTTP, asked for with `http.plain_http = true`.
+    PlainHttp,
+}
+
+/// Where the API's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// A certificate chain and its key, from PEM files.
+    Files {
+        /// `http.tls.cert_file`.
+        cert_file: PathBuf,
+        /// `http.tls.key_file`.
+        key_file: PathBuf,
+    },
+    /// A self-signed certificate kept in the data directory.
+    SelfSigned {
+        /// `http.tls.subject_alt_names`: names beyond the local ones; each a DNS name or an IP
+        /// address.
+        subject_alt_names: Vec<String>,
+    },
 }
 
 /// The metrics listener.
@@ -58,16 +124,19 @@ pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
-/// One API bearer token and what it may do.
+/// One API bearer token, by digest, and what it may do.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Who holds the token: recorded as the principal.
     pub name: String,
-    /// The token itself. Redacted in `Debug`.
-    pub token: SecretString,
-    /// Graph scopes, such as `DeviceLocalCredential.Read.All`.
+    /// The token's SHA-256, 64 lower-case hex digits (`fleetlaps-orchestrator hash-token`).
+    pub token_sha256: String,
+    /// Scopes, such as `DeviceLocalCredential.Read.All`.
     pub scopes: Vec<String>,
+    /// When it stops working, if ever (RFC 3339).
+    #[serde(default)]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Log output.
@@ -93,8 +162,65 @@ pub enum LogFormat {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: default_http_listen(),
+            tls: None,
+            rotate_min_interval_secs: default_rotate_min_interval_secs(),
+            plain_http: false,
         }
+    }
+}
+
+impl HttpConfig {
+    /// How the API is served; fails, naming the settings, unless exactly one of TLS (from files
+    /// or self-signed) and plain HTTP is asked for.
+    pub fn transport(&self) -> anyhow::Result<ApiTransport> {
+        const ALLOWED: &str = "allowed: [http.tls] with self_signed = true, [http.tls] with cert_file and \
+                               key_file (PEM), or http.plain_http = true";
+        let tls = match (&self.tls, self.plain_http) {
+            (None, false) => {
+                anyhow::bail!("invalid config: http: the API serves TLS unless plain HTTP is asked for; {ALLOWED}")
+            }
+            (Some(_), true) => {
+                anyhow::bail!("invalid config: http: both [http.tls] and http.plain_http = true are set; {ALLOWED}")
+            }
+            (None, true) => return Ok(ApiTransport::PlainHttp),
+            (Some(tls), false) => tls,
+        };
+        let source = match (tls.self_signed, &tls.cert_file, &tls.key_file) {
+            (true, None, None) => TlsSource::SelfSigned {
+                subject_alt_names: tls.subject_alt_names.clone(),
+            },
+            (false, Some(cert_file), Some(key_file)) => TlsSource::Files {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            },
+            (true, _, _) => anyhow::bail!(
+                "invalid config: http.tls: self_signed = true and cert_file/key_file are both set; \
+                 allowed: self_signed = true, or cert_file and key_file"
+            ),
+            (false, None, None) => anyhow::bail!(
+                "invalid config: http.tls: no certificate; allowed: self_signed = true, or cert_file and key_file"
+            ),
+            (false, _, _) => anyhow::bail!(
+                "invalid config: http.tls: cert_file and key_file go together; allowed: both, or self_signed = true"
+            ),
+        };
+        if let TlsSource::Files { .. } = source
+            && !tls.subject_alt_names.is_empty()
+        {
+            anyhow::bail!(
+                "invalid config: http.tls.subject_alt_names: only with self_signed = true; \
+                 a certificate from cert_file carries its own names"
+            );
+        }
+        for name in &tls.subject_alt_names {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                anyhow::bail!(
+                    "invalid config: http.tls.subject_alt_names: {name:?}: allowed: a DNS name or an IP address"
+                );
+            }
+        }
+        Ok(ApiTransport::Tls(source))
     }
 }
 
@@ -104,6 +230,14 @@ impl Default for MetricsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9184)),
         }
     }
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_rotate_min_interval_secs() -> u64 {
+    300
 }
 
 fn default_consumer() -> String {
@@ -137,15 +271,23 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         for token in &self.tokens {
-            for scope in &token.scopes {
-                if !crate::auth::Scope::ALL.iter().any(|known| known.as_str() == scope) {
-                    anyhow::bail!(
-                        "invalid config: tokens.scopes: unknown scope {scope:?} for token {:?}; allowed: {}",
-                        token.name,
-                        crate::auth::Scope::ALL.map(|s| s.as_str()).join(", ")
-                    );
-                }
+            if let Err(problem) = crate::auth::Scope::parse_all(&token.scopes) {
+                anyhow::bail!("invalid config: tokens.scopes of token {:?}: {problem}", token.name);
             }
+            if !crate::auth::is_sha256_hex(&token.token_sha256) {
+                anyhow::bail!(
+                    "invalid config: tokens.token_sha256 of token {:?}: allowed: 64 lower-case hex digits, the \
+                     SHA-256 of the token (`fleetlaps-orchestrator hash-token`)",
+                    token.name
+                );
+            }
+        }
+        if self
+            .bootstrap_admin_token
+            .as_ref()
+            .is_some_and(|token| token.expose_secret().len() < 20)
+        {
+            anyhow::bail!("invalid config: bootstrap_admin_token: allowed: at least 20 characters");
         }
         if self.nats.consumer.is_empty()
             || !self
@@ -159,6 +301,7 @@ impl Config {
                 self.nats.consumer
             );
         }
+        self.http.transport()?;
         Ok(())
     }
 }
@@ -167,31 +310,123 @@ impl Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_minimal_config_takes_defaults() {
-        let config =
-            Config::from_toml("data_dir = \"/tmp/x\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n").expect("valid");
-        assert_eq!(config.nats.consumer, "orchestrator");
-        assert_eq!(config.http.listen.port(), 8080);
+    /// A minimal config with `extra` appended.
+    fn config_with(extra: &str) -> anyhow::Result<Config> {
+        Config::from_toml(&format!(
+            "data_dir = \"/tmp/x\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n{extra}"
+        ))
     }
 
     #[test]
-    fn unknown_fields_and_scopes_are_named() {
+    fn a_minimal_config_takes_defaults() {
+        let config = config_with("[http.tls]\nself_signed = true\n").expect("valid");
+        assert_eq!(config.nats.consumer, "orchestrator");
+        assert_eq!(config.http.listen.port(), 8080);
+        assert_eq!(
+            config.http.transport().expect("valid"),
+            ApiTransport::Tls(TlsSource::SelfSigned {
+                subject_alt_names: Vec::new()
+            })
+        );
+    }
+
+    #[test]
+    fn the_api_transport_is_tls_from_files_self_signed_or_explicit_plain_http() {
+        let files = config_with("[http.tls]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/k.pem\"\n").expect("valid");
+        assert_eq!(
+            files.http.transport().expect("valid"),
+            ApiTransport::Tls(TlsSource::Files {
+                cert_file: PathBuf::from("/etc/c.pem"),
+                key_file: PathBuf::from("/etc/k.pem"),
+            })
+        );
+        let named =
+            config_with("[http.tls]\nself_signed = true\nsubject_alt_names = [\"laps.example\", \"10.0.0.5\"]\n")
+                .expect("valid");
+        assert_eq!(
+            named.http.transport().expect("valid"),
+            ApiTransport::Tls(TlsSource::SelfSigned {
+                subject_alt_names: vec!["laps.example".to_owned(), "10.0.0.5".to_owned()]
+            })
+        );
+        let plain = config_with("[http]\nplain_http = true\n").expect("valid");
+        assert_eq!(plain.http.transport().expect("valid"), ApiTransport::PlainHttp);
+    }
+
+    #[test]
+    fn a_config_asking_for_neither_tls_nor_plain_http_or_for_both_is_refused_naming_the_settings() {
+        for (extra, expected) in [
+            ("", "the API serves TLS unless plain HTTP is asked for"),
+            (
+                "[http]\nlisten = \"127.0.0.1:0\"\n",
+                "the API serves TLS unless plain HTTP is asked for",
+            ),
+            (
+                "[http]\nplain_http = false\n",
+                "the API serves TLS unless plain HTTP is asked for",
+            ),
+            (
+                "[http]\nplain_http = true\n[http.tls]\nself_signed = true\n",
+                "both [http.tls] and http.plain_http = true",
+            ),
+            (
+                "[http.tls]\nself_signed = true\ncert_file = \"c\"\nkey_file = \"k\"\n",
+                "self_signed = true and cert_file/key_file are both set",
+            ),
+            ("[http.tls]\n", "http.tls: no certificate"),
+            ("[http.tls]\ncert_file = \"c\"\n", "cert_file and key_file go together"),
+            (
+                "[http.tls]\ncert_file = \"c\"\nkey_file = \"k\"\nsubject_alt_names = [\"a\"]\n",
+                "subject_alt_names: only with self_signed = true",
+            ),
+            (
+                "[http.tls]\nself_signed = true\nsubject_alt_names = [\"not a name\"]\n",
+                "\"not a name\": allowed: a DNS name or an IP address",
+            ),
+        ] {
+            let err = config_with(extra).expect_err(extra);
+            let message = err.to_string();
+            assert!(message.contains(expected), "{extra:?}: {message}");
+        }
+        let err = config_with("").expect_err("no transport");
+        assert!(
+            err.to_string()
+                .contains("allowed: [http.tls] with self_signed = true, [http.tls] with cert_file and key_file (PEM), or http.plain_http = true"),
+            "{err}"
+        );
+        let err = config_with("[http.tls]\nself_signed = true\ncertfile = \"c\"\n").expect_err("unknown field");
+        assert!(err.to_string().contains("certfile"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_scopes_and_bad_digests_are_named() {
         let err = Config::from_toml("data_dir = \"/x\"\nbogus = 1\n[nats]\nurl = \"n\"\n").expect_err("unknown field");
         assert!(err.to_string().contains("bogus"), "{err}");
-        let err = Config::from_toml(
-            "data_dir = \"/x\"\n[nats]\nurl = \"n\"\n[[tokens]]\nname = \"a\"\ntoken = \"t\"\nscopes = [\"Everything\"]\n",
-        )
+        let digest = "0".repeat(64);
+        let err = Config::from_toml(&format!(
+            "data_dir = \"/x\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n[[tokens]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\nscopes = [\"Everything\"]\n"
+        ))
         .expect_err("unknown scope");
         assert!(err.to_string().contains("unknown scope \"Everything\""), "{err}");
+        assert!(err.to_string().contains("Audit.Read.All"), "{err}");
+        let err = Config::from_toml(
+            "data_dir = \"/x\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n[[tokens]]\nname = \"a\"\ntoken_sha256 = \"plaintext\"\nscopes = []\n",
+        )
+        .expect_err("not a digest");
+        assert!(err.to_string().contains("tokens.token_sha256 of token \"a\""), "{err}");
+        let err = Config::from_toml(
+            "data_dir = \"/x\"\nbootstrap_admin_token = \"short\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",
+        )
+        .expect_err("too short");
+        assert!(err.to_string().contains("bootstrap_admin_token: allowed: at least 20"), "{err}");
     }
 
     #[test]
     fn token_secrets_are_redacted_in_debug() {
         let config = Config::from_toml(
-            "data_dir = \"/x\"\n[nats]\nurl = \"n\"\n[[tokens]]\nname = \"a\"\ntoken = \"s3cr3t-token\"\nscopes = []\n",
+            "data_dir = \"/x\"\nbootstrap_admin_token = \"s3cr3t-bootstrap-token\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",
         )
         .expect("valid");
-        assert!(!format!("{config:?}").contains("s3cr3t-token"));
+        assert!(!format!("{config:?}").contains("s3cr3t-bootstrap-token"));
     }
 }

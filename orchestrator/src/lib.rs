@@ -6,11 +6,13 @@
 //! - [`config`]: the typed configuration, from a file and `FLEETLAPS_*` variables.
 //! - [`telemetry`]: logging set-up.
 //! - [`escrow`]: the escrow key that opens backed-up passwords.
+//! - [`tls`]: the API's certificate, from files or self-signed at first start.
 //! - [`auth`]: bearer tokens, principals and Graph-named scopes.
 //! - [`bus`]: the events stream and the durable consumer (the only module that knows NATS).
 //! - [`projection`]: devices, credentials and quarantine, folded from events into sled.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
+//! - [`nats_auth`]: the nats-server configuration (a user per device) and nkey seed files.
 //! - [`client`]: the API client behind `lapsctl`.
 
 pub mod app;
@@ -21,8 +23,10 @@ pub mod config;
 pub mod escrow;
 pub mod http;
 pub mod metrics;
+pub mod nats_auth;
 pub mod projection;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::App;
 pub use config::Config;

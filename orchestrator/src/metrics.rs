@@ -107,6 +107,9 @@ impl Metrics {
         for kind in fleetlaps_proto::event::EventKind::ALL {
             events_applied.with_label_values(&[kind.as_str()]);
         }
+        for kind in fleetlaps_proto::audit::AuditKind::ALL {
+            events_applied.with_label_values(&[kind.as_str()]);
+        }
         for reason in QuarantineReason::ALL {
             events_quarantined.with_label_values(&[reason.as_str()]);
         }

@@ -12,10 +12,25 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{DeviceId, DeviceName};
 
+/// Graph's scope that reads the device directory (names, ids, last seen).
+pub const SCOPE_DEVICE_READ: &str = "Device.Read.All";
 /// Graph's scope that reads credential metadata only.
 pub const SCOPE_READ_BASIC: &str = "DeviceLocalCredential.ReadBasic.All";
 /// Graph's scope that also reads the passwords.
 pub const SCOPE_READ_PASSWORDS: &str = "DeviceLocalCredential.Read.All";
+/// Asks a device to rotate its password now (Intune's "Rotate local admin password").
+pub const SCOPE_ROTATE: &str = "DeviceLocalCredential.Rotate";
+/// Declares a breach, which forces early rotations fleet-wide.
+pub const SCOPE_BREACH_DECLARE: &str = "Breach.Declare";
+/// Reads the audit history: who read which password, who made or revoked which token.
+pub const SCOPE_AUDIT_READ: &str = "Audit.Read.All";
+/// Manages principals: creates, lists and revokes tokens.
+pub const SCOPE_ADMIN: &str = "Admin";
+
+/// The header a caller may give the reason for a password read in; it is recorded in the audit.
+pub const REASON_HEADER: &str = "x-fleetlaps-reason";
+/// The header that carries the id of the command a rotate request issued.
+pub const COMMAND_ID_HEADER: &str = "x-fleetlaps-command-id";
 
 /// Graph's `deviceLocalCredentialInfo`: one device's backed-up credentials.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +130,100 @@ pub struct ODataCollection<T> {
     /// The URL of the next page, when there is one.
     #[serde(rename = "@odata.nextLink", default, skip_serializing_if = "Option::is_none")]
     pub next_link: Option<String>,
+}
+
+/// `POST /v1.0/fleetlaps/tokens`: a token to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Who will hold it: the principal recorded for what it does.
+    pub name: String,
+    /// Its scopes, by name.
+    pub scopes: Vec<String>,
+    /// When it stops working; `None` for never.
+    #[serde(default)]
+    pub expires_date_time: Option<DateTime<Utc>>,
+}
+
+/// A token as listed: everything but the token itself, which only its creator sees, once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenInfo {
+    /// The token's id.
+    pub id: String,
+    /// Its holder.
+    pub name: String,
+    /// Its scopes.
+    pub scopes: Vec<String>,
+    /// When it was created.
+    pub created_date_time: DateTime<Utc>,
+    /// Who created it.
+    pub created_by: String,
+    /// When it stops working, if ever.
+    pub expires_date_time: Option<DateTime<Utc>>,
+    /// When it was revoked, if it was.
+    pub revoked_date_time: Option<DateTime<Utc>>,
+}
+
+/// The answer to a token creation: the token, shown this once, and its description.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedToken {
+    /// The bearer token. The orchestrator keeps only its SHA-256.
+    pub token: BearerToken,
+    /// What it is.
+    #[serde(flatten)]
+    pub info: TokenInfo,
+}
+
+/// A bearer token in an answer. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct BearerToken(SecretString);
+
+impl BearerToken {
+    /// Wraps a token.
+    pub fn new(token: String) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, to hand to its holder.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerToken(***)")
+    }
+}
+
+impl Serialize for BearerToken {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.expose_secret())
+    }
+}
+
+impl<'de> Deserialize<'de> for BearerToken {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self(String::deserialize(deserializer)?.into()))
+    }
+}
+
+/// An entry of the audit history, as `GET /v1.0/fleetlaps/auditEvents` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    /// Its position in the history (the stream sequence).
+    pub sequence: u64,
+    /// The event's id.
+    pub id: String,
+    /// When it happened.
+    pub time: DateTime<Utc>,
+    /// `password_read`, `token_created`, `token_revoked`, `rotation_requested`.
+    pub kind: String,
+    /// What happened, as recorded (never a password or a token).
+    pub body: serde_json::Value,
 }
 
 /// OData's error body: `{"error": {"code": …, "message": …}}`.

@@ -43,6 +43,13 @@ pub fn device_confirmations(device_id: &DeviceId) -> String {
     format!("laps.confirmations.{device_id}")
 }
 
+/// The inbox prefix a device's client uses for replies (JetStream acks, API answers), instead of
+/// the shared `_INBOX`: a device's NATS user may subscribe only below its own prefix, so no device
+/// reads another's replies. The orchestrator keeps `_INBOX`, which no device prefix can equal.
+pub fn device_inbox_prefix(device_id: &DeviceId) -> String {
+    format!("_INBOX_{device_id}")
+}
+
 /// The subject a device publishes one kind of event on.
 pub fn device_event(device_id: &DeviceId, kind: EventKind) -> String {
     format!("laps.events.{device_id}.{kind}")

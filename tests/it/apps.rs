@@ -24,11 +24,18 @@ use crate::harness::{TestNats, init_tracing, wait_until};
 pub const READ_TOKEN: &str = "test-read-token";
 /// The token with `DeviceLocalCredential.ReadBasic.All` only.
 pub const READ_BASIC_TOKEN: &str = "test-read-basic-token";
+/// The token with `DeviceLocalCredential.Rotate`, `Audit.Read.All` and `Device.Read.All`.
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+/// The bootstrap admin token (`Admin`).
+pub const ADMIN_TOKEN: &str = "test-bootstrap-admin-token";
 
 /// A running orchestrator.
 pub struct TestOrchestrator {
-    /// The API's base URL, `http://127.0.0.1:<port>`.
+    /// The API's base URL, `https://127.0.0.1:<port>`.
     pub base_url: String,
+    /// The API's self-signed certificate (in `data_dir/tls/`), which [`Self::http`] and
+    /// [`Self::lapsctl`] trust.
+    pub tls_certificate: PathBuf,
     /// The metrics endpoint's URL.
     pub metrics_url: String,
     /// The key agents seal to.
@@ -37,6 +44,8 @@ pub struct TestOrchestrator {
     pub data_dir: PathBuf,
     /// The NATS URL it consumes from.
     nats_url: String,
+    /// The nkey seed file it authenticates to NATS with, if any; kept across restarts.
+    nkey_seed_file: Option<PathBuf>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     /// Owns `data_dir` unless the test supplied one.
@@ -57,34 +66,68 @@ impl TestOrchestrator {
         orchestrator
     }
 
+    /// Starts an orchestrator on `nats` with a fresh data directory, authenticating with the
+    /// nkey seed in `nkey_seed_file` (`nats.nkey_seed_file`).
+    pub async fn spawn_with_nkey(nats: &TestNats, nkey_seed_file: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-orchestrator-")
+            .tempdir()
+            .expect("tempdir");
+        let mut orchestrator = Self::spawn_configured(&nats.url(), dir.path(), Some(nkey_seed_file)).await;
+        orchestrator._dir = Some(dir);
+        orchestrator
+    }
+
     /// Starts an orchestrator on the NATS at `nats_url` with the data directory `data_dir`.
     pub async fn spawn_in(nats_url: &str, data_dir: &Path) -> Self {
+        Self::spawn_configured(nats_url, data_dir, None).await
+    }
+
+    async fn spawn_configured(nats_url: &str, data_dir: &Path, nkey_seed_file: Option<&Path>) -> Self {
         init_tracing();
+        let nkey_line = nkey_seed_file
+            .map(|path| format!("nkey_seed_file = \"{}\"", path.display()))
+            .unwrap_or_default();
         let config = fleetlaps_orchestrator::Config::from_toml(&format!(
             r#"
 data_dir = "{data_dir}"
+bootstrap_admin_token = "{ADMIN_TOKEN}"
 [nats]
 url = "{nats_url}"
+{nkey_line}
 [http]
 listen = "127.0.0.1:0"
+[http.tls]
+self_signed = true
 [metrics]
 listen = "127.0.0.1:0"
 [[tokens]]
 name = "investigator"
-token = "{READ_TOKEN}"
+token_sha256 = "{read}"
 scopes = ["DeviceLocalCredential.Read.All"]
 [[tokens]]
 name = "helpdesk"
-token = "{READ_BASIC_TOKEN}"
+token_sha256 = "{read_basic}"
 scopes = ["DeviceLocalCredential.ReadBasic.All"]
+[[tokens]]
+name = "operator"
+token_sha256 = "{operator}"
+scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
 "#,
-            data_dir = data_dir.display()
+            data_dir = data_dir.display(),
+            read = fleetlaps_orchestrator::auth::token_sha256(READ_TOKEN),
+            read_basic = fleetlaps_orchestrator::auth::token_sha256(READ_BASIC_TOKEN),
+            operator = fleetlaps_orchestrator::auth::token_sha256(OPERATOR_TOKEN),
         ))
         .expect("test config is valid");
         let app = fleetlaps_orchestrator::App::build(config)
             .await
             .expect("orchestrator starts");
-        let base_url = format!("http://{}", app.http_addr());
+        let base_url = app.api_url();
+        let tls_certificate = app
+            .tls_certificate_path()
+            .expect("the test orchestrator serves TLS")
+            .to_owned();
         let metrics_url = format!("http://{}/metrics", app.metrics_addr());
         let escrow_public_key = app.escrow_public_key();
         let (shutdown, stop) = oneshot::channel::<()>();
@@ -93,14 +136,16 @@ scopes = ["DeviceLocalCredential.ReadBasic.All"]
         }));
         Self {
             base_url,
+            http: trusting_client(&tls_certificate),
+            tls_certificate,
             metrics_url,
             escrow_public_key,
             data_dir: data_dir.to_owned(),
             nats_url: nats_url.to_owned(),
+            nkey_seed_file: nkey_seed_file.map(Path::to_owned),
             shutdown: Some(shutdown),
             task: Some(task),
             _dir: None,
-            http: reqwest::Client::new(),
         }
     }
 
@@ -120,8 +165,23 @@ scopes = ["DeviceLocalCredential.ReadBasic.All"]
     pub async fn restart(&mut self) {
         self.stop().await;
         let dir = self._dir.take();
-        *self = Self::spawn_in(&self.nats_url.clone(), &self.data_dir.clone()).await;
+        let nkey_seed_file = self.nkey_seed_file.clone();
+        *self = Self::spawn_configured(
+            &self.nats_url.clone(),
+            &self.data_dir.clone(),
+            nkey_seed_file.as_deref(),
+        )
+        .await;
         self._dir = dir;
+    }
+
+    /// Runs the `lapsctl` binary against this orchestrator (`--url`, and `--ca` with its
+    /// certificate) with `args` after those.
+    pub async fn lapsctl(&self, args: &[&str]) -> Output {
+        let certificate = self.tls_certificate.to_str().expect("a UTF-8 temporary path");
+        let mut all_args = vec!["--url", self.base_url.as_str(), "--ca", certificate];
+        all_args.extend_from_slice(args);
+        run("lapsctl", &all_args).await
     }
 
     /// `GET` on the API with an optional bearer token.
@@ -133,14 +193,19 @@ scopes = ["DeviceLocalCredential.ReadBasic.All"]
         request.send().await.expect("the API answers")
     }
 
-    /// The device's credential info with passwords, read with the Read.All token.
+    /// The device's credential info with passwords, read with the Read.All token. Each read is
+    /// audited; while the audit history is unavailable (NATS reconnecting: 503) it asks again.
     pub async fn credentials(&self, device_id: &DeviceId) -> Option<DeviceLocalCredentialInfo> {
-        let response = self
-            .get(
-                &format!("/v1.0/directory/deviceLocalCredentials/{device_id}?$select=credentials"),
-                Some(READ_TOKEN),
-            )
-            .await;
+        let path = format!("/v1.0/directory/deviceLocalCredentials/{device_id}?$select=credentials");
+        let response = wait_until(
+            "the API answers a password read (not 503)",
+            Duration::from_secs(30),
+            || async {
+                let response = self.get(&path, Some(READ_TOKEN)).await;
+                (response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(response)
+            },
+        )
+        .await;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return None;
         }
@@ -233,6 +298,8 @@ pub struct AgentOptions {
     /// Text appended at the end of `agent.toml`, after `[policy]`: whole tables, such as
     /// `[post_authentication]`.
     pub extra_config: String,
+    /// Authenticate to NATS with the nkey seed in this file (`nats.nkey_seed_file`).
+    pub nkey_seed_file: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -244,6 +311,7 @@ impl Default for AgentOptions {
             linux_account: None,
             settings: String::new(),
             extra_config: String::new(),
+            nkey_seed_file: None,
         }
     }
 }
@@ -266,6 +334,7 @@ pub struct TestAgent {
     linux_account: Option<String>,
     settings: String,
     extra_config: String,
+    nkey_seed_file: Option<PathBuf>,
     device_name: String,
     interval: u64,
     shutdown: Option<oneshot::Sender<()>>,
@@ -301,6 +370,7 @@ impl TestAgent {
             linux_account: options.linux_account,
             settings: options.settings,
             extra_config: options.extra_config,
+            nkey_seed_file: options.nkey_seed_file,
             device_name: options.device_name,
             interval: options.processing_interval_secs,
             shutdown: None,
@@ -326,6 +396,11 @@ impl TestAgent {
                 MANAGED_ACCOUNT.to_owned(),
             ),
         };
+        let nkey_line = self
+            .nkey_seed_file
+            .as_ref()
+            .map(|path| format!("nkey_seed_file = \"{}\"", path.display()))
+            .unwrap_or_default();
         format!(
             r#"
 device_name = "{device_name}"
@@ -336,6 +411,7 @@ processing_interval_secs = {interval}
 [nats]
 url = "{nats_url}"
 ack_timeout_secs = 2
+{nkey_line}
 [account]
 {account}
 [policy]
@@ -471,6 +547,16 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// An HTTP client that trusts only `certificate` (PEM), as `lapsctl --ca` does.
+pub fn trusting_client(certificate: &Path) -> reqwest::Client {
+    let pem = std::fs::read(certificate).expect("reading the API's certificate");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"))
+        .tls_built_in_root_certs(false)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// Runs a workspace binary with arguments and returns its output, without blocking the runtime

@@ -4,12 +4,14 @@
 //! The server is driven with `std::process`, not tokio, so it works from sync and async tests
 //! alike, and is stopped from `Drop` even when a test panics.
 
+use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,6 +44,11 @@ pub struct TestNats {
     store_dir: PathBuf,
     /// The server's stdout and stderr, appended to across restarts, inside `dir`.
     log_path: PathBuf,
+    /// Writes the config file the server runs with, if the test gave one (see
+    /// [`start_with_config`](Self::start_with_config)); without it the server runs from flags.
+    config: Option<ConfigRenderer>,
+    /// Where the rendered config is written, inside `dir`.
+    config_path: PathBuf,
     /// Owns `store_dir` and `log_path`; held only to be removed on drop. Fields drop after
     /// `Drop::drop` has killed the server, so the directory is never removed under a running server.
     _dir: TempDir,
@@ -55,6 +62,56 @@ impl TestNats {
     /// If `nats-server` is installed neither on `PATH` nor in `/usr/sbin`, or it does not accept
     /// connections within 10 s (the message then includes the end of its log).
     pub fn start() -> Self {
+        Self::start_configured(None)
+    }
+
+    /// Starts a nats-server that runs from a config file (`nats-server -c`), such as one with
+    /// users and permissions, and waits until it accepts connections. `render` is given the
+    /// port and the store directory the harness chose and returns the file's text, which must
+    /// listen on `127.0.0.1:<port>` and enable JetStream in that store directory. It is called
+    /// again on each (re)start.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start); a config the server refuses shows in the log quoted.
+    pub fn start_with_config(render: impl Fn(u16, &Path) -> String + Send + Sync + 'static) -> Self {
+        Self::start_configured(Some(ConfigRenderer(Arc::new(render))))
+    }
+
+    /// Replaces the config with what `render` returns and has the running server reload it
+    /// (SIGHUP, as `systemctl reload` does), waiting until it has. Connected clients stay
+    /// connected, under the new permissions.
+    ///
+    /// # Panics
+    ///
+    /// If the server was not started with [`start_with_config`](Self::start_with_config) (one
+    /// started from flags has no file to reload) or is not running, or does not report a reload
+    /// within 10 s (the message then includes the end of its log).
+    pub fn reload_config(&mut self, render: impl Fn(u16, &Path) -> String + Send + Sync + 'static) {
+        assert!(
+            self.config.is_some(),
+            "reload_config needs a nats-server started with start_with_config"
+        );
+        let renderer = ConfigRenderer(Arc::new(render));
+        fs::write(&self.config_path, (renderer.0)(self.port, &self.store_dir)).expect("writing the nats-server config");
+        self.config = Some(renderer);
+        let child = self.child.as_ref().expect("reload_config needs a running nats-server");
+        let reloads_before = count_in_log(&self.log_path, RELOADED);
+        let sent = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("running kill -HUP");
+        assert!(sent.success(), "kill -HUP nats-server failed");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while count_in_log(&self.log_path, RELOADED) == reloads_before {
+            if Instant::now() >= deadline {
+                self.panic_with_log("nats-server did not reload its config within 10 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn start_configured(config: Option<ConfigRenderer>) -> Self {
         let binary = find_nats_server();
         let dir = tempfile::Builder::new()
             .prefix("fleetlaps-nats-")
@@ -66,6 +123,8 @@ impl TestNats {
             binary,
             store_dir: dir.path().join("store"),
             log_path: dir.path().join("nats.log"),
+            config,
+            config_path: dir.path().join("nats-server.conf"),
             _dir: dir,
         };
         let mut attempt = 1;
@@ -159,9 +218,20 @@ impl TestNats {
             .open(&self.log_path)
             .expect("opening the nats-server log file");
         let log_for_stderr = log.try_clone().expect("duplicating the log file handle");
-        let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.store_dir)
+        let mut command = Command::new(&self.binary);
+        match &self.config {
+            Some(renderer) => {
+                fs::write(&self.config_path, (renderer.0)(self.port, &self.store_dir))
+                    .expect("writing the nats-server config");
+                command.arg("-c").arg(&self.config_path);
+            }
+            None => {
+                command
+                    .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+                    .arg(&self.store_dir);
+            }
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_for_stderr)
@@ -199,6 +269,27 @@ impl TestNats {
             log_tail(&self.log_path)
         )
     }
+}
+
+/// Renders a nats-server config file from the port and the store directory.
+type RenderConfig = dyn Fn(u16, &Path) -> String + Send + Sync;
+
+/// A [`RenderConfig`] kept by the server for restarts.
+#[derive(Clone)]
+struct ConfigRenderer(Arc<RenderConfig>);
+
+impl fmt::Debug for ConfigRenderer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConfigRenderer")
+    }
+}
+
+/// What nats-server logs once a reload has taken effect.
+const RELOADED: &str = "Reloaded server configuration";
+
+/// How many times `needle` occurs in the log at `path` (0 if it cannot be read).
+fn count_in_log(path: &Path, needle: &str) -> usize {
+    fs::read_to_string(path).map_or(0, |text| text.matches(needle).count())
 }
 
 impl Drop for TestNats {

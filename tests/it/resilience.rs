@@ -56,6 +56,8 @@ async fn restarting_the_orchestrator_duplicates_nothing_and_a_deleted_projection
         orchestrator.wait_for_passwords(&agent.device_id, 2).await;
     }
     let devices_before = orchestrator.devices().await;
+    // Every password read above is an audit event on the stream: wait until all are folded in.
+    wait_for_the_whole_stream(&nats, &orchestrator).await;
     orchestrator.stop().await;
     let projections_dir = orchestrator.data_dir.join("projections");
     let digest_before = digest(&projections_dir);
@@ -73,9 +75,7 @@ async fn restarting_the_orchestrator_duplicates_nothing_and_a_deleted_projection
         (orchestrator.devices().await == devices_before).then_some(())
     })
     .await;
-    for agent in &agents {
-        assert_eq!(orchestrator.passwords(&agent.device_id).await.len(), 2);
-    }
+    wait_for_the_whole_stream(&nats, &orchestrator).await;
     orchestrator.stop().await;
     assert_eq!(
         digest(&projections_dir),
@@ -130,4 +130,18 @@ fn digest(dir: &std::path::Path) -> String {
         .expect("projections open")
         .digest()
         .expect("digest")
+}
+
+/// Waits until the orchestrator has folded in every message of the events stream.
+async fn wait_for_the_whole_stream(nats: &TestNats, orchestrator: &TestOrchestrator) {
+    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let mut stream = jetstream
+        .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
+        .await
+        .expect("the events stream");
+    let last = stream.info().await.expect("stream info").state.last_sequence;
+    wait_until("the orchestrator folds in the whole stream", Duration::from_secs(30), || async {
+        (orchestrator.metric("fleetlaps_projection_last_sequence").await >= last as f64).then_some(())
+    })
+    .await;
 }

@@ -22,11 +22,8 @@ async fn an_agent_rotates_and_the_password_read_through_the_api_and_lapsctl_is_t
         "the password expires after its backup"
     );
 
-    let output = run(
-        "lapsctl",
-        &[
-            "--url",
-            &orchestrator.base_url,
+    let output = orchestrator
+        .lapsctl(&[
             "--token",
             READ_TOKEN,
             "get-password",
@@ -36,9 +33,8 @@ async fn an_agent_rotates_and_the_password_read_through_the_api_and_lapsctl_is_t
             "--as-plain-text",
             "-o",
             "json",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         output.status.success(),
         "lapsctl failed: {}",

@@ -1,14 +1,16 @@
 //! `lapsctl`: the fleetlaps admin CLI. `lapsctl get-password` reads a device's backed-up
-//! passwords from the orchestrator's API as `Get-LapsAADPassword` reads them from Microsoft Graph.
+//! passwords from the orchestrator's API as `Get-LapsAADPassword` reads them from Microsoft Graph;
+//! `rotate` asks a device to rotate now; `token` manages API tokens; `audit` shows the history.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetlaps_orchestrator::client::ApiClient;
-use fleetlaps_proto::api::DeviceLocalCredentialInfo;
+use fleetlaps_proto::api::{DeviceLocalCredentialInfo, TokenInfo, TokenRequest};
 use secrecy::SecretString;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
@@ -17,8 +19,12 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 #[command(name = "lapsctl", version)]
 struct Cli {
     /// The orchestrator's API.
-    #[arg(long, global = true, env = "LAPSCTL_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(long, global = true, env = "LAPSCTL_URL", default_value = "https://127.0.0.1:8080")]
     url: String,
+    /// Trust only the CA certificates in this PEM file for an https URL, instead of the built-in
+    /// web roots. For an orchestrator with a self-signed certificate, its `data_dir/tls/cert.pem`.
+    #[arg(long, global = true, env = "LAPSCTL_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// The API bearer token. Prefer the environment variable: other local users can see
     /// command-line arguments. Never printed.
     #[arg(long, global = true, env = "LAPSCTL_TOKEN", hide_env_values = true)]
@@ -30,8 +36,67 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show a device's password metadata or, with --include-passwords, its newest passwords
-    /// (as Get-LapsAADPassword).
+    /// (as Get-LapsAADPassword). Each read of passwords is recorded in the audit history.
     GetPassword(GetPassword),
+    /// Ask a device to rotate its password now (Intune's "Rotate local admin password"); needs
+    /// DeviceLocalCredential.Rotate. The device rotates when it next hears from NATS.
+    Rotate(Rotate),
+    /// Create, list and revoke API tokens (needs Admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show the audit history: password reads, rotation requests, tokens (needs Audit.Read.All).
+    Audit(Audit),
+}
+
+#[derive(Args)]
+struct Rotate {
+    /// The device's name or, when no device has that name, its id.
+    #[arg(long, value_name = "NAME_OR_ID")]
+    device: String,
+    /// Why, for the audit history.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it: it is shown this once, the server keeps only its hash.
+    Create {
+        /// Who will hold it; the audit records this name for what the token does.
+        #[arg(long)]
+        name: String,
+        /// A scope, such as DeviceLocalCredential.Read.All; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Days until it expires; without it, it does not expire.
+        #[arg(long, value_name = "DAYS")]
+        expires_in_days: Option<u32>,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// List the tokens made through the API (never the tokens themselves).
+    List {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Revoke a token: it stops working at once.
+    Revoke {
+        /// The token's id, as `lapsctl token list` shows it.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct Audit {
+    /// Only this device's entries (its name or id).
+    #[arg(long, value_name = "NAME_OR_ID")]
+    device: Option<String>,
+    /// Only this kind: password_read, rotation_requested, token_created, token_revoked.
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -42,6 +107,9 @@ struct GetPassword {
     /// Also show the newest passwords, newest first (needs DeviceLocalCredential.Read.All).
     #[arg(long)]
     include_passwords: bool,
+    /// Why the passwords are read, for the audit history (a ticket number, say).
+    #[arg(long, requires = "include_passwords")]
+    reason: Option<String>,
     /// Show the passwords in clear text; without it they are shown as ********.
     #[arg(long, requires = "include_passwords")]
     as_plain_text: bool,
@@ -90,28 +158,122 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
     let token = cli.token.context("no API token: pass --token or set LAPSCTL_TOKEN")?;
-    let client = ApiClient::new(&cli.url, token)?;
+    let mut client = ApiClient::with_ca(&cli.url, token, cli.ca.as_deref())?;
     match cli.command {
-        Command::GetPassword(args) => get_password(&client, &args).await,
+        Command::GetPassword(args) => {
+            client.set_reason(args.reason.clone());
+            get_password(&client, &args).await
+        }
+        Command::Rotate(args) => {
+            client.set_reason(args.reason.clone());
+            let device = one_device(&client, &args.device).await?;
+            let command_id = client.rotate(&device.id).await?;
+            Ok(format!(
+                "rotation requested for {} ({}): command {command_id}\n",
+                device.device_name, device.id
+            ))
+        }
+        Command::Token(command) => manage_tokens(&client, command).await,
+        Command::Audit(args) => audit(&client, &args).await,
     }
 }
 
-async fn get_password(client: &ApiClient, args: &GetPassword) -> anyhow::Result<String> {
-    let mut found = client.lookup_device(&args.device).await?;
-    let device = match found.len() {
-        0 => anyhow::bail!("no device named {}", args.device),
-        1 => found.remove(0),
+/// The one device `name_or_id` designates, or an error saying why there is not one.
+async fn one_device(client: &ApiClient, name_or_id: &str) -> anyhow::Result<DeviceLocalCredentialInfo> {
+    let mut found = client.lookup_device(name_or_id).await?;
+    match found.len() {
+        0 => anyhow::bail!("no device named {name_or_id}"),
+        1 => Ok(found.remove(0)),
         n_devices => {
             let list: String = found
                 .iter()
                 .map(|device| format!("\n  {}  {}", device.id, device.device_name))
                 .collect();
-            anyhow::bail!(
-                "{n_devices} devices are named {}; pass one of their ids with --device:{list}",
-                args.device
-            )
+            anyhow::bail!("{n_devices} devices are named {name_or_id}; pass one of their ids with --device:{list}")
         }
+    }
+}
+
+async fn manage_tokens(client: &ApiClient, command: TokenCommand) -> anyhow::Result<String> {
+    match command {
+        TokenCommand::Create {
+            name,
+            scopes,
+            expires_in_days,
+            output,
+        } => {
+            let request = TokenRequest {
+                name,
+                scopes,
+                expires_date_time: expires_in_days.map(|days| Utc::now() + chrono::Duration::days(i64::from(days))),
+            };
+            let created = client.create_token(&request).await?;
+            let mut fields = token_fields(&created.info);
+            fields.insert(0, ("Token", Some(created.token.expose().to_owned())));
+            Ok(render(&[Entry(fields)], output))
+        }
+        TokenCommand::List { output } => {
+            let entries: Vec<Entry> = client.tokens().await?.iter().map(|info| Entry(token_fields(info))).collect();
+            Ok(render(&entries, output))
+        }
+        TokenCommand::Revoke { id } => {
+            client.revoke_token(&id).await?;
+            Ok(format!("token {id} revoked\n"))
+        }
+    }
+}
+
+fn token_fields(info: &TokenInfo) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("Id", Some(info.id.clone())),
+        ("Name", Some(info.name.clone())),
+        ("Scopes", Some(info.scopes.join(" "))),
+        ("CreatedBy", Some(info.created_by.clone())),
+        ("CreatedTime", Some(timestamp(info.created_date_time))),
+        ("ExpirationTime", info.expires_date_time.map(timestamp)),
+        ("RevokedTime", info.revoked_date_time.map(timestamp)),
+    ]
+}
+
+async fn audit(client: &ApiClient, args: &Audit) -> anyhow::Result<String> {
+    let device = match &args.device {
+        Some(name_or_id) => Some(one_device(client, name_or_id).await?.id),
+        None => None,
     };
+    let entries: Vec<Entry> = client
+        .audit(device.as_ref(), args.kind.as_deref())
+        .await?
+        .iter()
+        .map(|entry| {
+            let field = |name: &str| entry.body.get(name).and_then(|value| value.as_str()).map(str::to_owned);
+            let principal = field("principal")
+                .or_else(|| field("created_by"))
+                .or_else(|| field("revoked_by"));
+            let subject = field("device_id").or_else(|| field("token_id"));
+            Entry(vec![
+                ("Sequence", Some(entry.sequence.to_string())),
+                ("Time", Some(timestamp(entry.time))),
+                ("Kind", Some(entry.kind.clone())),
+                ("Principal", principal),
+                ("Subject", subject),
+                ("Reason", field("reason")),
+                ("Client", field("client_name")),
+                ("SourceAddress", field("source_address")),
+            ])
+        })
+        .collect();
+    Ok(render(&entries, args.output))
+}
+
+fn render(entries: &[Entry], output: OutputFormat) -> String {
+    match output {
+        OutputFormat::Table => render_table(entries),
+        OutputFormat::Json => render_json(entries),
+    }
+}
+
+async fn get_password(client: &ApiClient, args: &GetPassword) -> anyhow::Result<String> {
+    let device = one_device(client, &args.device).await?;
     let passwords = match (args.include_passwords, args.as_plain_text) {
         (false, _) => Passwords::Omitted,
         (true, false) => Passwords::Masked,
@@ -122,10 +284,7 @@ async fn get_password(client: &ApiClient, args: &GetPassword) -> anyhow::Result<
         Passwords::Masked | Passwords::PlainText => client.device(&device.id, true).await?,
     };
     let entries = entries(&device, passwords)?;
-    Ok(match args.output {
-        OutputFormat::Table => render_table(&entries),
-        OutputFormat::Json => render_json(&entries),
-    })
+    Ok(render(&entries, args.output))
 }
 
 /// The cmdlet's output objects for `device`: one without passwords, else one per credential.

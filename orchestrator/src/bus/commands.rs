@@ -39,17 +39,24 @@ pub async fn issue_command(
         issued_at: Utc::now(),
         action,
     };
-    let payload = serde_json::to_vec(&command).expect("a command serialises");
+    send_command(jetstream, &command).await?;
+    Ok(command)
+}
+
+/// Sends a command made by the caller to its device and waits until the stream holds it. The
+/// command id is its `Nats-Msg-Id`, so sending it twice stores it once.
+pub async fn send_command(jetstream: &jetstream::Context, command: &Command) -> Result<(), BusError> {
+    let payload = serde_json::to_vec(command).expect("a command serialises");
     let message = PublishMessage::build()
         .payload(payload.into())
         .message_id(command.id.to_string());
     let publish_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Stream { source };
     jetstream
-        .send_publish(subject::device_commands(device_id), message)
+        .send_publish(subject::device_commands(&command.device_id), message)
         .await
         .map_err(|err| publish_error(err.into()))?
         .await
         .map_err(|err| publish_error(err.into()))?;
-    tracing::info!(command_id = %command.id, %device_id, "command issued");
-    Ok(command)
+    tracing::info!(command_id = %command.id, device_id = %command.device_id, "command issued");
+    Ok(())
 }

@@ -28,6 +28,9 @@ pub enum BusError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The nkey seed file could not be used; nothing was sent.
+    #[error("nats.nkey_seed_file")]
+    NkeySeed(#[from] crate::nats_auth::SeedFileError),
     /// The stream could not be created or read.
     #[error("events stream")]
     Stream {
@@ -250,6 +253,10 @@ impl Consumer {
             Outcome::Applied(kind) => {
                 self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
                 tracing::debug!(stream_sequence, %kind, "event applied");
+            }
+            Outcome::Recorded(kind) => {
+                self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
+                tracing::debug!(stream_sequence, %kind, "orchestrator event recorded");
             }
             Outcome::Duplicate => {
                 self.metrics.events_duplicate.inc();

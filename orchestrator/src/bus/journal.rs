@@ -6,8 +6,7 @@
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
-use fleetlaps_proto::command::{Command, CommandAction};
-use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::command::Command;
 use fleetlaps_proto::subject;
 use futures::future::BoxFuture;
 
@@ -19,8 +18,8 @@ pub trait Journal: Send + Sync + 'static {
     /// sequence.
     fn append(&self, event: AuditEvent) -> BoxFuture<'_, Result<u64, BusError>>;
 
-    /// Sends a command to a device (kept until the device takes it).
-    fn command(&self, device_id: DeviceId, action: CommandAction) -> BoxFuture<'_, Result<Command, BusError>>;
+    /// Sends a command to its device (kept until the device takes it).
+    fn command(&self, command: Command) -> BoxFuture<'_, Result<(), BusError>>;
 }
 
 /// The journal on JetStream.
@@ -53,7 +52,7 @@ impl Journal for JetStreamJournal {
         })
     }
 
-    fn command(&self, device_id: DeviceId, action: CommandAction) -> BoxFuture<'_, Result<Command, BusError>> {
-        Box::pin(async move { super::issue_command(&self.jetstream, &device_id, action).await })
+    fn command(&self, command: Command) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move { super::commands::send_command(&self.jetstream, &command).await })
     }
 }

@@ -7,7 +7,7 @@ mod consumer;
 mod journal;
 mod stream;
 
-pub use commands::{ensure_commands_stream, issue_command};
+pub use commands::{ensure_commands_stream, issue_command, send_command};
 pub use consumer::{BusError, Consumer};
 pub use journal::{JetStreamJournal, Journal};
 pub use stream::{connect, ensure_events_stream};

@@ -1,20 +1,27 @@
 //! The event stream: created when missing, checked when present.
 
+use std::path::Path;
+
 use async_nats::jetstream::{self, stream};
 use fleetlaps_proto::subject;
 
 use super::BusError;
+use crate::nats_auth::NkeySeed;
 
-/// Connects to NATS and returns a JetStream context.
-pub async fn connect(url: &str) -> Result<jetstream::Context, BusError> {
-    let client = async_nats::ConnectOptions::new()
-        .name("fleetlaps-orchestrator")
-        .connect(url)
-        .await
-        .map_err(|err| BusError::Connect {
-            url: url.to_owned(),
-            source: err.into(),
-        })?;
+/// Connects to NATS, authenticating with the nkey in `nkey_seed_file` when one is given, and
+/// returns a JetStream context. Replies come on the shared `_INBOX`, which only the orchestrator's
+/// NATS user may read.
+pub async fn connect(url: &str, nkey_seed_file: Option<&Path>) -> Result<jetstream::Context, BusError> {
+    let mut options = async_nats::ConnectOptions::new().name("fleetlaps-orchestrator");
+    if let Some(path) = nkey_seed_file {
+        let seed = NkeySeed::read_file(path)?;
+        tracing::info!(nkey = %seed.public_key(), "connecting to NATS as this nkey user");
+        options = options.nkey(seed.expose_secret().to_owned());
+    }
+    let client = options.connect(url).await.map_err(|err| BusError::Connect {
+        url: url.to_owned(),
+        source: err.into(),
+    })?;
     Ok(jetstream::new(client))
 }
 

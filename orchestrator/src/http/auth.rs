@@ -1,4 +1,5 @@
-//! The bearer-token extractor: turns `Authorization: Bearer <token>` into a [`Principal`].
+//! The bearer-token extractor: turns `Authorization: Bearer <token>` into a [`Principal`], and
+//! [`RequestContext`]: what the audit records of a request besides its principal.
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -33,9 +34,47 @@ impl FromRequestParts<AppState> for Authenticated {
             .ok()
             .and_then(bearer_token)
             .ok_or(ApiError::MalformedToken)?;
-        state.tokens.authenticate(token).map(Self).ok_or(ApiError::UnknownToken)
+        Ok(Self(state.tokens.authenticate(token, chrono::Utc::now())??))
     }
 }
+
+/// What the audit records of a request: Graph's client headers, the reason the caller gave, and
+/// the address it came from. Values are cut to a bounded length.
+pub(super) struct RequestContext {
+    /// Graph's `ocp-client-name`.
+    pub(super) client_name: Option<String>,
+    /// Graph's `ocp-client-version`.
+    pub(super) client_version: Option<String>,
+    /// The `x-fleetlaps-reason` header.
+    pub(super) reason: Option<String>,
+    /// The peer address of the connection.
+    pub(super) source_address: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let header = |name: &str, limit: usize| {
+            let value = parts.headers.get(name)?.to_str().ok()?.trim();
+            (!value.is_empty()).then(|| value.chars().take(limit).collect::<String>())
+        };
+        Ok(Self {
+            client_name: header(CLIENT_NAME_HEADER, 64),
+            client_version: header(CLIENT_VERSION_HEADER, 64),
+            reason: header(fleetlaps_proto::api::REASON_HEADER, 200),
+            source_address: parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<super::PeerAddr>>()
+                .map(|info| info.0.0.ip().to_string()),
+        })
+    }
+}
+
+/// Graph's optional client headers, recorded with each audited request when present.
+pub(super) const CLIENT_NAME_HEADER: &str = "ocp-client-name";
+/// See [`CLIENT_NAME_HEADER`].
+pub(super) const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
 
 /// The token of a `Bearer <token>` credential; the scheme is case-insensitive (RFC 9110 §11.1).
 fn bearer_token(value: &str) -> Option<&str> {

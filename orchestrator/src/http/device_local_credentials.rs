@@ -3,23 +3,24 @@
 //! - `GET /v1.0/directory/deviceLocalCredentials`: the list, metadata only
 //!   (`DeviceLocalCredential.ReadBasic.All`), with `$filter`, `$top`, `$skiptoken`.
 //! - `GET /v1.0/directory/deviceLocalCredentials/{deviceId}`: one device; with
-//!   `$select=credentials` also its newest passwords (`DeviceLocalCredential.Read.All`).
+//!   `$select=credentials` also its newest passwords (`DeviceLocalCredential.Read.All`), each
+//!   such read recorded in the history before the answer leaves.
 //!
 //! Context and next links are relative to the server (`$metadata#…`, `/v1.0/…`), not absolute as
 //! Graph's: the server does not trust the `Host` header to tell it its own name.
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use fleetlaps_proto::api::{DeviceLocalCredential, DeviceLocalCredentialInfo, ODataCollection, PasswordBase64};
+use fleetlaps_proto::audit::{AuditEvent, PasswordRead};
 use fleetlaps_proto::event::sealing_context;
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::seal::EscrowSecretKey;
 use serde_json::Value;
 
 use super::AppState;
-use super::auth::Authenticated;
+use super::auth::{Authenticated, RequestContext};
 use super::error::ApiError;
 use super::odata::{self, Filter, Property, QueryOptions};
 use crate::auth::Scope;
@@ -36,10 +37,6 @@ const COLLECTION_CONTEXT: &str = "$metadata#directory/deviceLocalCredentials";
 const ENTITY_CONTEXT: &str = "$metadata#directory/deviceLocalCredentials/$entity";
 /// How many credentials one device answers with, newest first: three, as Entra keeps.
 const CREDENTIALS_RETURNED: usize = 3;
-/// Graph's optional client headers, recorded with each disclosure when present.
-const CLIENT_NAME_HEADER: &str = "ocp-client-name";
-/// See [`CLIENT_NAME_HEADER`].
-const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
 
 /// Lists devices' metadata, ordered by id, one page at a time.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
@@ -82,13 +79,17 @@ pub(super) async fn list(
 }
 
 /// One device's metadata, and with `$select=credentials` its newest passwords.
+///
+/// Audit before disclose: the passwords are opened, then a `password_read` event is appended to
+/// the history and acknowledged by JetStream, and only then answered. If the history cannot take
+/// it, the answer is 503 and holds no password.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name, %device_id))]
 pub(super) async fn get(
     State(state): State<AppState>,
     principal: Authenticated,
     DevicePath(device_id): DevicePath,
     options: QueryOptions,
-    headers: HeaderMap,
+    context: RequestContext,
 ) -> Result<Json<Value>, ApiError> {
     principal.require(Scope::ReadBasic)?;
     options.allow_only(&["$select"], "a single device")?;
@@ -102,17 +103,25 @@ pub(super) async fn get(
         .ok_or_else(|| ApiError::DeviceNotFound(device_id.clone()))?;
     let mut info = metadata(&device);
     if include_credentials {
-        let credentials = state
-            .projections
-            .credentials(&device_id, CREDENTIALS_RETURNED)?
+        let records = state.projections.credentials(&device_id, CREDENTIALS_RETURNED)?;
+        let credentials = records
             .iter()
             .map(|record| open_credential(&state.escrow, &device_id, record))
             .collect::<Result<Vec<_>, _>>()?;
+        let read = AuditEvent::PasswordRead(PasswordRead {
+            principal: principal.0.name.clone(),
+            device_id: device_id.clone(),
+            rotation_ids: records.iter().map(|record| record.rotation_id).collect(),
+            reason: context.reason,
+            client_name: context.client_name,
+            client_version: context.client_version,
+            source_address: context.source_address,
+        });
+        let sequence = state.journal.append(read).await.map_err(ApiError::AuditUnavailable)?;
         state.metrics.passwords_disclosed.inc_by(credentials.len() as u64);
         tracing::info!(
             n_credentials = credentials.len(),
-            client_name = client_header(&headers, CLIENT_NAME_HEADER),
-            client_version = client_header(&headers, CLIENT_VERSION_HEADER),
+            audit_sequence = sequence,
             "passwords disclosed"
         );
         info.credentials = Some(credentials);
@@ -206,10 +215,4 @@ fn entity(info: &DeviceLocalCredentialInfo) -> Value {
         fields.insert("@odata.context".to_owned(), Value::from(ENTITY_CONTEXT));
     }
     value
-}
-
-/// A client header's value for the log, cut to 64 characters; `None` when absent or not text.
-fn client_header(headers: &HeaderMap, name: &str) -> Option<String> {
-    let value = headers.get(name)?.to_str().ok()?;
-    Some(value.chars().take(64).collect())
 }

@@ -9,7 +9,8 @@ use fleetlaps_proto::api::ODataError;
 use fleetlaps_proto::ids::{DeviceId, RotationId};
 use fleetlaps_proto::seal::SealError;
 
-use crate::auth::Scope;
+use crate::auth::{AuthError, Scope};
+use crate::bus::BusError;
 use crate::projection::ProjectionError;
 
 /// Why a request failed.
@@ -25,9 +26,9 @@ pub enum ApiError {
     /// An `Authorization` header that is not `Bearer <token>`.
     #[error("the Authorization header is not of the form `Bearer <token>`")]
     MalformedToken,
-    /// A bearer token that no principal holds.
-    #[error("the access token is not valid")]
-    UnknownToken,
+    /// A bearer token that is unknown, expired or revoked.
+    #[error("{0}")]
+    TokenRejected(#[from] AuthError),
     /// The principal lacks a scope the request needs.
     #[error("insufficient privileges to complete the operation: it requires the {0} scope")]
     MissingScope(Scope),
@@ -40,6 +41,26 @@ pub enum ApiError {
     /// No device with this id.
     #[error("device {0} was not found")]
     DeviceNotFound(DeviceId),
+    /// No token with this id.
+    #[error("token {0} was not found")]
+    TokenNotFound(String),
+    /// Asked again too soon.
+    #[error("{what}; retry after {retry_after_secs} seconds")]
+    Throttled {
+        /// What was refused and why.
+        what: String,
+        /// Seconds until it is allowed (the `Retry-After` header).
+        retry_after_secs: u64,
+    },
+    /// The audit history could not record the request, so it was not carried out.
+    #[error("the audit history is unavailable, so no password is disclosed and nothing is changed; try again later")]
+    AuditUnavailable(#[source] BusError),
+    /// A command could not be sent to the device.
+    #[error("the command could not be sent to the device; try again later")]
+    CommandUnavailable(#[source] BusError),
+    /// The history recorded the change but the projections did not show it in time.
+    #[error("the change is recorded but not yet visible; read it again shortly")]
+    NotYetVisible,
     /// No route has this path (the path, without the query).
     #[error("no resource at {0}")]
     NoRoute(String),
@@ -74,10 +95,15 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingToken | Self::MalformedToken | Self::UnknownToken => StatusCode::UNAUTHORIZED,
+            Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) => StatusCode::UNAUTHORIZED,
             Self::MissingScope(_) => StatusCode::FORBIDDEN,
             Self::BadRequest(_) | Self::UnsupportedQuery(_) => StatusCode::BAD_REQUEST,
-            Self::DeviceNotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // Not a 500: the caller's request was fine, and the message says so.
+            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -88,11 +114,13 @@ impl ApiError {
     /// The OData error code, as Microsoft Graph names it.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::MissingToken | Self::MalformedToken | Self::UnknownToken => "InvalidAuthenticationToken",
+            Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) => "InvalidAuthenticationToken",
             Self::MissingScope(_) => "Authorization_RequestDenied",
             Self::BadRequest(_) | Self::MethodNotAllowed(_) => "Request_BadRequest",
             Self::UnsupportedQuery(_) => "Request_UnsupportedQuery",
-            Self::DeviceNotFound(_) | Self::NoRoute(_) => "Request_ResourceNotFound",
+            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::NoRoute(_) => "Request_ResourceNotFound",
+            Self::Throttled { .. } => "TooManyRequests",
+            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => "ServiceUnavailable",
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => "InternalServerError",
         }
     }
@@ -101,7 +129,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = if status.is_server_error() {
+        let message = if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The message is meant for the caller; the cause is for the operator.
+            tracing::warn!(error = %ErrorChain(&self), "request refused: a dependency is unavailable");
+            self.to_string()
+        } else if status.is_server_error() {
             // The caller learns nothing about the inside; the operator gets the whole chain, once.
             tracing::error!(error = %ErrorChain(&self), "request failed");
             "an internal error occurred; the server log has the details".to_owned()
@@ -111,6 +143,8 @@ impl IntoResponse for ApiError {
         let body = Json(ODataError::new(self.code(), message));
         if status == StatusCode::UNAUTHORIZED {
             (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+        } else if let Self::Throttled { retry_after_secs, .. } = self {
+            (status, [(header::RETRY_AFTER, retry_after_secs.to_string())], body).into_response()
         } else {
             (status, body).into_response()
         }

@@ -2,32 +2,42 @@
 //!
 //! Layout:
 //! - `device_local_credentials`: Graph's `/v1.0/directory/deviceLocalCredentials`, list and item.
+//! - `devices`: Graph's `/v1.0/devices`, and Intune's rotate action on one device.
+//! - `tokens`: creating, listing and revoking API tokens.
+//! - `audit`: the audit history, for investigators.
 //! - `escrow`: the escrow public key, for agents and tools.
 //! - `health`: the liveness probe.
 //! - `metrics`: the request metrics middleware and the `/metrics` endpoint.
 //! - `auth`: the bearer-token extractor.
 //! - `odata`: OData query options (`$filter`, `$select`, `$top`, `$skiptoken`).
 //! - `error`: [`ApiError`], the one error type that becomes a response.
+//! - `tls`: [`TlsListener`], which serves the API over TLS.
 
 mod auth;
+mod audit;
 mod device_local_credentials;
+mod devices;
 mod error;
 mod escrow;
 mod health;
 mod metrics;
 mod odata;
+mod tokens;
+mod tls;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use fleetlaps_proto::seal::EscrowSecretKey;
 
 use crate::auth::TokenStore;
+use crate::bus::Journal;
 use crate::metrics::Metrics;
 use crate::projection::Projections;
 
 pub use error::ApiError;
+pub use tls::{PeerAddr, TlsListener};
 
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -40,6 +50,14 @@ pub struct AppState {
     pub tokens: Arc<TokenStore>,
     /// Request counts, latencies and disclosures are recorded here.
     pub metrics: Metrics,
+    /// Where the orchestrator's own events are recorded (before a password is disclosed) and
+    /// commands are sent.
+    pub journal: Arc<dyn Journal>,
+    /// The least time between two rotation requests for one device.
+    pub rotate_min_interval: std::time::Duration,
+    /// When each device's rotation was last requested through this process: the projections
+    /// know it too, but only once the consumer has folded the request in.
+    pub rotate_requests: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::ids::DeviceId, chrono::DateTime<chrono::Utc>>>>,
 }
 
 /// The API: health, the escrow public key and Graph's `deviceLocalCredentials`.
@@ -52,6 +70,11 @@ pub fn router(state: AppState) -> Router {
         .route(escrow::PATH, get(escrow::get_public_key))
         .route(device_local_credentials::LIST_PATH, get(device_local_credentials::list))
         .route(device_local_credentials::ITEM_PATH, get(device_local_credentials::get))
+        .route(devices::LIST_PATH, get(devices::list))
+        .route(devices::ROTATE_PATH, post(devices::rotate))
+        .route(tokens::LIST_PATH, get(tokens::list).post(tokens::create))
+        .route(tokens::ITEM_PATH, delete(tokens::revoke))
+        .route(audit::LIST_PATH, get(audit::list))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)

@@ -12,13 +12,21 @@ use serde_json::Value;
 use tower::ServiceExt as _;
 
 use super::*;
+use crate::bus::BusError;
 use crate::config::TokenConfig;
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
+use fleetlaps_proto::command::Command;
 use crate::projection::{Outcome, StreamMessage};
 
 /// A token with `DeviceLocalCredential.ReadBasic.All`.
 pub(crate) const READ_BASIC_TOKEN: &str = "helpdesk-token";
 /// A token with `DeviceLocalCredential.Read.All`.
 pub(crate) const READ_ALL_TOKEN: &str = "admin-token";
+
+/// The fixture's token holding only `scope`.
+fn scope_token(scope: crate::auth::Scope) -> String {
+    format!("token-for-{scope}")
+}
 const ITEM: &str = "/v1.0/directory/deviceLocalCredentials";
 
 /// An [`AppState`] over projections in a tempdir, and helpers to fill them; also used by the
@@ -26,7 +34,63 @@ const ITEM: &str = "/v1.0/directory/deviceLocalCredentials";
 pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
     pub(crate) state: AppState,
-    next_sequence: u64,
+    journal: Arc<FoldingJournal>,
+}
+
+/// The journal of these in-process tests: folds each event straight into the fixture's
+/// projections, as the consumer would after JetStream stored it, and keeps the commands. It can
+/// be made unavailable, as JetStream is when NATS is down. (The integration tests use the real
+/// journal on a real nats-server.)
+pub(crate) struct FoldingJournal {
+    projections: Projections,
+    next_sequence: std::sync::atomic::AtomicU64,
+    available: std::sync::atomic::AtomicBool,
+    commands: std::sync::Mutex<Vec<Command>>,
+}
+
+impl FoldingJournal {
+    fn next_sequence(&self) -> u64 {
+        self.next_sequence.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Journal for FoldingJournal {
+    fn append(&self, event: AuditEvent) -> futures::future::BoxFuture<'_, Result<u64, BusError>> {
+        Box::pin(async move {
+            if !self.available.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(BusError::Journal {
+                    source: "JetStream is unavailable".into(),
+                });
+            }
+            let envelope = AuditEnvelope::new(Utc::now(), event);
+            let sequence = self.next_sequence();
+            let subject = subject::audit_event(envelope.event.kind());
+            let payload = envelope.to_json();
+            let applied = self
+                .projections
+                .apply(StreamMessage {
+                    sequence,
+                    subject: &subject,
+                    published: envelope.time,
+                    payload: &payload,
+                })
+                .unwrap();
+            assert!(matches!(applied.outcome, Outcome::Recorded(_)), "{applied:?}");
+            Ok(sequence)
+        })
+    }
+
+    fn command(&self, command: Command) -> futures::future::BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            if !self.available.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(BusError::Journal {
+                    source: "JetStream is unavailable".into(),
+                });
+            }
+            self.commands.lock().unwrap().push(command);
+            Ok(())
+        })
+    }
 }
 
 struct Answer {
@@ -41,23 +105,37 @@ impl Fixture {
         let projections = Projections::open(&dir.path().join("db")).unwrap();
         let token = |name: &str, token: &str, scope: &str| TokenConfig {
             name: name.to_owned(),
-            token: token.to_owned().into(),
+            token_sha256: crate::auth::token_sha256(token),
             scopes: vec![scope.to_owned()],
+            expires_at: None,
         };
-        let tokens = TokenStore::from_config(&[
+        let mut tokens: Vec<TokenConfig> = vec![
             token("helpdesk", READ_BASIC_TOKEN, SCOPE_READ_BASIC),
             token("admin", READ_ALL_TOKEN, SCOPE_READ_PASSWORDS),
-        ]);
+        ];
+        tokens.extend(
+            crate::auth::Scope::ALL.map(|scope| token(scope.as_str(), &scope_token(scope), scope.as_str())),
+        );
+        let tokens = TokenStore::new(&tokens, None, projections.clone());
+        let journal = Arc::new(FoldingJournal {
+            projections: projections.clone(),
+            next_sequence: 1.into(),
+            available: true.into(),
+            commands: std::sync::Mutex::default(),
+        });
         let state = AppState {
             projections,
             escrow: Arc::new(EscrowSecretKey::generate()),
             tokens: Arc::new(tokens),
             metrics: Metrics::new(),
+            journal: journal.clone(),
+            rotate_min_interval: std::time::Duration::from_secs(300),
+            rotate_requests: Arc::default(),
         };
         Self {
             _dir: dir,
             state,
-            next_sequence: 1,
+            journal,
         }
     }
 
@@ -67,8 +145,7 @@ impl Fixture {
     }
 
     fn back_up_sealed_to(&mut self, recipient: &EscrowPublicKey, device_id: &str, device_name: &str, password: &str) {
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
+        let sequence = self.journal.next_sequence();
         let device_id = DeviceId::parse(device_id).unwrap();
         let rotation_id = RotationId::new();
         let time = Utc
@@ -443,4 +520,282 @@ async fn metrics_count_requests_by_route_pattern_never_by_device() {
     assert!(has("unmatched", "404"), "{text}");
     assert!(text.contains(crate::metrics::HTTP_REQUEST_DURATION_SECONDS), "{text}");
     assert!(!text.contains("device-9f3e"), "{text}");
+}
+
+/// An endpoint that needs a token: method, path, body, the scopes that open it, and the status it
+/// answers with when opened.
+type Endpoint = (&'static str, String, Option<Value>, Vec<crate::auth::Scope>, StatusCode);
+
+/// Every endpoint that needs a token.
+fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
+    use crate::auth::Scope::*;
+    vec![
+        ("GET", ITEM.to_owned(), None, vec![ReadBasic, ReadPasswords], StatusCode::OK),
+        ("GET", format!("{ITEM}/dev-1"), None, vec![ReadBasic, ReadPasswords], StatusCode::OK),
+        ("GET", format!("{ITEM}/dev-1?$select=credentials"), None, vec![ReadPasswords], StatusCode::OK),
+        ("GET", "/v1.0/devices".to_owned(), None, vec![DeviceRead], StatusCode::OK),
+        (
+            "POST",
+            "/v1.0/deviceManagement/managedDevices/dev-1/rotateLocalAdminPassword".to_owned(),
+            None,
+            vec![Rotate],
+            StatusCode::NO_CONTENT,
+        ),
+        ("GET", "/v1.0/fleetlaps/tokens".to_owned(), None, vec![Admin], StatusCode::OK),
+        (
+            "POST",
+            "/v1.0/fleetlaps/tokens".to_owned(),
+            Some(serde_json::json!({"name": "new", "scopes": ["Device.Read.All"]})),
+            vec![Admin],
+            StatusCode::CREATED,
+        ),
+        ("DELETE", format!("/v1.0/fleetlaps/tokens/{token_id}"), None, vec![Admin], StatusCode::NO_CONTENT),
+        ("GET", "/v1.0/fleetlaps/auditEvents".to_owned(), None, vec![AuditRead], StatusCode::OK),
+    ]
+}
+
+impl Fixture {
+    async fn call(&self, method: &str, uri: &str, body: Option<&Value>, token: Option<&str>) -> Answer {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(serde_json::to_vec(body).unwrap())
+            }
+            None => Body::empty(),
+        };
+        self.send(request.body(body).unwrap()).await
+    }
+
+    /// Creates a token through the API with the `Admin` fixture token; returns (token, id).
+    async fn create_token(&self, scopes: &[&str], expires: Option<chrono::DateTime<Utc>>) -> (String, String) {
+        let answer = self
+            .call(
+                "POST",
+                "/v1.0/fleetlaps/tokens",
+                Some(&serde_json::json!({"name": "someone", "scopes": scopes, "expiresDateTime": expires})),
+                Some(&scope_token(crate::auth::Scope::Admin)),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+        (
+            answer.body["token"].as_str().unwrap().to_owned(),
+            answer.body["id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    fn audit(&self) -> Vec<(u64, AuditEnvelope)> {
+        self.state.projections.audit(0, 1000).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn the_scope_matrix_every_endpoint_by_no_expired_revoked_and_each_scope_token() {
+    let mut fixture = Fixture::new();
+    fixture.state.rotate_min_interval = std::time::Duration::ZERO;
+    fixture.back_up("dev-1", "host-1", "s3cret-One");
+    let (revoked, revoked_id) = fixture.create_token(&["Admin", "DeviceLocalCredential.Read.All"], None).await;
+    let revoke = fixture
+        .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{revoked_id}"), None, Some(&scope_token(crate::auth::Scope::Admin)))
+        .await;
+    assert_eq!(revoke.status, StatusCode::NO_CONTENT, "{}", revoke.body);
+    // An API token whose expiry has passed: recorded directly, as the API refuses past expiries.
+    let expired = "an-expired-token";
+    fixture
+        .journal
+        .append(AuditEvent::TokenCreated(fleetlaps_proto::audit::TokenCreated {
+            token_id: fleetlaps_proto::audit::TokenId::new(),
+            name: "expired".to_owned(),
+            scopes: crate::auth::Scope::ALL.map(|scope| scope.as_str().to_owned()).to_vec(),
+            expires_at: Some(Utc::now() - chrono::Duration::hours(1)),
+            token_sha256: crate::auth::token_sha256(expired),
+            created_by: "test".to_owned(),
+        }))
+        .await
+        .unwrap();
+
+    for scope_index in 0..protected_endpoints("x").len() {
+        // A fresh token to delete for each call that may delete one.
+        let (_, victim) = fixture.create_token(&["Device.Read.All"], None).await;
+        let (method, uri, body, allowed, opened) = protected_endpoints(&victim).swap_remove(scope_index);
+        let cell = |who: &str| format!("{method} {uri} with {who}");
+        for (who, token) in [("no token", None), ("an expired token", Some(expired)), ("a revoked token", Some(revoked.as_str()))] {
+            let answer = fixture.call(method, &uri, body.as_ref(), token).await;
+            assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}: {}", cell(who), answer.body);
+        }
+        for scope in crate::auth::Scope::ALL {
+            let (_, victim) = fixture.create_token(&["Device.Read.All"], None).await;
+            let (_, uri, _, _, _) = protected_endpoints(&victim).swap_remove(scope_index);
+            let answer = fixture.call(method, &uri, body.as_ref(), Some(&scope_token(scope))).await;
+            let expected = if allowed.contains(&scope) { opened } else { StatusCode::FORBIDDEN };
+            assert_eq!(answer.status, expected, "{}: {}", cell(scope.as_str()), answer.body);
+        }
+    }
+}
+
+#[tokio::test]
+async fn expired_and_revoked_tokens_are_told_apart_in_the_message() {
+    let fixture = Fixture::new();
+    let (token, id) = fixture.create_token(&["Device.Read.All"], None).await;
+    assert_eq!(fixture.get("/v1.0/devices", Some(&token)).await.status, StatusCode::OK);
+    fixture
+        .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{id}"), None, Some(&scope_token(crate::auth::Scope::Admin)))
+        .await;
+    let answer = fixture.get("/v1.0/devices", Some(&token)).await;
+    answer.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
+    assert!(answer.message().contains("revoked"), "{}", answer.body);
+}
+
+#[tokio::test]
+async fn tokens_are_created_listed_and_revoked_as_events_holding_only_their_hash() {
+    let fixture = Fixture::new();
+    let admin = scope_token(crate::auth::Scope::Admin);
+    let (token, id) = fixture.create_token(&["Audit.Read.All"], None).await;
+    assert!(token.starts_with(crate::auth::TOKEN_PREFIX));
+
+    let list = fixture.get("/v1.0/fleetlaps/tokens", Some(&admin)).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.body["value"][0]["id"], id.as_str());
+    assert_eq!(list.body["value"][0]["createdBy"], "Admin");
+    assert!(!list.body.to_string().contains(&token), "the list never shows a token");
+
+    let history = fixture.audit();
+    assert_eq!(history.len(), 1);
+    let text = String::from_utf8(history[0].1.to_json()).unwrap();
+    assert!(text.contains(&crate::auth::token_sha256(&token)) && !text.contains(&token), "{text}");
+
+    fixture
+        .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{id}"), None, Some(&admin))
+        .await;
+    let again = fixture
+        .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{id}"), None, Some(&admin))
+        .await;
+    assert_eq!(again.status, StatusCode::NO_CONTENT, "revoking twice is harmless");
+    let kinds: Vec<String> = fixture.audit().iter().map(|(_, e)| e.event.kind().to_string()).collect();
+    assert_eq!(kinds, ["token_created", "token_revoked"]);
+    let unknown = fixture
+        .call("DELETE", "/v1.0/fleetlaps/tokens/0190b5a4-0000-7000-8000-000000000000", None, Some(&admin))
+        .await;
+    unknown.assert_error(StatusCode::NOT_FOUND, "Request_ResourceNotFound");
+}
+
+#[tokio::test]
+async fn bad_token_requests_name_what_is_wrong() {
+    let fixture = Fixture::new();
+    let admin = scope_token(crate::auth::Scope::Admin);
+    for (body, needle) in [
+        (serde_json::json!({"name": "x", "scopes": ["Everything"]}), "unknown scope \"Everything\""),
+        (serde_json::json!({"name": "x", "scopes": []}), "scopes is empty"),
+        (serde_json::json!({"name": "", "scopes": ["Admin"]}), "allowed 1 to 64"),
+        (
+            serde_json::json!({"name": "x", "scopes": ["Admin"], "expiresDateTime": "2001-01-01T00:00:00Z"}),
+            "in the past",
+        ),
+        (serde_json::json!({"name": "x"}), "not a token request"),
+    ] {
+        let answer = fixture.call("POST", "/v1.0/fleetlaps/tokens", Some(&body), Some(&admin)).await;
+        answer.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+        assert!(answer.message().contains(needle), "{body}: {}", answer.body);
+    }
+    assert!(fixture.audit().is_empty(), "nothing was recorded");
+}
+
+#[tokio::test]
+async fn a_password_read_is_recorded_before_the_answer_and_refused_when_it_cannot_be() {
+    let mut fixture = Fixture::new();
+    fixture.back_up("dev-1", "host-1", "s3cret-One");
+    let request = || {
+        Request::builder()
+            .uri(format!("{ITEM}/dev-1?$select=credentials"))
+            .header(header::AUTHORIZATION, format!("Bearer {READ_ALL_TOKEN}"))
+            .header("ocp-client-name", "Get-LapsAADPassword")
+            .header("ocp-client-version", "1.0")
+            .header("x-fleetlaps-reason", "ticket 42")
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    let answer = fixture.send(request()).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let history = fixture.audit();
+    let [(_, read)] = history.as_slice() else { panic!("one read recorded: {history:?}") };
+    let AuditEvent::PasswordRead(read) = &read.event else { panic!("{read:?}") };
+    assert_eq!(read.principal, "admin");
+    assert_eq!(read.device_id.as_str(), "dev-1");
+    assert_eq!(read.rotation_ids.len(), 1);
+    assert_eq!(read.client_name.as_deref(), Some("Get-LapsAADPassword"));
+    assert_eq!(read.client_version.as_deref(), Some("1.0"));
+    assert_eq!(read.reason.as_deref(), Some("ticket 42"));
+
+    fixture.journal.available.store(false, std::sync::atomic::Ordering::SeqCst);
+    let refused = fixture.send(request()).await;
+    refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+    assert!(!refused.body.to_string().contains("passwordBase64"), "{}", refused.body);
+    assert!(!refused.body.to_string().contains(&PasswordBase64::encode("s3cret-One").expose().to_owned()));
+    // Metadata needs no audit, so it is still served.
+    assert_eq!(fixture.get(&format!("{ITEM}/dev-1"), Some(READ_ALL_TOKEN)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rotate_requests_are_recorded_sent_and_throttled_with_retry_after() {
+    let mut fixture = Fixture::new();
+    fixture.back_up("dev-1", "host-1", "s3cret-One");
+    let rotate = "/v1.0/deviceManagement/managedDevices/dev-1/rotateLocalAdminPassword";
+    let token = scope_token(crate::auth::Scope::Rotate);
+
+    let first = fixture.call("POST", rotate, None, Some(&token)).await;
+    assert_eq!(first.status, StatusCode::NO_CONTENT, "{}", first.body);
+    let command_id = first.headers["x-fleetlaps-command-id"].to_str().unwrap().to_owned();
+    let commands = fixture.journal.commands.lock().unwrap().clone();
+    assert_eq!(commands.len(), 1);
+    assert_eq!(commands[0].id.to_string(), command_id);
+    let history = fixture.audit();
+    let AuditEvent::RotationRequested(requested) = &history[0].1.event else { panic!("{history:?}") };
+    assert_eq!((requested.principal.as_str(), requested.command_id), ("DeviceLocalCredential.Rotate", commands[0].id));
+
+    let second = fixture.call("POST", rotate, None, Some(&token)).await;
+    second.assert_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests");
+    let retry_after: u64 = second.headers[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=300).contains(&retry_after), "{retry_after}");
+    assert_eq!(fixture.journal.commands.lock().unwrap().len(), 1, "no second command");
+
+    // The history remembers the request: a restarted orchestrator (no memory) throttles too.
+    fixture.state.rotate_requests = Arc::default();
+    let after_restart = fixture.call("POST", rotate, None, Some(&token)).await;
+    assert_eq!(after_restart.status, StatusCode::TOO_MANY_REQUESTS);
+
+    let unknown = fixture
+        .call("POST", "/v1.0/deviceManagement/managedDevices/dev-404/rotateLocalAdminPassword", None, Some(&token))
+        .await;
+    unknown.assert_error(StatusCode::NOT_FOUND, "Request_ResourceNotFound");
+}
+
+#[tokio::test]
+async fn the_audit_history_lists_reads_filtered_by_device_and_kind_in_pages() {
+    let mut fixture = Fixture::new();
+    fixture.back_up("dev-1", "host-1", "one");
+    fixture.back_up("dev-2", "host-2", "two");
+    for device in ["dev-1", "dev-2", "dev-1"] {
+        let answer = fixture.get(&format!("{ITEM}/{device}?$select=credentials"), Some(READ_ALL_TOKEN)).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let auditor = scope_token(crate::auth::Scope::AuditRead);
+    let dev_1 = fixture
+        .get("/v1.0/fleetlaps/auditEvents?deviceId=dev-1&kind=password_read", Some(&auditor))
+        .await;
+    assert_eq!(dev_1.status, StatusCode::OK, "{}", dev_1.body);
+    assert_eq!(dev_1.body["value"].as_array().unwrap().len(), 2);
+    assert_eq!(dev_1.body["value"][0]["body"]["principal"], "admin");
+    let page = fixture.get("/v1.0/fleetlaps/auditEvents?$top=2", Some(&auditor)).await;
+    assert_eq!(page.body["value"].as_array().unwrap().len(), 2);
+    let next = page.body["@odata.nextLink"].as_str().expect("a next page").to_owned();
+    let rest = fixture.get(&next, Some(&auditor)).await;
+    assert_eq!(rest.body["value"].as_array().unwrap().len(), 1);
+    assert_eq!(rest.body["value"][0]["body"]["device_id"], "dev-1");
+    let bad = fixture.get("/v1.0/fleetlaps/auditEvents?kind=everything", Some(&auditor)).await;
+    bad.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+    assert!(bad.message().contains("password_read"), "{}", bad.body);
 }

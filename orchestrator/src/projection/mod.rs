@@ -6,10 +6,12 @@
 
 mod credentials;
 mod devices;
+mod principals;
 mod quarantine;
 mod store;
 
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
+pub use principals::TokenRecord;
 pub use quarantine::{QuarantineReason, QuarantineRecord};
 pub use store::{Applied, Outcome, ProjectionError, Projections, StreamMessage};

@@ -15,7 +15,7 @@ pub enum QuarantineReason {
     UnsupportedSchema,
     /// The LAPS code does not belong to the kind.
     CodeMismatch,
-    /// The subject is not a device event subject.
+    /// The subject is neither a device event's nor an orchestrator event's.
     UnknownSubject,
     /// The device or kind in the envelope differs from its subject's.
     SubjectMismatch,
@@ -23,11 +23,13 @@ pub enum QuarantineReason {
     UnknownDevice,
     /// A commit for a rotation that was never backed up.
     UnknownRotation,
+    /// A revocation of a token that was never created.
+    UnknownToken,
 }
 
 impl QuarantineReason {
     /// Every reason, for metrics.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Malformed,
         Self::UnsupportedSchema,
         Self::CodeMismatch,
@@ -35,6 +37,7 @@ impl QuarantineReason {
         Self::SubjectMismatch,
         Self::UnknownDevice,
         Self::UnknownRotation,
+        Self::UnknownToken,
     ];
 
     /// The reason's name, as a metric label.
@@ -47,6 +50,7 @@ impl QuarantineReason {
             Self::SubjectMismatch => "subject_mismatch",
             Self::UnknownDevice => "unknown_device",
             Self::UnknownRotation => "unknown_rotation",
+            Self::UnknownToken => "unknown_token",
         }
     }
 }

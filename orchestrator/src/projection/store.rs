@@ -9,11 +9,15 @@
 //! - `c/<device>/<sequence>`: a [`CredentialRecord`], the sequence big-endian so keys sort by it;
 //! - `r/<device>/<rotation>`: the `c/` key of a rotation's credential;
 //! - `e/<event id>`: marks an applied event id, for idempotence;
-//! - `q/<sequence>`: a [`QuarantineRecord`].
+//! - `q/<sequence>`: a [`QuarantineRecord`];
+//! - `a/<sequence>`: an orchestrator event ([`AuditEnvelope`]): the audit history;
+//! - `t/<token id>`: a [`TokenRecord`]; `h/<token sha256>`: the id of the token with that digest;
+//! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle).
 
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, TokenId};
 use fleetlaps_proto::command::BackupConfirmation;
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage};
 use fleetlaps_proto::ids::{DeviceId, DeviceName, RotationId};
@@ -24,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::CredentialRecord;
 use super::devices::{DeviceRecord, FailureRecord};
+use super::principals::TokenRecord;
 use super::quarantine::{QuarantineReason, QuarantineRecord};
 
 const LAST_SEQUENCE_KEY: &[u8] = b"m/last_sequence";
@@ -63,6 +68,8 @@ pub struct StreamMessage<'a> {
 pub enum Outcome {
     /// The event changed the projections.
     Applied(EventKind),
+    /// An orchestrator event was added to the audit history (and changed what it changes).
+    Recorded(AuditKind),
     /// An event with the same id was applied before (a re-sent event); nothing changed.
     Duplicate,
     /// The message's stream sequence is not after the last applied one (redelivery); skipped.
@@ -86,6 +93,8 @@ pub struct Applied {
 pub struct Projections {
     db: sled::Db,
     tree: sled::Tree,
+    /// The last applied stream sequence, for those waiting to read their own writes.
+    position: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Projections {
@@ -93,7 +102,22 @@ impl Projections {
     pub fn open(path: &Path) -> Result<Self, ProjectionError> {
         let db = sled::open(path)?;
         let tree = db.open_tree("projections")?;
-        Ok(Self { db, tree })
+        let last = tree.get(LAST_SEQUENCE_KEY)?.map_or(0, |bytes| decode_u64(&bytes));
+        let (position, _) = tokio::sync::watch::channel(last);
+        Ok(Self {
+            db,
+            tree,
+            position: std::sync::Arc::new(position),
+        })
+    }
+
+    /// Waits until the message at stream `sequence` is folded in (so what it changed can be
+    /// read), at most `timeout`. Returns whether it was.
+    pub async fn wait_for_sequence(&self, sequence: u64, timeout: std::time::Duration) -> bool {
+        let mut position = self.position.subscribe();
+        tokio::time::timeout(timeout, position.wait_for(|applied| *applied >= sequence))
+            .await
+            .is_ok_and(|seen| seen.is_ok())
     }
 
     /// The stream sequence of the last message folded in; 0 for a new store.
@@ -133,6 +157,7 @@ impl Projections {
             }
         };
         self.tree.apply_batch(batch)?;
+        self.position.send_replace(message.sequence);
         Ok(applied)
     }
 
@@ -177,6 +202,52 @@ impl Projections {
             .collect()
     }
 
+    /// The token whose SHA-256 is `token_sha256` (hex), revoked or expired ones included.
+    pub fn token_by_digest(&self, token_sha256: &str) -> Result<Option<TokenRecord>, ProjectionError> {
+        let Some(id) = self.tree.get(format!("h/{token_sha256}").as_bytes())? else {
+            return Ok(None);
+        };
+        self.get(&format!("t/{}", String::from_utf8_lossy(&id)))
+    }
+
+    /// One token.
+    pub fn token(&self, token_id: &TokenId) -> Result<Option<TokenRecord>, ProjectionError> {
+        self.get(&format!("t/{token_id}"))
+    }
+
+    /// Every token created through the API, oldest first (ids are time-ordered).
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, ProjectionError> {
+        self.tree
+            .scan_prefix(b"t/")
+            .values()
+            .map(|value| decode("t/", &value?))
+            .collect()
+    }
+
+    /// The audit history after stream sequence `after`, oldest first, with each entry's
+    /// sequence; at most `limit` entries.
+    pub fn audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEnvelope)>, ProjectionError> {
+        let start = audit_key(after.saturating_add(1));
+        self.tree
+            .range(start..)
+            .take_while(|entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(b"a/")))
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                let sequence = std::str::from_utf8(&key[2..])
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .unwrap_or_default();
+                Ok((sequence, decode("a/", &value)?))
+            })
+            .collect()
+    }
+
+    /// When a rotation of `device_id` was last requested through the API.
+    pub fn last_rotation_request(&self, device_id: &DeviceId) -> Result<Option<DateTime<Utc>>, ProjectionError> {
+        self.get(&format!("w/{device_id}"))
+    }
+
     /// A SHA-256 over every key and value: equal digests mean equal projections.
     pub fn digest(&self) -> Result<String, ProjectionError> {
         let mut hasher = Sha256::new();
@@ -196,10 +267,13 @@ impl Projections {
         message: StreamMessage<'_>,
         batch: &mut sled::Batch,
     ) -> Result<Result<Applied, (QuarantineReason, String)>, ProjectionError> {
+        if let Some(kind) = subject::parse_audit_event(message.subject) {
+            return self.fold_audit(kind, message, batch);
+        }
         let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
             return Ok(Err((
                 QuarantineReason::UnknownSubject,
-                "not laps.events.<device>.<kind>".to_owned(),
+                "neither laps.events.<device>.<kind> nor laps.audit.<kind>".to_owned(),
             )));
         };
         let envelope = match Envelope::from_json(message.payload) {
@@ -329,6 +403,82 @@ impl Projections {
         }))
     }
 
+    /// Folds one of the orchestrator's own events: every one joins the audit history; token
+    /// events change the tokens, rotation requests the throttle.
+    fn fold_audit(
+        &self,
+        subject_kind: AuditKind,
+        message: StreamMessage<'_>,
+        batch: &mut sled::Batch,
+    ) -> Result<Result<Applied, (QuarantineReason, String)>, ProjectionError> {
+        let envelope = match AuditEnvelope::from_json(message.payload) {
+            Ok(envelope) => envelope,
+            Err(fleetlaps_proto::audit::AuditDecodeError::Malformed(json)) => {
+                return Ok(Err(describe_json_error(&json)));
+            }
+            Err(err @ fleetlaps_proto::audit::AuditDecodeError::UnsupportedSchema { .. }) => {
+                return Ok(Err((QuarantineReason::UnsupportedSchema, err.to_string())));
+            }
+        };
+        if envelope.event.kind() != subject_kind {
+            return Ok(Err((
+                QuarantineReason::SubjectMismatch,
+                format!("envelope is a {} event", envelope.event.kind()),
+            )));
+        }
+        let mut event_key = b"e/".to_vec();
+        event_key.extend_from_slice(envelope.id.as_bytes());
+        if self.tree.contains_key(&event_key)? {
+            return Ok(Ok(Applied {
+                outcome: Outcome::Duplicate,
+                confirmation: None,
+            }));
+        }
+        batch.insert(event_key, &message.sequence.to_be_bytes());
+        match &envelope.event {
+            AuditEvent::PasswordRead(_) => {}
+            AuditEvent::TokenCreated(body) => {
+                let record = TokenRecord {
+                    token_id: body.token_id,
+                    name: body.name.clone(),
+                    scopes: body.scopes.clone(),
+                    token_sha256: body.token_sha256.clone(),
+                    created_at: envelope.time,
+                    created_by: body.created_by.clone(),
+                    expires_at: body.expires_at,
+                    revoked_at: None,
+                    revoked_by: None,
+                };
+                batch.insert(format!("t/{}", body.token_id).as_bytes(), encode(&record));
+                batch.insert(
+                    format!("h/{}", body.token_sha256).as_bytes(),
+                    body.token_id.to_string().as_bytes(),
+                );
+            }
+            AuditEvent::TokenRevoked(body) => {
+                let Some(mut record) = self.token(&body.token_id)? else {
+                    return Ok(Err((
+                        QuarantineReason::UnknownToken,
+                        format!("token {} was never created", body.token_id),
+                    )));
+                };
+                if record.revoked_at.is_none() {
+                    record.revoked_at = Some(envelope.time);
+                    record.revoked_by = Some(body.revoked_by.clone());
+                    batch.insert(format!("t/{}", body.token_id).as_bytes(), encode(&record));
+                }
+            }
+            AuditEvent::RotationRequested(body) => {
+                batch.insert(format!("w/{}", body.device_id).as_bytes(), encode(&envelope.time));
+            }
+        }
+        batch.insert(audit_key(message.sequence), encode(&envelope));
+        Ok(Ok(Applied {
+            outcome: Outcome::Recorded(envelope.event.kind()),
+            confirmation: None,
+        }))
+    }
+
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ProjectionError> {
         self.tree
             .get(key.as_bytes())?
@@ -346,21 +496,28 @@ fn new_device(envelope: &Envelope, device_name: &DeviceName) -> DeviceRecord {
 /// are kept.
 fn describe_decode_error(err: &DecodeError) -> (QuarantineReason, String) {
     match err {
-        DecodeError::Malformed(json) => {
-            let category = match json.classify() {
-                serde_json::error::Category::Io => "i/o",
-                serde_json::error::Category::Syntax => "syntax",
-                serde_json::error::Category::Data => "data",
-                serde_json::error::Category::Eof => "truncated",
-            };
-            (
-                QuarantineReason::Malformed,
-                format!("{category} error at line {} column {}", json.line(), json.column()),
-            )
-        }
+        DecodeError::Malformed(json) => describe_json_error(json),
         DecodeError::UnsupportedSchema { .. } => (QuarantineReason::UnsupportedSchema, err.to_string()),
         DecodeError::CodeMismatch { .. } => (QuarantineReason::CodeMismatch, err.to_string()),
     }
+}
+
+/// A malformed payload's reason and position, without serde's message (it can quote values).
+fn describe_json_error(json: &serde_json::Error) -> (QuarantineReason, String) {
+    let category = match json.classify() {
+        serde_json::error::Category::Io => "i/o",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    (
+        QuarantineReason::Malformed,
+        format!("{category} error at line {} column {}", json.line(), json.column()),
+    )
+}
+
+fn audit_key(sequence: u64) -> Vec<u8> {
+    format!("a/{sequence:020}").into_bytes()
 }
 
 fn device_key(device_id: &DeviceId) -> String {

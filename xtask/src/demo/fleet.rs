@@ -23,7 +23,7 @@ const BACKUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Starts the orchestrator and the agents, walks through a retrieval and a rotation, and returns
 /// (or, with `--keep-running`, waits for Ctrl-C). Every process stops when its guard drops.
 pub(crate) fn run(env: &DemoEnv) -> anyhow::Result<()> {
-    let token = random_token()?;
+    let admin_token = random_token()?;
     let http_port = tools::free_loopback_port()?;
     let metrics_port = tools::free_loopback_port()?;
     let orchestrator_dir = env.root.join("orchestrator");
@@ -37,18 +37,18 @@ pub(crate) fn run(env: &DemoEnv) -> anyhow::Result<()> {
 url = "{nats}"
 [http]
 listen = "127.0.0.1:{http_port}"
+[http.tls]
+self_signed = true
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
-[[tokens]]
-name = "demo-admin"
-token = "{token}"
-scopes = ["DeviceLocalCredential.Read.All"]
 "#,
             data = orchestrator_dir.join("data").display(),
             nats = env.nats_url,
         ),
     )?;
-    let base_url = format!("http://127.0.0.1:{http_port}");
+    let base_url = format!("https://127.0.0.1:{http_port}");
+    // The orchestrator makes this self-signed certificate at first start; lapsctl trusts it.
+    let certificate = orchestrator_dir.join("data").join("tls").join("cert.pem");
 
     let escrow = command_output(
         Command::new(env.bin_dir.join("fleetlaps-orchestrator"))
@@ -58,13 +58,16 @@ scopes = ["DeviceLocalCredential.Read.All"]
     let escrow_public_key = escrow.trim().to_owned();
 
     tools::step(&format!(
-        "start the orchestrator: API {base_url}, metrics http://127.0.0.1:{metrics_port}/metrics"
+        "start the orchestrator: API {base_url} (self-signed certificate {}), metrics http://127.0.0.1:{metrics_port}/metrics",
+        certificate.display()
     ));
     let mut orchestrator = ChildGuard::spawn(
         "orchestrator",
         Command::new(env.bin_dir.join("fleetlaps-orchestrator"))
             .args(["run", "--config"])
             .arg(&orchestrator_config)
+            // The bootstrap admin token: from the environment, hashed at start, never stored.
+            .env("FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN", &admin_token)
             .stdout(log_file(&orchestrator_dir.join("orchestrator.log"))?)
             .stderr(log_file(&orchestrator_dir.join("orchestrator.log"))?),
     )?;
@@ -125,10 +128,36 @@ PasswordLength = 14
         agent_configs.push(config);
     }
 
-    let lapsctl = Lapsctl {
+    tools::step("the bootstrap admin makes a token for the demo's operator (lapsctl token create)");
+    let admin = Lapsctl {
         binary: env.bin_dir.join("lapsctl"),
         base_url: base_url.clone(),
+        certificate: certificate.clone(),
+        token: admin_token,
+    };
+    let created = admin.stdout(&[
+        "token",
+        "create",
+        "--name",
+        "demo-operator",
+        "--scope",
+        "DeviceLocalCredential.Read.All",
+        "--scope",
+        "DeviceLocalCredential.Rotate",
+        "--scope",
+        "Audit.Read.All",
+        "-o",
+        "json",
+    ])?;
+    let created: serde_json::Value = serde_json::from_str(&created).context("lapsctl token create printed no JSON")?;
+    let token = created[0]["Token"]
+        .as_str()
+        .context("lapsctl token create printed no Token")?
+        .to_owned();
+    print!("{}", admin.stdout(&["token", "list"])?);
+    let lapsctl = Lapsctl {
         token: token.clone(),
+        ..admin
     };
     tools::step("wait until every device has backed up a password");
     let deadline = Instant::now() + BACKUP_TIMEOUT;
@@ -161,18 +190,13 @@ PasswordLength = 14
     );
 
     tools::step(&format!(
-        "force a rotation on {} (fleetlaps-agent reset, LAPS Reset-LapsPassword)",
+        "rotate {}'s password now from the centre (lapsctl rotate, Intune's \"Rotate local admin password\")",
         DEVICES[1]
     ));
     let before = lapsctl.password(DEVICES[1])?;
     print!(
         "{}",
-        command_output(
-            Command::new(env.bin_dir.join("fleetlaps-agent"))
-                .arg("--config")
-                .arg(&agent_configs[1])
-                .arg("reset")
-        )?
+        lapsctl.stdout(&["rotate", "--device", DEVICES[1], "--reason", "demo"])?
     );
     // The orchestrator has the backup once it has consumed it from the stream: poll for it.
     let deadline = Instant::now() + BACKUP_TIMEOUT;
@@ -197,6 +221,16 @@ PasswordLength = 14
         lapsctl.stdout(&["get-password", "--device", DEVICES[1], "--include-passwords"])?
     );
 
+    tools::step("the audit history: every password read and the rotation request (lapsctl audit)");
+    let audit = lapsctl.stdout(&["audit", "--kind", "rotation_requested"])?;
+    print!("{audit}");
+    let reads = lapsctl.stdout(&["audit", "--kind", "password_read", "-o", "json"])?;
+    let reads: serde_json::Value = serde_json::from_str(&reads).context("lapsctl audit printed no JSON")?;
+    println!(
+        "{} password reads recorded, each before its answer left the orchestrator",
+        reads.as_array().map_or(0, Vec::len)
+    );
+
     tools::step("metrics");
     println!("Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics");
     println!("Logs and state: {}", env.root.display());
@@ -209,8 +243,9 @@ PasswordLength = 14
     if env.keep_running {
         tools::step("the fleet keeps running: press Ctrl-C to stop");
         println!(
-            "try: {} --url {base_url} --token {token} get-password --device {} --include-passwords --as-plain-text",
+            "try: {} --url {base_url} --ca {} --token {token} get-password --device {} --include-passwords --as-plain-text",
             lapsctl.binary.display(),
+            certificate.display(),
             DEVICES[2]
         );
         loop {
@@ -227,6 +262,8 @@ PasswordLength = 14
 struct Lapsctl {
     binary: PathBuf,
     base_url: String,
+    /// The orchestrator's self-signed certificate, passed as `--ca`.
+    certificate: PathBuf,
     token: String,
 }
 
@@ -234,6 +271,8 @@ impl Lapsctl {
     fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
         Command::new(&self.binary)
             .args(["--url", &self.base_url])
+            .arg("--ca")
+            .arg(&self.certificate)
             .args(args)
             .env("LAPSCTL_TOKEN", &self.token)
             .output()

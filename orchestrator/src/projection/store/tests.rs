@@ -221,3 +221,70 @@ fn the_same_messages_fold_to_the_same_digest() {
         second.projections.digest().unwrap()
     );
 }
+
+fn audit(event: fleetlaps_proto::audit::AuditEvent) -> (String, Vec<u8>) {
+    let envelope = AuditEnvelope::new(Utc.timestamp_opt(1_700_000_000, 0).unwrap(), event);
+    (subject::audit_event(envelope.event.kind()), envelope.to_json())
+}
+
+#[test]
+fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle() {
+    use fleetlaps_proto::audit::{RotationRequested, TokenCreated, TokenRevoked};
+    use fleetlaps_proto::command::CommandId;
+
+    let mut fixture = Fixture::new();
+    let token_id = TokenId::new();
+    let created = audit(AuditEvent::TokenCreated(TokenCreated {
+        token_id,
+        name: "auditor".to_owned(),
+        scopes: vec!["Audit.Read.All".to_owned()],
+        expires_at: None,
+        token_sha256: "ab".repeat(32),
+        created_by: "admin".to_owned(),
+    }));
+    assert_eq!(
+        fixture.apply_on(&created.0, &created.1),
+        Outcome::Recorded(AuditKind::TokenCreated)
+    );
+    assert_eq!(fixture.apply_on(&created.0, &created.1), Outcome::Duplicate);
+    let token = fixture.projections.token_by_digest(&"ab".repeat(32)).unwrap().expect("by digest");
+    assert_eq!((token.name.as_str(), token.revoked_at), ("auditor", None));
+
+    let revoked = audit(AuditEvent::TokenRevoked(TokenRevoked {
+        token_id,
+        revoked_by: "admin".to_owned(),
+    }));
+    fixture.apply_on(&revoked.0, &revoked.1);
+    assert!(fixture.projections.token(&token_id).unwrap().expect("kept").revoked_at.is_some());
+
+    let unknown = audit(AuditEvent::TokenRevoked(TokenRevoked {
+        token_id: TokenId::new(),
+        revoked_by: "admin".to_owned(),
+    }));
+    assert_eq!(
+        fixture.apply_on(&unknown.0, &unknown.1),
+        Outcome::Quarantined(QuarantineReason::UnknownToken)
+    );
+    // An event on another kind's subject is refused.
+    assert_eq!(
+        fixture.apply_on(&subject::audit_event(AuditKind::PasswordRead), &created.1),
+        Outcome::Quarantined(QuarantineReason::SubjectMismatch)
+    );
+
+    let requested = audit(AuditEvent::RotationRequested(RotationRequested {
+        command_id: CommandId::new(),
+        device_id: device(),
+        principal: "operator".to_owned(),
+        reason: None,
+    }));
+    fixture.apply_on(&requested.0, &requested.1);
+    assert!(fixture.projections.last_rotation_request(&device()).unwrap().is_some());
+
+    let history = fixture.projections.audit(0, 10).unwrap();
+    let kinds: Vec<AuditKind> = history.iter().map(|(_, envelope)| envelope.event.kind()).collect();
+    assert_eq!(
+        kinds,
+        [AuditKind::TokenCreated, AuditKind::TokenRevoked, AuditKind::RotationRequested]
+    );
+    assert_eq!(fixture.projections.audit(history[0].0, 10).unwrap().len(), 2, "after a position");
+}

@@ -1,0 +1,149 @@
+//! Graph's device directory and Intune's "Rotate local admin password" action.
+//!
+//! - `GET /v1.0/devices` (`Device.Read.All`): every device the history knows, in Graph's `device`
+//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`).
+//! - `POST /v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword`
+//!   (`DeviceLocalCredential.Rotate`): records a `rotation_requested` event, then sends the device
+//!   a rotate command, kept in JetStream until it takes it; answers 204 like Intune, with the
+//!   command's id in `x-fleetlaps-command-id`. Asked again for the same device within
+//!   `http.rotate_min_interval_secs`, it answers 429 with `Retry-After`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use fleetlaps_proto::api::{COMMAND_ID_HEADER, ODataCollection};
+use fleetlaps_proto::audit::{AuditEvent, RotationRequested};
+use fleetlaps_proto::command::{Command, CommandAction, CommandId};
+use fleetlaps_proto::ids::DeviceId;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{Authenticated, RequestContext};
+use super::device_local_credentials::DevicePath;
+use super::error::ApiError;
+use crate::auth::Scope;
+
+/// The directory's route.
+pub(super) const LIST_PATH: &str = "/v1.0/devices";
+/// The rotate action's route.
+pub(super) const ROTATE_PATH: &str = "/v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword";
+
+/// `@odata.context` of the directory.
+const COLLECTION_CONTEXT: &str = "$metadata#devices";
+
+/// Lists every device, ordered by id.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    principal: Authenticated,
+) -> Result<Json<ODataCollection<Value>>, ApiError> {
+    principal.require(Scope::DeviceRead)?;
+    let value = state
+        .projections
+        .devices()?
+        .iter()
+        .map(|device| {
+            json!({
+                "id": device.device_id,
+                "deviceId": device.device_id,
+                "displayName": device.device_name,
+                "operatingSystem": "Linux",
+                "approximateLastSignInDateTime": device.last_seen,
+            })
+        })
+        .collect();
+    Ok(Json(ODataCollection {
+        context: COLLECTION_CONTEXT.to_owned(),
+        value,
+        next_link: None,
+    }))
+}
+
+/// Asks one device to rotate its password now.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name, %device_id))]
+pub(super) async fn rotate(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    DevicePath(device_id): DevicePath,
+    context: RequestContext,
+) -> Result<Response, ApiError> {
+    principal.require(Scope::Rotate)?;
+    state
+        .projections
+        .device(&device_id)?
+        .ok_or_else(|| ApiError::DeviceNotFound(device_id.clone()))?;
+    let now = Utc::now();
+    reserve(&state, &device_id, now)?;
+    let command = Command {
+        id: CommandId::new(),
+        device_id: device_id.clone(),
+        issued_at: now,
+        action: CommandAction::RotatePassword {
+            reason: match &context.reason {
+                Some(reason) => format!("requested by {}: {reason}", principal.0.name),
+                None => format!("requested by {}", principal.0.name),
+            },
+        },
+    };
+    let requested = AuditEvent::RotationRequested(RotationRequested {
+        command_id: command.id,
+        device_id: device_id.clone(),
+        principal: principal.0.name.clone(),
+        reason: context.reason,
+    });
+    // Recorded first: a rotation nobody can trace back to its requester is never sent.
+    if let Err(err) = state.journal.append(requested).await {
+        release(&state, &device_id, now);
+        return Err(ApiError::AuditUnavailable(err));
+    }
+    if let Err(err) = state.journal.command(command.clone()).await {
+        release(&state, &device_id, now);
+        return Err(ApiError::CommandUnavailable(err));
+    }
+    tracing::info!(command_id = %command.id, "rotation requested");
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(
+        COMMAND_ID_HEADER,
+        HeaderValue::from_str(&command.id.to_string()).expect("a command id is a valid header value"),
+    );
+    Ok(response)
+}
+
+/// Takes the device's rotate slot at `now`, or refuses with the seconds until it is free. The
+/// last request is the later of this process's memory and the history's (which survives
+/// restarts but lags by the consumer's delay).
+fn reserve(state: &AppState, device_id: &DeviceId, now: chrono::DateTime<Utc>) -> Result<(), ApiError> {
+    let interval = chrono::Duration::from_std(state.rotate_min_interval).unwrap_or(chrono::Duration::MAX);
+    let recorded = state.projections.last_rotation_request(device_id)?;
+    let mut requests = state
+        .rotate_requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let last = requests.get(device_id).copied().max(recorded);
+    if let Some(last) = last {
+        let next = last + interval;
+        if now < next {
+            let wait = (next - now).num_milliseconds();
+            let retry_after_secs = u64::try_from((wait + 999) / 1000).unwrap_or(1).max(1);
+            return Err(ApiError::Throttled {
+                what: format!("a rotation of device {device_id} was requested at {last}"),
+                retry_after_secs,
+            });
+        }
+    }
+    requests.insert(device_id.clone(), now);
+    Ok(())
+}
+
+/// Gives the slot back after a request that did not go through.
+fn release(state: &AppState, device_id: &DeviceId, reserved_at: chrono::DateTime<Utc>) {
+    let mut requests = state
+        .rotate_requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if requests.get(device_id) == Some(&reserved_at) {
+        requests.remove(device_id);
+    }
+}

@@ -1,0 +1,547 @@
+//! NATS credentials: the nats-server configuration that gives the orchestrator and each device
+//! exactly the subjects they use, and the nkey seed files both sides connect with.
+//!
+//! nats-server 2.9's static configuration cannot derive a permission from the connecting user
+//! (there are no templates outside operator/JWT mode), so every device gets its own user entry,
+//! written out here from its id and nkey public key ([`ServerConfig::render`], behind
+//! `fleetlaps-orchestrator nats-config`). The shipped `packaging/nats-server.conf` is the
+//! rendering of [`ServerConfig::example`]; a unit test keeps the two equal.
+//!
+//! What a device may do, and why each subject is there:
+//! - publish `laps.events.<device_id>.>`: its own events, and nobody else's;
+//! - publish `$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.<device_id>`: read its own last
+//!   command. The subject names the message asked for, so the permission can be per device;
+//!   `$JS.API.STREAM.MSG.GET` carries the subject in its payload and is therefore not allowed;
+//! - subscribe `laps.commands.<device_id>` and `laps.confirmations.<device_id>`: live commands
+//!   and backup confirmations;
+//! - subscribe `_INBOX_<device_id>.>`: replies (JetStream acks, the direct get's answer). The
+//!   agent connects with that inbox prefix ([`subject::device_inbox_prefix`]); a device on the
+//!   shared `_INBOX` would never see an ack.
+//!
+//! Invariant: a seed never appears in `Debug` output, logs or error messages; errors name the
+//! file or the device, never the text that was refused.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use fleetlaps_proto::ids::{DeviceId, IdError};
+use fleetlaps_proto::subject;
+use nkeys::{KeyPair, KeyPairType};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Where nats-server listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4222";
+
+/// JetStream's store directory unless told otherwise (Debian's package creates none). The server
+/// keeps its streams in a `jetstream` directory inside it.
+pub const DEFAULT_STORE_DIR: &str = "/var/lib/nats-server";
+
+/// The JetStream API prefix (the default domain).
+const JS_API: &str = "$JS.API";
+
+/// A refused input to the renderer.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsAuthError {
+    /// Not an nkey user public key. The refused text is not repeated: it may be a seed.
+    #[error(
+        "{owner}: not an nkey user public key (56 characters of base32 starting with U, as \
+         `fleetlaps-orchestrator nkey` prints it; a seed, starting with S, is never given here)"
+    )]
+    InvalidPublicKey {
+        /// Whose key it was meant to be.
+        owner: String,
+    },
+    /// A device entry without `=`.
+    #[error("device entry {position}: expected DEVICE_ID=NKEY_PUBLIC_KEY")]
+    MalformedDevice {
+        /// Which entry: `--device` number or `file:line`.
+        position: String,
+    },
+    /// A device id that is not one subject token.
+    #[error("device entry {position}")]
+    InvalidDeviceId {
+        /// Which entry.
+        position: String,
+        /// Why.
+        #[source]
+        source: IdError,
+    },
+    /// The same device twice.
+    #[error("device {0} is listed twice")]
+    DuplicateDevice(DeviceId),
+    /// Two users with one key: nats-server would let either act as the other.
+    #[error("{first} and {second} have the same nkey; each needs its own")]
+    SharedNkey {
+        /// The first holder.
+        first: String,
+        /// The second holder.
+        second: String,
+    },
+    /// A listen address or store directory that cannot be written into the file as is.
+    #[error("{setting} {value:?}: allowed a non-empty value without quotes, backslashes or control characters")]
+    InvalidSetting {
+        /// Which setting.
+        setting: &'static str,
+        /// The refused value.
+        value: String,
+    },
+}
+
+/// A problem with an nkey seed file.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedFileError {
+    /// The file could not be read.
+    #[error("reading nkey seed file {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Group or others may access it.
+    #[error(
+        "nkey seed file {} is accessible by group or others (mode {mode:04o}); allowed: 0600 or 0400, \
+         run `chmod 600 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file holds something else. Its content is not repeated.
+    #[error("nkey seed file {} does not hold a user nkey seed (58 characters starting with SU)", .path.display())]
+    NotASeed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A new seed file could not be written.
+    #[error("creating nkey seed file {}", .path.display())]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An nkey user public key (`U…`): what nats-server's config names a user by. Not a secret.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NkeyPublicKey(String);
+
+impl NkeyPublicKey {
+    /// Parses a user public key; `owner` names whose it is, for the error.
+    pub fn parse(value: &str, owner: &str) -> Result<Self, NatsAuthError> {
+        let value = value.trim();
+        match KeyPair::from_public_key(value) {
+            Ok(key) if key.key_pair_type() == KeyPairType::User => Ok(Self(value.to_owned())),
+            _ => Err(NatsAuthError::InvalidPublicKey {
+                owner: owner.to_owned(),
+            }),
+        }
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NkeyPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NkeyPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An nkey user seed read from a file, with its public key. The seed is redacted in `Debug`.
+pub struct NkeySeed {
+    /// The seed (`SU…`). Never logged.
+    seed: SecretString,
+    /// Its public half, which the server's config lists.
+    public_key: NkeyPublicKey,
+}
+
+impl NkeySeed {
+    /// Reads the seed in `path`, refusing a file that group or others may access.
+    pub fn read_file(path: &Path) -> Result<Self, SeedFileError> {
+        let read_error = |source| SeedFileError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mode = fs::metadata(path).map_err(read_error)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(SeedFileError::Permissions {
+                path: path.to_owned(),
+                mode: mode & 0o7777,
+            });
+        }
+        let text = SecretString::from(fs::read_to_string(path).map_err(read_error)?);
+        let seed = text.expose_secret().trim();
+        let not_a_seed = || SeedFileError::NotASeed { path: path.to_owned() };
+        let key = KeyPair::from_seed(seed).map_err(|_| not_a_seed())?;
+        if key.key_pair_type() != KeyPairType::User {
+            return Err(not_a_seed());
+        }
+        Ok(Self {
+            seed: SecretString::from(seed.to_owned()),
+            public_key: NkeyPublicKey(key.public_key()),
+        })
+    }
+
+    /// The seed, to hand to the NATS client. Do not log it.
+    pub fn expose_secret(&self) -> &str {
+        self.seed.expose_secret()
+    }
+
+    /// The public key the server's config must list.
+    pub fn public_key(&self) -> &NkeyPublicKey {
+        &self.public_key
+    }
+}
+
+impl fmt::Debug for NkeySeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NkeySeed")
+            .field("seed", &"***")
+            .field("public_key", &self.public_key)
+            .finish()
+    }
+}
+
+/// Returns the public key of the seed in `path`, first creating the file (mode 0600) with a new
+/// user seed if it does not exist.
+pub fn ensure_seed_file(path: &Path) -> Result<NkeyPublicKey, SeedFileError> {
+    if path.exists() {
+        return Ok(NkeySeed::read_file(path)?.public_key().clone());
+    }
+    let create_error = |source| SeedFileError::Create {
+        path: path.to_owned(),
+        source,
+    };
+    let key = KeyPair::new_user();
+    let seed = SecretString::from(
+        key.seed()
+            .map_err(|_| create_error(io::Error::other("the new key pair has no seed")))?,
+    );
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(create_error)?;
+    file.write_all(format!("{}\n", seed.expose_secret()).as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(create_error)?;
+    Ok(NkeyPublicKey(key.public_key()))
+}
+
+/// One enrolled device: its id and the public key of the seed it connects with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUser {
+    /// The device, as its agent reports it (`fleetlaps-agent status`).
+    pub device_id: DeviceId,
+    /// The public key of the device's seed.
+    pub nkey: NkeyPublicKey,
+}
+
+impl DeviceUser {
+    /// Parses `DEVICE_ID=NKEY_PUBLIC_KEY`; `position` names the entry in errors.
+    pub fn parse(entry: &str, position: &str) -> Result<Self, NatsAuthError> {
+        let Some((device_id, nkey)) = entry.trim().split_once('=') else {
+            return Err(NatsAuthError::MalformedDevice {
+                position: position.to_owned(),
+            });
+        };
+        let device_id = DeviceId::parse(device_id.trim()).map_err(|source| NatsAuthError::InvalidDeviceId {
+            position: position.to_owned(),
+            source,
+        })?;
+        let nkey = NkeyPublicKey::parse(nkey, &format!("device {device_id}"))?;
+        Ok(Self { device_id, nkey })
+    }
+}
+
+impl FromStr for DeviceUser {
+    type Err = NatsAuthError;
+
+    fn from_str(entry: &str) -> Result<Self, Self::Err> {
+        Self::parse(
+            entry,
+            entry.split_once('=').map_or("(no id)", |(device_id, _)| device_id),
+        )
+    }
+}
+
+/// Parses a devices file: one `DEVICE_ID=NKEY_PUBLIC_KEY` per line; blank lines and lines
+/// starting with `#` are skipped. `name` names the file in errors.
+pub fn parse_devices_file(text: &str, name: &str) -> Result<Vec<DeviceUser>, NatsAuthError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with('#'))
+        .map(|(index, line)| DeviceUser::parse(line, &format!("{name}:{}", index + 1)))
+        .collect()
+}
+
+/// What one user may publish and subscribe to; everything else is denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Subjects it may publish to (JetStream API calls are publishes too).
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+}
+
+/// The orchestrator's permissions: manage and read its two streams and their consumers, issue
+/// commands, confirm backups, record audit events, and receive replies on the shared `_INBOX`.
+/// Not allowed: deleting or purging a stream (the events stream is the history) and publishing
+/// device events.
+pub fn orchestrator_permissions() -> Permissions {
+    let mut publish = Vec::new();
+    for stream in [subject::EVENTS_STREAM, subject::COMMANDS_STREAM] {
+        publish.extend([
+            format!("{JS_API}.STREAM.INFO.{stream}"),
+            format!("{JS_API}.STREAM.CREATE.{stream}"),
+            format!("{JS_API}.STREAM.UPDATE.{stream}"),
+            format!("{JS_API}.STREAM.MSG.GET.{stream}"),
+            format!("{JS_API}.DIRECT.GET.{stream}"),
+            format!("{JS_API}.DIRECT.GET.{stream}.>"),
+            format!("{JS_API}.CONSUMER.CREATE.{stream}"),
+            format!("{JS_API}.CONSUMER.CREATE.{stream}.>"),
+            format!("{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.*"),
+            format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
+            format!("{JS_API}.CONSUMER.DELETE.{stream}.*"),
+            format!("{JS_API}.CONSUMER.NAMES.{stream}"),
+            format!("{JS_API}.CONSUMER.LIST.{stream}"),
+            format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.*"),
+            format!("$JS.ACK.{stream}.>"),
+        ]);
+    }
+    publish.extend([
+        "laps.commands.*".to_owned(),
+        "laps.confirmations.*".to_owned(),
+        subject::AUDIT_WILDCARD.to_owned(),
+    ]);
+    Permissions {
+        publish,
+        subscribe: vec!["_INBOX.>".to_owned()],
+    }
+}
+
+/// One device's permissions: its own events out; its own commands, confirmations and replies in.
+pub fn device_permissions(device_id: &DeviceId) -> Permissions {
+    let commands = subject::device_commands(device_id);
+    Permissions {
+        publish: vec![
+            format!("laps.events.{device_id}.>"),
+            format!("{JS_API}.DIRECT.GET.{}.{commands}", subject::COMMANDS_STREAM),
+        ],
+        subscribe: vec![
+            format!("{}.>", subject::device_inbox_prefix(device_id)),
+            commands,
+            subject::device_confirmations(device_id),
+        ],
+    }
+}
+
+/// The whole nats-server configuration: where it listens, JetStream, and every user.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where clients connect, `host:port`.
+    pub listen: String,
+    /// JetStream's store directory.
+    pub store_dir: PathBuf,
+    /// The orchestrator's public key.
+    pub orchestrator: NkeyPublicKey,
+    /// Every enrolled device; rendered sorted by id.
+    pub devices: Vec<DeviceUser>,
+}
+
+impl ServerConfig {
+    /// The values `packaging/nats-server.conf` is rendered from. Nobody holds the seeds of these
+    /// keys (they were thrown away), so the shipped file admits no one until it is re-rendered.
+    pub fn example() -> Self {
+        let key = |value: &str| NkeyPublicKey::parse(value, "example").expect("the example keys are valid");
+        let device = |device_id: &str, nkey: &str| DeviceUser {
+            device_id: DeviceId::parse(device_id).expect("the example device ids are valid"),
+            nkey: key(nkey),
+        };
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            store_dir: PathBuf::from(DEFAULT_STORE_DIR),
+            orchestrator: key(EXAMPLE_ORCHESTRATOR_NKEY),
+            devices: vec![
+                device(EXAMPLE_DEVICES[0].0, EXAMPLE_DEVICES[0].1),
+                device(EXAMPLE_DEVICES[1].0, EXAMPLE_DEVICES[1].1),
+            ],
+        }
+    }
+
+    /// The configuration file's text, with comments for the operator.
+    pub fn render(&self) -> Result<String, NatsAuthError> {
+        let listen = quoted_setting("listen", &self.listen)?;
+        let store_dir = quoted_setting("store_dir", &self.store_dir.to_string_lossy())?;
+        let authorization = render_authorization(&self.orchestrator, &self.devices)?;
+        Ok(format!(
+            "{HEADER}
+# Clients connect here.
+listen: {listen}
+
+# JetStream keeps the history (LAPS_EVENTS) and each device's last command (LAPS_COMMANDS), in
+# a jetstream directory inside store_dir. Debian's package does not enable it; this block does.
+# The directory must belong to the user nats-server runs as:
+# `install -d -o nats -g nats -m 0700 {store_dir_plain}`.
+jetstream {{
+  store_dir: {store_dir}
+}}
+
+{authorization}",
+            store_dir_plain = self.store_dir.display(),
+        ))
+    }
+}
+
+/// The `authorization { users = [...] }` block for the orchestrator and `devices` (sorted by
+/// id). Fails on a duplicate device or a key used twice.
+pub fn render_authorization(orchestrator: &NkeyPublicKey, devices: &[DeviceUser]) -> Result<String, NatsAuthError> {
+    let mut devices: Vec<&DeviceUser> = devices.iter().collect();
+    devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    let mut holders: std::collections::BTreeMap<&NkeyPublicKey, String> = std::collections::BTreeMap::new();
+    holders.insert(orchestrator, "the orchestrator".to_owned());
+    for pair in devices.windows(2) {
+        if pair[0].device_id == pair[1].device_id {
+            return Err(NatsAuthError::DuplicateDevice(pair[0].device_id.clone()));
+        }
+    }
+    for device in &devices {
+        let holder = format!("device {}", device.device_id);
+        if let Some(first) = holders.insert(&device.nkey, holder.clone()) {
+            return Err(NatsAuthError::SharedNkey { first, second: holder });
+        }
+    }
+    let mut text = String::from(
+        "# Every user, by nkey. A user may publish and subscribe only to the subjects listed for it.
+authorization {
+  users = [
+    # The orchestrator: creates, checks and reads LAPS_EVENTS and LAPS_COMMANDS and their
+    # consumers, issues commands, confirms backups and records its own audit events. It may not
+    # delete or purge a stream, nor publish device events.
+",
+    );
+    text.push_str(&render_user(orchestrator, &orchestrator_permissions()));
+    text.push_str(
+        "
+    # Devices, one user each (nats-server 2.9 cannot template permissions on the user).
+    # A device publishes only laps.events.<its id>.>, reads only its own command (live, or the
+    # last one with a JetStream direct get on its own subject) and its own backup confirmations,
+    # and gets replies only on its own inbox prefix _INBOX_<its id>, which the agent connects
+    # with. It cannot publish commands, confirmations or audit events, nor call any other
+    # JetStream API (no stream or consumer to create, delete or purge).
+",
+    );
+    for device in devices {
+        text.push_str(&render_device_user(device));
+    }
+    text.push_str("  ]\n}\n");
+    Ok(text)
+}
+
+/// One device's user entry, with a comment naming the device: the unit to add to the `users`
+/// list when enrolling a device by hand.
+pub fn render_device_user(device: &DeviceUser) -> String {
+    format!(
+        "\n    # Device {}.\n{}",
+        device.device_id,
+        render_user(&device.nkey, &device_permissions(&device.device_id))
+    )
+}
+
+/// The values behind [`ServerConfig::example`].
+const EXAMPLE_ORCHESTRATOR_NKEY: &str = "UDZLF75ANO7UMERQCPWVPUP7AL4ERQKFF5OEAUVCOJGCIXYPTWLZUD6O";
+const EXAMPLE_DEVICES: [(&str, &str); 2] = [
+    (
+        "0b6e5c1a-3f7d-4e2b-9a8c-1d2e3f4a5b6c",
+        "UC3C6ATYWI4YJZV4HRGQ74ADALO6JNTXZYXPX6HIIWWFWISCVXFP4ISB",
+    ),
+    (
+        "7c9d1e2f-4a5b-4c6d-8e7f-9a0b1c2d3e4f",
+        "UCU42CFS4OTKKLI2XXUZRAIYK75G76XSAMVDHAS2T5HX377GMLHGGA5B",
+    ),
+];
+
+/// The file's opening comment.
+const HEADER: &str = "# nats-server configuration for fleetlaps: nats-server 2.9 or later, static configuration
+# (no operator/JWT mode).
+#
+# Rendered by `fleetlaps-orchestrator nats-config`. Render it again to enrol a device rather than
+# editing it by hand: every device's permissions are written out in full. The file shipped as
+# packaging/nats-server.conf is the rendering of example values, and nobody holds the seeds of
+# its keys, so it admits no one until it is rendered for your fleet.
+#
+# Install it where nats-server reads its configuration (Debian: /etc/nats-server.conf, readable
+# by the nats user) and apply a new rendering with `systemctl reload nats-server` (SIGHUP):
+# clients stay connected, and a device's agent, which retries while refused, gets in.
+#
+# Authentication: the orchestrator and every device connect with an nkey. The client signs the
+# server's nonce with its seed, so no secret crosses the network and this file holds only public
+# keys. Each side names its seed in `nats.nkey_seed_file` (mode 0600 or 0400);
+# `fleetlaps-orchestrator nkey --seed-file <file>` creates one and prints its public key.
+# A client without a listed key is refused: there is no anonymous user.
+#
+# nkeys authenticate but do not encrypt. When devices connect over networks you do not trust,
+# add a `tls { cert_file: ..., key_file: ... }` block and have clients use tls:// URLs.
+";
+
+/// `"value"`, refusing what would need escaping in nats-server's format.
+fn quoted_setting(setting: &'static str, value: &str) -> Result<String, NatsAuthError> {
+    if value.is_empty() || value.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        return Err(NatsAuthError::InvalidSetting {
+            setting,
+            value: value.to_owned(),
+        });
+    }
+    Ok(format!("\"{value}\""))
+}
+
+fn render_user(nkey: &NkeyPublicKey, permissions: &Permissions) -> String {
+    let list = |subjects: &[String]| -> String {
+        subjects
+            .iter()
+            .map(|subject| format!("            \"{subject}\"\n"))
+            .collect()
+    };
+    format!(
+        "    {{
+      nkey: \"{nkey}\"
+      permissions: {{
+        publish: {{
+          allow: [
+{publish}          ]
+        }}
+        subscribe: {{
+          allow: [
+{subscribe}          ]
+        }}
+      }}
+    }}
+",
+        publish = list(&permissions.publish),
+        subscribe = list(&permissions.subscribe),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,214 @@
+//! The orchestrator's security on real NATS: audit before disclose, rotate now with its throttle,
+//! tokens made and revoked through the API (and `lapsctl`), surviving a rebuild of the projections.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
+use fleetlaps_proto::subject;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator};
+use crate::harness::{TestNats, wait_until};
+
+/// Every orchestrator event on the stream, oldest first.
+async fn audit_events(nats: &TestNats) -> Vec<AuditEnvelope> {
+    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let stream = jetstream.get_stream(subject::EVENTS_STREAM).await.expect("events stream");
+    let mut consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject::AUDIT_WILDCARD.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let pending = consumer.info().await.expect("consumer info").num_pending;
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut envelopes = Vec::new();
+    for _ in 0..pending {
+        let message = messages.next().await.expect("a pending message").expect("a message");
+        envelopes.push(AuditEnvelope::from_json(&message.payload).expect("a valid audit envelope"));
+    }
+    envelopes
+}
+
+async fn send(
+    orchestrator: &TestOrchestrator,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut request = orchestrator
+        .http
+        .request(method, format!("{}{path}", orchestrator.base_url))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("the API answers")
+}
+
+#[tokio::test]
+async fn a_password_read_is_in_the_history_before_the_answer_and_refused_with_503_when_nats_is_down() {
+    // Arrange
+    let mut nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    let password = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    let path = format!("/v1.0/directory/deviceLocalCredentials/{}?$select=credentials", agent.device_id);
+    let reads_before = audit_events(&nats).await.len();
+
+    // Act: a read with Graph's client headers and a reason.
+    let response = orchestrator
+        .http
+        .get(format!("{}{path}", orchestrator.base_url))
+        .bearer_auth(READ_TOKEN)
+        .header("ocp-client-name", "Get-LapsAADPassword")
+        .header("ocp-client-version", "10.0.26100")
+        .header("x-fleetlaps-reason", "INC-1234")
+        .send()
+        .await
+        .expect("answers");
+
+    // Assert: the read is already on the stream when the answer is in hand.
+    assert_eq!(response.status(), StatusCode::OK);
+    let history = audit_events(&nats).await;
+    assert_eq!(history.len(), reads_before + 1, "exactly one more event: this read");
+    let AuditEvent::PasswordRead(read) = &history.last().expect("the read").event else {
+        panic!("not a read: {:?}", history.last());
+    };
+    assert_eq!(read.principal, "investigator");
+    assert_eq!(read.device_id, agent.device_id);
+    assert_eq!(read.rotation_ids.len(), 1);
+    assert_eq!(read.client_name.as_deref(), Some("Get-LapsAADPassword"));
+    assert_eq!(read.client_version.as_deref(), Some("10.0.26100"));
+    assert_eq!(read.reason.as_deref(), Some("INC-1234"));
+    assert_eq!(read.source_address.as_deref(), Some("127.0.0.1"));
+
+    // Act: NATS goes away.
+    nats.stop();
+    let refused = orchestrator.get(&path, Some(READ_TOKEN)).await;
+
+    // Assert: 503, and no password in the body.
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = refused.text().await.expect("a body");
+    assert!(!body.contains("passwordBase64"), "{body}");
+    assert!(!body.contains(password.expose()), "{body}");
+    let encoded = fleetlaps_proto::api::PasswordBase64::encode(password.expose());
+    assert!(!body.contains(encoded.expose()), "{body}");
+    // Metadata is not a disclosure: still served.
+    let metadata = orchestrator
+        .get(&format!("/v1.0/directory/deviceLocalCredentials/{}", agent.device_id), Some(READ_TOKEN))
+        .await;
+    assert_eq!(metadata.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_retry_after() {
+    // Arrange
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    let rotate = format!(
+        "/v1.0/deviceManagement/managedDevices/{}/rotateLocalAdminPassword",
+        agent.device_id
+    );
+
+    // Act
+    let response = send(&orchestrator, reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None).await;
+
+    // Assert: accepted, recorded, and the device rotates.
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let command_id = response.headers()["x-fleetlaps-command-id"].to_str().expect("text").to_owned();
+    let passwords = orchestrator.wait_for_passwords(&agent.device_id, 2).await;
+    assert_ne!(passwords[0].expose(), first.expose());
+    let requested = audit_events(&nats)
+        .await
+        .into_iter()
+        .find_map(|envelope| match envelope.event {
+            AuditEvent::RotationRequested(body) => Some(body),
+            _ => None,
+        })
+        .expect("the request is in the history");
+    assert_eq!((requested.principal.as_str(), requested.command_id.to_string()), ("operator", command_id));
+
+    // Act: again at once.
+    let again = send(&orchestrator, reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None).await;
+
+    // Assert
+    assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = again.headers()["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!((1..=300).contains(&retry_after), "Retry-After {retry_after}");
+    // A reader cannot rotate.
+    let forbidden = send(&orchestrator, reqwest::Method::POST, &rotate, READ_TOKEN, None).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebuild_of_the_projections() {
+    // Arrange
+    let nats = TestNats::start();
+    let mut orchestrator = TestOrchestrator::spawn(&nats).await;
+
+    // Act: the bootstrap admin makes an auditor token.
+    let created = send(
+        &orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        ADMIN_TOKEN,
+        Some(json!({"name": "auditor", "scopes": ["Audit.Read.All"]})),
+    )
+    .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.expect("json");
+    let token = created["token"].as_str().expect("the token").to_owned();
+    let id = created["id"].as_str().expect("an id").to_owned();
+
+    // Assert: it works at once, for its scope only.
+    let audit = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None).await;
+    assert_eq!(audit.status(), StatusCode::OK);
+    let audit: Value = audit.json().await.expect("json");
+    assert_eq!(audit["value"][0]["kind"], "token_created");
+    assert_eq!(audit["value"][0]["body"]["created_by"], "bootstrap-admin");
+    let devices = send(&orchestrator, reqwest::Method::GET, "/v1.0/devices", &token, None).await;
+    assert_eq!(devices.status(), StatusCode::FORBIDDEN);
+
+    // Act: revoke it, then delete the projections and rebuild them from the stream.
+    let revoked = send(
+        &orchestrator,
+        reqwest::Method::DELETE,
+        &format!("/v1.0/fleetlaps/tokens/{id}"),
+        ADMIN_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    let refused = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    orchestrator.stop().await;
+    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
+    orchestrator.restart().await;
+
+    // Assert: the rebuilt projections know the token and its revocation.
+    let list = wait_until("the rebuilt projections list the token", Duration::from_secs(30), || async {
+        let list: Value = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, None)
+            .await
+            .json()
+            .await
+            .ok()?;
+        (list["value"][0]["revokedDateTime"].is_string()).then_some(list)
+    })
+    .await;
+    assert_eq!(list["value"][0]["id"], id.as_str());
+    assert!(!list.to_string().contains(&token), "the token itself is never listed");
+    let still_refused = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None).await;
+    assert_eq!(still_refused.status(), StatusCode::UNAUTHORIZED);
+}
