@@ -322,8 +322,10 @@ path = "/tmp/shadow"
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let example = include_str!("../packaging/agent.toml")
-            .replace("REPLACE-WITH-THE-ESCROW-PUBLIC-KEY", "CQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        let example = include_str!("../packaging/agent.toml").replace(
+            "REPLACE-WITH-THE-ESCROW-PUBLIC-KEY",
+            "CQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        );
         let config = Config::from_toml(&example).expect("the example parses");
         let policy = config.policy().expect("the example's policy is valid");
         assert_eq!(policy.post_authentication_actions().value(), 3);

@@ -146,8 +146,11 @@ impl App {
             Some(api_tls) => {
                 let listener =
                     TlsListener::new(self.http_listener, api_tls.config).context("starting the API's TLS listener")?;
-                let api = axum::serve(listener, api_router.into_make_service_with_connect_info::<http::PeerAddr>())
-                    .with_graceful_shutdown(cancel.clone().cancelled_owned());
+                let api = axum::serve(
+                    listener,
+                    api_router.into_make_service_with_connect_info::<http::PeerAddr>(),
+                )
+                .with_graceful_shutdown(cancel.clone().cancelled_owned());
                 tasks.spawn(async move { api.await.context("serving the API") });
             }
             None => {

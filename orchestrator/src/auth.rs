@@ -185,7 +185,11 @@ impl TokenStore {
     }
 
     /// The principal holding `token` at `now`.
-    pub fn authenticate(&self, token: &str, now: DateTime<Utc>) -> Result<Result<Principal, AuthError>, ProjectionError> {
+    pub fn authenticate(
+        &self,
+        token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Principal, AuthError>, ProjectionError> {
         let presented = digest(token);
         // Every static entry is compared, in constant time.
         let mut found = None;
@@ -305,10 +309,19 @@ mod tests {
         assert_eq!(principal.name, "helpdesk");
         assert!(principal.has(Scope::ReadBasic));
         assert!(!principal.has(Scope::ReadPasswords));
-        assert_eq!(store.authenticate("other", now).expect("store"), Err(AuthError::Unknown));
-        assert!(matches!(store.authenticate("old-token", now).expect("store"), Err(AuthError::Expired(_))));
+        assert_eq!(
+            store.authenticate("other", now).expect("store"),
+            Err(AuthError::Unknown)
+        );
+        assert!(matches!(
+            store.authenticate("old-token", now).expect("store"),
+            Err(AuthError::Expired(_))
+        ));
         let admin = store.authenticate("boot", now).expect("store").expect("bootstrap");
-        assert_eq!((admin.name.as_str(), admin.scopes.as_slice()), (BOOTSTRAP_ADMIN, &[Scope::Admin][..]));
+        assert_eq!(
+            (admin.name.as_str(), admin.scopes.as_slice()),
+            (BOOTSTRAP_ADMIN, &[Scope::Admin][..])
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fleetlaps_proto::api::{
-    AuditEntry, COMMAND_ID_HEADER, CreatedToken, DeviceLocalCredentialInfo, ODataCollection, ODataError,
-    REASON_HEADER, TokenInfo, TokenRequest,
+    AuditEntry, COMMAND_ID_HEADER, CreatedToken, DeviceLocalCredentialInfo, ODataCollection, ODataError, REASON_HEADER,
+    TokenInfo, TokenRequest,
 };
 use fleetlaps_proto::ids::DeviceId;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -242,10 +242,7 @@ impl ApiClient {
         body: Option<&serde_json::Value>,
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes, String, StatusCode), ClientError> {
         let display_url = without_query(&url);
-        let mut request = self
-            .http
-            .request(method, url)
-            .bearer_auth(self.token.expose_secret());
+        let mut request = self.http.request(method, url).bearer_auth(self.token.expose_secret());
         if let Some(reason) = &self.reason {
             request = request.header(REASON_HEADER, reason);
         }
@@ -318,7 +315,11 @@ impl ApiClient {
     }
 
     /// The audit history, oldest first, every page; only one device's or one kind's if asked.
-    pub async fn audit(&self, device_id: Option<&DeviceId>, kind: Option<&str>) -> Result<Vec<AuditEntry>, ClientError> {
+    pub async fn audit(
+        &self,
+        device_id: Option<&DeviceId>,
+        kind: Option<&str>,
+    ) -> Result<Vec<AuditEntry>, ClientError> {
         let mut url = self.url(AUDIT_PATH)?;
         if let Some(device_id) = device_id {
             url.query_pairs_mut().append_pair("deviceId", device_id.as_str());

@@ -418,7 +418,10 @@ mod tests {
             "data_dir = \"/x\"\nbootstrap_admin_token = \"short\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",
         )
         .expect_err("too short");
-        assert!(err.to_string().contains("bootstrap_admin_token: allowed: at least 20"), "{err}");
+        assert!(
+            err.to_string().contains("bootstrap_admin_token: allowed: at least 20"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -100,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::HashToken => {
             let mut token = String::new();
-            std::io::stdin().read_line(&mut token).context("reading the token from standard input")?;
+            std::io::stdin()
+                .read_line(&mut token)
+                .context("reading the token from standard input")?;
             let token = token.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!token.is_empty(), "no token on standard input: pipe the token in");
             println!("{}", fleetlaps_orchestrator::auth::token_sha256(token));

@@ -168,7 +168,12 @@ pub enum AuditDecodeError {
 impl AuditEnvelope {
     /// Wraps an event with a fresh id.
     pub fn new(time: DateTime<Utc>, event: AuditEvent) -> Self {
-        Self { schema: SCHEMA_VERSION, id: EventId::new(), time, event }
+        Self {
+            schema: SCHEMA_VERSION,
+            id: EventId::new(),
+            time,
+            event,
+        }
     }
 
     /// The envelope as JSON bytes.
@@ -200,7 +205,12 @@ impl AuditEvent {
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 4] = [Self::PasswordRead, Self::TokenCreated, Self::TokenRevoked, Self::RotationRequested];
+    pub const ALL: [Self; 4] = [
+        Self::PasswordRead,
+        Self::TokenCreated,
+        Self::TokenRevoked,
+        Self::RotationRequested,
+    ];
 
     /// The kind's name on the wire and in subjects.
     pub fn as_str(self) -> &'static str {
@@ -232,7 +242,10 @@ mod tests {
     fn audit_envelopes_round_trip_with_kind_and_schema() {
         let envelope = AuditEnvelope::new(
             Utc::now(),
-            AuditEvent::TokenRevoked(TokenRevoked { token_id: TokenId::new(), revoked_by: "admin".to_owned() }),
+            AuditEvent::TokenRevoked(TokenRevoked {
+                token_id: TokenId::new(),
+                revoked_by: "admin".to_owned(),
+            }),
         );
         let json: serde_json::Value = serde_json::from_slice(&envelope.to_json()).expect("json");
         assert_eq!(json["kind"], "token_revoked");

@@ -23,7 +23,9 @@ pub fn audit_event(kind: crate::audit::AuditKind) -> String {
 
 /// The kind named by an audit subject, if it is one.
 pub fn parse_audit_event(subject: &str) -> Option<crate::audit::AuditKind> {
-    subject.strip_prefix("laps.audit.").and_then(crate::audit::AuditKind::from_name)
+    subject
+        .strip_prefix("laps.audit.")
+        .and_then(crate::audit::AuditKind::from_name)
 }
 
 /// The stream that keeps the last command for each device.

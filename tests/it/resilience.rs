@@ -140,8 +140,10 @@ async fn wait_for_the_whole_stream(nats: &TestNats, orchestrator: &TestOrchestra
         .await
         .expect("the events stream");
     let last = stream.info().await.expect("stream info").state.last_sequence;
-    wait_until("the orchestrator folds in the whole stream", Duration::from_secs(30), || async {
-        (orchestrator.metric("fleetlaps_projection_last_sequence").await >= last as f64).then_some(())
-    })
+    wait_until(
+        "the orchestrator folds in the whole stream",
+        Duration::from_secs(30),
+        || async { (orchestrator.metric("fleetlaps_projection_last_sequence").await >= last as f64).then_some(()) },
+    )
     .await;
 }

@@ -16,7 +16,10 @@ use crate::harness::{TestNats, wait_until};
 /// Every orchestrator event on the stream, oldest first.
 async fn audit_events(nats: &TestNats) -> Vec<AuditEnvelope> {
     let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
-    let stream = jetstream.get_stream(subject::EVENTS_STREAM).await.expect("events stream");
+    let stream = jetstream
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .expect("events stream");
     let mut consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subject::AUDIT_WILDCARD.to_owned(),
@@ -58,7 +61,10 @@ async fn a_password_read_is_in_the_history_before_the_answer_and_refused_with_50
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let agent = TestAgent::spawn(&nats, &orchestrator).await;
     let password = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
-    let path = format!("/v1.0/directory/deviceLocalCredentials/{}?$select=credentials", agent.device_id);
+    let path = format!(
+        "/v1.0/directory/deviceLocalCredentials/{}?$select=credentials",
+        agent.device_id
+    );
     let reads_before = audit_events(&nats).await.len();
 
     // Act: a read with Graph's client headers and a reason.
@@ -101,7 +107,10 @@ async fn a_password_read_is_in_the_history_before_the_answer_and_refused_with_50
     assert!(!body.contains(encoded.expose()), "{body}");
     // Metadata is not a disclosure: still served.
     let metadata = orchestrator
-        .get(&format!("/v1.0/directory/deviceLocalCredentials/{}", agent.device_id), Some(READ_TOKEN))
+        .get(
+            &format!("/v1.0/directory/deviceLocalCredentials/{}", agent.device_id),
+            Some(READ_TOKEN),
+        )
         .await;
     assert_eq!(metadata.status(), StatusCode::OK);
 }
@@ -123,7 +132,10 @@ async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_re
 
     // Assert: accepted, recorded, and the device rotates.
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    let command_id = response.headers()["x-fleetlaps-command-id"].to_str().expect("text").to_owned();
+    let command_id = response.headers()["x-fleetlaps-command-id"]
+        .to_str()
+        .expect("text")
+        .to_owned();
     let passwords = orchestrator.wait_for_passwords(&agent.device_id, 2).await;
     assert_ne!(passwords[0].expose(), first.expose());
     let requested = audit_events(&nats)
@@ -134,7 +146,10 @@ async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_re
             _ => None,
         })
         .expect("the request is in the history");
-    assert_eq!((requested.principal.as_str(), requested.command_id.to_string()), ("operator", command_id));
+    assert_eq!(
+        (requested.principal.as_str(), requested.command_id.to_string()),
+        ("operator", command_id)
+    );
 
     // Act: again at once.
     let again = send(&orchestrator, reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None).await;
@@ -173,7 +188,14 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     let id = created["id"].as_str().expect("an id").to_owned();
 
     // Assert: it works at once, for its scope only.
-    let audit = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None).await;
+    let audit = send(
+        &orchestrator,
+        reqwest::Method::GET,
+        "/v1.0/fleetlaps/auditEvents",
+        &token,
+        None,
+    )
+    .await;
     assert_eq!(audit.status(), StatusCode::OK);
     let audit: Value = audit.json().await.expect("json");
     assert_eq!(audit["value"][0]["kind"], "token_created");
@@ -191,24 +213,48 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     )
     .await;
     assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
-    let refused = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None).await;
+    let refused = send(
+        &orchestrator,
+        reqwest::Method::GET,
+        "/v1.0/fleetlaps/auditEvents",
+        &token,
+        None,
+    )
+    .await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     orchestrator.stop().await;
     std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
     orchestrator.restart().await;
 
     // Assert: the rebuilt projections know the token and its revocation.
-    let list = wait_until("the rebuilt projections list the token", Duration::from_secs(30), || async {
-        let list: Value = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, None)
+    let list = wait_until(
+        "the rebuilt projections list the token",
+        Duration::from_secs(30),
+        || async {
+            let list: Value = send(
+                &orchestrator,
+                reqwest::Method::GET,
+                "/v1.0/fleetlaps/tokens",
+                ADMIN_TOKEN,
+                None,
+            )
             .await
             .json()
             .await
             .ok()?;
-        (list["value"][0]["revokedDateTime"].is_string()).then_some(list)
-    })
+            (list["value"][0]["revokedDateTime"].is_string()).then_some(list)
+        },
+    )
     .await;
     assert_eq!(list["value"][0]["id"], id.as_str());
     assert!(!list.to_string().contains(&token), "the token itself is never listed");
-    let still_refused = send(&orchestrator, reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None).await;
+    let still_refused = send(
+        &orchestrator,
+        reqwest::Method::GET,
+        "/v1.0/fleetlaps/auditEvents",
+        &token,
+        None,
+    )
+    .await;
     assert_eq!(still_refused.status(), StatusCode::UNAUTHORIZED);
 }

@@ -213,7 +213,12 @@ async fn manage_tokens(client: &ApiClient, command: TokenCommand) -> anyhow::Res
             Ok(render(&[Entry(fields)], output))
         }
         TokenCommand::List { output } => {
-            let entries: Vec<Entry> = client.tokens().await?.iter().map(|info| Entry(token_fields(info))).collect();
+            let entries: Vec<Entry> = client
+                .tokens()
+                .await?
+                .iter()
+                .map(|info| Entry(token_fields(info)))
+                .collect();
             Ok(render(&entries, output))
         }
         TokenCommand::Revoke { id } => {

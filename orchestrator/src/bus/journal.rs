@@ -39,7 +39,9 @@ impl Journal for JetStreamJournal {
     fn append(&self, event: AuditEvent) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
             let envelope = AuditEnvelope::new(chrono::Utc::now(), event);
-            let message = PublishMessage::build().payload(envelope.to_json().into()).message_id(envelope.id.to_string());
+            let message = PublishMessage::build()
+                .payload(envelope.to_json().into())
+                .message_id(envelope.id.to_string());
             let error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Journal { source };
             let ack = self
                 .jetstream

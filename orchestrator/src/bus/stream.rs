@@ -50,21 +50,29 @@ pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stre
         .map_err(|err| BusError::Stream { source: err.into() })?
         .clone();
     // A stream made by an older version lacks the audit subjects: add them, keeping the rest.
-    let missing: Vec<String> =
-        wanted_subjects.iter().filter(|wanted| !info.config.subjects.contains(wanted)).cloned().collect();
+    let missing: Vec<String> = wanted_subjects
+        .iter()
+        .filter(|wanted| !info.config.subjects.contains(wanted))
+        .cloned()
+        .collect();
     if !missing.is_empty() && info.config.subjects.iter().any(|s| s == subject::EVENTS_WILDCARD) {
         let mut updated = info.config.clone();
         updated.subjects.extend(missing);
-        info = jetstream.update_stream(updated).await.map_err(|err| BusError::Stream { source: err.into() })?;
+        info = jetstream
+            .update_stream(updated)
+            .await
+            .map_err(|err| BusError::Stream { source: err.into() })?;
         tracing::info!(subjects = ?info.config.subjects, "events stream subjects updated");
     }
-    if !wanted_subjects.iter().all(|wanted| info.config.subjects.contains(wanted)) {
+    if !wanted_subjects
+        .iter()
+        .all(|wanted| info.config.subjects.contains(wanted))
+    {
         return Err(BusError::StreamMismatch {
             stream: subject::EVENTS_STREAM,
             problem: format!(
                 "subjects are {:?}, expected to include {:?}",
-                info.config.subjects,
-                wanted_subjects
+                info.config.subjects, wanted_subjects
             ),
         });
     }

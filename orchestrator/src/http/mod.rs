@@ -13,8 +13,8 @@
 //! - `error`: [`ApiError`], the one error type that becomes a response.
 //! - `tls`: [`TlsListener`], which serves the API over TLS.
 
-mod auth;
 mod audit;
+mod auth;
 mod device_local_credentials;
 mod devices;
 mod error;
@@ -22,8 +22,8 @@ mod escrow;
 mod health;
 mod metrics;
 mod odata;
-mod tokens;
 mod tls;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -57,7 +57,8 @@ pub struct AppState {
     pub rotate_min_interval: std::time::Duration,
     /// When each device's rotation was last requested through this process: the projections
     /// know it too, but only once the consumer has folded the request in.
-    pub rotate_requests: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::ids::DeviceId, chrono::DateTime<chrono::Utc>>>>,
+    pub rotate_requests:
+        Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::ids::DeviceId, chrono::DateTime<chrono::Utc>>>>,
 }
 
 /// The API: health, the escrow public key and Graph's `deviceLocalCredentials`.

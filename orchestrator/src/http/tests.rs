@@ -14,9 +14,9 @@ use tower::ServiceExt as _;
 use super::*;
 use crate::bus::BusError;
 use crate::config::TokenConfig;
+use crate::projection::{Outcome, StreamMessage};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
 use fleetlaps_proto::command::Command;
-use crate::projection::{Outcome, StreamMessage};
 
 /// A token with `DeviceLocalCredential.ReadBasic.All`.
 pub(crate) const READ_BASIC_TOKEN: &str = "helpdesk-token";
@@ -113,9 +113,7 @@ impl Fixture {
             token("helpdesk", READ_BASIC_TOKEN, SCOPE_READ_BASIC),
             token("admin", READ_ALL_TOKEN, SCOPE_READ_PASSWORDS),
         ];
-        tokens.extend(
-            crate::auth::Scope::ALL.map(|scope| token(scope.as_str(), &scope_token(scope), scope.as_str())),
-        );
+        tokens.extend(crate::auth::Scope::ALL.map(|scope| token(scope.as_str(), &scope_token(scope), scope.as_str())));
         let tokens = TokenStore::new(&tokens, None, projections.clone());
         let journal = Arc::new(FoldingJournal {
             projections: projections.clone(),
@@ -530,10 +528,34 @@ type Endpoint = (&'static str, String, Option<Value>, Vec<crate::auth::Scope>, S
 fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
     use crate::auth::Scope::*;
     vec![
-        ("GET", ITEM.to_owned(), None, vec![ReadBasic, ReadPasswords], StatusCode::OK),
-        ("GET", format!("{ITEM}/dev-1"), None, vec![ReadBasic, ReadPasswords], StatusCode::OK),
-        ("GET", format!("{ITEM}/dev-1?$select=credentials"), None, vec![ReadPasswords], StatusCode::OK),
-        ("GET", "/v1.0/devices".to_owned(), None, vec![DeviceRead], StatusCode::OK),
+        (
+            "GET",
+            ITEM.to_owned(),
+            None,
+            vec![ReadBasic, ReadPasswords],
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("{ITEM}/dev-1"),
+            None,
+            vec![ReadBasic, ReadPasswords],
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            format!("{ITEM}/dev-1?$select=credentials"),
+            None,
+            vec![ReadPasswords],
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            "/v1.0/devices".to_owned(),
+            None,
+            vec![DeviceRead],
+            StatusCode::OK,
+        ),
         (
             "POST",
             "/v1.0/deviceManagement/managedDevices/dev-1/rotateLocalAdminPassword".to_owned(),
@@ -541,7 +563,13 @@ fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
             vec![Rotate],
             StatusCode::NO_CONTENT,
         ),
-        ("GET", "/v1.0/fleetlaps/tokens".to_owned(), None, vec![Admin], StatusCode::OK),
+        (
+            "GET",
+            "/v1.0/fleetlaps/tokens".to_owned(),
+            None,
+            vec![Admin],
+            StatusCode::OK,
+        ),
         (
             "POST",
             "/v1.0/fleetlaps/tokens".to_owned(),
@@ -549,8 +577,20 @@ fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
             vec![Admin],
             StatusCode::CREATED,
         ),
-        ("DELETE", format!("/v1.0/fleetlaps/tokens/{token_id}"), None, vec![Admin], StatusCode::NO_CONTENT),
-        ("GET", "/v1.0/fleetlaps/auditEvents".to_owned(), None, vec![AuditRead], StatusCode::OK),
+        (
+            "DELETE",
+            format!("/v1.0/fleetlaps/tokens/{token_id}"),
+            None,
+            vec![Admin],
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            "GET",
+            "/v1.0/fleetlaps/auditEvents".to_owned(),
+            None,
+            vec![AuditRead],
+            StatusCode::OK,
+        ),
     ]
 }
 
@@ -597,9 +637,16 @@ async fn the_scope_matrix_every_endpoint_by_no_expired_revoked_and_each_scope_to
     let mut fixture = Fixture::new();
     fixture.state.rotate_min_interval = std::time::Duration::ZERO;
     fixture.back_up("dev-1", "host-1", "s3cret-One");
-    let (revoked, revoked_id) = fixture.create_token(&["Admin", "DeviceLocalCredential.Read.All"], None).await;
+    let (revoked, revoked_id) = fixture
+        .create_token(&["Admin", "DeviceLocalCredential.Read.All"], None)
+        .await;
     let revoke = fixture
-        .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{revoked_id}"), None, Some(&scope_token(crate::auth::Scope::Admin)))
+        .call(
+            "DELETE",
+            &format!("/v1.0/fleetlaps/tokens/{revoked_id}"),
+            None,
+            Some(&scope_token(crate::auth::Scope::Admin)),
+        )
         .await;
     assert_eq!(revoke.status, StatusCode::NO_CONTENT, "{}", revoke.body);
     // An API token whose expiry has passed: recorded directly, as the API refuses past expiries.
@@ -622,15 +669,31 @@ async fn the_scope_matrix_every_endpoint_by_no_expired_revoked_and_each_scope_to
         let (_, victim) = fixture.create_token(&["Device.Read.All"], None).await;
         let (method, uri, body, allowed, opened) = protected_endpoints(&victim).swap_remove(scope_index);
         let cell = |who: &str| format!("{method} {uri} with {who}");
-        for (who, token) in [("no token", None), ("an expired token", Some(expired)), ("a revoked token", Some(revoked.as_str()))] {
+        for (who, token) in [
+            ("no token", None),
+            ("an expired token", Some(expired)),
+            ("a revoked token", Some(revoked.as_str())),
+        ] {
             let answer = fixture.call(method, &uri, body.as_ref(), token).await;
-            assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}: {}", cell(who), answer.body);
+            assert_eq!(
+                answer.status,
+                StatusCode::UNAUTHORIZED,
+                "{}: {}",
+                cell(who),
+                answer.body
+            );
         }
         for scope in crate::auth::Scope::ALL {
             let (_, victim) = fixture.create_token(&["Device.Read.All"], None).await;
             let (_, uri, _, _, _) = protected_endpoints(&victim).swap_remove(scope_index);
-            let answer = fixture.call(method, &uri, body.as_ref(), Some(&scope_token(scope))).await;
-            let expected = if allowed.contains(&scope) { opened } else { StatusCode::FORBIDDEN };
+            let answer = fixture
+                .call(method, &uri, body.as_ref(), Some(&scope_token(scope)))
+                .await;
+            let expected = if allowed.contains(&scope) {
+                opened
+            } else {
+                StatusCode::FORBIDDEN
+            };
             assert_eq!(answer.status, expected, "{}: {}", cell(scope.as_str()), answer.body);
         }
     }
@@ -642,7 +705,12 @@ async fn expired_and_revoked_tokens_are_told_apart_in_the_message() {
     let (token, id) = fixture.create_token(&["Device.Read.All"], None).await;
     assert_eq!(fixture.get("/v1.0/devices", Some(&token)).await.status, StatusCode::OK);
     fixture
-        .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{id}"), None, Some(&scope_token(crate::auth::Scope::Admin)))
+        .call(
+            "DELETE",
+            &format!("/v1.0/fleetlaps/tokens/{id}"),
+            None,
+            Some(&scope_token(crate::auth::Scope::Admin)),
+        )
         .await;
     let answer = fixture.get("/v1.0/devices", Some(&token)).await;
     answer.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
@@ -665,7 +733,10 @@ async fn tokens_are_created_listed_and_revoked_as_events_holding_only_their_hash
     let history = fixture.audit();
     assert_eq!(history.len(), 1);
     let text = String::from_utf8(history[0].1.to_json()).unwrap();
-    assert!(text.contains(&crate::auth::token_sha256(&token)) && !text.contains(&token), "{text}");
+    assert!(
+        text.contains(&crate::auth::token_sha256(&token)) && !text.contains(&token),
+        "{text}"
+    );
 
     fixture
         .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{id}"), None, Some(&admin))
@@ -674,10 +745,19 @@ async fn tokens_are_created_listed_and_revoked_as_events_holding_only_their_hash
         .call("DELETE", &format!("/v1.0/fleetlaps/tokens/{id}"), None, Some(&admin))
         .await;
     assert_eq!(again.status, StatusCode::NO_CONTENT, "revoking twice is harmless");
-    let kinds: Vec<String> = fixture.audit().iter().map(|(_, e)| e.event.kind().to_string()).collect();
+    let kinds: Vec<String> = fixture
+        .audit()
+        .iter()
+        .map(|(_, e)| e.event.kind().to_string())
+        .collect();
     assert_eq!(kinds, ["token_created", "token_revoked"]);
     let unknown = fixture
-        .call("DELETE", "/v1.0/fleetlaps/tokens/0190b5a4-0000-7000-8000-000000000000", None, Some(&admin))
+        .call(
+            "DELETE",
+            "/v1.0/fleetlaps/tokens/0190b5a4-0000-7000-8000-000000000000",
+            None,
+            Some(&admin),
+        )
         .await;
     unknown.assert_error(StatusCode::NOT_FOUND, "Request_ResourceNotFound");
 }
@@ -687,7 +767,10 @@ async fn bad_token_requests_name_what_is_wrong() {
     let fixture = Fixture::new();
     let admin = scope_token(crate::auth::Scope::Admin);
     for (body, needle) in [
-        (serde_json::json!({"name": "x", "scopes": ["Everything"]}), "unknown scope \"Everything\""),
+        (
+            serde_json::json!({"name": "x", "scopes": ["Everything"]}),
+            "unknown scope \"Everything\"",
+        ),
         (serde_json::json!({"name": "x", "scopes": []}), "scopes is empty"),
         (serde_json::json!({"name": "", "scopes": ["Admin"]}), "allowed 1 to 64"),
         (
@@ -696,7 +779,9 @@ async fn bad_token_requests_name_what_is_wrong() {
         ),
         (serde_json::json!({"name": "x"}), "not a token request"),
     ] {
-        let answer = fixture.call("POST", "/v1.0/fleetlaps/tokens", Some(&body), Some(&admin)).await;
+        let answer = fixture
+            .call("POST", "/v1.0/fleetlaps/tokens", Some(&body), Some(&admin))
+            .await;
         answer.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
         assert!(answer.message().contains(needle), "{body}: {}", answer.body);
     }
@@ -721,8 +806,12 @@ async fn a_password_read_is_recorded_before_the_answer_and_refused_when_it_canno
     let answer = fixture.send(request()).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
     let history = fixture.audit();
-    let [(_, read)] = history.as_slice() else { panic!("one read recorded: {history:?}") };
-    let AuditEvent::PasswordRead(read) = &read.event else { panic!("{read:?}") };
+    let [(_, read)] = history.as_slice() else {
+        panic!("one read recorded: {history:?}")
+    };
+    let AuditEvent::PasswordRead(read) = &read.event else {
+        panic!("{read:?}")
+    };
     assert_eq!(read.principal, "admin");
     assert_eq!(read.device_id.as_str(), "dev-1");
     assert_eq!(read.rotation_ids.len(), 1);
@@ -730,13 +819,24 @@ async fn a_password_read_is_recorded_before_the_answer_and_refused_when_it_canno
     assert_eq!(read.client_version.as_deref(), Some("1.0"));
     assert_eq!(read.reason.as_deref(), Some("ticket 42"));
 
-    fixture.journal.available.store(false, std::sync::atomic::Ordering::SeqCst);
+    fixture
+        .journal
+        .available
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let refused = fixture.send(request()).await;
     refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
     assert!(!refused.body.to_string().contains("passwordBase64"), "{}", refused.body);
-    assert!(!refused.body.to_string().contains(&PasswordBase64::encode("s3cret-One").expose().to_owned()));
+    assert!(
+        !refused
+            .body
+            .to_string()
+            .contains(&PasswordBase64::encode("s3cret-One").expose().to_owned())
+    );
     // Metadata needs no audit, so it is still served.
-    assert_eq!(fixture.get(&format!("{ITEM}/dev-1"), Some(READ_ALL_TOKEN)).await.status, StatusCode::OK);
+    assert_eq!(
+        fixture.get(&format!("{ITEM}/dev-1"), Some(READ_ALL_TOKEN)).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -753,8 +853,13 @@ async fn rotate_requests_are_recorded_sent_and_throttled_with_retry_after() {
     assert_eq!(commands.len(), 1);
     assert_eq!(commands[0].id.to_string(), command_id);
     let history = fixture.audit();
-    let AuditEvent::RotationRequested(requested) = &history[0].1.event else { panic!("{history:?}") };
-    assert_eq!((requested.principal.as_str(), requested.command_id), ("DeviceLocalCredential.Rotate", commands[0].id));
+    let AuditEvent::RotationRequested(requested) = &history[0].1.event else {
+        panic!("{history:?}")
+    };
+    assert_eq!(
+        (requested.principal.as_str(), requested.command_id),
+        ("DeviceLocalCredential.Rotate", commands[0].id)
+    );
 
     let second = fixture.call("POST", rotate, None, Some(&token)).await;
     second.assert_error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests");
@@ -768,7 +873,12 @@ async fn rotate_requests_are_recorded_sent_and_throttled_with_retry_after() {
     assert_eq!(after_restart.status, StatusCode::TOO_MANY_REQUESTS);
 
     let unknown = fixture
-        .call("POST", "/v1.0/deviceManagement/managedDevices/dev-404/rotateLocalAdminPassword", None, Some(&token))
+        .call(
+            "POST",
+            "/v1.0/deviceManagement/managedDevices/dev-404/rotateLocalAdminPassword",
+            None,
+            Some(&token),
+        )
         .await;
     unknown.assert_error(StatusCode::NOT_FOUND, "Request_ResourceNotFound");
 }
@@ -779,12 +889,17 @@ async fn the_audit_history_lists_reads_filtered_by_device_and_kind_in_pages() {
     fixture.back_up("dev-1", "host-1", "one");
     fixture.back_up("dev-2", "host-2", "two");
     for device in ["dev-1", "dev-2", "dev-1"] {
-        let answer = fixture.get(&format!("{ITEM}/{device}?$select=credentials"), Some(READ_ALL_TOKEN)).await;
+        let answer = fixture
+            .get(&format!("{ITEM}/{device}?$select=credentials"), Some(READ_ALL_TOKEN))
+            .await;
         assert_eq!(answer.status, StatusCode::OK);
     }
     let auditor = scope_token(crate::auth::Scope::AuditRead);
     let dev_1 = fixture
-        .get("/v1.0/fleetlaps/auditEvents?deviceId=dev-1&kind=password_read", Some(&auditor))
+        .get(
+            "/v1.0/fleetlaps/auditEvents?deviceId=dev-1&kind=password_read",
+            Some(&auditor),
+        )
         .await;
     assert_eq!(dev_1.status, StatusCode::OK, "{}", dev_1.body);
     assert_eq!(dev_1.body["value"].as_array().unwrap().len(), 2);
@@ -795,7 +910,9 @@ async fn the_audit_history_lists_reads_filtered_by_device_and_kind_in_pages() {
     let rest = fixture.get(&next, Some(&auditor)).await;
     assert_eq!(rest.body["value"].as_array().unwrap().len(), 1);
     assert_eq!(rest.body["value"][0]["body"]["device_id"], "dev-1");
-    let bad = fixture.get("/v1.0/fleetlaps/auditEvents?kind=everything", Some(&auditor)).await;
+    let bad = fixture
+        .get("/v1.0/fleetlaps/auditEvents?kind=everything", Some(&auditor))
+        .await;
     bad.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
     assert!(bad.message().contains("password_read"), "{}", bad.body);
 }

@@ -247,7 +247,11 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
         Outcome::Recorded(AuditKind::TokenCreated)
     );
     assert_eq!(fixture.apply_on(&created.0, &created.1), Outcome::Duplicate);
-    let token = fixture.projections.token_by_digest(&"ab".repeat(32)).unwrap().expect("by digest");
+    let token = fixture
+        .projections
+        .token_by_digest(&"ab".repeat(32))
+        .unwrap()
+        .expect("by digest");
     assert_eq!((token.name.as_str(), token.revoked_at), ("auditor", None));
 
     let revoked = audit(AuditEvent::TokenRevoked(TokenRevoked {
@@ -255,7 +259,15 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
         revoked_by: "admin".to_owned(),
     }));
     fixture.apply_on(&revoked.0, &revoked.1);
-    assert!(fixture.projections.token(&token_id).unwrap().expect("kept").revoked_at.is_some());
+    assert!(
+        fixture
+            .projections
+            .token(&token_id)
+            .unwrap()
+            .expect("kept")
+            .revoked_at
+            .is_some()
+    );
 
     let unknown = audit(AuditEvent::TokenRevoked(TokenRevoked {
         token_id: TokenId::new(),
@@ -284,7 +296,15 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
     let kinds: Vec<AuditKind> = history.iter().map(|(_, envelope)| envelope.event.kind()).collect();
     assert_eq!(
         kinds,
-        [AuditKind::TokenCreated, AuditKind::TokenRevoked, AuditKind::RotationRequested]
+        [
+            AuditKind::TokenCreated,
+            AuditKind::TokenRevoked,
+            AuditKind::RotationRequested
+        ]
     );
-    assert_eq!(fixture.projections.audit(history[0].0, 10).unwrap().len(), 2, "after a position");
+    assert_eq!(
+        fixture.projections.audit(history[0].0, 10).unwrap().len(),
+        2,
+        "after a position"
+    );
 }
