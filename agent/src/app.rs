@@ -114,14 +114,20 @@ impl App {
         // Failures are logged inside; the loop retries them.
         let _outcome = run_cycle(&mut processor, None).await;
         check_last_command(&mut processor).await;
+        // The next cycle's time is kept across wake-ups, so frequent requests (status polls,
+        // confirmations) never postpone it.
+        let mut next_cycle = tokio::time::Instant::now() + interval;
         loop {
             let busy = processor.state.outbox_len() > 0
                 || processor.state.pending()?.is_some()
                 || !processor.state.unconfirmed_backups()?.is_empty();
-            let wait = if busy { RETRY_INTERVAL.min(interval) } else { interval };
+            if busy {
+                next_cycle = next_cycle.min(tokio::time::Instant::now() + RETRY_INTERVAL.min(interval));
+            }
             tokio::select! {
                 () = &mut shutdown => break,
-                () = tokio::time::sleep(wait) => {
+                () = tokio::time::sleep_until(next_cycle) => {
+                    next_cycle = tokio::time::Instant::now() + interval;
                     let _outcome = run_cycle(&mut processor, None).await;
                     check_last_command(&mut processor).await;
                 }
