@@ -321,20 +321,58 @@ where
     }
 }
 
-/// Shows the logs of the code under test when `TEST_LOG=1`, filtered by `RUST_LOG` (default
-/// `info`). Output goes through the test harness's capture, so it is shown for failing tests, or
-/// for all with `-- --nocapture`. Safe to call from every test: only the first call installs it.
+/// Installs the tests' `tracing` subscriber, once per process (later calls do nothing).
+///
+/// Every log line of the code under test, at debug level for fleetlaps's own crates, is kept in
+/// memory for [`captured_logs`], so a test can check what the logs hold (no password, say). With
+/// `TEST_LOG=1` the logs are also shown, filtered by `RUST_LOG` (default `info`), through the test
+/// harness's capture: for failing tests, or for all with `-- --nocapture`.
 pub fn init_tracing() {
-    if std::env::var_os("TEST_LOG").is_none_or(|value| value != "1") {
-        return;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let captured = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(|| CaptureWriter)
+            .with_filter(tracing_subscriber::EnvFilter::new(
+                "info,fleetlaps_agent=debug,fleetlaps_orchestrator=debug,fleetlaps_proto=debug,sled=warn",
+            ));
+        let shown = (std::env::var_os("TEST_LOG").is_some_and(|value| value == "1")).then(|| {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            tracing_subscriber::fmt::layer().with_test_writer().with_filter(filter)
+        });
+        // An error means something else installed a subscriber first; captures then stay empty.
+        let _ = tracing_subscriber::registry().with(captured).with(shown).try_init();
+    });
+}
+
+/// Everything logged so far by the code under test in this process, every test's.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&CAPTURED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+}
+
+/// The log lines [`init_tracing`] keeps.
+static CAPTURED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Appends to [`CAPTURED`].
+struct CaptureWriter;
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        CAPTURED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // An error means another test installed the subscriber first, which is fine.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `nats-server` on `PATH`, else in `/usr/sbin` (where Debian installs it, often not on a user's

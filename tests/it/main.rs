@@ -10,6 +10,7 @@ pub mod harness;
 mod agent_cli;
 mod api;
 pub mod apps;
+mod at_rest;
 mod commands;
 mod config;
 mod durability;
