@@ -142,7 +142,7 @@ impl Processor {
         match &outcome {
             Ok(outcome) => {
                 tracing::info!(event_code = 10004, ?outcome, "policy processing succeeded");
-                self.last_error = None;
+                self.last_error = self.outbox_problem();
             }
             Err(err) => {
                 tracing::warn!(event_code = 10005, error = %err, "policy processing failed");
@@ -467,6 +467,27 @@ impl Processor {
                 tracing::error!(error = %err, "removing an acknowledged event from the outbox failed");
                 return Ok(());
             }
+        }
+    }
+
+    /// What status should say about events still waiting after a cycle drained what it could:
+    /// NATS did not take them.
+    fn outbox_problem(&self) -> Option<String> {
+        let pending = self.state.outbox_len();
+        if pending >= self.settings.outbox_limit {
+            Some(
+                CycleError::OutboxFull {
+                    pending,
+                    limit: self.settings.outbox_limit,
+                }
+                .to_string(),
+            )
+        } else if pending > 0 {
+            Some(format!(
+                "{pending} events wait in the outbox: NATS has not acknowledged them yet"
+            ))
+        } else {
+            None
         }
     }
 
