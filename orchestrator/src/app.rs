@@ -43,7 +43,7 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let escrow = escrow::load_or_create(&config.data_dir.join(escrow::KEY_FILE))?;
+        let escrow = escrow::open(&config)?;
         let api_tls = match config.http.transport()? {
             ApiTransport::Tls(source) => Some(tls::load(&source, &config.data_dir)?),
             ApiTransport::PlainHttp => {

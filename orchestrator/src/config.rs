@@ -15,6 +15,10 @@ use serde::Deserialize;
 pub struct Config {
     /// Where the sled projections and the escrow key live.
     pub data_dir: PathBuf,
+    /// The escrow key, supplied as a file (owner-only, 32 bytes of base64); without it the key
+    /// lives in `data_dir/escrow.key`, created at first start.
+    #[serde(default)]
+    pub escrow_key_file: Option<PathBuf>,
     /// The NATS server with JetStream.
     pub nats: NatsConfig,
     /// The Graph-compatible API. Its defaults ask for no transport, so a config without `[http]`

@@ -1,7 +1,9 @@
 //! The escrow key: the one key that opens the passwords devices back up.
 //!
 //! Created on first start in the data directory with owner-only permissions (0600), or read from
-//! there afterwards. Its public half is given to agents; the secret half never leaves this process.
+//! there afterwards; or supplied as a file (`escrow_key_file`, owner-only, 32 bytes of base64),
+//! which is then never created. Its public half is given to agents; the secret half never leaves
+//! this process.
 
 use std::fs;
 use std::io::Write;
@@ -15,6 +17,24 @@ use fleetlaps_proto::seal::EscrowSecretKey;
 
 /// The escrow key file's name in the data directory.
 pub const KEY_FILE: &str = "escrow.key";
+
+/// The escrow key the config names: `escrow_key_file`, which must exist, or `data_dir/escrow.key`,
+/// created if missing.
+pub fn open(config: &crate::Config) -> anyhow::Result<EscrowSecretKey> {
+    match &config.escrow_key_file {
+        Some(path) => {
+            if !path.exists() {
+                anyhow::bail!(
+                    "escrow_key_file {} does not exist; allowed: an existing owner-only file of 32 bytes in base64, \
+                     or no escrow_key_file to keep the key in data_dir",
+                    path.display()
+                );
+            }
+            load_or_create(path)
+        }
+        None => load_or_create(&config.data_dir.join(KEY_FILE)),
+    }
+}
 
 /// Reads the escrow key from `path`, or creates one there if the file does not exist.
 pub fn load_or_create(path: &Path) -> anyhow::Result<EscrowSecretKey> {
@@ -67,6 +87,25 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let loaded = load_or_create(&path).unwrap();
         assert_eq!(created.public_key(), loaded.public_key());
+    }
+
+    #[test]
+    fn a_supplied_key_file_is_used_and_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let supplied = dir.path().join("supplied.key");
+        let config = |file: &Path| {
+            crate::Config::from_toml(&format!(
+                "data_dir = \"{}\"\nescrow_key_file = \"{}\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",
+                dir.path().join("data").display(),
+                file.display()
+            ))
+            .unwrap()
+        };
+        let err = open(&config(&supplied)).expect_err("a missing supplied key is not made up");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let made = load_or_create(&supplied).unwrap();
+        assert_eq!(open(&config(&supplied)).unwrap().public_key(), made.public_key());
+        assert!(!dir.path().join("data").join(KEY_FILE).exists());
     }
 
     #[test]

@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::EscrowPublicKey { config } => {
             let config = Config::load(&config)?;
-            let key = escrow::load_or_create(&config.data_dir.join(escrow::KEY_FILE))?;
+            let key = escrow::open(&config)?;
             println!("{}", key.public_key());
             Ok(())
         }
