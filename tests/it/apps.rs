@@ -583,6 +583,15 @@ pub async fn device_events(
     device_id: &DeviceId,
     kind: fleetlaps_proto::event::EventKind,
 ) -> Vec<fleetlaps_proto::event::Envelope> {
+    stream_payloads(nats, &fleetlaps_proto::subject::device_event(device_id, kind))
+        .await
+        .iter()
+        .map(|payload| fleetlaps_proto::event::Envelope::from_json(payload).expect("a valid envelope"))
+        .collect()
+}
+
+/// The payloads of the events stream's messages on `filter_subject`, oldest first.
+pub async fn stream_payloads(nats: &TestNats, filter_subject: &str) -> Vec<Vec<u8>> {
     let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
     let stream = jetstream
         .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
@@ -590,20 +599,20 @@ pub async fn device_events(
         .expect("events stream");
     let mut consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: fleetlaps_proto::subject::device_event(device_id, kind),
+            filter_subject: filter_subject.to_owned(),
             ..Default::default()
         })
         .await
         .expect("ordered consumer");
     let pending = consumer.info().await.expect("consumer info").num_pending;
     let mut messages = consumer.messages().await.expect("messages");
-    let mut envelopes = Vec::new();
+    let mut payloads = Vec::new();
     for _ in 0..pending {
         let message = futures::StreamExt::next(&mut messages)
             .await
             .expect("a pending message")
             .expect("a message");
-        envelopes.push(fleetlaps_proto::event::Envelope::from_json(&message.payload).expect("a valid envelope"));
+        payloads.push(message.payload.to_vec());
     }
-    envelopes
+    payloads
 }

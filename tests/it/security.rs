@@ -3,38 +3,21 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
 use fleetlaps_proto::subject;
-use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator};
+use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator, stream_payloads};
 use crate::harness::{TestNats, wait_until};
 
 /// Every orchestrator event on the stream, oldest first.
 async fn audit_events(nats: &TestNats) -> Vec<AuditEnvelope> {
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
-    let stream = jetstream
-        .get_stream(subject::EVENTS_STREAM)
+    stream_payloads(nats, subject::AUDIT_WILDCARD)
         .await
-        .expect("events stream");
-    let mut consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subject::AUDIT_WILDCARD.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let pending = consumer.info().await.expect("consumer info").num_pending;
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut envelopes = Vec::new();
-    for _ in 0..pending {
-        let message = messages.next().await.expect("a pending message").expect("a message");
-        envelopes.push(AuditEnvelope::from_json(&message.payload).expect("a valid audit envelope"));
-    }
-    envelopes
+        .iter()
+        .map(|payload| AuditEnvelope::from_json(payload).expect("a valid audit envelope"))
+        .collect()
 }
 
 async fn send(
