@@ -276,6 +276,25 @@ impl ApiClient {
         self.reason = reason;
     }
 
+    /// The device directory (`GET /v1.0/devices`, `Device.Read.All`): each device's id and name.
+    pub async fn directory(&self) -> Result<Vec<(DeviceId, String)>, ClientError> {
+        let url = self.url("v1.0/devices")?;
+        let display_url = without_query(&url);
+        let page: ODataCollection<serde_json::Value> = self.get_json(url).await?;
+        page.value
+            .iter()
+            .map(|device| {
+                let id = device["id"].as_str().and_then(|id| DeviceId::parse(id).ok());
+                let name = device["displayName"].as_str().map(str::to_owned);
+                id.zip(name).ok_or_else(|| ClientError::UnexpectedResponse {
+                    url: display_url.clone(),
+                    status: StatusCode::OK,
+                    detail: "a device without a valid id or displayName".to_owned(),
+                })
+            })
+            .collect()
+    }
+
     /// Asks the device to rotate its password now; returns the id of the command sent to it.
     pub async fn rotate(&self, device_id: &DeviceId) -> Result<String, ClientError> {
         let url = self.url(&format!(

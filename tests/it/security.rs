@@ -145,6 +145,21 @@ async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_re
         .parse()
         .expect("seconds");
     assert!((1..=300).contains(&retry_after), "Retry-After {retry_after}");
+    // The same through lapsctl, by the device's name.
+    let throttled = orchestrator
+        .lapsctl(&[
+            "--token",
+            OPERATOR_TOKEN,
+            "rotate",
+            "--device",
+            "device-1",
+            "--reason",
+            "again",
+        ])
+        .await;
+    assert!(!throttled.status.success());
+    let stderr = String::from_utf8_lossy(&throttled.stderr);
+    assert!(stderr.contains("retry after") && stderr.contains("429"), "{stderr}");
     // A reader cannot rotate.
     let forbidden = send(&orchestrator, reqwest::Method::POST, &rotate, READ_TOKEN, None).await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
@@ -185,6 +200,13 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     assert_eq!(audit["value"][0]["body"]["created_by"], "bootstrap-admin");
     let devices = send(&orchestrator, reqwest::Method::GET, "/v1.0/devices", &token, None).await;
     assert_eq!(devices.status(), StatusCode::FORBIDDEN);
+    let listed = orchestrator
+        .lapsctl(&["--token", ADMIN_TOKEN, "token", "list", "-o", "json"])
+        .await;
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("lapsctl -o json");
+    assert_eq!(listed[0]["Name"], "auditor");
+    assert_eq!(listed[0]["Scopes"], "Audit.Read.All");
 
     // Act: revoke it, then delete the projections and rebuild them from the stream.
     let revoked = send(

@@ -11,6 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetlaps_orchestrator::client::ApiClient;
 use fleetlaps_proto::api::{DeviceLocalCredentialInfo, TokenInfo, TokenRequest};
+use fleetlaps_proto::ids::DeviceId;
 use secrecy::SecretString;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
@@ -39,7 +40,8 @@ enum Command {
     /// (as Get-LapsAADPassword). Each read of passwords is recorded in the audit history.
     GetPassword(GetPassword),
     /// Ask a device to rotate its password now (Intune's "Rotate local admin password"); needs
-    /// DeviceLocalCredential.Rotate. The device rotates when it next hears from NATS.
+    /// DeviceLocalCredential.Rotate, and Device.Read.All to find a device by name. The device
+    /// rotates when it next hears from NATS.
     Rotate(Rotate),
     /// Create, list and revoke API tokens (needs Admin).
     #[command(subcommand)]
@@ -50,7 +52,7 @@ enum Command {
 
 #[derive(Args)]
 struct Rotate {
-    /// The device's name or, when no device has that name, its id.
+    /// The device's name, or its id.
     #[arg(long, value_name = "NAME_OR_ID")]
     device: String,
     /// Why, for the audit history.
@@ -166,11 +168,10 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Rotate(args) => {
             client.set_reason(args.reason.clone());
-            let device = one_device(&client, &args.device).await?;
-            let command_id = client.rotate(&device.id).await?;
+            let (device_id, device_name) = directory_device(&client, &args.device).await?;
+            let command_id = client.rotate(&device_id).await?;
             Ok(format!(
-                "rotation requested for {} ({}): command {command_id}\n",
-                device.device_name, device.id
+                "rotation requested for {device_name} ({device_id}): command {command_id}\n"
             ))
         }
         Command::Token(command) => manage_tokens(&client, command).await,
@@ -192,6 +193,42 @@ async fn one_device(client: &ApiClient, name_or_id: &str) -> anyhow::Result<Devi
             anyhow::bail!("{n_devices} devices are named {name_or_id}; pass one of their ids with --device:{list}")
         }
     }
+}
+
+/// The one device `name_or_id` designates in the device directory (`Device.Read.All`): those
+/// named so, or the one with that id. A UUID is taken as an id without asking the directory.
+async fn directory_device(client: &ApiClient, name_or_id: &str) -> anyhow::Result<(DeviceId, String)> {
+    if uuid_like(name_or_id)
+        && let Ok(device_id) = DeviceId::parse(name_or_id)
+    {
+        return Ok((device_id, name_or_id.to_owned()));
+    }
+    let directory = client.directory().await?;
+    let mut found: Vec<&(DeviceId, String)> = directory
+        .iter()
+        .filter(|(_, name)| name.eq_ignore_ascii_case(name_or_id))
+        .collect();
+    if found.is_empty() {
+        found = directory.iter().filter(|(id, _)| id.as_str() == name_or_id).collect();
+    }
+    match found.as_slice() {
+        [] => anyhow::bail!("no device named {name_or_id}"),
+        [one] => Ok((*one).clone()),
+        several => {
+            let list: String = several.iter().map(|(id, name)| format!("\n  {id}  {name}")).collect();
+            anyhow::bail!(
+                "{} devices are named {name_or_id}; pass one of their ids with --device:{list}",
+                several.len()
+            )
+        }
+    }
+}
+
+/// Whether `text` has a UUID's shape (8-4-4-4-12 hex digits).
+fn uuid_like(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 async fn manage_tokens(client: &ApiClient, command: TokenCommand) -> anyhow::Result<String> {

@@ -146,6 +146,8 @@ PasswordLength = 14
         "DeviceLocalCredential.Rotate",
         "--scope",
         "Audit.Read.All",
+        "--scope",
+        "Device.Read.All",
         "-o",
         "json",
     ])?;
