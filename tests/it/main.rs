@@ -13,6 +13,7 @@ pub mod apps;
 mod commands;
 mod config;
 mod durability;
+mod enrollment;
 mod harness_smoke;
 mod https;
 pub mod linux;
