@@ -142,7 +142,16 @@ impl Processor {
         match &outcome {
             Ok(outcome) => {
                 tracing::info!(event_code = 10004, ?outcome, "policy processing succeeded");
-                self.last_error = None;
+                // A cycle with nothing due succeeds even while the outbox is at its bound; the
+                // stop of rotations stays in `status` until the outbox drains.
+                let pending = self.state.outbox_len();
+                self.last_error = (pending >= self.settings.outbox_limit).then(|| {
+                    CycleError::OutboxFull {
+                        pending,
+                        limit: self.settings.outbox_limit,
+                    }
+                    .to_string()
+                });
             }
             Err(err) => {
                 tracing::warn!(event_code = 10005, error = %err, "policy processing failed");
