@@ -11,7 +11,7 @@ use fleetlaps_proto::command::Command;
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::event::RotationReason;
 use fleetlaps_proto::ids::{DeviceId, DeviceName};
-use fleetlaps_proto::policy::PolicySource;
+use fleetlaps_proto::policy::{Policy, PolicySource};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
@@ -20,6 +20,7 @@ use crate::bus::{ConnectSettings, Incoming, Publisher};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::control;
+use crate::identity::Identity;
 use crate::postauth::PostAuth;
 use crate::rotation::{CycleOutcome, Processor};
 use crate::state::AgentState;
@@ -47,10 +48,26 @@ impl App {
 
     /// Builds the agent with a given clock (tests move time forward).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let policy = config.policy()?;
+        let identity = Identity::load(&config.state_dir)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "not enrolled: run fleetlaps-agent enroll --orchestrator URL --token ENROLLMENT_TOKEN [--ca FILE] \
+                 (no {})",
+                Identity::path(&config.state_dir).display()
+            )
+        })?;
+        let (policy, policy_source) = effective_policy(&config, &identity)?;
+        if let Some(configured) = config.escrow_public_key
+            && configured != identity.escrow_public_key
+        {
+            anyhow::bail!(
+                "escrow_public_key {configured} differs from the key the orchestrator gave at enrollment ({}); \
+                 remove it from the config or fix it",
+                identity.escrow_public_key
+            );
+        }
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-        let state = AgentState::open(&config.state_dir)
+        let state = AgentState::open(&config.state_dir, &identity.device_id)
             .with_context(|| format!("opening sled db in {}", config.state_dir.display()))?;
         let device_name = match config.device_name.clone() {
             Some(name) => name,
@@ -62,6 +79,7 @@ impl App {
             ack_timeout: Duration::from_secs(config.nats.ack_timeout_secs),
             device_id: state.device_id(),
             nkey_seed_file: config.nats.nkey_seed_file.as_deref(),
+            signing_key: identity.signing_key.clone(),
         })
         .await?;
         let control = control::bind(&control::socket_path(&config.state_dir))?;
@@ -71,9 +89,9 @@ impl App {
             backend,
             clock,
             policy,
-            policy_source: PolicySource::LocalConfig,
+            policy_source,
             device_name,
-            escrow: config.escrow_public_key,
+            escrow: identity.escrow_public_key,
             settings: config.processor_settings(),
             last_error: None,
         };
@@ -236,7 +254,17 @@ fn describe(outcome: CycleOutcome) -> String {
     }
 }
 
-fn system_hostname() -> anyhow::Result<DeviceName> {
+/// The policy in force and where it came from: the orchestrator's, sent at enrollment, wins over
+/// the local `[policy]`, as LAPS's CSP policy wins over local configuration.
+pub fn effective_policy(config: &Config, identity: &Identity) -> anyhow::Result<(Policy, PolicySource)> {
+    match &identity.policy {
+        Some(policy) => Ok((policy.clone(), PolicySource::Orchestrator)),
+        None => Ok((config.policy()?, PolicySource::LocalConfig)),
+    }
+}
+
+/// The kernel's host name, as a device name.
+pub fn system_hostname() -> anyhow::Result<DeviceName> {
     let text = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
     DeviceName::parse(text.trim()).context("the host name is not usable as a device name; set device_name")
 }

@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, message::PublishMessage};
+use fleetlaps_proto::api::SIGNATURE_HEADER;
 use fleetlaps_proto::command::{BackupConfirmation, Command};
 use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
@@ -53,12 +55,18 @@ pub struct ConnectSettings<'a> {
     pub device_id: &'a DeviceId,
     /// The file holding the device's nkey seed, when the server requires authentication.
     pub nkey_seed_file: Option<&'a Path>,
+    /// The enrolled key every event is signed with.
+    pub signing_key: DeviceSigningKey,
 }
 
-/// Publishes envelopes to JetStream, each with its event id as `Nats-Msg-Id`.
+/// Publishes envelopes to JetStream, each with its event id as `Nats-Msg-Id` and its signature
+/// in the `Fleetlaps-Signature` header.
 #[derive(Clone)]
 pub struct Publisher {
     jetstream: jetstream::Context,
+    /// Signs `subject + "\n" + payload` of every event; Ed25519 is deterministic, so a re-sent
+    /// event carries the same signature.
+    signing_key: DeviceSigningKey,
 }
 
 impl Publisher {
@@ -72,6 +80,7 @@ impl Publisher {
             ack_timeout,
             device_id,
             nkey_seed_file,
+            signing_key,
         } = settings;
         let mut options = async_nats::ConnectOptions::new();
         if let Some(path) = nkey_seed_file {
@@ -90,22 +99,26 @@ impl Publisher {
             .await
             .map_err(|err| anyhow::anyhow!("connecting to NATS at {url}: {err}"))?;
         let jetstream = jetstream::ContextBuilder::new().timeout(ack_timeout).build(client);
-        Ok(Self { jetstream })
+        Ok(Self { jetstream, signing_key })
     }
 
-    /// Publishes one envelope and waits for JetStream's acknowledgement.
+    /// Publishes one envelope, signed, and waits for JetStream's acknowledgement.
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
         let kind = envelope.event.kind();
         let error = |source: Box<dyn std::error::Error + Send + Sync>| PublishError {
             kind: kind.as_str(),
             source,
         };
+        let subject = subject::device_event(&envelope.device_id, kind);
+        let payload = envelope.to_json();
+        let signature = self.signing_key.sign(&subject, &payload);
         let message = PublishMessage::build()
-            .payload(envelope.to_json().into())
-            .message_id(envelope.id.to_string());
+            .payload(payload.into())
+            .message_id(envelope.id.to_string())
+            .header(SIGNATURE_HEADER, signature.as_str());
         let ack = self
             .jetstream
-            .send_publish(subject::device_event(&envelope.device_id, kind), message)
+            .send_publish(subject, message)
             .await
             .map_err(|err| error(err.into()))?;
         ack.await.map_err(|err| error(err.into()))?;

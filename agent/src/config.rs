@@ -2,7 +2,8 @@
 //! `FLEETLAPS_`-prefixed environment variables (`FLEETLAPS_NATS__URL` sets `nats.url`).
 //!
 //! The `[policy]` table holds LAPS settings under their LAPS names; it is the local policy
-//! source (LAPS: local configuration), validated on load.
+//! source (LAPS: local configuration), validated on load. A policy the orchestrator sent at
+//! enrollment wins over it, as LAPS's CSP policy wins over local configuration.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,8 +24,10 @@ pub struct Config {
     pub device_name: Option<DeviceName>,
     /// Where the agent keeps its state (sled) and its control socket. Owner-only.
     pub state_dir: PathBuf,
-    /// The orchestrator's escrow public key: passwords leave the device sealed to it.
-    pub escrow_public_key: EscrowPublicKey,
+    /// The orchestrator's escrow public key: passwords leave the device sealed to it. Optional:
+    /// enrollment gives it (in the identity); when both are present they must be equal.
+    #[serde(default)]
+    pub escrow_public_key: Option<EscrowPublicKey>,
     /// Seconds between processing cycles (LAPS: one hour).
     #[serde(default = "default_processing_interval_secs")]
     pub processing_interval_secs: u64,
@@ -322,11 +325,9 @@ path = "/tmp/shadow"
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let example = include_str!("../packaging/agent.toml").replace(
-            "REPLACE-WITH-THE-ESCROW-PUBLIC-KEY",
-            "CQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-        );
-        let config = Config::from_toml(&example).expect("the example parses");
+        let example = include_str!("../packaging/agent.toml");
+        let config = Config::from_toml(example).expect("the example parses");
+        assert!(config.escrow_public_key.is_none(), "enrollment gives the escrow key");
         let policy = config.policy().expect("the example's policy is valid");
         assert_eq!(policy.post_authentication_actions().value(), 3);
         assert!(matches!(config.account, AccountConfig::Linux { .. }));

@@ -3,6 +3,8 @@
 //!
 //! Layout:
 //! - [`app`]: start-up and the run loop (a cycle at start, every interval, and on request).
+//! - [`enroll`]: `fleetlaps-agent enroll`: a key pair, enrolled with the orchestrator over HTTPS.
+//! - [`identity`]: the enrolled identity (device id, signing key, escrow key, policy), 0600.
 //! - [`config`]: the typed configuration, with the local LAPS policy.
 //! - [`telemetry`]: logging set-up.
 //! - [`rotation`]: the processing cycle and the rotation, in the order that loses nothing.
@@ -21,7 +23,9 @@ pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod enroll;
 pub mod fault;
+pub mod identity;
 pub mod postauth;
 pub mod rotation;
 pub mod state;

@@ -10,6 +10,7 @@ use fleetlaps_agent::{App, Config, control, telemetry};
 use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
 use fleetlaps_proto::event::AuthenticationOutcome;
 use fleetlaps_proto::password::Password;
+use secrecy::SecretString;
 
 /// The fleetlaps agent.
 #[derive(Parser)]
@@ -24,6 +25,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Enroll this device with the orchestrator: make a key pair, send its public half and the
+    /// host name over HTTPS with an enrollment token, and keep the identity (device id, key,
+    /// escrow key, policy) in the state directory, mode 0600.
+    Enroll {
+        /// The orchestrator's API, such as https://laps.example.org:8443.
+        #[arg(long, value_name = "URL")]
+        orchestrator: String,
+        /// The enrollment token (`lapsctl enrollment-token create`). Prefer the environment
+        /// variable: other local users can see command lines. (Not `FLEETLAPS_*`: those set
+        /// config fields.)
+        #[arg(long, env = "LAPS_ENROLLMENT_TOKEN", hide_env_values = true)]
+        token: SecretString,
+        /// Trust only the certificates in this PEM file (a self-signed orchestrator's, or its CA).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
     /// Run the agent until Ctrl-C or SIGTERM.
     Run,
     /// Rotate the password now (LAPS Reset-LapsPassword).
@@ -60,6 +77,31 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = Config::load(&cli.config)?;
     match cli.command {
+        Command::Enroll {
+            orchestrator,
+            token,
+            ca,
+        } => {
+            telemetry::init(&config.log);
+            let device_name = match config.device_name.clone() {
+                Some(name) => name,
+                None => fleetlaps_agent::app::system_hostname()?,
+            };
+            let identity = fleetlaps_agent::enroll::enroll(fleetlaps_agent::enroll::EnrollOptions {
+                orchestrator_url: &orchestrator,
+                token: &token,
+                ca_file: ca.as_deref(),
+                device_name,
+                state_dir: &config.state_dir,
+            })
+            .await?;
+            println!(
+                "enrolled as device {} ({})",
+                identity.device_id,
+                fleetlaps_agent::identity::Identity::path(&config.state_dir).display()
+            );
+            Ok(())
+        }
         Command::Run => {
             telemetry::init(&config.log);
             let app = App::build(config).await?;
@@ -81,7 +123,11 @@ async fn main() -> anyhow::Result<()> {
         Command::PamHook { .. } => Ok(()),
         Command::CheckPassword => {
             let backend = fleetlaps_agent::account::backend(&config.account);
-            let account = backend.resolve(config.policy()?.administrator_account_name())?;
+            let policy = match fleetlaps_agent::identity::Identity::load(&config.state_dir)? {
+                Some(identity) => fleetlaps_agent::app::effective_policy(&config, &identity)?.0,
+                None => config.policy()?,
+            };
+            let account = backend.resolve(policy.administrator_account_name())?;
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)

@@ -520,7 +520,11 @@ mod tests {
     #[tokio::test]
     async fn the_schedule_is_loaded_from_the_state() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let state = AgentState::open(dir.path()).expect("state");
+        let state = AgentState::open(
+            dir.path(),
+            &fleetlaps_proto::ids::DeviceId::parse("dev-1").expect("valid"),
+        )
+        .expect("state");
         let empty = PostAuth::load(&state, PostAuthConfig::default()).expect("loads");
         assert_eq!(empty.next_deadline(), None);
         let schedule = schedule_after_authentication(None, &account(), at(1), Some(chrono::Duration::hours(4)));

@@ -41,6 +41,17 @@ pub enum StateError {
     /// sled failed.
     #[error("agent state: {0}")]
     Store(#[from] sled::Error),
+    /// The state belongs to another device id than the enrolled identity's.
+    #[error(
+        "agent state: it belongs to device {stored}, but this agent enrolled as {enrolled}; \
+         move the old state directory away to start afresh"
+    )]
+    OtherDevice {
+        /// The id the state was made for.
+        stored: DeviceId,
+        /// The id of the enrolled identity.
+        enrolled: DeviceId,
+    },
     /// A stored record does not decode.
     #[error("agent state: corrupt record {key}: {detail}")]
     Corrupt {
@@ -105,23 +116,35 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    /// Opens (or creates) the state in `dir`; a new state gets a new random device id.
-    pub fn open(dir: &Path) -> Result<Self, StateError> {
+    /// Opens (or creates) the state in `dir` for the enrolled device `device_id`. A new state
+    /// records the id; a state that holds another device's id is refused, since its sequence,
+    /// outbox and rotations belong to that device.
+    pub fn open(dir: &Path, device_id: &DeviceId) -> Result<Self, StateError> {
         let db = sled::open(dir.join("state"))?;
         let tree = db.open_tree("agent")?;
-        let device_id = match tree.get(DEVICE_ID_KEY)? {
-            Some(bytes) => DeviceId::parse(&String::from_utf8_lossy(&bytes)).map_err(|err| StateError::Corrupt {
-                key: "m/device_id".to_owned(),
-                detail: err.to_string(),
-            })?,
+        match tree.get(DEVICE_ID_KEY)? {
+            Some(bytes) => {
+                let stored = DeviceId::parse(&String::from_utf8_lossy(&bytes)).map_err(|err| StateError::Corrupt {
+                    key: "m/device_id".to_owned(),
+                    detail: err.to_string(),
+                })?;
+                if stored != *device_id {
+                    return Err(StateError::OtherDevice {
+                        stored,
+                        enrolled: device_id.clone(),
+                    });
+                }
+            }
             None => {
-                let device_id = DeviceId::new_random();
                 tree.insert(DEVICE_ID_KEY, device_id.as_str().as_bytes())?;
                 db.flush()?;
-                device_id
             }
-        };
-        Ok(Self { db, tree, device_id })
+        }
+        Ok(Self {
+            db,
+            tree,
+            device_id: device_id.clone(),
+        })
     }
 
     /// This device's id.
@@ -379,7 +402,7 @@ mod tests {
     #[tokio::test]
     async fn events_get_increasing_sequences_and_leave_the_outbox_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let state = AgentState::open(dir.path()).unwrap();
+        let state = AgentState::open(dir.path(), &test_device()).unwrap();
         let first = state.emit(Utc::now(), failed()).await.unwrap();
         let second = state.emit(Utc::now(), failed()).await.unwrap();
         assert_eq!((first.sequence, second.sequence), (1, 2));
@@ -389,17 +412,31 @@ mod tests {
         assert_eq!(state.outbox_first().unwrap().unwrap().id, second.id);
     }
 
+    fn test_device() -> DeviceId {
+        DeviceId::parse("dev-1").unwrap()
+    }
+
+    #[test]
+    fn a_state_of_another_device_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(AgentState::open(dir.path(), &test_device()).unwrap());
+        let err = AgentState::open(dir.path(), &DeviceId::parse("dev-2").unwrap())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("belongs to device dev-1"), "{err}");
+    }
+
     #[tokio::test]
     async fn identity_sequence_and_outbox_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (device_id, envelope) = {
-            let state = AgentState::open(dir.path()).unwrap();
+            let state = AgentState::open(dir.path(), &test_device()).unwrap();
             (
                 state.device_id().clone(),
                 state.emit(Utc::now(), failed()).await.unwrap(),
             )
         };
-        let state = AgentState::open(dir.path()).unwrap();
+        let state = AgentState::open(dir.path(), &test_device()).unwrap();
         assert_eq!(state.device_id(), &device_id);
         assert_eq!(state.outbox_first().unwrap().unwrap().id, envelope.id);
         assert_eq!(state.emit(Utc::now(), failed()).await.unwrap().sequence, 2);

@@ -44,6 +44,7 @@ impl App {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let escrow = escrow::open(&config)?;
+        let policy = config.policy()?;
         let api_tls = match config.http.transport()? {
             ApiTransport::Tls(source) => Some(tls::load(&source, &config.data_dir)?),
             ApiTransport::PlainHttp => {
@@ -87,6 +88,8 @@ impl App {
             journal: Arc::new(JetStreamJournal::new(jetstream.clone())),
             rotate_min_interval: Duration::from_secs(config.http.rotate_min_interval_secs),
             rotate_requests: Arc::default(),
+            policy,
+            enrollments_in_flight: Arc::default(),
             metrics,
         };
         Ok(Self {

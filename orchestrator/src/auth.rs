@@ -25,6 +25,8 @@ use crate::projection::{ProjectionError, Projections};
 
 /// The prefix of tokens the orchestrator makes, so they can be recognised (by secret scanners too).
 pub const TOKEN_PREFIX: &str = "flp_";
+/// The prefix of enrollment tokens: distinct, so one is never mistaken for an API token.
+pub const ENROLLMENT_TOKEN_PREFIX: &str = "fle_";
 
 /// What a principal may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,12 +225,21 @@ impl TokenStore {
     }
 }
 
-/// A fresh token: the prefix and 32 random bytes, URL-safe base64.
+/// A fresh API token: the prefix and 32 random bytes, URL-safe base64.
 pub fn generate_token() -> SecretString {
+    generate_prefixed(TOKEN_PREFIX)
+}
+
+/// A fresh enrollment token: its own prefix and 32 random bytes, URL-safe base64.
+pub fn generate_enrollment_token() -> SecretString {
+    generate_prefixed(ENROLLMENT_TOKEN_PREFIX)
+}
+
+fn generate_prefixed(prefix: &str) -> SecretString {
     let mut bytes = [0u8; 32];
     OsRng.fill_bytes(&mut bytes);
     let token = format!(
-        "{TOKEN_PREFIX}{}",
+        "{prefix}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
     token.into()

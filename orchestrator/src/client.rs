@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fleetlaps_proto::api::{
-    AuditEntry, COMMAND_ID_HEADER, CreatedToken, DeviceLocalCredentialInfo, ODataCollection, ODataError, REASON_HEADER,
+    AuditEntry, COMMAND_ID_HEADER, CreatedEnrollmentToken, CreatedToken, DeviceLocalCredentialInfo,
+    EnrollmentTokenInfo, EnrollmentTokenRequest, ODataCollection, ODataError, QuarantineEntry, REASON_HEADER,
     TokenInfo, TokenRequest,
 };
 use fleetlaps_proto::ids::DeviceId;
@@ -33,6 +34,10 @@ const CLIENT_NAME: &str = "lapsctl";
 const COLLECTION_PATH: &str = "v1.0/directory/deviceLocalCredentials";
 /// The tokens' path, relative to the base URL.
 const TOKENS_PATH: &str = "v1.0/fleetlaps/tokens";
+/// The enrollment tokens' path, relative to the base URL.
+const ENROLLMENT_TOKENS_PATH: &str = "v1.0/fleetlaps/enrollmentTokens";
+/// The quarantine's path, relative to the base URL.
+const QUARANTINE_PATH: &str = "v1.0/fleetlaps/quarantine";
 /// The audit history's path, relative to the base URL.
 const AUDIT_PATH: &str = "v1.0/fleetlaps/auditEvents";
 /// How long one request may take, connection included.
@@ -331,6 +336,36 @@ impl ApiClient {
         let url = self.url(&format!("{TOKENS_PATH}/{token_id}"))?;
         self.send(Method::DELETE, url, None).await?;
         Ok(())
+    }
+
+    /// Creates an enrollment token; the answer holds it, shown this once.
+    pub async fn create_enrollment_token(
+        &self,
+        request: &EnrollmentTokenRequest,
+    ) -> Result<CreatedEnrollmentToken, ClientError> {
+        let url = self.url(ENROLLMENT_TOKENS_PATH)?;
+        let body = serde_json::to_value(request).expect("an enrollment token request serialises");
+        let (_, body, display_url, status) = self.send(Method::POST, url, Some(&body)).await?;
+        decode(&body, display_url, status)
+    }
+
+    /// Every enrollment token, with its use count.
+    pub async fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenInfo>, ClientError> {
+        let page: ODataCollection<EnrollmentTokenInfo> = self.get_json(self.url(ENROLLMENT_TOKENS_PATH)?).await?;
+        Ok(page.value)
+    }
+
+    /// Revokes an enrollment token.
+    pub async fn revoke_enrollment_token(&self, token_id: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("{ENROLLMENT_TOKENS_PATH}/{token_id}"))?;
+        self.send(Method::DELETE, url, None).await?;
+        Ok(())
+    }
+
+    /// The quarantined stream messages, oldest first.
+    pub async fn quarantine(&self) -> Result<Vec<QuarantineEntry>, ClientError> {
+        let page: ODataCollection<QuarantineEntry> = self.get_json(self.url(QUARANTINE_PATH)?).await?;
+        Ok(page.value)
     }
 
     /// The audit history, oldest first, every page; only one device's or one kind's if asked.

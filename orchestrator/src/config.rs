@@ -35,6 +35,11 @@ pub struct Config {
     /// (`FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN`) to the file; it is hashed at start and never stored.
     #[serde(default)]
     pub bootstrap_admin_token: Option<SecretString>,
+    /// The LAPS policy sent to devices when they enroll, under LAPS names; it wins over a
+    /// device's local `[policy]` (as LAPS's CSP policy wins over local configuration). Without
+    /// it, devices keep their local policy.
+    #[serde(default)]
+    pub policy: Option<fleetlaps_proto::policy::PolicySettings>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -273,7 +278,19 @@ impl Config {
         Ok(config)
     }
 
+    /// The validated `[policy]`, if there is one.
+    pub fn policy(&self) -> anyhow::Result<Option<fleetlaps_proto::policy::Policy>> {
+        self.policy
+            .as_ref()
+            .map(|settings| {
+                fleetlaps_proto::policy::Policy::from_settings(settings)
+                    .map_err(|err| anyhow::anyhow!("invalid config: policy: {err}"))
+            })
+            .transpose()
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.policy()?;
         for token in &self.tokens {
             if let Err(problem) = crate::auth::Scope::parse_all(&token.scopes) {
                 anyhow::bail!("invalid config: tokens.scopes of token {:?}: {problem}", token.name);
@@ -426,6 +443,16 @@ mod tests {
             err.to_string().contains("bootstrap_admin_token: allowed: at least 20"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_policy_is_optional_and_validated_with_laps_names() {
+        let none = config_with("[http]\nplain_http = true\n").expect("valid");
+        assert!(none.policy().expect("valid").is_none());
+        let some = config_with("[http]\nplain_http = true\n[policy]\nPasswordLength = 20\n").expect("valid");
+        assert_eq!(some.policy().expect("valid").expect("present").password_length(), 20);
+        let err = config_with("[http]\nplain_http = true\n[policy]\nPasswordLength = 7\n").expect_err("range");
+        assert!(err.to_string().contains("PasswordLength = 7: allowed 8 to 64"), "{err}");
     }
 
     #[test]

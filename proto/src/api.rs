@@ -24,8 +24,13 @@ pub const SCOPE_ROTATE: &str = "DeviceLocalCredential.Rotate";
 pub const SCOPE_BREACH_DECLARE: &str = "Breach.Declare";
 /// Reads the audit history: who read which password, who made or revoked which token.
 pub const SCOPE_AUDIT_READ: &str = "Audit.Read.All";
-/// Manages principals: creates, lists and revokes tokens.
+/// Manages principals: creates, lists and revokes tokens and enrollment tokens; reads the
+/// quarantine.
 pub const SCOPE_ADMIN: &str = "Admin";
+
+/// The NATS header carrying a device event's Ed25519 signature (standard base64) over
+/// `subject + "\n" + payload`.
+pub const SIGNATURE_HEADER: &str = "Fleetlaps-Signature";
 
 /// The header a caller may give the reason for a password read in; it is recorded in the audit.
 pub const REASON_HEADER: &str = "x-fleetlaps-reason";
@@ -208,6 +213,92 @@ impl<'de> Deserialize<'de> for BearerToken {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Ok(Self(String::deserialize(deserializer)?.into()))
     }
+}
+
+/// `POST /v1.0/fleetlaps/enrollmentTokens`: an enrollment token to create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrollmentTokenRequest {
+    /// What it is for (a batch of devices, a site), for people.
+    pub name: String,
+    /// How many devices may enroll with it; 1 (single-use) when not given.
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+    /// When it stops working; 24 hours from now when not given.
+    #[serde(default)]
+    pub expires_date_time: Option<DateTime<Utc>>,
+}
+
+/// An enrollment token as listed: everything but the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentTokenInfo {
+    /// The token's id.
+    pub id: String,
+    /// What it is for.
+    pub name: String,
+    /// How many devices may enroll with it.
+    pub max_uses: u32,
+    /// How many have.
+    pub uses: u32,
+    /// When it was created.
+    pub created_date_time: DateTime<Utc>,
+    /// Who created it.
+    pub created_by: String,
+    /// When it stops working.
+    pub expires_date_time: DateTime<Utc>,
+    /// When it was revoked, if it was.
+    pub revoked_date_time: Option<DateTime<Utc>>,
+}
+
+/// The answer to an enrollment token's creation: the token, shown this once, and its description.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedEnrollmentToken {
+    /// The enrollment token. The orchestrator keeps only its SHA-256.
+    pub token: BearerToken,
+    /// What it is.
+    #[serde(flatten)]
+    pub info: EnrollmentTokenInfo,
+}
+
+/// `POST /fleetlaps/v1/enroll`, with the enrollment token as bearer: a device asking to enroll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrollmentRequest {
+    /// The device's Ed25519 public key, standard base64 of its 32 bytes.
+    pub public_key: String,
+    /// The device's host name.
+    pub device_name: DeviceName,
+}
+
+/// The answer to an enrollment: who the device now is, what it seals to, and its policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentResponse {
+    /// The id the orchestrator gave the device: its events' subjects carry it.
+    pub device_id: DeviceId,
+    /// The key the device seals its passwords to.
+    pub escrow_public_key: crate::seal::EscrowPublicKey,
+    /// The orchestrator's LAPS policy, if it has one; it wins over the device's local policy.
+    #[serde(default)]
+    pub policy: Option<crate::policy::Policy>,
+}
+
+/// A stream message the orchestrator refused, as `GET /v1.0/fleetlaps/quarantine` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineEntry {
+    /// Its position in the stream, where the message itself stays for investigation.
+    pub stream_sequence: u64,
+    /// The subject it came on.
+    pub subject: String,
+    /// Why it was refused: `forged`, `replayed`, `unknown_device`, `subject_mismatch`, …
+    pub reason: String,
+    /// An explanation without payload content.
+    pub detail: String,
+    /// When the stream stored it.
+    pub received_date_time: DateTime<Utc>,
 }
 
 /// An entry of the audit history, as `GET /v1.0/fleetlaps/auditEvents` lists it.

@@ -1,5 +1,6 @@
 //! What the orchestrator itself decides, recorded on the same history as the devices' events:
-//! a password read by a person, a token created or revoked, a rotation requested.
+//! a password read by a person, a token created or revoked, a rotation requested, a device
+//! enrolled.
 //!
 //! Each is an [`AuditEnvelope`] on `laps.audit.<kind>` in the events stream, so a replay and an
 //! investigation see devices' facts and people's actions in one order.
@@ -12,7 +13,7 @@ use uuid::Uuid;
 
 use crate::command::CommandId;
 use crate::event::SCHEMA_VERSION;
-use crate::ids::{DeviceId, EventId, IdError, RotationId};
+use crate::ids::{DeviceId, DeviceName, EventId, IdError, RotationId};
 
 /// One orchestrator event as it travels on the stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +41,12 @@ pub enum AuditEvent {
     TokenRevoked(TokenRevoked),
     /// A principal asked a device to rotate now.
     RotationRequested(RotationRequested),
+    /// An enrollment token was created: devices holding it may enroll.
+    EnrollmentTokenCreated(EnrollmentTokenCreated),
+    /// An enrollment token was revoked.
+    EnrollmentTokenRevoked(EnrollmentTokenRevoked),
+    /// A device enrolled with an enrollment token: from here on its signed events count.
+    DeviceEnrolled(DeviceEnrolled),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -53,6 +60,12 @@ pub enum AuditKind {
     TokenRevoked,
     /// See [`AuditEvent::RotationRequested`].
     RotationRequested,
+    /// See [`AuditEvent::EnrollmentTokenCreated`].
+    EnrollmentTokenCreated,
+    /// See [`AuditEvent::EnrollmentTokenRevoked`].
+    EnrollmentTokenRevoked,
+    /// See [`AuditEvent::DeviceEnrolled`].
+    DeviceEnrolled,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -151,6 +164,46 @@ pub struct RotationRequested {
     pub reason: Option<String>,
 }
 
+/// Body of [`AuditEvent::EnrollmentTokenCreated`]. Holds the token's SHA-256, never the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenCreated {
+    /// The token's id.
+    pub token_id: TokenId,
+    /// What it is for (a batch of devices, a site), for people.
+    pub name: String,
+    /// How many devices may enroll with it.
+    pub max_uses: u32,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+    /// Hex SHA-256 of the token.
+    pub token_sha256: String,
+    /// Who created it.
+    pub created_by: String,
+}
+
+/// Body of [`AuditEvent::EnrollmentTokenRevoked`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenRevoked {
+    /// The token revoked.
+    pub token_id: TokenId,
+    /// Who revoked it.
+    pub revoked_by: String,
+}
+
+/// Body of [`AuditEvent::DeviceEnrolled`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEnrolled {
+    /// The id the orchestrator gave the device.
+    pub device_id: DeviceId,
+    /// The host name the device gave.
+    pub device_name: DeviceName,
+    /// The device's Ed25519 public key (standard base64 of its 32 bytes): its events must be
+    /// signed with the matching secret key.
+    pub public_key: String,
+    /// The enrollment token it presented.
+    pub enrollment_token_id: TokenId,
+}
+
 /// Why bytes are not a valid orchestrator event.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditDecodeError {
@@ -199,17 +252,23 @@ impl AuditEvent {
             Self::TokenCreated(_) => AuditKind::TokenCreated,
             Self::TokenRevoked(_) => AuditKind::TokenRevoked,
             Self::RotationRequested(_) => AuditKind::RotationRequested,
+            Self::EnrollmentTokenCreated(_) => AuditKind::EnrollmentTokenCreated,
+            Self::EnrollmentTokenRevoked(_) => AuditKind::EnrollmentTokenRevoked,
+            Self::DeviceEnrolled(_) => AuditKind::DeviceEnrolled,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 7] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
         Self::RotationRequested,
+        Self::EnrollmentTokenCreated,
+        Self::EnrollmentTokenRevoked,
+        Self::DeviceEnrolled,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -219,6 +278,9 @@ impl AuditKind {
             Self::TokenCreated => "token_created",
             Self::TokenRevoked => "token_revoked",
             Self::RotationRequested => "rotation_requested",
+            Self::EnrollmentTokenCreated => "enrollment_token_created",
+            Self::EnrollmentTokenRevoked => "enrollment_token_revoked",
+            Self::DeviceEnrolled => "device_enrolled",
         }
     }
 

@@ -11,6 +11,7 @@
 //! - [`policy`]: the LAPS policy settings, their ranges and defaults, and validation.
 //! - [`password`]: password and passphrase generation for every LAPS complexity.
 //! - [`seal`]: the sealed box that carries a password from a device to the escrow key.
+//! - [`signature`]: device keys and the Ed25519 signatures on device events.
 //! - [`api`]: Microsoft Graph shapes served by the orchestrator's HTTP API.
 //! - [`audit`]: what the orchestrator itself does (password reads, tokens, rotation requests), on the same history.
 //! - [`command`]: rotate commands and backup confirmations, from the orchestrator to devices.
@@ -27,4 +28,5 @@ pub mod ids;
 pub mod password;
 pub mod policy;
 pub mod seal;
+pub mod signature;
 pub mod subject;

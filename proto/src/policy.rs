@@ -296,7 +296,7 @@ impl From<Policy> for PolicySettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicySource {
-    /// Pushed by the orchestrator (LAPS: CSP).
+    /// Sent by the orchestrator at enrollment (LAPS: CSP); it wins over the local config.
     Orchestrator,
     /// The agent's local config file (LAPS: local configuration).
     LocalConfig,

@@ -329,7 +329,6 @@ pub struct TestAgent {
     /// Its clock, which tests move forward.
     pub clock: Arc<ShiftedClock>,
     nats_url: String,
-    escrow_public_key: EscrowPublicKey,
     options_policy: String,
     linux_account: Option<String>,
     settings: String,
@@ -358,14 +357,15 @@ impl TestAgent {
         let accounts_path = dir.path().join("accounts");
         let accounts = FileAccounts::create(&accounts_path, &[("root", 0), (MANAGED_ACCOUNT, 1001)])
             .expect("creating the account database");
+        let state_dir = dir.path().join("state");
+        let identity = enroll(orchestrator, &state_dir, &options.device_name).await;
         let mut agent = Self {
-            device_id: DeviceId::parse("pending").expect("valid"),
-            state_dir: dir.path().join("state"),
+            device_id: identity.device_id,
+            state_dir,
             config_path: dir.path().join("agent.toml"),
             accounts,
             clock: Arc::new(ShiftedClock::default()),
             nats_url: nats.url(),
-            escrow_public_key: orchestrator.escrow_public_key,
             options_policy: options.policy,
             linux_account: options.linux_account,
             settings: options.settings,
@@ -405,7 +405,6 @@ impl TestAgent {
             r#"
 device_name = "{device_name}"
 state_dir = "{state_dir}"
-escrow_public_key = "{escrow}"
 processing_interval_secs = {interval}
 {settings}
 [nats]
@@ -421,7 +420,6 @@ AdministratorAccountName = "{managed}"
 "#,
             device_name = self.device_name,
             state_dir = self.state_dir.display(),
-            escrow = self.escrow_public_key,
             interval = self.interval,
             nats_url = self.nats_url,
             policy = self.options_policy,
@@ -436,7 +434,7 @@ AdministratorAccountName = "{managed}"
         let app = fleetlaps_agent::App::build_with_clock(config, self.clock.clone())
             .await
             .expect("agent starts");
-        self.device_id = app.device_id();
+        assert_eq!(app.device_id(), self.device_id, "the agent runs as the enrolled device");
         let (shutdown, stop) = oneshot::channel::<()>();
         self.shutdown = Some(shutdown);
         self.task = Some(tokio::spawn(app.run_until(async move {
@@ -526,6 +524,60 @@ impl Drop for TestAgent {
             task.abort();
         }
     }
+}
+
+/// Creates an enrollment token through the API as the bootstrap admin; returns the token and
+/// its id.
+pub async fn create_enrollment_token(orchestrator: &TestOrchestrator, body: serde_json::Value) -> (String, String) {
+    let response = orchestrator
+        .http
+        .post(format!("{}/v1.0/fleetlaps/enrollmentTokens", orchestrator.base_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(
+        response.status(),
+        reqwest::StatusCode::CREATED,
+        "creating an enrollment token"
+    );
+    let created: serde_json::Value = response.json().await.expect("json");
+    (
+        created["token"].as_str().expect("the token").to_owned(),
+        created["id"].as_str().expect("an id").to_owned(),
+    )
+}
+
+/// Enrolls a device whose state lives in `state_dir` for real: the bootstrap admin creates a
+/// single-use enrollment token over the API, and the agent library enrolls over HTTPS trusting
+/// the orchestrator's certificate.
+pub async fn enroll(
+    orchestrator: &TestOrchestrator,
+    state_dir: &Path,
+    device_name: &str,
+) -> fleetlaps_agent::identity::Identity {
+    let (token, _) = create_enrollment_token(orchestrator, serde_json::json!({"name": device_name})).await;
+    enroll_with(orchestrator, state_dir, device_name, &token)
+        .await
+        .expect("the device enrolls")
+}
+
+/// Enrolls with `token` through the agent library, trusting the orchestrator's certificate.
+pub async fn enroll_with(
+    orchestrator: &TestOrchestrator,
+    state_dir: &Path,
+    device_name: &str,
+    token: &str,
+) -> anyhow::Result<fleetlaps_agent::identity::Identity> {
+    fleetlaps_agent::enroll::enroll(fleetlaps_agent::enroll::EnrollOptions {
+        orchestrator_url: &orchestrator.base_url,
+        token: &secrecy::SecretString::from(token.to_owned()),
+        ca_file: Some(&orchestrator.tls_certificate),
+        device_name: fleetlaps_proto::ids::DeviceName::parse(device_name).expect("a valid device name"),
+        state_dir,
+    })
+    .await
 }
 
 /// The path of a workspace binary built next to this test binary.

@@ -14,6 +14,7 @@ mod at_rest;
 mod commands;
 mod config;
 mod durability;
+mod enrollment;
 mod harness_smoke;
 mod https;
 pub mod linux;

@@ -1,6 +1,7 @@
 //! `lapsctl`: the fleetlaps admin CLI. `lapsctl get-password` reads a device's backed-up
 //! passwords from the orchestrator's API as `Get-LapsAADPassword` reads them from Microsoft Graph;
-//! `rotate` asks a device to rotate now; `token` manages API tokens; `audit` shows the history.
+//! `rotate` asks a device to rotate now; `token` manages API tokens; `enrollment-token` manages
+//! the tokens devices enroll with; `quarantine` lists refused events; `audit` shows the history.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -10,7 +11,9 @@ use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetlaps_orchestrator::client::ApiClient;
-use fleetlaps_proto::api::{DeviceLocalCredentialInfo, TokenInfo, TokenRequest};
+use fleetlaps_proto::api::{
+    DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, TokenInfo, TokenRequest,
+};
 use fleetlaps_proto::ids::DeviceId;
 use secrecy::SecretString;
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -46,8 +49,45 @@ enum Command {
     /// Create, list and revoke API tokens (needs Admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Create, list and revoke enrollment tokens, with which devices enroll (needs Admin).
+    #[command(subcommand)]
+    EnrollmentToken(EnrollmentTokenCommand),
+    /// List the stream messages the orchestrator refused: forged, replayed, malformed… (needs Admin).
+    Quarantine {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
     /// Show the audit history: password reads, rotation requests, tokens (needs Audit.Read.All).
     Audit(Audit),
+}
+
+#[derive(Subcommand)]
+enum EnrollmentTokenCommand {
+    /// Create an enrollment token and print it: it is shown this once, the server keeps only its hash.
+    Create {
+        /// What it is for (a batch of devices, a site).
+        #[arg(long)]
+        name: String,
+        /// How many devices may enroll with it (1 to 10000).
+        #[arg(long, default_value_t = 1)]
+        max_uses: u32,
+        /// Hours until it expires.
+        #[arg(long, value_name = "HOURS", default_value_t = 24)]
+        expires_in_hours: u32,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// List the enrollment tokens with their use counts (never the tokens themselves).
+    List {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Revoke an enrollment token: no device enrolls with it any more.
+    Revoke {
+        /// The token's id, as `lapsctl enrollment-token list` shows it.
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Args)]
@@ -175,6 +215,24 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             ))
         }
         Command::Token(command) => manage_tokens(&client, command).await,
+        Command::EnrollmentToken(command) => manage_enrollment_tokens(&client, command).await,
+        Command::Quarantine { output } => {
+            let entries: Vec<Entry> = client
+                .quarantine()
+                .await?
+                .iter()
+                .map(|entry| {
+                    Entry(vec![
+                        ("StreamSequence", Some(entry.stream_sequence.to_string())),
+                        ("ReceivedTime", Some(timestamp(entry.received_date_time))),
+                        ("Reason", Some(entry.reason.clone())),
+                        ("Subject", Some(entry.subject.clone())),
+                        ("Detail", Some(entry.detail.clone())),
+                    ])
+                })
+                .collect();
+            Ok(render(&entries, output))
+        }
         Command::Audit(args) => audit(&client, &args).await,
     }
 }
@@ -263,6 +321,52 @@ async fn manage_tokens(client: &ApiClient, command: TokenCommand) -> anyhow::Res
             Ok(format!("token {id} revoked\n"))
         }
     }
+}
+
+async fn manage_enrollment_tokens(client: &ApiClient, command: EnrollmentTokenCommand) -> anyhow::Result<String> {
+    match command {
+        EnrollmentTokenCommand::Create {
+            name,
+            max_uses,
+            expires_in_hours,
+            output,
+        } => {
+            let request = EnrollmentTokenRequest {
+                name,
+                max_uses: Some(max_uses),
+                expires_date_time: Some(Utc::now() + chrono::Duration::hours(i64::from(expires_in_hours))),
+            };
+            let created = client.create_enrollment_token(&request).await?;
+            let mut fields = enrollment_token_fields(&created.info);
+            fields.insert(0, ("Token", Some(created.token.expose().to_owned())));
+            Ok(render(&[Entry(fields)], output))
+        }
+        EnrollmentTokenCommand::List { output } => {
+            let entries: Vec<Entry> = client
+                .enrollment_tokens()
+                .await?
+                .iter()
+                .map(|info| Entry(enrollment_token_fields(info)))
+                .collect();
+            Ok(render(&entries, output))
+        }
+        EnrollmentTokenCommand::Revoke { id } => {
+            client.revoke_enrollment_token(&id).await?;
+            Ok(format!("enrollment token {id} revoked\n"))
+        }
+    }
+}
+
+fn enrollment_token_fields(info: &EnrollmentTokenInfo) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("Id", Some(info.id.clone())),
+        ("Name", Some(info.name.clone())),
+        ("Uses", Some(format!("{}/{}", info.uses, info.max_uses))),
+        ("CreatedBy", Some(info.created_by.clone())),
+        ("CreatedTime", Some(timestamp(info.created_date_time))),
+        ("ExpirationTime", Some(timestamp(info.expires_date_time))),
+        ("RevokedTime", info.revoked_date_time.map(timestamp)),
+    ]
 }
 
 fn token_fields(info: &TokenInfo) -> Vec<(&'static str, Option<String>)> {

@@ -209,11 +209,17 @@ impl Consumer {
                 }
             };
             let published = info.published;
+            let signature = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
+                .map(AsRef::<str>::as_ref);
             let applied = self.projections.apply(StreamMessage {
                 sequence: info.stream_sequence,
                 subject: message.subject.as_str(),
                 published,
                 payload: &message.payload,
+                signature,
             })?;
             self.record(applied.outcome, info.stream_sequence, message.subject.as_str());
             confirmations.extend(applied.confirmation);

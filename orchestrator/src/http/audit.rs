@@ -115,7 +115,11 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
     match event {
         AuditEvent::PasswordRead(body) => Some(body.device_id.as_str()),
         AuditEvent::RotationRequested(body) => Some(body.device_id.as_str()),
-        AuditEvent::TokenCreated(_) | AuditEvent::TokenRevoked(_) => None,
+        AuditEvent::DeviceEnrolled(body) => Some(body.device_id.as_str()),
+        AuditEvent::TokenCreated(_)
+        | AuditEvent::TokenRevoked(_)
+        | AuditEvent::EnrollmentTokenCreated(_)
+        | AuditEvent::EnrollmentTokenRevoked(_) => None,
     }
 }
 

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// A bearer token that is unknown, expired or revoked.
     #[error("{0}")]
     TokenRejected(#[from] AuthError),
+    /// An enrollment token that is unknown, expired, revoked or used up: says which.
+    #[error("{0}")]
+    EnrollmentRefused(String),
     /// The principal lacks a scope the request needs.
     #[error("insufficient privileges to complete the operation: it requires the {0} scope")]
     MissingScope(Scope),
@@ -44,6 +47,9 @@ pub enum ApiError {
     /// No token with this id.
     #[error("token {0} was not found")]
     TokenNotFound(String),
+    /// No enrollment token with this id.
+    #[error("enrollment token {0} was not found")]
+    EnrollmentTokenNotFound(String),
     /// Asked again too soon.
     #[error("{what}; retry after {retry_after_secs} seconds")]
     Throttled {
@@ -95,10 +101,14 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) => StatusCode::UNAUTHORIZED,
+            Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) | Self::EnrollmentRefused(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::MissingScope(_) => StatusCode::FORBIDDEN,
             Self::BadRequest(_) | Self::UnsupportedQuery(_) => StatusCode::BAD_REQUEST,
-            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::EnrollmentTokenNotFound(_) | Self::NoRoute(_) => {
+                StatusCode::NOT_FOUND
+            }
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not a 500: the caller's request was fine, and the message says so.
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => {
@@ -114,11 +124,15 @@ impl ApiError {
     /// The OData error code, as Microsoft Graph names it.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) => "InvalidAuthenticationToken",
+            Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) | Self::EnrollmentRefused(_) => {
+                "InvalidAuthenticationToken"
+            }
             Self::MissingScope(_) => "Authorization_RequestDenied",
             Self::BadRequest(_) | Self::MethodNotAllowed(_) => "Request_BadRequest",
             Self::UnsupportedQuery(_) => "Request_UnsupportedQuery",
-            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::NoRoute(_) => "Request_ResourceNotFound",
+            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::EnrollmentTokenNotFound(_) | Self::NoRoute(_) => {
+                "Request_ResourceNotFound"
+            }
             Self::Throttled { .. } => "TooManyRequests",
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => "ServiceUnavailable",
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => "InternalServerError",

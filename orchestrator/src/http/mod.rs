@@ -4,6 +4,8 @@
 //! - `device_local_credentials`: Graph's `/v1.0/directory/deviceLocalCredentials`, list and item.
 //! - `devices`: Graph's `/v1.0/devices`, and Intune's rotate action on one device.
 //! - `tokens`: creating, listing and revoking API tokens.
+//! - `enrollment`: enrollment tokens, and the endpoint devices enroll through.
+//! - `quarantine`: the refused stream messages, for admins.
 //! - `audit`: the audit history, for investigators.
 //! - `escrow`: the escrow public key, for agents and tools.
 //! - `health`: the liveness probe.
@@ -17,11 +19,13 @@ mod audit;
 mod auth;
 mod device_local_credentials;
 mod devices;
+mod enrollment;
 mod error;
 mod escrow;
 mod health;
 mod metrics;
 mod odata;
+mod quarantine;
 mod tls;
 mod tokens;
 
@@ -59,6 +63,11 @@ pub struct AppState {
     /// know it too, but only once the consumer has folded the request in.
     pub rotate_requests:
         Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::ids::DeviceId, chrono::DateTime<chrono::Utc>>>>,
+    /// The LAPS policy sent to devices at enrollment (`[policy]`), if any.
+    pub policy: Option<fleetlaps_proto::policy::Policy>,
+    /// Enrollments recorded by this process but not yet folded in, per enrollment token: counted
+    /// with the projections' uses, so concurrent enrollments never exceed a token's `maxUses`.
+    pub enrollments_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::audit::TokenId, u32>>>,
 }
 
 /// The API: health, the escrow public key and Graph's `deviceLocalCredentials`.
@@ -76,6 +85,10 @@ pub fn router(state: AppState) -> Router {
         .route(tokens::LIST_PATH, get(tokens::list).post(tokens::create))
         .route(tokens::ITEM_PATH, delete(tokens::revoke))
         .route(audit::LIST_PATH, get(audit::list))
+        .route(enrollment::LIST_PATH, get(enrollment::list).post(enrollment::create))
+        .route(enrollment::ITEM_PATH, delete(enrollment::revoke))
+        .route(enrollment::ENROLL_PATH, post(enrollment::enroll))
+        .route(quarantine::LIST_PATH, get(quarantine::list))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)

@@ -15,8 +15,9 @@ use super::*;
 use crate::bus::BusError;
 use crate::config::TokenConfig;
 use crate::projection::{Outcome, StreamMessage};
-use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, DeviceEnrolled, EnrollmentTokenCreated, TokenId};
 use fleetlaps_proto::command::Command;
+use fleetlaps_proto::signature::DeviceSigningKey;
 
 /// A token with `DeviceLocalCredential.ReadBasic.All`.
 pub(crate) const READ_BASIC_TOKEN: &str = "helpdesk-token";
@@ -35,7 +36,12 @@ pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
     pub(crate) state: AppState,
     journal: Arc<FoldingJournal>,
+    /// The signing keys of the devices the fixture enrolled.
+    device_keys: std::collections::HashMap<DeviceId, DeviceSigningKey>,
 }
+
+/// The enrollment token the fixture enrolls its devices with.
+const FIXTURE_ENROLLMENT_TOKEN: &str = "fle_fixture";
 
 /// The journal of these in-process tests: folds each event straight into the fixture's
 /// projections, as the consumer would after JetStream stored it, and keeps the commands. It can
@@ -73,6 +79,7 @@ impl Journal for FoldingJournal {
                     subject: &subject,
                     published: envelope.time,
                     payload: &payload,
+                    signature: None,
                 })
                 .unwrap();
             assert!(matches!(applied.outcome, Outcome::Recorded(_)), "{applied:?}");
@@ -129,12 +136,67 @@ impl Fixture {
             journal: journal.clone(),
             rotate_min_interval: std::time::Duration::from_secs(300),
             rotate_requests: Arc::default(),
+            policy: None,
+            enrollments_in_flight: Arc::default(),
         };
-        Self {
+        let mut fixture = Self {
             _dir: dir,
             state,
             journal,
+            device_keys: std::collections::HashMap::new(),
+        };
+        fixture.fold_audit(AuditEvent::EnrollmentTokenCreated(EnrollmentTokenCreated {
+            token_id: TokenId::new(),
+            name: "fixture".to_owned(),
+            max_uses: 10_000,
+            expires_at: Utc::now() + chrono::Duration::days(1),
+            token_sha256: crate::auth::token_sha256(FIXTURE_ENROLLMENT_TOKEN),
+            created_by: "fixture".to_owned(),
+        }));
+        fixture
+    }
+
+    /// Folds one orchestrator event into the projections, as the consumer would.
+    fn fold_audit(&mut self, event: AuditEvent) {
+        let sequence = self.journal.next_sequence();
+        let envelope = AuditEnvelope::new(Utc.timestamp_opt(1_700_000_000, 0).unwrap(), event);
+        let subject = subject::audit_event(envelope.event.kind());
+        let payload = envelope.to_json();
+        let outcome = self
+            .state
+            .projections
+            .apply(StreamMessage {
+                sequence,
+                subject: &subject,
+                published: envelope.time,
+                payload: &payload,
+                signature: None,
+            })
+            .unwrap()
+            .outcome;
+        assert!(matches!(outcome, Outcome::Recorded(_)), "{outcome:?}");
+    }
+
+    /// Enrolls the device, unless the fixture already did, and returns its signing key.
+    fn enrolled(&mut self, device_id: &DeviceId, device_name: &str) -> DeviceSigningKey {
+        if let Some(key) = self.device_keys.get(device_id) {
+            return key.clone();
         }
+        let key = DeviceSigningKey::generate();
+        let token = self
+            .state
+            .projections
+            .enrollment_token_by_digest(&crate::auth::token_sha256(FIXTURE_ENROLLMENT_TOKEN))
+            .unwrap()
+            .expect("the fixture's enrollment token");
+        self.fold_audit(AuditEvent::DeviceEnrolled(DeviceEnrolled {
+            device_id: device_id.clone(),
+            device_name: DeviceName::parse(device_name).unwrap(),
+            public_key: key.public_key().to_string(),
+            enrollment_token_id: token.token_id,
+        }));
+        self.device_keys.insert(device_id.clone(), key.clone());
+        key
     }
 
     /// Backs up `password` for the device, sealed to the fixture's escrow key.
@@ -143,8 +205,9 @@ impl Fixture {
     }
 
     fn back_up_sealed_to(&mut self, recipient: &EscrowPublicKey, device_id: &str, device_name: &str, password: &str) {
-        let sequence = self.journal.next_sequence();
         let device_id = DeviceId::parse(device_id).unwrap();
+        let key = self.enrolled(&device_id, device_name);
+        let sequence = self.journal.next_sequence();
         let rotation_id = RotationId::new();
         let time = Utc
             .timestamp_opt(1_700_000_000 + i64::try_from(sequence).unwrap(), 0)
@@ -169,6 +232,7 @@ impl Fixture {
         );
         let subject = subject::device_event(&device_id, envelope.event.kind());
         let payload = envelope.to_json();
+        let signature = key.sign(&subject, &payload);
         let outcome = self
             .state
             .projections
@@ -177,6 +241,7 @@ impl Fixture {
                 subject: &subject,
                 published: time,
                 payload: &payload,
+                signature: Some(&signature),
             })
             .unwrap()
             .outcome;
@@ -279,8 +344,8 @@ async fn read_basic_reads_metadata_but_not_passwords() {
     );
     assert_eq!(metadata.body["id"], "dev-1");
     assert_eq!(metadata.body["deviceName"], "host-1");
-    assert_eq!(metadata.body["lastBackupDateTime"], "2023-11-14T22:13:21Z");
-    assert_eq!(metadata.body["refreshDateTime"], "2023-12-14T22:13:21Z");
+    assert_eq!(metadata.body["lastBackupDateTime"], "2023-11-14T22:13:23Z");
+    assert_eq!(metadata.body["refreshDateTime"], "2023-12-14T22:13:23Z");
     assert!(metadata.body.get("credentials").is_none(), "{}", metadata.body);
 
     let denied = fixture
@@ -591,6 +656,27 @@ fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
             vec![AuditRead],
             StatusCode::OK,
         ),
+        (
+            "GET",
+            "/v1.0/fleetlaps/enrollmentTokens".to_owned(),
+            None,
+            vec![Admin],
+            StatusCode::OK,
+        ),
+        (
+            "POST",
+            "/v1.0/fleetlaps/enrollmentTokens".to_owned(),
+            Some(serde_json::json!({"name": "batch"})),
+            vec![Admin],
+            StatusCode::CREATED,
+        ),
+        (
+            "GET",
+            "/v1.0/fleetlaps/quarantine".to_owned(),
+            None,
+            vec![Admin],
+            StatusCode::OK,
+        ),
     ]
 }
 
@@ -627,8 +713,17 @@ impl Fixture {
         )
     }
 
+    /// The audit history, without the fixture's own enrollment events.
     fn audit(&self) -> Vec<(u64, AuditEnvelope)> {
-        self.state.projections.audit(0, 1000).unwrap()
+        use fleetlaps_proto::audit::AuditKind;
+        let fixture_made = [AuditKind::DeviceEnrolled];
+        self.state
+            .projections
+            .audit(0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|(sequence, envelope)| *sequence > 1 && !fixture_made.contains(&envelope.event.kind()))
+            .collect()
     }
 }
 
@@ -730,7 +825,11 @@ async fn tokens_are_created_listed_and_revoked_as_events_holding_only_their_hash
     assert_eq!(list.body["value"][0]["createdBy"], "Admin");
     assert!(!list.body.to_string().contains(&token), "the list never shows a token");
 
-    let history = fixture.audit();
+    let history: Vec<_> = fixture
+        .audit()
+        .into_iter()
+        .filter(|(_, envelope)| envelope.event.kind() == fleetlaps_proto::audit::AuditKind::TokenCreated)
+        .collect();
     assert_eq!(history.len(), 1);
     let text = String::from_utf8(history[0].1.to_json()).unwrap();
     assert!(
@@ -904,7 +1003,9 @@ async fn the_audit_history_lists_reads_filtered_by_device_and_kind_in_pages() {
     assert_eq!(dev_1.status, StatusCode::OK, "{}", dev_1.body);
     assert_eq!(dev_1.body["value"].as_array().unwrap().len(), 2);
     assert_eq!(dev_1.body["value"][0]["body"]["principal"], "admin");
-    let page = fixture.get("/v1.0/fleetlaps/auditEvents?$top=2", Some(&auditor)).await;
+    let page = fixture
+        .get("/v1.0/fleetlaps/auditEvents?kind=password_read&$top=2", Some(&auditor))
+        .await;
     assert_eq!(page.body["value"].as_array().unwrap().len(), 2);
     let next = page.body["@odata.nextLink"].as_str().expect("a next page").to_owned();
     let rest = fixture.get(&next, Some(&auditor)).await;

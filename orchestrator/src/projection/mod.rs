@@ -12,6 +12,6 @@ mod store;
 
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
-pub use principals::TokenRecord;
+pub use principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 pub use quarantine::{QuarantineReason, QuarantineRecord};
 pub use store::{Applied, Outcome, ProjectionError, Projections, StreamMessage};

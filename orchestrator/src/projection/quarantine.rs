@@ -19,8 +19,12 @@ pub enum QuarantineReason {
     UnknownSubject,
     /// The device or kind in the envelope differs from its subject's.
     SubjectMismatch,
-    /// An event about a device that never introduced itself.
+    /// An event about a device that never enrolled.
     UnknownDevice,
+    /// A device event without a valid signature by its device's enrolled key.
+    Forged,
+    /// A device event already applied (same id), or older than the device's last one.
+    Replayed,
     /// A commit for a rotation that was never backed up.
     UnknownRotation,
     /// A revocation of a token that was never created.
@@ -29,13 +33,15 @@ pub enum QuarantineReason {
 
 impl QuarantineReason {
     /// Every reason, for metrics.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::Malformed,
         Self::UnsupportedSchema,
         Self::CodeMismatch,
         Self::UnknownSubject,
         Self::SubjectMismatch,
         Self::UnknownDevice,
+        Self::Forged,
+        Self::Replayed,
         Self::UnknownRotation,
         Self::UnknownToken,
     ];
@@ -49,6 +55,8 @@ impl QuarantineReason {
             Self::UnknownSubject => "unknown_subject",
             Self::SubjectMismatch => "subject_mismatch",
             Self::UnknownDevice => "unknown_device",
+            Self::Forged => "forged",
+            Self::Replayed => "replayed",
             Self::UnknownRotation => "unknown_rotation",
             Self::UnknownToken => "unknown_token",
         }

@@ -12,7 +12,14 @@
 //! - `q/<sequence>`: a [`QuarantineRecord`];
 //! - `a/<sequence>`: an orchestrator event ([`AuditEnvelope`]): the audit history;
 //! - `t/<token id>`: a [`TokenRecord`]; `h/<token sha256>`: the id of the token with that digest;
+//! - `n/<token id>`: an [`EnrollmentTokenRecord`]; `g/<token sha256>`: the id of the enrollment
+//!   token with that digest;
+//! - `k/<device>`: an [`EnrolledKeyRecord`], the key the device's events must be signed with;
 //! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle).
+//!
+//! Devices are created by `device_enrolled` events only. A device event counts only when it is
+//! signed by its subject's device's enrolled key, names that device, and is newer than the
+//! device's last applied event; anything else is quarantined.
 
 use std::path::Path;
 
@@ -20,7 +27,8 @@ use chrono::{DateTime, Utc};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, TokenId};
 use fleetlaps_proto::command::BackupConfirmation;
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage};
-use fleetlaps_proto::ids::{DeviceId, DeviceName, RotationId};
+use fleetlaps_proto::ids::{DeviceId, RotationId};
+use fleetlaps_proto::signature::DevicePublicKey;
 use fleetlaps_proto::subject;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -28,7 +36,7 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::CredentialRecord;
 use super::devices::{DeviceRecord, FailureRecord};
-use super::principals::TokenRecord;
+use super::principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 use super::quarantine::{QuarantineReason, QuarantineRecord};
 
 const LAST_SEQUENCE_KEY: &[u8] = b"m/last_sequence";
@@ -61,6 +69,30 @@ pub struct StreamMessage<'a> {
     pub published: DateTime<Utc>,
     /// Its bytes.
     pub payload: &'a [u8],
+    /// Its `Fleetlaps-Signature` header, if it has one (device events must).
+    pub signature: Option<&'a str>,
+}
+
+/// Why a message is quarantined, and for a re-sent backup the confirmation its device still
+/// waits for.
+#[derive(Debug)]
+struct Refusal {
+    /// The metric label.
+    reason: QuarantineReason,
+    /// A payload-free explanation.
+    detail: String,
+    /// For a backup already stored and sent again by its device: its confirmation.
+    confirmation: Option<BackupConfirmation>,
+}
+
+impl From<(QuarantineReason, String)> for Refusal {
+    fn from((reason, detail): (QuarantineReason, String)) -> Self {
+        Self {
+            reason,
+            detail,
+            confirmation: None,
+        }
+    }
 }
 
 /// What applying a message did.
@@ -138,7 +170,11 @@ impl Projections {
         batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
         let applied = match self.fold(message, &mut batch)? {
             Ok(applied) => applied,
-            Err((reason, detail)) => {
+            Err(Refusal {
+                reason,
+                detail,
+                confirmation,
+            }) => {
                 let record = QuarantineRecord {
                     stream_sequence: message.sequence,
                     subject: message.subject.to_owned(),
@@ -152,7 +188,7 @@ impl Projections {
                 batch.insert(quarantine_key(message.sequence), encode(&record));
                 Applied {
                     outcome: Outcome::Quarantined(reason),
-                    confirmation: None,
+                    confirmation,
                 }
             }
         };
@@ -224,6 +260,37 @@ impl Projections {
             .collect()
     }
 
+    /// The enrollment token whose SHA-256 is `token_sha256` (hex), revoked, expired or used up
+    /// ones included.
+    pub fn enrollment_token_by_digest(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<EnrollmentTokenRecord>, ProjectionError> {
+        let Some(id) = self.tree.get(format!("g/{token_sha256}").as_bytes())? else {
+            return Ok(None);
+        };
+        self.get(&format!("n/{}", String::from_utf8_lossy(&id)))
+    }
+
+    /// One enrollment token.
+    pub fn enrollment_token(&self, token_id: &TokenId) -> Result<Option<EnrollmentTokenRecord>, ProjectionError> {
+        self.get(&format!("n/{token_id}"))
+    }
+
+    /// Every enrollment token, oldest first (ids are time-ordered).
+    pub fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenRecord>, ProjectionError> {
+        self.tree
+            .scan_prefix(b"n/")
+            .values()
+            .map(|value| decode("n/", &value?))
+            .collect()
+    }
+
+    /// The key `device_id` enrolled with, if it did.
+    pub fn enrolled_key(&self, device_id: &DeviceId) -> Result<Option<EnrolledKeyRecord>, ProjectionError> {
+        self.get(&format!("k/{device_id}"))
+    }
+
     /// The audit history after stream sequence `after`, oldest first, with each entry's
     /// sequence; at most `limit` entries.
     pub fn audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, AuditEnvelope)>, ProjectionError> {
@@ -266,20 +333,42 @@ impl Projections {
         &self,
         message: StreamMessage<'_>,
         batch: &mut sled::Batch,
-    ) -> Result<Result<Applied, (QuarantineReason, String)>, ProjectionError> {
+    ) -> Result<Result<Applied, Refusal>, ProjectionError> {
         if let Some(kind) = subject::parse_audit_event(message.subject) {
-            return self.fold_audit(kind, message, batch);
+            return Ok(self.fold_audit(kind, message, batch)?.map_err(Refusal::from));
         }
         let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
             return Ok(Err((
                 QuarantineReason::UnknownSubject,
                 "neither laps.events.<device>.<kind> nor laps.audit.<kind>".to_owned(),
-            )));
+            )
+                .into()));
         };
         let envelope = match Envelope::from_json(message.payload) {
             Ok(envelope) => envelope,
-            Err(err) => return Ok(Err(describe_decode_error(&err))),
+            Err(err) => return Ok(Err(describe_decode_error(&err).into())),
         };
+        // The subject's device must have enrolled, and signed exactly these bytes on exactly
+        // this subject with its enrolled key.
+        let Some(enrolled) = self.enrolled_key(&subject_device)? else {
+            return Ok(Err((
+                QuarantineReason::UnknownDevice,
+                format!("device {subject_device} never enrolled"),
+            )
+                .into()));
+        };
+        let verified = match (DevicePublicKey::parse(&enrolled.public_key), message.signature) {
+            (Err(err), _) => Err(format!(
+                "the enrolled key of device {subject_device} is not usable: {err}"
+            )),
+            (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
+            (Ok(key), Some(signature)) => key
+                .verify(message.subject, message.payload, signature)
+                .map_err(|err| err.to_string()),
+        };
+        if let Err(detail) = verified {
+            return Ok(Err((QuarantineReason::Forged, detail).into()));
+        }
         if envelope.device_id != subject_device || envelope.event.kind() != subject_kind {
             return Ok(Err((
                 QuarantineReason::SubjectMismatch,
@@ -288,7 +377,8 @@ impl Projections {
                     envelope.device_id,
                     envelope.event.kind()
                 ),
-            )));
+            )
+                .into()));
         }
         let confirmation = match &envelope.event {
             Event::PasswordBackedUp(body) => Some(BackupConfirmation {
@@ -300,27 +390,35 @@ impl Projections {
         };
         let event_key = event_key(&envelope);
         if self.tree.contains_key(&event_key)? {
-            return Ok(Ok(Applied {
-                outcome: Outcome::Duplicate,
+            // Also how a device's own re-sent backup arrives once JetStream's duplicate window
+            // has passed: it changes nothing, and the device still gets its confirmation.
+            return Ok(Err(Refusal {
+                reason: QuarantineReason::Replayed,
+                detail: format!("event {} was already applied", envelope.id),
                 confirmation,
             }));
         }
         batch.insert(event_key, &message.sequence.to_be_bytes());
 
         let device_key = device_key(&envelope.device_id);
-        let existing: Option<DeviceRecord> = self.get(&device_key)?;
-        let mut device = match (existing, &envelope.event) {
-            (Some(device), _) => device,
-            (None, Event::PolicyApplied(body)) => new_device(&envelope, &body.device_name),
-            (None, Event::PasswordBackedUp(body)) => new_device(&envelope, &body.device_name),
-            (None, _) => {
-                return Ok(Err((
-                    QuarantineReason::UnknownDevice,
-                    format!("device {} is unknown", envelope.device_id),
-                )));
-            }
+        let Some(mut device) = self.get::<DeviceRecord>(&device_key)? else {
+            return Ok(Err((
+                QuarantineReason::UnknownDevice,
+                format!("device {} never enrolled", envelope.device_id),
+            )
+                .into()));
         };
-        device.last_sequence = device.last_sequence.max(envelope.sequence);
+        if envelope.sequence <= device.last_sequence {
+            return Ok(Err((
+                QuarantineReason::Replayed,
+                format!(
+                    "device sequence {} is not after the last applied {}",
+                    envelope.sequence, device.last_sequence
+                ),
+            )
+                .into()));
+        }
+        device.last_sequence = envelope.sequence;
         device.last_seen = device.last_seen.max(envelope.time);
 
         match &envelope.event {
@@ -357,7 +455,8 @@ impl Projections {
                     return Ok(Err((
                         QuarantineReason::UnknownRotation,
                         format!("rotation {} was never backed up", body.rotation_id),
-                    )));
+                    )
+                        .into()));
                 };
                 let key_text = String::from_utf8_lossy(&credential_key).into_owned();
                 let mut credential: CredentialRecord =
@@ -471,6 +570,64 @@ impl Projections {
             AuditEvent::RotationRequested(body) => {
                 batch.insert(format!("w/{}", body.device_id).as_bytes(), encode(&envelope.time));
             }
+            AuditEvent::EnrollmentTokenCreated(body) => {
+                let record = EnrollmentTokenRecord {
+                    token_id: body.token_id,
+                    name: body.name.clone(),
+                    max_uses: body.max_uses,
+                    uses: 0,
+                    token_sha256: body.token_sha256.clone(),
+                    created_at: envelope.time,
+                    created_by: body.created_by.clone(),
+                    expires_at: body.expires_at,
+                    revoked_at: None,
+                    revoked_by: None,
+                };
+                batch.insert(format!("n/{}", body.token_id).as_bytes(), encode(&record));
+                batch.insert(
+                    format!("g/{}", body.token_sha256).as_bytes(),
+                    body.token_id.to_string().as_bytes(),
+                );
+            }
+            AuditEvent::EnrollmentTokenRevoked(body) => {
+                let Some(mut record) = self.enrollment_token(&body.token_id)? else {
+                    return Ok(Err((
+                        QuarantineReason::UnknownToken,
+                        format!("enrollment token {} was never created", body.token_id),
+                    )));
+                };
+                if record.revoked_at.is_none() {
+                    record.revoked_at = Some(envelope.time);
+                    record.revoked_by = Some(body.revoked_by.clone());
+                    batch.insert(format!("n/{}", body.token_id).as_bytes(), encode(&record));
+                }
+            }
+            AuditEvent::DeviceEnrolled(body) => {
+                if let Err(err) = DevicePublicKey::parse(&body.public_key) {
+                    return Ok(Err((QuarantineReason::Malformed, format!("device_enrolled: {err}"))));
+                }
+                let Some(mut token) = self.enrollment_token(&body.enrollment_token_id)? else {
+                    return Ok(Err((
+                        QuarantineReason::UnknownToken,
+                        format!("enrollment token {} was never created", body.enrollment_token_id),
+                    )));
+                };
+                // The API reserves uses before it records an enrollment; the fold only counts.
+                token.uses = token.uses.saturating_add(1);
+                batch.insert(format!("n/{}", token.token_id).as_bytes(), encode(&token));
+                let key = EnrolledKeyRecord {
+                    device_id: body.device_id.clone(),
+                    public_key: body.public_key.clone(),
+                    enrollment_token_id: body.enrollment_token_id,
+                    enrolled_at: envelope.time,
+                };
+                batch.insert(format!("k/{}", body.device_id).as_bytes(), encode(&key));
+                let device_key = device_key(&body.device_id);
+                if !self.tree.contains_key(device_key.as_bytes())? {
+                    let device = DeviceRecord::new(body.device_id.clone(), body.device_name.clone(), envelope.time);
+                    batch.insert(device_key.as_bytes(), encode(&device));
+                }
+            }
         }
         batch.insert(audit_key(message.sequence), encode(&envelope));
         Ok(Ok(Applied {
@@ -485,10 +642,6 @@ impl Projections {
             .map(|value| decode(key, &value))
             .transpose()
     }
-}
-
-fn new_device(envelope: &Envelope, device_name: &DeviceName) -> DeviceRecord {
-    DeviceRecord::new(envelope.device_id.clone(), device_name.clone(), envelope.time)
 }
 
 /// A reason and a payload-free explanation. serde's own messages can quote payload values

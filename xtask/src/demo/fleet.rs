@@ -50,13 +50,6 @@ listen = "127.0.0.1:{metrics_port}"
     // The orchestrator makes this self-signed certificate at first start; lapsctl trusts it.
     let certificate = orchestrator_dir.join("data").join("tls").join("cert.pem");
 
-    let escrow = command_output(
-        Command::new(env.bin_dir.join("fleetlaps-orchestrator"))
-            .args(["escrow-public-key", "--config"])
-            .arg(&orchestrator_config),
-    )?;
-    let escrow_public_key = escrow.trim().to_owned();
-
     tools::step(&format!(
         "start the orchestrator: API {base_url} (self-signed certificate {}), metrics http://127.0.0.1:{metrics_port}/metrics",
         certificate.display()
@@ -84,6 +77,34 @@ listen = "127.0.0.1:{metrics_port}"
         )
     })?;
 
+    let admin = Lapsctl {
+        binary: env.bin_dir.join("lapsctl"),
+        base_url: base_url.clone(),
+        certificate: certificate.clone(),
+        token: admin_token,
+    };
+    tools::step(
+        "the bootstrap admin makes one enrollment token for the three devices (lapsctl enrollment-token create)",
+    );
+    let created = admin.stdout(&[
+        "enrollment-token",
+        "create",
+        "--name",
+        "demo-fleet",
+        "--max-uses",
+        "3",
+        "--expires-in-hours",
+        "1",
+        "-o",
+        "json",
+    ])?;
+    let created: serde_json::Value =
+        serde_json::from_str(&created).context("lapsctl enrollment-token create printed no JSON")?;
+    let enrollment_token = created[0]["Token"]
+        .as_str()
+        .context("lapsctl enrollment-token create printed no Token")?
+        .to_owned();
+
     let mut agents = Vec::new();
     let mut agent_configs = Vec::new();
     for device in DEVICES {
@@ -97,7 +118,6 @@ listen = "127.0.0.1:{metrics_port}"
             &format!(
                 r#"device_name = "{device}"
 state_dir = "{state}"
-escrow_public_key = "{escrow_public_key}"
 processing_interval_secs = 3600
 [nats]
 url = "{nats}"
@@ -115,6 +135,25 @@ PasswordLength = 14
                 accounts = accounts.display(),
             ),
         )?;
+        tools::step(&format!(
+            "enroll {device} (fleetlaps-agent enroll --orchestrator {base_url} --ca …)"
+        ));
+        // The token goes in the environment, so other local users cannot read it on the command
+        // line; errors name the command without its environment, which holds the token.
+        let enrolled = Command::new(env.bin_dir.join("fleetlaps-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(["enroll", "--orchestrator", &base_url, "--ca"])
+            .arg(&certificate)
+            .env("LAPS_ENROLLMENT_TOKEN", &enrollment_token)
+            .output()
+            .context("running fleetlaps-agent enroll")?;
+        anyhow::ensure!(
+            enrolled.status.success(),
+            "fleetlaps-agent enroll for {device} failed: {}",
+            String::from_utf8_lossy(&enrolled.stderr).trim()
+        );
+        print!("{}", String::from_utf8_lossy(&enrolled.stdout));
         tools::step(&format!("start agent {device} (accounts in {})", accounts.display()));
         agents.push(ChildGuard::spawn(
             format!("agent {device}"),
@@ -128,13 +167,8 @@ PasswordLength = 14
         agent_configs.push(config);
     }
 
+    print!("{}", admin.stdout(&["enrollment-token", "list"])?);
     tools::step("the bootstrap admin makes a token for the demo's operator (lapsctl token create)");
-    let admin = Lapsctl {
-        binary: env.bin_dir.join("lapsctl"),
-        base_url: base_url.clone(),
-        certificate: certificate.clone(),
-        token: admin_token,
-    };
     let created = admin.stdout(&[
         "token",
         "create",
@@ -334,16 +368,6 @@ fn check_password(bin_dir: &Path, config: &Path, password: &str) -> anyhow::Resu
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(())
-}
-
-fn command_output(command: &mut Command) -> anyhow::Result<String> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn log_file(path: &Path) -> anyhow::Result<fs::File> {

@@ -5,7 +5,10 @@ use fleetlaps_proto::event::{
 use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
 use fleetlaps_proto::policy::{Policy, PolicySource};
 use fleetlaps_proto::seal::{EscrowSecretKey, seal};
+use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
+
+use base64::Engine as _;
 
 use super::*;
 
@@ -13,6 +16,44 @@ struct Fixture {
     _dir: tempfile::TempDir,
     projections: Projections,
     next_sequence: u64,
+    /// The signing keys of the devices enrolled in this fixture.
+    keys: std::collections::HashMap<DeviceId, DeviceSigningKey>,
+}
+
+/// The enrollment token of the fixtures.
+fn enrollment_token_id() -> TokenId {
+    TokenId::parse("018f0000-0000-7000-8000-000000000001").unwrap()
+}
+
+/// A device's signing key, the same in every fixture (so digests can be compared).
+fn key_of(device_id: &DeviceId) -> DeviceSigningKey {
+    let seed: [u8; 32] = Sha256::digest(device_id.as_str().as_bytes()).into();
+    DeviceSigningKey::from_base64(&base64::engine::general_purpose::STANDARD.encode(seed)).unwrap()
+}
+
+/// The messages that create the fixtures' enrollment token and enroll `devices` with it.
+fn enrollment_messages(devices: &[&DeviceId]) -> Vec<(String, Vec<u8>)> {
+    let mut messages = vec![audit(AuditEvent::EnrollmentTokenCreated(
+        fleetlaps_proto::audit::EnrollmentTokenCreated {
+            token_id: enrollment_token_id(),
+            name: "batch".to_owned(),
+            max_uses: 10,
+            expires_at: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            token_sha256: "cd".repeat(32),
+            created_by: "admin".to_owned(),
+        },
+    ))];
+    for device_id in devices {
+        messages.push(audit(AuditEvent::DeviceEnrolled(
+            fleetlaps_proto::audit::DeviceEnrolled {
+                device_id: (*device_id).clone(),
+                device_name: DeviceName::parse("host-1").unwrap(),
+                public_key: key_of(device_id).public_key().to_string(),
+                enrollment_token_id: enrollment_token_id(),
+            },
+        )));
+    }
+    messages
 }
 
 impl Fixture {
@@ -23,10 +64,29 @@ impl Fixture {
             _dir: dir,
             projections,
             next_sequence: 1,
+            keys: std::collections::HashMap::new(),
         }
     }
 
-    fn apply_on(&mut self, subject: &str, payload: &[u8]) -> Outcome {
+    /// A fixture where `dev-1` is enrolled.
+    fn enrolled() -> Self {
+        let mut fixture = Self::new();
+        fixture.enroll(&enrollment_messages(&[&device()]));
+        fixture
+    }
+
+    /// Applies enrollment messages, and signs the enrolled devices' events from then on.
+    fn enroll(&mut self, messages: &[(String, Vec<u8>)]) {
+        for (subject, payload) in messages {
+            let outcome = self.apply_signed(subject, payload, None);
+            assert!(matches!(outcome, Outcome::Recorded(_)), "{outcome:?}");
+            if let Ok(AuditEvent::DeviceEnrolled(body)) = AuditEnvelope::from_json(payload).map(|e| e.event) {
+                self.keys.insert(body.device_id.clone(), key_of(&body.device_id));
+            }
+        }
+    }
+
+    fn apply_full(&mut self, subject: &str, payload: &[u8], signature: Option<&str>) -> Applied {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let published = Utc
@@ -38,9 +98,21 @@ impl Fixture {
                 subject,
                 published,
                 payload,
+                signature,
             })
             .expect("store works")
-            .outcome
+    }
+
+    fn apply_signed(&mut self, subject: &str, payload: &[u8], signature: Option<&str>) -> Outcome {
+        self.apply_full(subject, payload, signature).outcome
+    }
+
+    /// Applies a message on `subject`, signed by the subject's device if it enrolled here.
+    fn apply_on(&mut self, subject: &str, payload: &[u8]) -> Outcome {
+        let signature = subject::parse_device_event(subject)
+            .and_then(|(device_id, _)| self.keys.get(&device_id))
+            .map(|key| key.sign(subject, payload));
+        self.apply_signed(subject, payload, signature.as_deref())
     }
 
     fn apply(&mut self, envelope: &Envelope) -> Outcome {
@@ -98,7 +170,7 @@ fn rotated(sequence: u64, rotation_id: RotationId) -> Envelope {
 
 #[test]
 fn a_backup_then_its_commit_make_the_current_credential() {
-    let mut fixture = Fixture::new();
+    let mut fixture = Fixture::enrolled();
     let rotation_id = RotationId::new();
     assert_eq!(
         fixture.apply(&policy_applied(1)),
@@ -127,7 +199,7 @@ fn a_backup_then_its_commit_make_the_current_credential() {
 
 #[test]
 fn credentials_come_newest_first_and_limited() {
-    let mut fixture = Fixture::new();
+    let mut fixture = Fixture::enrolled();
     let rotations: Vec<RotationId> = (0..4).map(|_| RotationId::new()).collect();
     for (index, rotation_id) in rotations.iter().enumerate() {
         fixture.apply(&backed_up(index as u64 + 1, *rotation_id));
@@ -138,19 +210,178 @@ fn credentials_come_newest_first_and_limited() {
 }
 
 #[test]
-fn a_resent_event_changes_nothing() {
-    let mut fixture = Fixture::new();
+fn a_resent_or_replayed_event_changes_nothing_but_a_resent_backup_is_still_confirmed() {
+    let mut fixture = Fixture::enrolled();
     let envelope = backed_up(1, RotationId::new());
     fixture.apply(&envelope);
     let before = fixture.projections.device(&device()).unwrap();
-    assert_eq!(fixture.apply(&envelope), Outcome::Duplicate);
+    let credentials_before = fixture.projections.credentials(&device(), 10).unwrap();
+
+    // The same event again (a device's re-send after JetStream's duplicate window, or a replay).
+    let subject = subject::device_event(&device(), EventKind::PasswordBackedUp);
+    let payload = envelope.to_json();
+    let signature = key_of(&device()).sign(&subject, &payload);
+    let again = fixture.apply_full(&subject, &payload, Some(&signature));
+    assert_eq!(again.outcome, Outcome::Quarantined(QuarantineReason::Replayed));
+    assert_eq!(
+        again.confirmation.map(|confirmation| confirmation.event_id),
+        Some(envelope.id),
+        "a re-sent backup is still confirmed"
+    );
+
+    // A new id with a sequence not after the device's last one.
+    assert_eq!(
+        fixture.apply(&policy_applied(1)),
+        Outcome::Quarantined(QuarantineReason::Replayed)
+    );
     assert_eq!(fixture.projections.device(&device()).unwrap(), before);
-    assert_eq!(fixture.projections.credentials(&device(), 10).unwrap().len(), 1);
+    assert_eq!(
+        fixture.projections.credentials(&device(), 10).unwrap(),
+        credentials_before
+    );
+    let reasons: Vec<QuarantineReason> = fixture
+        .projections
+        .quarantine()
+        .unwrap()
+        .iter()
+        .map(|record| record.reason)
+        .collect();
+    assert_eq!(reasons, [QuarantineReason::Replayed, QuarantineReason::Replayed]);
+}
+
+#[test]
+fn forged_events_unsigned_signed_by_another_key_or_naming_another_device_change_nothing() {
+    let other = DeviceId::parse("dev-2").unwrap();
+    let mut fixture = Fixture::new();
+    fixture.enroll(&enrollment_messages(&[&device(), &other]));
+    fixture.apply(&policy_applied(1));
+    let before = fixture.projections.device(&device()).unwrap();
+    let envelope = backed_up(2, RotationId::new());
+    let subject = subject::device_event(&device(), EventKind::PasswordBackedUp);
+    let payload = envelope.to_json();
+
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, None),
+        Outcome::Quarantined(QuarantineReason::Forged),
+        "unsigned"
+    );
+    let by_another = DeviceSigningKey::generate().sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&by_another)),
+        Outcome::Quarantined(QuarantineReason::Forged),
+        "signed by a key that is not dev-1's"
+    );
+    let by_other_device = key_of(&other).sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&by_other_device)),
+        Outcome::Quarantined(QuarantineReason::Forged),
+        "signed by another enrolled device"
+    );
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some("not base64!")),
+        Outcome::Quarantined(QuarantineReason::Forged),
+        "garbage signature"
+    );
+    // Signed by dev-2 on its own subject, but naming dev-1.
+    let foreign_subject = subject::device_event(&other, EventKind::PasswordBackedUp);
+    assert_eq!(
+        fixture.apply_on(&foreign_subject, &payload),
+        Outcome::Quarantined(QuarantineReason::SubjectMismatch)
+    );
+    // A device that never enrolled.
+    let stranger = DeviceId::parse("dev-3").unwrap();
+    let mut introduced = policy_applied(1);
+    introduced.device_id = stranger.clone();
+    assert_eq!(
+        fixture.apply(&introduced),
+        Outcome::Quarantined(QuarantineReason::UnknownDevice)
+    );
+
+    assert_eq!(fixture.projections.device(&device()).unwrap(), before);
+    assert!(fixture.projections.credentials(&device(), 10).unwrap().is_empty());
+    assert!(fixture.projections.device(&stranger).unwrap().is_none());
+    let quarantine = fixture.projections.quarantine().unwrap();
+    assert_eq!(quarantine.len(), 6);
+    assert!(!format!("{quarantine:?}").contains("sealed_password"));
+}
+
+#[test]
+fn enrollment_tokens_count_their_uses_and_enrollment_creates_the_device_and_its_key() {
+    let mut fixture = Fixture::new();
+    fixture.enroll(&enrollment_messages(&[&device()]));
+    let token = fixture
+        .projections
+        .enrollment_token(&enrollment_token_id())
+        .unwrap()
+        .expect("created");
+    assert_eq!((token.uses, token.max_uses), (1, 10));
+    assert_eq!(
+        fixture
+            .projections
+            .enrollment_token_by_digest(&"cd".repeat(32))
+            .unwrap()
+            .map(|token| token.token_id),
+        Some(enrollment_token_id())
+    );
+    let key = fixture.projections.enrolled_key(&device()).unwrap().expect("enrolled");
+    assert_eq!(key.public_key, key_of(&device()).public_key().to_string());
+    let record = fixture
+        .projections
+        .device(&device())
+        .unwrap()
+        .expect("created by the enrollment");
+    assert_eq!((record.device_name.as_str(), record.last_sequence), ("host-1", 0));
+
+    // An enrollment with a bad key or an unknown token changes nothing.
+    let bad_key = audit(AuditEvent::DeviceEnrolled(fleetlaps_proto::audit::DeviceEnrolled {
+        device_id: DeviceId::parse("dev-9").unwrap(),
+        device_name: DeviceName::parse("host-9").unwrap(),
+        public_key: "not a key".to_owned(),
+        enrollment_token_id: enrollment_token_id(),
+    }));
+    assert_eq!(
+        fixture.apply_on(&bad_key.0, &bad_key.1),
+        Outcome::Quarantined(QuarantineReason::Malformed)
+    );
+    let unknown_token = audit(AuditEvent::DeviceEnrolled(fleetlaps_proto::audit::DeviceEnrolled {
+        device_id: DeviceId::parse("dev-9").unwrap(),
+        device_name: DeviceName::parse("host-9").unwrap(),
+        public_key: key_of(&device()).public_key().to_string(),
+        enrollment_token_id: TokenId::new(),
+    }));
+    assert_eq!(
+        fixture.apply_on(&unknown_token.0, &unknown_token.1),
+        Outcome::Quarantined(QuarantineReason::UnknownToken)
+    );
+    assert!(
+        fixture
+            .projections
+            .device(&DeviceId::parse("dev-9").unwrap())
+            .unwrap()
+            .is_none()
+    );
+
+    let revoked = audit(AuditEvent::EnrollmentTokenRevoked(
+        fleetlaps_proto::audit::EnrollmentTokenRevoked {
+            token_id: enrollment_token_id(),
+            revoked_by: "admin".to_owned(),
+        },
+    ));
+    assert_eq!(
+        fixture.apply_on(&revoked.0, &revoked.1),
+        Outcome::Recorded(AuditKind::EnrollmentTokenRevoked)
+    );
+    let token = fixture
+        .projections
+        .enrollment_token(&enrollment_token_id())
+        .unwrap()
+        .expect("kept");
+    assert!(token.revoked_at.is_some());
 }
 
 #[test]
 fn a_redelivered_sequence_is_skipped() {
-    let mut fixture = Fixture::new();
+    let mut fixture = Fixture::enrolled();
     fixture.apply(&policy_applied(1));
     let payload = policy_applied(2).to_json();
     let outcome = fixture
@@ -160,6 +391,7 @@ fn a_redelivered_sequence_is_skipped() {
             subject: "laps.events.dev-1.policy_applied",
             published: Utc::now(),
             payload: &payload,
+            signature: None,
         })
         .unwrap()
         .outcome;
@@ -181,12 +413,15 @@ fn bad_messages_are_quarantined_without_their_payload() {
         Outcome::Quarantined(QuarantineReason::Malformed)
     );
     assert_eq!(
+        fixture.apply(&policy_applied(1)),
+        Outcome::Quarantined(QuarantineReason::UnknownDevice),
+        "a policy no longer introduces a device: enrollment does"
+    );
+    let other = DeviceId::parse("dev-2").unwrap();
+    fixture.enroll(&enrollment_messages(&[&device(), &other]));
+    assert_eq!(
         fixture.apply_on("laps.events.dev-2.policy_applied", &policy_applied(1).to_json()),
         Outcome::Quarantined(QuarantineReason::SubjectMismatch)
-    );
-    assert_eq!(
-        fixture.apply(&rotated(1, RotationId::new())),
-        Outcome::Quarantined(QuarantineReason::UnknownDevice)
     );
     fixture.apply(&policy_applied(1));
     assert_eq!(
@@ -198,15 +433,18 @@ fn bad_messages_are_quarantined_without_their_payload() {
     assert_eq!(quarantine.len(), 5);
     let stored = format!("{quarantine:?}");
     assert!(!stored.contains("hunter2"), "{stored}");
-    assert_eq!(fixture.projections.last_applied_sequence().unwrap(), 6);
+    assert_eq!(fixture.projections.last_applied_sequence().unwrap(), 9);
 }
 
 #[test]
 fn the_same_messages_fold_to_the_same_digest() {
     let rotation_id = RotationId::new();
     let envelopes = [policy_applied(1), backed_up(2, rotation_id), rotated(3, rotation_id)];
+    let enrollment = enrollment_messages(&[&device()]);
     let mut first = Fixture::new();
     let mut second = Fixture::new();
+    first.enroll(&enrollment);
+    second.enroll(&enrollment);
     for envelope in &envelopes {
         first.apply(envelope);
         second.apply(envelope);

@@ -1,0 +1,298 @@
+//! Enrollment: tokens an admin hands out, and the endpoint devices enroll through.
+//!
+//! - `POST /v1.0/fleetlaps/enrollmentTokens` (`Admin`) with an [`EnrollmentTokenRequest`]: records
+//!   an `enrollment_token_created` event holding the token's SHA-256 and answers 201 with the
+//!   token, shown this once. `maxUses` defaults to 1 (single-use), `expiresDateTime` to 24 hours
+//!   from now.
+//! - `GET /v1.0/fleetlaps/enrollmentTokens` (`Admin`): every enrollment token, with its use count.
+//! - `DELETE /v1.0/fleetlaps/enrollmentTokens/{tokenId}` (`Admin`): records an
+//!   `enrollment_token_revoked` event; 204.
+//! - `POST /fleetlaps/v1/enroll` with the enrollment token as bearer and an [`EnrollmentRequest`]:
+//!   records a `device_enrolled` event with a new device id and the device's public key, waits
+//!   until the projections show it, and answers 201 with an [`EnrollmentResponse`]. A token that
+//!   is unknown, expired, revoked or used up is refused with 401 naming which.
+//!
+//! Uses are reserved under [`AppState::enrollments_in_flight`] before the event is recorded, so
+//! concurrent enrollments never exceed `maxUses`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use chrono::Utc;
+use fleetlaps_proto::api::{
+    BearerToken, CreatedEnrollmentToken, EnrollmentRequest, EnrollmentResponse, EnrollmentTokenInfo,
+    EnrollmentTokenRequest, ODataCollection,
+};
+use fleetlaps_proto::audit::{AuditEvent, DeviceEnrolled, EnrollmentTokenCreated, EnrollmentTokenRevoked, TokenId};
+use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::signature::DevicePublicKey;
+use secrecy::ExposeSecret;
+
+use super::AppState;
+use super::auth::{Authenticated, bearer_token};
+use super::error::ApiError;
+use crate::auth::{self, Scope};
+use crate::projection::EnrollmentTokenRecord;
+
+/// The collection's route.
+pub(super) const LIST_PATH: &str = "/v1.0/fleetlaps/enrollmentTokens";
+/// One enrollment token's route.
+pub(super) const ITEM_PATH: &str = "/v1.0/fleetlaps/enrollmentTokens/{tokenId}";
+/// The devices' enrollment route.
+pub(super) const ENROLL_PATH: &str = "/fleetlaps/v1/enroll";
+
+/// `@odata.context` of the collection.
+const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/enrollmentTokens";
+/// How long a change may take to reach the projections before the answer says so.
+const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest token name.
+const NAME_MAX: usize = 64;
+/// The most devices one token may enroll.
+const MAX_USES: u32 = 10_000;
+/// How long a token works when the request does not say.
+const DEFAULT_LIFETIME_HOURS: i64 = 24;
+
+/// Creates an enrollment token.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
+pub(super) async fn create(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    body: Bytes,
+) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
+    principal.require(Scope::Admin)?;
+    let request: EnrollmentTokenRequest = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::BadRequest(format!(
+            "the body is not an enrollment token request ({err}); expected {{\"name\": \"…\", \"maxUses\": 1 to \
+             {MAX_USES}, optional, \"expiresDateTime\": \"RFC 3339, optional\"}}"
+        ))
+    })?;
+    let name = request.name.trim();
+    if name.is_empty() || name.chars().count() > NAME_MAX || name.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "name {:?}: allowed 1 to {NAME_MAX} printable characters",
+            request.name
+        )));
+    }
+    let max_uses = request.max_uses.unwrap_or(1);
+    if !(1..=MAX_USES).contains(&max_uses) {
+        return Err(ApiError::BadRequest(format!(
+            "maxUses {max_uses}: allowed 1 to {MAX_USES}"
+        )));
+    }
+    let now = Utc::now();
+    let expires_at = request
+        .expires_date_time
+        .unwrap_or_else(|| now + chrono::Duration::hours(DEFAULT_LIFETIME_HOURS));
+    if expires_at <= now {
+        return Err(ApiError::BadRequest(format!(
+            "expiresDateTime {expires_at} is in the past; allowed: a time after now"
+        )));
+    }
+    let token = auth::generate_enrollment_token();
+    let created = EnrollmentTokenCreated {
+        token_id: TokenId::new(),
+        name: name.to_owned(),
+        max_uses,
+        expires_at,
+        token_sha256: auth::token_sha256(token.expose_secret()),
+        created_by: principal.0.name.clone(),
+    };
+    let token_id = created.token_id;
+    let sequence = state
+        .journal
+        .append(AuditEvent::EnrollmentTokenCreated(created))
+        .await
+        .map_err(ApiError::AuditUnavailable)?;
+    // The token exists from here on: answer with it even if it takes a moment to work.
+    if !state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+        tracing::warn!(%token_id, "the new enrollment token is recorded but not yet in the projections");
+    }
+    let info = match state.projections.enrollment_token(&token_id)? {
+        Some(record) => info(&record),
+        None => EnrollmentTokenInfo {
+            id: token_id.to_string(),
+            name: name.to_owned(),
+            max_uses,
+            uses: 0,
+            created_date_time: now,
+            created_by: principal.0.name.clone(),
+            expires_date_time: expires_at,
+            revoked_date_time: None,
+        },
+    };
+    tracing::info!(%token_id, name = %info.name, max_uses, %expires_at, "enrollment token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedEnrollmentToken {
+            token: BearerToken::new(token.expose_secret().to_owned()),
+            info,
+        }),
+    ))
+}
+
+/// Lists the enrollment tokens, oldest first.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    principal: Authenticated,
+) -> Result<Json<ODataCollection<EnrollmentTokenInfo>>, ApiError> {
+    principal.require(Scope::Admin)?;
+    Ok(Json(ODataCollection {
+        context: COLLECTION_CONTEXT.to_owned(),
+        value: state.projections.enrollment_tokens()?.iter().map(info).collect(),
+        next_link: None,
+    }))
+}
+
+/// Revokes an enrollment token. Revoking a revoked token changes nothing and answers 204 again.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
+pub(super) async fn revoke(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    Path(token_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    principal.require(Scope::Admin)?;
+    let token_id = TokenId::parse(&token_id).map_err(|err| ApiError::BadRequest(err.to_string()))?;
+    let record = state
+        .projections
+        .enrollment_token(&token_id)?
+        .ok_or_else(|| ApiError::EnrollmentTokenNotFound(token_id.to_string()))?;
+    if record.revoked_at.is_some() {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let revoked = AuditEvent::EnrollmentTokenRevoked(EnrollmentTokenRevoked {
+        token_id,
+        revoked_by: principal.0.name.clone(),
+    });
+    let sequence = state
+        .journal
+        .append(revoked)
+        .await
+        .map_err(ApiError::AuditUnavailable)?;
+    if !state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+        return Err(ApiError::NotYetVisible);
+    }
+    tracing::info!(%token_id, name = %record.name, "enrollment token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Enrolls a device: records its key under a new device id, and tells it its id, the escrow key
+/// and the policy.
+#[tracing::instrument(skip_all, fields(device_id))]
+pub(super) async fn enroll(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<EnrollmentResponse>), ApiError> {
+    let header_value = headers.get(header::AUTHORIZATION).ok_or(ApiError::MissingToken)?;
+    let token = header_value
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .ok_or(ApiError::MalformedToken)?;
+    let request: EnrollmentRequest = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::BadRequest(format!(
+            "the body is not an enrollment request ({err}); expected {{\"publicKey\": \"base64 Ed25519 public \
+             key\", \"deviceName\": \"host name\"}}"
+        ))
+    })?;
+    let public_key =
+        DevicePublicKey::parse(&request.public_key).map_err(|err| ApiError::BadRequest(format!("publicKey: {err}")))?;
+    let token_id = reserve(&state, &auth::token_sha256(token))?;
+    let device_id = DeviceId::new_random();
+    tracing::Span::current().record("device_id", tracing::field::display(&device_id));
+    let enrolled = AuditEvent::DeviceEnrolled(DeviceEnrolled {
+        device_id: device_id.clone(),
+        device_name: request.device_name.clone(),
+        public_key: public_key.to_string(),
+        enrollment_token_id: token_id,
+    });
+    let sequence = match state.journal.append(enrolled).await {
+        Ok(sequence) => sequence,
+        Err(err) => {
+            release(&state, token_id);
+            return Err(ApiError::AuditUnavailable(err));
+        }
+    };
+    if state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+        // The projections count this use now.
+        release(&state, token_id);
+    } else {
+        // Kept reserved, so the token is never used beyond its count; the stream has the
+        // enrollment, which the projections fold before any event of the device.
+        tracing::warn!("the enrollment is recorded but not yet in the projections");
+    }
+    tracing::info!(%token_id, device_name = %request.device_name, "device enrolled");
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollmentResponse {
+            device_id,
+            escrow_public_key: state.escrow.public_key(),
+            policy: state.policy.clone(),
+        }),
+    ))
+}
+
+/// Takes one use of the enrollment token with this digest, or refuses naming why.
+fn reserve(state: &AppState, token_sha256: &str) -> Result<TokenId, ApiError> {
+    let mut in_flight = state
+        .enrollments_in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Read under the lock: a use leaves `in_flight` only once the projections count it.
+    let Some(record) = state.projections.enrollment_token_by_digest(token_sha256)? else {
+        return Err(ApiError::EnrollmentRefused(
+            "the enrollment token is not valid".to_owned(),
+        ));
+    };
+    if let Some(revoked) = record.revoked_at {
+        return Err(ApiError::EnrollmentRefused(format!(
+            "the enrollment token was revoked at {revoked}"
+        )));
+    }
+    if record.expires_at <= Utc::now() {
+        return Err(ApiError::EnrollmentRefused(format!(
+            "the enrollment token expired at {}",
+            record.expires_at
+        )));
+    }
+    let reserved = in_flight.entry(record.token_id).or_insert(0);
+    if record.uses.saturating_add(*reserved) >= record.max_uses {
+        return Err(ApiError::EnrollmentRefused(format!(
+            "the enrollment token is used up: {} of {} enrollments made",
+            record.max_uses, record.max_uses
+        )));
+    }
+    *reserved += 1;
+    Ok(record.token_id)
+}
+
+/// Gives back one reserved use of the token.
+fn release(state: &AppState, token_id: TokenId) {
+    let mut in_flight = state
+        .enrollments_in_flight
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(reserved) = in_flight.get_mut(&token_id) {
+        *reserved = reserved.saturating_sub(1);
+        if *reserved == 0 {
+            in_flight.remove(&token_id);
+        }
+    }
+}
+
+fn info(record: &EnrollmentTokenRecord) -> EnrollmentTokenInfo {
+    EnrollmentTokenInfo {
+        id: record.token_id.to_string(),
+        name: record.name.clone(),
+        max_uses: record.max_uses,
+        uses: record.uses,
+        created_date_time: record.created_at,
+        created_by: record.created_by.clone(),
+        expires_date_time: record.expires_at,
+        revoked_date_time: record.revoked_at,
+    }
+}
