@@ -75,7 +75,7 @@ pub(super) async fn create(
     let created = TokenCreated {
         token_id: TokenId::new(),
         name: name.to_owned(),
-        scopes: request.scopes,
+        scopes: request.scopes.clone(),
         expires_at: request.expires_date_time,
         token_sha256: auth::token_sha256(token.expose_secret()),
         created_by: principal.0.name.clone(),
@@ -96,7 +96,7 @@ pub(super) async fn create(
         None => TokenInfo {
             id: token_id.to_string(),
             name: name.to_owned(),
-            scopes: Vec::new(),
+            scopes: request.scopes,
             created_date_time: now,
             created_by: principal.0.name.clone(),
             expires_date_time: request.expires_date_time,
