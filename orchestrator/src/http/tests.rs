@@ -590,7 +590,7 @@ async fn metrics_count_requests_by_route_pattern_never_by_device() {
 type Endpoint = (&'static str, String, Option<Value>, Vec<crate::auth::Scope>, StatusCode);
 
 /// Every endpoint that needs a token.
-fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
+fn protected_endpoints(token_id: &str, enrollment_token_id: &str) -> Vec<Endpoint> {
     use crate::auth::Scope::*;
     vec![
         (
@@ -671,6 +671,13 @@ fn protected_endpoints(token_id: &str) -> Vec<Endpoint> {
             StatusCode::CREATED,
         ),
         (
+            "DELETE",
+            format!("/v1.0/fleetlaps/enrollmentTokens/{enrollment_token_id}"),
+            None,
+            vec![Admin],
+            StatusCode::NO_CONTENT,
+        ),
+        (
             "GET",
             "/v1.0/fleetlaps/quarantine".to_owned(),
             None,
@@ -714,6 +721,20 @@ impl Fixture {
     }
 
     /// The audit history, without the fixture's own enrollment events.
+    /// Creates an enrollment token through the API with the `Admin` fixture token; returns its id.
+    async fn create_enrollment_token(&self) -> String {
+        let answer = self
+            .call(
+                "POST",
+                "/v1.0/fleetlaps/enrollmentTokens",
+                Some(&serde_json::json!({"name": "victim"})),
+                Some(&scope_token(crate::auth::Scope::Admin)),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+        answer.body["id"].as_str().unwrap().to_owned()
+    }
+
     fn audit(&self) -> Vec<(u64, AuditEnvelope)> {
         use fleetlaps_proto::audit::AuditKind;
         let fixture_made = [AuditKind::DeviceEnrolled];
@@ -759,10 +780,12 @@ async fn the_scope_matrix_every_endpoint_by_no_expired_revoked_and_each_scope_to
         .await
         .unwrap();
 
-    for scope_index in 0..protected_endpoints("x").len() {
-        // A fresh token to delete for each call that may delete one.
+    for scope_index in 0..protected_endpoints("x", "y").len() {
+        // Fresh tokens to delete for each call that may delete one.
         let (_, victim) = fixture.create_token(&["Device.Read.All"], None).await;
-        let (method, uri, body, allowed, opened) = protected_endpoints(&victim).swap_remove(scope_index);
+        let enrollment_victim = fixture.create_enrollment_token().await;
+        let (method, uri, body, allowed, opened) =
+            protected_endpoints(&victim, &enrollment_victim).swap_remove(scope_index);
         let cell = |who: &str| format!("{method} {uri} with {who}");
         for (who, token) in [
             ("no token", None),
@@ -780,7 +803,8 @@ async fn the_scope_matrix_every_endpoint_by_no_expired_revoked_and_each_scope_to
         }
         for scope in crate::auth::Scope::ALL {
             let (_, victim) = fixture.create_token(&["Device.Read.All"], None).await;
-            let (_, uri, _, _, _) = protected_endpoints(&victim).swap_remove(scope_index);
+            let enrollment_victim = fixture.create_enrollment_token().await;
+            let (_, uri, _, _, _) = protected_endpoints(&victim, &enrollment_victim).swap_remove(scope_index);
             let answer = fixture
                 .call(method, &uri, body.as_ref(), Some(&scope_token(scope)))
                 .await;
