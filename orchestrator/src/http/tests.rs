@@ -68,6 +68,8 @@ impl Journal for FoldingJournal {
                     source: "JetStream is unavailable".into(),
                 });
             }
+            // JetStream answers later: let other requests run meanwhile, as they would.
+            tokio::task::yield_now().await;
             let envelope = AuditEnvelope::new(Utc::now(), event);
             let sequence = self.next_sequence();
             let subject = subject::audit_event(envelope.event.kind());
@@ -1040,4 +1042,44 @@ async fn the_audit_history_lists_reads_filtered_by_device_and_kind_in_pages() {
         .await;
     bad.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
     assert!(bad.message().contains("password_read"), "{}", bad.body);
+}
+
+#[tokio::test]
+async fn concurrent_enrollments_never_exceed_the_tokens_max_uses() {
+    let fixture = Fixture::new();
+    let created = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/enrollmentTokens",
+            Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
+            Some(&scope_token(crate::auth::Scope::Admin)),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let token = created.body["token"].as_str().unwrap().to_owned();
+
+    let attempts = (0..6).map(|index| {
+        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
+        let body =
+            serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": format!("host-{index}")});
+        let token = token.clone();
+        let fixture = &fixture;
+        async move {
+            fixture
+                .call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(&token))
+                .await
+        }
+    });
+    let answers = futures::future::join_all(attempts).await;
+
+    let enrolled = answers.iter().filter(|answer| answer.status.is_success()).count();
+    assert_eq!(
+        enrolled,
+        2,
+        "{:?}",
+        answers.iter().map(|answer| answer.status).collect::<Vec<_>>()
+    );
+    for refused in answers.iter().filter(|answer| !answer.status.is_success()) {
+        refused.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
+    }
 }
