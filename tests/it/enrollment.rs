@@ -316,9 +316,18 @@ async fn a_replayed_device_event_is_quarantined_counted_listed_and_changes_nothi
     .await;
     assert_eq!(
         quarantine_reasons(&orchestrator).await,
-        [("replayed".to_owned(), subject)]
+        [("replayed".to_owned(), subject.clone())]
     );
     assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
+    let listed = orchestrator
+        .lapsctl(&["--token", ADMIN_TOKEN, "quarantine", "-o", "json"])
+        .await;
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).expect("lapsctl -o json");
+    assert_eq!(
+        (listed[0]["Reason"].as_str(), listed[0]["Subject"].as_str()),
+        (Some("replayed"), Some(subject.as_str()))
+    );
 }
 
 /// A device's credential info with passwords, and its directory entry: what a forged or
