@@ -1,8 +1,9 @@
 //! No plaintext at rest or in the logs: after a whole run (backups, resets, a rotation asked
-//! through the API, reads through the API and `lapsctl`), none of the generated passwords occurs,
-//! in any encoding the system uses, in any file under the orchestrator's data directory, the
-//! nats-server's store or log, the agent's directory (state and simulated account database), or
-//! in the logs of the orchestrator and the agent (kept at debug level by the harness).
+//! through the API, reads through the API and `lapsctl`), none of the generated passwords, in any
+//! encoding the system uses, nor an API token made and used in the run, occurs in any file under
+//! the orchestrator's data directory, the nats-server's store or log, the agent's directory (state
+//! and simulated account database), or in the logs of the orchestrator and the agent (kept at
+//! debug level by the harness).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use fleetlaps_proto::api::PasswordBase64;
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::password::Password;
 
-use crate::apps::{AgentOptions, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator};
+use crate::apps::{ADMIN_TOKEN, AgentOptions, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator};
 use crate::harness::{TestNats, captured_logs};
 
 /// Every regular file under `dir`.
@@ -113,6 +114,29 @@ async fn no_generated_password_is_in_any_data_directory_or_log_after_a_whole_run
         "every rotation made a password: {}",
         passwords.len()
     );
+    // A token made through the API, and used: only its hash may be kept.
+    let created: serde_json::Value = orchestrator
+        .http
+        .post(format!("{}/v1.0/fleetlaps/tokens", orchestrator.base_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({"name": "reader", "scopes": ["DeviceLocalCredential.Read.All"]}))
+        .send()
+        .await
+        .expect("the API answers")
+        .json()
+        .await
+        .expect("the created token");
+    let api_token = created["token"].as_str().expect("the token").to_owned();
+    let read = orchestrator
+        .get(
+            &format!(
+                "/v1.0/directory/deviceLocalCredentials/{}?$select=credentials",
+                agents[0].device_id
+            ),
+            Some(&api_token),
+        )
+        .await;
+    assert_eq!(read.status(), reqwest::StatusCode::OK);
 
     // Act: stop everything, so that what is at rest is on disk.
     let agent_dirs: Vec<PathBuf> = agents
@@ -148,6 +172,9 @@ async fn no_generated_password_is_in_any_data_directory_or_log_after_a_whole_run
         "the logs of this run are captured"
     );
     places.push(("the logs".to_owned(), logs.into_bytes()));
+    for (place, bytes) in &places {
+        assert!(!contains(bytes, api_token.as_bytes()), "the API token is in {place}");
+    }
     for password in &passwords {
         let password = Password::new(password.clone());
         for encoded in encodings(&password) {
