@@ -7,7 +7,6 @@
 //! commands and confirmations, a direct get of its own last command, and replies on its own
 //! inbox prefix. A new NATS call here needs a new permission there.
 
-use std::fmt;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -19,6 +18,7 @@ use fleetlaps_proto::api::SIGNATURE_HEADER;
 use fleetlaps_proto::command::{BackupConfirmation, Command};
 use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::nkey::UserSeed;
 use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
 use futures::StreamExt;
@@ -84,10 +84,10 @@ impl Publisher {
         } = settings;
         let mut options = async_nats::ConnectOptions::new();
         if let Some(path) = nkey_seed_file {
-            let seed = NkeySeed::read_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
+            let seed = read_seed_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
             // The line an operator enrols the device from: `--device <device_id>=<nkey>`.
-            tracing::info!(%device_id, nkey = %seed.public_key, "connecting to NATS as this device's nkey user");
-            options = options.nkey(seed.seed.expose_secret().to_owned());
+            tracing::info!(%device_id, nkey = %seed.public_key(), "connecting to NATS as this device's nkey user");
+            options = options.nkey(seed.expose_secret().to_owned());
         }
         let client = options
             .name("fleetlaps-agent")
@@ -197,55 +197,28 @@ impl Publisher {
     }
 }
 
-/// An nkey user seed read from its file. The seed is redacted in `Debug`.
-struct NkeySeed {
-    /// The seed (`SU…`). Never logged.
-    seed: SecretString,
-    /// Its public half, which the server's config lists for this device.
-    public_key: String,
-}
-
-impl NkeySeed {
-    /// Reads the seed in `path`, refusing a file that group or others may access. Errors name
-    /// the file, never its content.
-    fn read_file(path: &Path) -> anyhow::Result<Self> {
-        let mode = fs::metadata(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            anyhow::bail!(
-                "{} is accessible by group or others (mode {:04o}); allowed: 0600 or 0400, run `chmod 600 {}`",
-                path.display(),
-                mode & 0o7777,
-                path.display()
-            );
-        }
-        let text = SecretString::from(fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
-        let seed = text.expose_secret().trim();
-        let key_pair = nkeys::KeyPair::from_seed(seed)
-            .ok()
-            .filter(|key_pair| key_pair.key_pair_type() == nkeys::KeyPairType::User)
-            .with_context(|| {
-                format!(
-                    "{} does not hold a user nkey seed (58 characters starting with SU)",
-                    path.display()
-                )
-            })?;
-        Ok(Self {
-            seed: SecretString::from(seed.to_owned()),
-            public_key: key_pair.public_key(),
-        })
+/// Reads the nkey user seed in `path`, refusing a file that group or others may access. Errors
+/// name the file, never its content.
+fn read_seed_file(path: &Path) -> anyhow::Result<UserSeed> {
+    let mode = fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{} is accessible by group or others (mode {:04o}); allowed: 0600 or 0400, run `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        );
     }
-}
-
-impl fmt::Debug for NkeySeed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NkeySeed")
-            .field("seed", &"***")
-            .field("public_key", &self.public_key)
-            .finish()
-    }
+    let text = SecretString::from(fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
+    UserSeed::parse(text.expose_secret()).map_err(|_| {
+        anyhow::anyhow!(
+            "{} does not hold a user nkey seed (58 characters starting with SU)",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -265,9 +238,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         for mode in [0o600, 0o400] {
             let path = write_seed(dir.path(), mode);
-            let seed = NkeySeed::read_file(&path).expect("readable");
-            assert!(seed.public_key.starts_with('U'));
-            assert!(!format!("{seed:?}").contains(seed.seed.expose_secret()));
+            let seed = read_seed_file(&path).expect("readable");
+            assert!(seed.public_key().starts_with('U'));
+            assert!(!format!("{seed:?}").contains(seed.expose_secret()));
             fs::remove_file(&path).expect("removed");
         }
     }
@@ -276,7 +249,7 @@ mod tests {
     fn a_seed_file_others_may_read_is_refused_naming_the_file_and_the_allowed_modes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write_seed(dir.path(), 0o644);
-        let err = NkeySeed::read_file(&path).expect_err("refused");
+        let err = read_seed_file(&path).expect_err("refused");
         let message = format!("{err:#}");
         assert!(message.contains(&path.display().to_string()), "{message}");
         assert!(message.contains("mode 0644"), "{message}");
@@ -289,7 +262,7 @@ mod tests {
         let path = dir.path().join("device.nk");
         fs::write(&path, "SUnot-really-a-seed\n").expect("written");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-        let err = NkeySeed::read_file(&path).expect_err("refused");
+        let err = read_seed_file(&path).expect_err("refused");
         let message = format!("{err:#}");
         assert!(message.contains("does not hold a user nkey seed"), "{message}");
         assert!(!message.contains("not-really"), "{message}");

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use fleetlaps_proto::ids::{DeviceId, IdError};
+use fleetlaps_proto::nkey::UserSeed;
 use fleetlaps_proto::subject;
 use nkeys::{KeyPair, KeyPairType};
 use secrecy::{ExposeSecret, SecretString};
@@ -168,9 +169,10 @@ impl fmt::Debug for NkeyPublicKey {
 }
 
 /// An nkey user seed read from a file, with its public key. The seed is redacted in `Debug`.
+#[derive(Debug)]
 pub struct NkeySeed {
-    /// The seed (`SU…`). Never logged.
-    seed: SecretString,
+    /// The seed, parsed.
+    seed: UserSeed,
     /// Its public half, which the server's config lists.
     public_key: NkeyPublicKey,
 }
@@ -190,15 +192,11 @@ impl NkeySeed {
             });
         }
         let text = SecretString::from(fs::read_to_string(path).map_err(read_error)?);
-        let seed = text.expose_secret().trim();
-        let not_a_seed = || SeedFileError::NotASeed { path: path.to_owned() };
-        let key = KeyPair::from_seed(seed).map_err(|_| not_a_seed())?;
-        if key.key_pair_type() != KeyPairType::User {
-            return Err(not_a_seed());
-        }
+        let seed =
+            UserSeed::parse(text.expose_secret()).map_err(|_| SeedFileError::NotASeed { path: path.to_owned() })?;
         Ok(Self {
-            seed: SecretString::from(seed.to_owned()),
-            public_key: NkeyPublicKey(key.public_key()),
+            public_key: NkeyPublicKey(seed.public_key().to_owned()),
+            seed,
         })
     }
 
@@ -210,15 +208,6 @@ impl NkeySeed {
     /// The public key the server's config must list.
     pub fn public_key(&self) -> &NkeyPublicKey {
         &self.public_key
-    }
-}
-
-impl fmt::Debug for NkeySeed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NkeySeed")
-            .field("seed", &"***")
-            .field("public_key", &self.public_key)
-            .finish()
     }
 }
 

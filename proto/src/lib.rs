@@ -11,6 +11,7 @@
 //! - [`policy`]: the LAPS policy settings, their ranges and defaults, and validation.
 //! - [`password`]: password and passphrase generation for every LAPS complexity.
 //! - [`seal`]: the sealed box that carries a password from a device to the escrow key.
+//! - [`nkey`]: NATS nkey user seeds, parsed from the seed files of both programs.
 //! - [`signature`]: device keys and the Ed25519 signatures on device events.
 //! - [`api`]: Microsoft Graph shapes served by the orchestrator's HTTP API.
 //! - [`audit`]: what the orchestrator itself does (password reads, tokens, rotation requests), on the same history.
@@ -25,6 +26,7 @@ pub mod command;
 pub mod control;
 pub mod event;
 pub mod ids;
+pub mod nkey;
 pub mod password;
 pub mod policy;
 pub mod seal;

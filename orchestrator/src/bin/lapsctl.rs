@@ -239,18 +239,10 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
 
 /// The one device `name_or_id` designates, or an error saying why there is not one.
 async fn one_device(client: &ApiClient, name_or_id: &str) -> anyhow::Result<DeviceLocalCredentialInfo> {
-    let mut found = client.lookup_device(name_or_id).await?;
-    match found.len() {
-        0 => anyhow::bail!("no device named {name_or_id}"),
-        1 => Ok(found.remove(0)),
-        n_devices => {
-            let list: String = found
-                .iter()
-                .map(|device| format!("\n  {}  {}", device.id, device.device_name))
-                .collect();
-            anyhow::bail!("{n_devices} devices are named {name_or_id}; pass one of their ids with --device:{list}")
-        }
-    }
+    let found = client.lookup_device(name_or_id).await?;
+    the_one(name_or_id, found, |device| {
+        (device.id.to_string(), device.device_name.to_string())
+    })
 }
 
 /// The one device `name_or_id` designates in the device directory (`Device.Read.All`): those
@@ -262,22 +254,30 @@ async fn directory_device(client: &ApiClient, name_or_id: &str) -> anyhow::Resul
         return Ok((device_id, name_or_id.to_owned()));
     }
     let directory = client.directory().await?;
-    let mut found: Vec<&(DeviceId, String)> = directory
-        .iter()
-        .filter(|(_, name)| name.eq_ignore_ascii_case(name_or_id))
-        .collect();
+    let (mut found, others): (Vec<_>, Vec<_>) = directory
+        .into_iter()
+        .partition(|(_, name)| name.eq_ignore_ascii_case(name_or_id));
     if found.is_empty() {
-        found = directory.iter().filter(|(id, _)| id.as_str() == name_or_id).collect();
+        found = others.into_iter().filter(|(id, _)| id.as_str() == name_or_id).collect();
     }
-    match found.as_slice() {
-        [] => anyhow::bail!("no device named {name_or_id}"),
-        [one] => Ok((*one).clone()),
-        several => {
-            let list: String = several.iter().map(|(id, name)| format!("\n  {id}  {name}")).collect();
-            anyhow::bail!(
-                "{} devices are named {name_or_id}; pass one of their ids with --device:{list}",
-                several.len()
-            )
+    the_one(name_or_id, found, |(id, name)| (id.to_string(), name.clone()))
+}
+
+/// The only device `found` for `name_or_id`, or an error saying there is none, or listing the
+/// ids of those that share the name.
+fn the_one<T>(name_or_id: &str, mut found: Vec<T>, id_and_name: impl Fn(&T) -> (String, String)) -> anyhow::Result<T> {
+    match found.len() {
+        0 => anyhow::bail!("no device named {name_or_id}"),
+        1 => Ok(found.remove(0)),
+        n_devices => {
+            let list: String = found
+                .iter()
+                .map(|device| {
+                    let (id, name) = id_and_name(device);
+                    format!("\n  {id}  {name}")
+                })
+                .collect();
+            anyhow::bail!("{n_devices} devices are named {name_or_id}; pass one of their ids with --device:{list}")
         }
     }
 }

@@ -150,7 +150,7 @@ impl Consumer {
             .set(i64::try_from(last_applied).unwrap_or(i64::MAX));
         metrics
             .devices
-            .set(i64::try_from(projections.devices()?.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(projections.device_count()).unwrap_or(i64::MAX));
         Ok(Self {
             projections,
             metrics,
@@ -200,6 +200,7 @@ impl Consumer {
         let started = Instant::now();
         let mut last_sequence = None;
         let mut confirmations = Vec::new();
+        let mut enrolled = false;
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -222,6 +223,7 @@ impl Consumer {
                 signature,
             })?;
             self.record(applied.outcome, info.stream_sequence, message.subject.as_str());
+            enrolled |= applied.outcome == Outcome::Recorded(fleetlaps_proto::audit::AuditKind::DeviceEnrolled);
             confirmations.extend(applied.confirmation);
             last_sequence = Some(info.stream_sequence);
         }
@@ -245,9 +247,12 @@ impl Consumer {
                 .projection_last_sequence
                 .set(i64::try_from(sequence).unwrap_or(i64::MAX));
         }
-        self.metrics
-            .devices
-            .set(i64::try_from(self.projections.devices()?.len()).unwrap_or(i64::MAX));
+        // Only an enrollment adds a device: the count is not worth a scan per batch otherwise.
+        if enrolled {
+            self.metrics
+                .devices
+                .set(i64::try_from(self.projections.device_count()).unwrap_or(i64::MAX));
+        }
         self.metrics
             .consumer_batch_duration
             .observe(started.elapsed().as_secs_f64());

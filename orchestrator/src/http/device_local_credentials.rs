@@ -117,7 +117,7 @@ pub(super) async fn get(
             client_version: context.client_version,
             source_address: context.source_address,
         });
-        let sequence = state.journal.append(read).await.map_err(ApiError::AuditUnavailable)?;
+        let sequence = state.record(read).await?;
         state.metrics.passwords_disclosed.inc_by(credentials.len() as u64);
         tracing::info!(
             n_credentials = credentials.len(),

@@ -94,9 +94,9 @@ pub(super) async fn rotate(
         reason: context.reason,
     });
     // Recorded first: a rotation nobody can trace back to its requester is never sent.
-    if let Err(err) = state.journal.append(requested).await {
+    if let Err(err) = state.record(requested).await {
         release(&state, &device_id, now);
-        return Err(ApiError::AuditUnavailable(err));
+        return Err(err);
     }
     if let Err(err) = state.journal.command(command.clone()).await {
         release(&state, &device_id, now);

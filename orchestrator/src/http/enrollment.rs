@@ -15,8 +15,6 @@
 //! Uses are reserved under [`AppState::enrollments_in_flight`] before the event is recorded, so
 //! concurrent enrollments never exceed `maxUses`.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -46,8 +44,6 @@ pub(super) const ENROLL_PATH: &str = "/fleetlaps/v1/enroll";
 
 /// `@odata.context` of the collection.
 const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/enrollmentTokens";
-/// How long a change may take to reach the projections before the answer says so.
-const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest token name.
 const NAME_MAX: usize = 64;
 /// The most devices one token may enroll.
@@ -101,13 +97,11 @@ pub(super) async fn create(
         created_by: principal.0.name.clone(),
     };
     let token_id = created.token_id;
-    let sequence = state
-        .journal
-        .append(AuditEvent::EnrollmentTokenCreated(created))
-        .await
-        .map_err(ApiError::AuditUnavailable)?;
     // The token exists from here on: answer with it even if it takes a moment to work.
-    if !state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+    if !state
+        .record_visible(AuditEvent::EnrollmentTokenCreated(created))
+        .await?
+    {
         tracing::warn!(%token_id, "the new enrollment token is recorded but not yet in the projections");
     }
     let info = match state.projections.enrollment_token(&token_id)? {
@@ -167,12 +161,7 @@ pub(super) async fn revoke(
         token_id,
         revoked_by: principal.0.name.clone(),
     });
-    let sequence = state
-        .journal
-        .append(revoked)
-        .await
-        .map_err(ApiError::AuditUnavailable)?;
-    if !state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+    if !state.record_visible(revoked).await? {
         return Err(ApiError::NotYetVisible);
     }
     tracing::info!(%token_id, name = %record.name, "enrollment token revoked");
@@ -210,14 +199,14 @@ pub(super) async fn enroll(
         public_key: public_key.to_string(),
         enrollment_token_id: token_id,
     });
-    let sequence = match state.journal.append(enrolled).await {
-        Ok(sequence) => sequence,
+    let visible = match state.record_visible(enrolled).await {
+        Ok(visible) => visible,
         Err(err) => {
             release(&state, token_id);
-            return Err(ApiError::AuditUnavailable(err));
+            return Err(err);
         }
     };
-    if state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+    if visible {
         // The projections count this use now.
         release(&state, token_id);
     } else {

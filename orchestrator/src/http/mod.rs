@@ -39,8 +39,12 @@ use crate::auth::TokenStore;
 use crate::bus::Journal;
 use crate::metrics::Metrics;
 use crate::projection::Projections;
+use fleetlaps_proto::audit::AuditEvent;
 
 pub use error::ApiError;
+
+/// How long a recorded change may take to reach the projections before an answer says so.
+const VISIBLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub use tls::{PeerAddr, TlsListener};
 
 /// What every handler shares. Cheap to clone.
@@ -68,6 +72,21 @@ pub struct AppState {
     /// Enrollments recorded by this process but not yet folded in, per enrollment token: counted
     /// with the projections' uses, so concurrent enrollments never exceed a token's `maxUses`.
     pub enrollments_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::audit::TokenId, u32>>>,
+}
+
+impl AppState {
+    /// Appends one of the orchestrator's events to the history and waits for JetStream's ack;
+    /// returns its stream sequence. If the history cannot take it, the request fails with 503.
+    async fn record(&self, event: AuditEvent) -> Result<u64, ApiError> {
+        self.journal.append(event).await.map_err(ApiError::AuditUnavailable)
+    }
+
+    /// [`Self::record`], then waits until the projections show the event; returns whether they
+    /// did within [`VISIBLE_TIMEOUT`].
+    async fn record_visible(&self, event: AuditEvent) -> Result<bool, ApiError> {
+        let sequence = self.record(event).await?;
+        Ok(self.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await)
+    }
 }
 
 /// The API: health, the escrow public key and Graph's `deviceLocalCredentials`.

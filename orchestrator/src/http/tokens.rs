@@ -8,8 +8,6 @@
 //! Both changes wait until the projections show them, so a revoked token is refused, and a new
 //! one accepted, by the time the answer arrives.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -32,8 +30,6 @@ pub(super) const ITEM_PATH: &str = "/v1.0/fleetlaps/tokens/{tokenId}";
 
 /// `@odata.context` of the collection.
 const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/tokens";
-/// How long a change may take to reach the projections before the answer says so.
-const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest token name.
 const NAME_MAX: usize = 64;
 
@@ -81,13 +77,8 @@ pub(super) async fn create(
         created_by: principal.0.name.clone(),
     };
     let token_id = created.token_id;
-    let sequence = state
-        .journal
-        .append(AuditEvent::TokenCreated(created))
-        .await
-        .map_err(ApiError::AuditUnavailable)?;
     // The token exists from here on: answer with it even if it takes a moment to work.
-    if !state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+    if !state.record_visible(AuditEvent::TokenCreated(created)).await? {
         tracing::warn!(%token_id, "the new token is recorded but not yet in the projections");
     }
     let record = state.projections.token(&token_id)?;
@@ -147,12 +138,7 @@ pub(super) async fn revoke(
         token_id,
         revoked_by: principal.0.name.clone(),
     });
-    let sequence = state
-        .journal
-        .append(revoked)
-        .await
-        .map_err(ApiError::AuditUnavailable)?;
-    if !state.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await {
+    if !state.record_visible(revoked).await? {
         return Err(ApiError::NotYetVisible);
     }
     tracing::info!(%token_id, holder = %record.name, "token revoked");

@@ -212,6 +212,11 @@ impl Projections {
             .collect()
     }
 
+    /// How many devices there are, without decoding their records.
+    pub fn device_count(&self) -> usize {
+        self.tree.scan_prefix(b"d/").keys().filter(Result::is_ok).count()
+    }
+
     /// One device.
     pub fn device(&self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, ProjectionError> {
         self.get(&device_key(device_id))
