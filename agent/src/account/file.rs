@@ -94,13 +94,7 @@ impl FileAccounts {
 impl AccountBackend for FileAccounts {
     fn resolve(&self, name: Option<&AccountName>) -> Result<Account, AccountError> {
         let entries = self.read()?;
-        let found = match name {
-            Some(name) => entries.iter().find(|entry| entry.name == name.as_str()),
-            None => entries.iter().find(|entry| entry.uid == 0),
-        };
-        let entry = found.ok_or_else(|| {
-            AccountError::Missing(name.map_or_else(|| "with UID 0".to_owned(), |name| name.as_str().to_owned()))
-        })?;
+        let entry = super::find_managed(&entries, name, |entry| (entry.name.as_str(), entry.uid))?;
         let account_name = AccountName::parse(&entry.name).map_err(|err| self.error(err))?;
         Ok(Account {
             name: account_name,

@@ -127,15 +127,7 @@ impl LinuxAccounts {
 impl AccountBackend for LinuxAccounts {
     fn resolve(&self, name: Option<&AccountName>) -> Result<Account, AccountError> {
         let entries = self.read_passwd()?;
-        let found = match name {
-            Some(name) => entries.iter().find(|entry| entry.name == name.as_str()),
-            // By UID, never by name: the built-in administrator may be renamed, as LAPS finds
-            // Windows' by its RID.
-            None => entries.iter().find(|entry| entry.uid == 0),
-        };
-        let entry = found.ok_or_else(|| {
-            AccountError::Missing(name.map_or_else(|| "with UID 0".to_owned(), |name| name.as_str().to_owned()))
-        })?;
+        let entry = super::find_managed(&entries, name, |entry| (entry.name.as_str(), entry.uid))?;
         let account_name = AccountName::parse(&entry.name).map_err(|err| Self::error(&self.passwd, err))?;
         self.stored_hash(&account_name)?;
         Ok(Account {

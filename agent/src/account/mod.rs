@@ -121,3 +121,20 @@ pub trait AccountBackend: Send + Sync + 'static {
         Ok(stored.starts_with("$6$") && sha_crypt::sha512_check(password.expose(), &stored).is_ok())
     }
 }
+
+/// The managed account's entry among `entries`: the one named `name`, or with no name the one
+/// with UID 0 — by UID, never by name, since the built-in administrator may be renamed, as LAPS
+/// finds Windows' by its RID. `name_and_uid` reads an entry.
+fn find_managed<'a, E>(
+    entries: &'a [E],
+    name: Option<&AccountName>,
+    name_and_uid: impl Fn(&E) -> (&str, u32),
+) -> Result<&'a E, AccountError> {
+    let found = match name {
+        Some(name) => entries.iter().find(|entry| name_and_uid(entry).0 == name.as_str()),
+        None => entries.iter().find(|entry| name_and_uid(entry).1 == 0),
+    };
+    found.ok_or_else(|| {
+        AccountError::Missing(name.map_or_else(|| "with UID 0".to_owned(), |name| name.as_str().to_owned()))
+    })
+}
