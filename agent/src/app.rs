@@ -13,16 +13,17 @@ use fleetlaps_proto::event::RotationReason;
 use fleetlaps_proto::ids::{DeviceId, DeviceName};
 use fleetlaps_proto::policy::{Policy, PolicySource};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::account::{self, AccountBackend};
-use crate::bus::{ConnectSettings, Incoming, Publisher};
+use crate::bus::{ConnectSettings, Publisher};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::control;
+use crate::fault::Faults;
 use crate::identity::Identity;
 use crate::postauth::PostAuth;
-use crate::rotation::{CycleOutcome, Processor};
+use crate::rotation::{CycleOutcome, Processor, ProcessorParts};
 use crate::state::AgentState;
 
 /// How soon to try again while events wait in the outbox (NATS unreachable).
@@ -41,13 +42,14 @@ pub struct App {
 }
 
 impl App {
-    /// Builds the agent with the system clock.
+    /// Builds the agent with the system clock (and, in a build with the `fault-injection`
+    /// feature, the kill point its environment arms).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        Self::build_with_clock(config, Arc::new(SystemClock)).await
+        Self::build_with(config, Arc::new(SystemClock), Faults::from_environment()).await
     }
 
-    /// Builds the agent with a given clock (tests move time forward).
-    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+    /// Builds the agent with a given clock (tests move time forward) and faults (tests arm them).
+    pub async fn build_with(config: Config, clock: Arc<dyn Clock>, faults: Faults) -> anyhow::Result<Self> {
         let identity = Identity::load(&config.state_dir)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "not enrolled: run fleetlaps-agent enroll --orchestrator URL --token ENROLLMENT_TOKEN [--ca FILE] \
@@ -68,7 +70,8 @@ impl App {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         let state = AgentState::open(&config.state_dir, &identity.device_id)
-            .with_context(|| format!("opening sled db in {}", config.state_dir.display()))?;
+            .with_context(|| format!("opening sled db in {}", config.state_dir.display()))?
+            .with_faults(faults.clone());
         let device_name = match config.device_name.clone() {
             Some(name) => name,
             None => system_hostname()?,
@@ -83,20 +86,23 @@ impl App {
         })
         .await?;
         let control = control::bind(&control::socket_path(&config.state_dir))?;
-        let processor = Processor {
+        let post_auth = PostAuth::load(&state, config.post_authentication.clone())
+            .context("loading the post-authentication schedule")?;
+        let (confirmations, _) = broadcast::channel(64);
+        let processor = Processor::new(ProcessorParts {
             state,
             publisher,
+            confirmations,
             backend,
             clock,
             policy,
             policy_source,
             device_name,
             escrow: identity.escrow_public_key,
+            recovery: identity.escrow_recovery_public_key,
             settings: config.processor_settings(),
-            last_error: None,
-        };
-        let post_auth = PostAuth::load(&processor.state, config.post_authentication.clone())
-            .context("loading the post-authentication schedule")?;
+            faults,
+        });
         Ok(Self {
             processor,
             control,
@@ -107,7 +113,7 @@ impl App {
 
     /// This device's id.
     pub fn device_id(&self) -> DeviceId {
-        self.processor.state.device_id().clone()
+        self.processor.device_id().clone()
     }
 
     /// Runs cycles until `shutdown` completes.
@@ -118,14 +124,19 @@ impl App {
             interval,
             mut post_auth,
         } = self;
-        let device_id = processor.state.device_id().clone();
-        tracing::info!(%device_id, device_name = %processor.device_name, "agent started");
+        let device_id = processor.device_id().clone();
+        tracing::info!(%device_id, device_name = %processor.device_name(), "agent started");
         let (requests, mut incoming_requests) = mpsc::channel::<control::Request>(8);
         let control_task = tokio::spawn(control::serve(control, requests));
-        let (inbox, mut incoming) = mpsc::channel::<Incoming>(64);
-        processor.publisher.listen(&device_id, inbox).await?;
+        let (commands_in, mut commands) = mpsc::channel::<Command>(64);
+        let mut confirmations = processor.subscribe_confirmations();
+        processor.listen(commands_in).await?;
         tokio::pin!(shutdown);
 
+        // Before anything is emitted: a restored device starts its new generation first.
+        if let Err(err) = processor.start().await {
+            tracing::error!(error = %err, "checking the state against the centre's failed");
+        }
         if let Err(err) = processor.announce_policy().await {
             tracing::error!(error = %err, "recording the policy failed");
         }
@@ -136,10 +147,7 @@ impl App {
         // confirmations) never postpone it.
         let mut next_cycle = tokio::time::Instant::now() + interval;
         loop {
-            let busy = processor.state.outbox_len() > 0
-                || processor.state.pending()?.is_some()
-                || !processor.state.unconfirmed_backups()?.is_empty();
-            if busy {
+            if processor.busy()? {
                 next_cycle = next_cycle.min(tokio::time::Instant::now() + RETRY_INTERVAL.min(interval));
             }
             tokio::select! {
@@ -165,7 +173,7 @@ impl App {
                             Err(err) => ControlResponse::Refused { message: err.to_string() },
                         },
                         ControlRequest::Authentication(report) => {
-                            let now = processor.clock.now();
+                            let now = processor.now();
                             match post_auth.on_authentication(report, &processor, now).await {
                                 Ok(response) => response,
                                 Err(err) => ControlResponse::Refused { message: err.to_string() },
@@ -180,20 +188,18 @@ impl App {
                 }
                 // Post-authentication: also re-evaluated after every other wake-up, so a clock moved
                 // forward (tests) takes effect at the next control request.
-                () = sleep_until(post_auth.next_deadline(), processor.clock.now()) => {
-                    let now = processor.clock.now();
+                () = sleep_until(post_auth.next_deadline(), processor.now()) => {
+                    let now = processor.now();
                     if let Err(err) = post_auth.run_due(&mut processor, now).await {
                         tracing::error!(error = %err, "recording the post-authentication actions failed");
                     }
                 }
-                Some(message) = incoming.recv() => match message {
-                    Incoming::Confirmation(confirmation) => {
-                        if let Err(err) = processor.confirmed(&confirmation.event_id).await {
-                            tracing::error!(error = %err, "recording a backup confirmation failed");
-                        }
+                Ok(confirmation) = confirmations.recv() => {
+                    if let Err(err) = processor.confirmed(&confirmation).await {
+                        tracing::error!(error = %err, "recording a backup confirmation failed");
                     }
-                    Incoming::Command(command) => execute(&mut processor, command).await,
-                },
+                }
+                Some(command) = commands.recv() => execute(&mut processor, command).await,
             }
         }
         control_task.abort();
@@ -225,8 +231,7 @@ fn answer<E: std::fmt::Display>(result: Result<CycleOutcome, E>) -> ControlRespo
 /// Executes the last command kept for this device, if it was not executed yet: how a device
 /// that was offline when a command was issued catches up.
 async fn check_last_command(processor: &mut Processor) {
-    let device_id = processor.state.device_id().clone();
-    match processor.publisher.last_command(&device_id).await {
+    match processor.last_command().await {
         Ok(Some(command)) => execute(processor, command).await,
         Ok(None) => {}
         Err(err) => tracing::debug!(error = %err, "reading the last command failed; will retry"),

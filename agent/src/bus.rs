@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, message::PublishMessage};
 use fleetlaps_proto::api::SIGNATURE_HEADER;
-use fleetlaps_proto::command::{BackupConfirmation, Command};
+use fleetlaps_proto::command::{BackupConfirmation, Command, CurrentPasswordVersion};
 use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::nkey::UserSeed;
@@ -23,7 +23,7 @@ use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
 use futures::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 /// A publish that was not acknowledged.
 #[derive(Debug, thiserror::Error)]
@@ -34,15 +34,6 @@ pub struct PublishError {
     /// Why.
     #[source]
     source: Box<dyn std::error::Error + Send + Sync>,
-}
-
-/// What the orchestrator sends this device.
-#[derive(Debug)]
-pub enum Incoming {
-    /// A backup is stored; the device may forget its copy.
-    Confirmation(BackupConfirmation),
-    /// Something to do.
-    Command(Command),
 }
 
 /// How the agent connects to NATS.
@@ -125,38 +116,41 @@ impl Publisher {
         Ok(())
     }
 
-    /// Forwards the orchestrator's backup confirmations and rotate commands for `device_id` to
-    /// `inbox` until the receiver is dropped. Subscriptions are re-made by the client after a
-    /// reconnection; commands missed while offline are found with [`Self::last_command`].
-    pub async fn listen(&self, device_id: &DeviceId, inbox: mpsc::Sender<Incoming>) -> anyhow::Result<()> {
+    /// Forwards the orchestrator's backup confirmations for `device_id` to `confirmations` (every
+    /// receiver subscribed then sees each) and its rotate commands to `commands`, until the
+    /// command receiver is dropped. Subscriptions are re-made by the client after a
+    /// reconnection; what was missed while offline is found with [`Self::last_command`] and
+    /// [`Self::password_version`].
+    pub async fn listen(
+        &self,
+        device_id: &DeviceId,
+        confirmations_out: broadcast::Sender<BackupConfirmation>,
+        commands_out: mpsc::Sender<Command>,
+    ) -> anyhow::Result<()> {
         let client = self.jetstream.client();
         let mut confirmations = client.subscribe(subject::device_confirmations(device_id)).await?;
         let mut commands = client.subscribe(subject::device_commands(device_id)).await?;
         tokio::spawn(async move {
             loop {
-                let incoming = tokio::select! {
+                tokio::select! {
                     Some(message) = confirmations.next() => {
                         match serde_json::from_slice::<BackupConfirmation>(&message.payload) {
-                            Ok(confirmation) => Incoming::Confirmation(confirmation),
-                            Err(err) => {
-                                tracing::warn!(error = %err, "malformed backup confirmation ignored");
-                                continue;
-                            }
+                            // Nobody listening right now is fine: the state knows what waits.
+                            Ok(confirmation) => { let _ = confirmations_out.send(confirmation); }
+                            Err(err) => tracing::warn!(error = %err, "malformed backup confirmation ignored"),
                         }
                     }
                     Some(message) = commands.next() => {
                         match serde_json::from_slice::<Command>(&message.payload) {
-                            Ok(command) => Incoming::Command(command),
-                            Err(err) => {
-                                tracing::warn!(error = %err, "malformed command ignored");
-                                continue;
+                            Ok(command) => {
+                                if commands_out.send(command).await.is_err() {
+                                    return;
+                                }
                             }
+                            Err(err) => tracing::warn!(error = %err, "malformed command ignored"),
                         }
                     }
                     else => return,
-                };
-                if inbox.send(incoming).await.is_err() {
-                    return;
                 }
             }
         });
@@ -183,6 +177,30 @@ impl Publisher {
             Err(err) => match err.kind() {
                 DirectGetErrorKind::NotFound => Ok(None),
                 // Nobody answers direct gets on a stream that does not exist (yet).
+                DirectGetErrorKind::ErrorResponse(status, _) if status == async_nats::StatusCode::NO_RESPONDERS => {
+                    Ok(None)
+                }
+                _ => Err(err.into()),
+            },
+        }
+    }
+
+    /// The centre's current password version of `device_id`, if it published one (`Ok(None)`
+    /// also when the stream does not exist yet). A direct get on the device's own subject, the
+    /// only one its NATS user may ask for.
+    pub async fn password_version(&self, device_id: &DeviceId) -> anyhow::Result<Option<CurrentPasswordVersion>> {
+        use jetstream::stream::DirectGetErrorKind;
+        let stream = self
+            .jetstream
+            .get_stream_no_info(subject::PASSWORD_VERSIONS_STREAM)
+            .await?;
+        match stream
+            .direct_get_last_for_subject(subject::device_password_version(device_id))
+            .await
+        {
+            Ok(message) => Ok(Some(serde_json::from_slice(&message.payload)?)),
+            Err(err) => match err.kind() {
+                DirectGetErrorKind::NotFound => Ok(None),
                 DirectGetErrorKind::ErrorResponse(status, _) if status == async_nats::StatusCode::NO_RESPONDERS => {
                     Ok(None)
                 }

@@ -1,5 +1,9 @@
 //! The agent's configuration: one typed [`Config`], layered from a TOML file and then
-//! `FLEETLAPS_`-prefixed environment variables (`FLEETLAPS_NATS__URL` sets `nats.url`).
+//! `FLEETLAPS_AGENT_`-prefixed environment variables (`FLEETLAPS_AGENT_NATS__URL` sets
+//! `nats.url`). The prefix is the agent's own: the orchestrator reads `FLEETLAPS_*`, and both
+//! run on the orchestrator's own host.
+//!
+//! A leaf: it depends on no other module of the agent.
 //!
 //! The `[policy]` table holds LAPS settings under their LAPS names; it is the local policy
 //! source (LAPS: local configuration), validated on load. A policy the orchestrator sent at
@@ -38,6 +42,10 @@ pub struct Config {
     /// Seconds after which a backup the orchestrator has not confirmed storing is sent again.
     #[serde(default = "default_backup_confirmation_timeout_secs")]
     pub backup_confirmation_timeout_secs: u64,
+    /// Seconds a rotation waits for the orchestrator to confirm its backup before the cycle
+    /// gives up, leaving the account unchanged; the next cycle waits again.
+    #[serde(default = "default_backup_confirmation_wait_secs")]
+    pub backup_confirmation_wait_secs: u64,
     /// `fleetlaps-agent reset` is refused within this many seconds of the previous one.
     #[serde(default = "default_reset_min_interval_secs")]
     pub reset_min_interval_secs: u64,
@@ -185,6 +193,10 @@ fn default_backup_confirmation_timeout_secs() -> u64 {
     60
 }
 
+fn default_backup_confirmation_wait_secs() -> u64 {
+    20
+}
+
 fn default_reset_min_interval_secs() -> u64 {
     60
 }
@@ -221,16 +233,32 @@ fn default_retry_after_secs() -> u64 {
     300
 }
 
+/// The prefix of the environment variables that override the agent's config file.
+pub const ENV_PREFIX: &str = "FLEETLAPS_AGENT_";
+
+/// Limits and timings of the processing cycle.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessorSettings {
+    /// At most this many events wait in the outbox before rotations stop.
+    pub outbox_limit: usize,
+    /// A backup not confirmed by the orchestrator within this time is sent again.
+    pub backup_confirmation_timeout: chrono::Duration,
+    /// How long a rotation waits for the orchestrator's confirmation in one cycle.
+    pub backup_confirmation_wait: Duration,
+    /// `fleetlaps-agent reset` is refused when the previous one is more recent than this.
+    pub reset_min_interval: chrono::Duration,
+}
+
 impl Config {
-    /// Reads the file at `path`, then applies `FLEETLAPS_*` environment variables over it, and
-    /// validates the policy.
+    /// Reads the file at `path`, then applies `FLEETLAPS_AGENT_*` environment variables over it,
+    /// and validates the policy.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         if !path.exists() {
             anyhow::bail!("config file {} does not exist", path.display());
         }
         let config: Self = Figment::new()
             .merge(Toml::file(path))
-            .merge(Env::prefixed("FLEETLAPS_").split("__"))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
             .extract()
             .map_err(|err| anyhow::anyhow!("invalid config {}: {err}", path.display()))?;
         config
@@ -262,12 +290,13 @@ impl Config {
     }
 
     /// The cycle's limits and timings.
-    pub fn processor_settings(&self) -> crate::rotation::ProcessorSettings {
-        crate::rotation::ProcessorSettings {
+    pub fn processor_settings(&self) -> ProcessorSettings {
+        ProcessorSettings {
             outbox_limit: self.outbox_limit,
             backup_confirmation_timeout: chrono::Duration::seconds(
                 i64::try_from(self.backup_confirmation_timeout_secs).unwrap_or(i64::MAX),
             ),
+            backup_confirmation_wait: Duration::from_secs(self.backup_confirmation_wait_secs),
             reset_min_interval: chrono::Duration::seconds(
                 i64::try_from(self.reset_min_interval_secs).unwrap_or(i64::MAX),
             ),
@@ -284,6 +313,12 @@ impl Config {
             anyhow::bail!(
                 "backup_confirmation_timeout_secs = {}: allowed 1 to 86400 seconds",
                 self.backup_confirmation_timeout_secs
+            );
+        }
+        if !(1..=3_600).contains(&self.backup_confirmation_wait_secs) {
+            anyhow::bail!(
+                "backup_confirmation_wait_secs = {}: allowed 1 to 3600 seconds",
+                self.backup_confirmation_wait_secs
             );
         }
         if self.reset_min_interval_secs > 86_400 {

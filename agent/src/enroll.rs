@@ -101,6 +101,8 @@ pub async fn enroll(options: EnrollOptions<'_>) -> anyhow::Result<Identity> {
         device_id: answer.device_id,
         signing_key,
         escrow_public_key: answer.escrow_public_key,
+        // Learnt from the centre's current password version until enrollment gives it.
+        escrow_recovery_public_key: None,
         policy: answer.policy,
     };
     identity.save(options.state_dir)?;

@@ -32,6 +32,8 @@ pub struct Identity {
     pub signing_key: DeviceSigningKey,
     /// The key passwords are sealed to.
     pub escrow_public_key: EscrowPublicKey,
+    /// The offline recovery key passwords are also sealed to, if the orchestrator has one.
+    pub escrow_recovery_public_key: Option<EscrowPublicKey>,
     /// The orchestrator's policy, if it sent one: it wins over the local `[policy]`.
     pub policy: Option<Policy>,
 }
@@ -45,6 +47,8 @@ struct IdentityFile {
     /// Standard base64 of the Ed25519 secret key.
     secret_key: SecretString,
     escrow_public_key: EscrowPublicKey,
+    #[serde(default)]
+    escrow_recovery_public_key: Option<EscrowPublicKey>,
     #[serde(default)]
     policy: Option<Policy>,
 }
@@ -89,6 +93,7 @@ impl Identity {
             device_id: file.device_id,
             signing_key,
             escrow_public_key: file.escrow_public_key,
+            escrow_recovery_public_key: file.escrow_recovery_public_key,
             policy: file.policy,
         }))
     }
@@ -106,6 +111,7 @@ impl Identity {
             device_id: self.device_id.clone(),
             secret_key: self.signing_key.to_base64(),
             escrow_public_key: self.escrow_public_key,
+            escrow_recovery_public_key: self.escrow_recovery_public_key,
             policy: self.policy.clone(),
         };
         let text = SecretString::from(
@@ -132,10 +138,11 @@ impl Serialize for IdentityExport<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let file = self.0;
-        let mut state = serializer.serialize_struct("IdentityFile", 4)?;
+        let mut state = serializer.serialize_struct("IdentityFile", 5)?;
         state.serialize_field("device_id", &file.device_id)?;
         state.serialize_field("secret_key", file.secret_key.expose_secret())?;
         state.serialize_field("escrow_public_key", &file.escrow_public_key)?;
+        state.serialize_field("escrow_recovery_public_key", &file.escrow_recovery_public_key)?;
         state.serialize_field("policy", &file.policy)?;
         state.end()
     }
@@ -161,6 +168,7 @@ mod tests {
             device_id: DeviceId::parse("dev-1").expect("valid"),
             signing_key: DeviceSigningKey::generate(),
             escrow_public_key: fleetlaps_proto::seal::EscrowSecretKey::generate().public_key(),
+            escrow_recovery_public_key: None,
             policy: Some(Policy::default()),
         }
     }

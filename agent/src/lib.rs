@@ -11,11 +11,12 @@
 //! - [`status`]: the text of `fleetlaps-agent status`.
 //! - [`state`]: durable state in sled: identity, sequence, pending rotation, outbox.
 //! - [`account`]: account backends (a file database for simulations and tests).
+//! - [`password_hash`]: the SHA-512 crypt hash a rotation writes, never the password.
 //! - [`bus`]: publishing to JetStream (the only module that knows NATS).
 //! - [`control`]: the local control socket behind `reset` and `process-now`.
 //! - [`postauth`]: LAPS post-authentication actions: reset (and log off, reboot, terminate) after a login.
 //! - [`clock`]: injectable time.
-//! - [`fault`]: the test-only fault-injection switch of the crash tests.
+//! - [`fault`]: kill and failure points of the crash tests (cargo feature `fault-injection`).
 
 pub mod account;
 pub mod app;
@@ -26,6 +27,7 @@ pub mod control;
 pub mod enroll;
 pub mod fault;
 pub mod identity;
+pub mod password_hash;
 pub mod postauth;
 pub mod rotation;
 pub mod state;

@@ -16,7 +16,7 @@ use secrecy::SecretString;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The config file (TOML); `FLEETLAPS_*` variables override it.
+    /// The config file (TOML); `FLEETLAPS_AGENT_*` variables override it.
     #[arg(long, global = true, default_value = "/etc/fleetlaps/agent.toml")]
     config: PathBuf,
     #[command(subcommand)]

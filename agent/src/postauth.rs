@@ -16,7 +16,6 @@
 //! say in who can log in (the PAM stack decides that whatever the hook answers).
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -90,7 +89,7 @@ enum ActionError {
     },
     /// The schedule could not be written.
     #[error(transparent)]
-    State(#[from] StateError),
+    State(#[from] CycleError),
 }
 
 /// One of the configured commands.
@@ -131,7 +130,7 @@ impl PostAuth {
             tty,
             outcome,
         } = report;
-        if processor.policy.backup_directory() == BackupDirectory::Disabled {
+        if processor.policy().backup_directory() == BackupDirectory::Disabled {
             return Ok(done("BackupDirectory is 0: the agent manages no account".to_owned()));
         }
         let account_name = managed_account(processor).await?;
@@ -140,7 +139,7 @@ impl PostAuth {
         }
         match outcome {
             AuthenticationOutcome::Success => {
-                let delay = processor.policy.post_authentication_reset_delay();
+                let delay = processor.policy().post_authentication_reset_delay();
                 let schedule = schedule_after_authentication(self.schedule.clone(), &account_name, now, delay);
                 let reset_deadline = delay.and(schedule.as_ref()).map(|schedule| schedule.reset_at);
                 let event = Event::AuthenticationSucceeded(AuthenticationObserved {
@@ -151,7 +150,6 @@ impl PostAuth {
                     reset_deadline,
                 });
                 processor
-                    .state
                     .put_record(SCHEDULE_KEY, schedule.as_ref(), now, Some(event))
                     .await?;
                 self.schedule = schedule;
@@ -173,7 +171,7 @@ impl PostAuth {
                     tty,
                     reset_deadline: None,
                 });
-                processor.state.emit(now, event).await?;
+                processor.emit(now, event).await?;
                 tracing::info!(account = %account_name, "failed authentication as the managed account");
                 Ok(done(format!("failed authentication as {account_name} recorded")))
             }
@@ -205,16 +203,13 @@ impl PostAuth {
         if let Some(in_memory) = &mut self.schedule {
             in_memory.next_attempt_at = now + retry_after;
         }
-        if processor.policy.backup_directory() == BackupDirectory::Disabled {
+        if processor.policy().backup_directory() == BackupDirectory::Disabled {
             tracing::info!("BackupDirectory is 0: the post-authentication reset is dropped");
-            processor
-                .state
-                .put_record::<Schedule>(SCHEDULE_KEY, None, now, None)
-                .await?;
+            processor.put_record::<Schedule>(SCHEDULE_KEY, None, now, None).await?;
             self.schedule = None;
             return Ok(());
         }
-        let actions = processor.policy.post_authentication_actions();
+        let actions = processor.policy().post_authentication_actions();
         let body = event::PostAuthenticationActions {
             account_name: schedule.account_name.clone(),
             actions: actions.value(),
@@ -223,18 +218,16 @@ impl PostAuth {
             schedule.started = true;
             let started = Event::PostAuthenticationActionsStarted(body.clone());
             processor
-                .state
                 .put_record(SCHEDULE_KEY, Some(&schedule), now, Some(started))
                 .await?;
             tracing::info!(account = %schedule.account_name, actions = actions.value(), "post-authentication actions start");
         }
         let outcome = self.carry_out(&mut schedule, actions, processor).await;
-        let now = processor.clock.now();
+        let now = processor.now();
         match outcome {
             Ok(()) => {
                 let succeeded = Event::PostAuthenticationActionsSucceeded(body);
                 processor
-                    .state
                     .put_record::<Schedule>(SCHEDULE_KEY, None, now, Some(succeeded))
                     .await?;
                 self.schedule = None;
@@ -258,7 +251,6 @@ impl PostAuth {
                     error,
                 });
                 processor
-                    .state
                     .put_record(SCHEDULE_KEY, Some(&schedule), now, Some(failed))
                     .await?;
                 self.schedule = Some(schedule);
@@ -284,8 +276,7 @@ impl PostAuth {
             schedule.password_reset = true;
             // A restart from here on must not rotate again for this schedule.
             processor
-                .state
-                .put_record(SCHEDULE_KEY, Some(&*schedule), processor.clock.now(), None)
+                .put_record(SCHEDULE_KEY, Some(&*schedule), processor.now(), None)
                 .await?;
         }
         let account_name = schedule.account_name.clone();
@@ -308,8 +299,7 @@ impl PostAuth {
                 }
                 schedule.reboot_issued = true;
                 processor
-                    .state
-                    .put_record(SCHEDULE_KEY, Some(&*schedule), processor.clock.now(), None)
+                    .put_record(SCHEDULE_KEY, Some(&*schedule), processor.now(), None)
                     .await?;
                 let rebooted = self.run(Action::Reboot, &account_name).await;
                 if rebooted.is_err() {
@@ -388,23 +378,19 @@ fn schedule_after_authentication(
 
 /// The managed account's name: `AdministratorAccountName`, or the UID 0 account's name.
 async fn managed_account(processor: &Processor) -> Result<AccountName, CycleError> {
-    if let Some(name) = processor.policy.administrator_account_name() {
+    if let Some(name) = processor.policy().administrator_account_name() {
         return Ok(name.clone());
     }
-    let backend = Arc::clone(&processor.backend);
-    let account = tokio::task::spawn_blocking(move || backend.resolve(None)).await??;
-    Ok(account.name)
+    Ok(processor.managed_account().await?.name)
 }
 
 /// Whether `account_name` is (or cannot be shown not to be) an account with UID 0.
 async fn is_uid_zero(processor: &Processor, account_name: &AccountName) -> bool {
-    let backend = Arc::clone(&processor.backend);
-    let name = account_name.clone();
-    match tokio::task::spawn_blocking(move || backend.resolve(Some(&name))).await {
-        Ok(Ok(account)) => account.uid == 0,
+    match processor.resolve_account(Some(account_name.clone())).await {
+        Ok(account) => account.uid == 0,
         // An account that is gone has no processes left; `pkill -u` then finds none.
-        Ok(Err(crate::account::AccountError::Missing(_))) => false,
-        _ => true,
+        Err(CycleError::Account(crate::account::AccountError::Missing(_))) => false,
+        Err(_) => true,
     }
 }
 

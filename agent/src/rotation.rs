@@ -1,36 +1,56 @@
 //! The processing cycle and the rotation: a state machine persisted in sled,
-//! pending → backed up → applied → confirmed.
+//! pending → backed up → confirmed by the orchestrator → applied → committed.
 //!
 //! The order never changes: generate → record the rotation as pending, with the new password's
 //! hash and its sealed backup, in one flushed batch → publish the backup and wait for
-//! JetStream's ack → only then write the hash to the account → record the commit and publish it.
-//! The backup is kept until the orchestrator confirms it stored it, and re-sent (same event id)
-//! until then, because a single 2.9 nats-server acknowledges before it syncs to disk.
+//! JetStream's ack → wait until the ORCHESTRATOR confirms it stored the backup durably and can
+//! open it → only then write the hash to the account → record the commit and publish it.
+//! JetStream's ack alone is not enough: a single 2.9 nats-server acknowledges before it syncs,
+//! and a backup the orchestrator refuses (a schema it does not read, a key it does not hold)
+//! would be a password nobody can return.
 //!
-//! Invariant: the account's password is always one the orchestrator holds, current or pending.
-//! Recovery after a crash at any point compares the account's stored hash with the pending
-//! rotation's hash and rolls forward: it finishes the backup, writes the hash if it is not
-//! there yet, and commits. No plaintext password is needed for that, so none is kept.
+//! Invariant (end to end): the account's password is always one the orchestrator holds and can
+//! open. Recovery after a crash at any point compares the account's stored hash with the pending
+//! rotation's hash and rolls forward; no plaintext password is needed for that, so none is kept.
+//! A refused backup is abandoned with the account untouched; an unconfirmed one keeps the
+//! rotation pending (the account untouched) until the orchestrator answers.
+//!
+//! Image rollback: every cycle compares the device's state with the centre's current password
+//! version (LAPS's `msLAPS-CurrentPasswordVersion`). When the centre has seen events this state
+//! never emitted, the device was restored from an older copy: it starts a higher generation,
+//! reports the rollback (LAPS 10015) and rotates at once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use fleetlaps_proto::command::{Command, CommandAction, CommandId};
+use fleetlaps_proto::command::{
+    BackupConfirmation, BackupOutcome, BackupRefusal, Command, CommandAction, CommandId, CurrentPasswordVersion,
+};
 use fleetlaps_proto::control::StatusReport;
 use fleetlaps_proto::event::{
-    AccountMissing, CommandExecuted, Event, PasswordBackedUp, PasswordRotated, PolicyApplied, RotationFailed,
-    RotationReason, RotationStage, sealing_context,
+    AccountMissing, CommandExecuted, Envelope, Event, ImageRollbackDetected, PasswordBackedUp, PasswordRotated,
+    PolicyApplied, RotationFailed, RotationReason, RotationStage, sealing_context,
 };
-use fleetlaps_proto::ids::{DeviceName, RotationId};
+use fleetlaps_proto::ids::{AccountName, DeviceName, EventId, RotationId};
 use fleetlaps_proto::password;
 use fleetlaps_proto::policy::{BackupDirectory, Policy, PolicySource};
 use fleetlaps_proto::seal::{self, EscrowPublicKey};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
 
-use crate::account::{Account, AccountBackend, AccountError, PasswordHash};
+use crate::account::{Account, AccountBackend, AccountError};
 use crate::bus::{PublishError, Publisher};
 use crate::clock::Clock;
-use crate::fault;
-use crate::state::{AgentState, CurrentCredential, PendingRotation, StateError};
+use crate::config::ProcessorSettings;
+use crate::fault::Faults;
+use crate::password_hash::PasswordHash;
+use crate::state::{AgentState, CurrentCredential, PendingRotation, RefusedBackup, StateError};
+
+/// How often a rotation waiting for its confirmation also reads the centre's password version,
+/// in case the live confirmation was missed.
+const CONFIRMATION_POLL: Duration = Duration::from_secs(1);
 
 /// Why a cycle did not finish. Messages never contain a password.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +61,49 @@ pub enum CycleError {
     /// The managed account could not be found or changed.
     #[error(transparent)]
     Account(#[from] AccountError),
-    /// The backup could not be stored; the account keeps its password.
+    /// The backup could not be handed to JetStream; the account keeps its password.
     #[error("backup not stored, account left unchanged: {0}")]
     Backup(#[source] PublishError),
+    /// JetStream has the backup, but the orchestrator has not confirmed storing it yet.
+    #[error(
+        "backup of rotation {rotation_id} sent, but the orchestrator has not confirmed storing it within \
+         {waited_secs} s (is it running?); the account keeps its password, and the rotation completes once \
+         the orchestrator confirms"
+    )]
+    Unconfirmed {
+        /// The rotation that waits.
+        rotation_id: RotationId,
+        /// How long this cycle waited.
+        waited_secs: u64,
+    },
+    /// The orchestrator refused the backup; the rotation is abandoned, the account untouched.
+    #[error("the orchestrator refused the backup of rotation {rotation_id} ({reason}: {detail}); the account keeps its password{}",
+        if reason.retry_helps() { "; it rotates again once it has learnt the orchestrator's current escrow key" }
+        else { "; automatic rotations stop until the agent is upgraded and restarted, or `fleetlaps-agent reset`" })]
+    Refused {
+        /// The abandoned rotation.
+        rotation_id: RotationId,
+        /// Why.
+        reason: BackupRefusal,
+        /// The orchestrator's explanation.
+        detail: String,
+    },
+    /// An earlier backup was refused, and a new one would be refused the same way.
+    #[error(
+        "automatic rotation stopped: the orchestrator refused the backup of rotation {rotation_id} at {at} \
+         ({reason}: {detail}); fix the cause (upgrade the agent or the orchestrator, or re-enroll the device \
+         with this orchestrator), then restart the agent or run `fleetlaps-agent reset`"
+    )]
+    RefusedBefore {
+        /// The refused rotation.
+        rotation_id: RotationId,
+        /// Why.
+        reason: BackupRefusal,
+        /// The orchestrator's explanation.
+        detail: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
     /// Too many events wait for NATS: rotating would risk losing one, so the agent does not.
     #[error("the outbox holds {pending} events (limit {limit}): rotation stopped until NATS takes them")]
     OutboxFull {
@@ -84,42 +144,168 @@ pub enum CycleOutcome {
     },
 }
 
-/// Limits and timings of the cycle.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessorSettings {
-    /// At most this many events wait in the outbox before rotations stop.
-    pub outbox_limit: usize,
-    /// A backup not confirmed by the orchestrator within this time is sent again.
-    pub backup_confirmation_timeout: chrono::Duration,
-    /// `fleetlaps-agent reset` is refused when the previous one is more recent than this.
-    pub reset_min_interval: chrono::Duration,
+/// What a processor is made of.
+pub struct ProcessorParts {
+    /// Durable state and outbox.
+    pub state: AgentState,
+    /// JetStream.
+    pub publisher: Publisher,
+    /// The orchestrator's live backup confirmations (see [`Publisher::listen`]).
+    pub confirmations: broadcast::Sender<BackupConfirmation>,
+    /// Where the account's password lives.
+    pub backend: Arc<dyn AccountBackend>,
+    /// Now.
+    pub clock: Arc<dyn Clock>,
+    /// The policy in force.
+    pub policy: Policy,
+    /// Where it came from.
+    pub policy_source: PolicySource,
+    /// This device's host name.
+    pub device_name: DeviceName,
+    /// The key backups are sealed to, as enrolled; replaced by the centre's current one.
+    pub escrow: EscrowPublicKey,
+    /// The offline recovery key backups are also sealed to, if the orchestrator has one.
+    pub recovery: Option<EscrowPublicKey>,
+    /// Limits and timings.
+    pub settings: ProcessorSettings,
+    /// Kill points a test armed; none in production.
+    pub faults: Faults,
 }
 
-/// Everything a cycle needs.
+/// The cycle and the rotation, over the agent's state. Everything that changes the account goes
+/// through its methods, so the rotation invariant lives in this file.
 pub struct Processor {
-    /// Durable state and outbox.
-    pub(crate) state: AgentState,
-    /// JetStream.
-    pub(crate) publisher: Publisher,
-    /// Where the account's password lives.
-    pub(crate) backend: Arc<dyn AccountBackend>,
-    /// Now.
-    pub(crate) clock: Arc<dyn Clock>,
-    /// The policy in force.
-    pub(crate) policy: Policy,
-    /// Where it came from.
-    pub(crate) policy_source: PolicySource,
-    /// This device's host name.
-    pub(crate) device_name: DeviceName,
-    /// The key backups are sealed to.
-    pub(crate) escrow: EscrowPublicKey,
-    /// Limits and timings.
-    pub(crate) settings: ProcessorSettings,
+    state: AgentState,
+    publisher: Publisher,
+    confirmations: broadcast::Sender<BackupConfirmation>,
+    backend: Arc<dyn AccountBackend>,
+    clock: Arc<dyn Clock>,
+    policy: Policy,
+    policy_source: PolicySource,
+    device_name: DeviceName,
+    /// The key new backups are sealed to: the enrolled one until the centre names another.
+    escrow: EscrowPublicKey,
+    recovery: Option<EscrowPublicKey>,
+    settings: ProcessorSettings,
+    faults: Faults,
     /// The error of the last cycle, if it failed (for `status`).
-    pub(crate) last_error: Option<String>,
+    last_error: Option<String>,
+}
+
+/// The orchestrator's answer to one backup, as far as a wait got.
+enum Answer {
+    Stored,
+    Refused { reason: BackupRefusal, detail: String },
+    NotYet,
 }
 
 impl Processor {
+    /// Assembles a processor.
+    pub fn new(parts: ProcessorParts) -> Self {
+        let ProcessorParts {
+            state,
+            publisher,
+            confirmations,
+            backend,
+            clock,
+            policy,
+            policy_source,
+            device_name,
+            escrow,
+            recovery,
+            settings,
+            faults,
+        } = parts;
+        Self {
+            state,
+            publisher,
+            confirmations,
+            backend,
+            clock,
+            policy,
+            policy_source,
+            device_name,
+            escrow,
+            recovery,
+            settings,
+            faults,
+            last_error: None,
+        }
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> &fleetlaps_proto::ids::DeviceId {
+        self.state.device_id()
+    }
+
+    /// This device's host name.
+    pub fn device_name(&self) -> &DeviceName {
+        &self.device_name
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Now, on the agent's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Whether work waits that a quick retry may finish: events in the outbox, a rotation
+    /// pending, a backup not yet confirmed, a rotation owed after a rollback or after a refusal
+    /// that a new backup can overcome.
+    pub fn busy(&self) -> Result<bool, CycleError> {
+        Ok(self.state.outbox_len() > 0
+            || self.state.pending()?.is_some()
+            || !self.state.unconfirmed_backups()?.is_empty()
+            || self.state.rollback_due()?
+            || self
+                .state
+                .backup_refused()?
+                .is_some_and(|refused| self.retry_helps(&refused)))
+    }
+
+    /// Whether a new backup can succeed where `refused` failed: only an unopenable one, and only
+    /// once the agent seals to another escrow key than the refused backup was sealed to.
+    fn retry_helps(&self, refused: &RefusedBackup) -> bool {
+        refused.reason.retry_helps() && refused.sealed_to != self.escrow
+    }
+
+    /// Reads a record another module keeps in the state (see [`AgentState::get_record`]).
+    pub fn get_record<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, CycleError> {
+        Ok(self.state.get_record(key)?)
+    }
+
+    /// Writes such a record together with an event, durably (see [`AgentState::put_record`]).
+    pub async fn put_record<T: Serialize>(
+        &self,
+        key: &str,
+        record: Option<&T>,
+        time: DateTime<Utc>,
+        event: Option<Event>,
+    ) -> Result<Option<Envelope>, CycleError> {
+        Ok(self.state.put_record(key, record, time, event).await?)
+    }
+
+    /// Queues one event in the outbox, durably.
+    pub async fn emit(&self, time: DateTime<Utc>, event: Event) -> Result<Envelope, CycleError> {
+        Ok(self.state.emit(time, event).await?)
+    }
+
+    /// The managed account: `AdministratorAccountName`, or the account with UID 0.
+    pub async fn managed_account(&self) -> Result<Account, CycleError> {
+        self.resolve_account(self.policy.administrator_account_name().cloned())
+            .await
+    }
+
+    /// The account named `name`, or with UID 0 when `None`.
+    pub async fn resolve_account(&self, name: Option<AccountName>) -> Result<Account, CycleError> {
+        let backend = Arc::clone(&self.backend);
+        Ok(tokio::task::spawn_blocking(move || backend.resolve(name.as_ref())).await??)
+    }
+
     /// Queues the policy in force as an event (LAPS 10022).
     pub async fn announce_policy(&self) -> Result<(), CycleError> {
         let event = Event::PolicyApplied(PolicyApplied {
@@ -132,9 +318,18 @@ impl Processor {
         Ok(())
     }
 
+    /// At start: forgets a refusal (the agent may have been upgraded since), and compares the
+    /// state with the centre's current password version before anything is emitted, so a
+    /// restored device starts its new generation at once.
+    pub async fn start(&mut self) -> Result<(), CycleError> {
+        self.state.clear_backup_refused().await?;
+        self.detect_rollback().await?;
+        Ok(())
+    }
+
     /// Runs one processing cycle (LAPS 10003 … 10004/10005): finishes a pending rotation, sends
-    /// what waits, re-sends unconfirmed backups, and rotates when the password is missing or
-    /// expired, or when `force` says so.
+    /// what waits, compares the state with the centre's, and rotates when the password is
+    /// missing or expired, after a rollback, or when `force` says so.
     #[tracing::instrument(skip_all, fields(device_id = %self.state.device_id()))]
     pub async fn process(&mut self, force: Option<RotationReason>) -> Result<CycleOutcome, CycleError> {
         tracing::debug!(event_code = 10003, ?force, "policy processing started");
@@ -190,6 +385,7 @@ impl Processor {
     pub fn status(&self) -> Result<StatusReport, CycleError> {
         let current = self.state.current()?;
         let managed_account = self.backend.resolve(self.policy.administrator_account_name()).ok();
+        let refused = self.state.backup_refused()?;
         Ok(StatusReport {
             device_id: self.state.device_id().to_string(),
             device_name: self.device_name.to_string(),
@@ -204,15 +400,45 @@ impl Processor {
             post_authentication_reset_at: None,
             connected: self.publisher.is_connected(),
             last_error: self.last_error.clone(),
+            last_backup_refusal: refused.map(|refused| {
+                format!(
+                    "{}: {} (rotation {}, at {})",
+                    refused.reason, refused.detail, refused.rotation_id, refused.at
+                )
+            }),
         })
     }
 
-    /// Forgets a backup the orchestrator confirmed storing.
-    pub async fn confirmed(&self, event_id: &fleetlaps_proto::ids::EventId) -> Result<(), CycleError> {
-        if self.state.backup_confirmed(event_id).await? {
-            tracing::debug!(%event_id, "backup confirmed stored by the orchestrator");
+    /// Records a live confirmation that arrived outside a rotation's wait (a re-sent backup's).
+    pub async fn confirmed(&self, confirmation: &BackupConfirmation) -> Result<(), CycleError> {
+        if confirmation.outcome == BackupOutcome::Stored && self.state.backup_confirmed(&confirmation.event_id).await? {
+            tracing::debug!(event_id = %confirmation.event_id, "backup confirmed stored by the orchestrator");
         }
         Ok(())
+    }
+
+    /// Starts forwarding the orchestrator's live confirmations (to every receiver) and commands
+    /// (to `commands`).
+    pub async fn listen(&self, commands: tokio::sync::mpsc::Sender<Command>) -> anyhow::Result<()> {
+        self.publisher
+            .listen(self.state.device_id(), self.confirmations.clone(), commands)
+            .await
+    }
+
+    /// The last command kept for this device, if any (how an offline device catches up).
+    pub async fn last_command(&self) -> anyhow::Result<Option<Command>> {
+        self.publisher.last_command(self.state.device_id()).await
+    }
+
+    /// A receiver of the live confirmations, for the run loop.
+    pub fn subscribe_confirmations(&self) -> broadcast::Receiver<BackupConfirmation> {
+        self.confirmations.subscribe()
+    }
+
+    /// Publishes what waits in the outbox, logging (not returning) a failure; the loop retries.
+    /// For events queued outside a cycle, such as those of [`crate::postauth`].
+    pub async fn publish_outbox(&self) {
+        self.drain_quietly().await;
     }
 
     async fn process_inner(
@@ -232,17 +458,37 @@ impl Processor {
         }
         self.drain_quietly().await;
         self.resend_unconfirmed().await;
+        self.detect_rollback().await?;
 
+        let refused = self.state.backup_refused()?;
+        if force.is_none()
+            && let Some(refused) = &refused
+            && !self.retry_helps(refused)
+        {
+            return Err(CycleError::RefusedBefore {
+                rotation_id: refused.rotation_id,
+                reason: refused.reason,
+                detail: refused.detail.clone(),
+                at: refused.at,
+            });
+        }
         let current = self.state.current()?;
         let now = self.clock.now();
         let wanted_account = self.policy.administrator_account_name();
-        let due = match &current {
-            None => Some(RotationReason::Initial),
-            Some(current) if wanted_account.is_some_and(|name| *name != current.account_name) => {
-                Some(RotationReason::Initial)
+        let due = if self.state.rollback_due()? {
+            Some(RotationReason::Rollback)
+        } else if let Some(refused) = refused {
+            // Retrying helps (the key was unknown): the rotation is still owed.
+            Some(refused.reason_for_retry)
+        } else {
+            match &current {
+                None => Some(RotationReason::Initial),
+                Some(current) if wanted_account.is_some_and(|name| *name != current.account_name) => {
+                    Some(RotationReason::Initial)
+                }
+                Some(current) if now >= current.expires_at => Some(RotationReason::Expired),
+                Some(_) => None,
             }
-            Some(current) if now >= current.expires_at => Some(RotationReason::Expired),
-            Some(_) => None,
         };
         match (force.or(due), current) {
             (None, Some(current)) => Ok(CycleOutcome::NotDue {
@@ -250,6 +496,60 @@ impl Processor {
             }),
             (reason, _) => self.rotate(reason.unwrap_or(RotationReason::Initial), command_id).await,
         }
+    }
+
+    /// Compares the state with the centre's current password version. When the centre has
+    /// applied an event at or after the position this state would give its next one, the
+    /// device was restored from an older copy (or its state from an older backup): it starts a
+    /// new generation, after everything the centre saw, and owes a rotation at once. Also learns
+    /// the escrow keys to seal to. Without an answer from the centre nothing changes.
+    async fn detect_rollback(&mut self) -> Result<(), CycleError> {
+        let version = match self.publisher.password_version(self.state.device_id()).await {
+            Ok(Some(version)) => version,
+            Ok(None) => return Ok(()),
+            Err(err) => {
+                tracing::debug!(error = %err, "reading the current password version failed; will retry");
+                return Ok(());
+            }
+        };
+        self.learn_escrow_keys(&version);
+        let next = self.state.next_position()?;
+        if version.position < next {
+            return Ok(());
+        }
+        let new_generation = (version.position.generation + 1).max(next.generation + 1);
+        let local_rotation_id = self.state.current()?.map(|current| current.rotation_id);
+        tracing::warn!(
+            event_code = 10015,
+            local_position = %next,
+            centre_position = %version.position,
+            ?local_rotation_id,
+            centre_rotation_id = ?version.rotation_id,
+            "image rollback detected: the centre has seen events this state never emitted; rotating at once"
+        );
+        let event = Event::ImageRollbackDetected(ImageRollbackDetected {
+            local_rotation_id,
+            centre_rotation_id: version.rotation_id,
+            local_position: fleetlaps_proto::command::DevicePosition {
+                generation: next.generation,
+                sequence: next.sequence.saturating_sub(1),
+            },
+            centre_position: version.position,
+            new_generation,
+        });
+        self.state
+            .start_generation(new_generation, self.clock.now(), event)
+            .await?;
+        self.drain_quietly().await;
+        Ok(())
+    }
+
+    fn learn_escrow_keys(&mut self, version: &CurrentPasswordVersion) {
+        if version.escrow_public_key != self.escrow {
+            tracing::info!(escrow_public_key = %version.escrow_public_key, "the orchestrator's escrow key changed; new backups are sealed to it");
+            self.escrow = version.escrow_public_key;
+        }
+        self.recovery = version.escrow_recovery_public_key;
     }
 
     async fn rotate(
@@ -267,7 +567,7 @@ impl Processor {
             self.report_failure(None, RotationStage::Prepare, &err).await?;
             return Err(err);
         }
-        let account = match self.resolve_account().await {
+        let account = match self.managed_account().await {
             Ok(account) => account,
             Err(err) => {
                 if let CycleError::Account(AccountError::Missing(account)) = &err {
@@ -296,11 +596,11 @@ impl Processor {
         let rotation_id = RotationId::new();
         let now = self.clock.now();
         let expires_at = now + self.policy.password_age();
-        let sealed_password = seal::seal(
-            &self.escrow,
-            password.expose().as_bytes(),
-            &sealing_context(self.state.device_id(), &rotation_id),
-        );
+        let context = sealing_context(self.state.device_id(), &rotation_id);
+        let sealed_password = seal::seal(&self.escrow, password.expose().as_bytes(), &context);
+        let recovery_sealed_password = self
+            .recovery
+            .map(|recovery| seal::seal(&recovery, password.expose().as_bytes(), &context));
         drop(password);
         let backup = Event::PasswordBackedUp(PasswordBackedUp {
             rotation_id,
@@ -308,40 +608,60 @@ impl Processor {
             account_name: account.name.clone(),
             account_uid: Some(account.uid),
             sealed_password,
+            recovery_sealed_password,
             expires_at,
             reason,
         });
-        let pending = |backup_sequence| PendingRotation {
+        let pending = |backup_sequence, backup_event_id| PendingRotation {
             rotation_id,
             account_name: account.name.clone(),
             reason,
             started_at: now,
             expires_at,
             backup_sequence,
+            backup_event_id: Some(backup_event_id),
             password_hash,
             command_id,
         };
         let (pending, _backup) = self.state.begin_rotation(now, pending, backup).await?;
         tracing::info!(%rotation_id, ?reason, account = %account.name, "rotation started");
-        fault::point("after_pending");
+        self.faults.point("after_pending");
         self.roll_forward(pending).await
     }
 
-    /// Takes a pending rotation to its end: its backup acknowledged by JetStream, its hash on
-    /// the account, its commit recorded. Safe to call again after a crash at any step.
+    /// Takes a pending rotation to its end: its backup acknowledged by JetStream and confirmed
+    /// by the orchestrator, its hash on the account, its commit recorded. Safe to call again
+    /// after a crash at any step.
     async fn roll_forward(&mut self, pending: PendingRotation) -> Result<CycleOutcome, CycleError> {
-        // Until JetStream has the backup, the account must not change.
-        if let Err(err) = self.drain().await {
-            if self.state.in_outbox(pending.backup_sequence)? {
-                tracing::warn!(error = %err, rotation_id = %pending.rotation_id, "backup not acknowledged; account left unchanged");
-                return Err(CycleError::Backup(err));
+        // Until the orchestrator holds the backup and can open it, the account must not change;
+        // nor while the outbox cannot be read or updated, even for a backup already confirmed:
+        // a store that cannot record an ack would not record the commit either.
+        let mut confirmations = self.confirmations.subscribe();
+        self.drain_through(&pending).await?;
+        if let Some(backup_event_id) = pending.backup_event_id
+            && !self.state.backup_is_confirmed(&backup_event_id)?
+        {
+            self.resend_unconfirmed().await;
+            self.faults.point("after_backup");
+            match self.await_answer(&backup_event_id, &mut confirmations).await {
+                Answer::Stored => {
+                    self.state.backup_confirmed(&backup_event_id).await?;
+                    tracing::info!(event_code = 10029, rotation_id = %pending.rotation_id, "the orchestrator confirmed storing the backup");
+                }
+                Answer::Refused { reason, detail } => {
+                    return Err(self.abandon(&pending, backup_event_id, reason, detail).await?);
+                }
+                Answer::NotYet => {
+                    return Err(CycleError::Unconfirmed {
+                        rotation_id: pending.rotation_id,
+                        waited_secs: self.settings.backup_confirmation_wait.as_secs(),
+                    });
+                }
             }
-            // The backup went through; a later event is what waits.
-            tracing::warn!(error = %err, "outbox not drained; will retry");
+            self.faults.point("after_confirmation");
         }
-        fault::point("after_backup");
 
-        let account = self.resolve_account().await?;
+        let account = self.resolve_account(Some(pending.account_name.clone())).await?;
         let backend = Arc::clone(&self.backend);
         let hash = pending.password_hash.clone();
         let applied = tokio::task::spawn_blocking(move || -> Result<bool, AccountError> {
@@ -368,7 +688,7 @@ impl Processor {
                 return Err(err);
             }
         }
-        fault::point("after_apply");
+        self.faults.point("after_apply");
 
         let now = self.clock.now();
         let current = CurrentCredential {
@@ -390,7 +710,7 @@ impl Processor {
             });
             self.state.record_command(&command_id, now, executed).await?;
         }
-        fault::point("after_commit");
+        self.faults.point("after_commit");
         tracing::info!(rotation_id = %pending.rotation_id, expires_at = %pending.expires_at, "password rotated");
         self.drain_quietly().await;
         Ok(CycleOutcome::Rotated {
@@ -399,10 +719,112 @@ impl Processor {
         })
     }
 
-    async fn resolve_account(&self) -> Result<Account, CycleError> {
-        let backend = Arc::clone(&self.backend);
-        let name = self.policy.administrator_account_name().cloned();
-        Ok(tokio::task::spawn_blocking(move || backend.resolve(name.as_ref())).await??)
+    /// Publishes the outbox at least through the pending rotation's backup. A failure to read
+    /// or update the outbox is an error like a failure to publish: either way the backup may
+    /// not have left, so the account must not change.
+    async fn drain_through(&self, pending: &PendingRotation) -> Result<(), CycleError> {
+        match self.drain().await {
+            Ok(()) => Ok(()),
+            Err(DrainError::State(err)) => {
+                tracing::error!(error = %err, rotation_id = %pending.rotation_id, "the outbox could not be read or updated; account left unchanged");
+                Err(err.into())
+            }
+            Err(DrainError::Publish(err)) => {
+                if self.state.in_outbox(pending.backup_sequence)? {
+                    tracing::warn!(error = %err, rotation_id = %pending.rotation_id, "backup not acknowledged; account left unchanged");
+                    return Err(CycleError::Backup(err));
+                }
+                // The backup went through; a later event is what waits.
+                tracing::warn!(error = %err, "outbox not drained; will retry");
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for the orchestrator's answer to the backup `event_id`: a live confirmation, or
+    /// the newest backup's answer in the centre's password version (for one missed while
+    /// disconnected), for at most the configured wait.
+    async fn await_answer(
+        &self,
+        event_id: &EventId,
+        confirmations: &mut broadcast::Receiver<BackupConfirmation>,
+    ) -> Answer {
+        let deadline = tokio::time::Instant::now() + self.settings.backup_confirmation_wait;
+        let answer = |confirmation: &BackupConfirmation| match &confirmation.outcome {
+            BackupOutcome::Stored => Answer::Stored,
+            BackupOutcome::Refused { reason, detail } => Answer::Refused {
+                reason: *reason,
+                detail: detail.clone(),
+            },
+        };
+        loop {
+            match self.publisher.password_version(self.state.device_id()).await {
+                Ok(Some(version)) => {
+                    if let Some(latest) = version
+                        .latest_backup
+                        .as_ref()
+                        .filter(|latest| latest.event_id == *event_id)
+                    {
+                        return answer(latest);
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => tracing::debug!(error = %err, "reading the current password version failed"),
+            }
+            let poll = tokio::time::Instant::now() + CONFIRMATION_POLL;
+            loop {
+                tokio::select! {
+                    received = confirmations.recv() => match received {
+                        Ok(confirmation) if confirmation.event_id == *event_id => return answer(&confirmation),
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    () = tokio::time::sleep_until(poll.min(deadline)) => break,
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Answer::NotYet;
+            }
+        }
+    }
+
+    /// Gives up a rotation whose backup the orchestrator refused: the account never had the
+    /// password. Reports the failure (LAPS 10005) and returns the error to show.
+    async fn abandon(
+        &mut self,
+        pending: &PendingRotation,
+        backup_event_id: EventId,
+        reason: BackupRefusal,
+        detail: String,
+    ) -> Result<CycleError, CycleError> {
+        let err = CycleError::Refused {
+            rotation_id: pending.rotation_id,
+            reason,
+            detail: detail.clone(),
+        };
+        tracing::error!(event_code = 10005, error = %err, "backup refused by the orchestrator; account left unchanged");
+        let refused = RefusedBackup {
+            rotation_id: pending.rotation_id,
+            reason,
+            detail,
+            at: self.clock.now(),
+            reason_for_retry: pending.reason,
+            sealed_to: self.escrow,
+        };
+        let failed = Event::RotationFailed(RotationFailed {
+            rotation_id: Some(pending.rotation_id),
+            stage: RotationStage::Backup,
+            error: err.to_string(),
+        });
+        self.state.abandon_rotation(&backup_event_id, &refused, failed).await?;
+        if reason.retry_helps() {
+            // The centre may have a new escrow key: learn it before the next attempt.
+            if let Ok(Some(version)) = self.publisher.password_version(self.state.device_id()).await {
+                self.learn_escrow_keys(&version);
+            }
+        }
+        self.drain_quietly().await;
+        Ok(err)
     }
 
     async fn report_failure(
@@ -452,22 +874,12 @@ impl Processor {
 
     /// Publishes the outbox in order, removing each event once acknowledged; stops at the first
     /// failure so that order is kept.
-    async fn drain(&self) -> Result<(), PublishError> {
-        loop {
-            let envelope = match self.state.outbox_first() {
-                Ok(Some(envelope)) => envelope,
-                Ok(None) => return Ok(()),
-                Err(err) => {
-                    tracing::error!(error = %err, "reading the outbox failed");
-                    return Ok(());
-                }
-            };
-            self.publisher.publish(&envelope).await?;
-            if let Err(err) = self.state.acknowledged(envelope.sequence).await {
-                tracing::error!(error = %err, "removing an acknowledged event from the outbox failed");
-                return Ok(());
-            }
+    async fn drain(&self) -> Result<(), DrainError> {
+        while let Some(envelope) = self.state.outbox_first().map_err(DrainError::State)? {
+            self.publisher.publish(&envelope).await.map_err(DrainError::Publish)?;
+            self.state.acknowledged(&envelope).await.map_err(DrainError::State)?;
         }
+        Ok(())
     }
 
     /// What status should say about events still waiting after a cycle drained what it could:
@@ -498,10 +910,13 @@ impl Processor {
     }
 }
 
-impl Processor {
-    /// Publishes what waits in the outbox, logging (not returning) a failure; the loop retries.
-    /// For events queued outside a cycle, such as those of [`crate::postauth`].
-    pub(crate) async fn publish_outbox(&self) {
-        self.drain_quietly().await;
-    }
+/// Why the outbox was not drained.
+#[derive(Debug, thiserror::Error)]
+enum DrainError {
+    /// NATS did not acknowledge an event.
+    #[error(transparent)]
+    Publish(PublishError),
+    /// The outbox could not be read or updated.
+    #[error(transparent)]
+    State(StateError),
 }

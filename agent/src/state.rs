@@ -6,7 +6,8 @@
 //! rotation and its backup event are on disk together.
 //!
 //! Keys:
-//! - `m/device_id`, `m/next_sequence`, `m/current`, `m/pending`, `m/last_manual_reset`;
+//! - `m/device_id`, `m/generation`, `m/next_sequence`, `m/current`, `m/pending`,
+//!   `m/last_manual_reset`, `m/backup_refused`, `m/rollback_due`;
 //! - `o/<sequence>`: an outbox entry (an [`Envelope`] as JSON), sequence big-endian;
 //! - `u/<event id>`: a backup sent but not yet confirmed stored by the orchestrator;
 //! - `x/<command id>`: a command already executed;
@@ -19,15 +20,19 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use fleetlaps_proto::command::CommandId;
-use fleetlaps_proto::event::{Envelope, Event, RotationReason};
+use fleetlaps_proto::command::{BackupRefusal, CommandId, DevicePosition};
+use fleetlaps_proto::event::{Envelope, Event, EventKind, RotationReason};
 use fleetlaps_proto::ids::{AccountName, DeviceId, EventId, RotationId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::account::PasswordHash;
+use crate::fault::{FailPoint, Faults, InjectedFault};
+use crate::password_hash::PasswordHash;
 
 const DEVICE_ID_KEY: &[u8] = b"m/device_id";
+const GENERATION_KEY: &[u8] = b"m/generation";
+const BACKUP_REFUSED_KEY: &[u8] = b"m/backup_refused";
+const ROLLBACK_DUE_KEY: &[u8] = b"m/rollback_due";
 const NEXT_SEQUENCE_KEY: &[u8] = b"m/next_sequence";
 const CURRENT_KEY: &[u8] = b"m/current";
 const PENDING_KEY: &[u8] = b"m/pending";
@@ -52,6 +57,9 @@ pub enum StateError {
         /// The id of the enrolled identity.
         enrolled: DeviceId,
     },
+    /// A fault injected by a test (see [`crate::fault`]).
+    #[error("agent state: {0}")]
+    Injected(#[from] InjectedFault),
     /// A stored record does not decode.
     #[error("agent state: corrupt record {key}: {detail}")]
     Corrupt {
@@ -91,11 +99,34 @@ pub struct PendingRotation {
     pub expires_at: DateTime<Utc>,
     /// The device sequence of its backup event, to know when that left the outbox.
     pub backup_sequence: u64,
+    /// Its backup event's id, whose confirmation by the orchestrator the account waits for.
+    /// `None` in a rotation recorded by an agent that did not wait for confirmations.
+    #[serde(default)]
+    pub backup_event_id: Option<EventId>,
     /// The new password's hash: what is written to the account, and what recovery compares the
     /// account's stored hash with to know whether it was written.
     pub password_hash: PasswordHash,
     /// The orchestrator command that asked for it, if one did.
     pub command_id: Option<CommandId>,
+}
+
+/// The orchestrator's refusal of the last backup: shown by `status`, and, when sending a new
+/// backup cannot help, it stops automatic rotations until the agent restarts or is reset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedBackup {
+    /// The rotation whose backup was refused.
+    pub rotation_id: RotationId,
+    /// Why.
+    pub reason: BackupRefusal,
+    /// The orchestrator's explanation.
+    pub detail: String,
+    /// When the refusal arrived.
+    pub at: DateTime<Utc>,
+    /// Why the refused rotation was started: a retry that can help starts the same.
+    pub reason_for_retry: RotationReason,
+    /// The escrow key the refused backup was sealed to: an unopenable backup is retried only
+    /// once the agent has learnt another.
+    pub sealed_to: fleetlaps_proto::seal::EscrowPublicKey,
 }
 
 /// A backup the orchestrator has not yet confirmed storing: re-sent until it does.
@@ -113,12 +144,18 @@ pub struct AgentState {
     db: sled::Db,
     tree: sled::Tree,
     device_id: DeviceId,
+    /// Failures a test armed; none in production.
+    faults: Faults,
 }
 
 impl AgentState {
     /// Opens (or creates) the state in `dir` for the enrolled device `device_id`. A new state
     /// records the id; a state that holds another device's id is refused, since its sequence,
     /// outbox and rotations belong to that device.
+    ///
+    /// A new state starts a generation numbered by the time it is made (milliseconds since the
+    /// Unix epoch), so a state made afresh next to an existing identity (its directory deleted)
+    /// emits events that order after everything the centre saw from the lost one.
     pub fn open(dir: &Path, device_id: &DeviceId) -> Result<Self, StateError> {
         let db = sled::open(dir.join("state"))?;
         let tree = db.open_tree("agent")?;
@@ -136,7 +173,11 @@ impl AgentState {
                 }
             }
             None => {
-                tree.insert(DEVICE_ID_KEY, device_id.as_str().as_bytes())?;
+                let generation = u64::try_from(Utc::now().timestamp_millis()).unwrap_or_default();
+                let mut batch = sled::Batch::default();
+                batch.insert(DEVICE_ID_KEY, device_id.as_str().as_bytes());
+                batch.insert(GENERATION_KEY, &generation.to_be_bytes());
+                tree.apply_batch(batch)?;
                 db.flush()?;
             }
         }
@@ -144,7 +185,84 @@ impl AgentState {
             db,
             tree,
             device_id: device_id.clone(),
+            faults: Faults::none(),
         })
+    }
+
+    /// The same state with `faults` armed (tests).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// The position the next event will have.
+    pub fn next_position(&self) -> Result<DevicePosition, StateError> {
+        Ok(DevicePosition {
+            generation: self.generation()?,
+            sequence: self.tree.get(NEXT_SEQUENCE_KEY)?.map_or(1, |bytes| decode_u64(&bytes)),
+        })
+    }
+
+    /// Starts generation `generation` after a detected rollback, together with the event that
+    /// reports it (the first of the new generation) and the rotation it owes, which stays owed
+    /// across restarts until a rotation completes.
+    pub async fn start_generation(
+        &self,
+        generation: u64,
+        time: DateTime<Utc>,
+        event: Event,
+    ) -> Result<Envelope, StateError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(GENERATION_KEY, &generation.to_be_bytes());
+        batch.insert(ROLLBACK_DUE_KEY, encode(&time));
+        let envelope = self.envelope_at(&mut batch, generation, time, event)?;
+        self.commit(batch).await?;
+        Ok(envelope)
+    }
+
+    /// Whether a detected rollback still owes a rotation.
+    pub fn rollback_due(&self) -> Result<bool, StateError> {
+        Ok(self.tree.contains_key(ROLLBACK_DUE_KEY)?)
+    }
+
+    fn generation(&self) -> Result<u64, StateError> {
+        Ok(self.tree.get(GENERATION_KEY)?.map_or(0, |bytes| decode_u64(&bytes)))
+    }
+
+    /// The orchestrator's refusal of the last backup, if the last backup was refused.
+    pub fn backup_refused(&self) -> Result<Option<RefusedBackup>, StateError> {
+        self.get(BACKUP_REFUSED_KEY)
+    }
+
+    /// Forgets a refusal (the agent restarted, or an administrator asked for a rotation).
+    pub async fn clear_backup_refused(&self) -> Result<(), StateError> {
+        if self.tree.remove(BACKUP_REFUSED_KEY)?.is_some() {
+            self.db.flush_async().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the orchestrator confirmed storing the backup `event_id` (or it was never one
+    /// this state waits for).
+    pub fn backup_is_confirmed(&self, event_id: &EventId) -> Result<bool, StateError> {
+        Ok(!self.tree.contains_key(unconfirmed_key(event_id))?)
+    }
+
+    /// Gives up the pending rotation whose backup the orchestrator refused: the account never
+    /// had its password. Records the refusal and queues `failed`, in one durable batch.
+    pub async fn abandon_rotation(
+        &self,
+        backup_event_id: &EventId,
+        refused: &RefusedBackup,
+        failed: Event,
+    ) -> Result<Envelope, StateError> {
+        let mut batch = sled::Batch::default();
+        let envelope = self.envelope(&mut batch, refused.at, failed)?;
+        batch.remove(PENDING_KEY);
+        batch.remove(unconfirmed_key(backup_event_id));
+        batch.insert(BACKUP_REFUSED_KEY, encode(refused));
+        self.commit(batch).await?;
+        Ok(envelope)
     }
 
     /// This device's id.
@@ -174,12 +292,12 @@ impl AgentState {
     pub async fn begin_rotation(
         &self,
         time: DateTime<Utc>,
-        pending: impl FnOnce(u64) -> PendingRotation,
+        pending: impl FnOnce(u64, EventId) -> PendingRotation,
         backup: Event,
     ) -> Result<(PendingRotation, Envelope), StateError> {
         let mut batch = sled::Batch::default();
         let envelope = self.envelope(&mut batch, time, backup)?;
-        let pending = pending(envelope.sequence);
+        let pending = pending(envelope.sequence, envelope.id);
         batch.insert(PENDING_KEY, encode(&pending));
         let unconfirmed = UnconfirmedBackup {
             envelope: envelope.clone(),
@@ -190,7 +308,8 @@ impl AgentState {
         Ok((pending, envelope))
     }
 
-    /// Records that the pending rotation's password is on the account, with its commit event.
+    /// Records that the pending rotation's password is on the account, with its commit event; a
+    /// rollback's or a refusal's owed rotation is then paid.
     pub async fn complete_rotation(
         &self,
         time: DateTime<Utc>,
@@ -201,6 +320,8 @@ impl AgentState {
         let envelope = self.envelope(&mut batch, time, rotated)?;
         batch.insert(CURRENT_KEY, encode(current));
         batch.remove(PENDING_KEY);
+        batch.remove(ROLLBACK_DUE_KEY);
+        batch.remove(BACKUP_REFUSED_KEY);
         self.commit(batch).await?;
         Ok(envelope)
     }
@@ -301,6 +422,9 @@ impl AgentState {
                     key: String::from_utf8_lossy(&key).into_owned(),
                     detail: err.to_string(),
                 })?;
+                if envelope.event.kind() == EventKind::PasswordBackedUp {
+                    self.faults.check(FailPoint::OutboxRead)?;
+                }
                 Ok(Some(envelope))
             }
             None => Ok(None),
@@ -313,8 +437,11 @@ impl AgentState {
     }
 
     /// Removes an acknowledged event from the outbox, durably.
-    pub async fn acknowledged(&self, sequence: u64) -> Result<(), StateError> {
-        self.tree.remove(outbox_key(sequence))?;
+    pub async fn acknowledged(&self, envelope: &Envelope) -> Result<(), StateError> {
+        if envelope.event.kind() == EventKind::PasswordBackedUp {
+            self.faults.check(FailPoint::OutboxAck)?;
+        }
+        self.tree.remove(outbox_key(envelope.sequence))?;
         self.db.flush_async().await?;
         Ok(())
     }
@@ -325,8 +452,20 @@ impl AgentState {
     }
 
     fn envelope(&self, batch: &mut sled::Batch, time: DateTime<Utc>, event: Event) -> Result<Envelope, StateError> {
+        let generation = self.generation()?;
+        self.envelope_at(batch, generation, time, event)
+    }
+
+    fn envelope_at(
+        &self,
+        batch: &mut sled::Batch,
+        generation: u64,
+        time: DateTime<Utc>,
+        event: Event,
+    ) -> Result<Envelope, StateError> {
         let sequence = self.tree.get(NEXT_SEQUENCE_KEY)?.map_or(1, |bytes| decode_u64(&bytes));
-        let envelope = Envelope::new(self.device_id.clone(), sequence, time, event);
+        let position = DevicePosition { generation, sequence };
+        let envelope = Envelope::at(self.device_id.clone(), position, time, event);
         batch.insert(NEXT_SEQUENCE_KEY, &(sequence + 1).to_be_bytes());
         batch.insert(outbox_key(sequence), envelope.to_json());
         Ok(envelope)
@@ -408,7 +547,7 @@ mod tests {
         assert_eq!((first.sequence, second.sequence), (1, 2));
         assert_eq!(state.outbox_len(), 2);
         assert_eq!(state.outbox_first().unwrap().unwrap().id, first.id);
-        state.acknowledged(1).await.unwrap();
+        state.acknowledged(&first).await.unwrap();
         assert_eq!(state.outbox_first().unwrap().unwrap().id, second.id);
     }
 

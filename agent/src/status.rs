@@ -56,6 +56,7 @@ pub fn render(report: &StatusReport) -> String {
         ),
         ("Connected", report.connected.to_string()),
         ("LastError", or_none(report.last_error.clone())),
+        ("LastBackupRefusal", or_none(report.last_backup_refusal.clone())),
     ];
     let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     let mut text = String::new();

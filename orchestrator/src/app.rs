@@ -62,12 +62,18 @@ impl App {
         let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
         let stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
+        bus::ensure_password_versions_stream(&jetstream).await?;
+        let escrow = Arc::new(escrow);
         let consumer = Consumer::bind(
             &jetstream,
             &stream,
             &config.nats.consumer,
-            projections.clone(),
-            metrics.clone(),
+            bus::ConsumerParts {
+                projections: projections.clone(),
+                metrics: metrics.clone(),
+                escrow: Arc::clone(&escrow),
+                recovery_public_key: None,
+            },
         )
         .await?;
 
@@ -79,7 +85,7 @@ impl App {
             .with_context(|| format!("binding metrics.listen {}", config.metrics.listen))?;
         let state = AppState {
             projections: projections.clone(),
-            escrow: Arc::new(escrow),
+            escrow,
             tokens: Arc::new(TokenStore::new(
                 &config.tokens,
                 config.bootstrap_admin_token.as_ref(),

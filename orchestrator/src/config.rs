@@ -254,14 +254,19 @@ fn default_consumer() -> String {
 }
 
 impl Config {
-    /// Reads the file at `path`, then applies `FLEETLAPS_*` environment variables over it.
+    /// Reads the file at `path`, then applies `FLEETLAPS_*` environment variables over it, except
+    /// the agent's own `FLEETLAPS_AGENT_*` (both programs run on the orchestrator's host).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         if !path.exists() {
             anyhow::bail!("config file {} does not exist", path.display());
         }
         let config: Self = Figment::new()
             .merge(Toml::file(path))
-            .merge(Env::prefixed("FLEETLAPS_").split("__"))
+            .merge(
+                Env::prefixed("FLEETLAPS_")
+                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("agent_"))
+                    .split("__"),
+            )
             .extract()
             .map_err(|err| anyhow::anyhow!("invalid config {}: {err}", path.display()))?;
         config.validate()?;

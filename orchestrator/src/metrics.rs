@@ -28,6 +28,14 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "fleetlaps_http_request_duration
 /// Passwords disclosed through the API (one per credential returned).
 pub const PASSWORDS_DISCLOSED_TOTAL: &str = "fleetlaps_passwords_disclosed_total";
 
+/// Image rollbacks reported by devices (a device restored from an older copy, which then rotated).
+pub const IMAGE_ROLLBACKS_TOTAL: &str = "fleetlaps_image_rollbacks_total";
+/// Device events older than their device's newest one, applied anyway (a clone or an unnoticed
+/// rollback).
+pub const EVENTS_OUT_OF_ORDER_TOTAL: &str = "fleetlaps_events_out_of_order_total";
+/// Backups answered to their devices, by outcome: `stored` or the refusal's reason.
+pub const BACKUPS_CONFIRMED_TOTAL: &str = "fleetlaps_backups_confirmed_total";
+
 /// The orchestrator's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -50,6 +58,12 @@ pub struct Metrics {
     pub http_request_duration: HistogramVec,
     /// See [`PASSWORDS_DISCLOSED_TOTAL`].
     pub passwords_disclosed: IntCounter,
+    /// See [`IMAGE_ROLLBACKS_TOTAL`].
+    pub image_rollbacks: IntCounter,
+    /// See [`EVENTS_OUT_OF_ORDER_TOTAL`].
+    pub events_out_of_order: IntCounter,
+    /// See [`BACKUPS_CONFIRMED_TOTAL`].
+    pub backups_confirmed: IntCounterVec,
 }
 
 impl Metrics {
@@ -89,7 +103,23 @@ impl Metrics {
         let passwords_disclosed = IntCounter::new(PASSWORDS_DISCLOSED_TOTAL, "Passwords disclosed through the API.")
             .expect("metric definition is valid");
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let image_rollbacks = IntCounter::new(IMAGE_ROLLBACKS_TOTAL, "Image rollbacks reported by devices.")
+            .expect("metric definition is valid");
+        let events_out_of_order = IntCounter::new(
+            EVENTS_OUT_OF_ORDER_TOTAL,
+            "Device events older than their device's newest one, applied anyway.",
+        )
+        .expect("metric definition is valid");
+        let backups_confirmed = IntCounterVec::new(
+            Opts::new(
+                BACKUPS_CONFIRMED_TOTAL,
+                "Backups answered to their devices, by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("metric definition is valid");
+
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(events_applied.clone()),
             Box::new(events_duplicate.clone()),
             Box::new(events_quarantined.clone()),
@@ -99,6 +129,9 @@ impl Metrics {
             Box::new(http_requests.clone()),
             Box::new(http_request_duration.clone()),
             Box::new(passwords_disclosed.clone()),
+            Box::new(image_rollbacks.clone()),
+            Box::new(events_out_of_order.clone()),
+            Box::new(backups_confirmed.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric is registered once");
@@ -113,6 +146,10 @@ impl Metrics {
         for reason in QuarantineReason::ALL {
             events_quarantined.with_label_values(&[reason.as_str()]);
         }
+        backups_confirmed.with_label_values(&["stored"]);
+        for reason in fleetlaps_proto::command::BackupRefusal::ALL {
+            backups_confirmed.with_label_values(&[reason.as_str()]);
+        }
         Self {
             registry,
             events_applied,
@@ -124,6 +161,9 @@ impl Metrics {
             http_requests,
             http_request_duration,
             passwords_disclosed,
+            image_rollbacks,
+            events_out_of_order,
+            backups_confirmed,
         }
     }
 

@@ -12,6 +12,9 @@
 //! - publish `$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.<device_id>`: read its own last
 //!   command. The subject names the message asked for, so the permission can be per device;
 //!   `$JS.API.STREAM.MSG.GET` carries the subject in its payload and is therefore not allowed;
+//! - publish `$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.<device_id>`: read
+//!   the centre's current password version of itself (rollback detection, missed confirmations,
+//!   the escrow key to seal to); only the orchestrator may write it;
 //! - subscribe `laps.commands.<device_id>` and `laps.confirmations.<device_id>`: live commands
 //!   and backup confirmations;
 //! - subscribe `_INBOX_<device_id>.>`: replies (JetStream acks, the direct get's answer). The
@@ -300,7 +303,11 @@ pub struct Permissions {
 /// device events.
 pub fn orchestrator_permissions() -> Permissions {
     let mut publish = Vec::new();
-    for stream in [subject::EVENTS_STREAM, subject::COMMANDS_STREAM] {
+    for stream in [
+        subject::EVENTS_STREAM,
+        subject::COMMANDS_STREAM,
+        subject::PASSWORD_VERSIONS_STREAM,
+    ] {
         publish.extend([
             format!("{JS_API}.STREAM.INFO.{stream}"),
             format!("{JS_API}.STREAM.CREATE.{stream}"),
@@ -322,6 +329,7 @@ pub fn orchestrator_permissions() -> Permissions {
     publish.extend([
         "laps.commands.*".to_owned(),
         "laps.confirmations.*".to_owned(),
+        subject::PASSWORD_VERSIONS_WILDCARD.to_owned(),
         subject::AUDIT_WILDCARD.to_owned(),
     ]);
     Permissions {
@@ -337,6 +345,11 @@ pub fn device_permissions(device_id: &DeviceId) -> Permissions {
         publish: vec![
             format!("laps.events.{device_id}.>"),
             format!("{JS_API}.DIRECT.GET.{}.{commands}", subject::COMMANDS_STREAM),
+            format!(
+                "{JS_API}.DIRECT.GET.{}.{}",
+                subject::PASSWORD_VERSIONS_STREAM,
+                subject::device_password_version(device_id)
+            ),
         ],
         subscribe: vec![
             format!("{}.>", subject::device_inbox_prefix(device_id)),
@@ -389,7 +402,8 @@ impl ServerConfig {
 # Clients connect here.
 listen: {listen}
 
-# JetStream keeps the history (LAPS_EVENTS) and each device's last command (LAPS_COMMANDS), in
+# JetStream keeps the history (LAPS_EVENTS), each device's last command (LAPS_COMMANDS) and the
+# centre's current password version of each device (LAPS_PASSWORD_VERSIONS), in
 # a jetstream directory inside store_dir. Debian's package does not enable it; this block does.
 # The directory must belong to the user nats-server runs as:
 # `install -d -o nats -g nats -m 0700 {store_dir_plain}`.
@@ -425,9 +439,10 @@ pub fn render_authorization(orchestrator: &NkeyPublicKey, devices: &[DeviceUser]
         "# Every user, by nkey. A user may publish and subscribe only to the subjects listed for it.
 authorization {
   users = [
-    # The orchestrator: creates, checks and reads LAPS_EVENTS and LAPS_COMMANDS and their
-    # consumers, issues commands, confirms backups and records its own audit events. It may not
-    # delete or purge a stream, nor publish device events.
+    # The orchestrator: creates, checks and reads LAPS_EVENTS, LAPS_COMMANDS and
+    # LAPS_PASSWORD_VERSIONS and their consumers, issues commands, confirms backups, publishes
+    # password versions and records its own audit events. It may not delete or purge a stream,
+    # nor publish device events.
 ",
     );
     text.push_str(&render_user(orchestrator, &orchestrator_permissions()));
@@ -435,7 +450,8 @@ authorization {
         "
     # Devices, one user each (nats-server 2.9 cannot template permissions on the user).
     # A device publishes only laps.events.<its id>.>, reads only its own command (live, or the
-    # last one with a JetStream direct get on its own subject) and its own backup confirmations,
+    # last one with a JetStream direct get on its own subject), its own password version (a
+    # direct get on its own subject) and its own backup confirmations,
     # and gets replies only on its own inbox prefix _INBOX_<its id>, which the agent connects
     # with. It cannot publish commands, confirmations or audit events, nor call any other
     # JetStream API (no stream or consumer to create, delete or purge).

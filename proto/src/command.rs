@@ -1,9 +1,13 @@
-//! What the orchestrator tells devices: rotate commands and backup confirmations.
+//! What the orchestrator tells devices: rotate commands, backup confirmations and the current
+//! password version.
 //!
 //! A [`Command`] is kept per device in JetStream (the last one per subject), so a device that
 //! was offline when it was issued finds it when it comes back; the device executes each command
-//! id once. A [`BackupConfirmation`] tells a device that the orchestrator has durably stored one
-//! of its backups, so the device may forget the sealed copy it keeps until then.
+//! id once. A [`BackupConfirmation`] tells a device whether the orchestrator has durably stored
+//! one of its backups and can open it: only then may the device change its account. The
+//! [`CurrentPasswordVersion`] is the centre's view of one device (LAPS's
+//! `msLAPS-CurrentPasswordVersion`), kept per device in JetStream, which the device compares with
+//! its own state to detect an image rollback.
 
 use std::fmt;
 
@@ -12,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::ids::{DeviceId, EventId, IdError, RotationId};
+use crate::seal::EscrowPublicKey;
 
 /// The id of one command; a device executes each id at most once.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -75,15 +80,125 @@ pub enum CommandAction {
     },
 }
 
-/// The orchestrator's word that a backup is durably stored in its projections.
+/// The orchestrator's word on one backup: stored durably and opened on trial, or refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupConfirmation {
     /// The device whose backup it is.
     pub device_id: DeviceId,
     /// The backup event.
     pub event_id: EventId,
-    /// The rotation it belongs to.
-    pub rotation_id: RotationId,
+    /// The rotation it belongs to, when the backup could be read that far.
+    pub rotation_id: Option<RotationId>,
+    /// Stored, or refused and why.
+    #[serde(flatten)]
+    pub outcome: BackupOutcome,
+}
+
+/// What the orchestrator did with a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum BackupOutcome {
+    /// Stored durably in the projections, and opened with the escrow key (nothing disclosed):
+    /// the device may now set the password on its account.
+    Stored,
+    /// Not stored, or stored but not usable: the device must leave its account unchanged.
+    Refused {
+        /// Why, as a bounded reason.
+        reason: BackupRefusal,
+        /// A payload-free explanation.
+        detail: String,
+    },
+}
+
+/// Why the orchestrator refused a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupRefusal {
+    /// Not a valid envelope.
+    Malformed,
+    /// A schema version the orchestrator does not read: the agent is newer or older than it.
+    UnsupportedSchema,
+    /// The LAPS code does not belong to the kind.
+    CodeMismatch,
+    /// The envelope names another device or kind than its subject.
+    SubjectMismatch,
+    /// The sealed password does not open with any escrow key the orchestrator holds: it was
+    /// sealed to a key the orchestrator does not have (an old or a foreign one).
+    Unopenable,
+}
+
+impl BackupRefusal {
+    /// Every reason, for metrics.
+    pub const ALL: [Self; 5] = [
+        Self::Malformed,
+        Self::UnsupportedSchema,
+        Self::CodeMismatch,
+        Self::SubjectMismatch,
+        Self::Unopenable,
+    ];
+
+    /// The reason's name, as a metric label and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnsupportedSchema => "unsupported_schema",
+            Self::CodeMismatch => "code_mismatch",
+            Self::SubjectMismatch => "subject_mismatch",
+            Self::Unopenable => "unopenable",
+        }
+    }
+
+    /// Whether sending a new backup can succeed where this one failed without a change on the
+    /// device: only an unopenable backup can, once the device seals to the orchestrator's
+    /// current escrow key (which it learns from [`CurrentPasswordVersion`]). The others need a
+    /// compatible agent.
+    pub fn retry_helps(self) -> bool {
+        matches!(self, Self::Unopenable)
+    }
+}
+
+impl fmt::Display for BackupRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The position of a device event in its device's own order: the generation of the device's
+/// state, then the sequence within it. A state made afresh or after a detected rollback starts a
+/// higher generation, so its events come after everything the centre saw from before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct DevicePosition {
+    /// The state's generation (compared first).
+    pub generation: u64,
+    /// The event's sequence.
+    pub sequence: u64,
+}
+
+impl fmt::Display for DevicePosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.generation, self.sequence)
+    }
+}
+
+/// The centre's view of one device, published after every change (LAPS's
+/// `msLAPS-CurrentPasswordVersion`): which rotation it holds as the account's password, how far
+/// it has read the device's events, and the escrow key to seal to. Only the orchestrator may
+/// write it; only its device may read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentPasswordVersion {
+    /// The device.
+    pub device_id: DeviceId,
+    /// The rotation the device last reported applied (its password is the account's).
+    pub rotation_id: Option<RotationId>,
+    /// The newest device event the centre has applied.
+    pub position: DevicePosition,
+    /// The newest backup's confirmation, for a device that missed the live one.
+    pub latest_backup: Option<BackupConfirmation>,
+    /// The escrow public key new backups must be sealed to.
+    pub escrow_public_key: EscrowPublicKey,
+    /// The offline recovery public key every backup is also sealed to, if one is configured.
+    #[serde(default)]
+    pub escrow_recovery_public_key: Option<EscrowPublicKey>,
 }
 
 #[cfg(test)]

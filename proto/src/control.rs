@@ -86,6 +86,9 @@ pub struct StatusReport {
     pub connected: bool,
     /// The last error of a processing cycle, if the last cycle failed.
     pub last_error: Option<String>,
+    /// The orchestrator's refusal of the last backup, if it was refused: the reason and why.
+    #[serde(default)]
+    pub last_backup_refusal: Option<String>,
 }
 
 #[cfg(test)]

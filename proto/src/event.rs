@@ -26,6 +26,11 @@ pub struct Envelope {
     pub id: EventId,
     /// The device the event is about; must match the device token of its subject.
     pub device_id: DeviceId,
+    /// The generation of the device's state that emitted it: a state made afresh, or one that
+    /// found it was restored from an older copy (an image rollback), starts a higher one, so its
+    /// events order after everything emitted before. 0 in events of agents older than it.
+    #[serde(default)]
+    pub generation: u64,
     /// The device's own counter: each event it emits has the next number, starting at 1.
     pub sequence: u64,
     /// When the fact happened, in UTC.
@@ -63,6 +68,10 @@ pub enum Event {
     PostAuthenticationActionsFailed(PostAuthenticationActionsFailed),
     /// A command from the orchestrator was carried out (or refused).
     CommandExecuted(CommandExecuted),
+    /// The device's state is behind the centre's view of it: the device was restored from an
+    /// older copy (an image rollback, a snapshot) or lost its state; it rotates at once (LAPS
+    /// 10015 with reason 0x4000).
+    ImageRollbackDetected(ImageRollbackDetected),
 }
 
 /// The kind of an event, without its body: names subjects and metric labels.
@@ -90,6 +99,8 @@ pub enum EventKind {
     PostAuthenticationActionsFailed,
     /// See [`Event::CommandExecuted`].
     CommandExecuted,
+    /// See [`Event::ImageRollbackDetected`].
+    ImageRollbackDetected,
 }
 
 /// Body of [`Event::PolicyApplied`].
@@ -117,6 +128,8 @@ pub enum RotationReason {
     Command,
     /// The post-authentication grace period ended.
     PostAuthentication,
+    /// The device found it was rolled back to an older image (LAPS 10015, reason 0x4000).
+    Rollback,
 }
 
 /// Body of [`Event::PasswordBackedUp`].
@@ -132,6 +145,9 @@ pub struct PasswordBackedUp {
     pub account_uid: Option<u32>,
     /// The new password, sealed to the escrow key with [`sealing_context`].
     pub sealed_password: SealedBox,
+    /// The same password sealed to the offline recovery key, when the orchestrator has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_sealed_password: Option<SealedBox>,
     /// When the new password must be rotated again (Graph's `refreshDateTime`).
     pub expires_at: DateTime<Utc>,
     /// Why the rotation started.
@@ -238,6 +254,21 @@ pub struct CommandExecuted {
     pub error: Option<String>,
 }
 
+/// Body of [`Event::ImageRollbackDetected`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRollbackDetected {
+    /// The rotation the device's state held as current, if any.
+    pub local_rotation_id: Option<RotationId>,
+    /// The rotation the centre holds as current, if any.
+    pub centre_rotation_id: Option<RotationId>,
+    /// The position the device's state was at.
+    pub local_position: crate::command::DevicePosition,
+    /// The newest position the centre had seen.
+    pub centre_position: crate::command::DevicePosition,
+    /// The generation the device goes on with.
+    pub new_generation: u64,
+}
+
 /// Why bytes from the stream are not a valid envelope.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -263,16 +294,43 @@ pub enum DecodeError {
 }
 
 impl Envelope {
-    /// Wraps an event with a fresh id and the kind's LAPS code.
+    /// Wraps an event with a fresh id and the kind's LAPS code, at generation 0.
     pub fn new(device_id: DeviceId, sequence: u64, time: DateTime<Utc>, event: Event) -> Self {
+        Self::at(
+            device_id,
+            crate::command::DevicePosition {
+                generation: 0,
+                sequence,
+            },
+            time,
+            event,
+        )
+    }
+
+    /// Wraps an event with a fresh id and the kind's LAPS code, at `position`.
+    pub fn at(
+        device_id: DeviceId,
+        position: crate::command::DevicePosition,
+        time: DateTime<Utc>,
+        event: Event,
+    ) -> Self {
         Self {
             schema: SCHEMA_VERSION,
             id: EventId::new(),
             device_id,
-            sequence,
+            generation: position.generation,
+            sequence: position.sequence,
             time,
             code: event.kind().code(),
             event,
+        }
+    }
+
+    /// Where the event stands in its device's order.
+    pub fn position(&self) -> crate::command::DevicePosition {
+        crate::command::DevicePosition {
+            generation: self.generation,
+            sequence: self.sequence,
         }
     }
 
@@ -314,13 +372,14 @@ impl Event {
             Self::PostAuthenticationActionsSucceeded(_) => EventKind::PostAuthenticationActionsSucceeded,
             Self::PostAuthenticationActionsFailed(_) => EventKind::PostAuthenticationActionsFailed,
             Self::CommandExecuted(_) => EventKind::CommandExecuted,
+            Self::ImageRollbackDetected(_) => EventKind::ImageRollbackDetected,
         }
     }
 }
 
 impl EventKind {
     /// Every kind, for metrics and documentation.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::PolicyApplied,
         Self::PasswordBackedUp,
         Self::PasswordRotated,
@@ -332,6 +391,7 @@ impl EventKind {
         Self::PostAuthenticationActionsSucceeded,
         Self::PostAuthenticationActionsFailed,
         Self::CommandExecuted,
+        Self::ImageRollbackDetected,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -348,6 +408,7 @@ impl EventKind {
             Self::PostAuthenticationActionsSucceeded => "post_authentication_actions_succeeded",
             Self::PostAuthenticationActionsFailed => "post_authentication_actions_failed",
             Self::CommandExecuted => "command_executed",
+            Self::ImageRollbackDetected => "image_rollback_detected",
         }
     }
 
@@ -369,6 +430,7 @@ impl EventKind {
             Self::PostAuthenticationActionsStarted => Some(10042),
             Self::PostAuthenticationActionsSucceeded => Some(10044),
             Self::PostAuthenticationActionsFailed => Some(10043),
+            Self::ImageRollbackDetected => Some(10015),
         }
     }
 }
@@ -409,6 +471,7 @@ mod tests {
                 account_name: AccountName::parse("lapsadmin").expect("valid"),
                 account_uid: Some(1001),
                 sealed_password: sealed,
+                recovery_sealed_password: None,
                 expires_at: Utc::now(),
                 reason: RotationReason::Initial,
             }),

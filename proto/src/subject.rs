@@ -39,8 +39,21 @@ pub fn device_commands(device_id: &DeviceId) -> String {
     format!("laps.commands.{device_id}")
 }
 
-/// The subject the orchestrator confirms a device's stored backups on (core NATS, not a stream:
-/// a device that misses one re-sends its backup and is confirmed again).
+/// The stream that keeps, per device, the centre's [`crate::command::CurrentPasswordVersion`]
+/// (the last one per subject).
+pub const PASSWORD_VERSIONS_STREAM: &str = "LAPS_PASSWORD_VERSIONS";
+
+/// Every subject of [`PASSWORD_VERSIONS_STREAM`].
+pub const PASSWORD_VERSIONS_WILDCARD: &str = "laps.password_version.>";
+
+/// The subject of one device's current password version.
+pub fn device_password_version(device_id: &DeviceId) -> String {
+    format!("laps.password_version.{device_id}")
+}
+
+/// The subject the orchestrator confirms (or refuses) a device's backups on, live (core NATS, not
+/// a stream: a device that misses one finds the newest in its current password version, or
+/// re-sends its backup and is confirmed again).
 pub fn device_confirmations(device_id: &DeviceId) -> String {
     format!("laps.confirmations.{device_id}")
 }

@@ -24,12 +24,15 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     tools::run_step(
         tools::cargo_command(["doc", "--workspace", "--no-deps", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"),
     )?;
-    // The integration tests run the real binaries, which `cargo test` does not build.
+    // The integration tests run the real binaries, which `cargo test` does not build; the agent
+    // with its fault-injection points, which the crash tests arm (a release build has none).
     tools::run_step(&mut tools::cargo_command([
         "build",
         "--workspace",
         "--bins",
         "--locked",
+        "--features",
+        "fleetlaps-agent/fault-injection",
     ]))?;
     // The tests find nats-server in /usr/sbin themselves; tools they run by name may live there too.
     tools::run_step(

@@ -4,8 +4,8 @@
 //! `AdministratorAccountName` is unset, as LAPS finds the built-in administrator by its RID),
 //! reads its stored password hash, and stores a new hash.
 //!
-//! The agent hashes a new password itself ([`PasswordHash::new`], SHA-512 crypt, as
-//! `/etc/shadow` holds it) and keeps that hash with the pending rotation. After a crash it
+//! The agent hashes a new password itself ([`PasswordHash::new`] in [`crate::password_hash`],
+//! SHA-512 crypt, as `/etc/shadow` holds it) and keeps that hash with the pending rotation. After a crash it
 //! compares the account's stored hash with the pending one to know, exactly, whether the new
 //! password reached the account, without ever keeping the password itself.
 //! Backends never create accounts: LAPS does not either.
@@ -20,14 +20,13 @@ mod linux;
 pub use file::FileAccounts;
 pub use linux::LinuxAccounts;
 
-use std::fmt;
 use std::sync::Arc;
 
 use fleetlaps_proto::ids::AccountName;
 use fleetlaps_proto::password::Password;
-use serde::{Deserialize, Serialize};
 
 use crate::config::AccountConfig;
+pub use crate::password_hash::PasswordHash;
 
 /// The managed account, as found in the account database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,39 +51,6 @@ pub enum AccountError {
         /// What went wrong.
         detail: String,
     },
-}
-
-/// A SHA-512 crypt hash of a password (`$6$salt$hash`), in the format of `/etc/shadow`.
-///
-/// It is what the agent stores with a pending rotation and what it writes to the account:
-/// never the password. `Debug` hides it all the same.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PasswordHash(String);
-
-impl PasswordHash {
-    /// Hashes a password with a fresh random salt.
-    pub fn new(password: &Password) -> Self {
-        let params = sha_crypt::Sha512Params::default();
-        let hash = sha_crypt::sha512_simple(password.expose(), &params)
-            .expect("SHA-512 crypt with default parameters and an OS salt does not fail");
-        Self(hash)
-    }
-
-    /// The crypt string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Whether `password` hashes to this.
-    pub fn matches(&self, password: &Password) -> bool {
-        sha_crypt::sha512_check(password.expose(), &self.0).is_ok()
-    }
-}
-
-impl fmt::Debug for PasswordHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PasswordHash(***)")
-    }
 }
 
 /// The account database that `config` names.

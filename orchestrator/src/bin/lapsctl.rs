@@ -52,7 +52,7 @@ enum Command {
     /// Create, list and revoke enrollment tokens, with which devices enroll (needs Admin).
     #[command(subcommand)]
     EnrollmentToken(EnrollmentTokenCommand),
-    /// List the stream messages the orchestrator refused: forged, replayed, malformed… (needs Admin).
+    /// List the stream messages the orchestrator refused: forged, malformed, unopenable… (needs Admin).
     Quarantine {
         #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,

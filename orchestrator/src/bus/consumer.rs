@@ -7,9 +7,15 @@
 //! the flush and the ack), the consumer is recreated to deliver from the sequence after it: that
 //! is how a deleted projection is rebuilt by replay.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use fleetlaps_proto::command::{BackupOutcome, CurrentPasswordVersion};
+use fleetlaps_proto::event::EventKind;
+use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -75,8 +81,24 @@ pub struct Consumer {
     metrics: Metrics,
     /// The durable pull consumer.
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    /// For backup confirmations to devices.
-    client: async_nats::Client,
+    /// For backup confirmations and password versions to devices.
+    jetstream: jetstream::Context,
+    /// Tries backups' sealed passwords, so only a backup that opens is confirmed.
+    escrow: Arc<EscrowSecretKey>,
+    /// The offline recovery key devices also seal to, if one is configured.
+    recovery_public_key: Option<EscrowPublicKey>,
+}
+
+/// What the consumer needs besides the stream: where to fold, what to count, which keys.
+pub struct ConsumerParts {
+    /// Where events are folded.
+    pub projections: Projections,
+    /// Counters.
+    pub metrics: Metrics,
+    /// The escrow key backups must open with.
+    pub escrow: Arc<EscrowSecretKey>,
+    /// The offline recovery key, if one is configured.
+    pub recovery_public_key: Option<EscrowPublicKey>,
 }
 
 /// Messages fetched at once; one flush and one acknowledgement cover them all.
@@ -90,9 +112,14 @@ impl Consumer {
         jetstream: &jetstream::Context,
         stream: &stream::Stream,
         name: &str,
-        projections: Projections,
-        metrics: Metrics,
+        parts: ConsumerParts,
     ) -> Result<Self, BusError> {
+        let ConsumerParts {
+            projections,
+            metrics,
+            escrow,
+            recovery_public_key,
+        } = parts;
         let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
             name: name.to_owned(),
             source,
@@ -155,7 +182,9 @@ impl Consumer {
             projections,
             metrics,
             consumer,
-            client: jetstream.client(),
+            jetstream: jetstream.clone(),
+            escrow,
+            recovery_public_key,
         })
     }
 
@@ -200,6 +229,7 @@ impl Consumer {
         let started = Instant::now();
         let mut last_sequence = None;
         let mut confirmations = Vec::new();
+        let mut touched = BTreeSet::new();
         let mut enrolled = false;
         for message in &messages {
             let info = match message.info() {
@@ -215,16 +245,28 @@ impl Consumer {
                 .as_ref()
                 .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
                 .map(AsRef::<str>::as_ref);
-            let applied = self.projections.apply(StreamMessage {
-                sequence: info.stream_sequence,
-                subject: message.subject.as_str(),
-                published,
-                payload: &message.payload,
-                signature,
-            })?;
+            let applied = self.projections.apply(
+                StreamMessage {
+                    sequence: info.stream_sequence,
+                    subject: message.subject.as_str(),
+                    published,
+                    payload: &message.payload,
+                    signature,
+                },
+                self.escrow.as_ref(),
+            )?;
             self.record(applied.outcome, info.stream_sequence, message.subject.as_str());
+            if applied.out_of_order {
+                self.metrics.events_out_of_order.inc();
+                tracing::warn!(
+                    stream_sequence = info.stream_sequence,
+                    subject = message.subject.as_str(),
+                    "device event older than its device's newest one: a clone or an unnoticed rollback"
+                );
+            }
             enrolled |= applied.outcome == Outcome::Recorded(fleetlaps_proto::audit::AuditKind::DeviceEnrolled);
             confirmations.extend(applied.confirmation);
+            touched.extend(applied.device_id);
             last_sequence = Some(info.stream_sequence);
         }
         self.projections.flush().await?;
@@ -234,12 +276,23 @@ impl Consumer {
                 tracing::warn!(error = %err, "acknowledging a batch failed; it will be redelivered and skipped");
             }
         }
-        // Only now, with the projections durable, may devices forget their copies.
+        // Only now, with the projections durable, may devices change their accounts.
+        let client = self.jetstream.client();
         for confirmation in confirmations {
+            let outcome = match &confirmation.outcome {
+                BackupOutcome::Stored => "stored",
+                BackupOutcome::Refused { reason, .. } => reason.as_str(),
+            };
+            self.metrics.backups_confirmed.with_label_values(&[outcome]).inc();
             let subject = fleetlaps_proto::subject::device_confirmations(&confirmation.device_id);
             let payload = serde_json::to_vec(&confirmation).expect("a confirmation serialises");
-            if let Err(err) = self.client.publish(subject, payload.into()).await {
-                tracing::warn!(error = %err, "sending a backup confirmation failed; the device will re-send its backup");
+            if let Err(err) = client.publish(subject, payload.into()).await {
+                tracing::warn!(error = %err, "sending a backup confirmation failed; the device reads its password version or re-sends");
+            }
+        }
+        for device_id in &touched {
+            if let Err(err) = self.publish_password_version(device_id).await {
+                tracing::warn!(%device_id, error = %err, "publishing the current password version failed; it is published again at the device's next event");
             }
         }
         if let Some(sequence) = last_sequence {
@@ -259,9 +312,33 @@ impl Consumer {
         Ok(())
     }
 
+    /// Publishes the centre's view of `device_id` for the device to compare with its own.
+    async fn publish_password_version(&self, device_id: &DeviceId) -> Result<(), BusError> {
+        let Some(device) = self.projections.device(device_id)? else {
+            return Ok(());
+        };
+        let version = CurrentPasswordVersion {
+            device_id: device_id.clone(),
+            rotation_id: device.current_rotation,
+            position: device.last_position(),
+            latest_backup: device.latest_backup,
+            escrow_public_key: self.escrow.public_key(),
+            escrow_recovery_public_key: self.recovery_public_key,
+        };
+        super::publish_password_version(&self.jetstream, &version).await
+    }
+
     fn record(&self, outcome: Outcome, stream_sequence: u64, subject: &str) {
         match outcome {
             Outcome::Applied(kind) => {
+                if kind == EventKind::ImageRollbackDetected {
+                    self.metrics.image_rollbacks.inc();
+                    tracing::warn!(
+                        stream_sequence,
+                        subject,
+                        "a device reported an image rollback and rotates"
+                    );
+                }
                 self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
                 tracing::debug!(stream_sequence, %kind, "event applied");
             }

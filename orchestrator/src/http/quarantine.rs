@@ -1,5 +1,5 @@
 //! The quarantine, for admins: `GET /v1.0/fleetlaps/quarantine` lists every stream message the
-//! projections refused (forged, replayed, malformed, from unknown devices, …), oldest first,
+//! projections refused (forged, malformed, unopenable, from unknown devices, …), oldest first,
 //! with its reason and position, never its payload.
 
 use axum::Json;

@@ -6,7 +6,7 @@ use fleetlaps_proto::api::{
 };
 use fleetlaps_proto::event::{Envelope, Event, PasswordBackedUp, RotationReason, sealing_context};
 use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
-use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey, seal};
+use fleetlaps_proto::seal::{EscrowSecretKey, seal};
 use fleetlaps_proto::subject;
 use serde_json::Value;
 use tower::ServiceExt as _;
@@ -60,6 +60,17 @@ impl FoldingJournal {
     }
 }
 
+/// The journal folds only orchestrator events, which hold no sealed password.
+struct NoBackupOpens;
+
+impl crate::projection::SealCheck for NoBackupOpens {
+    fn opens(&self, _sealed: &fleetlaps_proto::seal::SealedBox, _context: &[u8]) -> bool {
+        false
+    }
+}
+
+const NO_BACKUP_OPENS: NoBackupOpens = NoBackupOpens;
+
 impl Journal for FoldingJournal {
     fn append(&self, event: AuditEvent) -> futures::future::BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
@@ -76,13 +87,17 @@ impl Journal for FoldingJournal {
             let payload = envelope.to_json();
             let applied = self
                 .projections
-                .apply(StreamMessage {
-                    sequence,
-                    subject: &subject,
-                    published: envelope.time,
-                    payload: &payload,
-                    signature: None,
-                })
+                .apply(
+                    StreamMessage {
+                        sequence,
+                        subject: &subject,
+                        published: envelope.time,
+                        payload: &payload,
+                        signature: None,
+                    },
+                    // Orchestrator events hold no sealed password.
+                    &NO_BACKUP_OPENS,
+                )
                 .unwrap();
             assert!(matches!(applied.outcome, Outcome::Recorded(_)), "{applied:?}");
             Ok(sequence)
@@ -167,13 +182,16 @@ impl Fixture {
         let outcome = self
             .state
             .projections
-            .apply(StreamMessage {
-                sequence,
-                subject: &subject,
-                published: envelope.time,
-                payload: &payload,
-                signature: None,
-            })
+            .apply(
+                StreamMessage {
+                    sequence,
+                    subject: &subject,
+                    published: envelope.time,
+                    payload: &payload,
+                    signature: None,
+                },
+                self.state.escrow.as_ref(),
+            )
             .unwrap()
             .outcome;
         assert!(matches!(outcome, Outcome::Recorded(_)), "{outcome:?}");
@@ -203,10 +221,14 @@ impl Fixture {
 
     /// Backs up `password` for the device, sealed to the fixture's escrow key.
     pub(crate) fn back_up(&mut self, device_id: &str, device_name: &str, password: &str) {
-        self.back_up_sealed_to(&self.state.escrow.public_key(), device_id, device_name, password);
+        let escrow = Arc::clone(&self.state.escrow);
+        self.back_up_sealed_to(&escrow, device_id, device_name, password);
     }
 
-    fn back_up_sealed_to(&mut self, recipient: &EscrowPublicKey, device_id: &str, device_name: &str, password: &str) {
+    /// Backs up `password` for the device sealed to `escrow`, folded by projections that open
+    /// backups with `escrow` (another orchestrator's key, for tests of a key that was lost).
+    fn back_up_sealed_to(&mut self, escrow: &EscrowSecretKey, device_id: &str, device_name: &str, password: &str) {
+        let recipient = &escrow.public_key();
         let device_id = DeviceId::parse(device_id).unwrap();
         let key = self.enrolled(&device_id, device_name);
         let sequence = self.journal.next_sequence();
@@ -228,6 +250,7 @@ impl Fixture {
                     password.as_bytes(),
                     &sealing_context(&device_id, &rotation_id),
                 ),
+                recovery_sealed_password: None,
                 expires_at: time + chrono::Duration::days(30),
                 reason: RotationReason::Initial,
             }),
@@ -238,13 +261,16 @@ impl Fixture {
         let outcome = self
             .state
             .projections
-            .apply(StreamMessage {
-                sequence,
-                subject: &subject,
-                published: time,
-                payload: &payload,
-                signature: Some(&signature),
-            })
+            .apply(
+                StreamMessage {
+                    sequence,
+                    subject: &subject,
+                    published: time,
+                    payload: &payload,
+                    signature: Some(&signature),
+                },
+                escrow,
+            )
             .unwrap()
             .outcome;
         assert!(matches!(outcome, Outcome::Applied(_)), "{outcome:?}");
@@ -531,7 +557,7 @@ async fn unknown_devices_and_routes_are_404() {
 async fn a_password_that_does_not_open_is_a_generic_500() {
     let mut fixture = Fixture::new();
     let other_key = EscrowSecretKey::generate();
-    fixture.back_up_sealed_to(&other_key.public_key(), "dev-1", "host-1", "pw");
+    fixture.back_up_sealed_to(&other_key, "dev-1", "host-1", "pw");
     let answer = fixture
         .get(&format!("{ITEM}/dev-1?$select=credentials"), Some(READ_ALL_TOKEN))
         .await;

@@ -27,7 +27,8 @@ fn a_device_may_publish_only_its_own_events_and_read_only_its_own_subjects() {
         permissions.publish,
         [
             "laps.events.dev-1.>",
-            "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.dev-1"
+            "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.dev-1",
+            "$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.dev-1"
         ]
     );
     assert_eq!(

@@ -1,6 +1,7 @@
 //! The devices projection: one record per device, its name, account, policy and latest state.
 
 use chrono::{DateTime, Utc};
+use fleetlaps_proto::command::{BackupConfirmation, DevicePosition};
 use fleetlaps_proto::event::RotationStage;
 use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
 use fleetlaps_proto::policy::{Policy, PolicySource};
@@ -37,8 +38,23 @@ pub struct DeviceRecord {
     /// When the post-authentication reset is scheduled, if one is.
     #[serde(default)]
     pub post_authentication_reset_at: Option<DateTime<Utc>>,
-    /// The highest device sequence number seen.
+    /// The generation of the newest device event applied.
+    #[serde(default)]
+    pub last_generation: u64,
+    /// The sequence of the newest device event applied.
     pub last_sequence: u64,
+    /// Events applied that were older than the newest one (from a clone or a rolled-back copy).
+    #[serde(default)]
+    pub out_of_order_events: u64,
+    /// The newest backup's confirmation, as its device is told.
+    #[serde(default)]
+    pub latest_backup: Option<BackupConfirmation>,
+    /// How many image rollbacks the device reported.
+    #[serde(default)]
+    pub image_rollbacks: u64,
+    /// When it last reported one.
+    #[serde(default)]
+    pub last_image_rollback: Option<DateTime<Utc>>,
     /// When the device's newest event happened.
     pub last_seen: DateTime<Utc>,
 }
@@ -70,8 +86,21 @@ impl DeviceRecord {
             last_failure: None,
             last_authentication: None,
             post_authentication_reset_at: None,
+            last_generation: 0,
             last_sequence: 0,
+            out_of_order_events: 0,
+            latest_backup: None,
+            image_rollbacks: 0,
+            last_image_rollback: None,
             last_seen: time,
+        }
+    }
+
+    /// The position of the newest device event applied.
+    pub fn last_position(&self) -> DevicePosition {
+        DevicePosition {
+            generation: self.last_generation,
+            sequence: self.last_sequence,
         }
     }
 }

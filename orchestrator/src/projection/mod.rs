@@ -14,4 +14,4 @@ pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
 pub use principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 pub use quarantine::{QuarantineReason, QuarantineRecord};
-pub use store::{Applied, Outcome, ProjectionError, Projections, StreamMessage};
+pub use store::{Applied, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};

@@ -23,8 +23,8 @@ pub enum QuarantineReason {
     UnknownDevice,
     /// A device event without a valid signature by its device's enrolled key.
     Forged,
-    /// A device event already applied (same id), or older than the device's last one.
-    Replayed,
+    /// A backup whose sealed password opens with no escrow key of this orchestrator.
+    Unopenable,
     /// A commit for a rotation that was never backed up.
     UnknownRotation,
     /// A revocation of a token that was never created.
@@ -41,7 +41,7 @@ impl QuarantineReason {
         Self::SubjectMismatch,
         Self::UnknownDevice,
         Self::Forged,
-        Self::Replayed,
+        Self::Unopenable,
         Self::UnknownRotation,
         Self::UnknownToken,
     ];
@@ -56,7 +56,7 @@ impl QuarantineReason {
             Self::SubjectMismatch => "subject_mismatch",
             Self::UnknownDevice => "unknown_device",
             Self::Forged => "forged",
-            Self::Replayed => "replayed",
+            Self::Unopenable => "unopenable",
             Self::UnknownRotation => "unknown_rotation",
             Self::UnknownToken => "unknown_token",
         }

@@ -25,9 +25,10 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, TokenId};
-use fleetlaps_proto::command::BackupConfirmation;
-use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage};
-use fleetlaps_proto::ids::{DeviceId, RotationId};
+use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
+use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage, sealing_context};
+use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
+use fleetlaps_proto::seal::{EscrowSecretKey, SealedBox};
 use fleetlaps_proto::signature::DevicePublicKey;
 use fleetlaps_proto::subject;
 use serde::Serialize;
@@ -73,15 +74,27 @@ pub struct StreamMessage<'a> {
     pub signature: Option<&'a str>,
 }
 
-/// Why a message is quarantined, and for a re-sent backup the confirmation its device still
-/// waits for.
+/// Whether a sealed password opens with the escrow keys, tried without disclosing it: how the
+/// fold knows a backup is usable before it confirms it to its device.
+pub trait SealCheck {
+    /// Whether `sealed` opens with `context` as its associated data.
+    fn opens(&self, sealed: &SealedBox, context: &[u8]) -> bool;
+}
+
+impl SealCheck for EscrowSecretKey {
+    fn opens(&self, sealed: &SealedBox, context: &[u8]) -> bool {
+        self.open(sealed, context).is_ok()
+    }
+}
+
+/// Why a message is quarantined, and for a device's backup the refusal its device waits for.
 #[derive(Debug)]
 struct Refusal {
     /// The metric label.
     reason: QuarantineReason,
     /// A payload-free explanation.
     detail: String,
-    /// For a backup already stored and sent again by its device: its confirmation.
+    /// For a backup of an enrolled device, signed by it: the negative confirmation it waits for.
     confirmation: Option<BackupConfirmation>,
 }
 
@@ -115,9 +128,25 @@ pub enum Outcome {
 pub struct Applied {
     /// The effect on the projections.
     pub outcome: Outcome,
-    /// For a backup now stored (or stored before, when re-sent): the confirmation its device
-    /// waits for. Send it only after the projections are flushed.
+    /// For a backup: the confirmation (stored, or refused and why) its device waits for. Send
+    /// it only after the projections are flushed.
     pub confirmation: Option<BackupConfirmation>,
+    /// The device whose record the message changed, whose current password version is then
+    /// published again.
+    pub device_id: Option<DeviceId>,
+    /// Whether it was a device event older than its device's newest one (applied anyway).
+    pub out_of_order: bool,
+}
+
+impl Applied {
+    fn outcome(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            confirmation: None,
+            device_id: None,
+            out_of_order: false,
+        }
+    }
 }
 
 /// The projections, in a sled database. Cheap to clone: clones share the database.
@@ -158,17 +187,15 @@ impl Projections {
     }
 
     /// Folds one stream message into the projections, atomically. Not yet durable: call
-    /// [`Self::flush`] before acknowledging the message.
-    pub fn apply(&self, message: StreamMessage<'_>) -> Result<Applied, ProjectionError> {
+    /// [`Self::flush`] before acknowledging the message. `escrow` tells whether a backup's sealed
+    /// password opens, so a backup nobody could read is refused, not confirmed.
+    pub fn apply(&self, message: StreamMessage<'_>, escrow: &dyn SealCheck) -> Result<Applied, ProjectionError> {
         if message.sequence <= self.last_applied_sequence()? {
-            return Ok(Applied {
-                outcome: Outcome::AlreadySeen,
-                confirmation: None,
-            });
+            return Ok(Applied::outcome(Outcome::AlreadySeen));
         }
         let mut batch = sled::Batch::default();
         batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
-        let applied = match self.fold(message, &mut batch)? {
+        let applied = match self.fold(message, escrow, &mut batch)? {
             Ok(applied) => applied,
             Err(Refusal {
                 reason,
@@ -182,13 +209,25 @@ impl Projections {
                     detail,
                     received_at: message.published,
                 };
-                // A refused message changes nothing but the quarantine and the position.
+                // A refused message changes nothing but the quarantine and the position, and
+                // for a backup its device really sent, the device's latest backup outcome, so
+                // the device also finds the refusal in its current password version.
                 batch = sled::Batch::default();
                 batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
                 batch.insert(quarantine_key(message.sequence), encode(&record));
+                let mut refused_device = None;
+                if let Some(confirmation) = &confirmation
+                    && let Some(mut device) = self.device(&confirmation.device_id)?
+                {
+                    device.latest_backup = Some(confirmation.clone());
+                    batch.insert(device_key(&confirmation.device_id).as_bytes(), encode(&device));
+                    refused_device = Some(confirmation.device_id.clone());
+                }
                 Applied {
                     outcome: Outcome::Quarantined(reason),
                     confirmation,
+                    device_id: refused_device,
+                    out_of_order: false,
                 }
             }
         };
@@ -337,6 +376,7 @@ impl Projections {
     fn fold(
         &self,
         message: StreamMessage<'_>,
+        escrow: &dyn SealCheck,
         batch: &mut sled::Batch,
     ) -> Result<Result<Applied, Refusal>, ProjectionError> {
         if let Some(kind) = subject::parse_audit_event(message.subject) {
@@ -351,57 +391,98 @@ impl Projections {
         };
         let envelope = match Envelope::from_json(message.payload) {
             Ok(envelope) => envelope,
-            Err(err) => return Ok(Err(describe_decode_error(&err).into())),
+            Err(err) => {
+                let (reason, detail) = describe_decode_error(&err);
+                // A backup its device really sent but this orchestrator cannot read (another
+                // schema, a wrong code): the device must hear that it was refused.
+                let confirmation = (subject_kind == EventKind::PasswordBackedUp
+                    && self.signed_by_enrolled_key(&subject_device, message)?.is_ok())
+                .then(|| lenient_event_id(message.payload))
+                .flatten()
+                .map(|event_id| BackupConfirmation {
+                    device_id: subject_device.clone(),
+                    event_id,
+                    rotation_id: None,
+                    outcome: BackupOutcome::Refused {
+                        reason: backup_refusal(reason),
+                        detail: detail.clone(),
+                    },
+                });
+                return Ok(Err(Refusal {
+                    reason,
+                    detail,
+                    confirmation,
+                }));
+            }
         };
         // The subject's device must have enrolled, and signed exactly these bytes on exactly
         // this subject with its enrolled key.
-        let Some(enrolled) = self.enrolled_key(&subject_device)? else {
+        if self.enrolled_key(&subject_device)?.is_none() {
             return Ok(Err((
                 QuarantineReason::UnknownDevice,
                 format!("device {subject_device} never enrolled"),
             )
                 .into()));
         };
-        let verified = match (DevicePublicKey::parse(&enrolled.public_key), message.signature) {
-            (Err(err), _) => Err(format!(
-                "the enrolled key of device {subject_device} is not usable: {err}"
-            )),
-            (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
-            (Ok(key), Some(signature)) => key
-                .verify(message.subject, message.payload, signature)
-                .map_err(|err| err.to_string()),
-        };
-        if let Err(detail) = verified {
+        if let Err(detail) = self.signed_by_enrolled_key(&subject_device, message)? {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
-        if envelope.device_id != subject_device || envelope.event.kind() != subject_kind {
-            return Ok(Err((
-                QuarantineReason::SubjectMismatch,
-                format!(
-                    "envelope names device {} kind {}",
-                    envelope.device_id,
-                    envelope.event.kind()
-                ),
-            )
-                .into()));
-        }
-        let confirmation = match &envelope.event {
-            Event::PasswordBackedUp(body) => Some(BackupConfirmation {
-                device_id: envelope.device_id.clone(),
-                event_id: envelope.id,
-                rotation_id: body.rotation_id,
-            }),
-            _ => None,
+        let stored = |rotation_id: RotationId| BackupConfirmation {
+            device_id: subject_device.clone(),
+            event_id: envelope.id,
+            rotation_id: Some(rotation_id),
+            outcome: BackupOutcome::Stored,
         };
-        let event_key = event_key(&envelope);
-        if self.tree.contains_key(&event_key)? {
-            // Also how a device's own re-sent backup arrives once JetStream's duplicate window
-            // has passed: it changes nothing, and the device still gets its confirmation.
+        let refused = |rotation_id: Option<RotationId>, reason: BackupRefusal, detail: &str| BackupConfirmation {
+            device_id: subject_device.clone(),
+            event_id: envelope.id,
+            rotation_id,
+            outcome: BackupOutcome::Refused {
+                reason,
+                detail: detail.to_owned(),
+            },
+        };
+        if envelope.device_id != subject_device || envelope.event.kind() != subject_kind {
+            let detail = format!(
+                "envelope names device {} kind {}",
+                envelope.device_id,
+                envelope.event.kind()
+            );
+            let confirmation = (subject_kind == EventKind::PasswordBackedUp)
+                .then(|| refused(None, BackupRefusal::SubjectMismatch, &detail));
             return Ok(Err(Refusal {
-                reason: QuarantineReason::Replayed,
-                detail: format!("event {} was already applied", envelope.id),
+                reason: QuarantineReason::SubjectMismatch,
+                detail,
                 confirmation,
             }));
+        }
+        let event_key = event_key(&envelope);
+        if self.tree.contains_key(&event_key)? {
+            // A device's own re-send (its confirmation was lost), or a replay: the same signed
+            // bytes change nothing, and a backup's device hears again that it is stored.
+            return Ok(Ok(Applied {
+                outcome: Outcome::Duplicate,
+                confirmation: match &envelope.event {
+                    Event::PasswordBackedUp(body) => Some(stored(body.rotation_id)),
+                    _ => None,
+                },
+                device_id: None,
+                out_of_order: false,
+            }));
+        }
+        let mut confirmation = None;
+        if let Event::PasswordBackedUp(body) = &envelope.event {
+            // Confirmed only once it is known to open: a backup nobody can read is no backup.
+            let context = sealing_context(&envelope.device_id, &body.rotation_id);
+            if !escrow.opens(&body.sealed_password, &context) {
+                let detail = "the sealed password does not open with any escrow key of this orchestrator".to_owned();
+                return Ok(Err(Refusal {
+                    reason: QuarantineReason::Unopenable,
+                    confirmation: Some(refused(Some(body.rotation_id), BackupRefusal::Unopenable, &detail)),
+                    detail,
+                }));
+            }
+            confirmation = Some(stored(body.rotation_id));
         }
         batch.insert(event_key, &message.sequence.to_be_bytes());
 
@@ -413,17 +494,18 @@ impl Projections {
             )
                 .into()));
         };
-        if envelope.sequence <= device.last_sequence {
-            return Ok(Err((
-                QuarantineReason::Replayed,
-                format!(
-                    "device sequence {} is not after the last applied {}",
-                    envelope.sequence, device.last_sequence
-                ),
-            )
-                .into()));
+        // An event older than the newest one applied, with a new id, comes from a second copy of
+        // the device (a clone) or from a rolled-back copy that had not yet noticed: it is signed
+        // by the device's key, so it is applied (a backup is never dropped); the position never
+        // moves back.
+        let position = envelope.position();
+        let out_of_order = position <= device.last_position();
+        if out_of_order {
+            device.out_of_order_events = device.out_of_order_events.saturating_add(1);
+        } else {
+            device.last_generation = position.generation;
+            device.last_sequence = position.sequence;
         }
-        device.last_sequence = envelope.sequence;
         device.last_seen = device.last_seen.max(envelope.time);
 
         match &envelope.event {
@@ -454,6 +536,7 @@ impl Projections {
                 device.account_uid = body.account_uid;
                 device.last_backup = Some(envelope.time);
                 device.refresh = Some(body.expires_at);
+                device.latest_backup = confirmation.clone();
             }
             Event::PasswordRotated(body) => {
                 let Some(credential_key) = self.tree.get(rotation_key(&envelope.device_id, &body.rotation_id))? else {
@@ -494,6 +577,10 @@ impl Projections {
                 device.post_authentication_reset_at = body.reset_deadline;
             }
             Event::PostAuthenticationActionsSucceeded(_) => device.post_authentication_reset_at = None,
+            Event::ImageRollbackDetected(_) => {
+                device.image_rollbacks = device.image_rollbacks.saturating_add(1);
+                device.last_image_rollback = Some(envelope.time);
+            }
             // Kept in the stream for investigators; no projection needs them yet.
             Event::AuthenticationFailed(_)
             | Event::PostAuthenticationActionsStarted(_)
@@ -504,7 +591,30 @@ impl Projections {
         Ok(Ok(Applied {
             outcome: Outcome::Applied(envelope.event.kind()),
             confirmation,
+            device_id: Some(envelope.device_id),
+            out_of_order,
         }))
+    }
+
+    /// Whether `message` is signed, on exactly its subject, by the enrolled key of `device_id`:
+    /// `Ok(Err(why))` when it is not.
+    fn signed_by_enrolled_key(
+        &self,
+        device_id: &DeviceId,
+        message: StreamMessage<'_>,
+    ) -> Result<Result<(), String>, ProjectionError> {
+        let Some(enrolled) = self.enrolled_key(device_id)? else {
+            return Ok(Err(format!("device {device_id} never enrolled")));
+        };
+        Ok(
+            match (DevicePublicKey::parse(&enrolled.public_key), message.signature) {
+                (Err(err), _) => Err(format!("the enrolled key of device {device_id} is not usable: {err}")),
+                (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
+                (Ok(key), Some(signature)) => key
+                    .verify(message.subject, message.payload, signature)
+                    .map_err(|err| err.to_string()),
+            },
+        )
     }
 
     /// Folds one of the orchestrator's own events: every one joins the audit history; token
@@ -533,10 +643,7 @@ impl Projections {
         let mut event_key = b"e/".to_vec();
         event_key.extend_from_slice(envelope.id.as_bytes());
         if self.tree.contains_key(&event_key)? {
-            return Ok(Ok(Applied {
-                outcome: Outcome::Duplicate,
-                confirmation: None,
-            }));
+            return Ok(Ok(Applied::outcome(Outcome::Duplicate)));
         }
         batch.insert(event_key, &message.sequence.to_be_bytes());
         match &envelope.event {
@@ -635,10 +742,7 @@ impl Projections {
             }
         }
         batch.insert(audit_key(message.sequence), encode(&envelope));
-        Ok(Ok(Applied {
-            outcome: Outcome::Recorded(envelope.event.kind()),
-            confirmation: None,
-        }))
+        Ok(Ok(Applied::outcome(Outcome::Recorded(envelope.event.kind()))))
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ProjectionError> {
@@ -658,6 +762,23 @@ fn describe_decode_error(err: &DecodeError) -> (QuarantineReason, String) {
         DecodeError::UnsupportedSchema { .. } => (QuarantineReason::UnsupportedSchema, err.to_string()),
         DecodeError::CodeMismatch { .. } => (QuarantineReason::CodeMismatch, err.to_string()),
     }
+}
+
+/// The refusal a device hears for a backup quarantined for `reason`.
+fn backup_refusal(reason: QuarantineReason) -> BackupRefusal {
+    match reason {
+        QuarantineReason::UnsupportedSchema => BackupRefusal::UnsupportedSchema,
+        QuarantineReason::CodeMismatch => BackupRefusal::CodeMismatch,
+        QuarantineReason::SubjectMismatch => BackupRefusal::SubjectMismatch,
+        QuarantineReason::Unopenable => BackupRefusal::Unopenable,
+        _ => BackupRefusal::Malformed,
+    }
+}
+
+/// The `id` of a payload that is not a valid envelope, if it has a readable one.
+fn lenient_event_id(payload: &[u8]) -> Option<EventId> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    serde_json::from_value(value.get("id")?.clone()).ok()
 }
 
 /// A malformed payload's reason and position, without serde's message (it can quote values).

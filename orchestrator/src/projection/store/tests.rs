@@ -1,4 +1,5 @@
 use chrono::{TimeZone, Utc};
+use fleetlaps_proto::command::{BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{
     Envelope, Event, PasswordBackedUp, PasswordRotated, PolicyApplied, RotationReason, sealing_context,
 };
@@ -93,13 +94,16 @@ impl Fixture {
             .timestamp_opt(1_700_000_000 + i64::try_from(sequence).expect("small"), 0)
             .unwrap();
         self.projections
-            .apply(StreamMessage {
-                sequence,
-                subject,
-                published,
-                payload,
-                signature,
-            })
+            .apply(
+                StreamMessage {
+                    sequence,
+                    subject,
+                    published,
+                    payload,
+                    signature,
+                },
+                &escrow(),
+            )
             .expect("store works")
     }
 
@@ -138,8 +142,20 @@ fn policy_applied(sequence: u64) -> Envelope {
     )
 }
 
+/// The escrow key the fixture's projections open backups with.
+fn escrow() -> EscrowSecretKey {
+    EscrowSecretKey::from_bytes([7; 32])
+}
+
 fn backed_up(sequence: u64, rotation_id: RotationId) -> Envelope {
-    let escrow = EscrowSecretKey::generate();
+    backed_up_to(sequence, rotation_id, &escrow().public_key())
+}
+
+fn backed_up_to(
+    sequence: u64,
+    rotation_id: RotationId,
+    recipient: &fleetlaps_proto::seal::EscrowPublicKey,
+) -> Envelope {
     Envelope::new(
         device(),
         sequence,
@@ -149,7 +165,8 @@ fn backed_up(sequence: u64, rotation_id: RotationId) -> Envelope {
             device_name: DeviceName::parse("host-1").unwrap(),
             account_name: AccountName::parse("lapsadmin").unwrap(),
             account_uid: Some(1001),
-            sealed_password: seal(&escrow.public_key(), b"pw", &sealing_context(&device(), &rotation_id)),
+            sealed_password: seal(recipient, b"pw", &sealing_context(&device(), &rotation_id)),
+            recovery_sealed_password: None,
             expires_at: Utc::now(),
             reason: RotationReason::Initial,
         }),
@@ -210,10 +227,22 @@ fn credentials_come_newest_first_and_limited() {
 }
 
 #[test]
-fn a_resent_or_replayed_event_changes_nothing_but_a_resent_backup_is_still_confirmed() {
+fn a_resent_or_replayed_event_is_a_duplicate_that_changes_nothing_and_a_resent_backup_is_still_confirmed() {
     let mut fixture = Fixture::enrolled();
     let envelope = backed_up(1, RotationId::new());
-    fixture.apply(&envelope);
+    let first = fixture.apply_full(
+        &subject::device_event(&device(), EventKind::PasswordBackedUp),
+        &envelope.to_json(),
+        Some(&key_of(&device()).sign(
+            &subject::device_event(&device(), EventKind::PasswordBackedUp),
+            &envelope.to_json(),
+        )),
+    );
+    assert_eq!(first.outcome, Outcome::Applied(EventKind::PasswordBackedUp));
+    assert_eq!(
+        first.confirmation.map(|confirmation| confirmation.outcome),
+        Some(BackupOutcome::Stored)
+    );
     let before = fixture.projections.device(&device()).unwrap();
     let credentials_before = fixture.projections.credentials(&device(), 10).unwrap();
 
@@ -222,31 +251,93 @@ fn a_resent_or_replayed_event_changes_nothing_but_a_resent_backup_is_still_confi
     let payload = envelope.to_json();
     let signature = key_of(&device()).sign(&subject, &payload);
     let again = fixture.apply_full(&subject, &payload, Some(&signature));
-    assert_eq!(again.outcome, Outcome::Quarantined(QuarantineReason::Replayed));
+    assert_eq!(again.outcome, Outcome::Duplicate);
+    let confirmation = again.confirmation.expect("a re-sent backup is still confirmed");
     assert_eq!(
-        again.confirmation.map(|confirmation| confirmation.event_id),
-        Some(envelope.id),
-        "a re-sent backup is still confirmed"
-    );
-
-    // A new id with a sequence not after the device's last one.
-    assert_eq!(
-        fixture.apply(&policy_applied(1)),
-        Outcome::Quarantined(QuarantineReason::Replayed)
+        (confirmation.event_id, confirmation.outcome),
+        (envelope.id, BackupOutcome::Stored)
     );
     assert_eq!(fixture.projections.device(&device()).unwrap(), before);
     assert_eq!(
         fixture.projections.credentials(&device(), 10).unwrap(),
         credentials_before
     );
-    let reasons: Vec<QuarantineReason> = fixture
-        .projections
-        .quarantine()
-        .unwrap()
-        .iter()
-        .map(|record| record.reason)
-        .collect();
-    assert_eq!(reasons, [QuarantineReason::Replayed, QuarantineReason::Replayed]);
+    assert!(fixture.projections.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn an_older_signed_backup_with_a_new_id_is_stored_never_dropped_and_the_position_never_moves_back() {
+    // A clone, or a rolled-back copy that had not yet noticed: its events are older than the
+    // newest one applied, but signed by the device, and a backup must never be lost.
+    let mut fixture = Fixture::enrolled();
+    fixture.apply(&policy_applied(5));
+    let older_rotation = RotationId::new();
+    assert_eq!(
+        fixture.apply(&backed_up(3, older_rotation)),
+        Outcome::Applied(EventKind::PasswordBackedUp)
+    );
+    let credentials = fixture.projections.credentials(&device(), 10).unwrap();
+    assert_eq!(credentials[0].rotation_id, older_rotation, "the backup is stored");
+    let device_record = fixture.projections.device(&device()).unwrap().unwrap();
+    assert_eq!(device_record.last_sequence, 5, "the position never moves back");
+    assert_eq!(device_record.out_of_order_events, 1);
+    assert!(fixture.projections.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn a_backup_that_opens_with_no_escrow_key_is_refused_to_its_device_and_not_stored() {
+    let mut fixture = Fixture::enrolled();
+    let rotation_id = RotationId::new();
+    let envelope = backed_up_to(1, rotation_id, &EscrowSecretKey::generate().public_key());
+    let subject = subject::device_event(&device(), EventKind::PasswordBackedUp);
+    let payload = envelope.to_json();
+    let signature = key_of(&device()).sign(&subject, &payload);
+    let applied = fixture.apply_full(&subject, &payload, Some(&signature));
+    assert_eq!(applied.outcome, Outcome::Quarantined(QuarantineReason::Unopenable));
+    let confirmation = applied.confirmation.expect("its device hears the refusal");
+    assert_eq!(confirmation.event_id, envelope.id);
+    assert!(
+        matches!(
+            confirmation.outcome,
+            BackupOutcome::Refused {
+                reason: BackupRefusal::Unopenable,
+                ..
+            }
+        ),
+        "{confirmation:?}"
+    );
+    assert!(fixture.projections.credentials(&device(), 10).unwrap().is_empty());
+}
+
+#[test]
+fn a_backup_in_a_schema_this_orchestrator_does_not_read_is_refused_to_its_device_by_id() {
+    let mut fixture = Fixture::enrolled();
+    let envelope = backed_up(1, RotationId::new());
+    let mut json: serde_json::Value = serde_json::from_slice(&envelope.to_json()).unwrap();
+    json["schema"] = 2.into();
+    let subject = subject::device_event(&device(), EventKind::PasswordBackedUp);
+    let payload = json.to_string().into_bytes();
+    let signature = key_of(&device()).sign(&subject, &payload);
+    let applied = fixture.apply_full(&subject, &payload, Some(&signature));
+    assert_eq!(
+        applied.outcome,
+        Outcome::Quarantined(QuarantineReason::UnsupportedSchema)
+    );
+    let confirmation = applied.confirmation.expect("its device hears the refusal");
+    assert_eq!(confirmation.event_id, envelope.id);
+    assert!(
+        matches!(
+            confirmation.outcome,
+            BackupOutcome::Refused {
+                reason: BackupRefusal::UnsupportedSchema,
+                ..
+            }
+        ),
+        "{confirmation:?}"
+    );
+    // Unsigned, the same bytes tell the device nothing: anyone could have sent them.
+    let unsigned = fixture.apply_full(&subject, &payload, None);
+    assert_eq!(unsigned.confirmation, None);
 }
 
 #[test]
@@ -386,13 +477,16 @@ fn a_redelivered_sequence_is_skipped() {
     let payload = policy_applied(2).to_json();
     let outcome = fixture
         .projections
-        .apply(StreamMessage {
-            sequence: 1,
-            subject: "laps.events.dev-1.policy_applied",
-            published: Utc::now(),
-            payload: &payload,
-            signature: None,
-        })
+        .apply(
+            StreamMessage {
+                sequence: 1,
+                subject: "laps.events.dev-1.policy_applied",
+                published: Utc::now(),
+                payload: &payload,
+                signature: None,
+            },
+            &escrow(),
+        )
         .unwrap()
         .outcome;
     assert_eq!(outcome, Outcome::AlreadySeen);
