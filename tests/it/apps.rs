@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use fleetlaps_agent::account::{Account, AccountBackend, FileAccounts};
 use fleetlaps_agent::clock::ShiftedClock;
+use fleetlaps_agent::fault::Faults;
 use fleetlaps_proto::api::{DeviceLocalCredentialInfo, ODataCollection};
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::ids::{AccountName, DeviceId};
@@ -239,6 +240,20 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         .await
     }
 
+    /// Waits until the device's newest password is none of `known`, and returns it: the centre
+    /// answers with three credentials at most, so a new backup shows as a new newest one.
+    pub async fn wait_for_new_password(&self, device_id: &DeviceId, known: &[&Password]) -> Password {
+        wait_until(
+            &format!("the orchestrator holds a new password of {device_id}"),
+            Duration::from_secs(30),
+            || async {
+                let newest = self.passwords(device_id).await.into_iter().next()?;
+                (!known.iter().any(|password| password.expose() == newest.expose())).then_some(newest)
+            },
+        )
+        .await
+    }
+
     /// Every device's metadata, read with the ReadBasic token.
     pub async fn devices(&self) -> Vec<DeviceLocalCredentialInfo> {
         let response = self
@@ -300,6 +315,8 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// Authenticate to NATS with the nkey seed in this file (`nats.nkey_seed_file`).
     pub nkey_seed_file: Option<PathBuf>,
+    /// Failures to inject into the in-process agent (the `fault-injection` feature).
+    pub faults: Faults,
 }
 
 impl Default for AgentOptions {
@@ -312,6 +329,7 @@ impl Default for AgentOptions {
             settings: String::new(),
             extra_config: String::new(),
             nkey_seed_file: None,
+            faults: Faults::none(),
         }
     }
 }
@@ -334,6 +352,7 @@ pub struct TestAgent {
     settings: String,
     extra_config: String,
     nkey_seed_file: Option<PathBuf>,
+    faults: Faults,
     device_name: String,
     interval: u64,
     shutdown: Option<oneshot::Sender<()>>,
@@ -349,6 +368,13 @@ impl TestAgent {
 
     /// Starts an agent.
     pub async fn spawn_with(nats: &TestNats, orchestrator: &TestOrchestrator, options: AgentOptions) -> Self {
+        let mut agent = Self::enrolled(nats, orchestrator, options).await;
+        agent.start().await;
+        agent
+    }
+
+    /// Enrolls an agent without starting it ([`Self::start_in_process`] starts it).
+    pub async fn enrolled(nats: &TestNats, orchestrator: &TestOrchestrator, options: AgentOptions) -> Self {
         init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("fleetlaps-agent-")
@@ -359,7 +385,7 @@ impl TestAgent {
             .expect("creating the account database");
         let state_dir = dir.path().join("state");
         let identity = enroll(orchestrator, &state_dir, &options.device_name).await;
-        let mut agent = Self {
+        Self {
             device_id: identity.device_id,
             state_dir,
             config_path: dir.path().join("agent.toml"),
@@ -371,14 +397,13 @@ impl TestAgent {
             settings: options.settings,
             extra_config: options.extra_config,
             nkey_seed_file: options.nkey_seed_file,
+            faults: options.faults,
             device_name: options.device_name,
             interval: options.processing_interval_secs,
             shutdown: None,
             task: None,
             _dir: dir,
-        };
-        agent.start().await;
-        agent
+        }
     }
 
     fn config_text(&self) -> String {
@@ -429,9 +454,11 @@ AdministratorAccountName = "{managed}"
     }
 
     async fn start(&mut self) {
-        std::fs::write(&self.config_path, self.config_text()).expect("writing agent.toml");
-        let config = fleetlaps_agent::Config::load(&self.config_path).expect("test agent config is valid");
-        let app = fleetlaps_agent::App::build_with_clock(config, self.clock.clone())
+        let text = self.config_text();
+        std::fs::write(&self.config_path, &text).expect("writing agent.toml");
+        // The text alone: the test run's own FLEETLAPS_AGENT_* variables must not leak in.
+        let config = fleetlaps_agent::Config::from_toml(&text).expect("test agent config is valid");
+        let app = fleetlaps_agent::App::build_with(config, self.clock.clone(), self.faults.clone())
             .await
             .expect("agent starts");
         assert_eq!(app.device_id(), self.device_id, "the agent runs as the enrolled device");
@@ -446,6 +473,11 @@ AdministratorAccountName = "{managed}"
     /// state instead, with `LAPS_TEST_KILL_AT` set to `kill_at` when given (the agent then
     /// kills itself with SIGKILL at that point of a rotation). The caller owns the process.
     pub async fn run_binary(&mut self, kill_at: Option<&str>) -> tokio::process::Child {
+        self.run_binary_with_env(kill_at, &[]).await
+    }
+
+    /// As [`Self::run_binary`], with the environment variables `env` exported as well.
+    pub async fn run_binary_with_env(&mut self, kill_at: Option<&str>, env: &[(&str, &str)]) -> tokio::process::Child {
         self.stop().await;
         std::fs::write(&self.config_path, self.config_text()).expect("writing agent.toml");
         let mut command = tokio::process::Command::new(binary("fleetlaps-agent"));
@@ -455,14 +487,33 @@ AdministratorAccountName = "{managed}"
             .arg("run")
             .kill_on_drop(true);
         command.stdout(std::process::Stdio::null());
-        if std::env::var_os("TEST_LOG").is_none() {
-            command.stderr(std::process::Stdio::null());
+        // Only what the test sets: nothing of the test run's FLEETLAPS_* or LAPS_TEST_* leaks in.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("FLEETLAPS_") || name.starts_with("LAPS_") {
+                command.env_remove(name.as_ref());
+            }
         }
-        match kill_at {
-            Some(point) => command.env(fleetlaps_agent::fault::KILL_AT_VARIABLE, point),
-            None => command.env_remove(fleetlaps_agent::fault::KILL_AT_VARIABLE),
-        };
+        // Its log, at debug level, kept beside the state for the tests that read or scan it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.binary_log_path())
+            .expect("opening the agent's log file");
+        command.env("RUST_LOG", "debug").stderr(log);
+        if let Some(point) = kill_at {
+            command.env(fleetlaps_agent::fault::KILL_AT_VARIABLE, point);
+        }
+        command.envs(env.iter().copied());
         command.spawn().expect("starting fleetlaps-agent")
+    }
+
+    /// The log of every run of the agent as a binary, in the agent's directory.
+    pub fn binary_log_path(&self) -> PathBuf {
+        self.state_dir
+            .parent()
+            .expect("the agent's directory")
+            .join("agent-binary.log")
     }
 
     /// Starts the agent in this process again (after [`Self::run_binary`]).
@@ -503,6 +554,94 @@ AdministratorAccountName = "{managed}"
             .expect("control socket answers")
     }
 
+    /// A copy of the whole device as a VM snapshot holds it: the agent's state directory (its
+    /// identity, sled state) and the managed account's password hash. Stops the agent first.
+    pub async fn snapshot(&mut self) -> DeviceSnapshot {
+        self.stop().await;
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-device-snapshot-")
+            .tempdir()
+            .expect("tempdir");
+        crate::harness::copy_dir(&self.state_dir, &dir.path().join("state"));
+        let account_hash = self.account_hash();
+        DeviceSnapshot { dir, account_hash }
+    }
+
+    /// Restores the device from `snapshot`: the state directory, and the account's password
+    /// hash when `with_account` (a full-device rollback) or not (the state directory alone
+    /// restored from an older backup). The agent must be stopped.
+    pub fn restore(&mut self, snapshot: &DeviceSnapshot, with_account: bool) {
+        assert!(self.task.is_none(), "stop the agent before restoring it");
+        std::fs::remove_dir_all(&self.state_dir).expect("removing the state directory");
+        crate::harness::copy_dir(&snapshot.dir.path().join("state"), &self.state_dir);
+        if with_account {
+            self.set_account_hash(&snapshot.account_hash);
+        }
+    }
+
+    /// Deletes the agent's sled state, keeping its enrolled identity (an operator who wiped the
+    /// state directory but kept `identity.json`). The agent must be stopped.
+    pub fn delete_state_keeping_identity(&mut self) {
+        assert!(self.task.is_none(), "stop the agent before deleting its state");
+        std::fs::remove_dir_all(self.state_dir.join("state")).expect("removing the sled state");
+    }
+
+    /// Makes the enrolled identity name `key` as the escrow key to seal to, as if the device had
+    /// enrolled with another orchestrator. The agent must be stopped.
+    pub fn seal_to(&self, key: &fleetlaps_proto::seal::EscrowPublicKey) {
+        assert!(self.task.is_none(), "stop the agent before changing its identity");
+        let path = fleetlaps_agent::identity::Identity::path(&self.state_dir);
+        let mut identity: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("reading the identity")).expect("json");
+        identity["escrow_public_key"] = key.to_string().into();
+        std::fs::write(&path, identity.to_string()).expect("writing the identity");
+    }
+
+    /// The managed account's stored hash, as the account database holds it.
+    pub fn account_hash(&self) -> String {
+        let backend = self.backend();
+        let account = backend
+            .resolve(Some(&self.managed_name()))
+            .expect("the managed account exists");
+        backend
+            .password_hash(&account)
+            .expect("the account database is readable")
+    }
+
+    fn set_account_hash(&self, hash: &str) {
+        let backend = self.backend();
+        let account = backend
+            .resolve(Some(&self.managed_name()))
+            .expect("the managed account exists");
+        let hash: fleetlaps_agent::password_hash::PasswordHash =
+            serde_json::from_value(serde_json::Value::String(hash.to_owned())).expect("a crypt string");
+        backend
+            .set_password_hash(&account, &hash)
+            .expect("the account database is writable");
+    }
+
+    fn managed_name(&self) -> AccountName {
+        AccountName::parse(self.linux_account.as_deref().unwrap_or(MANAGED_ACCOUNT)).expect("a valid name")
+    }
+
+    fn backend(&self) -> Arc<dyn AccountBackend> {
+        match &self.linux_account {
+            Some(_) => Arc::new(fleetlaps_agent::account::LinuxAccounts::default()),
+            None => Arc::new(self.accounts.clone()),
+        }
+    }
+
+    /// Waits until `password` is the managed account's password: the agent applies a password
+    /// only after the orchestrator confirmed its backup, so a moment after the API shows it.
+    pub async fn wait_until_has(&self, password: &Password) {
+        wait_until(
+            "the account has the backed-up password",
+            Duration::from_secs(30),
+            || async { self.has_password(password).then_some(()) },
+        )
+        .await;
+    }
+
     /// Whether `password` is the managed account's password right now.
     pub fn has_password(&self, password: &Password) -> bool {
         if let Some(user) = &self.linux_account {
@@ -516,6 +655,14 @@ AdministratorAccountName = "{managed}"
             .verify_password(&account, password)
             .expect("account database readable")
     }
+}
+
+/// A copy of a device taken by [`TestAgent::snapshot`].
+pub struct DeviceSnapshot {
+    /// Holds `state/`, the copy of the state directory.
+    dir: TempDir,
+    /// The managed account's password hash then.
+    account_hash: String,
 }
 
 impl Drop for TestAgent {

@@ -1,9 +1,11 @@
 //! No plaintext at rest or in the logs: after a whole run (backups, resets, a rotation asked
-//! through the API, reads through the API and `lapsctl`), none of the generated passwords, in any
+//! through the API, reads through the API and `lapsctl`, a real Linux account reset after a PAM
+//! login and by the agent run as a binary), none of the generated passwords, in any
 //! encoding the system uses, nor an API token made and used in the run, occurs in any file under
 //! the orchestrator's data directory, the nats-server's store or log, the agent's directory (state
-//! and simulated account database), or in the logs of the orchestrator and the agent (kept at
-//! debug level by the harness).
+//! and simulated account database, and the log of its runs as a binary), or in the logs of the
+//! orchestrator and the agent (kept at debug level by the harness). A file that cannot be read
+//! fails the scan.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,20 +15,28 @@ use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::password::Password;
 
 use crate::apps::{ADMIN_TOKEN, AgentOptions, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator};
-use crate::harness::{TestNats, captured_logs};
+use crate::harness::{TestNats, captured_logs, wait_until};
+use crate::linux::LinuxUser;
+use crate::post_authentication::{PamService, hook_command};
+
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Every regular file under `dir`.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_owned()];
     while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        for entry in entries.flatten() {
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|err| panic!("scanning {}: {err}", dir.display()));
+        for entry in entries {
+            let entry = entry.unwrap_or_else(|err| panic!("scanning {}: {err}", dir.display()));
             let path = entry.path();
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() => pending.push(path),
-                Ok(kind) if kind.is_file() => files.push(path),
-                _ => {}
+            let kind = entry
+                .file_type()
+                .unwrap_or_else(|err| panic!("scanning {}: {err}", path.display()));
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file() {
+                files.push(path);
             }
         }
     }
@@ -109,8 +119,62 @@ async fn no_generated_password_is_in_any_data_directory_or_log_after_a_whole_run
         assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
         agents.push(agent);
     }
+    // A real Linux account: logged in to through PAM (a post-authentication reset), then reset
+    // by the agent run as a binary, whose log is kept beside its state.
+    let user = LinuxUser::create().await;
+    let options = AgentOptions {
+        device_name: "rest-linux".to_owned(),
+        linux_account: Some(user.name.clone()),
+        settings: "reset_min_interval_secs = 0".to_owned(),
+        policy: "PostAuthenticationResetDelay = 1\nPostAuthenticationActions = 1".to_owned(),
+        ..AgentOptions::default()
+    };
+    let mut linux_agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
+    let first = orchestrator
+        .wait_for_passwords(&linux_agent.device_id, 1)
+        .await
+        .remove(0);
+    user.wait_until_holds(&first).await;
+    let pam = PamService::install(&hook_command(&linux_agent.config_path));
     assert!(
-        passwords.len() >= 8,
+        pam.authenticates(&user.name, &first).await,
+        "PAM accepts the backed-up password"
+    );
+    wait_until("the authentication schedules a reset", TIMEOUT, || async {
+        linux_agent.status().await.post_authentication_reset_at.map(|_| ())
+    })
+    .await;
+    linux_agent.clock.advance(chrono::Duration::hours(2));
+    let _cycle = linux_agent.control(ControlRequest::ProcessNow).await;
+    let after_login = orchestrator
+        .wait_for_new_password(&linux_agent.device_id, &[&first])
+        .await;
+    user.wait_until_holds(&after_login).await;
+    let mut binary = linux_agent.run_binary(None).await;
+    wait_until("the agent binary answers", TIMEOUT, || async {
+        fleetlaps_agent::control::send(&linux_agent.state_dir, &ControlRequest::Status)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let answer = linux_agent.control(ControlRequest::Reset).await;
+    assert!(matches!(answer, ControlResponse::Done { .. }), "{answer:?}");
+    let from_binary = orchestrator
+        .wait_for_new_password(&linux_agent.device_id, &[&first, &after_login])
+        .await;
+    user.wait_until_holds(&from_binary).await;
+    binary.kill().await.expect("stopping the agent binary");
+    drop(pam);
+    passwords.extend(
+        [first, after_login, from_binary]
+            .iter()
+            .map(|password| password.expose().to_owned()),
+    );
+    agents.push(linux_agent);
+
+    assert!(
+        passwords.len() >= 11,
         "every rotation made a password: {}",
         passwords.len()
     );
@@ -158,10 +222,16 @@ async fn no_generated_password_is_in_any_data_directory_or_log_after_a_whole_run
     {
         for file in files_under(&dir) {
             scanned += 1;
-            places.push((file.display().to_string(), std::fs::read(&file).unwrap_or_default()));
+            let bytes = std::fs::read(&file).unwrap_or_else(|err| panic!("scanning {}: {err}", file.display()));
+            places.push((file.display().to_string(), bytes));
         }
     }
     assert!(scanned > 10, "the data directories hold the run's files: {scanned}");
+    let binary_log = std::fs::read_to_string(agents[2].binary_log_path()).expect("the agent binary's log");
+    assert!(
+        binary_log.contains("DEBUG"),
+        "the agent binary logged at debug level: {binary_log}"
+    );
     places.push((
         "the nats-server log".to_owned(),
         std::fs::read(nats.log_path()).expect("the nats-server log"),

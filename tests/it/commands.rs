@@ -26,7 +26,12 @@ async fn an_offline_agent_runs_a_rotate_command_issued_while_it_was_down_exactly
 
     agent.start_in_process().await;
     let passwords = orchestrator.wait_for_passwords(&agent.device_id, 2).await;
-    assert!(agent.has_password(&passwords[0]));
+    crate::harness::wait_until(
+        "the account gets the confirmed password",
+        std::time::Duration::from_secs(30),
+        || async { agent.has_password(&passwords[0]).then_some(()) },
+    )
+    .await;
 
     // Restarted, and asked to process again: the same command does not run twice.
     agent.restart().await;

@@ -1,12 +1,14 @@
 //! No password is ever lost: crashes at every step of a rotation, a nats-server that dies right
 //! after acknowledging a backup, an outbox that fills up while NATS is away.
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use fleetlaps_agent::fault;
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
+use fleetlaps_proto::event::{Envelope, EventKind};
 
-use crate::apps::{AgentOptions, TestAgent, TestOrchestrator};
+use crate::apps::{AgentOptions, TestAgent, TestOrchestrator, device_events, stream_payloads};
 use crate::harness::{TestNats, wait_until};
 use crate::linux::LinuxUser;
 
@@ -51,7 +53,7 @@ async fn crash_at_every_step(linux_account: Option<String>, rounds: u32) {
     let mut agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
     orchestrator.wait_for_passwords(&agent.device_id, 1).await;
 
-    let mut rotations = 1;
+    let mut newest = orchestrator.passwords(&agent.device_id).await.remove(0);
     for round in 1..=rounds {
         for point in fault::POINTS {
             let context = format!("round {round}, killed {point}");
@@ -75,19 +77,21 @@ async fn crash_at_every_step(linux_account: Option<String>, rounds: u32) {
                 .await
                 .unwrap_or_else(|_| panic!("the agent did not die at {point}"))
                 .expect("waiting for the agent");
-            assert!(!status.success(), "{context}: the agent was killed");
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "{context}: killed by the armed SIGKILL, not by a failure"
+            );
 
             // Assert: the invariant holds while the agent is dead…
             assert_account_password_is_held(&agent, &orchestrator, &context).await;
 
-            // …and a restart rolls forward to a plain state: nothing pending, the newest backup on the account.
+            // …and a restart rolls the cut rotation forward: a new password the centre holds is
+            // on the account, and nothing is pending.
             let mut recovered = agent.run_binary(None).await;
-            rotations += 1;
-            let passwords = orchestrator
-                .wait_for_passwords(&agent.device_id, rotations.min(3))
-                .await;
+            let rolled_forward = orchestrator.wait_for_new_password(&agent.device_id, &[&newest]).await;
             wait_until(
-                &format!("the agent recovers ({context})"),
+                &format!("the agent rolls forward ({context})"),
                 Duration::from_secs(30),
                 || async {
                     let ControlResponse::Status(status) =
@@ -97,60 +101,77 @@ async fn crash_at_every_step(linux_account: Option<String>, rounds: u32) {
                     else {
                         return None;
                     };
-                    let newest = orchestrator.passwords(&agent.device_id).await.into_iter().next()?;
-                    (status.pending_rotation.is_none() && status.outbox_pending == 0 && agent.has_password(&newest))
-                        .then_some(())
+                    (status.pending_rotation.is_none()
+                        && status.outbox_pending == 0
+                        && agent.has_password(&rolled_forward))
+                    .then_some(())
                 },
             )
             .await;
-            assert!(!passwords.is_empty());
+            newest = rolled_forward;
             recovered.kill().await.expect("stopping the agent");
         }
     }
+    let backups = device_events(&nats, &agent.device_id, EventKind::PasswordBackedUp).await;
+    let rotations: std::collections::HashSet<_> = backups
+        .iter()
+        .map(|envelope| match &envelope.event {
+            fleetlaps_proto::event::Event::PasswordBackedUp(backup) => backup.rotation_id,
+            _ => unreachable!("filtered by kind"),
+        })
+        .collect();
+    let expected = 1 + rounds as usize * fault::POINTS.len();
+    assert_eq!(rotations.len(), expected, "one rotation per reset, each backed up");
     agent.start_in_process().await;
     assert_account_password_is_held(&agent, &orchestrator, "after all crashes").await;
 }
 
 #[tokio::test]
 async fn a_backup_lost_by_a_nats_server_crash_after_its_ack_is_sent_again_and_retrievable() {
+    // Arrange: a device with a committed rotation, and a copy of the server's store as it is then.
     let mut nats = TestNats::start();
     let mut orchestrator = TestOrchestrator::spawn(&nats).await;
     let options = AgentOptions {
-        settings: "backup_confirmation_timeout_secs = 2".to_owned(),
+        settings:
+            "reset_min_interval_secs = 0\nbackup_confirmation_wait_secs = 2\nbackup_confirmation_timeout_secs = 2"
+                .to_owned(),
         ..AgentOptions::default()
     };
     let agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
-    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
-    wait_until("the first backup is confirmed", Duration::from_secs(20), || async {
-        (agent.status().await.unconfirmed_backups == 0).then_some(())
-    })
-    .await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_has(&first).await;
+    let store_before_the_backup = nats.snapshot_store();
 
-    // With the orchestrator away, JetStream acknowledges the backup but nobody confirms it.
+    // With the orchestrator away, JetStream acknowledges the next backup but nobody confirms it.
     orchestrator.stop().await;
     let answer = agent.control(ControlRequest::Reset).await;
-    assert!(
-        matches!(&answer, ControlResponse::Done { message } if message.contains("rotated")),
-        "{answer:?}"
-    );
-    assert_eq!(
-        agent.status().await.unconfirmed_backups,
-        1,
-        "the agent keeps the backup until confirmed"
-    );
+    assert!(matches!(&answer, ControlResponse::Refused { .. }), "{answer:?}");
+    let backups = device_events(&nats, &agent.device_id, EventKind::PasswordBackedUp).await;
+    assert_eq!(backups.len(), 2, "JetStream took the backup");
+    let lost = backups[1].id;
 
-    // The server dies before it synced the acknowledged message, and comes back with its store.
-    nats.kill();
-    nats.restart();
+    // Act: the server dies before it synced the acknowledged backup, and comes back without it.
+    nats.restart_on_store(store_before_the_backup.path());
+    let backups = device_events(&nats, &agent.device_id, EventKind::PasswordBackedUp).await;
+    assert_eq!(backups.len(), 1, "the acknowledged backup is lost");
+    assert!(
+        agent.has_password(&first),
+        "an unconfirmed backup never reaches the account"
+    );
     orchestrator.restart().await;
 
-    let passwords = orchestrator.wait_for_passwords(&agent.device_id, 2).await;
-    assert!(
-        agent.has_password(&passwords[0]),
-        "the orchestrator holds the account's password"
+    // Assert: the agent sent the same backup again; the centre holds it; the account has it.
+    let newest = orchestrator.wait_for_new_password(&agent.device_id, &[&first]).await;
+    agent.wait_until_has(&newest).await;
+    let backups = device_events(&nats, &agent.device_id, EventKind::PasswordBackedUp).await;
+    assert_eq!(
+        backups.last().map(|envelope| envelope.id),
+        Some(lost),
+        "the lost backup was re-sent"
     );
     wait_until("the re-sent backup is confirmed", Duration::from_secs(30), || async {
-        (agent.status().await.unconfirmed_backups == 0).then_some(())
+        let status = agent.status().await;
+        (status.unconfirmed_backups == 0 && status.pending_rotation.is_none()).then_some(())
     })
     .await;
 }
@@ -188,11 +209,31 @@ async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
     assert!(agent.has_password(&first), "no rotation while the outbox is full");
 
     // NATS back: the outbox drains in order and rotations resume.
+    let queued = status.outbox_pending;
     nats.restart();
     wait_until("the outbox drains", Duration::from_secs(30), || async {
         (agent.status().await.outbox_pending == 0).then_some(())
     })
     .await;
+    let history: Vec<Envelope> = stream_payloads(&nats, &format!("laps.events.{}.>", agent.device_id))
+        .await
+        .iter()
+        .map(|payload| Envelope::from_json(payload).expect("a valid envelope"))
+        .collect();
+    let policies = history
+        .iter()
+        .filter(|envelope| envelope.event.kind() == EventKind::PolicyApplied)
+        .count();
+    assert_eq!(
+        policies,
+        1 + queued,
+        "the first start's event and every queued one reached the stream"
+    );
+    assert!(
+        history.windows(2).all(|pair| pair[0].position() < pair[1].position()),
+        "in the order they were emitted: {:?}",
+        history.iter().map(Envelope::position).collect::<Vec<_>>()
+    );
     let answer = agent.control(ControlRequest::ProcessNow).await;
     assert!(matches!(answer, ControlResponse::Done { .. }), "{answer:?}");
 }

@@ -278,47 +278,18 @@ async fn forged_events_are_quarantined_counted_listed_and_change_nothing() {
         reasons,
         [
             ("forged".to_owned(), subject_a.clone()),
-            ("subject_mismatch".to_owned(), subject_a)
+            ("subject_mismatch".to_owned(), subject_a.clone())
         ]
     );
     assert_eq!(state_of(&orchestrator, &agent_a.device_id).await, before);
-}
-
-#[tokio::test]
-async fn a_replayed_device_event_is_quarantined_counted_listed_and_changes_nothing() {
-    // Arrange: a device with a backed-up password; its backup message as it is in the stream.
-    let nats = TestNats::start();
-    let orchestrator = TestOrchestrator::spawn(&nats).await;
-    let agent = TestAgent::spawn(&nats, &orchestrator).await;
-    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
-    let subject = subject::device_event(&agent.device_id, EventKind::PasswordBackedUp);
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
-    let (payload, signature) = first_message(&jetstream, &subject).await;
-    let before = state_of(&orchestrator, &agent.device_id).await;
-    // The quarantine listing is for admins only.
     let forbidden = orchestrator
         .get("/v1.0/fleetlaps/quarantine", Some(crate::apps::READ_TOKEN))
         .await;
-    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
-
-    // Act: the captured message, valid signature and all, published again with a new
-    // Nats-Msg-Id so JetStream's deduplication lets it through.
-    publish(&jetstream, &subject, &payload, &signature).await;
-
-    // Assert
-    wait_until("the replay is counted", TIMEOUT, || async {
-        (orchestrator
-            .metric("fleetlaps_events_quarantined_total{reason=\"replayed\"}")
-            .await
-            == 1.0)
-            .then_some(())
-    })
-    .await;
     assert_eq!(
-        quarantine_reasons(&orchestrator).await,
-        [("replayed".to_owned(), subject.clone())]
+        forbidden.status(),
+        StatusCode::FORBIDDEN,
+        "the quarantine is for admins only"
     );
-    assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
     let listed = orchestrator
         .lapsctl(&["--token", ADMIN_TOKEN, "quarantine", "-o", "json"])
         .await;
@@ -326,8 +297,45 @@ async fn a_replayed_device_event_is_quarantined_counted_listed_and_changes_nothi
     let listed: Value = serde_json::from_slice(&listed.stdout).expect("lapsctl -o json");
     assert_eq!(
         (listed[0]["Reason"].as_str(), listed[0]["Subject"].as_str()),
-        (Some("replayed"), Some(subject.as_str()))
+        (Some("forged"), Some(subject_a.as_str()))
     );
+}
+
+#[tokio::test]
+async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_and_changes_nothing() {
+    // Arrange: a device with a backed-up password; its backup message as it is in the stream.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_has(&first).await;
+    let subject = subject::device_event(&agent.device_id, EventKind::PasswordBackedUp);
+    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let (payload, signature) = first_message(&jetstream, &subject).await;
+    // Settled: the agent has sent everything, and the orchestrator has applied all of it.
+    wait_until("the agent and the orchestrator are settled", TIMEOUT, || async {
+        let sent = agent.status().await.outbox_pending == 0;
+        let mut stream = jetstream.get_stream(subject::EVENTS_STREAM).await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let applied = orchestrator.metric("fleetlaps_projection_last_sequence").await;
+        (sent && applied == last as f64).then_some(())
+    })
+    .await;
+    let before = state_of(&orchestrator, &agent.device_id).await;
+    let duplicates_before = orchestrator.metric("fleetlaps_events_duplicate_total").await;
+
+    // Act: the captured message, valid signature and all, published again with a new
+    // Nats-Msg-Id so JetStream's deduplication lets it through (what an agent re-sending an
+    // unconfirmed backup does, and what an attacker replaying one does).
+    publish(&jetstream, &subject, &payload, &signature).await;
+
+    // Assert: recognised by its event id, counted, nothing quarantined, nothing changed.
+    wait_until("the replay is counted as a duplicate", TIMEOUT, || async {
+        (orchestrator.metric("fleetlaps_events_duplicate_total").await == duplicates_before + 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(quarantine_reasons(&orchestrator).await, []);
+    assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
 }
 
 /// A device's credential info with passwords, and its directory entry: what a forged or
@@ -368,6 +376,7 @@ fn backup_for(orchestrator: &TestOrchestrator, device_id: &DeviceId, sequence: u
                 b"attacker-chosen",
                 &sealing_context(device_id, &rotation_id),
             ),
+            recovery_sealed_password: None,
             expires_at: Utc::now() + chrono::Duration::days(30),
             reason: RotationReason::Manual,
         }),
@@ -415,7 +424,7 @@ async fn first_message(jetstream: &jetstream::Context, subject: &str) -> (Vec<u8
 }
 
 /// The reasons and subjects of the quarantine, as an admin lists them.
-async fn quarantine_reasons(orchestrator: &TestOrchestrator) -> Vec<(String, String)> {
+pub(crate) async fn quarantine_reasons(orchestrator: &TestOrchestrator) -> Vec<(String, String)> {
     let response = orchestrator.get("/v1.0/fleetlaps/quarantine", Some(ADMIN_TOKEN)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let list: Value = response.json().await.expect("json");

@@ -209,6 +209,33 @@ impl TestNats {
         }
     }
 
+    /// Copies the JetStream store as it is now on disk: the server is stopped gracefully first
+    /// (so everything it acknowledged is in the copy) and started again after.
+    pub fn snapshot_store(&mut self) -> TempDir {
+        self.stop();
+        let copy = tempfile::Builder::new()
+            .prefix("fleetlaps-nats-store-")
+            .tempdir()
+            .expect("a directory for the store copy");
+        copy_dir(&self.store_dir, copy.path());
+        if let Err(err) = self.launch() {
+            self.panic_with_log(&err);
+        }
+        copy
+    }
+
+    /// Kills the server (as a crash would) and starts it again on a copy taken with
+    /// [`snapshot_store`](Self::snapshot_store): whatever it acknowledged since is lost, as it is
+    /// when a server dies before syncing what it acknowledged.
+    pub fn restart_on_store(&mut self, snapshot: &Path) {
+        self.kill();
+        fs::remove_dir_all(&self.store_dir).expect("removing the store");
+        copy_dir(snapshot, &self.store_dir);
+        if let Err(err) = self.launch() {
+            self.panic_with_log(&err);
+        }
+    }
+
     /// Spawns the server on `self.port` and waits until it accepts connections. On error,
     /// `self.child` is `None` if the server exited, and still set if it timed out.
     fn launch(&mut self) -> Result<(), String> {
@@ -269,6 +296,18 @@ impl TestNats {
             log_tail(&self.log_path)
         )
     }
+}
+
+/// Copies the directory `from` to `to` (created), contents, modes and all, with `cp -a`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("creating the copy's directory");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .expect("running cp");
+    assert!(status.success(), "cp -a {} {} failed", from.display(), to.display());
 }
 
 /// Renders a nats-server config file from the port and the store directory.

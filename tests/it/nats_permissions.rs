@@ -11,8 +11,9 @@ use async_nats::{Event, ServerError};
 use fleetlaps_agent::bus::{ConnectSettings, Publisher};
 use fleetlaps_orchestrator::bus::issue_command;
 use fleetlaps_orchestrator::nats_auth::{DeviceUser, NkeyPublicKey, NkeySeed, ServerConfig, ensure_seed_file};
-use fleetlaps_proto::command::{Command, CommandAction};
+use fleetlaps_proto::command::{Command, CommandAction, CurrentPasswordVersion, DevicePosition};
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::seal::EscrowSecretKey;
 use fleetlaps_proto::subject;
 use futures::{FutureExt, StreamExt};
 use tempfile::TempDir;
@@ -178,6 +179,35 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
         .await
         .expect("device A may read its own last command");
     assert_eq!(found.map(|command| command.id), Some(command_a.id));
+    // The centre's current password version: the orchestrator writes one per device; device A
+    // reads its own.
+    for device_id in [&device_a, &device_b] {
+        let version = CurrentPasswordVersion {
+            device_id: device_id.clone(),
+            rotation_id: None,
+            position: DevicePosition {
+                generation: 1,
+                sequence: 7,
+            },
+            latest_backup: None,
+            escrow_public_key: EscrowSecretKey::generate().public_key(),
+            escrow_recovery_public_key: None,
+        };
+        orchestrator_js
+            .publish(
+                subject::device_password_version(device_id),
+                serde_json::to_vec(&version).expect("serialises").into(),
+            )
+            .await
+            .expect("sent")
+            .await
+            .expect("the orchestrator may write a password version");
+    }
+    let own_version = publisher
+        .password_version(&device_a)
+        .await
+        .expect("device A may read its own password version");
+    assert_eq!(own_version.map(|version| version.device_id), Some(device_a.clone()));
 
     // Publishing as the orchestrator (a command, an audit record) or as device B (an event):
     // no JetStream ack, a violation reported, and nothing stored.
@@ -267,6 +297,12 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
         .await
         .expect_err("device A read device B's last command");
     assert!(format!("{err:#}").contains("timed out"), "{err:#}");
+    // Nor does its read of device B's password version.
+    let err = publisher
+        .password_version(&device_b)
+        .await
+        .expect_err("device A read device B's password version");
+    assert!(format!("{err:#}").contains("timed out"), "{err:#}");
 
     // Nor does that direct get from the raw client (which records the server's violations), nor
     // any other JetStream API: reading B's command another way, managing streams and consumers.
@@ -275,8 +311,12 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
     let consumer_for_b = format!(
         r#"{{"stream_name":"LAPS_COMMANDS","config":{{"filter_subject":"laps.commands.{device_b}","ack_policy":"none"}}}}"#
     );
+    let version_of_b = format!("$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.{device_b}");
+    let forged_version = format!("laps.password_version.{device_a}");
     let api_calls = [
         (direct_get_b.as_str(), String::new()),
+        (version_of_b.as_str(), String::new()),
+        (forged_version.as_str(), "{}".to_owned()),
         ("$JS.API.DIRECT.GET.LAPS_COMMANDS", last_of_b.clone()),
         ("$JS.API.STREAM.MSG.GET.LAPS_COMMANDS", last_of_b),
         ("$JS.API.CONSUMER.CREATE.LAPS_COMMANDS", consumer_for_b),

@@ -293,14 +293,14 @@ async fn the_snippet_decides_as_pam_unix_alone_when_the_agent_is_down_or_the_hoo
 
 /// A PAM service for one test, in `/etc/pam.d`: the shipped snippet with its hook pointed at the
 /// built agent binary and the test agent's config. Removed on drop.
-struct PamService {
+pub(crate) struct PamService {
     /// The service name, `fleetlaps-test-` and a fresh random suffix.
-    name: String,
+    pub(crate) name: String,
 }
 
 impl PamService {
     /// Installs the snippet's stack with `hook` in place of `/usr/bin/fleetlaps-agent --config …`.
-    fn install(hook: &str) -> Self {
+    pub(crate) fn install(hook: &str) -> Self {
         assert_eq!(
             PAM_SNIPPET.matches(SNIPPET_HOOK).count(),
             2,
@@ -314,7 +314,7 @@ impl PamService {
     }
 
     /// Whether this service accepts `password` for `user`.
-    async fn authenticates(&self, user: &str, password: &Password) -> bool {
+    pub(crate) async fn authenticates(&self, user: &str, password: &Password) -> bool {
         pamtester(&self.name, user, password).await
     }
 }
@@ -329,7 +329,7 @@ impl Drop for PamService {
 
 /// The hook command for the agent whose config file is `agent_config`, as the snippet would run
 /// the installed one.
-fn hook_command(agent_config: &Path) -> String {
+pub(crate) fn hook_command(agent_config: &Path) -> String {
     format!(
         "{} --config {}",
         binary("fleetlaps-agent").display(),

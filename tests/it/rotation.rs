@@ -14,7 +14,7 @@ async fn an_agent_rotates_and_the_password_read_through_the_api_and_lapsctl_is_t
 
     let passwords = orchestrator.wait_for_passwords(&agent.device_id, 1).await;
     assert_eq!(passwords.len(), 1);
-    assert!(agent.has_password(&passwords[0]), "the API's password is the account's");
+    agent.wait_until_has(&passwords[0]).await;
     let info = orchestrator.credentials(&agent.device_id).await.expect("device known");
     assert_eq!(info.device_name.as_str(), "device-1");
     assert!(
