@@ -517,6 +517,16 @@ impl Processor {
         if version.position < next {
             return Ok(());
         }
+        if version.clone_detected {
+            // Another running copy of this device moves the centre's position too: being behind
+            // it is no sign of a rollback, and branching would only make the copies leapfrog.
+            tracing::warn!(
+                local_position = %next,
+                centre_position = %version.position,
+                "the centre has seen another running copy of this device (a clone); re-enroll one of them"
+            );
+            return Ok(());
+        }
         let new_generation = (version.position.generation + 1).max(next.generation + 1);
         let local_rotation_id = self.state.current()?.map(|current| current.rotation_id);
         tracing::warn!(

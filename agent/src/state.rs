@@ -22,7 +22,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::command::{BackupRefusal, CommandId, DevicePosition};
 use fleetlaps_proto::event::{Envelope, Event, EventKind, RotationReason};
-use fleetlaps_proto::ids::{AccountName, DeviceId, EventId, RotationId};
+use fleetlaps_proto::ids::{AccountName, DeviceId, EventId, InstanceId, RotationId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -144,6 +144,8 @@ pub struct AgentState {
     db: sled::Db,
     tree: sled::Tree,
     device_id: DeviceId,
+    /// This running copy's id, stamped on every event it emits; new each time the state opens.
+    instance: InstanceId,
     /// Failures a test armed; none in production.
     faults: Faults,
 }
@@ -185,6 +187,7 @@ impl AgentState {
             db,
             tree,
             device_id: device_id.clone(),
+            instance: InstanceId::new(),
             faults: Faults::none(),
         })
     }
@@ -465,7 +468,7 @@ impl AgentState {
     ) -> Result<Envelope, StateError> {
         let sequence = self.tree.get(NEXT_SEQUENCE_KEY)?.map_or(1, |bytes| decode_u64(&bytes));
         let position = DevicePosition { generation, sequence };
-        let envelope = Envelope::at(self.device_id.clone(), position, time, event);
+        let envelope = Envelope::at(self.device_id.clone(), position, time, event).emitted_by(self.instance);
         batch.insert(NEXT_SEQUENCE_KEY, &(sequence + 1).to_be_bytes());
         batch.insert(outbox_key(sequence), envelope.to_json());
         Ok(envelope)

@@ -30,6 +30,8 @@ pub const PASSWORDS_DISCLOSED_TOTAL: &str = "fleetlaps_passwords_disclosed_total
 
 /// Image rollbacks reported by devices (a device restored from an older copy, which then rotated).
 pub const IMAGE_ROLLBACKS_TOTAL: &str = "fleetlaps_image_rollbacks_total";
+/// Counter: clones recorded on the history (two running copies of one device).
+pub const DEVICE_CLONES_DETECTED_TOTAL: &str = "fleetlaps_device_clones_detected_total";
 /// Device events older than their device's newest one, applied anyway (a clone or an unnoticed
 /// rollback).
 pub const EVENTS_OUT_OF_ORDER_TOTAL: &str = "fleetlaps_events_out_of_order_total";
@@ -60,6 +62,8 @@ pub struct Metrics {
     pub passwords_disclosed: IntCounter,
     /// See [`IMAGE_ROLLBACKS_TOTAL`].
     pub image_rollbacks: IntCounter,
+    /// See [`DEVICE_CLONES_DETECTED_TOTAL`].
+    pub device_clones_detected: IntCounter,
     /// See [`EVENTS_OUT_OF_ORDER_TOTAL`].
     pub events_out_of_order: IntCounter,
     /// See [`BACKUPS_CONFIRMED_TOTAL`].
@@ -105,6 +109,11 @@ impl Metrics {
 
         let image_rollbacks = IntCounter::new(IMAGE_ROLLBACKS_TOTAL, "Image rollbacks reported by devices.")
             .expect("metric definition is valid");
+        let device_clones_detected = IntCounter::new(
+            DEVICE_CLONES_DETECTED_TOTAL,
+            "Clones (two running copies of one device) recorded on the history.",
+        )
+        .expect("metric definition is valid");
         let events_out_of_order = IntCounter::new(
             EVENTS_OUT_OF_ORDER_TOTAL,
             "Device events older than their device's newest one, applied anyway.",
@@ -119,7 +128,7 @@ impl Metrics {
         )
         .expect("metric definition is valid");
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(events_applied.clone()),
             Box::new(events_duplicate.clone()),
             Box::new(events_quarantined.clone()),
@@ -130,6 +139,7 @@ impl Metrics {
             Box::new(http_request_duration.clone()),
             Box::new(passwords_disclosed.clone()),
             Box::new(image_rollbacks.clone()),
+            Box::new(device_clones_detected.clone()),
             Box::new(events_out_of_order.clone()),
             Box::new(backups_confirmed.clone()),
         ];
@@ -162,6 +172,7 @@ impl Metrics {
             http_request_duration,
             passwords_disclosed,
             image_rollbacks,
+            device_clones_detected,
             events_out_of_order,
             backups_confirmed,
         }

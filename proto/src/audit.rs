@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::command::CommandId;
 use crate::event::SCHEMA_VERSION;
-use crate::ids::{DeviceId, DeviceName, EventId, IdError, RotationId};
+use crate::ids::{DeviceId, DeviceName, EventId, IdError, InstanceId, RotationId};
 
 /// One orchestrator event as it travels on the stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +47,8 @@ pub enum AuditEvent {
     EnrollmentTokenRevoked(EnrollmentTokenRevoked),
     /// A device enrolled with an enrollment token: from here on its signed events count.
     DeviceEnrolled(DeviceEnrolled),
+    /// Two running copies of one device were seen (a cloned image): both sources named.
+    DeviceCloneDetected(DeviceCloneDetected),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -66,6 +68,8 @@ pub enum AuditKind {
     EnrollmentTokenRevoked,
     /// See [`AuditEvent::DeviceEnrolled`].
     DeviceEnrolled,
+    /// See [`AuditEvent::DeviceCloneDetected`].
+    DeviceCloneDetected,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -204,6 +208,32 @@ pub struct DeviceEnrolled {
     pub enrollment_token_id: TokenId,
 }
 
+/// Body of [`AuditEvent::DeviceCloneDetected`]: recorded by the orchestrator when a device
+/// event comes from a running copy of the device that another copy had taken over from, which
+/// one copy restarted never does. Neither copy's events are dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCloneDetected {
+    /// The device both copies claim to be.
+    pub device_id: DeviceId,
+    /// The copy whose event showed the clone: it was heard from again after `other`.
+    pub source: CloneSource,
+    /// The copy the centre had heard from in between.
+    pub other: CloneSource,
+    /// The device event that showed it.
+    pub evidence_event_id: EventId,
+}
+
+/// One running copy of a device, as the centre last heard from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSource {
+    /// The copy's instance id, stamped on its events.
+    pub instance: InstanceId,
+    /// Where its last event stood in the device's order.
+    pub position: crate::command::DevicePosition,
+    /// When that event happened, by the device's clock.
+    pub time: DateTime<Utc>,
+}
+
 /// Why bytes are not a valid orchestrator event.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditDecodeError {
@@ -255,13 +285,14 @@ impl AuditEvent {
             Self::EnrollmentTokenCreated(_) => AuditKind::EnrollmentTokenCreated,
             Self::EnrollmentTokenRevoked(_) => AuditKind::EnrollmentTokenRevoked,
             Self::DeviceEnrolled(_) => AuditKind::DeviceEnrolled,
+            Self::DeviceCloneDetected(_) => AuditKind::DeviceCloneDetected,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -269,6 +300,7 @@ impl AuditKind {
         Self::EnrollmentTokenCreated,
         Self::EnrollmentTokenRevoked,
         Self::DeviceEnrolled,
+        Self::DeviceCloneDetected,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -281,6 +313,7 @@ impl AuditKind {
             Self::EnrollmentTokenCreated => "enrollment_token_created",
             Self::EnrollmentTokenRevoked => "enrollment_token_revoked",
             Self::DeviceEnrolled => "device_enrolled",
+            Self::DeviceCloneDetected => "device_clone_detected",
         }
     }
 

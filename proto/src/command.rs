@@ -199,6 +199,10 @@ pub struct CurrentPasswordVersion {
     /// The offline recovery public key every backup is also sealed to, if one is configured.
     #[serde(default)]
     pub escrow_recovery_public_key: Option<EscrowPublicKey>,
+    /// Whether the centre has seen two running copies of this device (a cloned image): the
+    /// centre's position then moves with both, so it is no sign of a rollback.
+    #[serde(default)]
+    pub clone_detected: bool,
 }
 
 #[cfg(test)]

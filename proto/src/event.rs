@@ -10,7 +10,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AccountName, DeviceId, DeviceName, EventId, RotationId};
+use crate::ids::{AccountName, DeviceId, DeviceName, EventId, InstanceId, RotationId};
 use crate::policy::{Policy, PolicySource};
 use crate::seal::SealedBox;
 
@@ -33,6 +33,10 @@ pub struct Envelope {
     pub generation: u64,
     /// The device's own counter: each event it emits has the next number, starting at 1.
     pub sequence: u64,
+    /// The running copy of the agent that emitted it; two copies of one device (a cloned image)
+    /// show as two instances whose events interleave. Absent in events of agents older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceId>,
     /// When the fact happened, in UTC.
     pub time: DateTime<Utc>,
     /// The LAPS event code of the kind, when LAPS has one; redundant with the kind and checked.
@@ -320,10 +324,17 @@ impl Envelope {
             device_id,
             generation: position.generation,
             sequence: position.sequence,
+            instance: None,
             time,
             code: event.kind().code(),
             event,
         }
+    }
+
+    /// The same envelope, stamped as emitted by `instance`.
+    pub fn emitted_by(mut self, instance: InstanceId) -> Self {
+        self.instance = Some(instance);
+        self
     }
 
     /// Where the event stands in its device's order.

@@ -183,6 +183,34 @@ impl Default for RotationId {
     }
 }
 
+/// The id of one running copy of an agent: made afresh each time an agent opens its state, and
+/// stamped on every event it emits, so the centre can tell two copies of one device apart (a
+/// cloned image) from one copy restarted.
+///
+/// Invariant: a UUID.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceId(Uuid);
+
+impl InstanceId {
+    /// A fresh instance id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Parses an instance id.
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        Uuid::parse_str(value)
+            .map(Self)
+            .map_err(|_| IdError::new("instance id", value, "a UUID"))
+    }
+}
+
+impl Default for InstanceId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Implements `Display`, `Debug`, `FromStr` and string serde for an identifier with `parse`.
 macro_rules! text_id {
     ($($name:ident),*) => {$(
@@ -220,7 +248,7 @@ macro_rules! text_id {
     )*};
 }
 
-text_id!(DeviceId, DeviceName, AccountName, EventId, RotationId);
+text_id!(DeviceId, DeviceName, AccountName, EventId, RotationId, InstanceId);
 
 #[cfg(test)]
 mod tests {

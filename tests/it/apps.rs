@@ -554,6 +554,44 @@ AdministratorAccountName = "{managed}"
             .expect("control socket answers")
     }
 
+    /// A second device made from a copy of this one (a cloned golden image): the same identity
+    /// and state, its own directory, account database and clock. This agent is stopped for the
+    /// copy; neither is started.
+    pub async fn cloned(&mut self) -> Self {
+        assert!(
+            self.linux_account.is_none(),
+            "two copies cannot share one real Linux account"
+        );
+        self.stop().await;
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-agent-clone-")
+            .tempdir()
+            .expect("tempdir");
+        let original = self.state_dir.parent().expect("the agent's directory");
+        std::fs::copy(original.join("accounts"), dir.path().join("accounts")).expect("copying the account database");
+        let state_dir = dir.path().join("state");
+        crate::harness::copy_dir(&self.state_dir, &state_dir);
+        Self {
+            device_id: self.device_id.clone(),
+            state_dir,
+            config_path: dir.path().join("agent.toml"),
+            accounts: FileAccounts::new(dir.path().join("accounts")),
+            clock: Arc::new(ShiftedClock::default()),
+            nats_url: self.nats_url.clone(),
+            options_policy: self.options_policy.clone(),
+            linux_account: None,
+            settings: self.settings.clone(),
+            extra_config: self.extra_config.clone(),
+            nkey_seed_file: self.nkey_seed_file.clone(),
+            faults: self.faults.clone(),
+            device_name: self.device_name.clone(),
+            interval: self.interval,
+            shutdown: None,
+            task: None,
+            _dir: dir,
+        }
+    }
+
     /// A copy of the whole device as a VM snapshot holds it: the agent's state directory (its
     /// identity, sled state) and the managed account's password hash. Stops the agent first.
     pub async fn snapshot(&mut self) -> DeviceSnapshot {

@@ -192,6 +192,7 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
             latest_backup: None,
             escrow_public_key: EscrowSecretKey::generate().public_key(),
             escrow_recovery_public_key: None,
+            clone_detected: false,
         };
         orchestrator_js
             .publish(

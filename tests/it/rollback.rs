@@ -1,17 +1,21 @@
 //! Image rollback, lost state and clones: a device restored from an older copy of itself must
-//! never run a password the centre cannot return.
+//! never run a password the centre cannot return, and two running copies of one device (a
+//! cloned image) are reported while neither copy's backups are dropped.
 //!
 //! As Windows LAPS does with `msLAPS-CurrentPasswordVersion`, the agent compares its state with
 //! the centre's current password version on start and every cycle; when the centre has seen
 //! events this state never emitted, the device rotates at once, in a new generation that the
 //! orchestrator accepts (no quarantine).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
-use fleetlaps_proto::event::{Event, EventKind};
+use fleetlaps_proto::event::{Envelope, Event, EventKind};
+use fleetlaps_proto::password::Password;
 
-use crate::apps::{AgentOptions, TestAgent, TestOrchestrator, device_events};
+use crate::apps::{AgentOptions, TestAgent, TestOrchestrator, device_events, stream_payloads};
 use crate::enrollment::quarantine_reasons;
 use crate::harness::{TestNats, wait_until};
 use crate::linux::LinuxUser;
@@ -161,4 +165,86 @@ async fn a_state_deleted_next_to_its_identity_never_restarts_sequences_behind_th
     );
     assert_eq!(quarantine_reasons(&orchestrator).await, [], "nothing quarantined");
     assert_eq!(orchestrator.metric("fleetlaps_events_out_of_order_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn two_agents_started_from_one_cloned_identity_are_reported_as_a_clone_and_every_backup_is_kept() {
+    // Arrange: a device with a backed-up password, copied whole into a second device.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let options = AgentOptions {
+        settings: "reset_min_interval_secs = 0\nbackup_confirmation_wait_secs = 2".to_owned(),
+        ..AgentOptions::default()
+    };
+    let mut original = TestAgent::spawn_with(&nats, &orchestrator, options).await;
+    let first = orchestrator.wait_for_passwords(&original.device_id, 1).await.remove(0);
+    original.wait_until_has(&first).await;
+    let mut copy = original.cloned().await;
+
+    // Act: both copies run, and each is reset (twice over, so each is heard from after the other).
+    original.start_in_process().await;
+    copy.start_in_process().await;
+    let mut known = vec![first];
+    for _ in 0..2 {
+        for agent in [&original, &copy] {
+            let answer = agent.control(ControlRequest::Reset).await;
+            assert!(matches!(answer, ControlResponse::Done { .. }), "{answer:?}");
+            let known_refs: Vec<&Password> = known.iter().collect();
+            let newest = orchestrator.wait_for_new_password(&agent.device_id, &known_refs).await;
+            agent.wait_until_has(&newest).await;
+            known.push(newest);
+        }
+    }
+
+    // Assert: the clone is on the history, naming two running copies of the device…
+    let reports = wait_until("the clone is recorded", TIMEOUT, || async {
+        let reports: Vec<AuditEnvelope> = stream_payloads(&nats, "laps.audit.device_clone_detected")
+            .await
+            .iter()
+            .map(|payload| AuditEnvelope::from_json(payload).expect("an orchestrator event"))
+            .collect();
+        (!reports.is_empty()).then_some(reports)
+    })
+    .await;
+    assert_eq!(reports.len(), 1, "one report per pair of copies");
+    let AuditEvent::DeviceCloneDetected(clone) = &reports[0].event else {
+        unreachable!("filtered by subject")
+    };
+    assert_eq!(clone.device_id, original.device_id);
+    assert_ne!(clone.source.instance, clone.other.instance);
+    let instances: BTreeSet<_> = stream_payloads(&nats, &format!("laps.events.{}.>", original.device_id))
+        .await
+        .iter()
+        .filter_map(|payload| Envelope::from_json(payload).expect("an envelope").instance)
+        .collect();
+    assert!(instances.contains(&clone.source.instance) && instances.contains(&clone.other.instance));
+    assert_eq!(orchestrator.metric("fleetlaps_device_clones_detected_total").await, 1.0);
+
+    // …each copy's account has a password the centre returns…
+    let returned = orchestrator.passwords(&original.device_id).await;
+    for agent in [&original, &copy] {
+        assert!(
+            returned.iter().any(|password| agent.has_password(password)),
+            "the centre returns the password of each copy's account"
+        );
+    }
+    // …and no backup of either copy was dropped: every one on the stream was stored.
+    assert_eq!(quarantine_reasons(&orchestrator).await, [], "nothing quarantined");
+    let backups: BTreeSet<_> = device_events(&nats, &original.device_id, EventKind::PasswordBackedUp)
+        .await
+        .iter()
+        .map(|envelope| envelope.id)
+        .collect();
+    assert!(
+        backups.len() >= 5,
+        "the first backup and four resets: {}",
+        backups.len()
+    );
+    assert_eq!(
+        orchestrator
+            .metric("fleetlaps_events_applied_total{kind=\"password_backed_up\"}")
+            .await,
+        backups.len() as f64,
+        "every backup on the stream is stored"
+    );
 }

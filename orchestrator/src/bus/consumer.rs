@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupOutcome, CurrentPasswordVersion};
 use fleetlaps_proto::event::EventKind;
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey};
+use fleetlaps_proto::subject;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -231,6 +233,7 @@ impl Consumer {
         let mut confirmations = Vec::new();
         let mut touched = BTreeSet::new();
         let mut enrolled = false;
+        let mut caught_up = false;
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -264,10 +267,19 @@ impl Consumer {
                     "device event older than its device's newest one: a clone or an unnoticed rollback"
                 );
             }
-            enrolled |= applied.outcome == Outcome::Recorded(fleetlaps_proto::audit::AuditKind::DeviceEnrolled);
+            if let Some(clone) = &applied.clone {
+                tracing::warn!(
+                    device_id = %clone.device_id,
+                    source = %clone.source.instance,
+                    other = %clone.other.instance,
+                    "two running copies of one device (a cloned image): both are kept; the clone is recorded"
+                );
+            }
+            enrolled |= applied.outcome == Outcome::Recorded(AuditKind::DeviceEnrolled);
             confirmations.extend(applied.confirmation);
             touched.extend(applied.device_id);
             last_sequence = Some(info.stream_sequence);
+            caught_up = info.pending == 0;
         }
         self.projections.flush().await?;
         if let Some(last) = messages.last() {
@@ -300,6 +312,9 @@ impl Consumer {
                 .projection_last_sequence
                 .set(i64::try_from(sequence).unwrap_or(i64::MAX));
         }
+        if caught_up {
+            self.report_clones().await?;
+        }
         // Only an enrollment adds a device: the count is not worth a scan per batch otherwise.
         if enrolled {
             self.metrics
@@ -309,6 +324,30 @@ impl Consumer {
         self.metrics
             .consumer_batch_duration
             .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Records on the history every clone detected and not yet reported. Only once caught up:
+    /// during a rebuild, a report already on the stream comes later and clears its due entry.
+    /// The `Nats-Msg-Id` names the evidence, so a report sent twice in a row is stored once.
+    async fn report_clones(&self) -> Result<(), BusError> {
+        for clone in self.projections.due_clone_reports()? {
+            let message_id = format!("clone-{}", clone.evidence_event_id);
+            let envelope = AuditEnvelope::new(chrono::Utc::now(), AuditEvent::DeviceCloneDetected(clone));
+            let message = jetstream::message::PublishMessage::build()
+                .payload(envelope.to_json().into())
+                .message_id(message_id);
+            let sent = self
+                .jetstream
+                .send_publish(subject::audit_event(envelope.event.kind()), message)
+                .await;
+            if let Err(err) = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
+                Err(err) => Err(err.into()),
+            } {
+                tracing::warn!(error = %err, "recording a detected clone failed; retried after the next batch");
+            }
+        }
         Ok(())
     }
 
@@ -324,6 +363,7 @@ impl Consumer {
             latest_backup: device.latest_backup,
             escrow_public_key: self.escrow.public_key(),
             escrow_recovery_public_key: self.recovery_public_key,
+            clone_detected: device.clone.is_some(),
         };
         super::publish_password_version(&self.jetstream, &version).await
     }
@@ -343,6 +383,9 @@ impl Consumer {
                 tracing::debug!(stream_sequence, %kind, "event applied");
             }
             Outcome::Recorded(kind) => {
+                if kind == AuditKind::DeviceCloneDetected {
+                    self.metrics.device_clones_detected.inc();
+                }
                 self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
                 tracing::debug!(stream_sequence, %kind, "orchestrator event recorded");
             }

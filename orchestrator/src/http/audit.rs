@@ -116,6 +116,7 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         AuditEvent::PasswordRead(body) => Some(body.device_id.as_str()),
         AuditEvent::RotationRequested(body) => Some(body.device_id.as_str()),
         AuditEvent::DeviceEnrolled(body) => Some(body.device_id.as_str()),
+        AuditEvent::DeviceCloneDetected(body) => Some(body.device_id.as_str()),
         AuditEvent::TokenCreated(_)
         | AuditEvent::TokenRevoked(_)
         | AuditEvent::EnrollmentTokenCreated(_)

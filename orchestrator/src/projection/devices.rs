@@ -1,9 +1,10 @@
 //! The devices projection: one record per device, its name, account, policy and latest state.
 
 use chrono::{DateTime, Utc};
+use fleetlaps_proto::audit::{CloneSource, DeviceCloneDetected};
 use fleetlaps_proto::command::{BackupConfirmation, DevicePosition};
 use fleetlaps_proto::event::RotationStage;
-use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
+use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, EventId, InstanceId, RotationId};
 use fleetlaps_proto::policy::{Policy, PolicySource};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,19 @@ pub struct DeviceRecord {
     /// When it last reported one.
     #[serde(default)]
     pub last_image_rollback: Option<DateTime<Utc>>,
+    /// The running copy of the agent whose event arrived last, and where that event stood.
+    #[serde(default)]
+    pub last_source: Option<CloneSource>,
+    /// Copies heard from before another took over, newest last (at most 16): one restarted copy is never heard from again, so a copy
+    /// heard from again is a second running copy, a clone.
+    #[serde(default)]
+    pub superseded_instances: Vec<InstanceId>,
+    /// The latest clone detected, with both sources.
+    #[serde(default)]
+    pub clone: Option<DeviceCloneDetected>,
+    /// How many events came from a copy that another had taken over from.
+    #[serde(default)]
+    pub clone_events: u64,
     /// When the device's newest event happened.
     pub last_seen: DateTime<Utc>,
 }
@@ -92,6 +106,10 @@ impl DeviceRecord {
             latest_backup: None,
             image_rollbacks: 0,
             last_image_rollback: None,
+            last_source: None,
+            superseded_instances: Vec::new(),
+            clone: None,
+            clone_events: 0,
             last_seen: time,
         }
     }
@@ -103,4 +121,50 @@ impl DeviceRecord {
             sequence: self.last_sequence,
         }
     }
+
+    /// Notes that an event `evidence_event_id` came from `source`; returns the clone it shows,
+    /// if it is a new one: the copy was taken over from by another before (which one restarted
+    /// copy never is), and not already reported with the same other copy.
+    pub(super) fn heard_from(
+        &mut self,
+        source: CloneSource,
+        evidence_event_id: EventId,
+    ) -> Option<DeviceCloneDetected> {
+        let last = self.last_source.replace(source)?;
+        if last.instance == source.instance {
+            return None;
+        }
+        let reappeared = self.superseded_instances.contains(&source.instance);
+        self.superseded_instances
+            .retain(|instance| *instance != source.instance && *instance != last.instance);
+        self.superseded_instances.push(last.instance);
+        let excess = self
+            .superseded_instances
+            .len()
+            .saturating_sub(SUPERSEDED_INSTANCES_KEPT);
+        self.superseded_instances.drain(..excess);
+        if !reappeared {
+            return None;
+        }
+        self.clone_events = self.clone_events.saturating_add(1);
+        let pair = |detected: &DeviceCloneDetected| {
+            let mut pair = [detected.source.instance, detected.other.instance];
+            pair.sort();
+            pair
+        };
+        let detected = DeviceCloneDetected {
+            device_id: self.device_id.clone(),
+            source,
+            other: last,
+            evidence_event_id,
+        };
+        if self.clone.as_ref().is_some_and(|known| pair(known) == pair(&detected)) {
+            return None;
+        }
+        self.clone = Some(detected.clone());
+        Some(detected)
+    }
 }
+
+/// How many superseded copies a device record remembers.
+const SUPERSEDED_INSTANCES_KEPT: usize = 16;

@@ -24,7 +24,7 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, TokenId};
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, CloneSource, DeviceCloneDetected, TokenId};
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
@@ -136,6 +136,8 @@ pub struct Applied {
     pub device_id: Option<DeviceId>,
     /// Whether it was a device event older than its device's newest one (applied anyway).
     pub out_of_order: bool,
+    /// The clone the event showed, if it showed a new one.
+    pub clone: Option<DeviceCloneDetected>,
 }
 
 impl Applied {
@@ -145,6 +147,7 @@ impl Applied {
             confirmation: None,
             device_id: None,
             out_of_order: false,
+            clone: None,
         }
     }
 }
@@ -228,6 +231,7 @@ impl Projections {
                     confirmation,
                     device_id: refused_device,
                     out_of_order: false,
+                    clone: None,
                 }
             }
         };
@@ -259,6 +263,17 @@ impl Projections {
     /// One device.
     pub fn device(&self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, ProjectionError> {
         self.get(&device_key(device_id))
+    }
+
+    /// The clones detected that are not yet reported on the history.
+    pub fn due_clone_reports(&self) -> Result<Vec<DeviceCloneDetected>, ProjectionError> {
+        self.tree
+            .scan_prefix(b"rc/")
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&String::from_utf8_lossy(&key), &value)
+            })
+            .collect()
     }
 
     /// A device's credentials, newest backup first, at most `limit`.
@@ -468,6 +483,7 @@ impl Projections {
                 },
                 device_id: None,
                 out_of_order: false,
+                clone: None,
             }));
         }
         let mut confirmation = None;
@@ -507,6 +523,19 @@ impl Projections {
             device.last_sequence = position.sequence;
         }
         device.last_seen = device.last_seen.max(envelope.time);
+        let clone = envelope.instance.and_then(|instance| {
+            let source = CloneSource {
+                instance,
+                position,
+                time: envelope.time,
+            };
+            device.heard_from(source, envelope.id)
+        });
+        if let Some(detected) = &clone {
+            // Reported on the history by the consumer once it has caught up, unless a report
+            // of it is already there (a rebuild meets it later and clears this).
+            batch.insert(clone_report_key(&envelope.device_id).as_bytes(), encode(detected));
+        }
 
         match &envelope.event {
             Event::PolicyApplied(body) => {
@@ -593,6 +622,7 @@ impl Projections {
             confirmation,
             device_id: Some(envelope.device_id),
             out_of_order,
+            clone,
         }))
     }
 
@@ -714,6 +744,13 @@ impl Projections {
                     batch.insert(format!("n/{}", body.token_id).as_bytes(), encode(&record));
                 }
             }
+            AuditEvent::DeviceCloneDetected(body) => {
+                let key = clone_report_key(&body.device_id);
+                let due: Option<DeviceCloneDetected> = self.get(&key)?;
+                if due.is_some_and(|due| due.evidence_event_id == body.evidence_event_id) {
+                    batch.remove(key.as_bytes());
+                }
+            }
             AuditEvent::DeviceEnrolled(body) => {
                 if let Err(err) = DevicePublicKey::parse(&body.public_key) {
                     return Ok(Err((QuarantineReason::Malformed, format!("device_enrolled: {err}"))));
@@ -801,6 +838,11 @@ fn audit_key(sequence: u64) -> Vec<u8> {
 
 fn device_key(device_id: &DeviceId) -> String {
     format!("d/{device_id}")
+}
+
+/// Where a detected clone waits to be reported on the history: `rc/<device_id>`.
+fn clone_report_key(device_id: &DeviceId) -> String {
+    format!("rc/{device_id}")
 }
 
 fn credential_key(device_id: &DeviceId, sequence: u64) -> String {

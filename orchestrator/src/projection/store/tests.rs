@@ -640,3 +640,78 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
         "after a position"
     );
 }
+
+/// `policy_applied(sequence)` as emitted by the running copy `instance`.
+fn policy_from(instance: fleetlaps_proto::ids::InstanceId, sequence: u64) -> Envelope {
+    policy_applied(sequence).emitted_by(instance)
+}
+
+#[test]
+fn one_copy_restarted_many_times_is_no_clone() {
+    use fleetlaps_proto::ids::InstanceId;
+
+    let mut fixture = Fixture::enrolled();
+    for sequence in 1..=20 {
+        // Every start of the agent is a new instance; none is heard from again.
+        let outcome = fixture.apply(&policy_from(InstanceId::new(), sequence));
+        assert_eq!(outcome, Outcome::Applied(EventKind::PolicyApplied));
+    }
+    let device = fixture.projections.device(&device()).unwrap().unwrap();
+    assert_eq!(device.clone, None);
+    assert_eq!(device.clone_events, 0);
+    assert!(fixture.projections.due_clone_reports().unwrap().is_empty());
+}
+
+#[test]
+fn two_copies_interleaving_are_a_clone_reported_once_with_both_sources_and_nothing_is_dropped() {
+    use fleetlaps_proto::ids::InstanceId;
+
+    // Arrange
+    let mut fixture = Fixture::enrolled();
+    let (first, second) = (InstanceId::new(), InstanceId::new());
+    assert_eq!(
+        fixture.apply(&policy_from(first, 1)),
+        Outcome::Applied(EventKind::PolicyApplied)
+    );
+    // The copy starts from the same state: same position, another instance.
+    assert_eq!(
+        fixture.apply(&policy_from(second, 1)),
+        Outcome::Applied(EventKind::PolicyApplied)
+    );
+    assert!(
+        fixture.projections.due_clone_reports().unwrap().is_empty(),
+        "a restart so far"
+    );
+
+    // Act: the first copy is heard from again.
+    let evidence = policy_from(first, 2);
+    let subject = subject::device_event(&device(), EventKind::PolicyApplied);
+    let payload = evidence.to_json();
+    let signature = fixture.keys[&device()].sign(&subject, &payload);
+    let applied = fixture.apply_full(&subject, &payload, Some(&signature));
+
+    // Assert: applied, and a clone naming both copies, due to be reported.
+    assert_eq!(applied.outcome, Outcome::Applied(EventKind::PolicyApplied));
+    let clone = applied.clone.expect("a clone");
+    assert_eq!((clone.source.instance, clone.other.instance), (first, second));
+    assert_eq!(clone.evidence_event_id, evidence.id);
+    assert_eq!(fixture.projections.due_clone_reports().unwrap(), std::slice::from_ref(&clone));
+    // Still the same pair leapfrogging: counted, not reported again.
+    let next = policy_from(second, 3);
+    let next_subject = subject::device_event(&device(), EventKind::PolicyApplied);
+    let next_payload = next.to_json();
+    let next_signature = fixture.keys[&device()].sign(&next_subject, &next_payload);
+    let again = fixture.apply_full(&next_subject, &next_payload, Some(&next_signature));
+    assert_eq!(again.outcome, Outcome::Applied(EventKind::PolicyApplied));
+    assert!(again.clone.is_none(), "the same pair is reported once");
+    let device_record = fixture.projections.device(&device()).unwrap().unwrap();
+    assert_eq!(device_record.clone_events, 2);
+
+    // The report on the history clears the due entry.
+    let (report_subject, report) = audit(AuditEvent::DeviceCloneDetected(clone));
+    assert_eq!(
+        fixture.apply_signed(&report_subject, &report, None),
+        Outcome::Recorded(AuditKind::DeviceCloneDetected)
+    );
+    assert!(fixture.projections.due_clone_reports().unwrap().is_empty());
+}
