@@ -3,7 +3,9 @@
 //!
 //! Every test starts its own servers on free loopback ports (see [`harness::TestNats`]), so tests
 //! run in parallel and leave nothing behind. The binaries under test must be built first
-//! (`cargo build --workspace --bins`, which `cargo xtask test` does). Set `TEST_LOG=1` to see logs.
+//! (`cargo build --workspace --bins --features fleetlaps-agent/fault-injection`, which `cargo
+//! xtask test` does). Set `TEST_LOG=1` to see the in-process logs; an agent run as a binary logs
+//! at debug level to `agent-binary.log` beside its state.
 
 pub mod harness;
 
