@@ -293,7 +293,7 @@ pub struct QuarantineEntry {
     pub stream_sequence: u64,
     /// The subject it came on.
     pub subject: String,
-    /// Why it was refused: `forged`, `replayed`, `unknown_device`, `subject_mismatch`, …
+    /// Why it was refused: `forged`, `unopenable`, `unknown_device`, `subject_mismatch`, …
     pub reason: String,
     /// An explanation without payload content.
     pub detail: String,

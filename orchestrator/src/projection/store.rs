@@ -15,11 +15,15 @@
 //! - `n/<token id>`: an [`EnrollmentTokenRecord`]; `g/<token sha256>`: the id of the enrollment
 //!   token with that digest;
 //! - `k/<device>`: an [`EnrolledKeyRecord`], the key the device's events must be signed with;
-//! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle).
+//! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle);
+//! - `rc/<device>`: a clone detected and not yet reported on the history.
 //!
 //! Devices are created by `device_enrolled` events only. A device event counts only when it is
-//! signed by its subject's device's enrolled key, names that device, and is newer than the
-//! device's last applied event; anything else is quarantined.
+//! signed by its subject's device's enrolled key and names that device, and a backup only when
+//! its sealed password opens with the escrow key; anything else is quarantined. An event id seen
+//! before is a duplicate (nothing changes). An event at or before the device's newest position
+//! (a clone, or a rolled-back copy that has not noticed yet) is applied all the same, so no
+//! backup is dropped, and the device's position never moves back.
 
 use std::path::Path;
 
