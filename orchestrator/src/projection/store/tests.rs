@@ -695,7 +695,10 @@ fn two_copies_interleaving_are_a_clone_reported_once_with_both_sources_and_nothi
     let clone = applied.clone.expect("a clone");
     assert_eq!((clone.source.instance, clone.other.instance), (first, second));
     assert_eq!(clone.evidence_event_id, evidence.id);
-    assert_eq!(fixture.projections.due_clone_reports().unwrap(), std::slice::from_ref(&clone));
+    assert_eq!(
+        fixture.projections.due_clone_reports().unwrap(),
+        std::slice::from_ref(&clone)
+    );
     // Still the same pair leapfrogging: counted, not reported again.
     let next = policy_from(second, 3);
     let next_subject = subject::device_event(&device(), EventKind::PolicyApplied);
