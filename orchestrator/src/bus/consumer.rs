@@ -15,10 +15,11 @@ use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
 use fleetlaps_proto::command::{BackupOutcome, CurrentPasswordVersion};
 use fleetlaps_proto::event::EventKind;
 use fleetlaps_proto::ids::DeviceId;
-use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey};
+use fleetlaps_proto::seal::EscrowPublicKey;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::escrow::EscrowKeyring;
 use crate::metrics::Metrics;
 use crate::projection::{Outcome, ProjectionError, Projections, StreamMessage};
 
@@ -84,7 +85,7 @@ pub struct Consumer {
     /// For backup confirmations and password versions to devices.
     jetstream: jetstream::Context,
     /// Tries backups' sealed passwords, so only a backup that opens is confirmed.
-    escrow: Arc<EscrowSecretKey>,
+    escrow: Arc<EscrowKeyring>,
     /// The offline recovery key devices also seal to, if one is configured.
     recovery_public_key: Option<EscrowPublicKey>,
 }
@@ -95,8 +96,8 @@ pub struct ConsumerParts {
     pub projections: Projections,
     /// Counters.
     pub metrics: Metrics,
-    /// The escrow key backups must open with.
-    pub escrow: Arc<EscrowSecretKey>,
+    /// The escrow keys backups must open with; the current one is the key devices seal to.
+    pub escrow: Arc<EscrowKeyring>,
     /// The offline recovery key, if one is configured.
     pub recovery_public_key: Option<EscrowPublicKey>,
 }
@@ -231,6 +232,7 @@ impl Consumer {
         let mut confirmations = Vec::new();
         let mut touched = BTreeSet::new();
         let mut enrolled = false;
+        let mut escrow_key_created = false;
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -265,6 +267,8 @@ impl Consumer {
                 );
             }
             enrolled |= applied.outcome == Outcome::Recorded(fleetlaps_proto::audit::AuditKind::DeviceEnrolled);
+            escrow_key_created |=
+                applied.outcome == Outcome::Recorded(fleetlaps_proto::audit::AuditKind::EscrowKeyCreated);
             confirmations.extend(applied.confirmation);
             touched.extend(applied.device_id);
             last_sequence = Some(info.stream_sequence);
@@ -289,6 +293,11 @@ impl Consumer {
             if let Err(err) = client.publish(subject, payload.into()).await {
                 tracing::warn!(error = %err, "sending a backup confirmation failed; the device reads its password version or re-sends");
             }
+        }
+        if escrow_key_created {
+            // A new escrow key: every device learns it from its password version and seals to it
+            // from its next rotation.
+            touched.extend(self.projections.devices()?.into_iter().map(|device| device.device_id));
         }
         for device_id in &touched {
             if let Err(err) = self.publish_password_version(device_id).await {
