@@ -101,8 +101,7 @@ pub async fn enroll(options: EnrollOptions<'_>) -> anyhow::Result<Identity> {
         device_id: answer.device_id,
         signing_key,
         escrow_public_key: answer.escrow_public_key,
-        // Learnt from the centre's current password version until enrollment gives it.
-        escrow_recovery_public_key: None,
+        escrow_recovery_public_key: answer.escrow_recovery_public_key,
         policy: answer.policy,
     };
     identity.save(options.state_dir)?;

@@ -618,6 +618,7 @@ impl Processor {
             account_name: account.name.clone(),
             account_uid: Some(account.uid),
             sealed_password,
+            escrow_public_key: Some(self.escrow),
             recovery_sealed_password,
             expires_at,
             reason,

@@ -1,5 +1,6 @@
-//! Start-up and the run loop: binds the listeners, connects to NATS, opens the projections, then
-//! runs the consumer and the HTTP servers until the shutdown future completes.
+//! Start-up and the run loop: locks the data directory, connects to NATS, checks the escrow key
+//! against the history, binds the listeners, opens the projections, then runs the consumer and
+//! the HTTP servers until the shutdown future completes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::TokenStore;
 use crate::bus::{self, Consumer, JetStreamJournal};
 use crate::config::{ApiTransport, Config};
-use crate::escrow;
+use crate::data_dir::DataDirLock;
 use crate::http::{self, AppState, TlsListener};
+use crate::key_ceremony;
 use crate::metrics::Metrics;
 use crate::projection::Projections;
 use crate::tls::{self, ServerTls};
@@ -33,6 +35,8 @@ pub struct App {
     state: AppState,
     /// The projection consumer, bound at the projections' position.
     consumer: Consumer,
+    /// The data directory's lock, held while this orchestrator runs.
+    lock: DataDirLock,
 }
 
 /// How long running tasks get to finish after shutdown is signalled.
@@ -41,10 +45,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 impl App {
     /// Opens everything the orchestrator needs; fails with a message naming what is wrong.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let escrow = escrow::open(&config)?;
+        let lock = DataDirLock::acquire(&config.data_dir)?;
         let policy = config.policy()?;
+        let escrow_recovery_public_key = config.escrow_recovery_public_key()?;
         let api_tls = match config.http.transport()? {
             ApiTransport::Tls(source) => Some(tls::load(&source, &config.data_dir)?),
             ApiTransport::PlainHttp => {
@@ -63,6 +66,8 @@ impl App {
         let stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
         bus::ensure_password_versions_stream(&jetstream).await?;
+        // Before anything is served: the key must be the one the history names.
+        let escrow = key_ceremony::open_keyring(&config, &bus::History::open(&jetstream).await?).await?;
         let escrow = Arc::new(escrow);
         let consumer = Consumer::bind(
             &jetstream,
@@ -72,7 +77,7 @@ impl App {
                 projections: projections.clone(),
                 metrics: metrics.clone(),
                 escrow: Arc::clone(&escrow),
-                recovery_public_key: None,
+                recovery_public_key: escrow_recovery_public_key,
             },
         )
         .await?;
@@ -86,6 +91,7 @@ impl App {
         let state = AppState {
             projections: projections.clone(),
             escrow,
+            escrow_recovery_public_key,
             tokens: Arc::new(TokenStore::new(
                 &config.tokens,
                 config.bootstrap_admin_token.as_ref(),
@@ -104,6 +110,7 @@ impl App {
             metrics_listener,
             state,
             consumer,
+            lock,
         })
     }
 
@@ -147,6 +154,8 @@ impl App {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let cancel = CancellationToken::new();
         tracing::info!(api = %self.api_url(), metrics = %self.metrics_addr(), "orchestrator started");
+        // Released when this returns, once every task has stopped.
+        let _lock = self.lock;
 
         let mut tasks = tokio::task::JoinSet::new();
         // Connection info gives handlers the peer address, which the audit records.

@@ -15,10 +15,17 @@ use serde::Deserialize;
 pub struct Config {
     /// Where the sled projections and the escrow key live.
     pub data_dir: PathBuf,
-    /// The escrow key, supplied as a file (owner-only, 32 bytes of base64); without it the key
-    /// lives in `data_dir/escrow.key`, created at first start.
+    /// The escrow key, supplied as a file (owner-only, one key of 32 bytes in base64 a line, the
+    /// current one first); without it the keys live in `data_dir/escrow.key`, created at first
+    /// start. Back it up: the history records its public key, and the orchestrator refuses to
+    /// start without it.
     #[serde(default)]
     pub escrow_key_file: Option<PathBuf>,
+    /// The public half of an offline recovery key (`fleetlaps-orchestrator escrow recovery-key`
+    /// prints it): devices seal every backup to it as well, so `fleetlaps-orchestrator recover`
+    /// can rebuild the credentials if the escrow key is lost.
+    #[serde(default)]
+    pub escrow_recovery_public_key: Option<String>,
     /// The NATS server with JetStream.
     pub nats: NatsConfig,
     /// The Graph-compatible API. Its defaults ask for no transport, so a config without `[http]`
@@ -294,8 +301,24 @@ impl Config {
             .transpose()
     }
 
+    /// The offline recovery public key, validated.
+    pub fn escrow_recovery_public_key(&self) -> anyhow::Result<Option<fleetlaps_proto::seal::EscrowPublicKey>> {
+        self.escrow_recovery_public_key
+            .as_deref()
+            .map(|text| {
+                text.trim().parse().map_err(|err| {
+                    anyhow::anyhow!(
+                        "invalid config: escrow_recovery_public_key: {err}; allowed: the 43-character public key \
+                         `fleetlaps-orchestrator escrow recovery-key --out FILE` prints"
+                    )
+                })
+            })
+            .transpose()
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         self.policy()?;
+        self.escrow_recovery_public_key()?;
         for token in &self.tokens {
             if let Err(problem) = crate::auth::Scope::parse_all(&token.scopes) {
                 anyhow::bail!("invalid config: tokens.scopes of token {:?}: {problem}", token.name);

@@ -5,7 +5,9 @@
 //! - [`app`]: start-up, the run loop and shutdown.
 //! - [`config`]: the typed configuration, from a file and `FLEETLAPS_*` variables.
 //! - [`telemetry`]: logging set-up.
-//! - [`escrow`]: the escrow key that opens backed-up passwords.
+//! - [`data_dir`]: the data directory's lock (one process at a time).
+//! - [`escrow`]: the escrow keyring that opens backed-up passwords, and its files.
+//! - [`key_ceremony`]: the escrow key against the history: the check at start, rotate, recover.
 //! - [`tls`]: the API's certificate, from files or self-signed at first start.
 //! - [`auth`]: bearer tokens, principals and Graph-named scopes.
 //! - [`bus`]: the events stream and the durable consumer (the only module that knows NATS).
@@ -20,8 +22,10 @@ pub mod auth;
 pub mod bus;
 pub mod client;
 pub mod config;
+pub mod data_dir;
 pub mod escrow;
 pub mod http;
+pub mod key_ceremony;
 pub mod metrics;
 pub mod nats_auth;
 pub mod projection;

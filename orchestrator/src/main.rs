@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetlaps_orchestrator::{App, Config, app, escrow, nats_auth, telemetry};
+use fleetlaps_orchestrator::{App, Config, app, escrow, key_ceremony, nats_auth, telemetry};
 
 /// The fleetlaps orchestrator.
 #[derive(Parser)]
@@ -22,11 +22,26 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Print the escrow public key agents seal passwords to (creating the key if missing).
+    /// Print the escrow public key agents seal passwords to (the key is made by the first start).
     EscrowPublicKey {
         /// The config file (TOML).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// The escrow key's life: rotate it, make an offline recovery key.
+    Escrow {
+        #[command(subcommand)]
+        command: EscrowCommand,
+    },
+    /// Break-glass: the escrow key is lost. Opens every backup's copy sealed to the offline
+    /// recovery key, seals it to a new escrow key and records that; then start the orchestrator.
+    Recover {
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// The offline recovery secret key file (`escrow recovery-key --out` wrote it).
+        #[arg(long)]
+        recovery_key: PathBuf,
     },
     /// Print the nats-server configuration: JetStream, and a user with its permissions for the
     /// orchestrator and for each device.
@@ -58,6 +73,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum EscrowCommand {
+    /// Make a new escrow key, keeping the old ones to open older backups, and record it; devices
+    /// seal to it from their next rotation. Run it with the orchestrator stopped.
+    Rotate {
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make an offline recovery key pair: the secret key goes to FILE (0600, never overwritten),
+    /// the public key is printed for `escrow_recovery_public_key`.
+    RecoveryKey {
+        /// Where to write the secret key; keep it offline.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -69,8 +102,64 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::EscrowPublicKey { config } => {
             let config = Config::load(&config)?;
-            let key = escrow::open(&config)?;
-            println!("{}", key.public_key());
+            let path = escrow::key_path(&config);
+            let keyring = escrow::EscrowKeyring::read(&path)?.with_context(|| {
+                format!(
+                    "no escrow key at {}: start the orchestrator once to create it",
+                    path.display()
+                )
+            })?;
+            println!("{}", keyring.public_key());
+            Ok(())
+        }
+        Command::Escrow {
+            command: EscrowCommand::Rotate { config },
+        } => {
+            let config = Config::load(&config)?;
+            telemetry::init(&config.log);
+            let public_key = key_ceremony::rotate(&config).await?;
+            eprintln!(
+                "escrow key rotated; back up {} again",
+                escrow::key_path(&config).display()
+            );
+            println!("{public_key}");
+            Ok(())
+        }
+        Command::Escrow {
+            command: EscrowCommand::RecoveryKey { out },
+        } => {
+            let public_key = escrow::create_recovery_key(&out)?;
+            eprintln!(
+                "recovery secret key written to {}: keep it offline; put the public key below in the config as escrow_recovery_public_key",
+                out.display()
+            );
+            println!("{public_key}");
+            Ok(())
+        }
+        Command::Recover { config, recovery_key } => {
+            let config = Config::load(&config)?;
+            telemetry::init(&config.log);
+            let bar = indicatif::ProgressBar::new(0).with_message("reading the history");
+            let report = key_ceremony::recover(&config, &recovery_key, |read, total| {
+                bar.set_length(total);
+                bar.set_position(read);
+            })
+            .await?;
+            bar.finish_and_clear();
+            println!(
+                "recovered {} credential(s) of {} device(s); new escrow public key {} replaces the lost {}",
+                report.credentials_recovered, report.devices_recovered, report.public_key, report.lost_public_key
+            );
+            for unrecoverable in &report.unrecoverable {
+                println!(
+                    "not recovered: device {} backup at stream sequence {}: {}",
+                    unrecoverable.device_id, unrecoverable.backup_stream_sequence, unrecoverable.reason
+                );
+            }
+            eprintln!(
+                "back up {} now, then start the orchestrator",
+                escrow::key_path(&config).display()
+            );
             Ok(())
         }
         Command::NatsConfig {

@@ -280,6 +280,9 @@ pub struct EnrollmentResponse {
     pub device_id: DeviceId,
     /// The key the device seals its passwords to.
     pub escrow_public_key: crate::seal::EscrowPublicKey,
+    /// The offline recovery key every backup is also sealed to, if the orchestrator has one.
+    #[serde(default)]
+    pub escrow_recovery_public_key: Option<crate::seal::EscrowPublicKey>,
     /// The orchestrator's LAPS policy, if it has one; it wins over the device's local policy.
     #[serde(default)]
     pub policy: Option<crate::policy::Policy>,

@@ -1,6 +1,6 @@
 //! What the orchestrator itself decides, recorded on the same history as the devices' events:
 //! a password read by a person, a token created or revoked, a rotation requested, a device
-//! enrolled.
+//! enrolled, an escrow key created, a password sealed again to a new escrow key.
 //!
 //! Each is an [`AuditEnvelope`] on `laps.audit.<kind>` in the events stream, so a replay and an
 //! investigation see devices' facts and people's actions in one order.
@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::command::CommandId;
 use crate::event::SCHEMA_VERSION;
 use crate::ids::{DeviceId, DeviceName, EventId, IdError, InstanceId, RotationId};
+use crate::seal::{EscrowPublicKey, SealedBox};
 
 /// One orchestrator event as it travels on the stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +50,12 @@ pub enum AuditEvent {
     DeviceEnrolled(DeviceEnrolled),
     /// Two running copies of one device were seen (a cloned image): both sources named.
     DeviceCloneDetected(DeviceCloneDetected),
+    /// The orchestrator's escrow key was created, rotated or replaced after a recovery: from
+    /// here on devices seal to its public key, and an orchestrator must hold it to start.
+    EscrowKeyCreated(EscrowKeyCreated),
+    /// A backed-up password was sealed again, to the escrow key made by a recovery (it was
+    /// opened with the offline recovery key); the credential's sealed box is this one now.
+    PasswordResealed(PasswordResealed),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -70,6 +77,10 @@ pub enum AuditKind {
     DeviceEnrolled,
     /// See [`AuditEvent::DeviceCloneDetected`].
     DeviceCloneDetected,
+    /// See [`AuditEvent::EscrowKeyCreated`].
+    EscrowKeyCreated,
+    /// See [`AuditEvent::PasswordResealed`].
+    PasswordResealed,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -234,6 +245,42 @@ pub struct CloneSource {
     pub time: DateTime<Utc>,
 }
 
+/// Why an escrow key was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscrowKeyReason {
+    /// The orchestrator's first key (or the first record of a key made before keys were
+    /// recorded).
+    Created,
+    /// `fleetlaps-orchestrator escrow rotate`: the previous key is kept to open older backups.
+    Rotated,
+    /// `fleetlaps-orchestrator recover`: the previous key was lost; the passwords were opened
+    /// with the recovery key and sealed again to this one.
+    Recovered,
+}
+
+/// Body of [`AuditEvent::EscrowKeyCreated`]. Holds the public key only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscrowKeyCreated {
+    /// The new escrow public key: devices seal to it from now on.
+    pub public_key: EscrowPublicKey,
+    /// The key it replaces, if any.
+    pub previous_public_key: Option<EscrowPublicKey>,
+    /// Why it was made.
+    pub reason: EscrowKeyReason,
+}
+
+/// Body of [`AuditEvent::PasswordResealed`]. Holds ciphertext only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordResealed {
+    /// The device whose credential it is.
+    pub device_id: DeviceId,
+    /// The stream sequence of the credential's `password_backed_up` event.
+    pub backup_stream_sequence: u64,
+    /// The same password, sealed to the current escrow key with the backup's sealing context.
+    pub sealed_password: SealedBox,
+}
+
 /// Why bytes are not a valid orchestrator event.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditDecodeError {
@@ -286,13 +333,15 @@ impl AuditEvent {
             Self::EnrollmentTokenRevoked(_) => AuditKind::EnrollmentTokenRevoked,
             Self::DeviceEnrolled(_) => AuditKind::DeviceEnrolled,
             Self::DeviceCloneDetected(_) => AuditKind::DeviceCloneDetected,
+            Self::EscrowKeyCreated(_) => AuditKind::EscrowKeyCreated,
+            Self::PasswordResealed(_) => AuditKind::PasswordResealed,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -301,6 +350,8 @@ impl AuditKind {
         Self::EnrollmentTokenRevoked,
         Self::DeviceEnrolled,
         Self::DeviceCloneDetected,
+        Self::EscrowKeyCreated,
+        Self::PasswordResealed,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -314,6 +365,8 @@ impl AuditKind {
             Self::EnrollmentTokenRevoked => "enrollment_token_revoked",
             Self::DeviceEnrolled => "device_enrolled",
             Self::DeviceCloneDetected => "device_clone_detected",
+            Self::EscrowKeyCreated => "escrow_key_created",
+            Self::PasswordResealed => "password_resealed",
         }
     }
 

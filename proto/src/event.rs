@@ -149,6 +149,10 @@ pub struct PasswordBackedUp {
     pub account_uid: Option<u32>,
     /// The new password, sealed to the escrow key with [`sealing_context`].
     pub sealed_password: SealedBox,
+    /// The escrow public key `sealed_password` is sealed to, so the orchestrator knows which of
+    /// its keys opens it; `None` in backups of agents older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escrow_public_key: Option<crate::seal::EscrowPublicKey>,
     /// The same password sealed to the offline recovery key, when the orchestrator has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_sealed_password: Option<SealedBox>,
@@ -482,6 +486,7 @@ mod tests {
                 account_name: AccountName::parse("lapsadmin").expect("valid"),
                 account_uid: Some(1001),
                 sealed_password: sealed,
+                escrow_public_key: Some(escrow.public_key()),
                 recovery_sealed_password: None,
                 expires_at: Utc::now(),
                 reason: RotationReason::Initial,

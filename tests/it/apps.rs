@@ -47,6 +47,8 @@ pub struct TestOrchestrator {
     nats_url: String,
     /// The nkey seed file it authenticates to NATS with, if any; kept across restarts.
     nkey_seed_file: Option<PathBuf>,
+    /// Extra top-level config lines; kept across restarts.
+    extra_config: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     /// Owns `data_dir` unless the test supplied one.
@@ -79,20 +81,52 @@ impl TestOrchestrator {
         orchestrator
     }
 
+    /// Starts an orchestrator on `nats` with a fresh data directory and `extra_config`, top-level
+    /// config lines such as `escrow_recovery_public_key = "…"`.
+    pub async fn spawn_with_config(nats: &TestNats, extra_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-orchestrator-")
+            .tempdir()
+            .expect("tempdir");
+        let mut orchestrator = Self::try_spawn(&nats.url(), dir.path(), None, extra_config)
+            .await
+            .expect("orchestrator starts");
+        orchestrator._dir = Some(dir);
+        orchestrator
+    }
+
     /// Starts an orchestrator on the NATS at `nats_url` with the data directory `data_dir`.
     pub async fn spawn_in(nats_url: &str, data_dir: &Path) -> Self {
         Self::spawn_configured(nats_url, data_dir, None).await
     }
 
     async fn spawn_configured(nats_url: &str, data_dir: &Path, nkey_seed_file: Option<&Path>) -> Self {
+        Self::try_spawn(nats_url, data_dir, nkey_seed_file, "")
+            .await
+            .expect("orchestrator starts")
+    }
+
+    /// The config file the orchestrator runs with, written in its data directory, for the
+    /// `fleetlaps-orchestrator` binary's subcommands.
+    pub fn config_path(&self) -> PathBuf {
+        config_path(&self.data_dir)
+    }
+
+    async fn try_spawn(
+        nats_url: &str,
+        data_dir: &Path,
+        nkey_seed_file: Option<&Path>,
+        extra_config: &str,
+    ) -> anyhow::Result<Self> {
         init_tracing();
         let nkey_line = nkey_seed_file
             .map(|path| format!("nkey_seed_file = \"{}\"", path.display()))
             .unwrap_or_default();
-        let config = fleetlaps_orchestrator::Config::from_toml(&format!(
+        let text = format!(
             r#"
 data_dir = "{data_dir}"
 bootstrap_admin_token = "{ADMIN_TOKEN}"
+{extra_config}
 [nats]
 url = "{nats_url}"
 {nkey_line}
@@ -119,11 +153,11 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             read = fleetlaps_orchestrator::auth::token_sha256(READ_TOKEN),
             read_basic = fleetlaps_orchestrator::auth::token_sha256(READ_BASIC_TOKEN),
             operator = fleetlaps_orchestrator::auth::token_sha256(OPERATOR_TOKEN),
-        ))
-        .expect("test config is valid");
-        let app = fleetlaps_orchestrator::App::build(config)
-            .await
-            .expect("orchestrator starts");
+        );
+        std::fs::create_dir_all(data_dir).expect("creating the data directory");
+        std::fs::write(config_path(data_dir), &text).expect("writing the orchestrator's config");
+        let config = fleetlaps_orchestrator::Config::from_toml(&text).expect("test config is valid");
+        let app = fleetlaps_orchestrator::App::build(config).await?;
         let base_url = app.api_url();
         let tls_certificate = app
             .tls_certificate_path()
@@ -135,7 +169,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         let task = tokio::spawn(app.run_until(async move {
             let _ = stop.await;
         }));
-        Self {
+        Ok(Self {
             base_url,
             http: trusting_client(&tls_certificate),
             tls_certificate,
@@ -144,10 +178,11 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             data_dir: data_dir.to_owned(),
             nats_url: nats_url.to_owned(),
             nkey_seed_file: nkey_seed_file.map(Path::to_owned),
+            extra_config: extra_config.to_owned(),
             shutdown: Some(shutdown),
             task: Some(task),
             _dir: None,
-        }
+        })
     }
 
     /// Stops it and waits until it has released its data directory.
@@ -164,16 +199,24 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
 
     /// Stops it and starts it again on the same data directory.
     pub async fn restart(&mut self) {
+        self.try_restart().await.expect("orchestrator starts");
+    }
+
+    /// Stops it (if running) and tries to start it again on the same data directory; on an
+    /// error it stays stopped, and may be tried again.
+    pub async fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let dir = self._dir.take();
-        let nkey_seed_file = self.nkey_seed_file.clone();
-        *self = Self::spawn_configured(
-            &self.nats_url.clone(),
-            &self.data_dir.clone(),
-            nkey_seed_file.as_deref(),
+        let started = Self::try_spawn(
+            &self.nats_url,
+            &self.data_dir,
+            self.nkey_seed_file.as_deref(),
+            &self.extra_config,
         )
-        .await;
+        .await?;
+        let dir = self._dir.take();
+        *self = started;
         self._dir = dir;
+        Ok(())
     }
 
     /// Runs the `lapsctl` binary against this orchestrator (`--url`, and `--ca` with its
@@ -784,6 +827,11 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Where a test orchestrator's config file is written: in its data directory.
+fn config_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("orchestrator.toml")
 }
 
 /// An HTTP client that trusts only `certificate` (PEM), as `lapsctl --ca` does.

@@ -376,6 +376,7 @@ fn backup_for(orchestrator: &TestOrchestrator, device_id: &DeviceId, sequence: u
                 b"attacker-chosen",
                 &sealing_context(device_id, &rotation_id),
             ),
+            escrow_public_key: None,
             recovery_sealed_password: None,
             expires_at: Utc::now() + chrono::Duration::days(30),
             reason: RotationReason::Manual,

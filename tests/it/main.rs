@@ -18,6 +18,7 @@ mod commands;
 mod config;
 mod durability;
 mod enrollment;
+mod escrow;
 mod harness_smoke;
 mod https;
 pub mod linux;

@@ -16,11 +16,12 @@ use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupOutcome, CurrentPasswordVersion};
 use fleetlaps_proto::event::EventKind;
 use fleetlaps_proto::ids::DeviceId;
-use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey};
+use fleetlaps_proto::seal::EscrowPublicKey;
 use fleetlaps_proto::subject;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::escrow::EscrowKeyring;
 use crate::metrics::Metrics;
 use crate::projection::{Outcome, ProjectionError, Projections, StreamMessage};
 
@@ -86,7 +87,7 @@ pub struct Consumer {
     /// For backup confirmations and password versions to devices.
     jetstream: jetstream::Context,
     /// Tries backups' sealed passwords, so only a backup that opens is confirmed.
-    escrow: Arc<EscrowSecretKey>,
+    escrow: Arc<EscrowKeyring>,
     /// The offline recovery key devices also seal to, if one is configured.
     recovery_public_key: Option<EscrowPublicKey>,
 }
@@ -97,8 +98,8 @@ pub struct ConsumerParts {
     pub projections: Projections,
     /// Counters.
     pub metrics: Metrics,
-    /// The escrow key backups must open with.
-    pub escrow: Arc<EscrowSecretKey>,
+    /// The escrow keys backups must open with; the current one is the key devices seal to.
+    pub escrow: Arc<EscrowKeyring>,
     /// The offline recovery key, if one is configured.
     pub recovery_public_key: Option<EscrowPublicKey>,
 }
@@ -234,6 +235,7 @@ impl Consumer {
         let mut touched = BTreeSet::new();
         let mut enrolled = false;
         let mut caught_up = false;
+        let mut escrow_key_created = false;
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -276,6 +278,7 @@ impl Consumer {
                 );
             }
             enrolled |= applied.outcome == Outcome::Recorded(AuditKind::DeviceEnrolled);
+            escrow_key_created |= applied.outcome == Outcome::Recorded(AuditKind::EscrowKeyCreated);
             confirmations.extend(applied.confirmation);
             touched.extend(applied.device_id);
             last_sequence = Some(info.stream_sequence);
@@ -301,6 +304,11 @@ impl Consumer {
             if let Err(err) = client.publish(subject, payload.into()).await {
                 tracing::warn!(error = %err, "sending a backup confirmation failed; the device reads its password version or re-sends");
             }
+        }
+        if escrow_key_created {
+            // A new escrow key: every device learns it from its password version and seals to it
+            // from its next rotation.
+            touched.extend(self.projections.devices()?.into_iter().map(|device| device.device_id));
         }
         for device_id in &touched {
             if let Err(err) = self.publish_password_version(device_id).await {

@@ -4,12 +4,14 @@
 
 mod commands;
 mod consumer;
+mod history;
 mod journal;
 mod password_versions;
 mod stream;
 
 pub use commands::{ensure_commands_stream, issue_command, send_command};
 pub use consumer::{BusError, Consumer, ConsumerParts};
+pub use history::{History, HistoryMessage, HistoryReader, last_audit_event};
 pub use journal::{JetStreamJournal, Journal};
 pub use password_versions::{ensure_password_versions_stream, publish_password_version};
 pub use stream::{connect, ensure_events_stream};

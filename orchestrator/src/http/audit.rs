@@ -117,7 +117,9 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         AuditEvent::RotationRequested(body) => Some(body.device_id.as_str()),
         AuditEvent::DeviceEnrolled(body) => Some(body.device_id.as_str()),
         AuditEvent::DeviceCloneDetected(body) => Some(body.device_id.as_str()),
-        AuditEvent::TokenCreated(_)
+        AuditEvent::PasswordResealed(body) => Some(body.device_id.as_str()),
+        AuditEvent::EscrowKeyCreated(_)
+        | AuditEvent::TokenCreated(_)
         | AuditEvent::TokenRevoked(_)
         | AuditEvent::EnrollmentTokenCreated(_)
         | AuditEvent::EnrollmentTokenRevoked(_) => None,

@@ -16,7 +16,6 @@ use fleetlaps_proto::api::{DeviceLocalCredential, DeviceLocalCredentialInfo, ODa
 use fleetlaps_proto::audit::{AuditEvent, PasswordRead};
 use fleetlaps_proto::event::sealing_context;
 use fleetlaps_proto::ids::DeviceId;
-use fleetlaps_proto::seal::EscrowSecretKey;
 use serde_json::Value;
 
 use super::AppState;
@@ -182,7 +181,7 @@ fn metadata(device: &DeviceRecord) -> DeviceLocalCredentialInfo {
 
 /// Opens one sealed password into Graph's `deviceLocalCredential`.
 fn open_credential(
-    escrow: &EscrowSecretKey,
+    escrow: &crate::escrow::EscrowKeyring,
     device_id: &DeviceId,
     record: &CredentialRecord,
 ) -> Result<DeviceLocalCredential, ApiError> {

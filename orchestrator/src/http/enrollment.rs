@@ -220,6 +220,7 @@ pub(super) async fn enroll(
         Json(EnrollmentResponse {
             device_id,
             escrow_public_key: state.escrow.public_key(),
+            escrow_recovery_public_key: state.escrow_recovery_public_key,
             policy: state.policy.clone(),
         }),
     ))

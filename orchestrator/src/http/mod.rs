@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{delete, get, post};
-use fleetlaps_proto::seal::EscrowSecretKey;
+use fleetlaps_proto::seal::EscrowPublicKey;
 
 use crate::auth::TokenStore;
 use crate::bus::Journal;
@@ -52,8 +52,11 @@ pub use tls::{PeerAddr, TlsListener};
 pub struct AppState {
     /// The read side: devices and their sealed credentials.
     pub projections: Projections,
-    /// Opens sealed passwords for authorised reads; never leaves this process.
-    pub escrow: Arc<EscrowSecretKey>,
+    /// Opens sealed passwords for authorised reads (with whichever key opens each); never leaves
+    /// this process. Its current key is the one devices seal to.
+    pub escrow: Arc<crate::escrow::EscrowKeyring>,
+    /// The offline recovery key devices also seal to (`escrow_recovery_public_key`), if any.
+    pub escrow_recovery_public_key: Option<EscrowPublicKey>,
     /// The bearer tokens allowed to call the API.
     pub tokens: Arc<TokenStore>,
     /// Request counts, latencies and disclosures are recorded here.

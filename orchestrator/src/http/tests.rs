@@ -64,6 +64,10 @@ impl FoldingJournal {
 struct NoBackupOpens;
 
 impl crate::projection::SealCheck for NoBackupOpens {
+    fn holds(&self, _public_key: &fleetlaps_proto::seal::EscrowPublicKey) -> bool {
+        false
+    }
+
     fn opens(&self, _sealed: &fleetlaps_proto::seal::SealedBox, _context: &[u8]) -> bool {
         false
     }
@@ -147,7 +151,8 @@ impl Fixture {
         });
         let state = AppState {
             projections,
-            escrow: Arc::new(EscrowSecretKey::generate()),
+            escrow: Arc::new(crate::escrow::EscrowKeyring::generate()),
+            escrow_recovery_public_key: None,
             tokens: Arc::new(tokens),
             metrics: Metrics::new(),
             journal: journal.clone(),
@@ -222,13 +227,19 @@ impl Fixture {
     /// Backs up `password` for the device, sealed to the fixture's escrow key.
     pub(crate) fn back_up(&mut self, device_id: &str, device_name: &str, password: &str) {
         let escrow = Arc::clone(&self.state.escrow);
-        self.back_up_sealed_to(&escrow, device_id, device_name, password);
+        self.back_up_sealed_to(&escrow.public_key(), escrow.as_ref(), device_id, device_name, password);
     }
 
     /// Backs up `password` for the device sealed to `escrow`, folded by projections that open
     /// backups with `escrow` (another orchestrator's key, for tests of a key that was lost).
-    fn back_up_sealed_to(&mut self, escrow: &EscrowSecretKey, device_id: &str, device_name: &str, password: &str) {
-        let recipient = &escrow.public_key();
+    fn back_up_sealed_to(
+        &mut self,
+        recipient: &fleetlaps_proto::seal::EscrowPublicKey,
+        escrow: &dyn crate::projection::SealCheck,
+        device_id: &str,
+        device_name: &str,
+        password: &str,
+    ) {
         let device_id = DeviceId::parse(device_id).unwrap();
         let key = self.enrolled(&device_id, device_name);
         let sequence = self.journal.next_sequence();
@@ -250,6 +261,7 @@ impl Fixture {
                     password.as_bytes(),
                     &sealing_context(&device_id, &rotation_id),
                 ),
+                escrow_public_key: Some(*recipient),
                 recovery_sealed_password: None,
                 expires_at: time + chrono::Duration::days(30),
                 reason: RotationReason::Initial,
@@ -557,7 +569,7 @@ async fn unknown_devices_and_routes_are_404() {
 async fn a_password_that_does_not_open_is_a_generic_500() {
     let mut fixture = Fixture::new();
     let other_key = EscrowSecretKey::generate();
-    fixture.back_up_sealed_to(&other_key, "dev-1", "host-1", "pw");
+    fixture.back_up_sealed_to(&other_key.public_key(), &other_key, "dev-1", "host-1", "pw");
     let answer = fixture
         .get(&format!("{ITEM}/dev-1?$select=credentials"), Some(READ_ALL_TOKEN))
         .await;

@@ -6,12 +6,14 @@
 
 mod credentials;
 mod devices;
+mod escrow_keys;
 mod principals;
 mod quarantine;
 mod store;
 
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
+pub use escrow_keys::EscrowKeyRecord;
 pub use principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 pub use quarantine::{QuarantineReason, QuarantineRecord};
 pub use store::{Applied, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};

@@ -17,6 +17,7 @@
 //! - `k/<device>`: an [`EnrolledKeyRecord`], the key the device's events must be signed with;
 //! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle);
 //! - `rc/<device>`: a clone detected and not yet reported on the history.
+//! - `x/<escrow public key>`: an [`EscrowKeyRecord`], a key the history recorded.
 //!
 //! Devices are created by `device_enrolled` events only. A device event counts only when it is
 //! signed by its subject's device's enrolled key and names that device, and a backup only when
@@ -32,7 +33,7 @@ use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, CloneSource, 
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
-use fleetlaps_proto::seal::{EscrowSecretKey, SealedBox};
+use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey, SealedBox};
 use fleetlaps_proto::signature::DevicePublicKey;
 use fleetlaps_proto::subject;
 use serde::Serialize;
@@ -41,6 +42,7 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::CredentialRecord;
 use super::devices::{DeviceRecord, FailureRecord};
+use super::escrow_keys::EscrowKeyRecord;
 use super::principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 use super::quarantine::{QuarantineReason, QuarantineRecord};
 
@@ -81,11 +83,28 @@ pub struct StreamMessage<'a> {
 /// Whether a sealed password opens with the escrow keys, tried without disclosing it: how the
 /// fold knows a backup is usable before it confirms it to its device.
 pub trait SealCheck {
-    /// Whether `sealed` opens with `context` as its associated data.
+    /// Whether the secret half of `public_key` is held, so a backup sealed to it can be tried.
+    fn holds(&self, public_key: &EscrowPublicKey) -> bool;
+
+    /// Whether `sealed` opens with one of the held keys, with `context` as its associated data.
     fn opens(&self, sealed: &SealedBox, context: &[u8]) -> bool;
 }
 
 impl SealCheck for EscrowSecretKey {
+    fn holds(&self, public_key: &EscrowPublicKey) -> bool {
+        self.public_key() == *public_key
+    }
+
+    fn opens(&self, sealed: &SealedBox, context: &[u8]) -> bool {
+        self.open(sealed, context).is_ok()
+    }
+}
+
+impl SealCheck for crate::escrow::EscrowKeyring {
+    fn holds(&self, public_key: &EscrowPublicKey) -> bool {
+        Self::holds(self, public_key)
+    }
+
     fn opens(&self, sealed: &SealedBox, context: &[u8]) -> bool {
         self.open(sealed, context).is_ok()
     }
@@ -373,6 +392,27 @@ impl Projections {
             .collect()
     }
 
+    /// Every escrow public key the history recorded, oldest first.
+    pub fn escrow_keys(&self) -> Result<Vec<EscrowKeyRecord>, ProjectionError> {
+        let mut keys = self
+            .tree
+            .scan_prefix(b"x/")
+            .values()
+            .map(|value| decode::<EscrowKeyRecord>("x/", &value?))
+            .collect::<Result<Vec<_>, _>>()?;
+        keys.sort_by_key(|key| key.stream_sequence);
+        Ok(keys)
+    }
+
+    /// A device's credential backed up at stream sequence `backup_stream_sequence`.
+    pub fn credential(
+        &self,
+        device_id: &DeviceId,
+        backup_stream_sequence: u64,
+    ) -> Result<Option<CredentialRecord>, ProjectionError> {
+        self.get(&credential_key(device_id, backup_stream_sequence))
+    }
+
     /// When a rotation of `device_id` was last requested through the API.
     pub fn last_rotation_request(&self, device_id: &DeviceId) -> Result<Option<DateTime<Utc>>, ProjectionError> {
         self.get(&format!("w/{device_id}"))
@@ -494,7 +534,7 @@ impl Projections {
         if let Event::PasswordBackedUp(body) = &envelope.event {
             // Confirmed only once it is known to open: a backup nobody can read is no backup.
             let context = sealing_context(&envelope.device_id, &body.rotation_id);
-            if !escrow.opens(&body.sealed_password, &context) {
+            if !self.backup_opens(body, &context, escrow)? {
                 let detail = "the sealed password does not open with any escrow key of this orchestrator".to_owned();
                 return Ok(Err(Refusal {
                     reason: QuarantineReason::Unopenable,
@@ -630,6 +670,28 @@ impl Projections {
         }))
     }
 
+    /// Whether a backup's sealed password is usable. Sealed to a key held: the trial decides.
+    /// Sealed to a key the history recorded but not held (a key lost, then replaced by a
+    /// recovery, whose backups are confirmed from before): accepted without a trial, unless the
+    /// backup came after the key was lost. Sealed to any other key: refused. Naming no key (an
+    /// older agent): the trial with every held key decides.
+    fn backup_opens(
+        &self,
+        body: &fleetlaps_proto::event::PasswordBackedUp,
+        context: &[u8],
+        escrow: &dyn SealCheck,
+    ) -> Result<bool, ProjectionError> {
+        let Some(public_key) = &body.escrow_public_key else {
+            return Ok(escrow.opens(&body.sealed_password, context));
+        };
+        if escrow.holds(public_key) {
+            return Ok(escrow.opens(&body.sealed_password, context));
+        }
+        Ok(self
+            .get::<EscrowKeyRecord>(&escrow_key_key(public_key))?
+            .is_some_and(|record| record.lost_at_sequence.is_none()))
+    }
+
     /// Whether `message` is signed, on exactly its subject, by the enrolled key of `device_id`:
     /// `Ok(Err(why))` when it is not.
     fn signed_by_enrolled_key(
@@ -755,6 +817,42 @@ impl Projections {
                     batch.remove(key.as_bytes());
                 }
             }
+            AuditEvent::EscrowKeyCreated(body) => {
+                if body.reason == fleetlaps_proto::audit::EscrowKeyReason::Recovered {
+                    // The key file was lost: every key recorded so far went with it.
+                    for mut lost in self.escrow_keys()? {
+                        if lost.lost_at_sequence.is_none() && lost.public_key != body.public_key {
+                            lost.lost_at_sequence = Some(message.sequence);
+                            batch.insert(escrow_key_key(&lost.public_key).as_bytes(), encode(&lost));
+                        }
+                    }
+                }
+                let record = EscrowKeyRecord {
+                    public_key: body.public_key,
+                    previous_public_key: body.previous_public_key,
+                    reason: body.reason,
+                    recorded_at: envelope.time,
+                    stream_sequence: message.sequence,
+                    lost_at_sequence: None,
+                };
+                batch.insert(escrow_key_key(&body.public_key).as_bytes(), encode(&record));
+            }
+            AuditEvent::PasswordResealed(body) => {
+                let Some(mut credential) = self.credential(&body.device_id, body.backup_stream_sequence)? else {
+                    return Ok(Err((
+                        QuarantineReason::UnknownRotation,
+                        format!(
+                            "device {} has no credential backed up at stream sequence {}",
+                            body.device_id, body.backup_stream_sequence
+                        ),
+                    )));
+                };
+                credential.sealed_password = body.sealed_password.clone();
+                batch.insert(
+                    credential_key(&body.device_id, body.backup_stream_sequence).as_bytes(),
+                    encode(&credential),
+                );
+            }
             AuditEvent::DeviceEnrolled(body) => {
                 if let Err(err) = DevicePublicKey::parse(&body.public_key) {
                     return Ok(Err((QuarantineReason::Malformed, format!("device_enrolled: {err}"))));
@@ -852,6 +950,11 @@ fn clone_report_key(device_id: &DeviceId) -> String {
 fn credential_key(device_id: &DeviceId, sequence: u64) -> String {
     // Zero-padded decimal sorts like the number and keeps keys readable.
     format!("c/{device_id}/{sequence:020}")
+}
+
+fn escrow_key_key(public_key: &EscrowPublicKey) -> String {
+    // The text form is unpadded base64url: no `/` in it.
+    format!("x/{public_key}")
 }
 
 fn rotation_key(device_id: &DeviceId, rotation_id: &RotationId) -> Vec<u8> {

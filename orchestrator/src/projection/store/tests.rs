@@ -88,6 +88,17 @@ impl Fixture {
     }
 
     fn apply_full(&mut self, subject: &str, payload: &[u8], signature: Option<&str>) -> Applied {
+        self.apply_checked(subject, payload, signature, &escrow())
+    }
+
+    /// Applies a message, trying backups with `escrow`.
+    fn apply_checked(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+        signature: Option<&str>,
+        escrow: &dyn SealCheck,
+    ) -> Applied {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let published = Utc
@@ -102,9 +113,17 @@ impl Fixture {
                     payload,
                     signature,
                 },
-                &escrow(),
+                escrow,
             )
             .expect("store works")
+    }
+
+    /// Applies a device's signed event, trying backups with `escrow`.
+    fn apply_device_event(&mut self, envelope: &Envelope, escrow: &dyn SealCheck) -> Applied {
+        let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
+        let payload = envelope.to_json();
+        let signature = key_of(&envelope.device_id).sign(&subject, &payload);
+        self.apply_checked(&subject, &payload, Some(&signature), escrow)
     }
 
     fn apply_signed(&mut self, subject: &str, payload: &[u8], signature: Option<&str>) -> Outcome {
@@ -156,6 +175,16 @@ fn backed_up_to(
     rotation_id: RotationId,
     recipient: &fleetlaps_proto::seal::EscrowPublicKey,
 ) -> Envelope {
+    backed_up_declaring(sequence, rotation_id, recipient, None)
+}
+
+/// A backup sealed to `recipient` that names `declared` as the key it is sealed to.
+fn backed_up_declaring(
+    sequence: u64,
+    rotation_id: RotationId,
+    recipient: &fleetlaps_proto::seal::EscrowPublicKey,
+    declared: Option<fleetlaps_proto::seal::EscrowPublicKey>,
+) -> Envelope {
     Envelope::new(
         device(),
         sequence,
@@ -166,6 +195,7 @@ fn backed_up_to(
             account_name: AccountName::parse("lapsadmin").unwrap(),
             account_uid: Some(1001),
             sealed_password: seal(recipient, b"pw", &sealing_context(&device(), &rotation_id)),
+            escrow_public_key: declared,
             recovery_sealed_password: None,
             expires_at: Utc::now(),
             reason: RotationReason::Initial,
@@ -717,4 +747,151 @@ fn two_copies_interleaving_are_a_clone_reported_once_with_both_sources_and_nothi
         Outcome::Recorded(AuditKind::DeviceCloneDetected)
     );
     assert!(fixture.projections.due_clone_reports().unwrap().is_empty());
+}
+
+mod escrow_keys {
+    use fleetlaps_proto::audit::{EscrowKeyCreated, EscrowKeyReason, PasswordResealed};
+    use fleetlaps_proto::seal::EscrowPublicKey;
+
+    use super::*;
+    use crate::escrow::EscrowKeyring;
+
+    fn key_created(public_key: EscrowPublicKey, reason: EscrowKeyReason) -> (String, Vec<u8>) {
+        audit(AuditEvent::EscrowKeyCreated(EscrowKeyCreated {
+            public_key,
+            previous_public_key: None,
+            reason,
+        }))
+    }
+
+    fn record(fixture: &mut Fixture, public_key: EscrowPublicKey, reason: EscrowKeyReason) {
+        let (subject, payload) = key_created(public_key, reason);
+        let outcome = fixture.apply_signed(&subject, &payload, None);
+        assert_eq!(outcome, Outcome::Recorded(AuditKind::EscrowKeyCreated));
+    }
+
+    #[test]
+    fn escrow_key_created_is_recorded_in_the_history_of_keys() {
+        let mut fixture = Fixture::enrolled();
+        let first = EscrowSecretKey::generate().public_key();
+        let second = EscrowSecretKey::generate().public_key();
+        record(&mut fixture, first, EscrowKeyReason::Created);
+        record(&mut fixture, second, EscrowKeyReason::Rotated);
+
+        let keys = fixture.projections.escrow_keys().unwrap();
+        assert_eq!(
+            keys.iter().map(|key| key.public_key).collect::<Vec<_>>(),
+            vec![first, second]
+        );
+        assert_eq!(keys[1].reason, EscrowKeyReason::Rotated);
+        assert!(keys.iter().all(|key| key.lost_at_sequence.is_none()));
+    }
+
+    #[test]
+    fn a_backup_naming_a_held_key_is_tried_and_refused_when_it_does_not_open() {
+        let mut fixture = Fixture::enrolled();
+        // Names the fixture's key, but is sealed to another: the trial decides, and fails.
+        let envelope = backed_up_declaring(
+            1,
+            RotationId::new(),
+            &EscrowSecretKey::generate().public_key(),
+            Some(escrow().public_key()),
+        );
+        let applied = fixture.apply_device_event(&envelope, &escrow());
+        assert_eq!(applied.outcome, Outcome::Quarantined(QuarantineReason::Unopenable));
+    }
+
+    #[test]
+    fn a_backup_naming_an_unknown_key_is_refused_without_a_trial() {
+        let mut fixture = Fixture::enrolled();
+        // Sealed to the fixture's key (a trial would open it), but naming a key nobody recorded.
+        let envelope = backed_up_declaring(
+            1,
+            RotationId::new(),
+            &escrow().public_key(),
+            Some(EscrowSecretKey::generate().public_key()),
+        );
+        let applied = fixture.apply_device_event(&envelope, &escrow());
+        assert_eq!(applied.outcome, Outcome::Quarantined(QuarantineReason::Unopenable));
+    }
+
+    #[test]
+    fn a_backup_naming_a_recorded_key_that_is_not_held_is_accepted_without_a_trial() {
+        let mut fixture = Fixture::enrolled();
+        let lost = EscrowSecretKey::generate().public_key();
+        record(&mut fixture, lost, EscrowKeyReason::Created);
+        // Not openable by the fixture's key: accepted because the history recorded its key.
+        let envelope = backed_up_declaring(2, RotationId::new(), &lost, Some(lost));
+        let applied = fixture.apply_device_event(&envelope, &escrow());
+        assert_eq!(applied.outcome, Outcome::Applied(EventKind::PasswordBackedUp));
+        assert_eq!(fixture.projections.credentials(&device(), 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn after_a_recovery_a_backup_sealed_to_the_lost_key_is_refused() {
+        let mut fixture = Fixture::enrolled();
+        let lost = EscrowSecretKey::generate().public_key();
+        record(&mut fixture, lost, EscrowKeyReason::Created);
+        record(&mut fixture, escrow().public_key(), EscrowKeyReason::Recovered);
+        assert!(fixture.projections.escrow_keys().unwrap()[0].lost_at_sequence.is_some());
+
+        let envelope = backed_up_declaring(2, RotationId::new(), &lost, Some(lost));
+        let applied = fixture.apply_device_event(&envelope, &escrow());
+        assert_eq!(applied.outcome, Outcome::Quarantined(QuarantineReason::Unopenable));
+    }
+
+    #[test]
+    fn a_backup_naming_no_key_is_tried_with_every_held_key_retired_ones_included() {
+        let mut fixture = Fixture::enrolled();
+        let before = EscrowKeyring::generate();
+        let old_public = before.public_key();
+        let keyring = before.rotated();
+        let envelope = backed_up_declaring(1, RotationId::new(), &old_public, None);
+        let applied = fixture.apply_device_event(&envelope, &keyring);
+        assert_eq!(applied.outcome, Outcome::Applied(EventKind::PasswordBackedUp));
+        let stranger = backed_up_declaring(2, RotationId::new(), &EscrowSecretKey::generate().public_key(), None);
+        let applied = fixture.apply_device_event(&stranger, &keyring);
+        assert_eq!(applied.outcome, Outcome::Quarantined(QuarantineReason::Unopenable));
+    }
+
+    #[test]
+    fn password_resealed_replaces_the_sealed_box_of_that_credential_only() {
+        let mut fixture = Fixture::enrolled();
+        let rotation_id = RotationId::new();
+        let applied = fixture.apply_device_event(&backed_up(1, rotation_id), &escrow());
+        assert_eq!(applied.outcome, Outcome::Applied(EventKind::PasswordBackedUp));
+        let credential = fixture.projections.credentials(&device(), 1).unwrap().remove(0);
+        let new_key = EscrowSecretKey::generate();
+        let context = sealing_context(&device(), &rotation_id);
+        let resealed = seal(&new_key.public_key(), b"pw", &context);
+
+        let (subject, payload) = audit(AuditEvent::PasswordResealed(PasswordResealed {
+            device_id: device(),
+            backup_stream_sequence: credential.stream_sequence,
+            sealed_password: resealed.clone(),
+        }));
+        assert_eq!(
+            fixture.apply_signed(&subject, &payload, None),
+            Outcome::Recorded(AuditKind::PasswordResealed)
+        );
+
+        let after = fixture.projections.credentials(&device(), 1).unwrap().remove(0);
+        assert_eq!(after.sealed_password, resealed);
+        assert_eq!(
+            new_key.open(&after.sealed_password, &context).unwrap().as_slice(),
+            b"pw"
+        );
+        assert_eq!(after.rotation_id, credential.rotation_id, "only the box changes");
+
+        // A credential that does not exist is not made up.
+        let (subject, payload) = audit(AuditEvent::PasswordResealed(PasswordResealed {
+            device_id: device(),
+            backup_stream_sequence: 999,
+            sealed_password: resealed,
+        }));
+        assert_eq!(
+            fixture.apply_signed(&subject, &payload, None),
+            Outcome::Quarantined(QuarantineReason::UnknownRotation)
+        );
+    }
 }

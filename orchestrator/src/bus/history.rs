@@ -1,0 +1,152 @@
+//! Reading the events stream outside the projection consumer: the last orchestrator event of a
+//! kind (what start-up checks the escrow key against), and the whole history in order (what a
+//! recovery folds).
+
+use async_nats::jetstream::{self, consumer, stream};
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::audit::{AuditEnvelope, AuditKind};
+use fleetlaps_proto::subject;
+use futures::StreamExt;
+
+use super::BusError;
+
+/// One message of the history, owned.
+#[derive(Debug, Clone)]
+pub struct HistoryMessage {
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// Its subject.
+    pub subject: String,
+    /// When the stream stored it.
+    pub published: DateTime<Utc>,
+    /// Its bytes.
+    pub payload: Vec<u8>,
+    /// Its `Fleetlaps-Signature` header, if any.
+    pub signature: Option<String>,
+}
+
+/// The events stream as a history to read and record into, outside the projection consumer.
+pub struct History {
+    /// For recording.
+    jetstream: jetstream::Context,
+    /// The events stream.
+    stream: stream::Stream,
+}
+
+impl History {
+    /// The events stream (created or checked as [`super::ensure_events_stream`] does).
+    pub async fn open(jetstream: &jetstream::Context) -> Result<Self, BusError> {
+        Ok(Self {
+            jetstream: jetstream.clone(),
+            stream: super::ensure_events_stream(jetstream).await?,
+        })
+    }
+
+    /// The last orchestrator event of `kind`, with its stream sequence (see [`last_audit_event`]).
+    pub async fn last_audit_event(&self, kind: AuditKind) -> Result<Option<(u64, AuditEnvelope)>, BusError> {
+        last_audit_event(&self.stream, kind).await
+    }
+
+    /// Starts reading every message from the first.
+    pub async fn reader(&self) -> Result<HistoryReader, BusError> {
+        HistoryReader::open(&self.stream).await
+    }
+
+    /// Where orchestrator events are appended.
+    pub fn journal(&self) -> super::JetStreamJournal {
+        super::JetStreamJournal::new(self.jetstream.clone())
+    }
+}
+
+/// The whole history, read in order by an ordered (ephemeral) consumer.
+pub struct HistoryReader {
+    /// How many messages there were when reading started.
+    total: u64,
+    /// The messages.
+    messages: consumer::pull::Ordered,
+    /// How many were read so far.
+    read: u64,
+}
+
+/// The last orchestrator event of `kind` on the events stream, if there is one, with its stream
+/// sequence. A message there that does not decode is an error: the history is not what this
+/// version reads.
+pub async fn last_audit_event(
+    stream: &stream::Stream,
+    kind: AuditKind,
+) -> Result<Option<(u64, AuditEnvelope)>, BusError> {
+    let stream_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Stream { source };
+    let message = match stream
+        .get_last_raw_message_by_subject(&subject::audit_event(kind))
+        .await
+    {
+        Ok(message) => message,
+        Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(err) => return Err(stream_error(err.into())),
+    };
+    let envelope = AuditEnvelope::from_json(&message.payload).map_err(|err| stream_error(err.into()))?;
+    Ok(Some((message.sequence, envelope)))
+}
+
+impl HistoryReader {
+    /// Starts reading the events stream from its first message.
+    pub async fn open(stream: &stream::Stream) -> Result<Self, BusError> {
+        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
+            name: "ordered history reader".to_owned(),
+            source,
+        };
+        let mut consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| consumer_error(err.into()))?;
+        let total = consumer
+            .info()
+            .await
+            .map_err(|err| consumer_error(err.into()))?
+            .num_pending;
+        let messages = consumer.messages().await.map_err(|err| consumer_error(err.into()))?;
+        Ok(Self {
+            total,
+            messages,
+            read: 0,
+        })
+    }
+
+    /// How many messages the history held when reading started.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The next message, or `None` once the messages there at the start are all read.
+    pub async fn next(&mut self) -> Result<Option<HistoryMessage>, BusError> {
+        if self.read >= self.total {
+            return Ok(None);
+        }
+        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
+            name: "ordered history reader".to_owned(),
+            source,
+        };
+        let message: jetstream::Message = match self.messages.next().await {
+            Some(message) => message.map_err(|err| consumer_error(err.into()))?,
+            None => return Ok(None),
+        };
+        let info = message.info().map_err(|err| consumer_error(err.to_string().into()))?;
+        let signature = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
+            .map(|value| value.as_str().to_owned());
+        let history_message = HistoryMessage {
+            sequence: info.stream_sequence,
+            subject: message.subject.to_string(),
+            published: info.published,
+            payload: message.payload.to_vec(),
+            signature,
+        };
+        self.read += 1;
+        Ok(Some(history_message))
+    }
+}
