@@ -186,6 +186,12 @@ async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
     };
     let mut agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
     let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_has(&first).await;
+    wait_until("the agent has sent everything", Duration::from_secs(30), || async {
+        (agent.status().await.outbox_pending == 0).then_some(())
+    })
+    .await;
+    let sent_before = device_history(&nats, &agent).await.len();
 
     // While NATS is away, every start queues its policy event.
     nats.stop();
@@ -215,19 +221,20 @@ async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
         (agent.status().await.outbox_pending == 0).then_some(())
     })
     .await;
-    let history: Vec<Envelope> = stream_payloads(&nats, &format!("laps.events.{}.>", agent.device_id))
-        .await
-        .iter()
-        .map(|payload| Envelope::from_json(payload).expect("a valid envelope"))
-        .collect();
-    let policies = history
-        .iter()
-        .filter(|envelope| envelope.event.kind() == EventKind::PolicyApplied)
-        .count();
-    assert_eq!(
-        policies,
-        1 + queued,
-        "the first start's event and every queued one reached the stream"
+    let history = device_history(&nats, &agent).await;
+    assert!(
+        history.len() >= sent_before + queued,
+        "every queued event reached the stream: {} before, {queued} queued, {} now",
+        sent_before,
+        history.len()
+    );
+    // The agent numbers its events one by one: a gap would be an event lost.
+    assert!(
+        history
+            .windows(2)
+            .all(|pair| pair[0].generation != pair[1].generation || pair[1].sequence == pair[0].sequence + 1),
+        "no event missing: {:?}",
+        history.iter().map(Envelope::position).collect::<Vec<_>>()
     );
     assert!(
         history.windows(2).all(|pair| pair[0].position() < pair[1].position()),
@@ -236,4 +243,13 @@ async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
     );
     let answer = agent.control(ControlRequest::ProcessNow).await;
     assert!(matches!(answer, ControlResponse::Done { .. }), "{answer:?}");
+}
+
+/// The device's events in the stream, in stream order.
+async fn device_history(nats: &TestNats, agent: &TestAgent) -> Vec<Envelope> {
+    stream_payloads(nats, &format!("laps.events.{}.>", agent.device_id))
+        .await
+        .iter()
+        .map(|payload| Envelope::from_json(payload).expect("a valid envelope"))
+        .collect()
 }
