@@ -484,6 +484,25 @@ mod tests {
     }
 
     #[test]
+    fn the_recovery_public_key_is_optional_and_validated() {
+        let with_key = |key: &str| {
+            Config::from_toml(&format!(
+                "data_dir = \"/x\"\nescrow_recovery_public_key = \"{key}\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n"
+            ))
+        };
+        let public_key = fleetlaps_proto::seal::EscrowSecretKey::generate().public_key();
+        let config = with_key(&public_key.to_string()).expect("valid");
+        assert_eq!(config.escrow_recovery_public_key().expect("valid"), Some(public_key));
+        let err = with_key("not-a-key").expect_err("refused");
+        assert!(
+            err.to_string().contains("escrow_recovery_public_key") && err.to_string().contains("recovery-key"),
+            "{err}"
+        );
+        let none = config_with("[http]\nplain_http = true\n").expect("valid");
+        assert!(none.escrow_recovery_public_key().expect("valid").is_none());
+    }
+
+    #[test]
     fn token_secrets_are_redacted_in_debug() {
         let config = Config::from_toml(
             "data_dir = \"/x\"\nbootstrap_admin_token = \"s3cr3t-bootstrap-token\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",

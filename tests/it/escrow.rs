@@ -242,6 +242,14 @@ async fn with_the_escrow_key_and_projections_lost_recover_with_the_recovery_key_
     let lost_key = orchestrator.escrow_public_key;
     let (first, _) = agent_with_password(&nats, &orchestrator, "device-1").await;
     let (second, _) = agent_with_password(&nats, &orchestrator, "device-2").await;
+    let identity: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fleetlaps_agent::identity::Identity::path(&second.state_dir)).expect("the identity"),
+    )
+    .expect("json");
+    assert_eq!(
+        identity["escrow_recovery_public_key"], recovery_public_key,
+        "enrollment gives the recovery key"
+    );
     // One more rotation, so the current password is not the first one.
     let answer = first.control(ControlRequest::Reset).await;
     assert!(matches!(answer, ControlResponse::Done { .. }), "{answer:?}");
