@@ -57,6 +57,8 @@ impl Fixture {
             AgentOptions {
                 linux_account: Some(user.name.clone()),
                 policy: format!("PostAuthenticationResetDelay = 1\nPostAuthenticationActions = {actions}"),
+                // A reset with the orchestrator away gives up waiting for its confirmation soon.
+                settings: "backup_confirmation_wait_secs = 2".to_owned(),
                 extra_config: format!(
                     "[post_authentication]\nlogoff_command = [\"sh\", \"-c\", \"echo logoff {{user}} >> {}\"]\n",
                     calls.display()
@@ -186,6 +188,43 @@ async fn pam_authentication_as_the_managed_account_schedules_a_reset_that_runs_a
         .expect("the leftover process ended")
         .expect("waiting for it");
     assert_eq!(status.signal(), Some(9), "killed by pkill -KILL: {status}");
+    assert_eq!(fixture.status().await.post_authentication_reset_at, None);
+}
+
+#[tokio::test]
+async fn with_the_orchestrator_away_a_post_authentication_reset_keeps_the_password_and_retries_until_done() {
+    // Arrange: a login schedules a reset; the orchestrator goes away before it is due.
+    let mut fixture = Fixture::start(1).await;
+    let first = fixture.wait_for_password(1).await;
+    assert!(fixture.pam.authenticates(&fixture.user.name, &first).await);
+    fixture.wait_for_events(EventKind::AuthenticationSucceeded).await;
+    fixture.orchestrator.stop().await;
+
+    // Act: the delay passes; the reset cannot be confirmed.
+    fixture.let_the_delay_pass().await;
+
+    // Assert: reported as failed, the account keeps its password, the reset stays scheduled.
+    let failed = fixture
+        .wait_for_events(EventKind::PostAuthenticationActionsFailed)
+        .await;
+    let Event::PostAuthenticationActionsFailed(failure) = &failed[0].event else {
+        unreachable!("filtered by kind")
+    };
+    assert!(failure.error.contains("has not confirmed"), "{}", failure.error);
+    assert!(fixture.user.holds(&first), "no confirmation, no change");
+    assert!(fixture.status().await.post_authentication_reset_at.is_some());
+
+    // The orchestrator back and the retry due: the reset completes and the centre returns it.
+    fixture.orchestrator.restart().await;
+    fixture.let_the_delay_pass().await;
+    fixture
+        .wait_for_events(EventKind::PostAuthenticationActionsSucceeded)
+        .await;
+    let newest = fixture
+        .orchestrator
+        .wait_for_new_password(&fixture.agent.device_id, &[&first])
+        .await;
+    fixture.user.wait_until_holds(&newest).await;
     assert_eq!(fixture.status().await.post_authentication_reset_at, None);
 }
 
