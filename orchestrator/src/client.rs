@@ -182,23 +182,35 @@ impl ApiClient {
         self.get_json(url).await
     }
 
-    /// The devices `name_or_id` designates, as `Get-LapsAADPassword -DeviceIds` finds them: those
-    /// with that name; or, when none has it and it is a valid device id, the device with that id.
-    /// Empty when neither finds one; more than one when several devices share the name.
+    /// The devices `name_or_id` designates, as `Get-LapsAADPassword -DeviceIds` finds them. An
+    /// argument shaped like a UUID (the orchestrator's device ids) is tried as an id first: a
+    /// device chooses its own name, so it could take another device's id as its name and must
+    /// not be returned in that device's place. Otherwise the devices with that name; or, when
+    /// none has it and it is a valid device id, the device with that id. Empty when nothing
+    /// matches; more than one when several devices share the name.
     pub async fn lookup_device(&self, name_or_id: &str) -> Result<Vec<DeviceLocalCredentialInfo>, ClientError> {
+        let uuid_shaped = uuid::Uuid::try_parse(name_or_id).is_ok();
+        if uuid_shaped && let Some(device) = self.device_if_exists(name_or_id).await? {
+            return Ok(vec![device]);
+        }
         let by_name = self.find_devices(name_or_id).await?;
-        if !by_name.is_empty() {
+        if !by_name.is_empty() || uuid_shaped {
             return Ok(by_name);
         }
-        let Ok(device_id) = DeviceId::parse(name_or_id) else {
-            return Ok(by_name);
+        Ok(self.device_if_exists(name_or_id).await?.into_iter().collect())
+    }
+
+    /// The device whose id is `id`, if `id` is a valid id and the device exists.
+    async fn device_if_exists(&self, id: &str) -> Result<Option<DeviceLocalCredentialInfo>, ClientError> {
+        let Ok(device_id) = DeviceId::parse(id) else {
+            return Ok(None);
         };
         match self.device(&device_id, false).await {
-            Ok(device) => Ok(vec![device]),
+            Ok(device) => Ok(Some(device)),
             Err(ClientError::Http {
                 status: StatusCode::NOT_FOUND,
                 ..
-            }) => Ok(Vec::new()),
+            }) => Ok(None),
             Err(err) => Err(err),
         }
     }
@@ -538,6 +550,16 @@ mod tests {
         assert_eq!(by_id[0].device_name.as_str(), "db");
         assert!(admin.lookup_device("nothing").await.unwrap().is_empty());
         assert_eq!(admin.lookup_device("web").await.unwrap().len(), 2);
+        // A device that names itself after another's id is not returned for that id.
+        let victim = "0193a2c4-5b6d-7e8f-9a0b-1c2d3e4f5a6b";
+        fixture.back_up(victim, "victim", "pw-victim");
+        fixture.back_up("dev-impostor", victim, "pw-impostor");
+        let found = admin.lookup_device(victim).await.unwrap();
+        assert_eq!(
+            found.iter().map(|device| device.id.as_str()).collect::<Vec<_>>(),
+            [victim]
+        );
+        assert_eq!(found[0].device_name.as_str(), "victim");
 
         let device_id = DeviceId::parse("dev-c").unwrap();
         let device = admin.device(&device_id, true).await.unwrap();
