@@ -34,6 +34,9 @@ pub struct EnrollOptions<'a> {
     pub device_name: DeviceName,
     /// Where the identity is saved.
     pub state_dir: &'a Path,
+    /// Whether an `http://` URL is allowed (`--insecure-http`): the token then crosses the
+    /// network in clear, so only for a TLS-terminating proxy on the same host.
+    pub insecure_http: bool,
 }
 
 /// Enrolls this device and saves its identity (0600) in the state directory. Refuses when the
@@ -50,7 +53,15 @@ pub async fn enroll(options: EnrollOptions<'_>) -> anyhow::Result<Identity> {
     let mut base = reqwest::Url::parse(options.orchestrator_url)
         .map_err(|err| anyhow::anyhow!("invalid orchestrator URL {:?}: {err}", options.orchestrator_url))?;
     if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
-        anyhow::bail!("invalid orchestrator URL {base}: allowed: https:// (or http://) with a host");
+        anyhow::bail!(
+            "invalid orchestrator URL {base}: allowed: https:// (or http:// with --insecure-http) with a host"
+        );
+    }
+    if base.scheme() == "http" && !options.insecure_http {
+        anyhow::bail!(
+            "refusing to send the enrollment token over plain HTTP to {base}: use the orchestrator's https:// URL \
+             (with --ca for a self-signed certificate), or pass --insecure-http if a TLS-terminating proxy on this host serves it"
+        );
     }
     if !base.path().ends_with('/') {
         let path = format!("{}/", base.path());

@@ -40,6 +40,10 @@ enum Command {
         /// Trust only the certificates in this PEM file (a self-signed orchestrator's, or its CA).
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
+        /// Allow an http:// orchestrator URL: the token crosses the network in clear, so only for
+        /// a TLS-terminating proxy on this host.
+        #[arg(long)]
+        insecure_http: bool,
     },
     /// Run the agent until Ctrl-C or SIGTERM.
     Run,
@@ -81,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
             orchestrator,
             token,
             ca,
+            insecure_http,
         } => {
             telemetry::init(&config.log);
             let device_name = match config.device_name.clone() {
@@ -93,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 ca_file: ca.as_deref(),
                 device_name,
                 state_dir: &config.state_dir,
+                insecure_http,
             })
             .await?;
             println!(
@@ -128,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
                 None => config.policy()?,
             };
             let account = backend.resolve(policy.administrator_account_name())?;
-            let mut text = String::new();
+            // Wiped once checked, like the password made from it.
+            let mut text = zeroize::Zeroizing::new(String::new());
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("reading the password from standard input")?;

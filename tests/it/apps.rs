@@ -804,6 +804,7 @@ pub async fn enroll_with(
         ca_file: Some(&orchestrator.tls_certificate),
         device_name: fleetlaps_proto::ids::DeviceName::parse(device_name).expect("a valid device name"),
         state_dir,
+        insecure_http: false,
     })
     .await
 }

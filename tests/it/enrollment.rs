@@ -112,6 +112,56 @@ async fn enrollment_gives_an_owner_only_identity_and_a_working_agent_and_run_wit
 }
 
 #[tokio::test]
+async fn enroll_refuses_a_plain_http_orchestrator_url_sending_nothing_unless_told_insecure_http() {
+    // Arrange: a listener standing in for a plain-HTTP orchestrator, and an agent config.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_name = \"cli-host\"\nstate_dir = \"{}\"\n[nats]\nurl = \"nats://127.0.0.1:1\"\n[account]\nbackend = \"file\"\npath = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("accounts").display()
+        ),
+    )
+    .expect("writing agent.toml");
+    let enroll = |extra: &'static [&'static str]| {
+        let mut command = tokio::process::Command::new(binary("fleetlaps-agent"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(["enroll", "--orchestrator", &url])
+            .args(extra)
+            .env("LAPS_ENROLLMENT_TOKEN", "fle_not-sent-in-clear");
+        command
+    };
+
+    // Act
+    let refused = enroll(&[]).output().await.expect("runs");
+
+    // Assert: refused naming the way out, and no connection was made (it would be queued).
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to send the enrollment token over plain HTTP") && stderr.contains("--insecure-http"),
+        "{stderr}"
+    );
+    let no_connection = listener.accept().expect_err("no connection was made");
+    assert_eq!(no_connection.kind(), std::io::ErrorKind::WouldBlock);
+
+    // With --insecure-http the request is sent (this stand-in hangs up on it).
+    listener.set_nonblocking(false).expect("blocking");
+    let stand_in = std::thread::spawn(move || listener.accept().map(|(connection, _)| drop(connection)));
+    let allowed = enroll(&["--insecure-http"]).output().await.expect("runs");
+    let stderr = String::from_utf8_lossy(&allowed.stderr);
+    assert!(!stderr.contains("refusing to send"), "{stderr}");
+    stand_in.join().expect("the stand-in ran").expect("the agent connected");
+}
+
+#[tokio::test]
 async fn bad_used_up_expired_and_revoked_enrollment_tokens_are_refused_with_401_naming_why() {
     // Arrange
     let nats = TestNats::start();
