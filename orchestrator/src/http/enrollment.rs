@@ -199,20 +199,33 @@ pub(super) async fn enroll(
         public_key: public_key.to_string(),
         enrollment_token_id: token_id,
     });
-    let visible = match state.record_visible(enrolled).await {
-        Ok(visible) => visible,
+    let sequence = match state.record(enrolled).await {
+        Ok(sequence) => sequence,
         Err(err) => {
             release(&state, token_id);
             return Err(err);
         }
     };
-    if visible {
+    if state
+        .projections
+        .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
+        .await
+    {
         // The projections count this use now.
         release(&state, token_id);
     } else {
-        // Kept reserved, so the token is never used beyond its count; the stream has the
-        // enrollment, which the projections fold before any event of the device.
-        tracing::warn!("the enrollment is recorded but not yet in the projections");
+        // Kept reserved until the projections count it, so the token is never used beyond its
+        // count, and given back then, so the use is not counted twice.
+        tracing::warn!("the enrollment is recorded but not yet in the projections; its use stays reserved until it is");
+        let state = state.clone();
+        tokio::spawn(async move {
+            while !state
+                .projections
+                .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
+                .await
+            {}
+            release(&state, token_id);
+        });
     }
     tracing::info!(%token_id, device_name = %request.device_name, "device enrolled");
     Ok((

@@ -52,11 +52,47 @@ pub(crate) struct FoldingJournal {
     next_sequence: std::sync::atomic::AtomicU64,
     available: std::sync::atomic::AtomicBool,
     commands: std::sync::Mutex<Vec<Command>>,
+    /// While `Some`, appended events are acknowledged but not folded (a projection lagging
+    /// behind the stream): they wait here, in order.
+    held: std::sync::Mutex<Option<Vec<(u64, AuditEnvelope)>>>,
 }
 
 impl FoldingJournal {
     fn next_sequence(&self) -> u64 {
         self.next_sequence.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From now on, events are acknowledged but not folded until [`Self::fold_held`].
+    fn hold_folding(&self) {
+        *self.held.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Folds the held events, in order, and folds at once again from then on.
+    fn fold_held(&self) {
+        let held = self.held.lock().unwrap().take().unwrap_or_default();
+        for (sequence, envelope) in held {
+            self.fold(sequence, &envelope);
+        }
+    }
+
+    fn fold(&self, sequence: u64, envelope: &AuditEnvelope) {
+        let subject = subject::audit_event(envelope.event.kind());
+        let payload = envelope.to_json();
+        let applied = self
+            .projections
+            .apply(
+                StreamMessage {
+                    sequence,
+                    subject: &subject,
+                    published: envelope.time,
+                    payload: &payload,
+                    signature: None,
+                },
+                // Orchestrator events hold no sealed password.
+                &NO_BACKUP_OPENS,
+            )
+            .unwrap();
+        assert!(matches!(applied.outcome, Outcome::Recorded(_)), "{applied:?}");
     }
 }
 
@@ -87,23 +123,11 @@ impl Journal for FoldingJournal {
             tokio::task::yield_now().await;
             let envelope = AuditEnvelope::new(Utc::now(), event);
             let sequence = self.next_sequence();
-            let subject = subject::audit_event(envelope.event.kind());
-            let payload = envelope.to_json();
-            let applied = self
-                .projections
-                .apply(
-                    StreamMessage {
-                        sequence,
-                        subject: &subject,
-                        published: envelope.time,
-                        payload: &payload,
-                        signature: None,
-                    },
-                    // Orchestrator events hold no sealed password.
-                    &NO_BACKUP_OPENS,
-                )
-                .unwrap();
-            assert!(matches!(applied.outcome, Outcome::Recorded(_)), "{applied:?}");
+            if let Some(held) = self.held.lock().unwrap().as_mut() {
+                held.push((sequence, envelope));
+                return Ok(sequence);
+            }
+            self.fold(sequence, &envelope);
             Ok(sequence)
         })
     }
@@ -148,6 +172,7 @@ impl Fixture {
             next_sequence: 1.into(),
             available: true.into(),
             commands: std::sync::Mutex::default(),
+            held: std::sync::Mutex::default(),
         });
         let state = AppState {
             projections,
@@ -1120,4 +1145,45 @@ async fn concurrent_enrollments_never_exceed_the_tokens_max_uses() {
     for refused in answers.iter().filter(|answer| !answer.status.is_success()) {
         refused.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_enrollment_the_projections_show_late_keeps_its_use_reserved_until_then_and_no_longer() {
+    // Arrange: a token for two devices; the projections lag behind the stream.
+    let fixture = Fixture::new();
+    let created = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/enrollmentTokens",
+            Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
+            Some(&scope_token(crate::auth::Scope::Admin)),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let token = created.body["token"].as_str().unwrap().to_owned();
+    let enroll = |name: &str| {
+        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
+        let body = serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": name});
+        let token = token.clone();
+        let fixture = &fixture;
+        async move {
+            fixture
+                .call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(&token))
+                .await
+        }
+    };
+    fixture.journal.hold_folding();
+
+    // Act: the first enrollment is recorded, but not seen in time; then the projections catch up.
+    let late = enroll("host-late").await;
+    assert_eq!(late.status, StatusCode::CREATED, "{}", late.body);
+    fixture.journal.fold_held();
+    tokio::task::yield_now().await;
+
+    // Assert: its use is counted once, by the projections: one more device may enroll, not two.
+    let second = enroll("host-2").await;
+    assert_eq!(second.status, StatusCode::CREATED, "{}", second.body);
+    let third = enroll("host-3").await;
+    third.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
+    assert!(third.message().contains("used up"), "{}", third.body);
 }
