@@ -17,6 +17,7 @@ use fleetlaps_proto::api::{
 use fleetlaps_proto::ids::DeviceId;
 use secrecy::SecretString;
 use serde::ser::{Serialize, SerializeMap, Serializer};
+use zeroize::{Zeroize as _, Zeroizing};
 
 /// Reads backed-up local administrator passwords from a fleetlaps orchestrator.
 #[derive(Parser)]
@@ -178,8 +179,26 @@ enum Passwords {
     PlainText,
 }
 
-/// One output object: named fields in order; `None` is an empty value (`null` in JSON).
+/// One output object: named fields in order; `None` is an empty value (`null` in JSON). A field
+/// may hold a password, so the values are wiped when the entry is dropped.
 struct Entry(Vec<(&'static str, Option<String>)>);
+
+impl Entry {
+    /// Overwrites every value with zeros and empties it.
+    fn wipe(&mut self) {
+        for (_, value) in &mut self.0 {
+            if let Some(value) = value {
+                value.zeroize();
+            }
+        }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
 
 /// Stands for a password that was not asked for in clear text.
 const MASK: &str = "********";
@@ -188,7 +207,9 @@ const MASK: &str = "********";
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(output) => {
-            print!("{output}");
+            // It may hold passwords: wiped once printed.
+            let output = Zeroizing::new(output);
+            print!("{}", output.as_str());
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -537,6 +558,25 @@ mod tests {
     use fleetlaps_proto::ids::{DeviceId, DeviceName};
 
     use super::*;
+
+    #[test]
+    fn an_entry_holding_a_password_is_wiped() {
+        let mut entries = entries(&device(), Passwords::PlainText).unwrap();
+        assert!(
+            render_table(&entries).contains("old-password"),
+            "the fixture shows a password"
+        );
+        for entry in &mut entries {
+            entry.wipe();
+        }
+        assert!(
+            entries
+                .iter()
+                .flat_map(|entry| entry.0.iter())
+                .all(|(_, value)| value.as_deref().is_none_or(str::is_empty)),
+            "every value is wiped"
+        );
+    }
 
     fn time(seconds: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(seconds, 0).unwrap()
