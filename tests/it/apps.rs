@@ -723,6 +723,18 @@ AdministratorAccountName = "{managed}"
         .await;
     }
 
+    /// Waits until `password` is on the account and nothing waits: no pending rotation, an
+    /// empty outbox. A backup is stored before its rotation commits, so a test that copies,
+    /// stops or cuts off a device right after seeing the backup must wait for this first.
+    pub async fn wait_until_settled_with(&self, password: &Password) {
+        self.wait_until_has(password).await;
+        wait_until("the agent has nothing pending", Duration::from_secs(30), || async {
+            let status = self.status().await;
+            (status.pending_rotation.is_none() && status.outbox_pending == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Whether `password` is the managed account's password right now.
     pub fn has_password(&self, password: &Password) -> bool {
         if let Some(user) = &self.linux_account {

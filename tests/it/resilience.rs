@@ -16,6 +16,7 @@ async fn with_nats_down_the_account_keeps_its_password_until_nats_is_back() {
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let agent = TestAgent::spawn(&nats, &orchestrator).await;
     let before = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_settled_with(&before).await;
 
     nats.stop();
     let answer = agent.control(ControlRequest::Reset).await;

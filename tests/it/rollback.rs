@@ -46,6 +46,7 @@ async fn full_device_rollback(linux_account: Option<String>) {
     };
     let mut agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
     let before_snapshot = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_settled_with(&before_snapshot).await;
     let snapshot = agent.snapshot().await;
     agent.start_in_process().await;
     let answer = agent.control(ControlRequest::Reset).await;
@@ -105,7 +106,8 @@ async fn a_state_directory_restored_alone_loses_no_backup_and_the_centre_returns
         ..AgentOptions::default()
     };
     let mut agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
-    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_settled_with(&first).await;
     let snapshot = agent.snapshot().await;
     agent.start_in_process().await;
     for count in 2..=3 {
@@ -144,7 +146,8 @@ async fn a_state_deleted_next_to_its_identity_never_restarts_sequences_behind_th
     let nats = TestNats::start();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let mut agent = TestAgent::spawn(&nats, &orchestrator).await;
-    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_settled_with(&first).await;
     let before = device_events(&nats, &agent.device_id, EventKind::PasswordBackedUp).await;
 
     // Act: an operator wipes the state directory's database but keeps the identity.
@@ -178,7 +181,7 @@ async fn two_agents_started_from_one_cloned_identity_are_reported_as_a_clone_and
     };
     let mut original = TestAgent::spawn_with(&nats, &orchestrator, options).await;
     let first = orchestrator.wait_for_passwords(&original.device_id, 1).await.remove(0);
-    original.wait_until_has(&first).await;
+    original.wait_until_settled_with(&first).await;
     let mut copy = original.cloned().await;
 
     // Act: both copies run, and each is reset (twice over, so each is heard from after the other).
