@@ -1,5 +1,5 @@
-//! Start-up and the run loop: locks the data directory, connects to NATS, checks the escrow key
-//! against the history, binds the listeners, opens the projections, then runs the consumer and
+//! Start-up and the run loop: locks the data directory, connects to NATS, checks the orchestrator
+//! key and then the escrow key against the history, binds the listeners, opens the projections, then runs the consumer and
 //! the HTTP servers until the shutdown future completes.
 
 use std::future::Future;
@@ -20,6 +20,7 @@ use crate::data_dir::DataDirLock;
 use crate::http::{self, AppState, TlsListener};
 use crate::key_ceremony;
 use crate::metrics::Metrics;
+use crate::orchestrator_key;
 use crate::projection::Projections;
 use crate::tls::{self, ServerTls};
 
@@ -66,8 +67,11 @@ impl App {
         let stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
         bus::ensure_password_versions_stream(&jetstream).await?;
-        // Before anything is served: the key must be the one the history names.
-        let escrow = key_ceremony::open_keyring(&config, &bus::History::open(&jetstream).await?).await?;
+        // Before anything is served: the keys must be the ones the history names, the orchestrator
+        // key first, since it signs the escrow key's record.
+        let history = bus::History::open(&jetstream).await?;
+        let signing_key = orchestrator_key::open(&config, &history).await?;
+        let escrow = key_ceremony::open_keyring(&config, &history, &signing_key).await?;
         let escrow = Arc::new(escrow);
         let consumer = Consumer::bind(
             &jetstream,
@@ -78,6 +82,7 @@ impl App {
                 metrics: metrics.clone(),
                 escrow: Arc::clone(&escrow),
                 recovery_public_key: escrow_recovery_public_key,
+                signing_key: Arc::clone(&signing_key),
             },
         )
         .await?;
@@ -97,7 +102,7 @@ impl App {
                 config.bootstrap_admin_token.as_ref(),
                 projections.clone(),
             )),
-            journal: Arc::new(JetStreamJournal::new(jetstream.clone())),
+            journal: Arc::new(JetStreamJournal::new(jetstream.clone(), signing_key)),
             rotate_min_interval: Duration::from_secs(config.http.rotate_min_interval_secs),
             rotate_requests: Arc::default(),
             policy,

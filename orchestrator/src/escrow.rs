@@ -279,7 +279,7 @@ pub fn read_recovery_key(path: &Path) -> anyhow::Result<EscrowSecretKey> {
 }
 
 /// Reads a secret file, refusing one that group or others may read.
-fn read_owner_only(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
+pub(crate) fn read_owner_only(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
     let mode = fs::metadata(path)
         .with_context(|| format!("reading {what} {}", path.display()))?
         .permissions()
@@ -303,7 +303,7 @@ fn parse_secret_key(text: &str) -> Option<EscrowSecretKey> {
     Some(EscrowSecretKey::from_bytes(array))
 }
 
-fn write_owner_only_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_owner_only_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let parent = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())

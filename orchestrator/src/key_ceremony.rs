@@ -1,4 +1,6 @@
 //! The escrow key against the history: the check at every start, `escrow rotate` and `recover`.
+//! Every escrow record and resealed password is signed with the orchestrator key
+//! ([`crate::orchestrator_key`]), checked first, as at start.
 //!
 //! The history holds the public half of every escrow key (`escrow_key_created`); the key file
 //! holds the secret halves. Start-up compares the two and never makes a key while the history
@@ -7,17 +9,20 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use fleetlaps_proto::audit::{AuditEvent, AuditKind, EscrowKeyCreated, EscrowKeyReason, PasswordResealed};
 use fleetlaps_proto::event::{Envelope, Event, EventKind, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, RotationId};
 use fleetlaps_proto::seal::{self, EscrowPublicKey, SealedBox};
+use fleetlaps_proto::signature::OrchestratorSigningKey;
 
 use crate::Config;
 use crate::bus::{self, History, Journal};
 use crate::data_dir::DataDirLock;
 use crate::escrow::{self, EscrowKeyring, KeyCheck, RecordedKey};
+use crate::orchestrator_key;
 use crate::projection::{Outcome, Projections, SealCheck, StreamMessage};
 
 /// What `recover` did.
@@ -49,7 +54,12 @@ pub struct Unrecoverable {
 /// Reads the escrow keyring and checks it against the history (see [`escrow::KeyCheck`]):
 /// creates and records a key when there is none anywhere, records a key the history lacks, and
 /// refuses, saying how to fix it, when the history names a key the key file does not hold.
-pub async fn open_keyring(config: &Config, history: &History) -> anyhow::Result<EscrowKeyring> {
+/// Its records are signed with `signing_key`.
+pub async fn open_keyring(
+    config: &Config,
+    history: &History,
+    signing_key: &Arc<OrchestratorSigningKey>,
+) -> anyhow::Result<EscrowKeyring> {
     let path = escrow::key_path(config);
     let keyring = EscrowKeyring::read(&path)?;
     let recorded = recorded_key(history).await?;
@@ -58,7 +68,7 @@ pub async fn open_keyring(config: &Config, history: &History) -> anyhow::Result<
         KeyCheck::Refuse(refused) => Err(anyhow::anyhow!(escrow::refusal_message(&refused, &path))),
         KeyCheck::Record(created) => {
             tracing::info!(escrow_public_key = %created.public_key, reason = ?created.reason, "recording the escrow key in the history");
-            record(history, created).await?;
+            record(history, signing_key, created).await?;
             Ok(keyring.expect("a key to record exists"))
         }
         KeyCheck::Create => {
@@ -74,6 +84,7 @@ pub async fn open_keyring(config: &Config, history: &History) -> anyhow::Result<
             tracing::info!(path = %path.display(), escrow_public_key = %created.public_key(), "escrow key created; back this file up");
             record(
                 history,
+                signing_key,
                 EscrowKeyCreated {
                     public_key: created.public_key(),
                     previous_public_key: None,
@@ -94,7 +105,8 @@ pub async fn rotate(config: &Config) -> anyhow::Result<EscrowPublicKey> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
     let history = History::open(&jetstream).await?;
-    let keyring = open_keyring(config, &history).await?;
+    let signing_key = orchestrator_key::open(config, &history).await?;
+    let keyring = open_keyring(config, &history, &signing_key).await?;
     let previous = keyring.public_key();
     let rotated = keyring.rotated();
     let path = escrow::key_path(config);
@@ -103,6 +115,7 @@ pub async fn rotate(config: &Config) -> anyhow::Result<EscrowPublicKey> {
     rotated.write(&path)?;
     record(
         &history,
+        &signing_key,
         EscrowKeyCreated {
             public_key: rotated.public_key(),
             previous_public_key: Some(previous),
@@ -136,6 +149,7 @@ pub async fn recover(
     }
     let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
     let history = History::open(&jetstream).await?;
+    let signing_key = orchestrator_key::open(config, &history).await?;
     let Some(recorded) = recorded_key(&history).await? else {
         anyhow::bail!("the history records no escrow key: nothing to recover");
     };
@@ -156,7 +170,7 @@ pub async fn recover(
     };
 
     let backups = accepted_backups(config, &history, &mut progress).await?;
-    let journal = history.journal();
+    let journal = history.journal(Arc::clone(&signing_key));
     let new_public_key = keyring.public_key();
     let mut report = RecoveryReport {
         public_key: new_public_key,
@@ -201,6 +215,7 @@ pub async fn recover(
     report.devices_recovered = devices.len();
     record(
         &history,
+        &signing_key,
         EscrowKeyCreated {
             public_key: new_public_key,
             previous_public_key: Some(recorded.public_key),
@@ -297,9 +312,13 @@ async fn recorded_key(history: &History) -> anyhow::Result<Option<RecordedKey>> 
     }))
 }
 
-async fn record(history: &History, created: EscrowKeyCreated) -> anyhow::Result<()> {
+async fn record(
+    history: &History,
+    signing_key: &Arc<OrchestratorSigningKey>,
+    created: EscrowKeyCreated,
+) -> anyhow::Result<()> {
     history
-        .journal()
+        .journal(Arc::clone(signing_key))
         .append(AuditEvent::EscrowKeyCreated(created))
         .await
         .context("recording the escrow key in the history")?;

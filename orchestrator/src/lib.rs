@@ -7,6 +7,7 @@
 //! - [`telemetry`]: logging set-up.
 //! - [`data_dir`]: the data directory's lock (one process at a time).
 //! - [`escrow`]: the escrow keyring that opens backed-up passwords, and its files.
+//! - [`orchestrator_key`]: the key that signs the orchestrator's own events, and its file.
 //! - [`key_ceremony`]: the escrow key against the history: the check at start, rotate, recover.
 //! - [`tls`]: the API's certificate, from files or self-signed at first start.
 //! - [`auth`]: bearer tokens, principals and Graph-named scopes.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod key_ceremony;
 pub mod metrics;
 pub mod nats_auth;
+pub mod orchestrator_key;
 pub mod projection;
 pub mod telemetry;
 pub mod tls;

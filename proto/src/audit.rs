@@ -1,6 +1,10 @@
 //! What the orchestrator itself decides, recorded on the same history as the devices' events:
 //! a password read by a person, a token created or revoked, a rotation requested, a device
-//! enrolled, an escrow key created, a password sealed again to a new escrow key.
+//! enrolled, an escrow key created, a password sealed again to a new escrow key, the
+//! orchestrator's own signing key created.
+//!
+//! Every one is signed by the orchestrator's key (see [`crate::signature`]), over its subject
+//! and payload, in the `Fleetlaps-Signature` header, as device events are by their device's key.
 //!
 //! Each is an [`AuditEnvelope`] on `laps.audit.<kind>` in the events stream, so a replay and an
 //! investigation see devices' facts and people's actions in one order.
@@ -56,6 +60,10 @@ pub enum AuditEvent {
     /// A backed-up password was sealed again, to the escrow key made by a recovery (it was
     /// opened with the offline recovery key); the credential's sealed box is this one now.
     PasswordResealed(PasswordResealed),
+    /// The orchestrator's signing key was created (or replaced): from here on every
+    /// orchestrator event must be signed with it. The first one on the stream is trusted as it
+    /// is (trust on first use); a later one counts only when signed by the key recorded before.
+    OrchestratorKeyCreated(OrchestratorKeyCreated),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -81,6 +89,8 @@ pub enum AuditKind {
     EscrowKeyCreated,
     /// See [`AuditEvent::PasswordResealed`].
     PasswordResealed,
+    /// See [`AuditEvent::OrchestratorKeyCreated`].
+    OrchestratorKeyCreated,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -281,6 +291,14 @@ pub struct PasswordResealed {
     pub sealed_password: SealedBox,
 }
 
+/// Body of [`AuditEvent::OrchestratorKeyCreated`]. Holds the public key only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrchestratorKeyCreated {
+    /// The orchestrator's Ed25519 public key (standard base64 of its 32 bytes): every later
+    /// orchestrator event must be signed with the matching secret key.
+    pub public_key: String,
+}
+
 /// Why bytes are not a valid orchestrator event.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditDecodeError {
@@ -335,13 +353,14 @@ impl AuditEvent {
             Self::DeviceCloneDetected(_) => AuditKind::DeviceCloneDetected,
             Self::EscrowKeyCreated(_) => AuditKind::EscrowKeyCreated,
             Self::PasswordResealed(_) => AuditKind::PasswordResealed,
+            Self::OrchestratorKeyCreated(_) => AuditKind::OrchestratorKeyCreated,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -352,6 +371,7 @@ impl AuditKind {
         Self::DeviceCloneDetected,
         Self::EscrowKeyCreated,
         Self::PasswordResealed,
+        Self::OrchestratorKeyCreated,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -367,6 +387,7 @@ impl AuditKind {
             Self::DeviceCloneDetected => "device_clone_detected",
             Self::EscrowKeyCreated => "escrow_key_created",
             Self::PasswordResealed => "password_resealed",
+            Self::OrchestratorKeyCreated => "orchestrator_key_created",
         }
     }
 

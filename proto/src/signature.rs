@@ -1,6 +1,7 @@
 //! Device signatures: every device event is signed with the device's Ed25519 key, over
 //! `subject + "\n" + payload`, and the orchestrator verifies it against the key the device
-//! enrolled with.
+//! enrolled with. The orchestrator signs its own events the same way, with its own key
+//! ([`OrchestratorSigningKey`]).
 //!
 //! Ed25519 signatures are deterministic, so an event re-sent (same subject, same bytes) carries
 //! the same signature. Signing the subject too binds the event to the subject it was published
@@ -27,9 +28,16 @@ pub enum SignatureError {
     #[error("malformed signature: expected standard base64 of a 64-byte Ed25519 signature")]
     MalformedSignature,
     /// The signature does not verify with the key.
-    #[error("the signature does not match the device's enrolled key")]
+    #[error("the signature does not match the signer's recorded key")]
     Mismatch,
 }
+
+/// The orchestrator's signing key: the same kind of key, signing orchestrator events the way a
+/// device signs its own.
+pub type OrchestratorSigningKey = DeviceSigningKey;
+
+/// The orchestrator's public key, as recorded on the stream (`orchestrator_key_created`).
+pub type OrchestratorPublicKey = DevicePublicKey;
 
 /// A device's signing key. Its `Debug` shows only the public half; it has no `Display`.
 #[derive(Clone)]

@@ -29,3 +29,4 @@ mod resilience;
 mod rollback;
 mod rotation;
 mod security;
+mod signed_history;

@@ -17,7 +17,7 @@ use fleetlaps_proto::command::{BackupOutcome, CurrentPasswordVersion};
 use fleetlaps_proto::event::EventKind;
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::seal::EscrowPublicKey;
-use fleetlaps_proto::subject;
+use fleetlaps_proto::signature::OrchestratorSigningKey;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -90,6 +90,8 @@ pub struct Consumer {
     escrow: Arc<EscrowKeyring>,
     /// The offline recovery key devices also seal to, if one is configured.
     recovery_public_key: Option<EscrowPublicKey>,
+    /// Signs the clone reports this consumer records on the history.
+    signing_key: Arc<OrchestratorSigningKey>,
 }
 
 /// What the consumer needs besides the stream: where to fold, what to count, which keys.
@@ -102,6 +104,8 @@ pub struct ConsumerParts {
     pub escrow: Arc<EscrowKeyring>,
     /// The offline recovery key, if one is configured.
     pub recovery_public_key: Option<EscrowPublicKey>,
+    /// The orchestrator's key, which signs the clone reports recorded on the history.
+    pub signing_key: Arc<OrchestratorSigningKey>,
 }
 
 /// Messages fetched at once; one flush and one acknowledgement cover them all.
@@ -122,6 +126,7 @@ impl Consumer {
             metrics,
             escrow,
             recovery_public_key,
+            signing_key,
         } = parts;
         let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
             name: name.to_owned(),
@@ -188,6 +193,7 @@ impl Consumer {
             jetstream: jetstream.clone(),
             escrow,
             recovery_public_key,
+            signing_key,
         })
     }
 
@@ -342,13 +348,8 @@ impl Consumer {
         for clone in self.projections.due_clone_reports()? {
             let message_id = format!("clone-{}", clone.evidence_event_id);
             let envelope = AuditEnvelope::new(chrono::Utc::now(), AuditEvent::DeviceCloneDetected(clone));
-            let message = jetstream::message::PublishMessage::build()
-                .payload(envelope.to_json().into())
-                .message_id(message_id);
-            let sent = self
-                .jetstream
-                .send_publish(subject::audit_event(envelope.event.kind()), message)
-                .await;
+            let (subject, message) = super::journal::signed_audit_message(&self.signing_key, &envelope, message_id);
+            let sent = self.jetstream.send_publish(subject, message).await;
             if let Err(err) = match sent {
                 Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
                 Err(err) => Err(err.into()),

@@ -52,9 +52,12 @@ impl History {
         HistoryReader::open(&self.stream).await
     }
 
-    /// Where orchestrator events are appended.
-    pub fn journal(&self) -> super::JetStreamJournal {
-        super::JetStreamJournal::new(self.jetstream.clone())
+    /// Where orchestrator events are appended, signed with `signing_key`.
+    pub fn journal(
+        &self,
+        signing_key: std::sync::Arc<fleetlaps_proto::signature::OrchestratorSigningKey>,
+    ) -> super::JetStreamJournal {
+        super::JetStreamJournal::new(self.jetstream.clone(), signing_key)
     }
 }
 

@@ -1,12 +1,17 @@
 //! The orchestrator's side of the history: its own events (password reads, tokens, rotation
-//! requests) appended to the events stream, and commands sent to devices.
+//! requests) appended to the events stream, each signed with the orchestrator's key, and
+//! commands sent to devices.
 //!
 //! Handlers reach it through the [`Journal`] trait so they can be tested in-process; the only
 //! implementation outside tests is [`JetStreamJournal`].
 
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, message::PublishMessage};
+use fleetlaps_proto::api::SIGNATURE_HEADER;
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent};
 use fleetlaps_proto::command::Command;
+use fleetlaps_proto::signature::OrchestratorSigningKey;
 use fleetlaps_proto::subject;
 use futures::future::BoxFuture;
 
@@ -26,26 +31,43 @@ pub trait Journal: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct JetStreamJournal {
     jetstream: jetstream::Context,
+    /// Signs every event appended: the fold refuses an orchestrator event without its signature.
+    signing_key: Arc<OrchestratorSigningKey>,
 }
 
 impl JetStreamJournal {
-    /// A journal on this JetStream context.
-    pub fn new(jetstream: jetstream::Context) -> Self {
-        Self { jetstream }
+    /// A journal on this JetStream context, signing with `signing_key`.
+    pub fn new(jetstream: jetstream::Context, signing_key: Arc<OrchestratorSigningKey>) -> Self {
+        Self { jetstream, signing_key }
     }
+}
+
+/// The subject and message of an orchestrator event, signed with `signing_key` over exactly the
+/// subject and payload sent, with `message_id` as its `Nats-Msg-Id`.
+pub(crate) fn signed_audit_message(
+    signing_key: &OrchestratorSigningKey,
+    envelope: &AuditEnvelope,
+    message_id: String,
+) -> (String, PublishMessage) {
+    let subject = subject::audit_event(envelope.event.kind());
+    let payload = envelope.to_json();
+    let signature = signing_key.sign(&subject, &payload);
+    let message = PublishMessage::build()
+        .payload(payload.into())
+        .message_id(message_id)
+        .header(SIGNATURE_HEADER, signature.as_str());
+    (subject, message)
 }
 
 impl Journal for JetStreamJournal {
     fn append(&self, event: AuditEvent) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
             let envelope = AuditEnvelope::new(chrono::Utc::now(), event);
-            let message = PublishMessage::build()
-                .payload(envelope.to_json().into())
-                .message_id(envelope.id.to_string());
+            let (subject, message) = signed_audit_message(&self.signing_key, &envelope, envelope.id.to_string());
             let error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Journal { source };
             let ack = self
                 .jetstream
-                .send_publish(subject::audit_event(envelope.event.kind()), message)
+                .send_publish(subject, message)
                 .await
                 .map_err(|err| error(err.into()))?
                 .await

@@ -119,6 +119,7 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         AuditEvent::DeviceCloneDetected(body) => Some(body.device_id.as_str()),
         AuditEvent::PasswordResealed(body) => Some(body.device_id.as_str()),
         AuditEvent::EscrowKeyCreated(_)
+        | AuditEvent::OrchestratorKeyCreated(_)
         | AuditEvent::TokenCreated(_)
         | AuditEvent::TokenRevoked(_)
         | AuditEvent::EnrollmentTokenCreated(_)

@@ -15,9 +15,11 @@ use super::*;
 use crate::bus::BusError;
 use crate::config::TokenConfig;
 use crate::projection::{Outcome, StreamMessage};
-use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, DeviceEnrolled, EnrollmentTokenCreated, TokenId};
+use fleetlaps_proto::audit::{
+    AuditEnvelope, AuditEvent, DeviceEnrolled, EnrollmentTokenCreated, OrchestratorKeyCreated, TokenId,
+};
 use fleetlaps_proto::command::Command;
-use fleetlaps_proto::signature::DeviceSigningKey;
+use fleetlaps_proto::signature::{DeviceSigningKey, OrchestratorSigningKey};
 
 /// A token with `DeviceLocalCredential.ReadBasic.All`.
 pub(crate) const READ_BASIC_TOKEN: &str = "helpdesk-token";
@@ -55,6 +57,8 @@ pub(crate) struct FoldingJournal {
     /// While `Some`, appended events are acknowledged but not folded (a projection lagging
     /// behind the stream): they wait here, in order.
     held: std::sync::Mutex<Option<Vec<(u64, AuditEnvelope)>>>,
+    /// Signs every orchestrator event, as the real journal does with the orchestrator key.
+    signing_key: OrchestratorSigningKey,
 }
 
 impl FoldingJournal {
@@ -78,6 +82,7 @@ impl FoldingJournal {
     fn fold(&self, sequence: u64, envelope: &AuditEnvelope) {
         let subject = subject::audit_event(envelope.event.kind());
         let payload = envelope.to_json();
+        let signature = self.signing_key.sign(&subject, &payload);
         let applied = self
             .projections
             .apply(
@@ -86,7 +91,7 @@ impl FoldingJournal {
                     subject: &subject,
                     published: envelope.time,
                     payload: &payload,
-                    signature: None,
+                    signature: Some(&signature),
                 },
                 // Orchestrator events hold no sealed password.
                 &NO_BACKUP_OPENS,
@@ -173,6 +178,7 @@ impl Fixture {
             available: true.into(),
             commands: std::sync::Mutex::default(),
             held: std::sync::Mutex::default(),
+            signing_key: OrchestratorSigningKey::generate(),
         });
         let state = AppState {
             projections,
@@ -192,6 +198,11 @@ impl Fixture {
             journal,
             device_keys: std::collections::HashMap::new(),
         };
+        // The orchestrator key first: the fold refuses orchestrator events before it.
+        let public_key = fixture.journal.signing_key.public_key().to_string();
+        fixture.fold_audit(AuditEvent::OrchestratorKeyCreated(OrchestratorKeyCreated {
+            public_key,
+        }));
         fixture.fold_audit(AuditEvent::EnrollmentTokenCreated(EnrollmentTokenCreated {
             token_id: TokenId::new(),
             name: "fixture".to_owned(),
@@ -209,6 +220,7 @@ impl Fixture {
         let envelope = AuditEnvelope::new(Utc.timestamp_opt(1_700_000_000, 0).unwrap(), event);
         let subject = subject::audit_event(envelope.event.kind());
         let payload = envelope.to_json();
+        let signature = self.journal.signing_key.sign(&subject, &payload);
         let outcome = self
             .state
             .projections
@@ -218,7 +230,7 @@ impl Fixture {
                     subject: &subject,
                     published: envelope.time,
                     payload: &payload,
-                    signature: None,
+                    signature: Some(&signature),
                 },
                 self.state.escrow.as_ref(),
             )
@@ -409,8 +421,8 @@ async fn read_basic_reads_metadata_but_not_passwords() {
     );
     assert_eq!(metadata.body["id"], "dev-1");
     assert_eq!(metadata.body["deviceName"], "host-1");
-    assert_eq!(metadata.body["lastBackupDateTime"], "2023-11-14T22:13:23Z");
-    assert_eq!(metadata.body["refreshDateTime"], "2023-12-14T22:13:23Z");
+    assert_eq!(metadata.body["lastBackupDateTime"], "2023-11-14T22:13:24Z");
+    assert_eq!(metadata.body["refreshDateTime"], "2023-12-14T22:13:24Z");
     assert!(metadata.body.get("credentials").is_none(), "{}", metadata.body);
 
     let denied = fixture
@@ -802,13 +814,13 @@ impl Fixture {
 
     fn audit(&self) -> Vec<(u64, AuditEnvelope)> {
         use fleetlaps_proto::audit::AuditKind;
-        let fixture_made = [AuditKind::DeviceEnrolled];
+        let fixture_made = [AuditKind::DeviceEnrolled, AuditKind::OrchestratorKeyCreated];
         self.state
             .projections
             .audit(0, 1000)
             .unwrap()
             .into_iter()
-            .filter(|(sequence, envelope)| *sequence > 1 && !fixture_made.contains(&envelope.event.kind()))
+            .filter(|(sequence, envelope)| *sequence > 2 && !fixture_made.contains(&envelope.event.kind()))
             .collect()
     }
 }

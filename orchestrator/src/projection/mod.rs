@@ -7,6 +7,7 @@
 mod credentials;
 mod devices;
 mod escrow_keys;
+mod orchestrator_key;
 mod principals;
 mod quarantine;
 mod store;
@@ -14,6 +15,7 @@ mod store;
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
+pub use orchestrator_key::OrchestratorKeyRecord;
 pub use principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 pub use quarantine::{QuarantineReason, QuarantineRecord};
 pub use store::{Applied, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};

@@ -17,7 +17,14 @@
 //! - `k/<device>`: an [`EnrolledKeyRecord`], the key the device's events must be signed with;
 //! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle);
 //! - `rc/<device>`: a clone detected and not yet reported on the history.
-//! - `x/<escrow public key>`: an [`EscrowKeyRecord`], a key the history recorded.
+//! - `x/<escrow public key>`: an [`EscrowKeyRecord`], a key the history recorded;
+//! - `o/key`: the [`OrchestratorKeyRecord`], the key orchestrator events must be signed with.
+//!
+//! An orchestrator event counts only when it is signed by the recorded orchestrator key; the
+//! first `orchestrator_key_created` on the stream, signed by the key it names, records that key
+//! (trust on first use), and a later one must be signed by the key recorded before it. Anything
+//! else on `laps.audit.>`, and any orchestrator event before a key is recorded, is quarantined
+//! as forged.
 //!
 //! Devices are created by `device_enrolled` events only. A device event counts only when it is
 //! signed by its subject's device's enrolled key and names that device, and a backup only when
@@ -34,7 +41,7 @@ use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal}
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, RotationStage, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
 use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey, SealedBox};
-use fleetlaps_proto::signature::DevicePublicKey;
+use fleetlaps_proto::signature::{DevicePublicKey, OrchestratorPublicKey};
 use fleetlaps_proto::subject;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -43,10 +50,12 @@ use sha2::{Digest, Sha256};
 use super::credentials::CredentialRecord;
 use super::devices::{DeviceRecord, FailureRecord};
 use super::escrow_keys::EscrowKeyRecord;
+use super::orchestrator_key::OrchestratorKeyRecord;
 use super::principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
 use super::quarantine::{QuarantineReason, QuarantineRecord};
 
 const LAST_SEQUENCE_KEY: &[u8] = b"m/last_sequence";
+const ORCHESTRATOR_KEY_KEY: &str = "o/key";
 
 /// A failure of the store itself (not of a message: those are quarantined).
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +85,7 @@ pub struct StreamMessage<'a> {
     pub published: DateTime<Utc>,
     /// Its bytes.
     pub payload: &'a [u8],
-    /// Its `Fleetlaps-Signature` header, if it has one (device events must).
+    /// Its `Fleetlaps-Signature` header, if it has one (device and orchestrator events must).
     pub signature: Option<&'a str>,
 }
 
@@ -404,6 +413,11 @@ impl Projections {
         Ok(keys)
     }
 
+    /// The key orchestrator events must be signed with, once the history recorded one.
+    pub fn orchestrator_key(&self) -> Result<Option<OrchestratorKeyRecord>, ProjectionError> {
+        self.get(ORCHESTRATOR_KEY_KEY)
+    }
+
     /// A device's credential backed up at stream sequence `backup_stream_sequence`.
     pub fn credential(
         &self,
@@ -713,6 +727,29 @@ impl Projections {
         )
     }
 
+    /// Whether `message` (an orchestrator event, `envelope`) is signed, on exactly its subject, by
+    /// the recorded orchestrator key; before any key is recorded, only an
+    /// `orchestrator_key_created` signed by the key it names is (trust on first use).
+    /// `Ok(Err(why))` when it is not.
+    fn signed_by_orchestrator(
+        &self,
+        envelope: &AuditEnvelope,
+        message: StreamMessage<'_>,
+    ) -> Result<Result<(), String>, ProjectionError> {
+        let public_key = match (self.orchestrator_key()?, &envelope.event) {
+            (Some(recorded), _) => recorded.public_key,
+            (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
+            (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
+        };
+        Ok(match (OrchestratorPublicKey::parse(&public_key), message.signature) {
+            (Err(err), _) => Err(format!("orchestrator key: {err}")),
+            (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
+            (Ok(key), Some(signature)) => key
+                .verify(message.subject, message.payload, signature)
+                .map_err(|err| format!("not signed by the recorded orchestrator key: {err}")),
+        })
+    }
+
     /// Folds one of the orchestrator's own events: every one joins the audit history; token
     /// events change the tokens, rotation requests the throttle.
     fn fold_audit(
@@ -735,6 +772,11 @@ impl Projections {
                 QuarantineReason::SubjectMismatch,
                 format!("envelope is a {} event", envelope.event.kind()),
             )));
+        }
+        // Only the orchestrator writes here: anyone else who can publish on `laps.audit.>` would
+        // otherwise plant tokens or devices.
+        if let Err(detail) = self.signed_by_orchestrator(&envelope, message)? {
+            return Ok(Err((QuarantineReason::Forged, detail)));
         }
         let mut event_key = b"e/".to_vec();
         event_key.extend_from_slice(envelope.id.as_bytes());
@@ -852,6 +894,21 @@ impl Projections {
                     credential_key(&body.device_id, body.backup_stream_sequence).as_bytes(),
                     encode(&credential),
                 );
+            }
+            AuditEvent::OrchestratorKeyCreated(body) => {
+                // Signed by the key recorded before it (checked above), or the first one.
+                if let Err(err) = OrchestratorPublicKey::parse(&body.public_key) {
+                    return Ok(Err((
+                        QuarantineReason::Malformed,
+                        format!("orchestrator_key_created: {err}"),
+                    )));
+                }
+                let record = OrchestratorKeyRecord {
+                    public_key: body.public_key.clone(),
+                    recorded_at: envelope.time,
+                    stream_sequence: message.sequence,
+                };
+                batch.insert(ORCHESTRATOR_KEY_KEY.as_bytes(), encode(&record));
             }
             AuditEvent::DeviceEnrolled(body) => {
                 if let Err(err) = DevicePublicKey::parse(&body.public_key) {

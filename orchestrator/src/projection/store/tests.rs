@@ -6,7 +6,7 @@ use fleetlaps_proto::event::{
 use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
 use fleetlaps_proto::policy::{Policy, PolicySource};
 use fleetlaps_proto::seal::{EscrowSecretKey, seal};
-use fleetlaps_proto::signature::DeviceSigningKey;
+use fleetlaps_proto::signature::{DeviceSigningKey, OrchestratorSigningKey};
 use fleetlaps_proto::subject;
 
 use base64::Engine as _;
@@ -30,6 +30,20 @@ fn enrollment_token_id() -> TokenId {
 fn key_of(device_id: &DeviceId) -> DeviceSigningKey {
     let seed: [u8; 32] = Sha256::digest(device_id.as_str().as_bytes()).into();
     DeviceSigningKey::from_base64(&base64::engine::general_purpose::STANDARD.encode(seed)).unwrap()
+}
+
+/// The fixtures' orchestrator key, the same in every fixture (so digests can be compared).
+fn orchestrator_key() -> OrchestratorSigningKey {
+    OrchestratorSigningKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([9u8; 32])).unwrap()
+}
+
+/// An `orchestrator_key_created` recording `public_key`, unsigned.
+fn orchestrator_key_record(public_key: &str) -> (String, Vec<u8>) {
+    audit(AuditEvent::OrchestratorKeyCreated(
+        fleetlaps_proto::audit::OrchestratorKeyCreated {
+            public_key: public_key.to_owned(),
+        },
+    ))
 }
 
 /// The messages that create the fixtures' enrollment token and enroll `devices` with it.
@@ -61,12 +75,33 @@ impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let projections = Projections::open(&dir.path().join("db")).expect("opens");
+        let mut fixture = Self::without_orchestrator_key(dir, projections);
+        // One record for every fixture (the same event id), so digests can be compared.
+        static RECORD: std::sync::OnceLock<(String, Vec<u8>)> = std::sync::OnceLock::new();
+        let (subject, payload) =
+            RECORD.get_or_init(|| orchestrator_key_record(&orchestrator_key().public_key().to_string()));
+        assert_eq!(
+            fixture.apply_on(subject, payload),
+            Outcome::Recorded(AuditKind::OrchestratorKeyCreated)
+        );
+        fixture
+    }
+
+    /// A fixture whose history has recorded no orchestrator key yet.
+    fn without_orchestrator_key(dir: tempfile::TempDir, projections: Projections) -> Self {
         Self {
             _dir: dir,
             projections,
             next_sequence: 1,
             keys: std::collections::HashMap::new(),
         }
+    }
+
+    /// A fixture on a new store whose history has recorded no orchestrator key yet.
+    fn empty() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let projections = Projections::open(&dir.path().join("db")).expect("opens");
+        Self::without_orchestrator_key(dir, projections)
     }
 
     /// A fixture where `dev-1` is enrolled.
@@ -79,7 +114,7 @@ impl Fixture {
     /// Applies enrollment messages, and signs the enrolled devices' events from then on.
     fn enroll(&mut self, messages: &[(String, Vec<u8>)]) {
         for (subject, payload) in messages {
-            let outcome = self.apply_signed(subject, payload, None);
+            let outcome = self.apply_on(subject, payload);
             assert!(matches!(outcome, Outcome::Recorded(_)), "{outcome:?}");
             if let Ok(AuditEvent::DeviceEnrolled(body)) = AuditEnvelope::from_json(payload).map(|e| e.event) {
                 self.keys.insert(body.device_id.clone(), key_of(&body.device_id));
@@ -130,11 +165,16 @@ impl Fixture {
         self.apply_full(subject, payload, signature).outcome
     }
 
-    /// Applies a message on `subject`, signed by the subject's device if it enrolled here.
+    /// Applies a message on `subject`, signed by the subject's device if it enrolled here, or by
+    /// the fixtures' orchestrator key if it is an orchestrator event.
     fn apply_on(&mut self, subject: &str, payload: &[u8]) -> Outcome {
-        let signature = subject::parse_device_event(subject)
-            .and_then(|(device_id, _)| self.keys.get(&device_id))
-            .map(|key| key.sign(subject, payload));
+        let signature = if subject::parse_audit_event(subject).is_some() {
+            Some(orchestrator_key().sign(subject, payload))
+        } else {
+            subject::parse_device_event(subject)
+                .and_then(|(device_id, _)| self.keys.get(&device_id))
+                .map(|key| key.sign(subject, payload))
+        };
         self.apply_signed(subject, payload, signature.as_deref())
     }
 
@@ -557,7 +597,8 @@ fn bad_messages_are_quarantined_without_their_payload() {
     assert_eq!(quarantine.len(), 5);
     let stored = format!("{quarantine:?}");
     assert!(!stored.contains("hunter2"), "{stored}");
-    assert_eq!(fixture.projections.last_applied_sequence().unwrap(), 9);
+    // The orchestrator key's record, then the 9 messages above.
+    assert_eq!(fixture.projections.last_applied_sequence().unwrap(), 10);
 }
 
 #[test]
@@ -659,13 +700,14 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
     assert_eq!(
         kinds,
         [
+            AuditKind::OrchestratorKeyCreated,
             AuditKind::TokenCreated,
             AuditKind::TokenRevoked,
             AuditKind::RotationRequested
         ]
     );
     assert_eq!(
-        fixture.projections.audit(history[0].0, 10).unwrap().len(),
+        fixture.projections.audit(history[1].0, 10).unwrap().len(),
         2,
         "after a position"
     );
@@ -743,7 +785,7 @@ fn two_copies_interleaving_are_a_clone_reported_once_with_both_sources_and_nothi
     // The report on the history clears the due entry.
     let (report_subject, report) = audit(AuditEvent::DeviceCloneDetected(clone));
     assert_eq!(
-        fixture.apply_signed(&report_subject, &report, None),
+        fixture.apply_on(&report_subject, &report),
         Outcome::Recorded(AuditKind::DeviceCloneDetected)
     );
     assert!(fixture.projections.due_clone_reports().unwrap().is_empty());
@@ -766,7 +808,7 @@ mod escrow_keys {
 
     fn record(fixture: &mut Fixture, public_key: EscrowPublicKey, reason: EscrowKeyReason) {
         let (subject, payload) = key_created(public_key, reason);
-        let outcome = fixture.apply_signed(&subject, &payload, None);
+        let outcome = fixture.apply_on(&subject, &payload);
         assert_eq!(outcome, Outcome::Recorded(AuditKind::EscrowKeyCreated));
     }
 
@@ -871,7 +913,7 @@ mod escrow_keys {
             sealed_password: resealed.clone(),
         }));
         assert_eq!(
-            fixture.apply_signed(&subject, &payload, None),
+            fixture.apply_on(&subject, &payload),
             Outcome::Recorded(AuditKind::PasswordResealed)
         );
 
@@ -890,8 +932,153 @@ mod escrow_keys {
             sealed_password: resealed,
         }));
         assert_eq!(
-            fixture.apply_signed(&subject, &payload, None),
+            fixture.apply_on(&subject, &payload),
             Outcome::Quarantined(QuarantineReason::UnknownRotation)
         );
     }
+}
+
+/// A `token_created` for a token with every password's read scope, as a forger would plant it.
+fn planted_token() -> (String, Vec<u8>) {
+    audit(AuditEvent::TokenCreated(fleetlaps_proto::audit::TokenCreated {
+        token_id: TokenId::new(),
+        name: "intruder".to_owned(),
+        scopes: vec![fleetlaps_proto::api::SCOPE_READ_PASSWORDS.to_owned()],
+        expires_at: None,
+        token_sha256: "ef".repeat(32),
+        created_by: "intruder".to_owned(),
+    }))
+}
+
+#[test]
+fn an_unsigned_orchestrator_event_is_quarantined_as_forged_and_changes_nothing() {
+    let mut fixture = Fixture::new();
+    let (subject, payload) = planted_token();
+    let before = fixture.projections.audit(0, 100).unwrap().len();
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, None),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    assert!(fixture.projections.token_by_digest(&"ef".repeat(32)).unwrap().is_none());
+    assert_eq!(fixture.projections.audit(0, 100).unwrap().len(), before);
+    let quarantined = fixture.projections.quarantine().unwrap();
+    assert_eq!(quarantined.len(), 1);
+    assert!(
+        quarantined[0].detail.contains("Fleetlaps-Signature"),
+        "{:?}",
+        quarantined[0].detail
+    );
+}
+
+#[test]
+fn an_orchestrator_event_signed_by_another_key_is_quarantined_as_forged() {
+    let mut fixture = Fixture::new();
+    let (subject, payload) = planted_token();
+    let signature = OrchestratorSigningKey::generate().sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&signature)),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    assert!(fixture.projections.token_by_digest(&"ef".repeat(32)).unwrap().is_none());
+    // Moved to another subject, the orchestrator's own signature no longer holds either.
+    let signature = orchestrator_key().sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(
+            &subject::audit_event(AuditKind::PasswordRead),
+            &payload,
+            Some(&signature)
+        ),
+        Outcome::Quarantined(QuarantineReason::SubjectMismatch)
+    );
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&signature)),
+        Outcome::Recorded(AuditKind::TokenCreated)
+    );
+}
+
+#[test]
+fn an_orchestrator_event_before_any_orchestrator_key_is_recorded_is_quarantined() {
+    let mut fixture = Fixture::empty();
+    let (subject, payload) = planted_token();
+    let signature = orchestrator_key().sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&signature)),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    assert!(fixture.projections.orchestrator_key().unwrap().is_none());
+    // A key record must be signed by the key it names, even the first one.
+    let (key_subject, key_payload) = orchestrator_key_record(&orchestrator_key().public_key().to_string());
+    let other = OrchestratorSigningKey::generate().sign(&key_subject, &key_payload);
+    assert_eq!(
+        fixture.apply_signed(&key_subject, &key_payload, Some(&other)),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    assert_eq!(
+        fixture.apply_signed(&key_subject, &key_payload, None),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    assert!(fixture.projections.orchestrator_key().unwrap().is_none());
+    // The first self-signed record is trusted; from then on its key decides.
+    assert_eq!(
+        fixture.apply_on(&key_subject, &key_payload),
+        Outcome::Recorded(AuditKind::OrchestratorKeyCreated)
+    );
+    assert_eq!(
+        fixture
+            .projections
+            .orchestrator_key()
+            .unwrap()
+            .expect("recorded")
+            .public_key,
+        orchestrator_key().public_key().to_string()
+    );
+    let (subject, payload) = planted_token();
+    assert_eq!(
+        fixture.apply_on(&subject, &payload),
+        Outcome::Recorded(AuditKind::TokenCreated)
+    );
+}
+
+#[test]
+fn a_new_orchestrator_key_counts_only_when_signed_by_the_recorded_one() {
+    let mut fixture = Fixture::new();
+    let next = OrchestratorSigningKey::generate();
+    let (subject, payload) = orchestrator_key_record(&next.public_key().to_string());
+
+    // Signed only by itself: another key taking over.
+    let self_signed = next.sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&self_signed)),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    assert_eq!(
+        fixture
+            .projections
+            .orchestrator_key()
+            .unwrap()
+            .expect("recorded")
+            .public_key,
+        orchestrator_key().public_key().to_string()
+    );
+
+    // Signed by the recorded key: a rotation.
+    assert_eq!(
+        fixture.apply_on(&subject, &payload),
+        Outcome::Recorded(AuditKind::OrchestratorKeyCreated)
+    );
+    let recorded = fixture.projections.orchestrator_key().unwrap().expect("recorded");
+    assert_eq!(recorded.public_key, next.public_key().to_string());
+
+    // From then on the new key signs, and the old one no longer does.
+    let (subject, payload) = planted_token();
+    assert_eq!(
+        fixture.apply_on(&subject, &payload),
+        Outcome::Quarantined(QuarantineReason::Forged)
+    );
+    let (subject, payload) = planted_token();
+    let signature = next.sign(&subject, &payload);
+    assert_eq!(
+        fixture.apply_signed(&subject, &payload, Some(&signature)),
+        Outcome::Recorded(AuditKind::TokenCreated)
+    );
 }
