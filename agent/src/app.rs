@@ -79,6 +79,7 @@ impl App {
         let backend: Arc<dyn AccountBackend> = account::backend(&config.account);
         let publisher = Publisher::connect(ConnectSettings {
             url: &config.nats.url,
+            ca_file: config.nats.ca_file.as_deref(),
             ack_timeout: Duration::from_secs(config.nats.ack_timeout_secs),
             device_id: state.device_id(),
             nkey_seed_file: config.nats.nkey_seed_file.as_deref(),

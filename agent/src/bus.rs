@@ -38,8 +38,10 @@ pub struct PublishError {
 
 /// How the agent connects to NATS.
 pub struct ConnectSettings<'a> {
-    /// The server URL, `nats://host:port`.
+    /// The server URL, `tls://host:port` or `nats://host:port`.
     pub url: &'a str,
+    /// The CA the server's certificate must chain to (`nats.ca_file`); TLS is then required.
+    pub ca_file: Option<&'a Path>,
     /// How long to wait for JetStream to acknowledge a publish.
     pub ack_timeout: Duration,
     /// This device: replies come on its own inbox prefix, the only one its NATS user may read.
@@ -68,12 +70,16 @@ impl Publisher {
     pub async fn connect(settings: ConnectSettings<'_>) -> anyhow::Result<Self> {
         let ConnectSettings {
             url,
+            ca_file,
             ack_timeout,
             device_id,
             nkey_seed_file,
             signing_key,
         } = settings;
         let mut options = async_nats::ConnectOptions::new();
+        if let Some(ca_file) = ca_file {
+            options = options.add_root_certificates(ca_file.to_owned()).require_tls(true);
+        }
         if let Some(path) = nkey_seed_file {
             let seed = read_seed_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
             // The line an operator enrols the device from: `--device <device_id>=<nkey>`.

@@ -78,6 +78,11 @@ pub struct NatsConfig {
     /// device's id with the seed's public key, which the agent logs when it connects.
     #[serde(default)]
     pub nkey_seed_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the NATS server's certificate must chain to. With it the
+    /// connection must be TLS (a `tls://` URL, or a `nats://` one whose server offers TLS);
+    /// without it a `tls://` URL trusts the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The account database behind the managed account.

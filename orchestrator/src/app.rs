@@ -63,7 +63,7 @@ impl App {
             .with_context(|| format!("opening sled db at {}", projections_path.display()))?;
         let metrics = Metrics::new();
 
-        let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
+        let (jetstream, nats) = bus::connect(&config).await?;
         let stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
         bus::ensure_password_versions_stream(&jetstream).await?;
@@ -108,6 +108,7 @@ impl App {
             policy,
             enrollments_in_flight: Arc::default(),
             metrics,
+            nats,
         };
         Ok(Self {
             http_listener,

@@ -28,6 +28,11 @@ pub struct Config {
     pub escrow_recovery_public_key: Option<String>,
     /// The NATS server with JetStream.
     pub nats: NatsConfig,
+    /// Connect to NATS without credentials, to a server that admits anyone (development only).
+    /// Without it a config with no `nats.nkey_seed_file` is refused; with it the orchestrator
+    /// warns at start and `/healthz` says so.
+    #[serde(default)]
+    pub insecure_nats: bool,
     /// The Graph-compatible API. Its defaults ask for no transport, so a config without `[http]`
     /// is refused: the API serves TLS, or plain HTTP only when asked for.
     #[serde(default)]
@@ -66,6 +71,21 @@ pub struct NatsConfig {
     /// 0400); `fleetlaps-orchestrator nkey --seed-file <file>` creates one.
     #[serde(default)]
     pub nkey_seed_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the NATS server's certificate must chain to. With it the
+    /// connection must be TLS (a `tls://` URL, or a `nats://` one whose server offers TLS); without
+    /// it a `tls://` URL trusts the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How the orchestrator authenticates to NATS: the validated form of `nats.nkey_seed_file` and
+/// `insecure_nats`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsCredentials {
+    /// An nkey user, its seed in this file.
+    Nkey(PathBuf),
+    /// None, asked for with `insecure_nats = true`.
+    Insecure,
 }
 
 /// The API listener. Exactly one of `tls` and `plain_http = true` must be set; [`Self::transport`]
@@ -261,6 +281,25 @@ fn default_consumer() -> String {
 }
 
 impl Config {
+    /// How to authenticate to NATS; fails, naming the settings, unless exactly one of
+    /// `nats.nkey_seed_file` and `insecure_nats = true` is set.
+    pub fn nats_credentials(&self) -> anyhow::Result<NatsCredentials> {
+        const ALLOWED: &str = "allowed: nats.nkey_seed_file = \"<file>\" (`fleetlaps-orchestrator nkey --seed-file \
+                               <file>` creates one), or insecure_nats = true for a nats-server that admits anyone \
+                               (development only)";
+        match (&self.nats.nkey_seed_file, self.insecure_nats) {
+            (Some(path), false) => Ok(NatsCredentials::Nkey(path.clone())),
+            (None, true) => Ok(NatsCredentials::Insecure),
+            (None, false) => anyhow::bail!(
+                "invalid config: nats: no credentials; the orchestrator connects to NATS only as an nkey user \
+                 unless told otherwise; {ALLOWED}"
+            ),
+            (Some(_), true) => {
+                anyhow::bail!("invalid config: both nats.nkey_seed_file and insecure_nats = true are set; {ALLOWED}")
+            }
+        }
+    }
+
     /// Reads the file at `path`, then applies `FLEETLAPS_*` environment variables over it, except
     /// the agent's own `FLEETLAPS_AGENT_*` (both programs run on the orchestrator's host).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -351,6 +390,13 @@ impl Config {
             );
         }
         self.http.transport()?;
+        self.nats_credentials()?;
+        if !(self.nats.url.starts_with("nats://") || self.nats.url.starts_with("tls://")) {
+            anyhow::bail!(
+                "invalid config: nats.url = {:?}: allowed: tls://host:port (TLS) or nats://host:port",
+                self.nats.url
+            );
+        }
         Ok(())
     }
 }
@@ -362,7 +408,7 @@ mod tests {
     /// A minimal config with `extra` appended.
     fn config_with(extra: &str) -> anyhow::Result<Config> {
         Config::from_toml(&format!(
-            "data_dir = \"/tmp/x\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\n{extra}"
+            "data_dir = \"/tmp/x\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\nnkey_seed_file = \"/x/nk\"\n{extra}"
         ))
     }
 
@@ -449,22 +495,25 @@ mod tests {
 
     #[test]
     fn unknown_fields_scopes_and_bad_digests_are_named() {
-        let err = Config::from_toml("data_dir = \"/x\"\nbogus = 1\n[nats]\nurl = \"n\"\n").expect_err("unknown field");
+        let err = Config::from_toml(
+            "data_dir = \"/x\"\nbogus = 1\n[nats]\nurl = \"nats://n:4222\"\nnkey_seed_file = \"/x/nk\"\n",
+        )
+        .expect_err("unknown field");
         assert!(err.to_string().contains("bogus"), "{err}");
         let digest = "0".repeat(64);
         let err = Config::from_toml(&format!(
-            "data_dir = \"/x\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n[[tokens]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\nscopes = [\"Everything\"]\n"
+            "data_dir = \"/x\"\n[nats]\nurl = \"nats://n:4222\"\nnkey_seed_file = \"/x/nk\"\n[http]\nplain_http = true\n[[tokens]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\nscopes = [\"Everything\"]\n"
         ))
         .expect_err("unknown scope");
         assert!(err.to_string().contains("unknown scope \"Everything\""), "{err}");
         assert!(err.to_string().contains("Audit.Read.All"), "{err}");
         let err = Config::from_toml(
-            "data_dir = \"/x\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n[[tokens]]\nname = \"a\"\ntoken_sha256 = \"plaintext\"\nscopes = []\n",
+            "data_dir = \"/x\"\n[nats]\nurl = \"nats://n:4222\"\nnkey_seed_file = \"/x/nk\"\n[http]\nplain_http = true\n[[tokens]]\nname = \"a\"\ntoken_sha256 = \"plaintext\"\nscopes = []\n",
         )
         .expect_err("not a digest");
         assert!(err.to_string().contains("tokens.token_sha256 of token \"a\""), "{err}");
         let err = Config::from_toml(
-            "data_dir = \"/x\"\nbootstrap_admin_token = \"short\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",
+            "data_dir = \"/x\"\nbootstrap_admin_token = \"short\"\n[nats]\nurl = \"nats://n:4222\"\nnkey_seed_file = \"/x/nk\"\n[http]\nplain_http = true\n",
         )
         .expect_err("too short");
         assert!(
@@ -487,7 +536,7 @@ mod tests {
     fn the_recovery_public_key_is_optional_and_validated() {
         let with_key = |key: &str| {
             Config::from_toml(&format!(
-                "data_dir = \"/x\"\nescrow_recovery_public_key = \"{key}\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n"
+                "data_dir = \"/x\"\nescrow_recovery_public_key = \"{key}\"\n[nats]\nurl = \"nats://n:4222\"\nnkey_seed_file = \"/x/nk\"\n[http]\nplain_http = true\n"
             ))
         };
         let public_key = fleetlaps_proto::seal::EscrowSecretKey::generate().public_key();
@@ -503,9 +552,51 @@ mod tests {
     }
 
     #[test]
+    fn nats_credentials_are_required_unless_insecure_nats_is_asked_for() {
+        let with = |top: &str, nats: &str| {
+            Config::from_toml(&format!(
+                "data_dir = \"/x\"\n{top}\n[nats]\nurl = \"tls://n:4222\"\n{nats}\n[http]\nplain_http = true\n"
+            ))
+        };
+        let nkey = with("", "nkey_seed_file = \"/x/nk\"\nca_file = \"/x/ca.pem\"").expect("valid");
+        assert_eq!(
+            nkey.nats_credentials().expect("valid"),
+            NatsCredentials::Nkey(PathBuf::from("/x/nk"))
+        );
+        assert_eq!(nkey.nats.ca_file, Some(PathBuf::from("/x/ca.pem")));
+        let insecure = with("insecure_nats = true", "").expect("valid");
+        assert_eq!(insecure.nats_credentials().expect("valid"), NatsCredentials::Insecure);
+
+        let err = with("", "").expect_err("no credentials");
+        let message = err.to_string();
+        assert!(message.contains("nats: no credentials"), "{message}");
+        assert!(
+            message.contains("allowed: nats.nkey_seed_file") && message.contains("or insecure_nats = true"),
+            "{message}"
+        );
+        let err = with("insecure_nats = false", "").expect_err("no credentials");
+        assert!(err.to_string().contains("nats: no credentials"), "{err}");
+        let err = with("insecure_nats = true", "nkey_seed_file = \"/x/nk\"").expect_err("both");
+        assert!(
+            err.to_string()
+                .contains("both nats.nkey_seed_file and insecure_nats = true"),
+            "{err}"
+        );
+        let err = Config::from_toml(
+            "data_dir = \"/x\"\n[nats]\nurl = \"http://n:4222\"\nnkey_seed_file = \"/x/nk\"\n[http]\nplain_http = true\n",
+        )
+        .expect_err("scheme");
+        assert!(
+            err.to_string()
+                .contains("allowed: tls://host:port (TLS) or nats://host:port"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn token_secrets_are_redacted_in_debug() {
         let config = Config::from_toml(
-            "data_dir = \"/x\"\nbootstrap_admin_token = \"s3cr3t-bootstrap-token\"\n[nats]\nurl = \"n\"\n[http]\nplain_http = true\n",
+            "data_dir = \"/x\"\nbootstrap_admin_token = \"s3cr3t-bootstrap-token\"\n[nats]\nurl = \"nats://n:4222\"\nnkey_seed_file = \"/x/nk\"\n[http]\nplain_http = true\n",
         )
         .expect("valid");
         assert!(!format!("{config:?}").contains("s3cr3t-bootstrap-token"));

@@ -103,7 +103,7 @@ pub async fn open_keyring(
 /// it from their next rotation, once an orchestrator tells them.
 pub async fn rotate(config: &Config) -> anyhow::Result<EscrowPublicKey> {
     let _lock = DataDirLock::acquire(&config.data_dir)?;
-    let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
+    let (jetstream, _) = bus::connect(config).await?;
     let history = History::open(&jetstream).await?;
     let signing_key = orchestrator_key::open(config, &history).await?;
     let keyring = open_keyring(config, &history, &signing_key).await?;
@@ -147,7 +147,7 @@ pub async fn recover(
             recovery_key_file.display()
         );
     }
-    let jetstream = bus::connect(&config.nats.url, config.nats.nkey_seed_file.as_deref()).await?;
+    let (jetstream, _) = bus::connect(config).await?;
     let history = History::open(&jetstream).await?;
     let signing_key = orchestrator_key::open(config, &history).await?;
     let Some(recorded) = recorded_key(&history).await? else {

@@ -61,6 +61,22 @@ enum Command {
         /// JetStream's store directory.
         #[arg(long, default_value = nats_auth::DEFAULT_STORE_DIR)]
         store_dir: PathBuf,
+        /// The nats-server version the file is for (`2.9`, `2.10.4`): from 2.10 on the store is
+        /// synced before each acknowledgement. Without it, `nats-server --version` is asked.
+        #[arg(long, value_name = "VERSION")]
+        server_version: Option<String>,
+        /// The server's TLS certificate chain (PEM): clients then connect with tls:// URLs.
+        #[arg(long, value_name = "PEM_FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The server's TLS private key (PEM).
+        #[arg(long, value_name = "PEM_FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// The most client connections at once (a fleet needs one per device, plus a few).
+        #[arg(long, default_value_t = nats_auth::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: u32,
+        /// The most disk JetStream may use, in bytes.
+        #[arg(long, default_value_t = nats_auth::DEFAULT_MAX_FILE_STORE_BYTES)]
+        max_file_store: u64,
     },
     /// Print the SHA-256 of an API token read from standard input, for `[[tokens]] token_sha256`.
     HashToken,
@@ -168,6 +184,11 @@ async fn main() -> anyhow::Result<()> {
             devices_file,
             listen,
             store_dir,
+            server_version,
+            tls_cert,
+            tls_key,
+            max_connections,
+            max_file_store,
         } => {
             let mut device_users = devices
                 .iter()
@@ -178,9 +199,24 @@ async fn main() -> anyhow::Result<()> {
                 let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
                 device_users.extend(nats_auth::parse_devices_file(&text, &path.display().to_string())?);
             }
+            let server_version = match server_version {
+                Some(text) => nats_auth::parse_server_version(&text).with_context(|| {
+                    format!("--server-version {text:?}: allowed: MAJOR.MINOR[.PATCH], such as 2.9 or 2.10.4")
+                })?,
+                None => nats_auth::installed_server_version()?,
+            };
             let config = nats_auth::ServerConfig {
                 listen,
                 store_dir,
+                server_version,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert_file, key_file)| nats_auth::ServerTlsFiles { cert_file, key_file }),
+                limits: nats_auth::ServerLimits {
+                    max_connections,
+                    max_file_store,
+                    ..nats_auth::ServerLimits::default()
+                },
                 orchestrator: nats_auth::NkeyPublicKey::parse(&orchestrator_nkey, "--orchestrator-nkey")?,
                 devices: device_users,
             };

@@ -44,6 +44,27 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:4222";
 /// keeps its streams in a `jetstream` directory inside it.
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/nats-server";
 
+/// The largest message a client may publish (`max_payload`), server-wide: room for every
+/// orchestrator message, and above the events stream's own bound
+/// ([`subject::MAX_EVENT_BYTES`]), so an oversized event is refused by the stream, which says
+/// why, rather than by closing the connection.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 256 * 1024;
+
+/// The most client connections the server takes unless told otherwise: one per device and a
+/// few for the orchestrator; raise it (`--max-connections`) for a larger fleet.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+
+/// The most subscriptions one connection may hold. An agent holds three (its inbox, its
+/// commands, its confirmations); the orchestrator a handful. The bound keeps one device's
+/// credentials from exhausting the server's memory with subscriptions.
+pub const MAX_SUBSCRIPTIONS_PER_CONNECTION: u32 = 1_000;
+
+/// The most JetStream file storage the server may use, in bytes, unless told otherwise.
+pub const DEFAULT_MAX_FILE_STORE_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+
+/// The first nats-server release with `jetstream { sync_interval: always }`.
+pub const SYNC_ALWAYS_SINCE: (u64, u64) = (2, 10);
+
 /// The JetStream API prefix (the default domain).
 const JS_API: &str = "$JS.API";
 
@@ -359,13 +380,56 @@ pub fn device_permissions(device_id: &DeviceId) -> Permissions {
     }
 }
 
-/// The whole nats-server configuration: where it listens, JetStream, and every user.
+/// The server's certificate and key for TLS, as PEM files nats-server reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsFiles {
+    /// The certificate chain (PEM), the server's first.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM), readable by the user nats-server runs as only.
+    pub key_file: PathBuf,
+}
+
+/// Limits on what clients may do, where nats-server 2.9's static configuration offers them.
+/// There are no per-user connection limits outside operator/JWT mode; the per-connection
+/// subscription bound and the events stream's message size bound each device instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `max_payload`: the largest message a client may publish, in bytes.
+    pub max_payload: u32,
+    /// `max_connections`: the most client connections at once.
+    pub max_connections: u32,
+    /// `max_subscriptions`: the most subscriptions per connection.
+    pub max_subscriptions: u32,
+    /// `jetstream { max_file_store }`: the most disk JetStream may use, in bytes.
+    pub max_file_store: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_subscriptions: MAX_SUBSCRIPTIONS_PER_CONNECTION,
+            max_file_store: DEFAULT_MAX_FILE_STORE_BYTES,
+        }
+    }
+}
+
+/// The whole nats-server configuration: where it listens, TLS, JetStream, limits and every user.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Where clients connect, `host:port`.
     pub listen: String,
     /// JetStream's store directory.
     pub store_dir: PathBuf,
+    /// The nats-server version the file is for, `(major, minor)`: from 2.10 on, the store is
+    /// synced before every acknowledgement (`sync_interval: always`), which 2.9 does not know.
+    pub server_version: (u64, u64),
+    /// TLS for client connections; without it clients connect in clear (nkeys still
+    /// authenticate, but do not encrypt).
+    pub tls: Option<ServerTlsFiles>,
+    /// Limits on clients.
+    pub limits: ServerLimits,
     /// The orchestrator's public key.
     pub orchestrator: NkeyPublicKey,
     /// Every enrolled device; rendered sorted by id.
@@ -384,6 +448,12 @@ impl ServerConfig {
         Self {
             listen: DEFAULT_LISTEN.to_owned(),
             store_dir: PathBuf::from(DEFAULT_STORE_DIR),
+            server_version: SYNC_ALWAYS_SINCE,
+            tls: Some(ServerTlsFiles {
+                cert_file: PathBuf::from("/etc/nats-server/tls/server.pem"),
+                key_file: PathBuf::from("/etc/nats-server/tls/server-key.pem"),
+            }),
+            limits: ServerLimits::default(),
             orchestrator: key(EXAMPLE_ORCHESTRATOR_NKEY),
             devices: vec![
                 device(EXAMPLE_DEVICES[0].0, EXAMPLE_DEVICES[0].1),
@@ -397,10 +467,55 @@ impl ServerConfig {
         let listen = quoted_setting("listen", &self.listen)?;
         let store_dir = quoted_setting("store_dir", &self.store_dir.to_string_lossy())?;
         let authorization = render_authorization(&self.orchestrator, &self.devices)?;
+        let tls = match &self.tls {
+            Some(files) => format!(
+                "# Clients connect with tls:// URLs and trust the CA that issued this certificate
+# (nats.ca_file on both sides). The key must be readable by the nats user only.
+tls {{
+  cert_file: {cert_file}
+  key_file: {key_file}
+  timeout: 5
+}}
+",
+                cert_file = quoted_setting("tls cert_file", &files.cert_file.to_string_lossy())?,
+                key_file = quoted_setting("tls key_file", &files.key_file.to_string_lossy())?,
+            ),
+            None => "# No TLS: nkeys authenticate but do not encrypt. Render with --tls-cert and --tls-key
+# when clients connect over networks you do not trust.
+"
+            .to_owned(),
+        };
+        let sync = if self.server_version >= SYNC_ALWAYS_SINCE {
+            "  # Write every message to disk (fsync) before acknowledging it, so an acknowledged event
+  # survives a crash of the host (nats-server 2.10 and later; the default syncs every 2 minutes).
+  sync_interval: always
+"
+        } else {
+            "  # nats-server before 2.10 acknowledges a message before it writes it to disk and syncs
+  # about every 2 minutes: a host crash can lose acknowledged events. 2.10 and later can sync
+  # before acknowledging; render this file with --server-version 2.10 (or later) for them.
+"
+        };
+        let ServerLimits {
+            max_payload,
+            max_connections,
+            max_subscriptions,
+            max_file_store,
+        } = self.limits;
         Ok(format!(
             "{HEADER}
+# Rendered for nats-server {major}.{minor}.
+
 # Clients connect here.
 listen: {listen}
+
+{tls}
+# Limits on clients. No per-user connection limits exist in a static configuration; each
+# connection may hold at most max_subscriptions subscriptions, and the events stream refuses
+# any message over {max_event} bytes (its max_msg_size, set by the orchestrator).
+max_payload: {max_payload}
+max_connections: {max_connections}
+max_subscriptions: {max_subscriptions}
 
 # JetStream keeps the history (LAPS_EVENTS), each device's last command (LAPS_COMMANDS) and the
 # centre's current password version of each device (LAPS_PASSWORD_VERSIONS), in
@@ -409,9 +524,13 @@ listen: {listen}
 # `install -d -o nats -g nats -m 0700 {store_dir_plain}`.
 jetstream {{
   store_dir: {store_dir}
-}}
+  max_file_store: {max_file_store}
+{sync}}}
 
 {authorization}",
+            major = self.server_version.0,
+            minor = self.server_version.1,
+            max_event = subject::MAX_EVENT_BYTES,
             store_dir_plain = self.store_dir.display(),
         ))
     }
@@ -506,9 +625,35 @@ const HEADER: &str = "# nats-server configuration for fleetlaps: nats-server 2.9
 # `fleetlaps-orchestrator nkey --seed-file <file>` creates one and prints its public key.
 # A client without a listed key is refused: there is no anonymous user.
 #
-# nkeys authenticate but do not encrypt. When devices connect over networks you do not trust,
-# add a `tls { cert_file: ..., key_file: ... }` block and have clients use tls:// URLs.
+# nkeys authenticate but do not encrypt: with --tls-cert and --tls-key the file has a tls block,
+# and clients use tls:// URLs with nats.ca_file naming the CA.
 ";
+
+/// `major.minor` of a nats-server version such as `2.9.10`, `v2.10.0-beta` or `2.10`.
+pub fn parse_server_version(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.trim().trim_start_matches('v').split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor: String = parts.next()?.chars().take_while(char::is_ascii_digit).collect();
+    Some((major, minor.parse().ok()?))
+}
+
+/// The version of the `nats-server` on `PATH` (or in `/usr/sbin`, where Debian puts it), from
+/// `nats-server --version` (`nats-server: v2.9.10`).
+pub fn installed_server_version() -> anyhow::Result<(u64, u64)> {
+    let candidates = ["nats-server", "/usr/sbin/nats-server"];
+    for program in candidates {
+        let Ok(output) = std::process::Command::new(program).arg("--version").output() else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&output.stdout);
+        let version = text.rsplit(' ').next().unwrap_or_default();
+        return parse_server_version(version)
+            .ok_or_else(|| anyhow::anyhow!("`{program} --version` printed {:?}: pass --server-version", text.trim()));
+    }
+    anyhow::bail!(
+        "nats-server is not installed here, so its version is unknown: pass --server-version (such as 2.9 or 2.10)"
+    )
+}
 
 /// `"value"`, refusing what would need escaping in nats-server's format.
 fn quoted_setting(setting: &'static str, value: &str) -> Result<String, NatsAuthError> {

@@ -16,6 +16,12 @@ pub const EVENTS_WILDCARD: &str = "laps.events.>";
 /// The orchestrator's own events' subjects in [`EVENTS_STREAM`].
 pub const AUDIT_WILDCARD: &str = "laps.audit.>";
 
+/// The largest message, headers and payload, the events stream stores: JetStream refuses a
+/// larger one (`max_msg_size`). The largest real event, a backup sealed to the escrow key and
+/// the recovery key, is well under 4 KiB; the bound keeps one device from filling the history
+/// with a few huge messages.
+pub const MAX_EVENT_BYTES: i32 = 64 * 1024;
+
 /// The subject the orchestrator records one kind of its own events on.
 pub fn audit_event(kind: crate::audit::AuditKind) -> String {
     format!("laps.audit.{kind}")

@@ -95,7 +95,7 @@ fn the_orchestrator_ignores_the_agents_variables() {
     let config = dir.path().join("orchestrator.toml");
     std::fs::write(
         &config,
-        "data_dir = \"/nonexistent/fleetlaps\"\n[nats]\nurl = \"nats://127.0.0.1:1\"\n[http]\nplain_http = true\nlisten = \"127.0.0.1:0\"\n",
+        "data_dir = \"/nonexistent/fleetlaps\"\ninsecure_nats = true\n[nats]\nurl = \"nats://127.0.0.1:1\"\n[http]\nplain_http = true\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("writing config");
     let output = std::process::Command::new(crate::apps::binary("fleetlaps-orchestrator"))

@@ -43,10 +43,8 @@ pub struct TestOrchestrator {
     pub escrow_public_key: EscrowPublicKey,
     /// Its data directory (projections and escrow key); kept across restarts.
     pub data_dir: PathBuf,
-    /// The NATS URL it consumes from.
-    nats_url: String,
-    /// The nkey seed file it authenticates to NATS with, if any; kept across restarts.
-    nkey_seed_file: Option<PathBuf>,
+    /// How it reaches NATS; kept across restarts.
+    nats: NatsAccess,
     /// Extra top-level config lines; kept across restarts.
     extra_config: String,
     shutdown: Option<oneshot::Sender<()>>,
@@ -57,14 +55,58 @@ pub struct TestOrchestrator {
     pub http: reqwest::Client,
 }
 
+/// How a test orchestrator or agent reaches NATS.
+#[derive(Debug, Clone)]
+pub struct NatsAccess {
+    /// The server's URL, `nats://` or `tls://`.
+    pub url: String,
+    /// The nkey seed file to authenticate with; without it the orchestrator is configured with
+    /// `insecure_nats = true`.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// The CA of the server's certificate, with TLS.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl NatsAccess {
+    /// The orchestrator's access to `nats`: its nkey user on a server started the production
+    /// way, none (`insecure_nats = true`) on one started without authentication.
+    pub fn orchestrator(nats: &TestNats) -> Self {
+        Self {
+            url: nats.url(),
+            nkey_seed_file: nats.orchestrator_seed_file().map(Path::to_owned),
+            ca_file: nats.ca_file().map(Path::to_owned),
+        }
+    }
+
+    /// The `[nats]` lines after `url`, and the top-level `insecure_nats` line, for the
+    /// orchestrator's config.
+    fn orchestrator_lines(&self) -> (String, String) {
+        let mut nats_lines = String::new();
+        if let Some(path) = &self.nkey_seed_file {
+            nats_lines.push_str(&format!("nkey_seed_file = \"{}\"\n", path.display()));
+        }
+        if let Some(path) = &self.ca_file {
+            nats_lines.push_str(&format!("ca_file = \"{}\"\n", path.display()));
+        }
+        let insecure = if self.nkey_seed_file.is_none() {
+            "insecure_nats = true".to_owned()
+        } else {
+            String::new()
+        };
+        (nats_lines, insecure)
+    }
+}
+
 impl TestOrchestrator {
-    /// Starts an orchestrator on `nats` with a fresh data directory.
+    /// Starts an orchestrator on `nats` with a fresh data directory, authenticating as the
+    /// server's orchestrator user (or with `insecure_nats = true` on a server without
+    /// authentication).
     pub async fn spawn(nats: &TestNats) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("fleetlaps-orchestrator-")
             .tempdir()
             .expect("tempdir");
-        let mut orchestrator = Self::spawn_in(&nats.url(), dir.path()).await;
+        let mut orchestrator = Self::spawn_in(nats, dir.path()).await;
         orchestrator._dir = Some(dir);
         orchestrator
     }
@@ -76,7 +118,13 @@ impl TestOrchestrator {
             .prefix("fleetlaps-orchestrator-")
             .tempdir()
             .expect("tempdir");
-        let mut orchestrator = Self::spawn_configured(&nats.url(), dir.path(), Some(nkey_seed_file)).await;
+        let access = NatsAccess {
+            nkey_seed_file: Some(nkey_seed_file.to_owned()),
+            ..NatsAccess::orchestrator(nats)
+        };
+        let mut orchestrator = Self::try_spawn(access, dir.path(), "")
+            .await
+            .expect("orchestrator starts");
         orchestrator._dir = Some(dir);
         orchestrator
     }
@@ -88,20 +136,16 @@ impl TestOrchestrator {
             .prefix("fleetlaps-orchestrator-")
             .tempdir()
             .expect("tempdir");
-        let mut orchestrator = Self::try_spawn(&nats.url(), dir.path(), None, extra_config)
+        let mut orchestrator = Self::try_spawn(NatsAccess::orchestrator(nats), dir.path(), extra_config)
             .await
             .expect("orchestrator starts");
         orchestrator._dir = Some(dir);
         orchestrator
     }
 
-    /// Starts an orchestrator on the NATS at `nats_url` with the data directory `data_dir`.
-    pub async fn spawn_in(nats_url: &str, data_dir: &Path) -> Self {
-        Self::spawn_configured(nats_url, data_dir, None).await
-    }
-
-    async fn spawn_configured(nats_url: &str, data_dir: &Path, nkey_seed_file: Option<&Path>) -> Self {
-        Self::try_spawn(nats_url, data_dir, nkey_seed_file, "")
+    /// Starts an orchestrator on `nats` with the data directory `data_dir`.
+    pub async fn spawn_in(nats: &TestNats, data_dir: &Path) -> Self {
+        Self::try_spawn(NatsAccess::orchestrator(nats), data_dir, "")
             .await
             .expect("orchestrator starts")
     }
@@ -112,24 +156,20 @@ impl TestOrchestrator {
         config_path(&self.data_dir)
     }
 
-    async fn try_spawn(
-        nats_url: &str,
-        data_dir: &Path,
-        nkey_seed_file: Option<&Path>,
-        extra_config: &str,
-    ) -> anyhow::Result<Self> {
+    /// Starts an orchestrator reaching NATS as `nats` says, on `data_dir`, with `extra_config`
+    /// as top-level config lines; the error is `App::build`'s.
+    pub async fn try_spawn(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
         init_tracing();
-        let nkey_line = nkey_seed_file
-            .map(|path| format!("nkey_seed_file = \"{}\"", path.display()))
-            .unwrap_or_default();
+        let (nats_lines, insecure_line) = nats.orchestrator_lines();
         let text = format!(
             r#"
 data_dir = "{data_dir}"
 bootstrap_admin_token = "{ADMIN_TOKEN}"
+{insecure_line}
 {extra_config}
 [nats]
 url = "{nats_url}"
-{nkey_line}
+{nats_lines}
 [http]
 listen = "127.0.0.1:0"
 [http.tls]
@@ -150,6 +190,7 @@ token_sha256 = "{operator}"
 scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
 "#,
             data_dir = data_dir.display(),
+            nats_url = nats.url,
             read = fleetlaps_orchestrator::auth::token_sha256(READ_TOKEN),
             read_basic = fleetlaps_orchestrator::auth::token_sha256(READ_BASIC_TOKEN),
             operator = fleetlaps_orchestrator::auth::token_sha256(OPERATOR_TOKEN),
@@ -176,8 +217,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             metrics_url,
             escrow_public_key,
             data_dir: data_dir.to_owned(),
-            nats_url: nats_url.to_owned(),
-            nkey_seed_file: nkey_seed_file.map(Path::to_owned),
+            nats,
             extra_config: extra_config.to_owned(),
             shutdown: Some(shutdown),
             task: Some(task),
@@ -206,13 +246,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// error it stays stopped, and may be tried again.
     pub async fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let started = Self::try_spawn(
-            &self.nats_url,
-            &self.data_dir,
-            self.nkey_seed_file.as_deref(),
-            &self.extra_config,
-        )
-        .await?;
+        let started = Self::try_spawn(self.nats.clone(), &self.data_dir, &self.extra_config).await?;
         let dir = self._dir.take();
         *self = started;
         self._dir = dir;
@@ -356,7 +390,10 @@ pub struct AgentOptions {
     /// Text appended at the end of `agent.toml`, after `[policy]`: whole tables, such as
     /// `[post_authentication]`.
     pub extra_config: String,
-    /// Authenticate to NATS with the nkey seed in this file (`nats.nkey_seed_file`).
+    /// Authenticate to NATS with the nkey seed in this file (`nats.nkey_seed_file`); the test
+    /// then admits the device to the server itself, or not. Without it, on a server started the
+    /// production way ([`TestNats::start`]), the agent gets a seed of its own and the server
+    /// admits the device once it is enrolled.
     pub nkey_seed_file: Option<PathBuf>,
     /// Failures to inject into the in-process agent (the `fault-injection` feature).
     pub faults: Faults,
@@ -390,6 +427,8 @@ pub struct TestAgent {
     /// Its clock, which tests move forward.
     pub clock: Arc<ShiftedClock>,
     nats_url: String,
+    /// The CA of the server's certificate, with TLS (`nats.ca_file`).
+    nats_ca_file: Option<PathBuf>,
     options_policy: String,
     linux_account: Option<String>,
     settings: String,
@@ -428,6 +467,17 @@ impl TestAgent {
             .expect("creating the account database");
         let state_dir = dir.path().join("state");
         let identity = enroll(orchestrator, &state_dir, &options.device_name).await;
+        let nkey_seed_file = match options.nkey_seed_file {
+            Some(path) => Some(path),
+            // The production way: a seed of its own, admitted as an operator would once enrolled.
+            None if nats.orchestrator_seed_file().is_some() => {
+                let path = dir.path().join("nats.nk");
+                let key = fleetlaps_orchestrator::nats_auth::ensure_seed_file(&path).expect("the agent's seed");
+                nats.admit_device(&identity.device_id, key);
+                Some(path)
+            }
+            None => None,
+        };
         Self {
             device_id: identity.device_id,
             state_dir,
@@ -435,11 +485,12 @@ impl TestAgent {
             accounts,
             clock: Arc::new(ShiftedClock::default()),
             nats_url: nats.url(),
+            nats_ca_file: nats.ca_file().map(Path::to_owned),
             options_policy: options.policy,
             linux_account: options.linux_account,
             settings: options.settings,
             extra_config: options.extra_config,
-            nkey_seed_file: options.nkey_seed_file,
+            nkey_seed_file,
             faults: options.faults,
             device_name: options.device_name,
             interval: options.processing_interval_secs,
@@ -464,11 +515,14 @@ impl TestAgent {
                 MANAGED_ACCOUNT.to_owned(),
             ),
         };
-        let nkey_line = self
+        let mut nkey_line = self
             .nkey_seed_file
             .as_ref()
-            .map(|path| format!("nkey_seed_file = \"{}\"", path.display()))
+            .map(|path| format!("nkey_seed_file = \"{}\"\n", path.display()))
             .unwrap_or_default();
+        if let Some(path) = &self.nats_ca_file {
+            nkey_line.push_str(&format!("ca_file = \"{}\"\n", path.display()));
+        }
         format!(
             r#"
 device_name = "{device_name}"
@@ -614,6 +668,12 @@ AdministratorAccountName = "{managed}"
         std::fs::copy(original.join("accounts"), dir.path().join("accounts")).expect("copying the account database");
         let state_dir = dir.path().join("state");
         crate::harness::copy_dir(&self.state_dir, &state_dir);
+        // A clone of the machine holds its NATS seed too.
+        let nkey_seed_file = self.nkey_seed_file.as_ref().map(|seed| {
+            let copy = dir.path().join("nats.nk");
+            std::fs::copy(seed, &copy).expect("copying the NATS seed");
+            copy
+        });
         Self {
             device_id: self.device_id.clone(),
             state_dir,
@@ -621,11 +681,12 @@ AdministratorAccountName = "{managed}"
             accounts: FileAccounts::new(dir.path().join("accounts")),
             clock: Arc::new(ShiftedClock::default()),
             nats_url: self.nats_url.clone(),
+            nats_ca_file: self.nats_ca_file.clone(),
             options_policy: self.options_policy.clone(),
             linux_account: None,
             settings: self.settings.clone(),
             extra_config: self.extra_config.clone(),
-            nkey_seed_file: self.nkey_seed_file.clone(),
+            nkey_seed_file,
             faults: self.faults.clone(),
             device_name: self.device_name.clone(),
             interval: self.interval,
@@ -890,7 +951,7 @@ pub async fn device_events(
 
 /// The payloads of the events stream's messages on `filter_subject`, oldest first.
 pub async fn stream_payloads(nats: &TestNats, filter_subject: &str) -> Vec<Vec<u8>> {
-    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = async_nats::jetstream::new(nats.client().await);
     let stream = jetstream
         .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
         .await

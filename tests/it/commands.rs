@@ -16,7 +16,7 @@ async fn an_offline_agent_runs_a_rotate_command_issued_while_it_was_down_exactly
     orchestrator.wait_for_passwords(&agent.device_id, 1).await;
 
     agent.stop().await;
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = jetstream::new(nats.client().await);
     let action = CommandAction::RotatePassword {
         reason: "suspected breach".to_owned(),
     };

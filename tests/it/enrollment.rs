@@ -298,7 +298,7 @@ async fn forged_events_are_quarantined_counted_listed_and_change_nothing() {
         .expect("readable")
         .expect("enrolled")
         .signing_key;
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = jetstream::new(nats.client().await);
 
     // Act 1: a backup for A, on A's subject, signed by a key that is not A's.
     let forged = backup_for(&orchestrator, &agent_a.device_id, 1_000);
@@ -360,7 +360,7 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
     let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
     agent.wait_until_has(&first).await;
     let subject = subject::device_event(&agent.device_id, EventKind::PasswordBackedUp);
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = jetstream::new(nats.client().await);
     let (payload, signature) = first_message(&jetstream, &subject).await;
     // Settled: the agent has sent everything, and the orchestrator has applied all of it.
     wait_until("the agent and the orchestrator are settled", TIMEOUT, || async {

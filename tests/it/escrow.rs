@@ -48,7 +48,7 @@ async fn agent_with_password(
 
 /// The device's password version as the centre published it last.
 async fn password_version(nats: &TestNats, device_id: &DeviceId) -> Option<CurrentPasswordVersion> {
-    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = async_nats::jetstream::new(nats.client().await);
     let stream = jetstream
         .get_stream(fleetlaps_proto::subject::PASSWORD_VERSIONS_STREAM)
         .await

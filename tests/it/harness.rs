@@ -1,5 +1,6 @@
-//! What every integration test needs: a real nats-server with JetStream per test, a poll-until
-//! helper, and logs that stay silent unless `TEST_LOG=1`.
+//! What every integration test needs: a real nats-server with JetStream per test, run the
+//! production way (the rendered nkey configuration of `fleetlaps-orchestrator nats-config`,
+//! optionally with TLS), a poll-until helper, and logs that stay silent unless `TEST_LOG=1`.
 //!
 //! The server is driven with `std::process`, not tokio, so it works from sync and async tests
 //! alike, and is stopped from `Drop` even when a test panics.
@@ -15,6 +16,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fleetlaps_orchestrator::nats_auth::{
+    self, DeviceUser, NkeyPublicKey, NkeySeed, ServerConfig, ServerTlsFiles, ensure_seed_file,
+};
+use fleetlaps_proto::ids::DeviceId;
 use tempfile::TempDir;
 
 /// How long a starting nats-server may take to accept connections.
@@ -49,20 +54,53 @@ pub struct TestNats {
     config: Option<ConfigRenderer>,
     /// Where the rendered config is written, inside `dir`.
     config_path: PathBuf,
+    /// The nkeys and TLS of a server started the production way ([`start`](Self::start)); `None`
+    /// for one started without authentication or with a test's own config.
+    auth: Option<Arc<HarnessAuth>>,
     /// Owns `store_dir` and `log_path`; held only to be removed on drop. Fields drop after
     /// `Drop::drop` has killed the server, so the directory is never removed under a running server.
     _dir: TempDir,
 }
 
 impl TestNats {
-    /// Starts a nats-server with JetStream and waits until it accepts connections.
+    /// Starts a nats-server with JetStream, configured the production way: the config
+    /// `fleetlaps-orchestrator nats-config` renders, with an nkey user for the orchestrator
+    /// ([`orchestrator_seed_file`](Self::orchestrator_seed_file)), one per device admitted with
+    /// [`admit_device`](Self::admit_device), and one unrestricted user for the tests' own
+    /// clients ([`client`](Self::client)); no anonymous user. Waits until it accepts connections.
     ///
     /// # Panics
     ///
     /// If `nats-server` is installed neither on `PATH` nor in `/usr/sbin`, or it does not accept
     /// connections within 10 s (the message then includes the end of its log).
     pub fn start() -> Self {
-        Self::start_configured(None)
+        Self::start_with(NatsOptions::default())
+    }
+
+    /// [`start`](Self::start) with TLS: the server presents a certificate for `127.0.0.1` issued
+    /// by a test CA ([`ca_file`](Self::ca_file)), and [`url`](Self::url) is `tls://`.
+    pub fn start_tls() -> Self {
+        Self::start_with(NatsOptions {
+            tls: true,
+            ..NatsOptions::default()
+        })
+    }
+
+    /// [`start`](Self::start) as `options` say.
+    pub fn start_with(options: NatsOptions) -> Self {
+        let binary = options.binary.unwrap_or_else(find_nats_server);
+        let auth = Arc::new(HarnessAuth::new(&binary, options.tls));
+        let renderer = {
+            let auth = Arc::clone(&auth);
+            ConfigRenderer(Arc::new(move |port, store_dir: &Path| auth.render(port, store_dir)))
+        };
+        Self::launch_new(binary, Some(renderer), Some(auth))
+    }
+
+    /// Starts a nats-server that admits anyone, from flags, as Debian's package runs by default:
+    /// only for tests of what the orchestrator does with no credentials (`insecure_nats`).
+    pub fn start_without_auth() -> Self {
+        Self::launch_new(find_nats_server(), None, None)
     }
 
     /// Starts a nats-server that runs from a config file (`nats-server -c`), such as one with
@@ -75,7 +113,80 @@ impl TestNats {
     ///
     /// As [`start`](Self::start); a config the server refuses shows in the log quoted.
     pub fn start_with_config(render: impl Fn(u16, &Path) -> String + Send + Sync + 'static) -> Self {
-        Self::start_configured(Some(ConfigRenderer(Arc::new(render))))
+        Self::launch_new(find_nats_server(), Some(ConfigRenderer(Arc::new(render))), None)
+    }
+
+    /// Adds a device's nkey user to the config of a server started with [`start`](Self::start)
+    /// and has the server reload it, as an operator enrolling the device would
+    /// (`nats-config --device`, then `systemctl reload nats-server`).
+    ///
+    /// # Panics
+    ///
+    /// If the server was not started with [`start`](Self::start), or does not reload.
+    pub fn admit_device(&self, device_id: &DeviceId, nkey: NkeyPublicKey) {
+        let auth = self
+            .auth
+            .as_ref()
+            .expect("admit_device needs a server started with TestNats::start");
+        auth.devices.lock().expect("not poisoned").push(DeviceUser {
+            device_id: device_id.clone(),
+            nkey,
+        });
+        self.reload();
+    }
+
+    /// The orchestrator's nkey seed file, for a server started with [`start`](Self::start).
+    pub fn orchestrator_seed_file(&self) -> Option<&Path> {
+        self.auth.as_ref().map(|auth| auth.orchestrator_seed.as_path())
+    }
+
+    /// The CA that issued the server's certificate, for a server started with TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.auth
+            .as_ref()
+            .and_then(|auth| auth.pki.as_ref())
+            .map(|pki| pki.ca_file.as_path())
+    }
+
+    /// A directory that lives as long as the server, for a test's seed files.
+    pub fn keys_dir(&self) -> Option<&Path> {
+        self.auth.as_ref().map(|auth| auth.dir.path())
+    }
+
+    /// A client for the test itself: on a server started with [`start`](Self::start), the
+    /// unrestricted test user (a stand-in for anyone who holds credentials to the stream);
+    /// otherwise anonymous.
+    pub async fn client(&self) -> async_nats::Client {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(auth) = &self.auth {
+            let seed = NkeySeed::read_file(&auth.test_user_seed).expect("the test user's seed");
+            options = options.nkey(seed.expose_secret().to_owned());
+            if let Some(pki) = &auth.pki {
+                options = options.add_root_certificates(pki.ca_file.clone()).require_tls(true);
+            }
+        }
+        options.connect(self.url()).await.expect("the test client connects")
+    }
+
+    /// Rewrites the config from its renderer and has the running server reload it (SIGHUP),
+    /// waiting until it has.
+    fn reload(&self) {
+        let renderer = self.config.as_ref().expect("a server started from a config file");
+        fs::write(&self.config_path, (renderer.0)(self.port, &self.store_dir)).expect("writing the nats-server config");
+        let child = self.child.as_ref().expect("reloading needs a running nats-server");
+        let reloads_before = count_in_log(&self.log_path, RELOADED);
+        let sent = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("running kill -HUP");
+        assert!(sent.success(), "kill -HUP nats-server failed");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while count_in_log(&self.log_path, RELOADED) == reloads_before {
+            if Instant::now() >= deadline {
+                self.panic_with_log("nats-server did not reload its config within 10 s");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Replaces the config with what `render` returns and has the running server reload it
@@ -92,27 +203,11 @@ impl TestNats {
             self.config.is_some(),
             "reload_config needs a nats-server started with start_with_config"
         );
-        let renderer = ConfigRenderer(Arc::new(render));
-        fs::write(&self.config_path, (renderer.0)(self.port, &self.store_dir)).expect("writing the nats-server config");
-        self.config = Some(renderer);
-        let child = self.child.as_ref().expect("reload_config needs a running nats-server");
-        let reloads_before = count_in_log(&self.log_path, RELOADED);
-        let sent = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .expect("running kill -HUP");
-        assert!(sent.success(), "kill -HUP nats-server failed");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while count_in_log(&self.log_path, RELOADED) == reloads_before {
-            if Instant::now() >= deadline {
-                self.panic_with_log("nats-server did not reload its config within 10 s");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.config = Some(ConfigRenderer(Arc::new(render)));
+        self.reload();
     }
 
-    fn start_configured(config: Option<ConfigRenderer>) -> Self {
-        let binary = find_nats_server();
+    fn launch_new(binary: PathBuf, config: Option<ConfigRenderer>, auth: Option<Arc<HarnessAuth>>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("fleetlaps-nats-")
             .tempdir()
@@ -125,6 +220,7 @@ impl TestNats {
             log_path: dir.path().join("nats.log"),
             config,
             config_path: dir.path().join("nats-server.conf"),
+            auth,
             _dir: dir,
         };
         let mut attempt = 1;
@@ -142,9 +238,15 @@ impl TestNats {
         }
     }
 
-    /// The URL to connect clients to: `nats://127.0.0.1:<port>`.
+    /// The URL to connect clients to: `nats://127.0.0.1:<port>`, or `tls://` with TLS.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.ca_file().is_some() { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's version as `nats-server --version` prints it, such as `v2.9.10`.
+    pub fn version(&self) -> String {
+        server_version(&self.binary)
     }
 
     /// The client port on 127.0.0.1, the same across restarts.
@@ -308,6 +410,149 @@ pub fn copy_dir(from: &Path, to: &Path) {
         .status()
         .expect("running cp");
     assert!(status.success(), "cp -a {} {} failed", from.display(), to.display());
+}
+
+/// How [`TestNats::start_with`] starts the server.
+#[derive(Debug, Default)]
+pub struct NatsOptions {
+    /// Serve TLS with a certificate from a test CA.
+    pub tls: bool,
+    /// Run this `nats-server` rather than the one on `PATH` (a newer one beside Debian's).
+    pub binary: Option<PathBuf>,
+}
+
+/// The keys, certificates and admitted devices of a server run the production way.
+#[derive(Debug)]
+struct HarnessAuth {
+    /// The orchestrator's seed file.
+    orchestrator_seed: PathBuf,
+    /// Its public key.
+    orchestrator_key: NkeyPublicKey,
+    /// The seed of the tests' own unrestricted user.
+    test_user_seed: PathBuf,
+    /// Its public key.
+    test_user_key: NkeyPublicKey,
+    /// Devices admitted so far; the config is rendered from them at each (re)start and reload.
+    devices: std::sync::Mutex<Vec<DeviceUser>>,
+    /// The server's version `(major, minor)`, which decides `sync_interval`.
+    server_version: (u64, u64),
+    /// The CA and the server certificate, with TLS.
+    pki: Option<TestPki>,
+    /// Holds the seed files.
+    dir: TempDir,
+}
+
+impl HarnessAuth {
+    fn new(binary: &Path, tls: bool) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-nats-keys-")
+            .tempdir()
+            .expect("a directory for the nkeys");
+        let orchestrator_seed = dir.path().join("orchestrator.nk");
+        let orchestrator_key = ensure_seed_file(&orchestrator_seed).expect("the orchestrator's seed");
+        let test_user_seed = dir.path().join("test-user.nk");
+        let test_user_key = ensure_seed_file(&test_user_seed).expect("the test user's seed");
+        let version = server_version(binary);
+        Self {
+            orchestrator_seed,
+            orchestrator_key,
+            test_user_seed,
+            test_user_key,
+            devices: std::sync::Mutex::new(Vec::new()),
+            server_version: nats_auth::parse_server_version(&version)
+                .unwrap_or_else(|| panic!("{} --version printed {version:?}", binary.display())),
+            pki: tls.then(TestPki::issue),
+            dir,
+        }
+    }
+
+    /// The renderer's config for this port and store, with the test user added: a user without
+    /// permissions, which nats-server allows everything.
+    fn render(&self, port: u16, store_dir: &Path) -> String {
+        let text = ServerConfig {
+            listen: format!("127.0.0.1:{port}"),
+            store_dir: store_dir.to_owned(),
+            server_version: self.server_version,
+            tls: self.pki.as_ref().map(|pki| ServerTlsFiles {
+                cert_file: pki.cert_file.clone(),
+                key_file: pki.key_file.clone(),
+            }),
+            limits: nats_auth::ServerLimits::default(),
+            orchestrator: self.orchestrator_key.clone(),
+            devices: self.devices.lock().expect("not poisoned").clone(),
+        }
+        .render()
+        .expect("the config renders");
+        let end = text
+            .rfind("  ]\n}")
+            .expect("the rendered config ends with the users list");
+        format!(
+            "{}\n    # The tests' own client: no permissions, so everything is allowed.\n    {{ nkey: \"{}\" }}\n{}",
+            &text[..end],
+            self.test_user_key,
+            &text[end..]
+        )
+    }
+}
+
+/// A test CA and a server certificate it issued for `localhost` and `127.0.0.1`, as PEM files.
+#[derive(Debug)]
+pub struct TestPki {
+    /// The CA's certificate: what clients trust.
+    pub ca_file: PathBuf,
+    /// The server's certificate followed by the CA's.
+    pub cert_file: PathBuf,
+    /// The server's key, 0600.
+    pub key_file: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestPki {
+    /// Makes a CA and issues a server certificate with it.
+    pub fn issue() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fleetlaps test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let server_key = rcgen::KeyPair::generate().expect("server key");
+        let mut server_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("server params");
+        server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let server = server_params.signed_by(&server_key, &ca).expect("server certificate");
+
+        let ca_file = dir.path().join("ca.pem");
+        let cert_file = dir.path().join("server.pem");
+        let key_file = dir.path().join("server.key");
+        fs::write(&ca_file, ca.pem()).expect("writing ca.pem");
+        fs::write(&cert_file, format!("{}{}", server.pem(), ca.pem())).expect("writing server.pem");
+        fs::write(&key_file, server_key.serialize_pem()).expect("writing server.key");
+        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o600)).expect("chmod server.key");
+        Self {
+            ca_file,
+            cert_file,
+            key_file,
+            _dir: dir,
+        }
+    }
+}
+
+/// What `<binary> --version` prints, trimmed (`nats-server: v2.9.10` gives `v2.9.10`).
+fn server_version(binary: &Path) -> String {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|err| panic!("running {} --version: {err}", binary.display()));
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Renders a nats-server config file from the port and the store directory.

@@ -10,10 +10,7 @@ use crate::harness::{TestNats, init_tracing};
 const STREAM: &str = "SMOKE";
 
 async fn connect(nats: &TestNats) -> jetstream::Context {
-    let client = async_nats::connect(nats.url())
-        .await
-        .expect("connecting to the test nats-server");
-    jetstream::new(client)
+    jetstream::new(nats.client().await)
 }
 
 fn accepts_connections(port: u16) -> bool {

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::apps::{READ_TOKEN, TestOrchestrator, binary, run, trusting_client};
-use crate::harness::{TestNats, init_tracing};
+use crate::harness::{TestNats, TestPki, init_tracing};
 
 /// An orchestrator started from a config whose `[http]` section the test chooses, with no tokens:
 /// a 401 is answer enough to show the API was reached.
@@ -32,9 +32,10 @@ impl Served {
         init_tracing();
         let data_dir = tempfile::tempdir().expect("tempdir");
         let config = fleetlaps_orchestrator::Config::from_toml(&format!(
-            "data_dir = \"{}\"\n[nats]\nurl = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{http}",
+            "data_dir = \"{}\"\n[nats]\nurl = \"{}\"\nnkey_seed_file = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n{http}",
             data_dir.path().display(),
-            nats.url()
+            nats.url(),
+            nats.orchestrator_seed_file().expect("an authenticated server").display(),
         ))
         .expect("test config is valid");
         let app = fleetlaps_orchestrator::App::build(config)
@@ -72,50 +73,6 @@ impl Drop for Served {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
-        }
-    }
-}
-
-/// A test CA and a server certificate it issued for `localhost` and `127.0.0.1`, as PEM files.
-struct TestPki {
-    /// The CA's certificate: what clients trust.
-    ca_file: PathBuf,
-    /// The server's certificate followed by the CA's.
-    cert_file: PathBuf,
-    /// The server's key, 0600.
-    key_file: PathBuf,
-    _dir: TempDir,
-}
-
-impl TestPki {
-    fn issue() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "fleetlaps test CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().expect("CA key"))
-            .expect("CA certificate");
-        let server_key = rcgen::KeyPair::generate().expect("server key");
-        let mut server_params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("server params");
-        server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let server = server_params.signed_by(&server_key, &ca).expect("server certificate");
-
-        let ca_file = dir.path().join("ca.pem");
-        let cert_file = dir.path().join("server.pem");
-        let key_file = dir.path().join("server.key");
-        std::fs::write(&ca_file, ca.pem()).expect("writing ca.pem");
-        std::fs::write(&cert_file, format!("{}{}", server.pem(), ca.pem())).expect("writing server.pem");
-        std::fs::write(&key_file, server_key.serialize_pem()).expect("writing server.key");
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod server.key");
-        Self {
-            ca_file,
-            cert_file,
-            key_file,
-            _dir: dir,
         }
     }
 }
@@ -300,7 +257,7 @@ async fn a_config_asking_for_neither_tls_nor_plain_http_stops_the_orchestrator_n
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\n[nats]\nurl = \"nats://127.0.0.1:1\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            "data_dir = \"{}\"\ninsecure_nats = true\n[nats]\nurl = \"nats://127.0.0.1:1\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().join("data").display()
         ),
     )

@@ -159,6 +159,7 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
         .await
         .expect("JetStream acknowledges device A's own event");
     let publisher = Publisher::connect(ConnectSettings {
+        ca_file: None,
         url: &nats.url(),
         ack_timeout: DENIED_WAIT,
         device_id: &device_a,
@@ -429,6 +430,10 @@ fn server_config(
         ServerConfig {
             listen: format!("127.0.0.1:{port}"),
             store_dir: store_dir.to_owned(),
+            server_version: fleetlaps_orchestrator::nats_auth::installed_server_version()
+                .expect("nats-server's version"),
+            tls: None,
+            limits: fleetlaps_orchestrator::nats_auth::ServerLimits::default(),
             orchestrator: orchestrator.clone(),
             devices: devices.clone(),
         }

@@ -89,7 +89,7 @@ async fn restarting_the_orchestrator_duplicates_nothing_and_a_deleted_projection
 async fn malformed_events_are_counted_quarantined_acked_and_do_not_stop_the_consumer() {
     let nats = TestNats::start();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
-    let client = async_nats::connect(nats.url()).await.expect("connects");
+    let client = nats.client().await;
     let jetstream = jetstream::new(client);
     for payload in [&b"not json at all"[..], br#"{"schema":1,"password":"hunter2"}"#] {
         jetstream
@@ -135,7 +135,7 @@ fn digest(dir: &std::path::Path) -> String {
 
 /// Waits until the orchestrator has folded in every message of the events stream.
 async fn wait_for_the_whole_stream(nats: &TestNats, orchestrator: &TestOrchestrator) {
-    let jetstream = jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = jetstream::new(nats.client().await);
     let mut stream = jetstream
         .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
         .await

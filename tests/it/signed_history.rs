@@ -21,7 +21,7 @@ use crate::harness::{TestNats, wait_until};
 /// Publishes `payload` on `subject` as any client of the test NATS could, with a
 /// `Fleetlaps-Signature` header when `signature` is given, and waits for JetStream's ack.
 async fn publish(nats: &TestNats, subject: String, payload: Vec<u8>, signature: Option<String>) {
-    let jetstream = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connects"));
+    let jetstream = async_nats::jetstream::new(nats.client().await);
     let mut headers = HeaderMap::new();
     if let Some(signature) = signature {
         headers.insert(SIGNATURE_HEADER, signature.as_str());

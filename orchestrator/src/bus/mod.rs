@@ -3,6 +3,7 @@
 //! Boundary: this is the only module of the orchestrator that knows async-nats.
 
 mod commands;
+mod connection;
 mod consumer;
 mod history;
 mod journal;
@@ -10,8 +11,9 @@ mod password_versions;
 mod stream;
 
 pub use commands::{ensure_commands_stream, issue_command, send_command};
+pub use connection::{NatsFacts, NatsStatus, connect, durability_of};
 pub use consumer::{BusError, Consumer, ConsumerParts};
 pub use history::{History, HistoryMessage, HistoryReader, last_audit_event};
 pub use journal::{JetStreamJournal, Journal};
 pub use password_versions::{ensure_password_versions_stream, publish_password_version};
-pub use stream::{connect, ensure_events_stream};
+pub use stream::ensure_events_stream;

@@ -1,32 +1,13 @@
 //! The event stream: created when missing, checked when present.
 
-use std::path::Path;
-
 use async_nats::jetstream::{self, stream};
 use fleetlaps_proto::subject;
 
 use super::BusError;
-use crate::nats_auth::NkeySeed;
-
-/// Connects to NATS, authenticating with the nkey in `nkey_seed_file` when one is given, and
-/// returns a JetStream context. Replies come on the shared `_INBOX`, which only the orchestrator's
-/// NATS user may read.
-pub async fn connect(url: &str, nkey_seed_file: Option<&Path>) -> Result<jetstream::Context, BusError> {
-    let mut options = async_nats::ConnectOptions::new().name("fleetlaps-orchestrator");
-    if let Some(path) = nkey_seed_file {
-        let seed = NkeySeed::read_file(path)?;
-        tracing::info!(nkey = %seed.public_key(), "connecting to NATS as this nkey user");
-        options = options.nkey(seed.expose_secret().to_owned());
-    }
-    let client = options.connect(url).await.map_err(|err| BusError::Connect {
-        url: url.to_owned(),
-        source: err.into(),
-    })?;
-    Ok(jetstream::new(client))
-}
 
 /// Creates the events stream if it does not exist; if it does, checks that it holds the
-/// subjects the orchestrator consumes and keeps messages for ever.
+/// subjects the orchestrator consumes and keeps messages for ever, and brings a stream made by
+/// an older version up to date (the audit subjects, the maximum message size).
 pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stream::Stream, BusError> {
     let config = stream::Config {
         name: subject::EVENTS_STREAM.to_owned(),
@@ -37,6 +18,8 @@ pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stre
         deny_delete: true,
         deny_purge: true,
         duplicate_window: std::time::Duration::from_secs(120),
+        // JetStream refuses a larger message; the events are small (see `MAX_EVENT_BYTES`).
+        max_message_size: subject::MAX_EVENT_BYTES,
         ..Default::default()
     };
     let wanted_subjects = config.subjects.clone();
@@ -63,6 +46,19 @@ pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stre
             .await
             .map_err(|err| BusError::Stream { source: err.into() })?;
         tracing::info!(subjects = ?info.config.subjects, "events stream subjects updated");
+    }
+    // A stream made before the bound existed takes any size: bound it. Existing messages stay.
+    if info.config.max_message_size <= 0 || info.config.max_message_size > subject::MAX_EVENT_BYTES {
+        let mut updated = info.config.clone();
+        updated.max_message_size = subject::MAX_EVENT_BYTES;
+        info = jetstream
+            .update_stream(updated)
+            .await
+            .map_err(|err| BusError::Stream { source: err.into() })?;
+        tracing::info!(
+            max_message_size = info.config.max_message_size,
+            "events stream message size bounded"
+        );
     }
     if !wanted_subjects
         .iter()

@@ -75,6 +75,8 @@ pub struct AppState {
     /// Enrollments recorded by this process but not yet folded in, per enrollment token: counted
     /// with the projections' uses, so concurrent enrollments never exceed a token's `maxUses`.
     pub enrollments_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::audit::TokenId, u32>>>,
+    /// The NATS connection, as `/healthz` reports it (server version, durability, TLS).
+    pub nats: crate::bus::NatsStatus,
 }
 
 impl AppState {

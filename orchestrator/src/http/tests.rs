@@ -191,6 +191,7 @@ impl Fixture {
             rotate_requests: Arc::default(),
             policy: None,
             enrollments_in_flight: Arc::default(),
+            nats: crate::bus::NatsStatus::detached(),
         };
         let mut fixture = Self {
             _dir: dir,
@@ -377,7 +378,11 @@ async fn health_and_the_escrow_public_key_need_no_token() {
     let fixture = Fixture::new();
     let health = fixture.get("/healthz", None).await;
     assert_eq!(health.status, StatusCode::OK);
-    assert_eq!(health.body, serde_json::json!({"status": "ok"}));
+    assert_eq!(health.body["status"], "ok");
+    // No server behind the fixture: the version is unknown, and so is the durability.
+    assert_eq!(health.body["nats"]["serverVersion"], "unknown");
+    assert_eq!(health.body["nats"]["authenticated"], true);
+    assert!(health.body["nats"].get("warning").is_none());
     let key = fixture.get("/fleetlaps/v1/escrow-public-key", None).await;
     assert_eq!(key.status, StatusCode::OK);
     assert_eq!(

@@ -151,3 +151,59 @@ fn a_file_without_a_user_seed_is_refused_without_quoting_it() {
     assert!(err.to_string().contains("does not hold a user nkey seed"), "{err}");
     assert!(!err.to_string().contains("secret"), "{err}");
 }
+
+#[test]
+fn sync_interval_always_is_rendered_only_for_servers_that_know_it() {
+    let mut config = ServerConfig::example();
+    config.server_version = (2, 9);
+    let old = config.render().expect("renders");
+    assert!(!old.contains("sync_interval"), "{old}");
+    assert!(
+        old.contains("acknowledges a message before it writes it to disk"),
+        "{old}"
+    );
+    config.server_version = (2, 10);
+    assert!(config.render().expect("renders").contains("  sync_interval: always\n"));
+    config.server_version = (3, 0);
+    assert!(config.render().expect("renders").contains("  sync_interval: always\n"));
+}
+
+#[test]
+fn tls_and_limits_are_rendered() {
+    let mut config = ServerConfig::example();
+    let with_tls = config.render().expect("renders");
+    assert!(
+        with_tls.contains(
+            "tls {\n  cert_file: \"/etc/nats-server/tls/server.pem\"\n  key_file: \"/etc/nats-server/tls/server-key.pem\"\n"
+        ),
+        "{with_tls}"
+    );
+    assert!(with_tls.contains(&format!("max_payload: {DEFAULT_MAX_PAYLOAD}\n")));
+    assert!(with_tls.contains(&format!("max_connections: {DEFAULT_MAX_CONNECTIONS}\n")));
+    assert!(with_tls.contains(&format!("max_subscriptions: {MAX_SUBSCRIPTIONS_PER_CONNECTION}\n")));
+    assert!(with_tls.contains(&format!("  max_file_store: {DEFAULT_MAX_FILE_STORE_BYTES}\n")));
+    // The server's limit leaves room for the stream to refuse an oversized event itself.
+    assert!(i64::from(DEFAULT_MAX_PAYLOAD) > i64::from(subject::MAX_EVENT_BYTES));
+    config.tls = None;
+    let without = config.render().expect("renders");
+    assert!(!without.contains("tls {"), "{without}");
+    config.tls = Some(ServerTlsFiles {
+        cert_file: PathBuf::from("/a\"b"),
+        key_file: PathBuf::from("/k"),
+    });
+    assert!(matches!(
+        config.render(),
+        Err(NatsAuthError::InvalidSetting {
+            setting: "tls cert_file",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn server_versions_parse_from_what_nats_server_prints() {
+    assert_eq!(parse_server_version("v2.9.10"), Some((2, 9)));
+    assert_eq!(parse_server_version("2.10"), Some((2, 10)));
+    assert_eq!(parse_server_version("2"), None);
+    assert_eq!(parse_server_version("two.ten"), None);
+}
