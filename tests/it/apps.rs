@@ -796,6 +796,11 @@ AdministratorAccountName = "{managed}"
         .await;
     }
 
+    /// The nkey seed file the agent connects to NATS with, if any.
+    pub fn nkey_seed_file(&self) -> Option<&Path> {
+        self.nkey_seed_file.as_deref()
+    }
+
     /// Whether `password` is the managed account's password right now.
     pub fn has_password(&self, password: &Password) -> bool {
         if let Some(user) = &self.linux_account {

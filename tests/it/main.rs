@@ -24,6 +24,7 @@ mod https;
 pub mod linux;
 mod linux_account;
 mod nats_permissions;
+mod nats_security;
 mod post_authentication;
 mod resilience;
 mod rollback;
