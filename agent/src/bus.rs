@@ -85,6 +85,11 @@ impl Publisher {
             // The line an operator enrols the device from: `--device <device_id>=<nkey>`.
             tracing::info!(%device_id, nkey = %seed.public_key(), "connecting to NATS as this device's nkey user");
             options = options.nkey(seed.expose_secret().to_owned());
+        } else {
+            tracing::warn!(
+                "no nats.nkey_seed_file: connecting to NATS without credentials, which only a server that admits \
+                 anyone accepts"
+            );
         }
         let client = options
             .name("fleetlaps-agent")
