@@ -504,7 +504,8 @@ tls {{
         } = self.limits;
         Ok(format!(
             "{HEADER}
-# Rendered for nats-server {major}.{minor}.
+# Rendered for nats-server {major}.{minor} (nats-config --server-version, else what
+# `nats-server --version` says); a server older than the file is for refuses to start with it.
 
 # Clients connect here.
 listen: {listen}
