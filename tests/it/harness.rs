@@ -148,9 +148,9 @@ impl TestNats {
             .map(|pki| pki.ca_file.as_path())
     }
 
-    /// A directory that lives as long as the server, for a test's seed files.
-    pub fn keys_dir(&self) -> Option<&Path> {
-        self.auth.as_ref().map(|auth| auth.dir.path())
+    /// The config file the server runs with, when it runs from one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_ref().map(|_| self.config_path.as_path())
     }
 
     /// A client for the test itself: on a server started with [`start`](Self::start), the
@@ -439,7 +439,7 @@ struct HarnessAuth {
     /// The CA and the server certificate, with TLS.
     pki: Option<TestPki>,
     /// Holds the seed files.
-    dir: TempDir,
+    _dir: TempDir,
 }
 
 impl HarnessAuth {
@@ -462,7 +462,7 @@ impl HarnessAuth {
             server_version: nats_auth::parse_server_version(&version)
                 .unwrap_or_else(|| panic!("{} --version printed {version:?}", binary.display())),
             pki: tls.then(TestPki::issue),
-            dir,
+            _dir: dir,
         }
     }
 

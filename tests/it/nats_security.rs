@@ -210,7 +210,7 @@ async fn a_newer_nats_server_takes_the_config_with_sync_interval_always_and_a_ro
     });
     let version = parse_server_version(&nats.version()).expect("a version");
     assert!(version >= (2, 10), "{}", nats.version());
-    let config = std::fs::read_to_string(nats.log_path().with_file_name("nats-server.conf")).expect("the config");
+    let config = std::fs::read_to_string(nats.config_path().expect("a config file")).expect("the config");
     assert!(config.contains("  sync_interval: always\n"), "{config}");
     let orchestrator = TestOrchestrator::spawn(&nats).await;
 
@@ -244,7 +244,7 @@ async fn healthz_says_which_durability_the_running_nats_server_gives() {
     // Arrange: the nats-server on PATH (Debian's 2.9 in CI).
     let nats = TestNats::start();
     let version = parse_server_version(&nats.version()).expect("a version");
-    let config = std::fs::read_to_string(nats.log_path().with_file_name("nats-server.conf")).expect("the config");
+    let config = std::fs::read_to_string(nats.config_path().expect("a config file")).expect("the config");
 
     // Act
     let orchestrator = TestOrchestrator::spawn(&nats).await;
