@@ -17,7 +17,7 @@ use fleetlaps_proto::subject;
 use serde_json::Value;
 
 use crate::apps::{NatsAccess, TestAgent, TestOrchestrator, run};
-use crate::harness::{NatsOptions, TestNats, captured_logs, wait_until};
+use crate::harness::{NatsOptions, TestNats, captured_logs};
 
 /// How long anything that should happen may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -101,14 +101,11 @@ async fn an_agent_and_the_orchestrator_complete_a_rotation_over_tls() {
     let agent = TestAgent::spawn(&nats, &orchestrator).await;
 
     // Assert: the rotation completes, and the password the API gives is the account's.
-    wait_until("the account holds the backed-up password", TIMEOUT, || async {
-        let passwords = orchestrator.passwords(&agent.device_id).await;
-        passwords
-            .first()
-            .is_some_and(|newest| agent.has_password(newest))
-            .then_some(())
-    })
-    .await;
+    let newest = orchestrator
+        .wait_for_passwords(&agent.device_id, 1)
+        .await
+        .swap_remove(0);
+    agent.wait_until_has(&newest).await;
     let health: Value = orchestrator.get("/healthz", None).await.json().await.expect("json");
     assert_eq!(health["nats"]["tls"], true, "{health}");
     assert_eq!(health["nats"]["authenticated"], true, "{health}");
@@ -218,14 +215,11 @@ async fn a_newer_nats_server_takes_the_config_with_sync_interval_always_and_a_ro
     let agent = TestAgent::spawn(&nats, &orchestrator).await;
 
     // Assert: the rotation completes, and /healthz names the version and what it supports.
-    wait_until("the account holds the backed-up password", TIMEOUT, || async {
-        let passwords = orchestrator.passwords(&agent.device_id).await;
-        passwords
-            .first()
-            .is_some_and(|newest| agent.has_password(newest))
-            .then_some(())
-    })
-    .await;
+    let newest = orchestrator
+        .wait_for_passwords(&agent.device_id, 1)
+        .await
+        .swap_remove(0);
+    agent.wait_until_has(&newest).await;
     let health: Value = orchestrator.get("/healthz", None).await.json().await.expect("json");
     assert_eq!(
         health["nats"]["serverVersion"].as_str(),
