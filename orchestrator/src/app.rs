@@ -17,6 +17,7 @@ use crate::auth::TokenStore;
 use crate::bus::{self, Consumer, JetStreamJournal};
 use crate::config::{ApiTransport, Config};
 use crate::data_dir::DataDirLock;
+use crate::health::Health;
 use crate::http::{self, AppState, TlsListener};
 use crate::key_ceremony;
 use crate::metrics::Metrics;
@@ -64,7 +65,7 @@ impl App {
         let metrics = Metrics::new();
 
         let (jetstream, nats) = bus::connect(&config).await?;
-        let stream = bus::ensure_events_stream(&jetstream).await?;
+        let mut stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
         bus::ensure_password_versions_stream(&jetstream).await?;
         // Before anything is served: the keys must be the ones the history names, the orchestrator
@@ -73,16 +74,28 @@ impl App {
         let signing_key = orchestrator_key::open(&config, &history).await?;
         let escrow = key_ceremony::open_keyring(&config, &history, &signing_key).await?;
         let escrow = Arc::new(escrow);
+        // Measured after the key checks, which may have recorded events: the projections hold
+        // authority once they have folded everything on the stream now.
+        let start_horizon = bus::last_sequence(&mut stream).await?;
+        let health = Arc::new(Health::new(start_horizon, projections.clone(), metrics.clone()));
+        if health.authority().is_err() {
+            tracing::info!(
+                applied = projections.applied_sequence(),
+                start_horizon,
+                "the projections are behind the history: tokens are refused (503) until they catch up"
+            );
+        }
         let consumer = Consumer::bind(
-            &jetstream,
             &stream,
             &config.nats.consumer,
+            &jetstream,
             bus::ConsumerParts {
                 projections: projections.clone(),
                 metrics: metrics.clone(),
                 escrow: Arc::clone(&escrow),
                 recovery_public_key: escrow_recovery_public_key,
                 signing_key: Arc::clone(&signing_key),
+                health: Arc::clone(&health),
             },
         )
         .await?;
@@ -109,6 +122,7 @@ impl App {
             enrollments_in_flight: Arc::default(),
             metrics,
             nats,
+            health,
         };
         Ok(Self {
             http_listener,
@@ -192,7 +206,11 @@ impl App {
             .with_graceful_shutdown(cancel.clone().cancelled_owned());
         tasks.spawn(async move { metrics.await.context("serving metrics") });
         let consumer_cancel = cancel.clone();
-        tasks.spawn(async move { self.consumer.run(consumer_cancel).await.context("consuming events") });
+        tasks.spawn(async move {
+            // A failing batch is retried and reported in /healthz, never the end of the API.
+            self.consumer.run(consumer_cancel).await;
+            Ok(())
+        });
 
         // Stop at the signal, or as soon as any task fails.
         let mut outcome = Ok(());

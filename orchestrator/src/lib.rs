@@ -15,6 +15,8 @@
 //! - [`projection`]: devices, credentials and quarantine, folded from events into sled.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
+//! - [`health`]: whether the projections may be trusted yet (caught up since start) and whether
+//!   the consumer works.
 //! - [`nats_auth`]: the nats-server configuration (a user per device) and nkey seed files.
 //! - [`client`]: the API client behind `lapsctl`.
 
@@ -25,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod data_dir;
 pub mod escrow;
+pub mod health;
 pub mod http;
 pub mod key_ceremony;
 pub mod metrics;

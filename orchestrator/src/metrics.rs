@@ -38,6 +38,13 @@ pub const EVENTS_OUT_OF_ORDER_TOTAL: &str = "fleetlaps_events_out_of_order_total
 /// Backups answered to their devices, by outcome: `stored` or the refusal's reason.
 pub const BACKUPS_CONFIRMED_TOTAL: &str = "fleetlaps_backups_confirmed_total";
 
+/// Gauge: 1 while the consumer folds batches, 0 while a batch fails and is retried (a full disk,
+/// a sled error).
+pub const CONSUMER_HEALTHY: &str = "fleetlaps_consumer_healthy";
+/// Gauge: 1 once the projections reached the stream's last sequence at start (tokens are trusted
+/// from then on), 0 before.
+pub const PROJECTIONS_CAUGHT_UP: &str = "fleetlaps_projections_caught_up";
+
 /// The orchestrator's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -68,6 +75,10 @@ pub struct Metrics {
     pub events_out_of_order: IntCounter,
     /// See [`BACKUPS_CONFIRMED_TOTAL`].
     pub backups_confirmed: IntCounterVec,
+    /// See [`CONSUMER_HEALTHY`].
+    pub consumer_healthy: IntGauge,
+    /// See [`PROJECTIONS_CAUGHT_UP`].
+    pub projections_caught_up: IntGauge,
 }
 
 impl Metrics {
@@ -128,7 +139,18 @@ impl Metrics {
         )
         .expect("metric definition is valid");
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let consumer_healthy = IntGauge::new(
+            CONSUMER_HEALTHY,
+            "1 while the consumer folds batches, 0 while one fails.",
+        )
+        .expect("metric definition is valid");
+        let projections_caught_up = IntGauge::new(
+            PROJECTIONS_CAUGHT_UP,
+            "1 once the projections reached the stream's last sequence at start.",
+        )
+        .expect("metric definition is valid");
+
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(events_applied.clone()),
             Box::new(events_duplicate.clone()),
             Box::new(events_quarantined.clone()),
@@ -142,6 +164,8 @@ impl Metrics {
             Box::new(device_clones_detected.clone()),
             Box::new(events_out_of_order.clone()),
             Box::new(backups_confirmed.clone()),
+            Box::new(consumer_healthy.clone()),
+            Box::new(projections_caught_up.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric is registered once");
@@ -175,6 +199,8 @@ impl Metrics {
             device_clones_detected,
             events_out_of_order,
             backups_confirmed,
+            consumer_healthy,
+            projections_caught_up,
         }
     }
 

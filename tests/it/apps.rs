@@ -157,8 +157,16 @@ impl TestOrchestrator {
     }
 
     /// Starts an orchestrator reaching NATS as `nats` says, on `data_dir`, with `extra_config`
-    /// as top-level config lines; the error is `App::build`'s.
+    /// as top-level config lines, and waits until it is healthy (its projections caught up with
+    /// the stream); the error is `App::build`'s.
     pub async fn try_spawn(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
+        let orchestrator = Self::try_start(nats, data_dir, extra_config).await?;
+        orchestrator.wait_until_healthy().await;
+        Ok(orchestrator)
+    }
+
+    /// [`Self::try_spawn`] without waiting for health: it serves, but may still be catching up.
+    pub async fn try_start(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
         init_tracing();
         let (nats_lines, insecure_line) = nats.orchestrator_lines();
         let text = format!(
@@ -245,12 +253,34 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// Stops it (if running) and tries to start it again on the same data directory; on an
     /// error it stays stopped, and may be tried again.
     pub async fn try_restart(&mut self) -> anyhow::Result<()> {
+        self.restart_without_waiting().await?;
+        self.wait_until_healthy().await;
+        Ok(())
+    }
+
+    /// Stops it and starts it again on the same data directory, without waiting for its
+    /// projections to catch up (to watch what it does meanwhile).
+    pub async fn restart_without_waiting(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let started = Self::try_spawn(self.nats.clone(), &self.data_dir, &self.extra_config).await?;
+        let started = Self::try_start(self.nats.clone(), &self.data_dir, &self.extra_config).await?;
         let dir = self._dir.take();
         *self = started;
         self._dir = dir;
         Ok(())
+    }
+
+    /// Waits until `/healthz` answers 200: the projections have caught up with the stream as it
+    /// was at start, and the consumer folds.
+    pub async fn wait_until_healthy(&self) {
+        wait_until(
+            "the orchestrator is healthy (/healthz 200)",
+            Duration::from_secs(60),
+            || async {
+                let response = self.get("/healthz", None).await;
+                (response.status() == reqwest::StatusCode::OK).then_some(())
+            },
+        )
+        .await;
     }
 
     /// Runs the `lapsctl` binary against this orchestrator (`--url`, and `--ca` with its

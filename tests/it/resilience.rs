@@ -148,3 +148,104 @@ async fn wait_for_the_whole_stream(nats: &TestNats, orchestrator: &TestOrchestra
     )
     .await;
 }
+
+/// A tmpfs mounted for one test (the test runs as root, like the Linux account tests); unmounted
+/// when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-small-disk-")
+            .tempdir()
+            .expect("tempdir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Self { dir }
+    }
+
+    /// Writes a file until the disk is full; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut file = std::fs::File::create(&path).expect("creating the filler");
+        let chunk = vec![0_u8; 1 << 20];
+        loop {
+            if let Err(err) = file.write_all(&chunk).and_then(|()| file.sync_all()) {
+                assert_eq!(err.raw_os_error(), Some(28), "the disk is full (ENOSPC): {err}");
+                return path;
+            }
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_leaves_the_api_up_and_reported_unhealthy_and_a_restart_with_room_catches_up() {
+    // Arrange: the data directory on a small disk, and an orchestrator serving from it.
+    let nats = TestNats::start();
+    let disk = SmallDisk::mount("64m");
+    let data_dir = disk.dir.path().join("data");
+    let mut orchestrator = TestOrchestrator::spawn_in(&nats, &data_dir).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+
+    // Act: fill the disk, then give the consumer something to write.
+    let filler = disk.fill();
+    let jetstream = jetstream::new(nats.client().await);
+    let mut last = 0;
+    for n in 0..500 {
+        last = jetstream
+            .publish(format!("laps.events.disk-{n}.noise"), vec![b'x'; 2048].into())
+            .await
+            .expect("published")
+            .await
+            .expect("stored")
+            .sequence;
+    }
+
+    // Assert: reported unhealthy, with the cause, while the API still serves what it holds.
+    let health = wait_until(
+        "/healthz reports the failing consumer",
+        Duration::from_secs(60),
+        || async {
+            let response = orchestrator.get("/healthz", None).await;
+            let body: serde_json::Value = response.json().await.ok()?;
+            (body["status"] == "unhealthy").then_some(body)
+        },
+    )
+    .await;
+    let error = health["projections"]["consumerError"].as_str().unwrap_or_default();
+    assert!(error.contains("No space left on device"), "{health}");
+    assert_eq!(orchestrator.metric("fleetlaps_consumer_healthy").await, 0.0);
+    assert_eq!(
+        orchestrator.passwords(&agent.device_id).await.len(),
+        1,
+        "a password is still read"
+    );
+
+    // Act: make room, and restart (sled keeps its first write error until it is reopened).
+    std::fs::remove_file(filler).expect("removing the filler");
+    orchestrator.restart().await;
+
+    // Assert: healthy, and everything published is folded.
+    assert_eq!(orchestrator.metric("fleetlaps_consumer_healthy").await, 1.0);
+    wait_until("the projections fold what waited", Duration::from_secs(60), || async {
+        (orchestrator.metric("fleetlaps_projection_last_sequence").await >= last as f64).then_some(())
+    })
+    .await;
+}

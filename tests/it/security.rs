@@ -267,3 +267,96 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     .await;
     assert_eq!(still_refused.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuild() {
+    // Arrange: a token, twenty thousand messages, then its revocation: a rebuild folds the
+    // token's creation long before its revocation.
+    let nats = TestNats::start();
+    let mut orchestrator = TestOrchestrator::spawn(&nats).await;
+    let created = send(
+        &orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        ADMIN_TOKEN,
+        Some(json!({"name": "departed", "scopes": ["Audit.Read.All"]})),
+    )
+    .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.expect("json");
+    let token = created["token"].as_str().expect("the token").to_owned();
+    let id = created["id"].as_str().expect("an id").to_owned();
+    let jetstream = async_nats::jetstream::new(nats.client().await);
+    for chunk in 0..20 {
+        let mut acks = Vec::new();
+        for n in 0..1_000 {
+            let ack = jetstream
+                .publish(
+                    format!("laps.events.filler-{chunk}.noise"),
+                    format!("not an event {n}").into(),
+                )
+                .await
+                .expect("published");
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.expect("stored");
+        }
+    }
+    let revoked = send(
+        &orchestrator,
+        reqwest::Method::DELETE,
+        &format!("/v1.0/fleetlaps/tokens/{id}"),
+        ADMIN_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    orchestrator.stop().await;
+    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
+
+    // Act: start on the empty projections and use the revoked token while they are rebuilt.
+    orchestrator
+        .restart_without_waiting()
+        .await
+        .expect("orchestrator starts");
+    let statuses = std::sync::Mutex::new(Vec::new());
+    let settled = wait_until(
+        "the rebuild ends and the token is refused as revoked",
+        Duration::from_secs(120),
+        || async {
+            let status = send(
+                &orchestrator,
+                reqwest::Method::GET,
+                "/v1.0/fleetlaps/auditEvents?$top=1",
+                &token,
+                None,
+            )
+            .await
+            .status();
+            statuses.lock().expect("not poisoned").push(status);
+            (status == StatusCode::UNAUTHORIZED).then_some(status)
+        },
+    )
+    .await;
+
+    // Assert: never let in; refused with 503 while catching up, then as revoked.
+    let statuses = statuses.into_inner().expect("not poisoned");
+    assert_eq!(settled, StatusCode::UNAUTHORIZED);
+    assert!(
+        !statuses.contains(&StatusCode::OK),
+        "the revoked token was let in during the rebuild: {statuses:?}"
+    );
+    assert!(
+        statuses.contains(&StatusCode::SERVICE_UNAVAILABLE),
+        "no request fell in the rebuild: {statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|status| [StatusCode::SERVICE_UNAVAILABLE, StatusCode::UNAUTHORIZED].contains(status)),
+        "{statuses:?}"
+    );
+    orchestrator.wait_until_healthy().await;
+    assert_eq!(orchestrator.metric("fleetlaps_projections_caught_up").await, 1.0);
+}

@@ -6,6 +6,9 @@
 //! consumer's position differs from it (the sled directory was deleted, or a crash fell between
 //! the flush and the ack), the consumer is recreated to deliver from the sequence after it: that
 //! is how a deleted projection is rebuilt by replay.
+//! Failure: a batch the projections cannot take is not acknowledged; the consumer reports it in
+//! [`Health`], pauses, re-binds at the projections' position and tries again. It never stops the
+//! orchestrator.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -22,6 +25,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::escrow::EscrowKeyring;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::projection::{Outcome, ProjectionError, Projections, StreamMessage};
 
@@ -92,6 +96,12 @@ pub struct Consumer {
     recovery_public_key: Option<EscrowPublicKey>,
     /// Signs the clone reports this consumer records on the history.
     signing_key: Arc<OrchestratorSigningKey>,
+    /// The stream, to re-bind the consumer after a failure.
+    stream: stream::Stream,
+    /// The durable consumer's name.
+    name: String,
+    /// Where failures and recoveries are reported.
+    health: Arc<Health>,
 }
 
 /// What the consumer needs besides the stream: where to fold, what to count, which keys.
@@ -106,19 +116,73 @@ pub struct ConsumerParts {
     pub recovery_public_key: Option<EscrowPublicKey>,
     /// The orchestrator's key, which signs the clone reports recorded on the history.
     pub signing_key: Arc<OrchestratorSigningKey>,
+    /// Where the consumer reports failing and folding again.
+    pub health: Arc<Health>,
+}
+
+/// The durable consumer `name` on `stream`, delivering from the message after `last_applied`:
+/// the existing one if it stands exactly there, else a new one (the old is deleted).
+async fn open_at(
+    stream: &stream::Stream,
+    name: &str,
+    last_applied: u64,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+    let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
+        name: name.to_owned(),
+        source,
+    };
+    if let Ok(mut consumer) = stream.get_consumer::<pull::Config>(name).await {
+        let info = consumer.info().await.map_err(|err| consumer_error(err.into()))?;
+        if info.ack_floor.stream_sequence == last_applied && info.delivered.stream_sequence == last_applied {
+            return Ok(consumer);
+        }
+        tracing::info!(
+            consumer = name,
+            ack_floor = info.ack_floor.stream_sequence,
+            last_applied,
+            "consumer and projections differ; replaying from the projections' position"
+        );
+        stream
+            .delete_consumer(name)
+            .await
+            .map_err(|err| consumer_error(err.into()))?;
+    }
+    let deliver_policy = if last_applied == 0 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: last_applied + 1,
+        }
+    };
+    let config = pull::Config {
+        durable_name: Some(name.to_owned()),
+        deliver_policy,
+        ack_policy: jetstream::consumer::AckPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        // Every subject of the stream: devices' events and the orchestrator's own.
+        ..Default::default()
+    };
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|err| consumer_error(err.into()))
 }
 
 /// Messages fetched at once; one flush and one acknowledgement cover them all.
 const BATCH_SIZE: usize = 256;
 /// How long one fetch waits for messages before the loop looks at the shutdown signal again.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// The pause after the first failed batch; it doubles with each failure in a row.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts at a failing batch.
+const LAST_RETRY_PAUSE: Duration = Duration::from_secs(30);
 
 impl Consumer {
     /// Binds the durable consumer `name` on `stream` at the projections' position.
     pub async fn bind(
-        jetstream: &jetstream::Context,
         stream: &stream::Stream,
         name: &str,
+        jetstream: &jetstream::Context,
         parts: ConsumerParts,
     ) -> Result<Self, BusError> {
         let ConsumerParts {
@@ -127,59 +191,10 @@ impl Consumer {
             escrow,
             recovery_public_key,
             signing_key,
+            health,
         } = parts;
-        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
-            name: name.to_owned(),
-            source,
-        };
         let last_applied = projections.last_applied_sequence()?;
-        let existing = match stream.get_consumer::<pull::Config>(name).await {
-            Ok(mut consumer) => {
-                let info = consumer.info().await.map_err(|err| consumer_error(err.into()))?;
-                let in_step =
-                    info.ack_floor.stream_sequence == last_applied && info.delivered.stream_sequence == last_applied;
-                if in_step {
-                    Some(consumer)
-                } else {
-                    tracing::info!(
-                        consumer = name,
-                        ack_floor = info.ack_floor.stream_sequence,
-                        last_applied,
-                        "consumer and projections differ; replaying from the projections' position"
-                    );
-                    stream
-                        .delete_consumer(name)
-                        .await
-                        .map_err(|err| consumer_error(err.into()))?;
-                    None
-                }
-            }
-            Err(_) => None,
-        };
-        let consumer = match existing {
-            Some(consumer) => consumer,
-            None => {
-                let deliver_policy = if last_applied == 0 {
-                    jetstream::consumer::DeliverPolicy::All
-                } else {
-                    jetstream::consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: last_applied + 1,
-                    }
-                };
-                let config = pull::Config {
-                    durable_name: Some(name.to_owned()),
-                    deliver_policy,
-                    ack_policy: jetstream::consumer::AckPolicy::All,
-                    ack_wait: Duration::from_secs(30),
-                    // Every subject of the stream: devices' events and the orchestrator's own.
-                    ..Default::default()
-                };
-                stream
-                    .create_consumer(config)
-                    .await
-                    .map_err(|err| consumer_error(err.into()))?
-            }
-        };
+        let consumer = open_at(stream, name, last_applied).await?;
         metrics
             .projection_last_sequence
             .set(i64::try_from(last_applied).unwrap_or(i64::MAX));
@@ -190,33 +205,68 @@ impl Consumer {
             projections,
             metrics,
             consumer,
+            stream: stream.clone(),
+            name: name.to_owned(),
             jetstream: jetstream.clone(),
             escrow,
             recovery_public_key,
             signing_key,
+            health,
         })
     }
 
-    /// Consumes until `shutdown` is cancelled. NATS trouble is logged and retried; a projection
-    /// failure stops the loop with an error, leaving the batch unacknowledged for redelivery.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+    /// Consumes until `shutdown` is cancelled. Nothing stops it: NATS trouble is retried, and a
+    /// batch the projections cannot take (a full disk, a sled error) is left unacknowledged,
+    /// reported in [`Health`], and retried from the projections' position with a growing pause,
+    /// while the API keeps serving.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut pause = FIRST_RETRY_PAUSE;
         loop {
             let batch = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => return,
                 batch = self.fetch() => batch,
             };
-            match batch {
-                Ok(messages) if messages.is_empty() => {}
-                Ok(messages) => self.process(messages).await?,
+            let failed = match batch {
+                Ok(messages) if messages.is_empty() => None,
+                Ok(messages) => self.process(messages).await.err(),
                 Err(err) => {
                     tracing::warn!(error = %err, "fetching events failed; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
+                    Some(BusError::Consumer {
+                        name: self.name.clone(),
+                        source: err,
+                    })
                 }
+            };
+            let Some(err) = failed else {
+                self.health.consumer_succeeded();
+                pause = FIRST_RETRY_PAUSE;
+                continue;
+            };
+            tracing::error!(
+                error = %err,
+                details = ?err,
+                retry_in_secs = pause.as_secs(),
+                "the consumer failed; the batch stays unacknowledged and is retried"
+            );
+            self.health.consumer_failed(&err);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(LAST_RETRY_PAUSE);
+            if let Err(err) = self.reopen().await {
+                tracing::warn!(error = %err, "re-binding the consumer at the projections' position failed; retrying");
+                self.health.consumer_failed(&err);
             }
         }
+    }
+
+    /// Re-binds the durable consumer at the projections' position, so the messages of a failed
+    /// batch that were not folded are delivered again now rather than after the ack wait.
+    async fn reopen(&mut self) -> Result<(), BusError> {
+        let last_applied = self.projections.last_applied_sequence()?;
+        self.consumer = open_at(&self.stream, &self.name, last_applied).await?;
+        Ok(())
     }
 
     async fn fetch(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {

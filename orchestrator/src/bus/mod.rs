@@ -16,4 +16,4 @@ pub use consumer::{BusError, Consumer, ConsumerParts};
 pub use history::{History, HistoryMessage, HistoryReader, last_audit_event};
 pub use journal::{JetStreamJournal, Journal};
 pub use password_versions::{ensure_password_versions_stream, publish_password_version};
-pub use stream::ensure_events_stream;
+pub use stream::{ensure_events_stream, last_sequence};

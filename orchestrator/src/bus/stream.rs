@@ -80,3 +80,13 @@ pub async fn ensure_events_stream(jetstream: &jetstream::Context) -> Result<stre
     }
     Ok(stream)
 }
+
+/// The stream's last sequence now; 0 when it holds no message. The projections must reach the
+/// value read at start before the API trusts them ([`crate::health`]).
+pub async fn last_sequence(stream: &mut stream::Stream) -> Result<u64, BusError> {
+    let info = stream
+        .info()
+        .await
+        .map_err(|err| BusError::Stream { source: err.into() })?;
+    Ok(info.state.last_sequence)
+}

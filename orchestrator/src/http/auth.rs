@@ -34,6 +34,9 @@ impl FromRequestParts<AppState> for Authenticated {
             .ok()
             .and_then(bearer_token)
             .ok_or(ApiError::MalformedToken)?;
+        // A token is looked up in the projections: not before they have caught up, or a token
+        // revoked on the history could still pass.
+        state.health.authority()?;
         Ok(Self(state.tokens.authenticate(token, chrono::Utc::now())??))
     }
 }

@@ -190,6 +190,8 @@ pub(super) async fn enroll(
     })?;
     let public_key =
         DevicePublicKey::parse(&request.public_key).map_err(|err| ApiError::BadRequest(format!("publicKey: {err}")))?;
+    // The token's uses and revocation live in the projections: not trusted before they caught up.
+    state.health.authority()?;
     let token_id = reserve(&state, &auth::token_sha256(token))?;
     let device_id = DeviceId::new_random();
     tracing::Span::current().record("device_id", tracing::field::display(&device_id));

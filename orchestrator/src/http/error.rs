@@ -64,6 +64,10 @@ pub enum ApiError {
     /// A command could not be sent to the device.
     #[error("the command could not be sent to the device; try again later")]
     CommandUnavailable(#[source] BusError),
+    /// The projections have not yet caught up with the history since start, so no token is
+    /// trusted yet (a revoked one could still look valid).
+    #[error("{0}")]
+    CatchingUp(#[from] crate::health::CatchingUp),
     /// The history recorded the change but the projections did not show it in time.
     #[error("the change is recorded but not yet visible; read it again shortly")]
     NotYetVisible,
@@ -111,7 +115,7 @@ impl ApiError {
             }
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not a 500: the caller's request was fine, and the message says so.
-            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => {
+            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -134,7 +138,9 @@ impl ApiError {
                 "Request_ResourceNotFound"
             }
             Self::Throttled { .. } => "TooManyRequests",
-            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => "ServiceUnavailable",
+            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
+                "ServiceUnavailable"
+            }
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => "InternalServerError",
         }
     }
@@ -159,11 +165,22 @@ impl IntoResponse for ApiError {
             (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
         } else if let Self::Throttled { retry_after_secs, .. } = self {
             (status, [(header::RETRY_AFTER, retry_after_secs.to_string())], body).into_response()
+        } else if let Self::CatchingUp(_) = self {
+            (
+                status,
+                [(header::RETRY_AFTER, CATCHING_UP_RETRY_AFTER_SECS.to_string())],
+                body,
+            )
+                .into_response()
         } else {
             (status, body).into_response()
         }
     }
 }
+
+/// The `Retry-After` of a request refused while the projections catch up: short, since a
+/// rebuild folds thousands of events a second.
+pub(super) const CATCHING_UP_RETRY_AFTER_SECS: u64 = 2;
 
 /// The fallback for paths no route matches.
 pub(super) async fn no_route(uri: Uri) -> ApiError {

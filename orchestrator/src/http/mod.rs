@@ -77,6 +77,8 @@ pub struct AppState {
     pub enrollments_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::audit::TokenId, u32>>>,
     /// The NATS connection, as `/healthz` reports it (server version, durability, TLS).
     pub nats: crate::bus::NatsStatus,
+    /// Whether the projections may be trusted yet, and whether the consumer works.
+    pub health: Arc<crate::health::Health>,
 }
 
 impl AppState {

@@ -180,18 +180,22 @@ impl Fixture {
             held: std::sync::Mutex::default(),
             signing_key: OrchestratorSigningKey::generate(),
         });
+        let metrics = Metrics::new();
+        // A fresh stream: the projections hold authority from the start.
+        let health = Arc::new(crate::health::Health::new(0, projections.clone(), metrics.clone()));
         let state = AppState {
             projections,
             escrow: Arc::new(crate::escrow::EscrowKeyring::generate()),
             escrow_recovery_public_key: None,
             tokens: Arc::new(tokens),
-            metrics: Metrics::new(),
+            metrics,
             journal: journal.clone(),
             rotate_min_interval: std::time::Duration::from_secs(300),
             rotate_requests: Arc::default(),
             policy: None,
             enrollments_in_flight: Arc::default(),
             nats: crate::bus::NatsStatus::detached(),
+            health,
         };
         let mut fixture = Self {
             _dir: dir,
@@ -1203,4 +1207,100 @@ async fn an_enrollment_the_projections_show_late_keeps_its_use_reserved_until_th
     let third = enroll("host-3").await;
     third.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
     assert!(third.message().contains("used up"), "{}", third.body);
+}
+
+#[tokio::test]
+async fn no_token_is_trusted_until_the_projections_reach_the_streams_last_sequence_at_start() {
+    let mut fixture = Fixture::new();
+    let applied = fixture.state.projections.applied_sequence();
+    // As after a restart on a stream two messages ahead of the projections.
+    fixture.state.health = Arc::new(crate::health::Health::new(
+        applied + 2,
+        fixture.state.projections.clone(),
+        fixture.state.metrics.clone(),
+    ));
+    let refused = fixture
+        .get(super::device_local_credentials::LIST_PATH, Some(READ_ALL_TOKEN))
+        .await;
+    refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+    assert!(refused.message().contains("catching up"), "{}", refused.body);
+    assert_eq!(
+        refused.headers[header::RETRY_AFTER],
+        super::error::CATCHING_UP_RETRY_AFTER_SECS.to_string()
+    );
+    let enrollment = fixture
+        .send(
+            Request::builder()
+                .method("POST")
+                .uri(super::enrollment::ENROLL_PATH)
+                .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
+                .body(Body::from(
+                    serde_json::json!({
+                        "publicKey": DeviceSigningKey::generate().public_key().to_string(),
+                        "deviceName": "late-host"
+                    })
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    enrollment.assert_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+    let health = fixture.get("/healthz", None).await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.body["status"], "catching_up");
+    assert_eq!(health.body["projections"]["startSequence"], applied + 2);
+
+    // The fold reaches the horizon: from then on the same token is trusted.
+    fixture.fold_audit(AuditEvent::EnrollmentTokenCreated(EnrollmentTokenCreated {
+        token_id: TokenId::new(),
+        name: "filler-1".to_owned(),
+        max_uses: 1,
+        expires_at: Utc::now() + chrono::Duration::days(1),
+        token_sha256: crate::auth::token_sha256("fle_filler_1"),
+        created_by: "fixture".to_owned(),
+    }));
+    fixture
+        .get(super::device_local_credentials::LIST_PATH, Some(READ_ALL_TOKEN))
+        .await
+        .assert_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+    fixture.fold_audit(AuditEvent::EnrollmentTokenCreated(EnrollmentTokenCreated {
+        token_id: TokenId::new(),
+        name: "filler-2".to_owned(),
+        max_uses: 1,
+        expires_at: Utc::now() + chrono::Duration::days(1),
+        token_sha256: crate::auth::token_sha256("fle_filler_2"),
+        created_by: "fixture".to_owned(),
+    }));
+    let trusted = fixture
+        .get(super::device_local_credentials::LIST_PATH, Some(READ_ALL_TOKEN))
+        .await;
+    assert_eq!(trusted.status, StatusCode::OK, "{}", trusted.body);
+    assert_eq!(fixture.get("/healthz", None).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_failing_consumer_leaves_the_api_up_and_healthz_unhealthy_until_it_folds_again() {
+    let fixture = Fixture::new();
+    let failure = std::io::Error::other("No space left on device (os error 28)");
+    fixture.state.health.consumer_failed(&failure);
+    let health = fixture.get("/healthz", None).await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health.body["status"], "unhealthy");
+    assert!(
+        health.body["projections"]["consumerError"]
+            .as_str()
+            .is_some_and(|error| error.contains("No space left")),
+        "{}",
+        health.body
+    );
+    assert_eq!(fixture.state.metrics.consumer_healthy.get(), 0);
+    // The API still answers from what the projections hold.
+    let read = fixture
+        .get(super::device_local_credentials::LIST_PATH, Some(READ_ALL_TOKEN))
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    fixture.state.health.consumer_succeeded();
+    let health = fixture.get("/healthz", None).await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(health.body["projections"].get("consumerError").is_none());
 }

@@ -216,6 +216,11 @@ impl Projections {
             .is_ok_and(|seen| seen.is_ok())
     }
 
+    /// The stream sequence of the last message folded in, from memory (no read of the store).
+    pub fn applied_sequence(&self) -> u64 {
+        *self.position.borrow()
+    }
+
     /// The stream sequence of the last message folded in; 0 for a new store.
     pub fn last_applied_sequence(&self) -> Result<u64, ProjectionError> {
         Ok(self.tree.get(LAST_SEQUENCE_KEY)?.map_or(0, |bytes| decode_u64(&bytes)))
