@@ -112,7 +112,10 @@ impl App {
             escrow_recovery_public_key,
             tokens: Arc::new(TokenStore::new(
                 &config.tokens,
-                config.bootstrap_admin_token.as_ref(),
+                config
+                    .bootstrap_admin_token
+                    .as_ref()
+                    .map(|token| (token, config.bootstrap_admin_token_expires_at)),
                 projections.clone(),
             )),
             journal: Arc::new(JetStreamJournal::new(jetstream.clone(), signing_key)),
@@ -123,6 +126,7 @@ impl App {
             metrics,
             nats,
             health,
+            token_issuance: Arc::default(),
         };
         Ok(Self {
             http_listener,

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TokenConfig;
-use crate::projection::{ProjectionError, Projections};
+use crate::projection::{ProjectionError, Projections, TokenKind, TokenUnusable};
 
 /// The prefix of tokens the orchestrator makes, so they can be recognised (by secret scanners too).
 pub const TOKEN_PREFIX: &str = "flp_";
@@ -45,11 +45,13 @@ pub enum Scope {
     AuditRead,
     /// Manage tokens.
     Admin,
+    /// Give a token scopes the creator does not hold.
+    TokenGrant,
 }
 
 impl Scope {
     /// Every scope.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::DeviceRead,
         Self::ReadBasic,
         Self::ReadPasswords,
@@ -57,6 +59,7 @@ impl Scope {
         Self::BreachDeclare,
         Self::AuditRead,
         Self::Admin,
+        Self::TokenGrant,
     ];
 
     /// The scope's name.
@@ -69,6 +72,7 @@ impl Scope {
             Self::BreachDeclare => api::SCOPE_BREACH_DECLARE,
             Self::AuditRead => api::SCOPE_AUDIT_READ,
             Self::Admin => api::SCOPE_ADMIN,
+            Self::TokenGrant => api::SCOPE_TOKEN_GRANT,
         }
     }
 
@@ -93,7 +97,8 @@ impl Scope {
     }
 
     /// Whether holding `self` grants `wanted`: reading passwords includes reading their
-    /// metadata, as in Graph. `Admin` manages tokens; it does not include the other scopes.
+    /// metadata, as in Graph. `Admin` manages tokens; it does not include the other scopes, and
+    /// `Token.Grant` grants only itself.
     pub fn grants(self, wanted: Self) -> bool {
         self == wanted || (self == Self::ReadPasswords && wanted == Self::ReadBasic)
     }
@@ -110,8 +115,9 @@ impl fmt::Display for Scope {
 pub struct Principal {
     /// The token's holder: what the audit records.
     pub name: String,
-    /// The token's id, for tokens made through the API.
-    pub token_id: Option<TokenId>,
+    /// The token's id: the API's for tokens made through it, [`static_token_id`] for the
+    /// config's and the bootstrap admin's.
+    pub token_id: TokenId,
     /// What it may do.
     pub scopes: Vec<Scope>,
 }
@@ -120,6 +126,13 @@ impl Principal {
     /// Whether any of the principal's scopes grants `wanted`.
     pub fn has(&self, wanted: Scope) -> bool {
         self.scopes.iter().any(|scope| scope.grants(wanted))
+    }
+
+    /// Whether the principal may create a token holding `scope`: one it holds itself, or any
+    /// with `Token.Grant`. So an `Admin` without `DeviceLocalCredential.Read.All` cannot make
+    /// itself a token that reads passwords.
+    pub fn may_grant(&self, scope: Scope) -> bool {
+        self.has(Scope::TokenGrant) || self.has(scope)
     }
 }
 
@@ -155,35 +168,47 @@ pub struct TokenStore {
 pub const BOOTSTRAP_ADMIN: &str = "bootstrap-admin";
 
 impl TokenStore {
-    /// The config's tokens (already validated), the bootstrap admin token if given, and the
-    /// tokens the projections hold.
-    pub fn new(tokens: &[TokenConfig], bootstrap_admin: Option<&SecretString>, projections: Projections) -> Self {
+    /// The config's tokens (already validated), the bootstrap admin token and its expiry if
+    /// given, and the tokens the projections hold.
+    pub fn new(
+        tokens: &[TokenConfig],
+        bootstrap_admin: Option<(&SecretString, Option<DateTime<Utc>>)>,
+        projections: Projections,
+    ) -> Self {
         let mut statics: Vec<StaticToken> = tokens
             .iter()
             .filter_map(|token| {
+                let digest = parse_digest(&token.token_sha256)?;
                 Some(StaticToken {
-                    digest: parse_digest(&token.token_sha256)?,
+                    digest,
                     principal: Principal {
                         name: token.name.clone(),
-                        token_id: None,
+                        token_id: static_token_id(&digest),
                         scopes: token.scopes.iter().filter_map(|name| Scope::from_name(name)).collect(),
                     },
                     expires_at: token.expires_at,
                 })
             })
             .collect();
-        if let Some(token) = bootstrap_admin {
+        if let Some((token, expires_at)) = bootstrap_admin {
+            let digest = digest(token.expose_secret());
             statics.push(StaticToken {
-                digest: digest(token.expose_secret()),
+                digest,
                 principal: Principal {
                     name: BOOTSTRAP_ADMIN.to_owned(),
-                    token_id: None,
-                    scopes: vec![Scope::Admin],
+                    token_id: static_token_id(&digest),
+                    scopes: vec![Scope::Admin, Scope::TokenGrant],
                 },
-                expires_at: None,
+                expires_at,
             });
         }
         Self { statics, projections }
+    }
+
+    /// The names of the config's tokens and the bootstrap admin's, which tokens made through the
+    /// API may not take.
+    pub fn static_names(&self) -> impl Iterator<Item = &str> {
+        self.statics.iter().map(|entry| entry.principal.name.as_str())
     }
 
     /// The principal holding `token` at `now`.
@@ -208,21 +233,40 @@ impl TokenStore {
         }
         // A lookup by digest: timing can reveal at most something about the digest of a
         // 256-bit random value, which helps no one guess a token.
-        let Some(record) = self.projections.token_by_digest(&hex(&presented))? else {
+        // An enrollment token is not an API token, whatever it is presented as.
+        let Some(record) = self
+            .projections
+            .token_by_digest(&hex(&presented))?
+            .filter(|record| record.kind == TokenKind::Api)
+        else {
             return Ok(Err(AuthError::Unknown));
         };
-        if let Some(revoked) = record.revoked_at {
-            return Ok(Err(AuthError::Revoked(revoked)));
-        }
-        if let Some(expiry) = record.expires_at.filter(|expiry| *expiry <= now) {
-            return Ok(Err(AuthError::Expired(expiry)));
+        match record.usable_at(now) {
+            Ok(()) => {}
+            Err(TokenUnusable::Revoked(at)) => return Ok(Err(AuthError::Revoked(at))),
+            // An API token has no use count.
+            Err(TokenUnusable::Expired(at)) => return Ok(Err(AuthError::Expired(at))),
+            // An API token has no use count; were one ever given, used up is not valid.
+            Err(TokenUnusable::UsedUp { .. }) => return Ok(Err(AuthError::Unknown)),
         }
         Ok(Ok(Principal {
             name: record.name,
-            token_id: Some(record.token_id),
+            token_id: record.token_id,
             scopes: record.scopes.iter().filter_map(|name| Scope::from_name(name)).collect(),
         }))
     }
+}
+
+/// The id of a token from the config (or the bootstrap admin's), by its SHA-256: stable across
+/// restarts, so the audit names the same token each time, without revealing its digest.
+pub fn static_token_id(token_sha256: &[u8; 32]) -> TokenId {
+    let mut hasher = Sha256::new();
+    hasher.update(b"fleetlaps static token id\n");
+    hasher.update(token_sha256);
+    let derived: [u8; 32] = hasher.finalize().into();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&derived[..16]);
+    TokenId::derived(id)
 }
 
 /// A fresh API token: the prefix and 32 random bytes, URL-safe base64.
@@ -281,7 +325,7 @@ mod tests {
     fn store(dir: &tempfile::TempDir, tokens: &[TokenConfig], bootstrap: Option<&str>) -> TokenStore {
         let projections = Projections::open(&dir.path().join("db")).expect("opens");
         let bootstrap = bootstrap.map(|token| SecretString::from(token.to_owned()));
-        TokenStore::new(tokens, bootstrap.as_ref(), projections)
+        TokenStore::new(tokens, bootstrap.as_ref().map(|token| (token, None)), projections)
     }
 
     #[test]
@@ -290,6 +334,7 @@ mod tests {
         assert!(!Scope::ReadBasic.grants(Scope::ReadPasswords));
         for scope in Scope::ALL {
             assert_eq!(Scope::Admin.grants(scope), scope == Scope::Admin, "{scope}");
+            assert_eq!(Scope::TokenGrant.grants(scope), scope == Scope::TokenGrant, "{scope}");
             assert_eq!(Scope::from_name(scope.as_str()), Some(scope));
         }
     }
@@ -331,7 +376,51 @@ mod tests {
         let admin = store.authenticate("boot", now).expect("store").expect("bootstrap");
         assert_eq!(
             (admin.name.as_str(), admin.scopes.as_slice()),
-            (BOOTSTRAP_ADMIN, &[Scope::Admin][..])
+            (BOOTSTRAP_ADMIN, &[Scope::Admin, Scope::TokenGrant][..])
+        );
+        // Static tokens have stable ids of their own.
+        let again = store.authenticate("t0ken", now).expect("store").expect("known");
+        assert_eq!(principal.token_id, again.token_id);
+        assert_ne!(principal.token_id, admin.token_id);
+    }
+
+    #[test]
+    fn a_principal_grants_only_scopes_it_holds_unless_it_holds_token_grant() {
+        let admin = Principal {
+            name: "admin".to_owned(),
+            token_id: TokenId::new(),
+            scopes: vec![Scope::Admin, Scope::ReadPasswords],
+        };
+        assert!(admin.may_grant(Scope::ReadPasswords));
+        assert!(admin.may_grant(Scope::ReadBasic), "Read.All includes ReadBasic");
+        assert!(!admin.may_grant(Scope::Rotate));
+        assert!(!admin.may_grant(Scope::TokenGrant));
+        let granter = Principal {
+            scopes: vec![Scope::Admin, Scope::TokenGrant],
+            ..admin
+        };
+        for scope in Scope::ALL {
+            assert!(granter.may_grant(scope), "{scope}");
+        }
+    }
+
+    #[test]
+    fn the_bootstrap_admin_token_expires_when_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let projections = Projections::open(&dir.path().join("db")).expect("opens");
+        let token = SecretString::from("a-bootstrap-admin-token".to_owned());
+        let expiry = Utc::now();
+        let store = TokenStore::new(&[], Some((&token, Some(expiry))), projections);
+        assert_eq!(
+            store
+                .authenticate("a-bootstrap-admin-token", expiry - chrono::Duration::seconds(1))
+                .expect("store")
+                .map(|principal| principal.name),
+            Ok(BOOTSTRAP_ADMIN.to_owned())
+        );
+        assert_eq!(
+            store.authenticate("a-bootstrap-admin-token", expiry).expect("store"),
+            Err(AuthError::Expired(expiry))
         );
     }
 

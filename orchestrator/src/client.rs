@@ -32,10 +32,6 @@ const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
 const CLIENT_NAME: &str = "lapsctl";
 /// The collection's path, relative to the base URL.
 const COLLECTION_PATH: &str = "v1.0/directory/deviceLocalCredentials";
-/// The tokens' path, relative to the base URL.
-const TOKENS_PATH: &str = "v1.0/fleetlaps/tokens";
-/// The enrollment tokens' path, relative to the base URL.
-const ENROLLMENT_TOKENS_PATH: &str = "v1.0/fleetlaps/enrollmentTokens";
 /// The quarantine's path, relative to the base URL.
 const QUARANTINE_PATH: &str = "v1.0/fleetlaps/quarantine";
 /// The audit history's path, relative to the base URL.
@@ -44,6 +40,39 @@ const AUDIT_PATH: &str = "v1.0/fleetlaps/auditEvents";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound on next links followed for one listing, against a server that never stops paging.
 const MAX_PAGES: usize = 1000;
+
+/// One kind of hashed token as the API serves it: the same create, list and revoke on its own
+/// collection, with its own request and answer shapes.
+pub trait TokenResource {
+    /// The collection's path, relative to the base URL.
+    const PATH: &'static str;
+    /// What creating one asks for.
+    type Request: serde::Serialize;
+    /// The answer to a creation: the token, shown this once, and its info.
+    type Created: DeserializeOwned;
+    /// One token as listed.
+    type Info: DeserializeOwned;
+}
+
+/// API tokens (`/v1.0/fleetlaps/tokens`).
+pub enum ApiTokens {}
+
+impl TokenResource for ApiTokens {
+    const PATH: &'static str = "v1.0/fleetlaps/tokens";
+    type Request = TokenRequest;
+    type Created = CreatedToken;
+    type Info = TokenInfo;
+}
+
+/// Enrollment tokens (`/v1.0/fleetlaps/enrollmentTokens`).
+pub enum EnrollmentTokens {}
+
+impl TokenResource for EnrollmentTokens {
+    const PATH: &'static str = "v1.0/fleetlaps/enrollmentTokens";
+    type Request = EnrollmentTokenRequest;
+    type Created = CreatedEnrollmentToken;
+    type Info = EnrollmentTokenInfo;
+}
 
 /// A client of one orchestrator's API, with one bearer token.
 pub struct ApiClient {
@@ -329,47 +358,24 @@ impl ApiClient {
             })
     }
 
-    /// Creates a token; the answer holds the token, which the server never shows again.
-    pub async fn create_token(&self, request: &TokenRequest) -> Result<CreatedToken, ClientError> {
-        let url = self.url(TOKENS_PATH)?;
+    /// Creates a token of kind `K`; the answer holds the token, which the server never shows
+    /// again.
+    pub async fn create_token<K: TokenResource>(&self, request: &K::Request) -> Result<K::Created, ClientError> {
+        let url = self.url(K::PATH)?;
         let body = serde_json::to_value(request).expect("a token request serialises");
         let (_, body, display_url, status) = self.send(Method::POST, url, Some(&body)).await?;
         decode(&body, display_url, status)
     }
 
-    /// Every token made through the API.
-    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
-        let page: ODataCollection<TokenInfo> = self.get_json(self.url(TOKENS_PATH)?).await?;
+    /// Every token of kind `K` made through the API, without secrets.
+    pub async fn tokens<K: TokenResource>(&self) -> Result<Vec<K::Info>, ClientError> {
+        let page: ODataCollection<K::Info> = self.get_json(self.url(K::PATH)?).await?;
         Ok(page.value)
     }
 
-    /// Revokes a token.
-    pub async fn revoke_token(&self, token_id: &str) -> Result<(), ClientError> {
-        let url = self.url(&format!("{TOKENS_PATH}/{token_id}"))?;
-        self.send(Method::DELETE, url, None).await?;
-        Ok(())
-    }
-
-    /// Creates an enrollment token; the answer holds it, shown this once.
-    pub async fn create_enrollment_token(
-        &self,
-        request: &EnrollmentTokenRequest,
-    ) -> Result<CreatedEnrollmentToken, ClientError> {
-        let url = self.url(ENROLLMENT_TOKENS_PATH)?;
-        let body = serde_json::to_value(request).expect("an enrollment token request serialises");
-        let (_, body, display_url, status) = self.send(Method::POST, url, Some(&body)).await?;
-        decode(&body, display_url, status)
-    }
-
-    /// Every enrollment token, with its use count.
-    pub async fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenInfo>, ClientError> {
-        let page: ODataCollection<EnrollmentTokenInfo> = self.get_json(self.url(ENROLLMENT_TOKENS_PATH)?).await?;
-        Ok(page.value)
-    }
-
-    /// Revokes an enrollment token.
-    pub async fn revoke_enrollment_token(&self, token_id: &str) -> Result<(), ClientError> {
-        let url = self.url(&format!("{ENROLLMENT_TOKENS_PATH}/{token_id}"))?;
+    /// Revokes the token of kind `K` with this id.
+    pub async fn revoke_token<K: TokenResource>(&self, token_id: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("{}/{token_id}", K::PATH))?;
         self.send(Method::DELETE, url, None).await?;
         Ok(())
     }

@@ -47,6 +47,11 @@ pub struct Config {
     /// (`FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN`) to the file; it is hashed at start and never stored.
     #[serde(default)]
     pub bootstrap_admin_token: Option<SecretString>,
+    /// When the bootstrap admin token stops working (RFC 3339), if it should
+    /// (`FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN_EXPIRES_AT`). Removing `bootstrap_admin_token` from the
+    /// config refuses it from the next start on.
+    #[serde(default)]
+    pub bootstrap_admin_token_expires_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The LAPS policy sent to devices when they enroll, under LAPS names; it wins over a
     /// device's local `[policy]` (as LAPS's CSP policy wins over local configuration). Without
     /// it, devices keep their local policy.
@@ -376,6 +381,12 @@ impl Config {
             .is_some_and(|token| token.expose_secret().len() < 20)
         {
             anyhow::bail!("invalid config: bootstrap_admin_token: allowed: at least 20 characters");
+        }
+        if self.bootstrap_admin_token.is_none() && self.bootstrap_admin_token_expires_at.is_some() {
+            anyhow::bail!(
+                "invalid config: bootstrap_admin_token_expires_at is set but bootstrap_admin_token is not; allowed: \
+                 an expiry only for a bootstrap admin token"
+            );
         }
         if self.nats.consumer.is_empty()
             || !self

@@ -27,6 +27,10 @@ pub const SCOPE_AUDIT_READ: &str = "Audit.Read.All";
 /// Manages principals: creates, lists and revokes tokens and enrollment tokens; reads the
 /// quarantine.
 pub const SCOPE_ADMIN: &str = "Admin";
+/// Lets a token creator give scopes it does not hold itself. Without it, a principal with
+/// `Admin` may create tokens holding only scopes it holds (no escalation). The bootstrap admin
+/// token holds it, so it can hand out the first tokens.
+pub const SCOPE_TOKEN_GRANT: &str = "Token.Grant";
 
 /// The NATS header carrying a device event's Ed25519 signature (standard base64) over
 /// `subject + "\n" + payload`.

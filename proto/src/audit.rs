@@ -98,6 +98,9 @@ pub enum AuditKind {
 pub struct PasswordRead {
     /// Who read: the token's name.
     pub principal: String,
+    /// The id of the token that read (absent in events recorded before ids were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_token_id: Option<TokenId>,
     /// Whose passwords.
     pub device_id: DeviceId,
     /// Which credential versions were returned, newest first.
@@ -120,6 +123,13 @@ impl TokenId {
     /// A fresh token id.
     pub fn new() -> Self {
         Self(Uuid::now_v7())
+    }
+
+    /// The id of a token that is not made through the API (one in the config, the bootstrap
+    /// admin's), derived from the first 16 bytes of a digest of its SHA-256: stable across
+    /// restarts, so the audit names the same token each time, and revealing nothing of it.
+    pub fn derived(digest: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_custom_bytes(digest).into_uuid())
     }
 
     /// Parses a token id.
@@ -165,6 +175,9 @@ pub struct TokenCreated {
     pub token_sha256: String,
     /// Who created it.
     pub created_by: String,
+    /// The id of the token that created it (absent in events recorded before ids were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by_token_id: Option<TokenId>,
 }
 
 /// Body of [`AuditEvent::TokenRevoked`].
@@ -174,6 +187,9 @@ pub struct TokenRevoked {
     pub token_id: TokenId,
     /// Who revoked it.
     pub revoked_by: String,
+    /// The id of the token that revoked it (absent in events recorded before ids were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by_token_id: Option<TokenId>,
 }
 
 /// Body of [`AuditEvent::RotationRequested`].
@@ -185,6 +201,9 @@ pub struct RotationRequested {
     pub device_id: DeviceId,
     /// Who asked.
     pub principal: String,
+    /// The id of the token that asked (absent in events recorded before ids were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_token_id: Option<TokenId>,
     /// Why, when said.
     pub reason: Option<String>,
 }
@@ -204,6 +223,9 @@ pub struct EnrollmentTokenCreated {
     pub token_sha256: String,
     /// Who created it.
     pub created_by: String,
+    /// The id of the token that created it (absent in events recorded before ids were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by_token_id: Option<TokenId>,
 }
 
 /// Body of [`AuditEvent::EnrollmentTokenRevoked`].
@@ -213,6 +235,9 @@ pub struct EnrollmentTokenRevoked {
     pub token_id: TokenId,
     /// Who revoked it.
     pub revoked_by: String,
+    /// The id of the token that revoked it (absent in events recorded before ids were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by_token_id: Option<TokenId>,
 }
 
 /// Body of [`AuditEvent::DeviceEnrolled`].
@@ -414,6 +439,7 @@ mod tests {
             AuditEvent::TokenRevoked(TokenRevoked {
                 token_id: TokenId::new(),
                 revoked_by: "admin".to_owned(),
+                revoked_by_token_id: Some(TokenId::new()),
             }),
         );
         let json: serde_json::Value = serde_json::from_slice(&envelope.to_json()).expect("json");
@@ -423,5 +449,21 @@ mod tests {
         for kind in AuditKind::ALL {
             assert_eq!(AuditKind::from_name(kind.as_str()), Some(kind));
         }
+    }
+
+    #[test]
+    fn an_event_recorded_before_token_ids_reads_as_having_none() {
+        let old = br#"{"schema":1,"id":"0190a5c4-7d1e-7c3a-9f00-000000000001","time":"2026-01-01T00:00:00Z","kind":"password_read","body":{"principal":"helpdesk","device_id":"dev-1","rotation_ids":[],"reason":null,"client_name":null,"client_version":null,"source_address":null}}"#;
+        let envelope = AuditEnvelope::from_json(old).expect("an old event still reads");
+        let AuditEvent::PasswordRead(read) = envelope.event else {
+            panic!("a password read");
+        };
+        assert_eq!((read.principal.as_str(), read.principal_token_id), ("helpdesk", None));
+    }
+
+    #[test]
+    fn a_derived_token_id_is_stable_and_differs_by_digest() {
+        assert_eq!(TokenId::derived([7; 16]), TokenId::derived([7; 16]));
+        assert_ne!(TokenId::derived([7; 16]), TokenId::derived([8; 16]));
     }
 }

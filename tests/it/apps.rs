@@ -45,8 +45,9 @@ pub struct TestOrchestrator {
     pub data_dir: PathBuf,
     /// How it reaches NATS; kept across restarts.
     nats: NatsAccess,
-    /// Extra top-level config lines; kept across restarts.
-    extra_config: String,
+    /// The top-level config lines it was started with; a restart uses them again, so a test may
+    /// change them in between.
+    pub extra_config: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     /// Owns `data_dir` unless the test supplied one.
@@ -169,10 +170,19 @@ impl TestOrchestrator {
     pub async fn try_start(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
         init_tracing();
         let (nats_lines, insecure_line) = nats.orchestrator_lines();
+        // The test's own bootstrap admin token, when it names one, replaces the default.
+        let bootstrap_line = if extra_config
+            .lines()
+            .any(|line| line.trim_start().starts_with("bootstrap_admin_token ="))
+        {
+            String::new()
+        } else {
+            format!("bootstrap_admin_token = \"{ADMIN_TOKEN}\"")
+        };
         let text = format!(
             r#"
 data_dir = "{data_dir}"
-bootstrap_admin_token = "{ADMIN_TOKEN}"
+{bootstrap_line}
 {insecure_line}
 {extra_config}
 [nats]
@@ -893,7 +903,9 @@ pub async fn enroll(
     state_dir: &Path,
     device_name: &str,
 ) -> fleetlaps_agent::identity::Identity {
-    let (token, _) = create_enrollment_token(orchestrator, serde_json::json!({"name": device_name})).await;
+    // Named after the device, and unique: names are unique among usable enrollment tokens.
+    let name = format!("{device_name}-{}", fleetlaps_proto::audit::TokenId::new());
+    let (token, _) = create_enrollment_token(orchestrator, serde_json::json!({"name": name})).await;
     enroll_with(orchestrator, state_dir, device_name, &token)
         .await
         .expect("the device enrolls")

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::apps::{READ_TOKEN, TestOrchestrator, binary, run, trusting_client};
-use crate::harness::{TestNats, TestPki, init_tracing};
+use crate::harness::{TestNats, TestPki, init_tracing, wait_until};
 
 /// An orchestrator started from a config whose `[http]` section the test chooses, with no tokens:
 /// a 401 is answer enough to show the API was reached.
@@ -25,6 +25,20 @@ struct Served {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _data_dir: TempDir,
+}
+
+/// Waits until `/healthz` answers 200 (the projections caught up with the events recorded at
+/// start); each request must be answered, over TLS or not as the client speaks.
+async fn wait_until_healthy(client: &reqwest::Client, api_url: &str) {
+    wait_until("/healthz answers 200", Duration::from_secs(30), || async {
+        let health = client
+            .get(format!("{api_url}/healthz"))
+            .send()
+            .await
+            .expect("the API answers");
+        (health.status() == StatusCode::OK).then_some(())
+    })
+    .await;
 }
 
 impl Served {
@@ -174,12 +188,7 @@ async fn a_certificate_from_files_is_served_and_lapsctl_trusts_its_ca_with_ca() 
 
     // Act and assert: a client trusting the CA gets answers.
     let client = trusting_client(&pki.ca_file);
-    let health = client
-        .get(format!("{}/healthz", served.api_url))
-        .send()
-        .await
-        .expect("the API answers over TLS");
-    assert_eq!(health.status(), StatusCode::OK);
+    wait_until_healthy(&client, &served.api_url).await;
 
     // lapsctl --ca reaches the API (which refuses the unknown token: that is its answer) ...
     let with_ca = lapsctl_get(&served.api_url, Some(&pki.ca_file), "unknown-token").await;
@@ -236,10 +245,7 @@ async fn plain_http_is_served_when_asked_for_and_lapsctl_says_so_to_an_https_url
     // Act and assert
     assert!(served.api_url.starts_with("http://"), "{}", served.api_url);
     assert_eq!(served.certificate, None);
-    let health = reqwest::get(format!("{}/healthz", served.api_url))
-        .await
-        .expect("the API answers plain HTTP");
-    assert_eq!(health.status(), StatusCode::OK);
+    wait_until_healthy(&reqwest::Client::new(), &served.api_url).await;
 
     let https_url = served.api_url.replacen("http://", "https://", 1);
     let output = lapsctl_get(&https_url, None, "t").await;

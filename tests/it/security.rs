@@ -360,3 +360,176 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
     orchestrator.wait_until_healthy().await;
     assert_eq!(orchestrator.metric("fleetlaps_projections_caught_up").await, 1.0);
 }
+
+#[tokio::test]
+async fn a_principal_with_admin_but_without_read_all_cannot_create_a_token_holding_it() {
+    // Arrange: the bootstrap admin (Admin and Token.Grant) makes a deputy with Admin alone.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let deputy = send(
+        &orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        ADMIN_TOKEN,
+        Some(json!({"name": "deputy", "scopes": ["Admin"]})),
+    )
+    .await;
+    assert_eq!(deputy.status(), StatusCode::CREATED);
+    let deputy: Value = deputy.json().await.expect("json");
+    let deputy_token = deputy["token"].as_str().expect("the token").to_owned();
+    let deputy_id = deputy["id"].as_str().expect("an id").to_owned();
+
+    // Act: the deputy asks for a token that reads passwords, through the API and lapsctl.
+    let refused = send(
+        &orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        &deputy_token,
+        Some(json!({"name": "escalation", "scopes": ["DeviceLocalCredential.Read.All"]})),
+    )
+    .await;
+    let by_lapsctl = orchestrator
+        .lapsctl(&[
+            "--token",
+            &deputy_token,
+            "token",
+            "create",
+            "--name",
+            "escalation",
+            "--scope",
+            "DeviceLocalCredential.Read.All",
+        ])
+        .await;
+
+    // Assert: refused, naming the scope; a scope it holds it may give, and the history names
+    // the deputy's token id beside its name.
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body: Value = refused.json().await.expect("json");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("DeviceLocalCredential.Read.All")),
+        "{body}"
+    );
+    assert!(!by_lapsctl.status.success());
+    let stderr = String::from_utf8_lossy(&by_lapsctl.stderr);
+    assert!(stderr.contains("403") && stderr.contains("Token.Grant"), "{stderr}");
+    let own = send(
+        &orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        &deputy_token,
+        Some(json!({"name": "second-deputy", "scopes": ["Admin"]})),
+    )
+    .await;
+    assert_eq!(own.status(), StatusCode::CREATED);
+    let created: Vec<_> = audit_events(&nats)
+        .await
+        .into_iter()
+        .filter_map(|envelope| match envelope.event {
+            AuditEvent::TokenCreated(created) => Some(created),
+            _ => None,
+        })
+        .collect();
+    let names: Vec<&str> = created.iter().map(|created| created.name.as_str()).collect();
+    assert_eq!(names, ["deputy", "second-deputy"], "nothing else was made");
+    assert_eq!(created[1].created_by, "deputy");
+    assert_eq!(created[1].created_by_token_id.map(|id| id.to_string()), Some(deputy_id));
+}
+
+#[tokio::test]
+async fn the_bootstrap_admin_token_expires_when_told_and_is_refused_once_removed_from_the_config() {
+    // Arrange: a bootstrap admin token that expires in an hour makes an operator token.
+    let nats = TestNats::start();
+    let in_an_hour = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut orchestrator = TestOrchestrator::spawn_with_config(
+        &nats,
+        &format!("bootstrap_admin_token_expires_at = \"{}\"", in_an_hour.to_rfc3339()),
+    )
+    .await;
+    let ops = send(
+        &orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        ADMIN_TOKEN,
+        Some(json!({"name": "ops", "scopes": ["Admin"]})),
+    )
+    .await;
+    assert_eq!(ops.status(), StatusCode::CREATED);
+    let ops: Value = ops.json().await.expect("json");
+    let ops_token = ops["token"].as_str().expect("the token").to_owned();
+    assert_eq!(
+        send(
+            &orchestrator,
+            reqwest::Method::GET,
+            "/v1.0/fleetlaps/tokens",
+            ADMIN_TOKEN,
+            None
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+
+    // Act: its expiry passes (set in the past), then it is replaced in the config.
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    orchestrator.extra_config = format!("bootstrap_admin_token_expires_at = \"{}\"", an_hour_ago.to_rfc3339());
+    orchestrator.restart().await;
+    let expired = send(
+        &orchestrator,
+        reqwest::Method::GET,
+        "/v1.0/fleetlaps/tokens",
+        ADMIN_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
+    let expired: Value = expired.json().await.expect("json");
+    assert!(
+        expired["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("expired")),
+        "{expired}"
+    );
+    let replacement = "a-replacement-bootstrap-admin-token";
+    orchestrator.extra_config = format!("bootstrap_admin_token = \"{replacement}\"");
+    orchestrator.restart().await;
+
+    // Assert: the removed token is refused, its replacement works, and what it made still does.
+    assert_eq!(
+        send(
+            &orchestrator,
+            reqwest::Method::GET,
+            "/v1.0/fleetlaps/tokens",
+            ADMIN_TOKEN,
+            None
+        )
+        .await
+        .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(
+            &orchestrator,
+            reqwest::Method::GET,
+            "/v1.0/fleetlaps/tokens",
+            replacement,
+            None
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(
+            &orchestrator,
+            reqwest::Method::GET,
+            "/v1.0/fleetlaps/tokens",
+            &ops_token,
+            None
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+}

@@ -68,6 +68,7 @@ async fn a_forged_token_created_is_quarantined_and_its_token_refused_unsigned_or
             expires_at: None,
             token_sha256: fleetlaps_orchestrator::auth::token_sha256(token),
             created_by: "admin".to_owned(),
+            created_by_token_id: None,
         }))
     };
 

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fleetlaps_orchestrator::client::ApiClient;
+use fleetlaps_orchestrator::client::{ApiClient, ApiTokens, EnrollmentTokens};
 use fleetlaps_proto::api::{
     DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, TokenInfo, TokenRequest,
 };
@@ -323,14 +323,14 @@ async fn manage_tokens(client: &ApiClient, command: TokenCommand) -> anyhow::Res
                 scopes,
                 expires_date_time: expires_in_days.map(|days| Utc::now() + chrono::Duration::days(i64::from(days))),
             };
-            let created = client.create_token(&request).await?;
+            let created = client.create_token::<ApiTokens>(&request).await?;
             let mut fields = token_fields(&created.info);
             fields.insert(0, ("Token", Some(created.token.expose().to_owned())));
             Ok(render(&[Entry(fields)], output))
         }
         TokenCommand::List { output } => {
             let entries: Vec<Entry> = client
-                .tokens()
+                .tokens::<ApiTokens>()
                 .await?
                 .iter()
                 .map(|info| Entry(token_fields(info)))
@@ -338,7 +338,7 @@ async fn manage_tokens(client: &ApiClient, command: TokenCommand) -> anyhow::Res
             Ok(render(&entries, output))
         }
         TokenCommand::Revoke { id } => {
-            client.revoke_token(&id).await?;
+            client.revoke_token::<ApiTokens>(&id).await?;
             Ok(format!("token {id} revoked\n"))
         }
     }
@@ -357,14 +357,14 @@ async fn manage_enrollment_tokens(client: &ApiClient, command: EnrollmentTokenCo
                 max_uses: Some(max_uses),
                 expires_date_time: Some(Utc::now() + chrono::Duration::hours(i64::from(expires_in_hours))),
             };
-            let created = client.create_enrollment_token(&request).await?;
+            let created = client.create_token::<EnrollmentTokens>(&request).await?;
             let mut fields = enrollment_token_fields(&created.info);
             fields.insert(0, ("Token", Some(created.token.expose().to_owned())));
             Ok(render(&[Entry(fields)], output))
         }
         EnrollmentTokenCommand::List { output } => {
             let entries: Vec<Entry> = client
-                .enrollment_tokens()
+                .tokens::<EnrollmentTokens>()
                 .await?
                 .iter()
                 .map(|info| Entry(enrollment_token_fields(info)))
@@ -372,7 +372,7 @@ async fn manage_enrollment_tokens(client: &ApiClient, command: EnrollmentTokenCo
             Ok(render(&entries, output))
         }
         EnrollmentTokenCommand::Revoke { id } => {
-            client.revoke_enrollment_token(&id).await?;
+            client.revoke_token::<EnrollmentTokens>(&id).await?;
             Ok(format!("enrollment token {id} revoked\n"))
         }
     }

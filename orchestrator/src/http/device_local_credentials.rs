@@ -109,6 +109,7 @@ pub(super) async fn get(
             .collect::<Result<Vec<_>, _>>()?;
         let read = AuditEvent::PasswordRead(PasswordRead {
             principal: principal.0.name.clone(),
+            principal_token_id: Some(principal.0.token_id),
             device_id: device_id.clone(),
             rotation_ids: records.iter().map(|record| record.rotation_id).collect(),
             reason: context.reason,

@@ -91,6 +91,7 @@ pub(super) async fn rotate(
         command_id: command.id,
         device_id: device_id.clone(),
         principal: principal.0.name.clone(),
+        principal_token_id: Some(principal.0.token_id),
         reason: context.reason,
     });
     // Recorded first: a rotation nobody can trace back to its requester is never sent.

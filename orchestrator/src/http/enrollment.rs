@@ -32,8 +32,9 @@ use secrecy::ExposeSecret;
 use super::AppState;
 use super::auth::{Authenticated, bearer_token};
 use super::error::ApiError;
+use super::tokens;
 use crate::auth::{self, Scope};
-use crate::projection::EnrollmentTokenRecord;
+use crate::projection::{TokenKind, TokenRecord, TokenUnusable};
 
 /// The collection's route.
 pub(super) const LIST_PATH: &str = "/v1.0/fleetlaps/enrollmentTokens";
@@ -44,8 +45,6 @@ pub(super) const ENROLL_PATH: &str = "/fleetlaps/v1/enroll";
 
 /// `@odata.context` of the collection.
 const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/enrollmentTokens";
-/// The longest token name.
-const NAME_MAX: usize = 64;
 /// The most devices one token may enroll.
 const MAX_USES: u32 = 10_000;
 /// How long a token works when the request does not say.
@@ -65,13 +64,7 @@ pub(super) async fn create(
              {MAX_USES}, optional, \"expiresDateTime\": \"RFC 3339, optional\"}}"
         ))
     })?;
-    let name = request.name.trim();
-    if name.is_empty() || name.chars().count() > NAME_MAX || name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!(
-            "name {:?}: allowed 1 to {NAME_MAX} printable characters",
-            request.name
-        )));
-    }
+    let name = tokens::parse_name(&request.name)?;
     let max_uses = request.max_uses.unwrap_or(1);
     if !(1..=MAX_USES).contains(&max_uses) {
         return Err(ApiError::BadRequest(format!(
@@ -87,37 +80,26 @@ pub(super) async fn create(
             "expiresDateTime {expires_at} is in the past; allowed: a time after now"
         )));
     }
-    let token = auth::generate_enrollment_token();
-    let created = EnrollmentTokenCreated {
-        token_id: TokenId::new(),
-        name: name.to_owned(),
-        max_uses,
-        expires_at,
-        token_sha256: auth::token_sha256(token.expose_secret()),
-        created_by: principal.0.name.clone(),
-    };
-    let token_id = created.token_id;
-    // The token exists from here on: answer with it even if it takes a moment to work.
-    if !state
-        .record_visible(AuditEvent::EnrollmentTokenCreated(created))
-        .await?
-    {
-        tracing::warn!(%token_id, "the new enrollment token is recorded but not yet in the projections");
-    }
-    let info = match state.projections.enrollment_token(&token_id)? {
-        Some(record) => info(&record),
-        None => EnrollmentTokenInfo {
-            id: token_id.to_string(),
-            name: name.to_owned(),
-            max_uses,
-            uses: 0,
-            created_date_time: now,
-            created_by: principal.0.name.clone(),
-            expires_date_time: expires_at,
-            revoked_date_time: None,
+    let (token, record) = tokens::issue(
+        &state,
+        TokenKind::Enrollment,
+        &name,
+        &principal.0,
+        |token_id, token_sha256| {
+            AuditEvent::EnrollmentTokenCreated(EnrollmentTokenCreated {
+                token_id,
+                name: name.clone(),
+                max_uses,
+                expires_at,
+                token_sha256,
+                created_by: principal.0.name.clone(),
+                created_by_token_id: Some(principal.0.token_id),
+            })
         },
-    };
-    tracing::info!(%token_id, name = %info.name, max_uses, %expires_at, "enrollment token created");
+    )
+    .await?;
+    let info = info(&record);
+    tracing::info!(token_id = %record.token_id, name = %info.name, max_uses, %expires_at, "enrollment token created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedEnrollmentToken {
@@ -133,10 +115,13 @@ pub(super) async fn list(
     State(state): State<AppState>,
     principal: Authenticated,
 ) -> Result<Json<ODataCollection<EnrollmentTokenInfo>>, ApiError> {
-    principal.require(Scope::Admin)?;
+    let value = tokens::list_records(&state, &principal, TokenKind::Enrollment)?
+        .iter()
+        .map(info)
+        .collect();
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
-        value: state.projections.enrollment_tokens()?.iter().map(info).collect(),
+        value,
         next_link: None,
     }))
 }
@@ -148,24 +133,14 @@ pub(super) async fn revoke(
     principal: Authenticated,
     Path(token_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    principal.require(Scope::Admin)?;
-    let token_id = TokenId::parse(&token_id).map_err(|err| ApiError::BadRequest(err.to_string()))?;
-    let record = state
-        .projections
-        .enrollment_token(&token_id)?
-        .ok_or_else(|| ApiError::EnrollmentTokenNotFound(token_id.to_string()))?;
-    if record.revoked_at.is_some() {
-        return Ok(StatusCode::NO_CONTENT);
-    }
-    let revoked = AuditEvent::EnrollmentTokenRevoked(EnrollmentTokenRevoked {
-        token_id,
-        revoked_by: principal.0.name.clone(),
-    });
-    if !state.record_visible(revoked).await? {
-        return Err(ApiError::NotYetVisible);
-    }
-    tracing::info!(%token_id, name = %record.name, "enrollment token revoked");
-    Ok(StatusCode::NO_CONTENT)
+    tokens::revoke_record(&state, &principal, TokenKind::Enrollment, &token_id, |token_id, by| {
+        AuditEvent::EnrollmentTokenRevoked(EnrollmentTokenRevoked {
+            token_id,
+            revoked_by: by.name.clone(),
+            revoked_by_token_id: Some(by.token_id),
+        })
+    })
+    .await
 }
 
 /// Enrolls a device: records its key under a new device id, and tells it its id, the escrow key
@@ -248,27 +223,39 @@ fn reserve(state: &AppState, token_sha256: &str) -> Result<TokenId, ApiError> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Read under the lock: a use leaves `in_flight` only once the projections count it.
-    let Some(record) = state.projections.enrollment_token_by_digest(token_sha256)? else {
+    // An API token is not an enrollment token, whatever it is presented as.
+    let Some(record) = state
+        .projections
+        .token_by_digest(token_sha256)?
+        .filter(|record| record.kind == TokenKind::Enrollment)
+    else {
         return Err(ApiError::EnrollmentRefused(
             "the enrollment token is not valid".to_owned(),
         ));
     };
-    if let Some(revoked) = record.revoked_at {
-        return Err(ApiError::EnrollmentRefused(format!(
-            "the enrollment token was revoked at {revoked}"
-        )));
+    match record.usable_at(Utc::now()) {
+        Ok(()) => {}
+        Err(TokenUnusable::Revoked(revoked)) => {
+            return Err(ApiError::EnrollmentRefused(format!(
+                "the enrollment token was revoked at {revoked}"
+            )));
+        }
+        Err(TokenUnusable::Expired(expiry)) => {
+            return Err(ApiError::EnrollmentRefused(format!(
+                "the enrollment token expired at {expiry}"
+            )));
+        }
+        Err(TokenUnusable::UsedUp { max_uses }) => {
+            return Err(ApiError::EnrollmentRefused(format!(
+                "the enrollment token is used up: {max_uses} of {max_uses} enrollments made"
+            )));
+        }
     }
-    if record.expires_at <= Utc::now() {
-        return Err(ApiError::EnrollmentRefused(format!(
-            "the enrollment token expired at {}",
-            record.expires_at
-        )));
-    }
+    let max_uses = record.max_uses.unwrap_or(u32::MAX);
     let reserved = in_flight.entry(record.token_id).or_insert(0);
-    if record.uses.saturating_add(*reserved) >= record.max_uses {
+    if record.uses.saturating_add(*reserved) >= max_uses {
         return Err(ApiError::EnrollmentRefused(format!(
-            "the enrollment token is used up: {} of {} enrollments made",
-            record.max_uses, record.max_uses
+            "the enrollment token is used up: {max_uses} of {max_uses} enrollments made"
         )));
     }
     *reserved += 1;
@@ -289,15 +276,16 @@ fn release(state: &AppState, token_id: TokenId) {
     }
 }
 
-fn info(record: &EnrollmentTokenRecord) -> EnrollmentTokenInfo {
+fn info(record: &TokenRecord) -> EnrollmentTokenInfo {
     EnrollmentTokenInfo {
         id: record.token_id.to_string(),
         name: record.name.clone(),
-        max_uses: record.max_uses,
+        max_uses: record.max_uses.unwrap_or(0),
         uses: record.uses,
         created_date_time: record.created_at,
         created_by: record.created_by.clone(),
-        expires_date_time: record.expires_at,
+        // Every enrollment token is made with an expiry.
+        expires_date_time: record.expires_at.unwrap_or(record.created_at),
         revoked_date_time: record.revoked_at,
     }
 }

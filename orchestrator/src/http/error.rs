@@ -44,12 +44,25 @@ pub enum ApiError {
     /// No device with this id.
     #[error("device {0} was not found")]
     DeviceNotFound(DeviceId),
-    /// No token with this id.
-    #[error("token {0} was not found")]
-    TokenNotFound(String),
-    /// No enrollment token with this id.
-    #[error("enrollment token {0} was not found")]
-    EnrollmentTokenNotFound(String),
+    /// No token of this kind with this id.
+    #[error("{kind} {id} was not found")]
+    TokenNotFound {
+        /// "token" or "enrollment token".
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The principal asked for a token holding a scope it may not give.
+    #[error("a token holding {0} can be created only by a principal that holds {0} itself, or Token.Grant")]
+    CannotGrant(Scope),
+    /// A usable token of the kind already has the name.
+    #[error("a usable {kind} named {name:?} exists; allowed: a name no usable {kind} has (revoke the other first)")]
+    NameTaken {
+        /// "token" or "enrollment token".
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
     /// Asked again too soon.
     #[error("{what}; retry after {retry_after_secs} seconds")]
     Throttled {
@@ -108,11 +121,10 @@ impl ApiError {
             Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) | Self::EnrollmentRefused(_) => {
                 StatusCode::UNAUTHORIZED
             }
-            Self::MissingScope(_) => StatusCode::FORBIDDEN,
+            Self::MissingScope(_) | Self::CannotGrant(_) => StatusCode::FORBIDDEN,
+            Self::NameTaken { .. } => StatusCode::CONFLICT,
             Self::BadRequest(_) | Self::UnsupportedQuery(_) => StatusCode::BAD_REQUEST,
-            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::EnrollmentTokenNotFound(_) | Self::NoRoute(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not a 500: the caller's request was fine, and the message says so.
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
@@ -131,12 +143,11 @@ impl ApiError {
             Self::MissingToken | Self::MalformedToken | Self::TokenRejected(_) | Self::EnrollmentRefused(_) => {
                 "InvalidAuthenticationToken"
             }
-            Self::MissingScope(_) => "Authorization_RequestDenied",
+            Self::MissingScope(_) | Self::CannotGrant(_) => "Authorization_RequestDenied",
+            Self::NameTaken { .. } => "Request_MultipleObjectsWithSameKeyValue",
             Self::BadRequest(_) | Self::MethodNotAllowed(_) => "Request_BadRequest",
             Self::UnsupportedQuery(_) => "Request_UnsupportedQuery",
-            Self::DeviceNotFound(_) | Self::TokenNotFound(_) | Self::EnrollmentTokenNotFound(_) | Self::NoRoute(_) => {
-                "Request_ResourceNotFound"
-            }
+            Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::NoRoute(_) => "Request_ResourceNotFound",
             Self::Throttled { .. } => "TooManyRequests",
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
                 "ServiceUnavailable"

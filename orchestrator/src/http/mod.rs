@@ -79,6 +79,9 @@ pub struct AppState {
     pub nats: crate::bus::NatsStatus,
     /// Whether the projections may be trusted yet, and whether the consumer works.
     pub health: Arc<crate::health::Health>,
+    /// Held while a token is made, from the check of its name until the projections show it, so
+    /// two tokens of a kind never take one name.
+    pub token_issuance: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {

@@ -44,6 +44,8 @@ pub(crate) struct Fixture {
 
 /// The enrollment token the fixture enrolls its devices with.
 const FIXTURE_ENROLLMENT_TOKEN: &str = "fle_fixture";
+/// A config token with `Admin` and `Token.Grant`: it may create tokens with any scope.
+const GRANTER_TOKEN: &str = "granter-token";
 
 /// The journal of these in-process tests: folds each event straight into the fixture's
 /// projections, as the consumer would after JetStream stored it, and keeps the commands. It can
@@ -171,6 +173,13 @@ impl Fixture {
             token("admin", READ_ALL_TOKEN, SCOPE_READ_PASSWORDS),
         ];
         tokens.extend(crate::auth::Scope::ALL.map(|scope| token(scope.as_str(), &scope_token(scope), scope.as_str())));
+        tokens.push(TokenConfig {
+            scopes: vec![
+                fleetlaps_proto::api::SCOPE_ADMIN.to_owned(),
+                fleetlaps_proto::api::SCOPE_TOKEN_GRANT.to_owned(),
+            ],
+            ..token("granter", GRANTER_TOKEN, fleetlaps_proto::api::SCOPE_ADMIN)
+        });
         let tokens = TokenStore::new(&tokens, None, projections.clone());
         let journal = Arc::new(FoldingJournal {
             projections: projections.clone(),
@@ -196,6 +205,7 @@ impl Fixture {
             enrollments_in_flight: Arc::default(),
             nats: crate::bus::NatsStatus::detached(),
             health,
+            token_issuance: Arc::default(),
         };
         let mut fixture = Self {
             _dir: dir,
@@ -215,6 +225,7 @@ impl Fixture {
             expires_at: Utc::now() + chrono::Duration::days(1),
             token_sha256: crate::auth::token_sha256(FIXTURE_ENROLLMENT_TOKEN),
             created_by: "fixture".to_owned(),
+            created_by_token_id: None,
         }));
         fixture
     }
@@ -253,7 +264,7 @@ impl Fixture {
         let token = self
             .state
             .projections
-            .enrollment_token_by_digest(&crate::auth::token_sha256(FIXTURE_ENROLLMENT_TOKEN))
+            .token_by_digest(&crate::auth::token_sha256(FIXTURE_ENROLLMENT_TOKEN))
             .unwrap()
             .expect("the fixture's enrollment token");
         self.fold_audit(AuditEvent::DeviceEnrolled(DeviceEnrolled {
@@ -724,7 +735,7 @@ fn protected_endpoints(token_id: &str, enrollment_token_id: &str) -> Vec<Endpoin
         (
             "POST",
             "/v1.0/fleetlaps/tokens".to_owned(),
-            Some(serde_json::json!({"name": "new", "scopes": ["Device.Read.All"]})),
+            Some(serde_json::json!({"name": "new", "scopes": ["Admin"]})),
             vec![Admin],
             StatusCode::CREATED,
         ),
@@ -789,14 +800,16 @@ impl Fixture {
         self.send(request.body(body).unwrap()).await
     }
 
-    /// Creates a token through the API with the `Admin` fixture token; returns (token, id).
+    /// Creates a token through the API with the fixture's granter token (`Admin` and
+    /// `Token.Grant`), named uniquely; returns (token, id).
     async fn create_token(&self, scopes: &[&str], expires: Option<chrono::DateTime<Utc>>) -> (String, String) {
+        let name = format!("someone-{}", fleetlaps_proto::audit::TokenId::new());
         let answer = self
             .call(
                 "POST",
                 "/v1.0/fleetlaps/tokens",
-                Some(&serde_json::json!({"name": "someone", "scopes": scopes, "expiresDateTime": expires})),
-                Some(&scope_token(crate::auth::Scope::Admin)),
+                Some(&serde_json::json!({"name": name, "scopes": scopes, "expiresDateTime": expires})),
+                Some(GRANTER_TOKEN),
             )
             .await;
         assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
@@ -813,7 +826,7 @@ impl Fixture {
             .call(
                 "POST",
                 "/v1.0/fleetlaps/enrollmentTokens",
-                Some(&serde_json::json!({"name": "victim"})),
+                Some(&serde_json::json!({"name": format!("victim-{}", fleetlaps_proto::audit::TokenId::new())})),
                 Some(&scope_token(crate::auth::Scope::Admin)),
             )
             .await;
@@ -862,6 +875,7 @@ async fn the_scope_matrix_every_endpoint_by_no_expired_revoked_and_each_scope_to
             expires_at: Some(Utc::now() - chrono::Duration::hours(1)),
             token_sha256: crate::auth::token_sha256(expired),
             created_by: "test".to_owned(),
+            created_by_token_id: None,
         }))
         .await
         .unwrap();
@@ -932,7 +946,7 @@ async fn tokens_are_created_listed_and_revoked_as_events_holding_only_their_hash
     let list = fixture.get("/v1.0/fleetlaps/tokens", Some(&admin)).await;
     assert_eq!(list.status, StatusCode::OK);
     assert_eq!(list.body["value"][0]["id"], id.as_str());
-    assert_eq!(list.body["value"][0]["createdBy"], "Admin");
+    assert_eq!(list.body["value"][0]["createdBy"], "granter");
     assert!(!list.body.to_string().contains(&token), "the list never shows a token");
 
     let history: Vec<_> = fixture
@@ -1258,6 +1272,7 @@ async fn no_token_is_trusted_until_the_projections_reach_the_streams_last_sequen
         expires_at: Utc::now() + chrono::Duration::days(1),
         token_sha256: crate::auth::token_sha256("fle_filler_1"),
         created_by: "fixture".to_owned(),
+        created_by_token_id: None,
     }));
     fixture
         .get(super::device_local_credentials::LIST_PATH, Some(READ_ALL_TOKEN))
@@ -1270,6 +1285,7 @@ async fn no_token_is_trusted_until_the_projections_reach_the_streams_last_sequen
         expires_at: Utc::now() + chrono::Duration::days(1),
         token_sha256: crate::auth::token_sha256("fle_filler_2"),
         created_by: "fixture".to_owned(),
+        created_by_token_id: None,
     }));
     let trusted = fixture
         .get(super::device_local_credentials::LIST_PATH, Some(READ_ALL_TOKEN))
@@ -1303,4 +1319,144 @@ async fn a_failing_consumer_leaves_the_api_up_and_healthz_unhealthy_until_it_fol
     let health = fixture.get("/healthz", None).await;
     assert_eq!(health.status, StatusCode::OK);
     assert!(health.body["projections"].get("consumerError").is_none());
+}
+
+#[tokio::test]
+async fn a_principal_with_admin_but_without_read_all_cannot_create_a_token_holding_it() {
+    let fixture = Fixture::new();
+    let admin = scope_token(crate::auth::Scope::Admin);
+    let refused = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/tokens",
+            Some(&serde_json::json!({"name": "escalation", "scopes": [SCOPE_READ_PASSWORDS]})),
+            Some(&admin),
+        )
+        .await;
+    refused.assert_error(StatusCode::FORBIDDEN, "Authorization_RequestDenied");
+    assert!(
+        refused.message().contains(SCOPE_READ_PASSWORDS) && refused.message().contains("Token.Grant"),
+        "{}",
+        refused.body
+    );
+    // Nothing was recorded, and a scope it holds can be given.
+    assert!(
+        !fixture
+            .audit()
+            .iter()
+            .any(|(_, envelope)| envelope.event.kind() == fleetlaps_proto::audit::AuditKind::TokenCreated)
+    );
+    let own = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/tokens",
+            Some(&serde_json::json!({"name": "deputy", "scopes": ["Admin"]})),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(own.status, StatusCode::CREATED, "{}", own.body);
+}
+
+#[tokio::test]
+async fn token_names_are_unique_among_usable_tokens_of_a_kind() {
+    let fixture = Fixture::new();
+    let body = serde_json::json!({"name": "auditor", "scopes": ["Audit.Read.All"]});
+    let first = fixture
+        .call("POST", "/v1.0/fleetlaps/tokens", Some(&body), Some(GRANTER_TOKEN))
+        .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let taken = fixture
+        .call("POST", "/v1.0/fleetlaps/tokens", Some(&body), Some(GRANTER_TOKEN))
+        .await;
+    taken.assert_error(StatusCode::CONFLICT, "Request_MultipleObjectsWithSameKeyValue");
+    assert!(taken.message().contains("\"auditor\""), "{}", taken.body);
+    // A config token's name is taken too.
+    let configured = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/tokens",
+            Some(&serde_json::json!({"name": "helpdesk", "scopes": ["Audit.Read.All"]})),
+            Some(GRANTER_TOKEN),
+        )
+        .await;
+    configured.assert_error(StatusCode::CONFLICT, "Request_MultipleObjectsWithSameKeyValue");
+    // Enrollment tokens have names of their own.
+    let enrollment = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/enrollmentTokens",
+            Some(&serde_json::json!({"name": "auditor"})),
+            Some(GRANTER_TOKEN),
+        )
+        .await;
+    assert_eq!(enrollment.status, StatusCode::CREATED, "{}", enrollment.body);
+    // Once the first is revoked, the name is free again.
+    let id = first.body["id"].as_str().unwrap();
+    let revoked = fixture
+        .call(
+            "DELETE",
+            &format!("/v1.0/fleetlaps/tokens/{id}"),
+            None,
+            Some(GRANTER_TOKEN),
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let again = fixture
+        .call("POST", "/v1.0/fleetlaps/tokens", Some(&body), Some(GRANTER_TOKEN))
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+}
+
+#[tokio::test]
+async fn audit_records_name_the_token_id_as_well_as_its_name() {
+    let mut fixture = Fixture::new();
+    fixture.back_up("dev-1", "host-1", "s3cret-One");
+    let (reader, reader_id) = fixture.create_token(&[SCOPE_READ_PASSWORDS], None).await;
+    let read = fixture
+        .get(&format!("{ITEM}/dev-1?$select=credentials"), Some(&reader))
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+    let revoked = fixture
+        .call(
+            "DELETE",
+            &format!("/v1.0/fleetlaps/tokens/{reader_id}"),
+            None,
+            Some(GRANTER_TOKEN),
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let granter_id = crate::auth::static_token_id(
+        &crate::auth::token_sha256(GRANTER_TOKEN)
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+            .collect::<Vec<u8>>()
+            .try_into()
+            .unwrap(),
+    );
+    let mut seen = 0;
+    for (_, envelope) in fixture.audit() {
+        match envelope.event {
+            AuditEvent::PasswordRead(read) => {
+                assert_eq!(
+                    read.principal_token_id.map(|id| id.to_string()),
+                    Some(reader_id.clone())
+                );
+                seen += 1;
+            }
+            AuditEvent::TokenCreated(created) => {
+                assert_eq!(
+                    (created.created_by.as_str(), created.created_by_token_id),
+                    ("granter", Some(granter_id))
+                );
+                seen += 1;
+            }
+            AuditEvent::TokenRevoked(revoked) => {
+                assert_eq!(revoked.revoked_by_token_id, Some(granter_id));
+                seen += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, 3);
 }

@@ -16,6 +16,6 @@ pub use credentials::CredentialRecord;
 pub use devices::{DeviceRecord, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
 pub use orchestrator_key::OrchestratorKeyRecord;
-pub use principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
+pub use principals::{EnrolledKeyRecord, TokenKind, TokenRecord, TokenUnusable};
 pub use quarantine::{QuarantineReason, QuarantineRecord};
 pub use store::{Applied, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};

@@ -5,15 +5,16 @@
 //!
 //! Keys:
 //! - `m/last_sequence`: the stream sequence of the last applied (or refused) message;
+//! - `m/layout`: the layout version of these keys ([`LAYOUT_VERSION`]); a store of another
+//!   layout is emptied at open and rebuilt from the stream;
 //! - `d/<device>`: a [`DeviceRecord`];
 //! - `c/<device>/<sequence>`: a [`CredentialRecord`], the sequence big-endian so keys sort by it;
 //! - `r/<device>/<rotation>`: the `c/` key of a rotation's credential;
 //! - `e/<event id>`: marks an applied event id, for idempotence;
 //! - `q/<sequence>`: a [`QuarantineRecord`];
 //! - `a/<sequence>`: an orchestrator event ([`AuditEnvelope`]): the audit history;
-//! - `t/<token id>`: a [`TokenRecord`]; `h/<token sha256>`: the id of the token with that digest;
-//! - `n/<token id>`: an [`EnrollmentTokenRecord`]; `g/<token sha256>`: the id of the enrollment
-//!   token with that digest;
+//! - `t/<token id>`: a [`TokenRecord`], an API or enrollment token; `h/<token sha256>`: the id
+//!   of the token with that digest;
 //! - `k/<device>`: an [`EnrolledKeyRecord`], the key the device's events must be signed with;
 //! - `w/<device>`: when a rotation of the device was last requested (the rotate throttle);
 //! - `rc/<device>`: a clone detected and not yet reported on the history.
@@ -51,10 +52,15 @@ use super::credentials::CredentialRecord;
 use super::devices::{DeviceRecord, FailureRecord};
 use super::escrow_keys::EscrowKeyRecord;
 use super::orchestrator_key::OrchestratorKeyRecord;
-use super::principals::{EnrolledKeyRecord, EnrollmentTokenRecord, TokenRecord};
+use super::principals::{EnrolledKeyRecord, TokenKind, TokenRecord};
 use super::quarantine::{QuarantineReason, QuarantineRecord};
 
 const LAST_SEQUENCE_KEY: &[u8] = b"m/last_sequence";
+/// Where the layout version is kept.
+const LAYOUT_KEY: &[u8] = b"m/layout";
+/// The layout of the keys above. Raised when a change of keys or records needs a rebuild: 2
+/// keeps API and enrollment tokens as one record under `t/`.
+const LAYOUT_VERSION: u64 = 2;
 const ORCHESTRATOR_KEY_KEY: &str = "o/key";
 
 /// A failure of the store itself (not of a message: those are quarantined).
@@ -198,6 +204,19 @@ impl Projections {
     pub fn open(path: &Path) -> Result<Self, ProjectionError> {
         let db = sled::open(path)?;
         let tree = db.open_tree("projections")?;
+        let layout = tree.get(LAYOUT_KEY)?.map(|bytes| decode_u64(&bytes));
+        if layout != Some(LAYOUT_VERSION) {
+            if !tree.is_empty() {
+                tracing::warn!(
+                    found = layout.unwrap_or(1),
+                    wanted = LAYOUT_VERSION,
+                    "the projections have an older layout: emptied, they are rebuilt from the stream"
+                );
+                tree.clear()?;
+            }
+            tree.insert(LAYOUT_KEY, &LAYOUT_VERSION.to_be_bytes())?;
+            tree.flush()?;
+        }
         let last = tree.get(LAST_SEQUENCE_KEY)?.map_or(0, |bytes| decode_u64(&bytes));
         let (position, _) = tokio::sync::watch::channel(last);
         Ok(Self {
@@ -334,7 +353,7 @@ impl Projections {
             .collect()
     }
 
-    /// The token whose SHA-256 is `token_sha256` (hex), revoked or expired ones included.
+    /// The token of either kind whose SHA-256 is `token_sha256` (hex), unusable ones included.
     pub fn token_by_digest(&self, token_sha256: &str) -> Result<Option<TokenRecord>, ProjectionError> {
         let Some(id) = self.tree.get(format!("h/{token_sha256}").as_bytes())? else {
             return Ok(None);
@@ -342,44 +361,21 @@ impl Projections {
         self.get(&format!("t/{}", String::from_utf8_lossy(&id)))
     }
 
-    /// One token.
+    /// One token of either kind.
     pub fn token(&self, token_id: &TokenId) -> Result<Option<TokenRecord>, ProjectionError> {
         self.get(&format!("t/{token_id}"))
     }
 
-    /// Every token created through the API, oldest first (ids are time-ordered).
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, ProjectionError> {
-        self.tree
-            .scan_prefix(b"t/")
-            .values()
-            .map(|value| decode("t/", &value?))
-            .collect()
-    }
-
-    /// The enrollment token whose SHA-256 is `token_sha256` (hex), revoked, expired or used up
-    /// ones included.
-    pub fn enrollment_token_by_digest(
-        &self,
-        token_sha256: &str,
-    ) -> Result<Option<EnrollmentTokenRecord>, ProjectionError> {
-        let Some(id) = self.tree.get(format!("g/{token_sha256}").as_bytes())? else {
-            return Ok(None);
-        };
-        self.get(&format!("n/{}", String::from_utf8_lossy(&id)))
-    }
-
-    /// One enrollment token.
-    pub fn enrollment_token(&self, token_id: &TokenId) -> Result<Option<EnrollmentTokenRecord>, ProjectionError> {
-        self.get(&format!("n/{token_id}"))
-    }
-
-    /// Every enrollment token, oldest first (ids are time-ordered).
-    pub fn enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenRecord>, ProjectionError> {
-        self.tree
-            .scan_prefix(b"n/")
-            .values()
-            .map(|value| decode("n/", &value?))
-            .collect()
+    /// Every token of `kind` made through the API, oldest first (ids are time-ordered).
+    pub fn tokens(&self, kind: TokenKind) -> Result<Vec<TokenRecord>, ProjectionError> {
+        let mut tokens = Vec::new();
+        for value in self.tree.scan_prefix(b"t/").values() {
+            let record: TokenRecord = decode("t/", &value?)?;
+            if record.kind == kind {
+                tokens.push(record);
+            }
+        }
+        Ok(tokens)
     }
 
     /// The key `device_id` enrolled with, if it did.
@@ -755,6 +751,30 @@ impl Projections {
         })
     }
 
+    /// Records a revocation of the token `(id, by, by token id)` of `kind`; a token revoked
+    /// before stays as it was. Refused when no token of that kind has the id.
+    fn revoke_token(
+        &self,
+        kind: TokenKind,
+        (token_id, revoked_by, revoked_by_token_id): (TokenId, &String, Option<TokenId>),
+        time: DateTime<Utc>,
+        batch: &mut sled::Batch,
+    ) -> Result<Result<(), (QuarantineReason, String)>, ProjectionError> {
+        let Some(mut record) = self.token(&token_id)?.filter(|record| record.kind == kind) else {
+            return Ok(Err((
+                QuarantineReason::UnknownToken,
+                format!("{} {token_id} was never created", kind.describe()),
+            )));
+        };
+        if record.revoked_at.is_none() {
+            record.revoked_at = Some(time);
+            record.revoked_by = Some(revoked_by.clone());
+            record.revoked_by_token_id = revoked_by_token_id;
+            insert_token(batch, &record);
+        }
+        Ok(Ok(()))
+    }
+
     /// Folds one of the orchestrator's own events: every one joins the audit history; token
     /// events change the tokens, rotation requests the throttle.
     fn fold_audit(
@@ -792,69 +812,24 @@ impl Projections {
         match &envelope.event {
             AuditEvent::PasswordRead(_) => {}
             AuditEvent::TokenCreated(body) => {
-                let record = TokenRecord {
-                    token_id: body.token_id,
-                    name: body.name.clone(),
-                    scopes: body.scopes.clone(),
-                    token_sha256: body.token_sha256.clone(),
-                    created_at: envelope.time,
-                    created_by: body.created_by.clone(),
-                    expires_at: body.expires_at,
-                    revoked_at: None,
-                    revoked_by: None,
-                };
-                batch.insert(format!("t/{}", body.token_id).as_bytes(), encode(&record));
-                batch.insert(
-                    format!("h/{}", body.token_sha256).as_bytes(),
-                    body.token_id.to_string().as_bytes(),
-                );
+                insert_token(batch, &TokenRecord::api(body, envelope.time));
             }
             AuditEvent::TokenRevoked(body) => {
-                let Some(mut record) = self.token(&body.token_id)? else {
-                    return Ok(Err((
-                        QuarantineReason::UnknownToken,
-                        format!("token {} was never created", body.token_id),
-                    )));
-                };
-                if record.revoked_at.is_none() {
-                    record.revoked_at = Some(envelope.time);
-                    record.revoked_by = Some(body.revoked_by.clone());
-                    batch.insert(format!("t/{}", body.token_id).as_bytes(), encode(&record));
+                let revocation = (body.token_id, &body.revoked_by, body.revoked_by_token_id);
+                if let Err(refusal) = self.revoke_token(TokenKind::Api, revocation, envelope.time, batch)? {
+                    return Ok(Err(refusal));
                 }
             }
             AuditEvent::RotationRequested(body) => {
                 batch.insert(format!("w/{}", body.device_id).as_bytes(), encode(&envelope.time));
             }
             AuditEvent::EnrollmentTokenCreated(body) => {
-                let record = EnrollmentTokenRecord {
-                    token_id: body.token_id,
-                    name: body.name.clone(),
-                    max_uses: body.max_uses,
-                    uses: 0,
-                    token_sha256: body.token_sha256.clone(),
-                    created_at: envelope.time,
-                    created_by: body.created_by.clone(),
-                    expires_at: body.expires_at,
-                    revoked_at: None,
-                    revoked_by: None,
-                };
-                batch.insert(format!("n/{}", body.token_id).as_bytes(), encode(&record));
-                batch.insert(
-                    format!("g/{}", body.token_sha256).as_bytes(),
-                    body.token_id.to_string().as_bytes(),
-                );
+                insert_token(batch, &TokenRecord::enrollment(body, envelope.time));
             }
             AuditEvent::EnrollmentTokenRevoked(body) => {
-                let Some(mut record) = self.enrollment_token(&body.token_id)? else {
-                    return Ok(Err((
-                        QuarantineReason::UnknownToken,
-                        format!("enrollment token {} was never created", body.token_id),
-                    )));
-                };
-                if record.revoked_at.is_none() {
-                    record.revoked_at = Some(envelope.time);
-                    record.revoked_by = Some(body.revoked_by.clone());
-                    batch.insert(format!("n/{}", body.token_id).as_bytes(), encode(&record));
+                let revocation = (body.token_id, &body.revoked_by, body.revoked_by_token_id);
+                if let Err(refusal) = self.revoke_token(TokenKind::Enrollment, revocation, envelope.time, batch)? {
+                    return Ok(Err(refusal));
                 }
             }
             AuditEvent::DeviceCloneDetected(body) => {
@@ -919,7 +894,10 @@ impl Projections {
                 if let Err(err) = DevicePublicKey::parse(&body.public_key) {
                     return Ok(Err((QuarantineReason::Malformed, format!("device_enrolled: {err}"))));
                 }
-                let Some(mut token) = self.enrollment_token(&body.enrollment_token_id)? else {
+                let Some(mut token) = self
+                    .token(&body.enrollment_token_id)?
+                    .filter(|token| token.kind == TokenKind::Enrollment)
+                else {
                     return Ok(Err((
                         QuarantineReason::UnknownToken,
                         format!("enrollment token {} was never created", body.enrollment_token_id),
@@ -927,7 +905,7 @@ impl Projections {
                 };
                 // The API reserves uses before it records an enrollment; the fold only counts.
                 token.uses = token.uses.saturating_add(1);
-                batch.insert(format!("n/{}", token.token_id).as_bytes(), encode(&token));
+                insert_token(batch, &token);
                 let key = EnrolledKeyRecord {
                     device_id: body.device_id.clone(),
                     public_key: body.public_key.clone(),
@@ -1027,6 +1005,15 @@ fn event_key(envelope: &Envelope) -> Vec<u8> {
     let mut key = b"e/".to_vec();
     key.extend_from_slice(envelope.id.as_bytes());
     key
+}
+
+/// Writes a token's record and its digest's index entry.
+fn insert_token(batch: &mut sled::Batch, record: &TokenRecord) {
+    batch.insert(format!("t/{}", record.token_id).as_bytes(), encode(record));
+    batch.insert(
+        format!("h/{}", record.token_sha256).as_bytes(),
+        record.token_id.to_string().as_bytes(),
+    );
 }
 
 fn quarantine_key(sequence: u64) -> Vec<u8> {

@@ -56,6 +56,7 @@ fn enrollment_messages(devices: &[&DeviceId]) -> Vec<(String, Vec<u8>)> {
             expires_at: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
             token_sha256: "cd".repeat(32),
             created_by: "admin".to_owned(),
+            created_by_token_id: None,
         },
     ))];
     for device_id in devices {
@@ -472,18 +473,23 @@ fn enrollment_tokens_count_their_uses_and_enrollment_creates_the_device_and_its_
     fixture.enroll(&enrollment_messages(&[&device()]));
     let token = fixture
         .projections
-        .enrollment_token(&enrollment_token_id())
+        .token(&enrollment_token_id())
         .unwrap()
         .expect("created");
-    assert_eq!((token.uses, token.max_uses), (1, 10));
+    assert_eq!(
+        (token.kind, token.uses, token.max_uses),
+        (TokenKind::Enrollment, 1, Some(10))
+    );
     assert_eq!(
         fixture
             .projections
-            .enrollment_token_by_digest(&"cd".repeat(32))
+            .token_by_digest(&"cd".repeat(32))
             .unwrap()
             .map(|token| token.token_id),
         Some(enrollment_token_id())
     );
+    assert_eq!(fixture.projections.tokens(TokenKind::Enrollment).unwrap(), vec![token]);
+    assert!(fixture.projections.tokens(TokenKind::Api).unwrap().is_empty());
     let key = fixture.projections.enrolled_key(&device()).unwrap().expect("enrolled");
     assert_eq!(key.public_key, key_of(&device()).public_key().to_string());
     let record = fixture
@@ -526,6 +532,7 @@ fn enrollment_tokens_count_their_uses_and_enrollment_creates_the_device_and_its_
         fleetlaps_proto::audit::EnrollmentTokenRevoked {
             token_id: enrollment_token_id(),
             revoked_by: "admin".to_owned(),
+            revoked_by_token_id: None,
         },
     ));
     assert_eq!(
@@ -534,7 +541,7 @@ fn enrollment_tokens_count_their_uses_and_enrollment_creates_the_device_and_its_
     );
     let token = fixture
         .projections
-        .enrollment_token(&enrollment_token_id())
+        .token(&enrollment_token_id())
         .unwrap()
         .expect("kept");
     assert!(token.revoked_at.is_some());
@@ -644,6 +651,7 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
         expires_at: None,
         token_sha256: "ab".repeat(32),
         created_by: "admin".to_owned(),
+        created_by_token_id: None,
     }));
     assert_eq!(
         fixture.apply_on(&created.0, &created.1),
@@ -660,6 +668,7 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
     let revoked = audit(AuditEvent::TokenRevoked(TokenRevoked {
         token_id,
         revoked_by: "admin".to_owned(),
+        revoked_by_token_id: None,
     }));
     fixture.apply_on(&revoked.0, &revoked.1);
     assert!(
@@ -675,6 +684,28 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
     let unknown = audit(AuditEvent::TokenRevoked(TokenRevoked {
         token_id: TokenId::new(),
         revoked_by: "admin".to_owned(),
+        revoked_by_token_id: None,
+    }));
+    assert_eq!(
+        fixture.apply_on(&unknown.0, &unknown.1),
+        Outcome::Quarantined(QuarantineReason::UnknownToken)
+    );
+    // An API token's revocation does not name an enrollment token, nor the reverse.
+    let crossed = audit(AuditEvent::EnrollmentTokenRevoked(
+        fleetlaps_proto::audit::EnrollmentTokenRevoked {
+            token_id,
+            revoked_by: "admin".to_owned(),
+            revoked_by_token_id: None,
+        },
+    ));
+    assert_eq!(
+        fixture.apply_on(&crossed.0, &crossed.1),
+        Outcome::Quarantined(QuarantineReason::UnknownToken)
+    );
+    let unknown = audit(AuditEvent::TokenRevoked(TokenRevoked {
+        token_id: TokenId::new(),
+        revoked_by: "admin".to_owned(),
+        revoked_by_token_id: None,
     }));
     assert_eq!(
         fixture.apply_on(&unknown.0, &unknown.1),
@@ -690,6 +721,7 @@ fn orchestrator_events_join_the_audit_history_and_change_tokens_and_the_throttle
         command_id: CommandId::new(),
         device_id: device(),
         principal: "operator".to_owned(),
+        principal_token_id: None,
         reason: None,
     }));
     fixture.apply_on(&requested.0, &requested.1);
@@ -947,6 +979,7 @@ fn planted_token() -> (String, Vec<u8>) {
         expires_at: None,
         token_sha256: "ef".repeat(32),
         created_by: "intruder".to_owned(),
+        created_by_token_id: None,
     }))
 }
 
@@ -1080,5 +1113,38 @@ fn a_new_orchestrator_key_counts_only_when_signed_by_the_recorded_one() {
     assert_eq!(
         fixture.apply_signed(&subject, &payload, Some(&signature)),
         Outcome::Recorded(AuditKind::TokenCreated)
+    );
+}
+
+#[test]
+fn a_store_of_an_older_layout_is_emptied_at_open_so_the_stream_rebuilds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // As an older version left it: a position and an enrollment token under `n/`.
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("projections").unwrap();
+        tree.insert(LAST_SEQUENCE_KEY, &42_u64.to_be_bytes()).unwrap();
+        tree.insert(b"n/0190a5c4-7d1e-7c3a-9f00-000000000001", b"{}").unwrap();
+        db.flush().unwrap();
+    }
+    let projections = Projections::open(dir.path()).unwrap();
+    assert_eq!(
+        projections.last_applied_sequence().unwrap(),
+        0,
+        "replayed from the start"
+    );
+    assert_eq!(projections.applied_sequence(), 0);
+    assert!(projections.tree.scan_prefix(b"n/").next().is_none());
+    drop(projections);
+    // Once at the current layout, it is kept as it is.
+    let projections = Projections::open(dir.path()).unwrap();
+    let mut batch = sled::Batch::default();
+    batch.insert(LAST_SEQUENCE_KEY, &7_u64.to_be_bytes());
+    projections.tree.apply_batch(batch).unwrap();
+    projections.tree.flush().unwrap();
+    drop(projections);
+    assert_eq!(
+        Projections::open(dir.path()).unwrap().last_applied_sequence().unwrap(),
+        7
     );
 }
