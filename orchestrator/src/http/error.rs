@@ -73,6 +73,10 @@ pub enum ApiError {
     /// The path exists but not with this method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(Method),
+    /// The request was not answered within `http.request_timeout_secs` (its body arrived too
+    /// slowly, or its handler waited too long).
+    #[error("the request was not answered within {} seconds; try again later", .0.as_secs())]
+    RequestTimeout(std::time::Duration),
     /// The projection store failed.
     #[error("reading the projections")]
     Projection(#[from] ProjectionError),
@@ -111,7 +115,7 @@ impl ApiError {
             }
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not a 500: the caller's request was fine, and the message says so.
-            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => {
+            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::RequestTimeout(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -134,6 +138,7 @@ impl ApiError {
                 "Request_ResourceNotFound"
             }
             Self::Throttled { .. } => "TooManyRequests",
+            Self::RequestTimeout(_) => "RequestTimeout",
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible => "ServiceUnavailable",
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => "InternalServerError",
         }
@@ -143,7 +148,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = if status == StatusCode::SERVICE_UNAVAILABLE {
+        let message = if let Self::RequestTimeout(_) = self {
+            tracing::warn!(error = %self, "request timed out");
+            self.to_string()
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
             // The message is meant for the caller; the cause is for the operator.
             tracing::warn!(error = %ErrorChain(&self), "request refused: a dependency is unavailable");
             self.to_string()

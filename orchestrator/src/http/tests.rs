@@ -192,6 +192,7 @@ impl Fixture {
             policy: None,
             enrollments_in_flight: Arc::default(),
             nats: crate::bus::NatsStatus::detached(),
+            request_timeout: std::time::Duration::from_secs(30),
         };
         let mut fixture = Self {
             _dir: dir,
