@@ -182,18 +182,18 @@ impl Connection {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let requests_in_progress = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(RequestCount::default());
         let io = GuardedIo::new(
             io,
             self.shared.limits,
-            Arc::clone(&requests_in_progress),
+            Arc::clone(&requests),
             self.shared.metrics.clone(),
         );
         let router = self.shared.router.clone();
         let peer = self.peer;
         let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-            let in_progress = InProgress::enter(&requests_in_progress);
+            let in_progress = InProgress::enter(&requests);
             let router = router.clone();
             async move {
                 let response = router.oneshot(request).await;
@@ -279,19 +279,30 @@ impl Drop for AddressSlot {
     }
 }
 
-/// A request being handled on a connection; counted in its connection's counter until dropped.
-struct InProgress(Arc<AtomicUsize>);
+/// The requests of one connection that its service started and finished, so that [`GuardedIo`]
+/// knows whether one is in progress, and whether one finished since it last looked (which a
+/// request started and finished between two of its polls would otherwise hide).
+#[derive(Debug, Default)]
+struct RequestCount {
+    /// Requests handed to the service.
+    started: AtomicUsize,
+    /// Requests answered (or dropped); never more than `started`.
+    finished: AtomicUsize,
+}
+
+/// A request being handled on a connection; counted as finished when dropped.
+struct InProgress(Arc<RequestCount>);
 
 impl InProgress {
-    fn enter(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Self(Arc::clone(counter))
+    fn enter(requests: &Arc<RequestCount>) -> Self {
+        requests.started.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(requests))
     }
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -309,15 +320,18 @@ enum Phase {
 
 /// A connection's I/O, failing with `TimedOut` when the client overruns its phase's deadline.
 ///
-/// hyper reads only when it waits for the client, so the deadline is checked when a read (or a
-/// write) would block.
+/// The deadline is checked when a read or a write would block, and its timer is armed on every
+/// poll, so that it wakes the connection's task even when hyper is not reading (hyper then polls
+/// the read side, which fails).
 struct GuardedIo<T> {
     /// The TCP or TLS stream.
     inner: T,
     /// The timeouts.
     limits: HttpLimits,
-    /// Requests being handled on this connection, counted by the service.
-    requests_in_progress: Arc<AtomicUsize>,
+    /// Requests started and finished on this connection, counted by the service.
+    requests: Arc<RequestCount>,
+    /// `requests.finished` when last looked at.
+    finished_seen: usize,
     /// The current phase.
     phase: Phase,
     /// When the current phase's time runs out (ignored while [`Phase::Busy`]).
@@ -327,22 +341,25 @@ struct GuardedIo<T> {
 }
 
 impl<T> GuardedIo<T> {
-    fn new(inner: T, limits: HttpLimits, requests_in_progress: Arc<AtomicUsize>, metrics: Metrics) -> Self {
+    fn new(inner: T, limits: HttpLimits, requests: Arc<RequestCount>, metrics: Metrics) -> Self {
         Self {
             inner,
             limits,
-            requests_in_progress,
+            requests,
+            finished_seen: 0,
             phase: Phase::ReadingHead,
             deadline: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
             metrics,
         }
     }
 
-    /// Moves to [`Phase::Busy`] while a request is handled, and to [`Phase::Idle`] after it.
+    /// Moves to [`Phase::Busy`] while a request is handled, and to [`Phase::Idle`] after one.
     fn update_phase(&mut self) {
-        if self.requests_in_progress.load(Ordering::SeqCst) > 0 {
+        let finished = self.requests.finished.load(Ordering::SeqCst);
+        if self.requests.started.load(Ordering::SeqCst) > finished {
             self.phase = Phase::Busy;
-        } else if self.phase == Phase::Busy {
+        } else if finished != self.finished_seen {
+            self.finished_seen = finished;
             self.enter(Phase::Idle);
         }
     }
@@ -363,6 +380,15 @@ impl<T> GuardedIo<T> {
             Phase::Idle if bytes_read => self.enter(Phase::ReadingHead),
             Phase::Idle => self.enter(Phase::Idle),
             Phase::ReadingHead | Phase::Busy => {}
+        }
+    }
+
+    /// Registers the deadline's timer with the task, so that it is polled again when the deadline
+    /// passes.
+    fn arm(&mut self, cx: &mut Context<'_>) {
+        if self.phase != Phase::Busy && self.deadline.as_mut().poll(cx).is_ready() {
+            // Passed already: poll the task again, so that its next read fails.
+            cx.waker().wake_by_ref();
         }
     }
 
@@ -397,6 +423,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 if buf.filled().len() > filled_before {
                     this.progressed(true);
                 }
+                this.arm(cx);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
@@ -414,6 +441,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
                 if written > 0 {
                     this.progressed(false);
                 }
+                this.arm(cx);
                 Poll::Ready(Ok(written))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
@@ -433,6 +461,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
                 if written > 0 {
                     this.progressed(false);
                 }
+                this.arm(cx);
                 Poll::Ready(Ok(written))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
@@ -449,7 +478,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         this.update_phase();
         match Pin::new(&mut this.inner).poll_flush(cx) {
             Poll::Pending => this.poll_deadline(cx),
-            ready => ready,
+            ready => {
+                this.arm(cx);
+                ready
+            }
         }
     }
 
@@ -550,6 +582,114 @@ mod tests {
         stream.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with(&local.to_string()), "{answer}");
+        shutdown.cancel();
+    }
+
+    /// A router with `/healthz` answering `ok`.
+    fn healthz() -> Router {
+        Router::new().route("/healthz", get(|| async { "ok" }))
+    }
+
+    /// Sends a `/healthz` request and reads its answer, leaving the connection open.
+    async fn ask(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0_u8; 1024];
+        while !answer.ends_with(b"ok") {
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "closed mid-answer: {answer:?}");
+            answer.extend_from_slice(&buffer[..read]);
+        }
+        String::from_utf8(answer).unwrap()
+    }
+
+    /// How long until the server closes `stream`.
+    async fn time_to_close(stream: &mut TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buffer = [0_u8; 1024];
+        let closing = async {
+            while let Ok(read) = stream.read(&mut buffer).await {
+                if read == 0 {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), closing)
+            .await
+            .expect("closed within the safety net");
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn over_plain_http_a_head_sent_byte_by_byte_and_an_idle_connection_are_cut_off_at_their_timeouts() {
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(2),
+            ..limits()
+        };
+        let (addr, shutdown) = start(healthz(), None, limits).await;
+
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let dripping = async {
+            for byte in b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: "
+                .iter()
+                .chain(std::iter::repeat(&b'a'))
+            {
+                if slow.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), dripping)
+            .await
+            .expect("the writer is cut off within the safety net");
+        let cut_off = started.elapsed();
+        assert!(
+            (Duration::from_millis(900)..Duration::from_secs(2)).contains(&cut_off),
+            "{cut_off:?}"
+        );
+
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut idle).await.starts_with("HTTP/1.1 200"));
+        let idled = time_to_close(&mut idle).await;
+        assert!(
+            (Duration::from_millis(1800)..Duration::from_secs(4)).contains(&idled),
+            "{idled:?}"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn over_the_global_cap_a_connection_waits_until_one_closes() {
+        let limits = HttpLimits {
+            max_connections: 2,
+            max_connections_per_address: 2,
+            ..limits()
+        };
+        let (addr, shutdown) = start(healthz(), None, limits).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert!(ask(&mut first).await.starts_with("HTTP/1.1 200"));
+        assert!(ask(&mut second).await.starts_with("HTTP/1.1 200"));
+
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(500), ask(&mut third)).await;
+        assert!(waiting.is_err(), "a third connection is not served while two are open");
+        drop(first);
+
+        let answer = tokio::time::timeout(Duration::from_secs(10), ask(&mut third))
+            .await
+            .expect("served once a connection closed");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            ask(&mut second).await.starts_with("HTTP/1.1 200"),
+            "the open one still works"
+        );
         shutdown.cancel();
     }
 
