@@ -47,6 +47,8 @@ pub struct TestOrchestrator {
     nats: NatsAccess,
     /// Extra top-level config lines; kept across restarts.
     extra_config: String,
+    /// Extra lines of the `[http]` table; kept across restarts.
+    http_config: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     /// Owns `data_dir` unless the test supplied one.
@@ -143,6 +145,21 @@ impl TestOrchestrator {
         orchestrator
     }
 
+    /// Starts an orchestrator on `nats` with a fresh data directory and `http_config`, lines of
+    /// its `[http]` table such as `idle_timeout_secs = 2`.
+    pub async fn spawn_with_http_config(nats: &TestNats, http_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-orchestrator-")
+            .tempdir()
+            .expect("tempdir");
+        let mut orchestrator =
+            Self::try_spawn_with_http_config(NatsAccess::orchestrator(nats), dir.path(), "", http_config)
+                .await
+                .expect("orchestrator starts");
+        orchestrator._dir = Some(dir);
+        orchestrator
+    }
+
     /// Starts an orchestrator on `nats` with the data directory `data_dir`.
     pub async fn spawn_in(nats: &TestNats, data_dir: &Path) -> Self {
         Self::try_spawn(NatsAccess::orchestrator(nats), data_dir, "")
@@ -159,6 +176,16 @@ impl TestOrchestrator {
     /// Starts an orchestrator reaching NATS as `nats` says, on `data_dir`, with `extra_config`
     /// as top-level config lines; the error is `App::build`'s.
     pub async fn try_spawn(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
+        Self::try_spawn_with_http_config(nats, data_dir, extra_config, "").await
+    }
+
+    /// [`Self::try_spawn`] with `http_config` as extra lines of the `[http]` table.
+    async fn try_spawn_with_http_config(
+        nats: NatsAccess,
+        data_dir: &Path,
+        extra_config: &str,
+        http_config: &str,
+    ) -> anyhow::Result<Self> {
         init_tracing();
         let (nats_lines, insecure_line) = nats.orchestrator_lines();
         let text = format!(
@@ -172,6 +199,7 @@ url = "{nats_url}"
 {nats_lines}
 [http]
 listen = "127.0.0.1:0"
+{http_config}
 [http.tls]
 self_signed = true
 [metrics]
@@ -219,6 +247,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             data_dir: data_dir.to_owned(),
             nats,
             extra_config: extra_config.to_owned(),
+            http_config: http_config.to_owned(),
             shutdown: Some(shutdown),
             task: Some(task),
             _dir: None,
@@ -246,7 +275,9 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// error it stays stopped, and may be tried again.
     pub async fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let started = Self::try_spawn(self.nats.clone(), &self.data_dir, &self.extra_config).await?;
+        let started =
+            Self::try_spawn_with_http_config(self.nats.clone(), &self.data_dir, &self.extra_config, &self.http_config)
+                .await?;
         let dir = self._dir.take();
         *self = started;
         self._dir = dir;
