@@ -116,7 +116,8 @@ pub struct HttpConfig {
     /// answer) before it is closed.
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
-    /// Seconds a request may take, reading its body included, before it is answered 503.
+    /// Seconds a request may take, reading its body included, before it is answered 503; at least
+    /// 20, longer than the API's own waits.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
     /// Connections served at once; further ones wait in the kernel's backlog.
@@ -301,18 +302,23 @@ impl HttpConfig {
     /// The connection and timeout limits; fails, naming the setting and its allowed range, when
     /// one is out of range.
     pub fn limits(&self) -> anyhow::Result<HttpLimits> {
-        let seconds = |name: &str, value: u64, max: u64| {
-            if (1..=max).contains(&value) {
+        let seconds = |name: &str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
                 Ok(Duration::from_secs(value))
             } else {
                 Err(anyhow::anyhow!(
-                    "invalid config: http.{name} = {value}: allowed 1 to {max} seconds"
+                    "invalid config: http.{name} = {value}: allowed {min} to {max} seconds"
                 ))
             }
         };
-        let header_read_timeout = seconds("header_read_timeout_secs", self.header_read_timeout_secs, 300)?;
-        let idle_timeout = seconds("idle_timeout_secs", self.idle_timeout_secs, 3600)?;
-        let request_timeout = seconds("request_timeout_secs", self.request_timeout_secs, 3600)?;
+        let header_read_timeout = seconds("header_read_timeout_secs", self.header_read_timeout_secs, 1, 300)?;
+        let idle_timeout = seconds("idle_timeout_secs", self.idle_timeout_secs, 1, 3600)?;
+        let request_timeout = seconds(
+            "request_timeout_secs",
+            self.request_timeout_secs,
+            MIN_REQUEST_TIMEOUT_SECS,
+            3600,
+        )?;
         if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
             anyhow::bail!(
                 "invalid config: http.max_connections = {}: allowed 1 to {MAX_CONNECTIONS}",
@@ -335,6 +341,12 @@ impl HttpConfig {
         })
     }
 }
+
+/// The least `http.request_timeout_secs` allowed: longer than the API's own waits (JetStream's
+/// ack, 5 s, then the projections, 10 s), so that a handler ends them with its own answer (such as
+/// "recorded but not yet visible") and is never dropped between recording an event and
+/// finishing what goes with it.
+const MIN_REQUEST_TIMEOUT_SECS: u64 = 20;
 
 /// The most `http.max_connections` allowed: far beyond what one process serves well, it only
 /// catches typing mistakes.
@@ -564,7 +576,7 @@ mod tests {
         );
         let set = config_with(
             "[http]\nplain_http = true\nheader_read_timeout_secs = 2\nidle_timeout_secs = 5\n\
-             request_timeout_secs = 7\nmax_connections = 10\nmax_connections_per_address = 10\n",
+             request_timeout_secs = 20\nmax_connections = 10\nmax_connections_per_address = 10\n",
         )
         .expect("valid");
         assert_eq!(
@@ -572,7 +584,7 @@ mod tests {
             HttpLimits {
                 header_read_timeout: Duration::from_secs(2),
                 idle_timeout: Duration::from_secs(5),
-                request_timeout: Duration::from_secs(7),
+                request_timeout: Duration::from_secs(20),
                 max_connections: 10,
                 max_connections_per_address: 10,
             }
@@ -596,9 +608,9 @@ mod tests {
             err.contains("http.idle_timeout_secs = 3601: allowed 1 to 3600 seconds"),
             "{err}"
         );
-        let err = refused("request_timeout_secs = 0");
+        let err = refused("request_timeout_secs = 19");
         assert!(
-            err.contains("http.request_timeout_secs = 0: allowed 1 to 3600 seconds"),
+            err.contains("http.request_timeout_secs = 19: allowed 20 to 3600 seconds"),
             "{err}"
         );
         let err = refused("max_connections = 0");
