@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenStore;
 use crate::bus::{self, Consumer, JetStreamJournal};
-use crate::config::{ApiTransport, Config};
+use crate::config::{ApiTransport, Config, HttpLimits};
 use crate::data_dir::DataDirLock;
 use crate::health::Health;
-use crate::http::{self, AppState, TlsListener};
+use crate::http::{self, AppState, ServeOptions};
 use crate::key_ceremony;
 use crate::metrics::Metrics;
 use crate::orchestrator_key;
@@ -31,6 +31,8 @@ pub struct App {
     http_listener: TcpListener,
     /// The API's TLS; `None` only when the config asked for plain HTTP (`http.plain_http`).
     api_tls: Option<ServerTls>,
+    /// The API's timeouts and connection caps (`[http]`).
+    http_limits: HttpLimits,
     /// The metrics listener, already bound.
     metrics_listener: TcpListener,
     /// Shared with the HTTP handlers.
@@ -50,6 +52,7 @@ impl App {
         let lock = DataDirLock::acquire(&config.data_dir)?;
         let policy = config.policy()?;
         let escrow_recovery_public_key = config.escrow_recovery_public_key()?;
+        let http_limits = config.http.limits()?;
         let api_tls = match config.http.transport()? {
             ApiTransport::Tls(source) => Some(tls::load(&source, &config.data_dir)?),
             ApiTransport::PlainHttp => {
@@ -127,10 +130,12 @@ impl App {
             nats,
             health,
             token_issuance: Arc::default(),
+            request_timeout: http_limits.request_timeout,
         };
         Ok(Self {
             http_listener,
             api_tls,
+            http_limits,
             metrics_listener,
             state,
             consumer,
@@ -182,28 +187,22 @@ impl App {
         let _lock = self.lock;
 
         let mut tasks = tokio::task::JoinSet::new();
-        // Connection info gives handlers the peer address, which the audit records.
-        let api_router = http::router(self.state.clone());
-        match self.api_tls {
-            Some(api_tls) => {
-                let listener =
-                    TlsListener::new(self.http_listener, api_tls.config).context("starting the API's TLS listener")?;
-                let api = axum::serve(
-                    listener,
-                    api_router.into_make_service_with_connect_info::<http::PeerAddr>(),
-                )
-                .with_graceful_shutdown(cancel.clone().cancelled_owned());
-                tasks.spawn(async move { api.await.context("serving the API") });
-            }
-            None => {
-                let api = axum::serve(
-                    self.http_listener,
-                    api_router.into_make_service_with_connect_info::<http::PeerAddr>(),
-                )
-                .with_graceful_shutdown(cancel.clone().cancelled_owned());
-                tasks.spawn(async move { api.await.context("serving the API") });
-            }
-        }
+        // The API's own serving loop: over TLS or plain HTTP, with the same timeouts and caps; it
+        // gives handlers the peer address, which the audit records.
+        let api = http::serve(
+            self.http_listener,
+            http::router(self.state.clone()),
+            ServeOptions {
+                tls: self.api_tls.map(|api_tls| api_tls.config),
+                limits: self.http_limits,
+                metrics: self.state.metrics.clone(),
+            },
+            cancel.clone(),
+        );
+        tasks.spawn(async move {
+            api.await;
+            Ok(())
+        });
         // Plain HTTP on purpose: Prometheus scrapes this listener locally (it binds loopback by
         // default), and it serves counters, never tokens or passwords.
         let metrics = axum::serve(self.metrics_listener, http::metrics_router(self.state.metrics.clone()))

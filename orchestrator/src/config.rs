@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -111,6 +112,25 @@ pub struct HttpConfig {
     /// is never a default: only for a TLS-terminating proxy on the same host, or tests.
     #[serde(default)]
     pub plain_http: bool,
+    /// Seconds a client has, from its first byte, to send a whole request head (and, over TLS,
+    /// from connecting to finish the handshake); a client sending its headers byte by byte is cut
+    /// off then. See [`HttpLimits`].
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may stay open sending nothing between requests (or not reading its
+    /// answer) before it is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Seconds a request may take, reading its body included, before it is answered 503; at least
+    /// 20, longer than the API's own waits.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections served at once from one IP address; a further one is closed at once.
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
 }
 
 /// `[http.tls]`: either a certificate and key from PEM files, or `self_signed = true`.
@@ -155,6 +175,21 @@ pub enum TlsSource {
         /// address.
         subject_alt_names: Vec<String>,
     },
+}
+
+/// What the API grants one client: the validated form of the limits in [`HttpConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// `http.header_read_timeout_secs`.
+    pub header_read_timeout: Duration,
+    /// `http.idle_timeout_secs`.
+    pub idle_timeout: Duration,
+    /// `http.request_timeout_secs`.
+    pub request_timeout: Duration,
+    /// `http.max_connections`.
+    pub max_connections: usize,
+    /// `http.max_connections_per_address`; never more than `max_connections`.
+    pub max_connections_per_address: usize,
 }
 
 /// The metrics listener.
@@ -207,6 +242,11 @@ impl Default for HttpConfig {
             tls: None,
             rotate_min_interval_secs: default_rotate_min_interval_secs(),
             plain_http: false,
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            request_timeout_secs: default_request_timeout_secs(),
+            max_connections: default_max_connections(),
+            max_connections_per_address: default_max_connections_per_address(),
         }
     }
 }
@@ -263,7 +303,59 @@ impl HttpConfig {
         }
         Ok(ApiTransport::Tls(source))
     }
+
+    /// The connection and timeout limits; fails, naming the setting and its allowed range, when
+    /// one is out of range.
+    pub fn limits(&self) -> anyhow::Result<HttpLimits> {
+        let seconds = |name: &str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(Duration::from_secs(value))
+            } else {
+                Err(anyhow::anyhow!(
+                    "invalid config: http.{name} = {value}: allowed {min} to {max} seconds"
+                ))
+            }
+        };
+        let header_read_timeout = seconds("header_read_timeout_secs", self.header_read_timeout_secs, 1, 300)?;
+        let idle_timeout = seconds("idle_timeout_secs", self.idle_timeout_secs, 1, 3600)?;
+        let request_timeout = seconds(
+            "request_timeout_secs",
+            self.request_timeout_secs,
+            MIN_REQUEST_TIMEOUT_SECS,
+            3600,
+        )?;
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            anyhow::bail!(
+                "invalid config: http.max_connections = {}: allowed 1 to {MAX_CONNECTIONS}",
+                self.max_connections
+            );
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_address) {
+            anyhow::bail!(
+                "invalid config: http.max_connections_per_address = {}: allowed 1 to http.max_connections ({})",
+                self.max_connections_per_address,
+                self.max_connections
+            );
+        }
+        Ok(HttpLimits {
+            header_read_timeout,
+            idle_timeout,
+            request_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+        })
+    }
 }
+
+/// The least `http.request_timeout_secs` allowed: longer than the API's own waits (JetStream's
+/// ack, 5 s, then the projections, 10 s), so that a handler ends them with its own answer (such as
+/// "recorded but not yet visible") and is never dropped between recording an event and
+/// finishing what goes with it.
+const MIN_REQUEST_TIMEOUT_SECS: u64 = 20;
+
+/// The most `http.max_connections` allowed: far beyond what one process serves well, it only
+/// catches typing mistakes.
+const MAX_CONNECTIONS: usize = 1 << 20;
 
 impl Default for MetricsConfig {
     fn default() -> Self {
@@ -279,6 +371,26 @@ fn default_http_listen() -> SocketAddr {
 
 fn default_rotate_min_interval_secs() -> u64 {
     300
+}
+
+fn default_header_read_timeout_secs() -> u64 {
+    10
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+
+fn default_request_timeout_secs() -> u64 {
+    30
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_max_connections_per_address() -> usize {
+    64
 }
 
 fn default_consumer() -> String {
@@ -401,6 +513,7 @@ impl Config {
             );
         }
         self.http.transport()?;
+        self.http.limits()?;
         self.nats_credentials()?;
         if !(self.nats.url.starts_with("nats://") || self.nats.url.starts_with("tls://")) {
             anyhow::bail!(
@@ -457,6 +570,72 @@ mod tests {
         );
         let plain = config_with("[http]\nplain_http = true\n").expect("valid");
         assert_eq!(plain.http.transport().expect("valid"), ApiTransport::PlainHttp);
+    }
+
+    #[test]
+    fn the_http_limits_default_to_server_values_and_can_be_set() {
+        let defaults = config_with("[http]\nplain_http = true\n").expect("valid");
+        assert_eq!(
+            defaults.http.limits().expect("valid"),
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                request_timeout: Duration::from_secs(30),
+                max_connections: 1024,
+                max_connections_per_address: 64,
+            }
+        );
+        let set = config_with(
+            "[http]\nplain_http = true\nheader_read_timeout_secs = 2\nidle_timeout_secs = 5\n\
+             request_timeout_secs = 20\nmax_connections = 10\nmax_connections_per_address = 10\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            set.http.limits().expect("valid"),
+            HttpLimits {
+                header_read_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(20),
+                max_connections: 10,
+                max_connections_per_address: 10,
+            }
+        );
+    }
+
+    #[test]
+    fn http_limits_out_of_range_are_refused_naming_the_setting_and_the_range() {
+        let refused = |lines: &str| {
+            config_with(&format!("[http]\nplain_http = true\n{lines}\n"))
+                .expect_err(lines)
+                .to_string()
+        };
+        let err = refused("header_read_timeout_secs = 0");
+        assert!(
+            err.contains("http.header_read_timeout_secs = 0: allowed 1 to 300 seconds"),
+            "{err}"
+        );
+        let err = refused("idle_timeout_secs = 3601");
+        assert!(
+            err.contains("http.idle_timeout_secs = 3601: allowed 1 to 3600 seconds"),
+            "{err}"
+        );
+        let err = refused("request_timeout_secs = 19");
+        assert!(
+            err.contains("http.request_timeout_secs = 19: allowed 20 to 3600 seconds"),
+            "{err}"
+        );
+        let err = refused("max_connections = 0");
+        assert!(err.contains("http.max_connections = 0: allowed 1 to 1048576"), "{err}");
+        let err = refused("max_connections = 8\nmax_connections_per_address = 9");
+        assert!(
+            err.contains("http.max_connections_per_address = 9: allowed 1 to http.max_connections (8)"),
+            "{err}"
+        );
+        let err = refused("max_connections_per_address = 0");
+        assert!(err.contains("http.max_connections_per_address = 0"), "{err}");
+        // A negative number is not a count at all: serde names the key.
+        let err = refused("max_connections = -1");
+        assert!(err.contains("max_connections"), "{err}");
     }
 
     #[test]

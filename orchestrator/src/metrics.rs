@@ -45,6 +45,43 @@ pub const CONSUMER_HEALTHY: &str = "fleetlaps_consumer_healthy";
 /// from then on), 0 before.
 pub const PROJECTIONS_CAUGHT_UP: &str = "fleetlaps_projections_caught_up";
 
+/// API connections closed by the server before or between requests, by reason
+/// ([`ConnectionDropReason`]).
+pub const HTTP_CONNECTIONS_DROPPED_TOTAL: &str = "fleetlaps_http_connections_dropped_total";
+
+/// Why the API closed a connection: the `reason` label of [`HTTP_CONNECTIONS_DROPPED_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionDropReason {
+    /// Refused at once: its address already had `http.max_connections_per_address` open.
+    PerAddressLimit,
+    /// The TLS handshake took longer than `http.header_read_timeout_secs`.
+    TlsHandshakeTimeout,
+    /// A request head took longer than `http.header_read_timeout_secs`.
+    HeaderReadTimeout,
+    /// Nothing was sent or read for `http.idle_timeout_secs` between requests.
+    IdleTimeout,
+}
+
+impl ConnectionDropReason {
+    /// Every reason, so each label value exists from the start.
+    pub const ALL: [Self; 4] = [
+        Self::PerAddressLimit,
+        Self::TlsHandshakeTimeout,
+        Self::HeaderReadTimeout,
+        Self::IdleTimeout,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PerAddressLimit => "per_address_limit",
+            Self::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Self::HeaderReadTimeout => "header_read_timeout",
+            Self::IdleTimeout => "idle_timeout",
+        }
+    }
+}
+
 /// The orchestrator's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -79,6 +116,8 @@ pub struct Metrics {
     pub consumer_healthy: IntGauge,
     /// See [`PROJECTIONS_CAUGHT_UP`].
     pub projections_caught_up: IntGauge,
+    /// See [`HTTP_CONNECTIONS_DROPPED_TOTAL`].
+    pub http_connections_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -150,7 +189,15 @@ impl Metrics {
         )
         .expect("metric definition is valid");
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let http_connections_dropped = IntCounterVec::new(
+            Opts::new(
+                HTTP_CONNECTIONS_DROPPED_TOTAL,
+                "API connections closed by the server before or between requests, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("metric definition is valid");
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(events_applied.clone()),
             Box::new(events_duplicate.clone()),
             Box::new(events_quarantined.clone()),
@@ -166,6 +213,7 @@ impl Metrics {
             Box::new(backups_confirmed.clone()),
             Box::new(consumer_healthy.clone()),
             Box::new(projections_caught_up.clone()),
+            Box::new(http_connections_dropped.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("each metric is registered once");
@@ -179,6 +227,9 @@ impl Metrics {
         }
         for reason in QuarantineReason::ALL {
             events_quarantined.with_label_values(&[reason.as_str()]);
+        }
+        for reason in ConnectionDropReason::ALL {
+            http_connections_dropped.with_label_values(&[reason.as_str()]);
         }
         backups_confirmed.with_label_values(&["stored"]);
         for reason in fleetlaps_proto::command::BackupRefusal::ALL {
@@ -201,6 +252,7 @@ impl Metrics {
             backups_confirmed,
             consumer_healthy,
             projections_caught_up,
+            http_connections_dropped,
         }
     }
 

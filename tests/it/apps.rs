@@ -48,6 +48,8 @@ pub struct TestOrchestrator {
     /// The top-level config lines it was started with; a restart uses them again, so a test may
     /// change them in between.
     pub extra_config: String,
+    /// Extra lines of the `[http]` table; kept across restarts.
+    http_config: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     /// Owns `data_dir` unless the test supplied one.
@@ -144,6 +146,21 @@ impl TestOrchestrator {
         orchestrator
     }
 
+    /// Starts an orchestrator on `nats` with a fresh data directory and `http_config`, lines of
+    /// its `[http]` table such as `idle_timeout_secs = 2`.
+    pub async fn spawn_with_http_config(nats: &TestNats, http_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("fleetlaps-orchestrator-")
+            .tempdir()
+            .expect("tempdir");
+        let mut orchestrator =
+            Self::try_spawn_with_http_config(NatsAccess::orchestrator(nats), dir.path(), "", http_config)
+                .await
+                .expect("orchestrator starts");
+        orchestrator._dir = Some(dir);
+        orchestrator
+    }
+
     /// Starts an orchestrator on `nats` with the data directory `data_dir`.
     pub async fn spawn_in(nats: &TestNats, data_dir: &Path) -> Self {
         Self::try_spawn(NatsAccess::orchestrator(nats), data_dir, "")
@@ -161,13 +178,29 @@ impl TestOrchestrator {
     /// as top-level config lines, and waits until it is healthy (its projections caught up with
     /// the stream); the error is `App::build`'s.
     pub async fn try_spawn(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
-        let orchestrator = Self::try_start(nats, data_dir, extra_config).await?;
+        Self::try_spawn_with_http_config(nats, data_dir, extra_config, "").await
+    }
+
+    /// [`Self::try_spawn`] with `http_config` as extra lines of the `[http]` table.
+    async fn try_spawn_with_http_config(
+        nats: NatsAccess,
+        data_dir: &Path,
+        extra_config: &str,
+        http_config: &str,
+    ) -> anyhow::Result<Self> {
+        let orchestrator = Self::try_start(nats, data_dir, extra_config, http_config).await?;
         orchestrator.wait_until_healthy().await;
         Ok(orchestrator)
     }
 
-    /// [`Self::try_spawn`] without waiting for health: it serves, but may still be catching up.
-    pub async fn try_start(nats: NatsAccess, data_dir: &Path, extra_config: &str) -> anyhow::Result<Self> {
+    /// [`Self::try_spawn_with_http_config`] without waiting for health: it serves, but may
+    /// still be catching up.
+    pub async fn try_start(
+        nats: NatsAccess,
+        data_dir: &Path,
+        extra_config: &str,
+        http_config: &str,
+    ) -> anyhow::Result<Self> {
         init_tracing();
         let (nats_lines, insecure_line) = nats.orchestrator_lines();
         // The test's own bootstrap admin token, when it names one, replaces the default.
@@ -190,6 +223,7 @@ url = "{nats_url}"
 {nats_lines}
 [http]
 listen = "127.0.0.1:0"
+{http_config}
 [http.tls]
 self_signed = true
 [metrics]
@@ -237,6 +271,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             data_dir: data_dir.to_owned(),
             nats,
             extra_config: extra_config.to_owned(),
+            http_config: http_config.to_owned(),
             shutdown: Some(shutdown),
             task: Some(task),
             _dir: None,
@@ -272,7 +307,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// projections to catch up (to watch what it does meanwhile).
     pub async fn restart_without_waiting(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let started = Self::try_start(self.nats.clone(), &self.data_dir, &self.extra_config).await?;
+        let started = Self::try_start(self.nats.clone(), &self.data_dir, &self.extra_config, &self.http_config).await?;
         let dir = self._dir.take();
         *self = started;
         self._dir = dir;

@@ -31,3 +31,4 @@ mod rollback;
 mod rotation;
 mod security;
 mod signed_history;
+mod slow_clients;

@@ -90,6 +90,10 @@ pub enum ApiError {
     /// The path exists but not with this method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(Method),
+    /// The request was not answered within `http.request_timeout_secs` (its body arrived too
+    /// slowly, or its handler waited too long).
+    #[error("the request was not answered within {} seconds; try again later", .0.as_secs())]
+    RequestTimeout(std::time::Duration),
     /// The projection store failed.
     #[error("reading the projections")]
     Projection(#[from] ProjectionError),
@@ -127,9 +131,11 @@ impl ApiError {
             Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not a 500: the caller's request was fine, and the message says so.
-            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::AuditUnavailable(_)
+            | Self::CommandUnavailable(_)
+            | Self::NotYetVisible
+            | Self::CatchingUp(_)
+            | Self::RequestTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -149,6 +155,7 @@ impl ApiError {
             Self::UnsupportedQuery(_) => "Request_UnsupportedQuery",
             Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::NoRoute(_) => "Request_ResourceNotFound",
             Self::Throttled { .. } => "TooManyRequests",
+            Self::RequestTimeout(_) => "RequestTimeout",
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
                 "ServiceUnavailable"
             }
@@ -160,7 +167,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = if status == StatusCode::SERVICE_UNAVAILABLE {
+        let message = if let Self::RequestTimeout(_) = self {
+            tracing::warn!(error = %self, "request timed out");
+            self.to_string()
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
             // The message is meant for the caller; the cause is for the operator.
             tracing::warn!(error = %ErrorChain(&self), "request refused: a dependency is unavailable");
             self.to_string()

@@ -13,7 +13,8 @@
 //! - `auth`: the bearer-token extractor.
 //! - `odata`: OData query options (`$filter`, `$select`, `$top`, `$skiptoken`).
 //! - `error`: [`ApiError`], the one error type that becomes a response.
-//! - `tls`: [`TlsListener`], which serves the API over TLS.
+//! - `serve`: [`serve()`], which serves the API's connections over TLS or plain HTTP within the
+//!   timeouts and connection caps of [`crate::config::HttpLimits`].
 
 mod audit;
 mod auth;
@@ -26,7 +27,7 @@ mod health;
 mod metrics;
 mod odata;
 mod quarantine;
-mod tls;
+mod serve;
 mod tokens;
 
 use std::sync::Arc;
@@ -45,7 +46,7 @@ pub use error::ApiError;
 
 /// How long a recorded change may take to reach the projections before an answer says so.
 const VISIBLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-pub use tls::{PeerAddr, TlsListener};
+pub use serve::{PeerAddr, ServeOptions, serve};
 
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -82,6 +83,8 @@ pub struct AppState {
     /// Held while a token is made, from the check of its name until the projections show it, so
     /// two tokens of a kind never take one name.
     pub token_issuance: Arc<tokio::sync::Mutex<()>>,
+    /// How long a request may take before it is answered 503 (`http.request_timeout_secs`).
+    pub request_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -101,9 +104,11 @@ impl AppState {
 
 /// The API: health, the escrow public key and Graph's `deviceLocalCredentials`.
 ///
-/// Every request, matched or not, is counted by route pattern and status code.
+/// Every request, matched or not, is counted by route pattern and status code; one that takes
+/// longer than `state.request_timeout` is answered 503.
 pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
+    let request_timeout = state.request_timeout;
     Router::new()
         .route(health::PATH, get(health::get))
         .route(escrow::PATH, get(escrow::get_public_key))
@@ -121,6 +126,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            request_timeout,
+            serve::limit_request_time,
+        ))
         .layer(axum::middleware::from_fn_with_state(metrics, metrics::track_requests))
 }
 
