@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::apps::{ADMIN_TOKEN, TestOrchestrator};
+use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, TestOrchestrator, enroll};
 use crate::harness::{TestNats, wait_until};
 
 /// Every page of the collection at `path`, followed through `@odata.nextLink`, as `token`.
@@ -27,13 +27,13 @@ async fn all_pages(orchestrator: &TestOrchestrator, path: &str, token: &str) -> 
 
 #[tokio::test]
 async fn a_full_quarantine_keeps_the_newest_entries_counts_the_dropped_ones_and_pages() {
-    // Arrange: a quarantine that keeps 3 entries.
+    // Arrange: a quarantine that keeps 101 entries: more than lapsctl's first page of 100.
     let nats = TestNats::start();
-    let orchestrator = TestOrchestrator::spawn_with_config(&nats, "quarantine = { max_entries = 3 }").await;
+    let orchestrator = TestOrchestrator::spawn_with_config(&nats, "quarantine = { max_entries = 101 }").await;
     let jetstream = jetstream::new(nats.client().await);
 
-    // Act: 7 malformed messages.
-    for index in 0..7 {
+    // Act: 103 malformed messages.
+    for index in 0..103 {
         jetstream
             .publish(
                 "laps.events.intruder.password_backed_up",
@@ -44,24 +44,26 @@ async fn a_full_quarantine_keeps_the_newest_entries_counts_the_dropped_ones_and_
             .await
             .expect("acked");
     }
-    wait_until("all 7 are quarantined", Duration::from_secs(30), || async {
+    wait_until("all 103 are quarantined", Duration::from_secs(30), || async {
         (orchestrator
             .metric("fleetlaps_events_quarantined_total{reason=\"malformed\"}")
             .await
-            == 7.0)
+            == 103.0)
             .then_some(())
     })
     .await;
 
-    // Assert: the newest 3 are listed, the 4 older ones counted as dropped.
-    let response = orchestrator.get("/v1.0/fleetlaps/quarantine", Some(ADMIN_TOKEN)).await;
+    // Assert: the newest 101 are listed, the 2 older ones counted as dropped.
+    let response = orchestrator
+        .get("/v1.0/fleetlaps/quarantine?$top=1000", Some(ADMIN_TOKEN))
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     let whole: Value = response.json().await.expect("json");
     let listed = whole["value"].as_array().expect("a list").clone();
-    assert_eq!(listed.len(), 3, "{whole}");
-    assert_eq!(whole["@fleetlaps.droppedCount"], 4, "{whole}");
-    assert_eq!(whole["@fleetlaps.maxEntries"], 3, "{whole}");
-    assert_eq!(whole["@fleetlaps.droppedCountByReason"]["malformed"], 4, "{whole}");
+    assert_eq!(listed.len(), 101, "{whole}");
+    assert_eq!(whole["@fleetlaps.droppedCount"], 2, "{whole}");
+    assert_eq!(whole["@fleetlaps.maxEntries"], 101, "{whole}");
+    assert_eq!(whole["@fleetlaps.droppedCountByReason"]["malformed"], 2, "{whole}");
     assert!(whole.get("@odata.nextLink").is_none(), "one page: {whole}");
     let sequences: Vec<u64> = listed
         .iter()
@@ -75,13 +77,13 @@ async fn a_full_quarantine_keeps_the_newest_entries_counts_the_dropped_ones_and_
         orchestrator
             .metric("fleetlaps_quarantine_dropped_total{reason=\"malformed\"}")
             .await,
-        4.0
+        2.0
     );
-    assert_eq!(orchestrator.metric("fleetlaps_quarantine_entries").await, 3.0);
+    assert_eq!(orchestrator.metric("fleetlaps_quarantine_entries").await, 101.0);
 
-    // Pages of one follow their next links to the end and hold the same entries.
-    let pages = all_pages(&orchestrator, "/v1.0/fleetlaps/quarantine?$top=1", ADMIN_TOKEN).await;
-    assert_eq!(pages.len(), 3, "{pages:?}");
+    // Pages of 40 follow their next links to the end and hold the same entries.
+    let pages = all_pages(&orchestrator, "/v1.0/fleetlaps/quarantine?$top=40", ADMIN_TOKEN).await;
+    assert_eq!(pages.len(), 3, "40 + 40 + 21");
     let paged: Vec<Value> = pages
         .iter()
         .flat_map(|page| page["value"].as_array().expect("a list").clone())
@@ -92,17 +94,83 @@ async fn a_full_quarantine_keeps_the_newest_entries_counts_the_dropped_ones_and_
         .await;
     assert_eq!(too_big.status(), StatusCode::BAD_REQUEST);
 
-    // lapsctl lists them and says how many were dropped.
+    // lapsctl lists them all, following the next link after its first page of 100, and says
+    // how many were dropped.
     let json = orchestrator
         .lapsctl(&["--token", ADMIN_TOKEN, "quarantine", "-o", "json"])
         .await;
     assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
     let entries: Value = serde_json::from_slice(&json.stdout).expect("lapsctl -o json");
-    assert_eq!(entries.as_array().map(Vec::len), Some(3), "{entries}");
+    assert_eq!(entries.as_array().map(Vec::len), Some(101));
     let table = orchestrator.lapsctl(&["--token", ADMIN_TOKEN, "quarantine"]).await;
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(
-        table.contains("4 older entries were dropped: the quarantine keeps the newest 3"),
+        table.contains("2 older entries were dropped: the quarantine keeps the newest 101"),
         "{table}"
     );
+}
+
+#[tokio::test]
+async fn the_device_directory_and_the_audit_history_page_through_next_links() {
+    // Arrange: three enrolled devices (and so several audit entries).
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let state_dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    for (index, state_dir) in state_dirs.iter().enumerate() {
+        enroll(&orchestrator, state_dir.path(), &format!("host-{index}")).await;
+    }
+    let whole_directory = wait_until("three devices are listed", Duration::from_secs(30), || async {
+        let response = orchestrator.get("/v1.0/devices", Some(OPERATOR_TOKEN)).await;
+        let page: Value = response.json().await.ok()?;
+        let devices = page["value"].as_array()?.clone();
+        (devices.len() == 3).then_some(devices)
+    })
+    .await;
+
+    // Act and assert: pages of one device, then of two, hold the same devices in the same order.
+    for top in [1, 2] {
+        let pages = all_pages(&orchestrator, &format!("/v1.0/devices?$top={top}"), OPERATOR_TOKEN).await;
+        assert_eq!(pages.len(), 3_usize.div_ceil(top), "$top={top}");
+        let paged: Vec<Value> = pages
+            .iter()
+            .flat_map(|page| page["value"].as_array().expect("a list").clone())
+            .collect();
+        assert_eq!(paged, whole_directory, "$top={top}");
+    }
+    let filtered = orchestrator
+        .get("/v1.0/devices?$filter=displayName%20eq%20'x'", Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(
+        filtered.status(),
+        StatusCode::BAD_REQUEST,
+        "an option it does not support"
+    );
+
+    // The audit history: every entry once, in order, one at a time, and by kind two at a time.
+    let response = orchestrator
+        .get("/v1.0/fleetlaps/auditEvents?$top=1000", Some(OPERATOR_TOKEN))
+        .await;
+    let whole: Value = response.json().await.expect("json");
+    let history = whole["value"].as_array().expect("a list").clone();
+    assert!(history.len() >= 8, "three tokens, three enrollments, two keys: {whole}");
+    let pages = all_pages(&orchestrator, "/v1.0/fleetlaps/auditEvents?$top=1", OPERATOR_TOKEN).await;
+    assert_eq!(pages.len(), history.len());
+    let paged: Vec<Value> = pages
+        .iter()
+        .flat_map(|page| page["value"].as_array().expect("a list").clone())
+        .collect();
+    assert_eq!(paged, history);
+    let enrolled = all_pages(
+        &orchestrator,
+        "/v1.0/fleetlaps/auditEvents?kind=device_enrolled&$top=2",
+        OPERATOR_TOKEN,
+    )
+    .await;
+    assert_eq!(enrolled.len(), 2, "2 + 1");
+    let kinds: Vec<&str> = enrolled
+        .iter()
+        .flat_map(|page| page["value"].as_array().expect("a list"))
+        .map(|entry| entry["kind"].as_str().expect("a kind"))
+        .collect();
+    assert_eq!(kinds, ["device_enrolled"; 3]);
 }
