@@ -189,7 +189,7 @@ impl App {
                 }
                 // Post-authentication: also re-evaluated after every other wake-up, so a clock moved
                 // forward (tests) takes effect at the next control request.
-                () = sleep_until(post_auth.next_deadline(), processor.now()) => {
+                () = sleep_until(post_auth.next_wake(), processor.now()) => {
                     let now = processor.now();
                     if let Err(err) = post_auth.run_due(&mut processor, now).await {
                         tracing::error!(error = %err, "recording the post-authentication actions failed");

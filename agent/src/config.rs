@@ -127,6 +127,10 @@ pub struct PostAuthConfig {
     /// Seconds between attempts after a failure (LAPS retries until the reset succeeds).
     #[serde(default = "default_retry_after_secs")]
     pub retry_after_secs: u64,
+    /// Failed authentications as the managed account are reported at most twice per this many
+    /// seconds: the first at once, the others counted and reported together (1 to 86400).
+    #[serde(default = "default_failure_report_interval_secs")]
+    pub failure_report_interval_secs: u64,
 }
 
 impl Default for PostAuthConfig {
@@ -136,6 +140,7 @@ impl Default for PostAuthConfig {
             reboot_command: default_reboot_command(),
             terminate_command: default_terminate_command(),
             retry_after_secs: default_retry_after_secs(),
+            failure_report_interval_secs: default_failure_report_interval_secs(),
         }
     }
 }
@@ -144,6 +149,11 @@ impl PostAuthConfig {
     /// The time between attempts after a failure.
     pub fn retry_after(&self) -> Duration {
         Duration::from_secs(self.retry_after_secs)
+    }
+
+    /// The window in which failed authentications are counted into one report.
+    pub fn failure_report_interval(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.failure_report_interval_secs).unwrap_or(i64::MAX))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -160,6 +170,12 @@ impl PostAuthConfig {
             anyhow::bail!(
                 "post_authentication.retry_after_secs = {}: allowed 1 to 86400 seconds",
                 self.retry_after_secs
+            );
+        }
+        if !(1..=86_400).contains(&self.failure_report_interval_secs) {
+            anyhow::bail!(
+                "post_authentication.failure_report_interval_secs = {}: allowed 1 to 86400 seconds",
+                self.failure_report_interval_secs
             );
         }
         Ok(())
@@ -188,6 +204,10 @@ pub enum LogFormat {
 
 fn default_processing_interval_secs() -> u64 {
     3600
+}
+
+fn default_failure_report_interval_secs() -> u64 {
+    60
 }
 
 fn default_outbox_limit() -> usize {
@@ -400,6 +420,16 @@ path = "/tmp/shadow"
             ["pkill", "-KILL", "-u", "{user}"]
         );
         assert_eq!(config.post_authentication.retry_after(), Duration::from_secs(300));
+        assert_eq!(config.post_authentication.failure_report_interval_secs, 60);
+        let err = Config::from_toml(&format!(
+            "{BASE}[post_authentication]\nfailure_report_interval_secs = 0\n"
+        ))
+        .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("post_authentication.failure_report_interval_secs = 0: allowed 1 to 86400 seconds"),
+            "{err}"
+        );
         let text = format!("{BASE}[post_authentication]\nlogoff_command = [\"true\"]\nretry_after_secs = 5\n");
         let config = Config::from_toml(&text).expect("valid");
         assert_eq!(config.post_authentication.logoff_command, ["true"]);

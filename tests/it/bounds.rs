@@ -1,13 +1,16 @@
 //! Bounded inputs: the quarantine keeps at most `quarantine.max_entries` messages and counts what
-//! it drops; every collection pages with `$top`, `$skiptoken` and `@odata.nextLink`.
+//! it drops; every collection pages with `$top`, `$skiptoken` and `@odata.nextLink`; a flood of
+//! failed authentications on a device becomes a bounded number of events.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
+use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
+use fleetlaps_proto::event::{AuthenticationOutcome, Event, EventKind};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, TestOrchestrator, enroll};
+use crate::apps::{ADMIN_TOKEN, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events, enroll};
 use crate::harness::{TestNats, wait_until};
 
 /// Every page of the collection at `path`, followed through `@odata.nextLink`, as `token`.
@@ -173,4 +176,64 @@ async fn the_device_directory_and_the_audit_history_page_through_next_links() {
         .map(|entry| entry["kind"].as_str().expect("a kind"))
         .collect();
     assert_eq!(kinds, ["device_enrolled"; 3]);
+}
+
+/// A failed authentication as the managed account, as the PAM hook reports it.
+fn failed_login() -> ControlRequest {
+    ControlRequest::Authentication(AuthenticationReport {
+        user: MANAGED_ACCOUNT.to_owned(),
+        service: "sshd".to_owned(),
+        remote_host: Some("203.0.113.9".to_owned()),
+        tty: None,
+        outcome: AuthenticationOutcome::Failure,
+    })
+}
+
+/// The counts of the device's failed-authentication events on the stream.
+async fn failure_counts(nats: &TestNats, agent: &TestAgent) -> Vec<u64> {
+    device_events(nats, &agent.device_id, EventKind::AuthenticationFailed)
+        .await
+        .iter()
+        .map(|envelope| match &envelope.event {
+            Event::AuthenticationFailed(observed) => observed.count,
+            other => panic!("not a failed authentication: {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn ten_thousand_failed_logins_become_a_few_events_whose_counts_add_up() {
+    // Arrange
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+
+    // Act: 10,000 failures through the control socket the PAM hook reports on, then the minute
+    // of the failure window passes.
+    for _ in 0..10_000 {
+        match agent.control(failed_login()).await {
+            ControlResponse::Done { .. } => {}
+            other => panic!("the agent answered {other:?}"),
+        }
+    }
+    agent.clock.advance(chrono::Duration::minutes(2));
+    let _wake = agent.control(ControlRequest::Status).await;
+
+    // Assert: a few events, whose counts add up to every failure.
+    let counts = wait_until("every failure is reported", Duration::from_secs(60), || async {
+        let counts = failure_counts(&nats, &agent).await;
+        (counts.iter().sum::<u64>() == 10_000).then_some(counts)
+    })
+    .await;
+    assert_eq!(counts[0], 1, "the first failure is reported at once: {counts:?}");
+    assert!(
+        counts.len() <= 4,
+        "at most two events per window of a minute: {counts:?}"
+    );
+    assert_eq!(
+        agent.status().await.outbox_pending,
+        0,
+        "everything reported was published"
+    );
 }
