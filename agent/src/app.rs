@@ -71,7 +71,8 @@ impl App {
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         let state = AgentState::open(&config.state_dir, &identity.device_id)
             .with_context(|| format!("opening sled db in {}", config.state_dir.display()))?
-            .with_faults(faults.clone());
+            .with_faults(faults.clone())
+            .with_outbox_limit(config.outbox_limit);
         let device_name = match config.device_name.clone() {
             Some(name) => name,
             None => system_hostname()?,

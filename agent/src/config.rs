@@ -35,8 +35,9 @@ pub struct Config {
     /// Seconds between processing cycles (LAPS: one hour).
     #[serde(default = "default_processing_interval_secs")]
     pub processing_interval_secs: u64,
-    /// At most this many events wait in the outbox; at the bound the agent stops rotating
-    /// rather than risk losing a backup.
+    /// At most this many events wait in the outbox (3 or more): reports beyond `outbox_limit - 2`
+    /// are dropped and counted, so the last two places are always free for a rotation's backup and
+    /// commit.
     #[serde(default = "default_outbox_limit")]
     pub outbox_limit: usize,
     /// Seconds after which a backup the orchestrator has not confirmed storing is sent again.
@@ -211,7 +212,7 @@ fn default_failure_report_interval_secs() -> u64 {
 }
 
 fn default_outbox_limit() -> usize {
-    10_000
+    crate::state::DEFAULT_OUTBOX_LIMIT
 }
 
 fn default_backup_confirmation_timeout_secs() -> u64 {
@@ -264,7 +265,8 @@ pub const ENV_PREFIX: &str = "FLEETLAPS_AGENT_";
 /// Limits and timings of the processing cycle.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessorSettings {
-    /// At most this many events wait in the outbox before rotations stop.
+    /// At most this many events wait in the outbox; see [`crate::state`] for who may take the
+    /// last places.
     pub outbox_limit: usize,
     /// A backup not confirmed by the orchestrator within this time is sent again.
     pub backup_confirmation_timeout: chrono::Duration,
@@ -331,8 +333,12 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         self.policy()?;
         self.post_authentication.validate()?;
-        if !(1..=10_000_000).contains(&self.outbox_limit) {
-            anyhow::bail!("outbox_limit = {}: allowed 1 to 10000000 events", self.outbox_limit);
+        let least = crate::state::OUTBOX_RESERVED + 1;
+        if !(least..=10_000_000).contains(&self.outbox_limit) {
+            anyhow::bail!(
+                "outbox_limit = {}: allowed {least} to 10000000 events (two places are kept for a rotation's backup and commit)",
+                self.outbox_limit
+            );
         }
         if !(1..=86_400).contains(&self.backup_confirmation_timeout_secs) {
             anyhow::bail!(

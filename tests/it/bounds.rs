@@ -1,6 +1,7 @@
 //! Bounded inputs: the quarantine keeps at most `quarantine.max_entries` messages and counts what
 //! it drops; every collection pages with `$top`, `$skiptoken` and `@odata.nextLink`; a flood of
-//! failed authentications on a device becomes a bounded number of events.
+//! failed authentications on a device becomes a bounded number of events; and the agent's outbox
+//! stays within `outbox_limit` whatever it reports, while a backup still finds room.
 
 use std::time::Duration;
 
@@ -10,7 +11,9 @@ use fleetlaps_proto::event::{AuthenticationOutcome, Event, EventKind};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::apps::{ADMIN_TOKEN, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events, enroll};
+use crate::apps::{
+    ADMIN_TOKEN, AgentOptions, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events, enroll,
+};
 use crate::harness::{TestNats, wait_until};
 
 /// Every page of the collection at `path`, followed through `@odata.nextLink`, as `token`.
@@ -236,4 +239,58 @@ async fn ten_thousand_failed_logins_become_a_few_events_whose_counts_add_up() {
         0,
         "everything reported was published"
     );
+}
+
+#[tokio::test]
+async fn with_nats_away_reports_stay_within_the_outbox_bound_and_a_backup_still_finds_room() {
+    // Arrange: an outbox of 5 places, settled, then NATS goes away.
+    let mut nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let options = AgentOptions {
+        settings: "outbox_limit = 5\nbackup_confirmation_wait_secs = 1".to_owned(),
+        ..AgentOptions::default()
+    };
+    let agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_settled_with(&first).await;
+    nats.stop();
+
+    // Act: more successful logins (each reported by an event) than the outbox has places for
+    // reports, then a rotation.
+    for _ in 0..5 {
+        let login = ControlRequest::Authentication(AuthenticationReport {
+            outcome: AuthenticationOutcome::Success,
+            ..match failed_login() {
+                ControlRequest::Authentication(report) => report,
+                _ => unreachable!("failed_login is an authentication"),
+            }
+        });
+        match agent.control(login).await {
+            ControlResponse::Done { .. } => {}
+            other => panic!("the agent answered {other:?}"),
+        }
+    }
+    let reports = agent.status().await;
+    let _answer = agent.control(ControlRequest::Reset).await;
+
+    // Assert: the reports took the 3 places not kept for a backup and its commit, the others
+    // were counted as dropped, and the rotation's backup is queued all the same.
+    assert_eq!((reports.outbox_pending, reports.outbox_dropped), (3, 2), "{reports:?}");
+    let status = agent.status().await;
+    assert!(status.pending_rotation.is_some(), "the rotation began: {status:?}");
+    assert_eq!(
+        status.outbox_pending, 4,
+        "its backup waits with the reports: {status:?}"
+    );
+    assert!(
+        agent.has_password(&first),
+        "the account waits for the backup's confirmation"
+    );
+
+    // NATS back: the rotation completes and the outbox drains.
+    nats.restart();
+    let second = orchestrator.wait_for_new_password(&agent.device_id, &[&first]).await;
+    agent.wait_until_settled_with(&second).await;
+    let kept = device_events(&nats, &agent.device_id, EventKind::AuthenticationSucceeded).await;
+    assert_eq!(kept.len(), 3, "the reports that were kept reached the stream");
 }
