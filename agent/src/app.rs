@@ -71,7 +71,8 @@ impl App {
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         let state = AgentState::open(&config.state_dir, &identity.device_id)
             .with_context(|| format!("opening sled db in {}", config.state_dir.display()))?
-            .with_faults(faults.clone());
+            .with_faults(faults.clone())
+            .with_outbox_limit(config.outbox_limit);
         let device_name = match config.device_name.clone() {
             Some(name) => name,
             None => system_hostname()?,
@@ -189,7 +190,7 @@ impl App {
                 }
                 // Post-authentication: also re-evaluated after every other wake-up, so a clock moved
                 // forward (tests) takes effect at the next control request.
-                () = sleep_until(post_auth.next_deadline(), processor.now()) => {
+                () = sleep_until(post_auth.next_wake(), processor.now()) => {
                     let now = processor.now();
                     if let Err(err) = post_auth.run_due(&mut processor, now).await {
                         tracing::error!(error = %err, "recording the post-authentication actions failed");

@@ -35,8 +35,9 @@ pub struct Config {
     /// Seconds between processing cycles (LAPS: one hour).
     #[serde(default = "default_processing_interval_secs")]
     pub processing_interval_secs: u64,
-    /// At most this many events wait in the outbox; at the bound the agent stops rotating
-    /// rather than risk losing a backup.
+    /// At most this many events wait in the outbox (3 or more): reports beyond `outbox_limit - 2`
+    /// are dropped and counted, so the last two places are always free for a rotation's backup and
+    /// commit.
     #[serde(default = "default_outbox_limit")]
     pub outbox_limit: usize,
     /// Seconds after which a backup the orchestrator has not confirmed storing is sent again.
@@ -127,6 +128,10 @@ pub struct PostAuthConfig {
     /// Seconds between attempts after a failure (LAPS retries until the reset succeeds).
     #[serde(default = "default_retry_after_secs")]
     pub retry_after_secs: u64,
+    /// Failed authentications as the managed account are reported at most twice per this many
+    /// seconds: the first at once, the others counted and reported together (1 to 86400).
+    #[serde(default = "default_failure_report_interval_secs")]
+    pub failure_report_interval_secs: u64,
 }
 
 impl Default for PostAuthConfig {
@@ -136,6 +141,7 @@ impl Default for PostAuthConfig {
             reboot_command: default_reboot_command(),
             terminate_command: default_terminate_command(),
             retry_after_secs: default_retry_after_secs(),
+            failure_report_interval_secs: default_failure_report_interval_secs(),
         }
     }
 }
@@ -144,6 +150,11 @@ impl PostAuthConfig {
     /// The time between attempts after a failure.
     pub fn retry_after(&self) -> Duration {
         Duration::from_secs(self.retry_after_secs)
+    }
+
+    /// The window in which failed authentications are counted into one report.
+    pub fn failure_report_interval(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.failure_report_interval_secs).unwrap_or(i64::MAX))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -160,6 +171,12 @@ impl PostAuthConfig {
             anyhow::bail!(
                 "post_authentication.retry_after_secs = {}: allowed 1 to 86400 seconds",
                 self.retry_after_secs
+            );
+        }
+        if !(1..=86_400).contains(&self.failure_report_interval_secs) {
+            anyhow::bail!(
+                "post_authentication.failure_report_interval_secs = {}: allowed 1 to 86400 seconds",
+                self.failure_report_interval_secs
             );
         }
         Ok(())
@@ -190,8 +207,12 @@ fn default_processing_interval_secs() -> u64 {
     3600
 }
 
+fn default_failure_report_interval_secs() -> u64 {
+    60
+}
+
 fn default_outbox_limit() -> usize {
-    10_000
+    crate::state::DEFAULT_OUTBOX_LIMIT
 }
 
 fn default_backup_confirmation_timeout_secs() -> u64 {
@@ -244,7 +265,8 @@ pub const ENV_PREFIX: &str = "FLEETLAPS_AGENT_";
 /// Limits and timings of the processing cycle.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessorSettings {
-    /// At most this many events wait in the outbox before rotations stop.
+    /// At most this many events wait in the outbox; see [`crate::state`] for who may take the
+    /// last places.
     pub outbox_limit: usize,
     /// A backup not confirmed by the orchestrator within this time is sent again.
     pub backup_confirmation_timeout: chrono::Duration,
@@ -311,8 +333,12 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         self.policy()?;
         self.post_authentication.validate()?;
-        if !(1..=10_000_000).contains(&self.outbox_limit) {
-            anyhow::bail!("outbox_limit = {}: allowed 1 to 10000000 events", self.outbox_limit);
+        let least = crate::state::OUTBOX_RESERVED + 1;
+        if !(least..=10_000_000).contains(&self.outbox_limit) {
+            anyhow::bail!(
+                "outbox_limit = {}: allowed {least} to 10000000 events (two places are kept for a rotation's backup and commit)",
+                self.outbox_limit
+            );
         }
         if !(1..=86_400).contains(&self.backup_confirmation_timeout_secs) {
             anyhow::bail!(
@@ -400,6 +426,16 @@ path = "/tmp/shadow"
             ["pkill", "-KILL", "-u", "{user}"]
         );
         assert_eq!(config.post_authentication.retry_after(), Duration::from_secs(300));
+        assert_eq!(config.post_authentication.failure_report_interval_secs, 60);
+        let err = Config::from_toml(&format!(
+            "{BASE}[post_authentication]\nfailure_report_interval_secs = 0\n"
+        ))
+        .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("post_authentication.failure_report_interval_secs = 0: allowed 1 to 86400 seconds"),
+            "{err}"
+        );
         let text = format!("{BASE}[post_authentication]\nlogoff_command = [\"true\"]\nretry_after_secs = 5\n");
         let config = Config::from_toml(&text).expect("valid");
         assert_eq!(config.post_authentication.logoff_command, ["true"]);

@@ -15,6 +15,7 @@
 //! - [`bus`]: publishing to JetStream (the only module that knows NATS).
 //! - [`control`]: the local control socket behind `reset` and `process-now`.
 //! - [`postauth`]: LAPS post-authentication actions: reset (and log off, reboot, terminate) after a login.
+//! - [`failure_window`]: failed authentications aggregated into a bounded number of events.
 //! - [`clock`]: injectable time.
 //! - [`fault`]: kill and failure points of the crash tests (cargo feature `fault-injection`).
 
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod enroll;
+pub mod failure_window;
 pub mod fault;
 pub mod identity;
 pub mod password_hash;

@@ -10,8 +10,14 @@
 //! in the same write) or failure (10043, the next attempt moved `retry_after_secs` later: LAPS
 //! retries until the reset succeeds).
 //!
-//! Invariant: the schedule lives under `p/schedule` in the agent's state, so it survives a
-//! restart, and every change to it is written together with the event that reports it.
+//! Failed authentications schedule nothing and are aggregated ([`crate::failure_window`]): the
+//! first after a quiet spell is reported at once (10041's failure counterpart), the rest of its
+//! window together, so a flood of failures sends a bounded number of events. A success is
+//! reported and schedules the reset each time, as before: it needs the managed password.
+//!
+//! Invariant: the schedule lives under `p/schedule` and the failure window under `p/failures` in
+//! the agent's state, so they survive a restart, and every change to them is written together
+//! with the event that reports it.
 //! Boundary: this module runs the configured commands as argv, never through a shell; it has no
 //! say in who can log in (the PAM stack decides that whatever the hook answers).
 
@@ -28,11 +34,14 @@ use fleetlaps_proto::policy::{BackupDirectory, PostAuthenticationActions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PostAuthConfig;
+use crate::failure_window::{self, FailedAuthentication, FailureWindow};
 use crate::rotation::{CycleError, CycleOutcome, Processor};
 use crate::state::{AgentState, StateError};
 
 /// The state key of the schedule.
 const SCHEDULE_KEY: &str = "p/schedule";
+/// The state key of the failed authentications counted and not yet reported.
+const FAILURES_KEY: &str = "p/failures";
 /// How long one action command may run before it counts as failed (and is killed).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -42,6 +51,9 @@ pub struct PostAuth {
     /// The reset waiting to run, if any; always what the state holds, except that after a write
     /// failed `next_attempt_at` is already moved on, so a broken store cannot make a busy loop.
     schedule: Option<Schedule>,
+    /// The failed authentications counted and not yet reported; what the state holds, except
+    /// after a write failed when the window ended (then it is closed, its count lost).
+    failures: Option<FailureWindow>,
     /// The commands and the retry interval.
     config: PostAuthConfig,
 }
@@ -107,7 +119,12 @@ impl PostAuth {
     /// Loads the schedule from the agent's state.
     pub fn load(state: &AgentState, config: PostAuthConfig) -> Result<Self, StateError> {
         let schedule = state.get_record(SCHEDULE_KEY)?;
-        Ok(Self { schedule, config })
+        let failures = state.get_record(FAILURES_KEY)?;
+        Ok(Self {
+            schedule,
+            failures,
+            config,
+        })
     }
 
     /// Handles a report from the PAM hook. Ignores (answers Done "not the managed account")
@@ -115,8 +132,9 @@ impl PostAuth {
     ///
     /// A success is recorded (LAPS 10041) together with the schedule, in one write: the reset is
     /// due `PostAuthenticationResetDelay` from `now`, or at an earlier deadline already scheduled;
-    /// with a delay of 0 (disabled) nothing is scheduled. A failure is recorded, and schedules
-    /// nothing. Returns the answer for the hook.
+    /// with a delay of 0 (disabled) nothing is scheduled. A failure is counted in the failure
+    /// window, reported at once only when it opens one (see [`crate::failure_window`]), and
+    /// schedules nothing. Returns the answer for the hook.
     pub async fn on_authentication(
         &mut self,
         report: AuthenticationReport,
@@ -148,6 +166,9 @@ impl PostAuth {
                     remote_host,
                     tty,
                     reset_deadline,
+                    count: 1,
+                    first_at: None,
+                    last_at: None,
                 });
                 processor
                     .put_record(SCHEDULE_KEY, schedule.as_ref(), now, Some(event))
@@ -164,23 +185,80 @@ impl PostAuth {
                 }))
             }
             AuthenticationOutcome::Failure => {
-                let event = Event::AuthenticationFailed(AuthenticationObserved {
+                let failure = FailedAuthentication {
                     account_name: account_name.clone(),
                     service,
                     remote_host,
                     tty,
-                    reset_deadline: None,
-                });
-                processor.emit(now, event).await?;
-                tracing::info!(account = %account_name, "failed authentication as the managed account");
+                };
+                let (window, report) = failure_window::on_failure(
+                    self.failures.clone(),
+                    failure,
+                    now,
+                    self.config.failure_report_interval(),
+                );
+                let reported = report.as_ref().map(|report| report.count);
+                processor
+                    .put_record(
+                        FAILURES_KEY,
+                        window.as_ref(),
+                        now,
+                        report.map(Event::AuthenticationFailed),
+                    )
+                    .await?;
+                self.failures = window;
+                match reported {
+                    Some(count) => {
+                        tracing::info!(account = %account_name, count, "failed authentications as the managed account");
+                    }
+                    None => {
+                        tracing::debug!(account = %account_name, "failed authentication as the managed account counted")
+                    }
+                }
                 Ok(done(format!("failed authentication as {account_name} recorded")))
             }
         }
     }
 
-    /// When the loop must wake for the next attempt at the actions, if one is scheduled.
+    /// When the next attempt at the actions is due, if one is scheduled.
     pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
         self.schedule.as_ref().map(|schedule| schedule.next_attempt_at)
+    }
+
+    /// When the loop must wake for [`Self::run_due`]: the next attempt at the actions, or the end
+    /// of the failure window, whichever comes first.
+    pub fn next_wake(&self) -> Option<DateTime<Utc>> {
+        let window_ends = failure_window::ends_at(self.failures.as_ref(), self.config.failure_report_interval());
+        match (self.next_deadline(), window_ends) {
+            (Some(deadline), Some(ends)) => Some(deadline.min(ends)),
+            (deadline, ends) => deadline.or(ends),
+        }
+    }
+
+    /// Once the failure window has ended: closes it, reporting the failures it counted, if any.
+    async fn report_failures_due(&mut self, processor: &Processor, now: DateTime<Utc>) -> Result<(), CycleError> {
+        let (window, report) =
+            failure_window::on_tick(self.failures.clone(), now, self.config.failure_report_interval());
+        if window == self.failures {
+            return Ok(());
+        }
+        if let Some(report) = &report {
+            tracing::info!(account = %report.account_name, count = report.count, "failed authentications as the managed account");
+        }
+        let written = processor
+            .put_record(
+                FAILURES_KEY,
+                window.as_ref(),
+                now,
+                report.map(Event::AuthenticationFailed),
+            )
+            .await;
+        // Even when the write failed: a window kept open past its end would wake the loop at once,
+        // again and again.
+        self.failures = window;
+        written?;
+        processor.publish_outbox().await;
+        Ok(())
     }
 
     /// At or after the deadline: reports the start (LAPS 10042), resets the password through
@@ -193,6 +271,7 @@ impl PostAuth {
     /// successful reset repeats only the commands. Returns an error only when the state could not
     /// be written. Before the deadline it does nothing.
     pub async fn run_due(&mut self, processor: &mut Processor, now: DateTime<Utc>) -> Result<(), CycleError> {
+        self.report_failures_due(processor, now).await?;
         let Some(mut schedule) = self.schedule.clone() else {
             return Ok(());
         };

@@ -15,6 +15,13 @@
 //! A refused backup is abandoned with the account untouched; an unconfirmed one keeps the
 //! rotation pending (the account untouched) until the orchestrator answers.
 //!
+//! The outbox bound (`outbox_limit`) covers every event kind and never blocks a backup: reports
+//! (authentications, policy, failures, command outcomes) are queued only while two places stay
+//! free, and are otherwise dropped and counted (`status` shows `OutboxDropped`); a rotation
+//! begins only while those two places are free, for its backup and its commit, which are always
+//! queued. So a flood of reports with NATS away can neither grow the outbox past the bound nor
+//! stop a rotation; see [`crate::state`] for the rule.
+//!
 //! Image rollback: every cycle compares the device's state with the centre's current password
 //! version (LAPS's `msLAPS-CurrentPasswordVersion`). When the centre has seen events this state
 //! never emitted, the device was restored from an older copy: it starts a higher generation,
@@ -46,7 +53,7 @@ use crate::clock::Clock;
 use crate::config::ProcessorSettings;
 use crate::fault::Faults;
 use crate::password_hash::PasswordHash;
-use crate::state::{AgentState, CurrentCredential, PendingRotation, RefusedBackup, StateError};
+use crate::state::{AgentState, CurrentCredential, OUTBOX_RESERVED, PendingRotation, RefusedBackup, StateError};
 
 /// How often a rotation waiting for its confirmation also reads the centre's password version,
 /// in case the live confirmation was missed.
@@ -104,7 +111,8 @@ pub enum CycleError {
         /// When.
         at: DateTime<Utc>,
     },
-    /// Too many events wait for NATS: rotating would risk losing one, so the agent does not.
+    /// Too many essential events (backups, commits) wait for NATS to leave room for another
+    /// rotation's: rotating would risk losing one, so the agent does not.
     #[error("the outbox holds {pending} events (limit {limit}): rotation stopped until NATS takes them")]
     OutboxFull {
         /// Events waiting.
@@ -289,8 +297,9 @@ impl Processor {
         Ok(self.state.put_record(key, record, time, event).await?)
     }
 
-    /// Queues one event in the outbox, durably.
-    pub async fn emit(&self, time: DateTime<Utc>, event: Event) -> Result<Envelope, CycleError> {
+    /// Queues one event in the outbox, durably; `None` when the outbox was full and the event,
+    /// not an essential one, was dropped (see [`crate::state`]).
+    pub async fn emit(&self, time: DateTime<Utc>, event: Event) -> Result<Option<Envelope>, CycleError> {
         Ok(self.state.emit(time, event).await?)
     }
 
@@ -396,6 +405,7 @@ impl Processor {
             expires_at: current.as_ref().map(|current| current.expires_at),
             pending_rotation: self.state.pending()?.map(|pending| pending.rotation_id.to_string()),
             outbox_pending: self.state.outbox_len(),
+            outbox_dropped: self.state.outbox_dropped()?,
             unconfirmed_backups: self.state.unconfirmed_backups()?.len(),
             post_authentication_reset_at: None,
             connected: self.publisher.is_connected(),
@@ -567,8 +577,10 @@ impl Processor {
         reason: RotationReason,
         command_id: Option<CommandId>,
     ) -> Result<CycleOutcome, CycleError> {
+        // Room for this rotation's backup and commit. Reports never take those places (see
+        // `state`), so only essential events still waiting can refuse a rotation here.
         let pending_events = self.state.outbox_len();
-        if pending_events >= self.settings.outbox_limit {
+        if pending_events.saturating_add(OUTBOX_RESERVED) > self.settings.outbox_limit {
             let err = CycleError::OutboxFull {
                 pending: pending_events,
                 limit: self.settings.outbox_limit,
@@ -897,7 +909,7 @@ impl Processor {
     /// NATS did not take them.
     fn outbox_problem(&self) -> Option<String> {
         let pending = self.state.outbox_len();
-        if pending >= self.settings.outbox_limit {
+        if pending.saturating_add(OUTBOX_RESERVED) > self.settings.outbox_limit {
             Some(
                 CycleError::OutboxFull {
                     pending,

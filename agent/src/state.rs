@@ -7,11 +7,22 @@
 //!
 //! Keys:
 //! - `m/device_id`, `m/generation`, `m/next_sequence`, `m/current`, `m/pending`,
-//!   `m/last_manual_reset`, `m/backup_refused`, `m/rollback_due`;
+//!   `m/last_manual_reset`, `m/backup_refused`, `m/rollback_due`, `m/outbox_dropped`;
 //! - `o/<sequence>`: an outbox entry (an [`Envelope`] as JSON), sequence big-endian;
 //! - `u/<event id>`: a backup sent but not yet confirmed stored by the orchestrator;
 //! - `x/<command id>`: a command already executed;
 //! - other prefixes (such as `p/`) belong to other modules, through [`AgentState::put_record`].
+//!
+//! The outbox is bounded by `outbox_limit`, and the bound never blocks a backup:
+//! - essential events ([`is_essential`]: the backup, the commit, a rollback's report) are always
+//!   queued; they are bounded by the rotation itself, which begins only while the outbox has room
+//!   for its backup and its commit ([`OUTBOX_RESERVED`] places), and is one at a time;
+//! - every other event (authentication reports, policy, failures, command outcomes, …) is queued
+//!   only while that reserve stays free ([`outbox_admits`]); otherwise it is dropped (the write
+//!   it comes with still happens) and counted under `m/outbox_dropped`, which `status` shows.
+//!
+//! So reports can never fill the places a backup needs, and a dropped event takes no sequence
+//! number: the events that do leave are numbered without gaps.
 //!
 //! No plaintext password is ever stored here: the backup event holds the password sealed to
 //! the escrow key, which this device cannot open, and the pending rotation holds its SHA-512
@@ -37,7 +48,29 @@ const NEXT_SEQUENCE_KEY: &[u8] = b"m/next_sequence";
 const CURRENT_KEY: &[u8] = b"m/current";
 const PENDING_KEY: &[u8] = b"m/pending";
 const LAST_MANUAL_RESET_KEY: &[u8] = b"m/last_manual_reset";
+const OUTBOX_DROPPED_KEY: &[u8] = b"m/outbox_dropped";
 const OUTBOX_PREFIX: &[u8] = b"o/";
+
+/// Places of the outbox only essential events may take: a rotation's backup and its commit.
+pub const OUTBOX_RESERVED: usize = 2;
+/// The default bound of the outbox.
+pub const DEFAULT_OUTBOX_LIMIT: usize = 10_000;
+
+/// Whether an event must reach the centre whatever else fills the outbox: the backup (the
+/// password the account will get), the commit (the account got it) and a rollback's report (it
+/// starts a generation). Everything else reports and may be dropped when the outbox is full.
+pub fn is_essential(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::PasswordBackedUp | EventKind::PasswordRotated | EventKind::ImageRollbackDetected
+    )
+}
+
+/// Whether an event of `kind` joins an outbox holding `pending` events under `limit`: an essential
+/// one always, another only while the [`OUTBOX_RESERVED`] places stay free after it.
+pub fn outbox_admits(kind: EventKind, pending: usize, limit: usize) -> bool {
+    is_essential(kind) || pending.saturating_add(1).saturating_add(OUTBOX_RESERVED) <= limit
+}
 const UNCONFIRMED_PREFIX: &[u8] = b"u/";
 
 /// A failure of the state store.
@@ -148,6 +181,8 @@ pub struct AgentState {
     instance: InstanceId,
     /// Failures a test armed; none in production.
     faults: Faults,
+    /// The outbox's bound (`outbox_limit`).
+    outbox_limit: usize,
 }
 
 impl AgentState {
@@ -189,7 +224,20 @@ impl AgentState {
             device_id: device_id.clone(),
             instance: InstanceId::new(),
             faults: Faults::none(),
+            outbox_limit: DEFAULT_OUTBOX_LIMIT,
         })
+    }
+
+    /// The same state with the outbox bounded by `limit` (`outbox_limit`).
+    #[must_use]
+    pub fn with_outbox_limit(mut self, limit: usize) -> Self {
+        self.outbox_limit = limit;
+        self
+    }
+
+    /// How many events were dropped because the outbox was full, since the state was made.
+    pub fn outbox_dropped(&self) -> Result<u64, StateError> {
+        Ok(self.tree.get(OUTBOX_DROPPED_KEY)?.map_or(0, |bytes| decode_u64(&bytes)))
     }
 
     /// The same state with `faults` armed (tests).
@@ -258,7 +306,7 @@ impl AgentState {
         backup_event_id: &EventId,
         refused: &RefusedBackup,
         failed: Event,
-    ) -> Result<Envelope, StateError> {
+    ) -> Result<Option<Envelope>, StateError> {
         let mut batch = sled::Batch::default();
         let envelope = self.envelope(&mut batch, refused.at, failed)?;
         batch.remove(PENDING_KEY);
@@ -283,8 +331,9 @@ impl AgentState {
         self.get(PENDING_KEY)
     }
 
-    /// Queues one event in the outbox, durably, and returns it.
-    pub async fn emit(&self, time: DateTime<Utc>, event: Event) -> Result<Envelope, StateError> {
+    /// Queues one event in the outbox, durably, and returns it; `None` when the outbox had no room
+    /// for it (see the module docs), which is then only counted.
+    pub async fn emit(&self, time: DateTime<Utc>, event: Event) -> Result<Option<Envelope>, StateError> {
         let mut batch = sled::Batch::default();
         let envelope = self.envelope(&mut batch, time, event)?;
         self.commit(batch).await?;
@@ -299,7 +348,7 @@ impl AgentState {
         backup: Event,
     ) -> Result<(PendingRotation, Envelope), StateError> {
         let mut batch = sled::Batch::default();
-        let envelope = self.envelope(&mut batch, time, backup)?;
+        let envelope = self.essential_envelope(&mut batch, time, backup)?;
         let pending = pending(envelope.sequence, envelope.id);
         batch.insert(PENDING_KEY, encode(&pending));
         let unconfirmed = UnconfirmedBackup {
@@ -320,7 +369,7 @@ impl AgentState {
         rotated: Event,
     ) -> Result<Envelope, StateError> {
         let mut batch = sled::Batch::default();
-        let envelope = self.envelope(&mut batch, time, rotated)?;
+        let envelope = self.essential_envelope(&mut batch, time, rotated)?;
         batch.insert(CURRENT_KEY, encode(current));
         batch.remove(PENDING_KEY);
         batch.remove(ROLLBACK_DUE_KEY);
@@ -372,7 +421,7 @@ impl AgentState {
         command_id: &CommandId,
         time: DateTime<Utc>,
         executed: Event,
-    ) -> Result<Envelope, StateError> {
+    ) -> Result<Option<Envelope>, StateError> {
         let mut batch = sled::Batch::default();
         let envelope = self.envelope(&mut batch, time, executed)?;
         batch.insert(executed_key(command_id), encode(&time));
@@ -412,7 +461,10 @@ impl AgentState {
             Some(record) => batch.insert(key.as_bytes(), encode(record)),
             None => batch.remove(key.as_bytes()),
         }
-        let envelope = event.map(|event| self.envelope(&mut batch, time, event)).transpose()?;
+        let envelope = match event {
+            Some(event) => self.envelope(&mut batch, time, event)?,
+            None => None,
+        };
         self.commit(batch).await?;
         Ok(envelope)
     }
@@ -454,7 +506,32 @@ impl AgentState {
         self.tree.scan_prefix(OUTBOX_PREFIX).count()
     }
 
-    fn envelope(&self, batch: &mut sled::Batch, time: DateTime<Utc>, event: Event) -> Result<Envelope, StateError> {
+    /// Queues `event` in `batch` if the outbox admits it ([`outbox_admits`]); otherwise counts
+    /// it as dropped in `batch` and returns `None`.
+    fn envelope(
+        &self,
+        batch: &mut sled::Batch,
+        time: DateTime<Utc>,
+        event: Event,
+    ) -> Result<Option<Envelope>, StateError> {
+        let kind = event.kind();
+        let pending = self.outbox_len();
+        if !outbox_admits(kind, pending, self.outbox_limit) {
+            let dropped = self.outbox_dropped()?.saturating_add(1);
+            batch.insert(OUTBOX_DROPPED_KEY, &dropped.to_be_bytes());
+            tracing::warn!(%kind, pending, limit = self.outbox_limit, dropped, "outbox full: event dropped, its places are kept for backups");
+            return Ok(None);
+        }
+        self.essential_envelope(batch, time, event).map(Some)
+    }
+
+    /// Queues `event` in `batch` whatever the outbox holds: for essential events only.
+    fn essential_envelope(
+        &self,
+        batch: &mut sled::Batch,
+        time: DateTime<Utc>,
+        event: Event,
+    ) -> Result<Envelope, StateError> {
         let generation = self.generation()?;
         self.envelope_at(batch, generation, time, event)
     }
@@ -545,8 +622,8 @@ mod tests {
     async fn events_get_increasing_sequences_and_leave_the_outbox_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let state = AgentState::open(dir.path(), &test_device()).unwrap();
-        let first = state.emit(Utc::now(), failed()).await.unwrap();
-        let second = state.emit(Utc::now(), failed()).await.unwrap();
+        let first = state.emit(Utc::now(), failed()).await.unwrap().unwrap();
+        let second = state.emit(Utc::now(), failed()).await.unwrap().unwrap();
         assert_eq!((first.sequence, second.sequence), (1, 2));
         assert_eq!(state.outbox_len(), 2);
         assert_eq!(state.outbox_first().unwrap().unwrap().id, first.id);
@@ -575,12 +652,59 @@ mod tests {
             let state = AgentState::open(dir.path(), &test_device()).unwrap();
             (
                 state.device_id().clone(),
-                state.emit(Utc::now(), failed()).await.unwrap(),
+                state.emit(Utc::now(), failed()).await.unwrap().unwrap(),
             )
         };
         let state = AgentState::open(dir.path(), &test_device()).unwrap();
         assert_eq!(state.device_id(), &device_id);
         assert_eq!(state.outbox_first().unwrap().unwrap().id, envelope.id);
-        assert_eq!(state.emit(Utc::now(), failed()).await.unwrap().sequence, 2);
+        assert_eq!(state.emit(Utc::now(), failed()).await.unwrap().unwrap().sequence, 2);
+    }
+
+    #[test]
+    fn reports_leave_the_reserved_places_free_and_essential_events_always_fit() {
+        assert!(outbox_admits(EventKind::AuthenticationSucceeded, 0, 3));
+        assert!(!outbox_admits(EventKind::AuthenticationSucceeded, 1, 3));
+        assert!(outbox_admits(EventKind::PolicyApplied, 7, 10));
+        assert!(!outbox_admits(EventKind::PolicyApplied, 8, 10));
+        for kind in [
+            EventKind::PasswordBackedUp,
+            EventKind::PasswordRotated,
+            EventKind::ImageRollbackDetected,
+        ] {
+            assert!(outbox_admits(kind, 10, 10), "{kind}");
+        }
+        assert!(!outbox_admits(EventKind::RotationFailed, usize::MAX, 10));
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_and_counts_reports_without_numbering_them_and_keeps_essential_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = AgentState::open(dir.path(), &test_device())
+            .unwrap()
+            .with_outbox_limit(4);
+        let mut kept = Vec::new();
+        for _ in 0..5 {
+            kept.extend(state.emit(Utc::now(), failed()).await.unwrap());
+        }
+        assert_eq!(
+            kept.iter().map(|envelope| envelope.sequence).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!((state.outbox_len(), state.outbox_dropped().unwrap()), (2, 3));
+        let position = DevicePosition {
+            generation: 0,
+            sequence: 0,
+        };
+        let rollback = Event::ImageRollbackDetected(fleetlaps_proto::event::ImageRollbackDetected {
+            local_rotation_id: None,
+            centre_rotation_id: None,
+            local_position: position,
+            centre_position: position,
+            new_generation: 1,
+        });
+        let essential = state.emit(Utc::now(), rollback).await.unwrap().expect("always queued");
+        assert_eq!(essential.sequence, 3, "no gap where reports were dropped");
+        assert_eq!(state.outbox_len(), 3);
     }
 }

@@ -49,6 +49,7 @@ pub fn render(report: &StatusReport) -> String {
         ),
         ("PendingRotation", or_none(report.pending_rotation.clone())),
         ("OutboxPending", report.outbox_pending.to_string()),
+        ("OutboxDropped", report.outbox_dropped.to_string()),
         ("UnconfirmedBackups", report.unconfirmed_backups.to_string()),
         (
             "PostAuthenticationResetAt",

@@ -64,8 +64,10 @@ impl App {
         };
         let projections_path = config.data_dir.join("projections");
         let projections = Projections::open(&projections_path)
-            .with_context(|| format!("opening sled db at {}", projections_path.display()))?;
+            .with_context(|| format!("opening sled db at {}", projections_path.display()))?
+            .with_quarantine_max_entries(config.quarantine.max_entries);
         let metrics = Metrics::new();
+        metrics.observe_quarantine(projections.clone());
 
         let (jetstream, nats) = bus::connect(&config).await?;
         let mut stream = bus::ensure_events_stream(&jetstream).await?;

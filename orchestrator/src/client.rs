@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use fleetlaps_proto::api::{
     AuditEntry, COMMAND_ID_HEADER, CreatedEnrollmentToken, CreatedToken, DeviceLocalCredentialInfo,
-    EnrollmentTokenInfo, EnrollmentTokenRequest, ODataCollection, ODataError, QuarantineEntry, REASON_HEADER,
-    TokenInfo, TokenRequest,
+    EnrollmentTokenInfo, EnrollmentTokenRequest, ODataCollection, ODataError, QuarantineCollection, QuarantineEntry,
+    REASON_HEADER, TokenInfo, TokenRequest,
 };
 use fleetlaps_proto::ids::DeviceId;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -84,6 +84,17 @@ pub struct ApiClient {
     http: reqwest::Client,
     /// Sent as `x-fleetlaps-reason` when set.
     reason: Option<String>,
+}
+
+/// The whole quarantine, as [`ApiClient::quarantine`] reads it.
+#[derive(Debug, Default)]
+pub struct QuarantineListing {
+    /// Every entry kept, oldest first.
+    pub entries: Vec<QuarantineEntry>,
+    /// The most entries the server keeps.
+    pub max_entries: u64,
+    /// How many older entries the server dropped to keep that bound.
+    pub dropped_count: u64,
 }
 
 /// Why a request failed.
@@ -181,13 +192,32 @@ impl ApiClient {
             "$filter",
             &format!("deviceName eq '{}'", device_name.replace('\'', "''")),
         );
-        let mut devices = Vec::new();
+        self.all_pages(url).await
+    }
+
+    /// Every item of the collection at `url`, following `@odata.nextLink` to the last page.
+    async fn all_pages<T: DeserializeOwned>(&self, url: Url) -> Result<Vec<T>, ClientError> {
+        let mut items = Vec::new();
+        self.each_page(url, |page: ODataCollection<T>| {
+            items.extend(page.value);
+            page.next_link
+        })
+        .await?;
+        Ok(items)
+    }
+
+    /// GETs the page at `url`, hands it to `take` (which keeps what it wants and gives back the
+    /// page's next link), and so on to the last page, at most [`MAX_PAGES`].
+    async fn each_page<P: DeserializeOwned>(
+        &self,
+        mut url: Url,
+        mut take: impl FnMut(P) -> Option<String>,
+    ) -> Result<(), ClientError> {
         for _ in 0..MAX_PAGES {
-            let page: ODataCollection<DeviceLocalCredentialInfo> = self.get_json(url.clone()).await?;
-            devices.extend(page.value);
-            match page.next_link {
+            let page: P = self.get_json(url.clone()).await?;
+            match take(page) {
                 Some(link) => url = self.next_url(&url, &link)?,
-                None => return Ok(devices),
+                None => return Ok(()),
             }
         }
         Err(ClientError::UnexpectedResponse {
@@ -322,12 +352,13 @@ impl ApiClient {
         self.reason = reason;
     }
 
-    /// The device directory (`GET /v1.0/devices`, `Device.Read.All`): each device's id and name.
+    /// The device directory (`GET /v1.0/devices`, `Device.Read.All`, every page): each device's
+    /// id and name.
     pub async fn directory(&self) -> Result<Vec<(DeviceId, String)>, ClientError> {
         let url = self.url("v1.0/devices")?;
         let display_url = without_query(&url);
-        let page: ODataCollection<serde_json::Value> = self.get_json(url).await?;
-        page.value
+        let devices: Vec<serde_json::Value> = self.all_pages(url).await?;
+        devices
             .iter()
             .map(|device| {
                 let id = device["id"].as_str().and_then(|id| DeviceId::parse(id).ok());
@@ -367,10 +398,9 @@ impl ApiClient {
         decode(&body, display_url, status)
     }
 
-    /// Every token of kind `K` made through the API, without secrets.
+    /// Every token of kind `K` made through the API, without secrets, every page.
     pub async fn tokens<K: TokenResource>(&self) -> Result<Vec<K::Info>, ClientError> {
-        let page: ODataCollection<K::Info> = self.get_json(self.url(K::PATH)?).await?;
-        Ok(page.value)
+        self.all_pages(self.url(K::PATH)?).await
     }
 
     /// Revokes the token of kind `K` with this id.
@@ -380,10 +410,19 @@ impl ApiClient {
         Ok(())
     }
 
-    /// The quarantined stream messages, oldest first.
-    pub async fn quarantine(&self) -> Result<Vec<QuarantineEntry>, ClientError> {
-        let page: ODataCollection<QuarantineEntry> = self.get_json(self.url(QUARANTINE_PATH)?).await?;
-        Ok(page.value)
+    /// The quarantined stream messages, oldest first, every page; and how many older ones the
+    /// server dropped to keep its bound.
+    pub async fn quarantine(&self) -> Result<QuarantineListing, ClientError> {
+        let mut listing = QuarantineListing::default();
+        self.each_page(self.url(QUARANTINE_PATH)?, |page: QuarantineCollection| {
+            listing.entries.extend(page.value);
+            // The counts of the last page are the newest.
+            listing.max_entries = page.max_entries;
+            listing.dropped_count = page.dropped_count;
+            page.next_link
+        })
+        .await?;
+        Ok(listing)
     }
 
     /// The audit history, oldest first, every page; only one device's or one kind's if asked.
@@ -399,20 +438,7 @@ impl ApiClient {
         if let Some(kind) = kind {
             url.query_pairs_mut().append_pair("kind", kind);
         }
-        let mut entries = Vec::new();
-        for _ in 0..MAX_PAGES {
-            let page: ODataCollection<AuditEntry> = self.get_json(url.clone()).await?;
-            entries.extend(page.value);
-            match page.next_link {
-                Some(link) => url = self.next_url(&url, &link)?,
-                None => return Ok(entries),
-            }
-        }
-        Err(ClientError::UnexpectedResponse {
-            url: without_query(&url),
-            status: StatusCode::OK,
-            detail: format!("still paging after {MAX_PAGES} pages"),
-        })
+        self.all_pages(url).await
     }
 }
 

@@ -58,9 +58,31 @@ pub struct Config {
     /// it, devices keep their local policy.
     #[serde(default)]
     pub policy: Option<fleetlaps_proto::policy::PolicySettings>,
+    /// The quarantine's bound.
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[quarantine]`: how many refused messages the projections keep.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// The most records kept (1 to 1,000,000): when full, the oldest is dropped and counted
+    /// (`@fleetlaps.droppedCount`, `fleetlaps_quarantine_dropped_total`). A rebuild by replay
+    /// keeps the same records only with the same bound.
+    #[serde(default = "default_quarantine_max_entries")]
+    pub max_entries: u64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: default_quarantine_max_entries(),
+        }
+    }
 }
 
 /// How to reach NATS.
@@ -393,6 +415,10 @@ fn default_max_connections_per_address() -> usize {
     64
 }
 
+fn default_quarantine_max_entries() -> u64 {
+    crate::projection::QUARANTINE_DEFAULT_MAX_ENTRIES
+}
+
 fn default_consumer() -> String {
     "orchestrator".to_owned()
 }
@@ -510,6 +536,15 @@ impl Config {
             anyhow::bail!(
                 "invalid config: nats.consumer = {:?}: allowed 1 or more of A-Z, a-z, 0-9, '-' and '_'",
                 self.nats.consumer
+            );
+        }
+        let range = crate::projection::QUARANTINE_MAX_ENTRIES_RANGE;
+        if !range.contains(&self.quarantine.max_entries) {
+            anyhow::bail!(
+                "invalid config: quarantine.max_entries = {}: allowed {} to {}",
+                self.quarantine.max_entries,
+                range.start(),
+                range.end()
             );
         }
         self.http.transport()?;
@@ -720,6 +755,22 @@ mod tests {
         assert_eq!(some.policy().expect("valid").expect("present").password_length(), 20);
         let err = config_with("[http]\nplain_http = true\n[policy]\nPasswordLength = 7\n").expect_err("range");
         assert!(err.to_string().contains("PasswordLength = 7: allowed 8 to 64"), "{err}");
+    }
+
+    #[test]
+    fn the_quarantine_bound_defaults_to_ten_thousand_and_is_refused_out_of_range() {
+        let plain = "[http]\nplain_http = true\n";
+        assert_eq!(config_with(plain).expect("valid").quarantine.max_entries, 10_000);
+        let small = config_with(&format!("{plain}[quarantine]\nmax_entries = 1\n")).expect("valid");
+        assert_eq!(small.quarantine.max_entries, 1);
+        for bad in ["0", "1000001"] {
+            let err = config_with(&format!("{plain}[quarantine]\nmax_entries = {bad}\n")).expect_err(bad);
+            assert!(
+                err.to_string()
+                    .contains(&format!("quarantine.max_entries = {bad}: allowed 1 to 1000000")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::projection::QuarantineReason;
+use crate::projection::{Projections, QuarantineReason};
 
 /// Events folded into the projections, by kind.
 pub const EVENTS_APPLIED_TOTAL: &str = "fleetlaps_events_applied_total";
@@ -15,6 +15,11 @@ pub const EVENTS_APPLIED_TOTAL: &str = "fleetlaps_events_applied_total";
 pub const EVENTS_DUPLICATE_TOTAL: &str = "fleetlaps_events_duplicate_total";
 /// Messages refused into the quarantine, by reason.
 pub const EVENTS_QUARANTINED_TOTAL: &str = "fleetlaps_events_quarantined_total";
+/// Quarantine records dropped to keep the quarantine's bound, by the dropped record's reason. Read
+/// from the projections at each scrape, so it survives restarts and a rebuild gives the same.
+pub const QUARANTINE_DROPPED_TOTAL: &str = "fleetlaps_quarantine_dropped_total";
+/// Quarantine records kept (at most `quarantine.max_entries`).
+pub const QUARANTINE_ENTRIES: &str = "fleetlaps_quarantine_entries";
 /// The stream sequence of the last message folded in.
 pub const PROJECTION_LAST_SEQUENCE: &str = "fleetlaps_projection_last_sequence";
 /// Devices known to the projections.
@@ -256,6 +261,13 @@ impl Metrics {
         }
     }
 
+    /// Reports the quarantine's size and dropped counts from `projections` at every scrape.
+    pub fn observe_quarantine(&self, projections: Projections) {
+        self.registry
+            .register(Box::new(QuarantineCollector::new(projections)))
+            .expect("the quarantine collector is registered once");
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -269,5 +281,68 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Reads the quarantine's persistent counts at scrape time: the fold that keeps them knows no
+/// metrics, and a counter kept in memory would restart from zero.
+struct QuarantineCollector {
+    projections: Projections,
+    /// The metric definitions, for [`prometheus::core::Collector::desc`]; fresh copies are filled
+    /// at each scrape.
+    dropped: IntCounterVec,
+    entries: IntGauge,
+}
+
+impl QuarantineCollector {
+    fn new(projections: Projections) -> Self {
+        Self {
+            projections,
+            dropped: Self::dropped_vec(),
+            entries: Self::entries_gauge(),
+        }
+    }
+
+    fn dropped_vec() -> IntCounterVec {
+        IntCounterVec::new(
+            Opts::new(
+                QUARANTINE_DROPPED_TOTAL,
+                "Quarantine records dropped to keep the quarantine's bound, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("metric definition is valid")
+    }
+
+    fn entries_gauge() -> IntGauge {
+        IntGauge::new(QUARANTINE_ENTRIES, "Quarantine records kept.").expect("metric definition is valid")
+    }
+}
+
+impl prometheus::core::Collector for QuarantineCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.dropped.desc();
+        descs.extend(self.entries.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let dropped = Self::dropped_vec();
+        let entries = Self::entries_gauge();
+        match (self.projections.quarantine_dropped(), self.projections.quarantine_len()) {
+            (Ok(counts), Ok(len)) => {
+                for (reason, count) in counts {
+                    dropped.with_label_values(&[reason.as_str()]).inc_by(count);
+                }
+                entries.set(i64::try_from(len).unwrap_or(i64::MAX));
+            }
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(error = %err, "reading the quarantine for metrics failed");
+                return Vec::new();
+            }
+        }
+        let mut families = dropped.collect();
+        families.extend(entries.collect());
+        families
     }
 }

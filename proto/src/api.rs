@@ -292,6 +292,30 @@ pub struct EnrollmentResponse {
     pub policy: Option<crate::policy::Policy>,
 }
 
+/// A page of `GET /v1.0/fleetlaps/quarantine`: an OData collection with the quarantine's bound
+/// and how many older entries were dropped to keep it, as instance annotations (OData's
+/// `@namespace.term` form, like Graph's `@odata.count`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineCollection {
+    /// Where the collection's metadata is described.
+    #[serde(rename = "@odata.context")]
+    pub context: String,
+    /// The entries of this page, oldest first.
+    pub value: Vec<QuarantineEntry>,
+    /// The URL of the next page, when there is one.
+    #[serde(rename = "@odata.nextLink", default, skip_serializing_if = "Option::is_none")]
+    pub next_link: Option<String>,
+    /// How many entries the quarantine keeps at most (`quarantine.max_entries`).
+    #[serde(rename = "@fleetlaps.maxEntries")]
+    pub max_entries: u64,
+    /// How many of the oldest entries were dropped to keep the bound, in all.
+    #[serde(rename = "@fleetlaps.droppedCount")]
+    pub dropped_count: u64,
+    /// The same, by the dropped entries' reason; reasons with none dropped are left out.
+    #[serde(rename = "@fleetlaps.droppedCountByReason", default)]
+    pub dropped_count_by_reason: std::collections::BTreeMap<String, u64>,
+}
+
 /// A stream message the orchestrator refused, as `GET /v1.0/fleetlaps/quarantine` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -78,6 +78,9 @@ pub struct StatusReport {
     pub pending_rotation: Option<String>,
     /// Events waiting in the outbox for JetStream.
     pub outbox_pending: usize,
+    /// Reports dropped because the outbox was full (its last places are kept for backups).
+    #[serde(default)]
+    pub outbox_dropped: u64,
     /// Backups sent but not yet confirmed stored by the orchestrator.
     pub unconfirmed_backups: usize,
     /// A post-authentication reset scheduled, if any.

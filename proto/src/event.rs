@@ -212,7 +212,8 @@ pub enum AuthenticationOutcome {
 }
 
 /// Body of [`Event::AuthenticationSucceeded`] and [`Event::AuthenticationFailed`]: what PAM told
-/// the agent about one authentication as the managed account.
+/// the agent about an authentication as the managed account. Failures are aggregated: one event
+/// may report `count` of them, from `first_at` to `last_at`, PAM's details being the last one's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthenticationObserved {
     /// The managed account.
@@ -226,6 +227,21 @@ pub struct AuthenticationObserved {
     /// After a success: when the post-authentication reset will run (`None` when
     /// PostAuthenticationResetDelay is 0, which disables it).
     pub reset_deadline: Option<DateTime<Utc>>,
+    /// How many authentications the event reports; agents before aggregation sent one each, so
+    /// 1 when absent.
+    #[serde(default = "one")]
+    pub count: u64,
+    /// The first authentication counted, when the event reports more than one or a later one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_at: Option<DateTime<Utc>>,
+    /// The last authentication counted, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+/// The `count` of an [`AuthenticationObserved`] without one.
+fn one() -> u64 {
+    1
 }
 
 /// Body of [`Event::PostAuthenticationActionsStarted`] and
@@ -529,6 +545,15 @@ mod tests {
             Envelope::from_json(json.to_string().as_bytes()),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn an_authentication_from_before_aggregation_counts_one() {
+        let old = r#"{"account_name":"admin","service":"sshd","remote_host":null,"tty":null,"reset_deadline":null}"#;
+        let observed: AuthenticationObserved = serde_json::from_str(old).unwrap();
+        assert_eq!((observed.count, observed.first_at, observed.last_at), (1, None, None));
+        let text = serde_json::to_string(&observed).unwrap();
+        assert!(text.contains(r#""count":1"#) && !text.contains("first_at"), "{text}");
     }
 
     #[test]

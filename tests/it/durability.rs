@@ -177,11 +177,12 @@ async fn a_backup_lost_by_a_nats_server_crash_after_its_ack_is_sent_again_and_re
 }
 
 #[tokio::test]
-async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
+async fn a_full_outbox_drops_reports_never_the_backup_and_loses_nothing_it_kept() {
     let mut nats = TestNats::start();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let options = AgentOptions {
-        settings: "outbox_limit = 2".to_owned(),
+        // One place for reports; two kept for a rotation's backup and commit.
+        settings: "outbox_limit = 3\nbackup_confirmation_wait_secs = 1".to_owned(),
         ..AgentOptions::default()
     };
     let mut agent = TestAgent::spawn_with(&nats, &orchestrator, options).await;
@@ -193,26 +194,23 @@ async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
     .await;
     let sent_before = device_history(&nats, &agent).await.len();
 
-    // While NATS is away, every start queues its policy event.
+    // While NATS is away, every start reports its policy: the first fills the reports' place,
+    // the second is dropped and counted.
     nats.stop();
     agent.restart().await;
     agent.restart().await;
     let status = agent.status().await;
-    assert!(status.outbox_pending >= 2, "{status:?}");
+    assert_eq!((status.outbox_pending, status.outbox_dropped), (1, 1), "{status:?}");
 
-    let answer = agent.control(ControlRequest::Reset).await;
+    // A rotation still finds room for its backup; the account waits for the confirmation.
+    let _answer = agent.control(ControlRequest::Reset).await;
+    let rotating = agent.status().await;
+    assert!(rotating.pending_rotation.is_some(), "{rotating:?}");
+    assert_eq!(rotating.outbox_pending, 2, "the backup is queued: {rotating:?}");
     assert!(
-        matches!(&answer, ControlResponse::Refused { message } if message.contains("outbox holds")),
-        "{answer:?}"
+        agent.has_password(&first),
+        "no password change before the backup is stored"
     );
-    assert!(
-        agent
-            .status()
-            .await
-            .last_error
-            .is_some_and(|error| error.contains("outbox"))
-    );
-    assert!(agent.has_password(&first), "no rotation while the outbox is full");
 
     // NATS back: the outbox drains in order and rotations resume.
     let queued = status.outbox_pending;
@@ -241,8 +239,8 @@ async fn a_full_outbox_stops_rotations_loudly_and_loses_nothing() {
         "in the order they were emitted: {:?}",
         history.iter().map(Envelope::position).collect::<Vec<_>>()
     );
-    let answer = agent.control(ControlRequest::ProcessNow).await;
-    assert!(matches!(answer, ControlResponse::Done { .. }), "{answer:?}");
+    let second = orchestrator.wait_for_new_password(&agent.device_id, &[&first]).await;
+    agent.wait_until_settled_with(&second).await;
 }
 
 /// The device's events in the stream, in stream order.

@@ -14,6 +14,7 @@ mod api;
 pub mod apps;
 mod at_rest;
 mod backup_confirmation;
+mod bounds;
 mod commands;
 mod config;
 mod durability;

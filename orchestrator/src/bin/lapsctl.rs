@@ -238,9 +238,9 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Token(command) => manage_tokens(&client, command).await,
         Command::EnrollmentToken(command) => manage_enrollment_tokens(&client, command).await,
         Command::Quarantine { output } => {
-            let entries: Vec<Entry> = client
-                .quarantine()
-                .await?
+            let listing = client.quarantine().await?;
+            let entries: Vec<Entry> = listing
+                .entries
                 .iter()
                 .map(|entry| {
                     Entry(vec![
@@ -252,7 +252,19 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     ])
                 })
                 .collect();
-            Ok(render(&entries, output))
+            let mut text = render(&entries, output);
+            if listing.dropped_count > 0 {
+                // On stderr for JSON, so the output stays one document.
+                let note = format!(
+                    "{} older entries were dropped: the quarantine keeps the newest {}\n",
+                    listing.dropped_count, listing.max_entries
+                );
+                match output {
+                    OutputFormat::Table => text.push_str(&format!("\n{note}")),
+                    OutputFormat::Json => eprint!("{note}"),
+                }
+            }
+            Ok(text)
         }
         Command::Audit(args) => audit(&client, &args).await,
     }

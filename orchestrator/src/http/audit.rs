@@ -3,9 +3,10 @@
 //! who asked which device to rotate.
 //!
 //! `GET /v1.0/fleetlaps/auditEvents`, oldest first, optionally `?deviceId=…` and `?kind=…`, in
-//! pages of `$top` (default and most 500) after `$skiptoken` (a history position).
+//! pages like every collection (`$top`, `$skiptoken` = the last history position seen,
+//! `@odata.nextLink`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -15,26 +16,30 @@ use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use super::AppState;
 use super::auth::Authenticated;
 use super::error::ApiError;
+use super::odata::{self, QueryOptions};
 use crate::auth::Scope;
+use crate::projection::{ProjectionError, Projections};
 
 /// The route.
 pub(super) const LIST_PATH: &str = "/v1.0/fleetlaps/auditEvents";
 
 /// `@odata.context` of the collection.
 const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/auditEvents";
-/// The largest page.
-const PAGE_MAX: usize = 500;
-/// The query parameters this route takes.
+/// How many history entries are read from the store at a time while looking for matches.
+const SCAN_CHUNK: usize = 500;
+/// The query parameters this route takes besides OData's.
 const PARAMETERS: &str = "deviceId, kind, $top, $skiptoken";
 
-/// Lists the audit history.
+/// Lists one page of the audit history.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
 pub(super) async fn list(
     State(state): State<AppState>,
     principal: Authenticated,
+    options: QueryOptions,
     Query(parameters): Query<HashMap<String, String>>,
 ) -> Result<Json<ODataCollection<AuditEntry>>, ApiError> {
     principal.require(Scope::AuditRead)?;
+    options.allow_only(&["$top", "$skiptoken"], "the audit history")?;
     if let Some(unknown) = parameters
         .keys()
         .find(|key| !["deviceId", "kind", "$top", "$skiptoken"].contains(&key.as_str()))
@@ -55,59 +60,68 @@ pub(super) async fn list(
         })
         .transpose()?;
     let device = parameters.get("deviceId");
-    let top = match parameters.get("$top") {
-        None => PAGE_MAX,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|top| (1..=PAGE_MAX).contains(top))
-            .ok_or_else(|| ApiError::BadRequest(format!("$top {text:?}: allowed 1 to {PAGE_MAX}")))?,
-    };
-    let mut after = match parameters.get("$skiptoken") {
-        None => 0,
-        Some(text) => text
-            .parse::<u64>()
-            .map_err(|_| ApiError::BadRequest(format!("$skiptoken {text:?}: allowed: a history position")))?,
-    };
-    let mut page = Vec::new();
-    let mut more = false;
-    // Scan in chunks until the page is full or the history ends.
-    'scan: loop {
-        let chunk = state.projections.audit(after, PAGE_MAX)?;
-        let Some((last, _)) = chunk.last() else { break };
-        let last = *last;
-        for (sequence, envelope) in chunk {
-            if kind.is_some_and(|kind| envelope.event.kind() != kind)
-                || device.is_some_and(|device| device_of(&envelope.event) != Some(device.as_str()))
-            {
-                continue;
-            }
-            if page.len() == top {
-                more = true;
-                break 'scan;
-            }
-            page.push(entry(sequence, &envelope));
-        }
-        after = last;
+    let page_size = options.page_size()?;
+    let after = options
+        .skip_token_as(|token| {
+            token
+                .parse::<u64>()
+                .map_err(|_| format!("{token:?}: allowed: a history position"))
+        })?
+        .unwrap_or(0);
+    let matching = history_after(&state.projections, after)
+        .filter(|entry| {
+            entry.as_ref().map_or(true, |(_, envelope)| {
+                kind.is_none_or(|kind| envelope.event.kind() == kind)
+                    && device.is_none_or(|device| device_of(&envelope.event) == Some(device.as_str()))
+            })
+        })
+        .take(page_size.saturating_add(1))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut link_parameters = Vec::new();
+    if let Some(kind) = kind {
+        link_parameters.push(("kind", kind.as_str()));
     }
-    let next_link = match (more, page.last()) {
-        (true, Some(last)) => {
-            let mut link = format!("{LIST_PATH}?$top={top}&$skiptoken={}", last.sequence);
-            if let Some(kind) = kind {
-                link.push_str(&format!("&kind={kind}"));
-            }
-            if let Some(device) = device {
-                link.push_str(&format!("&deviceId={device}"));
-            }
-            Some(link)
-        }
-        _ => None,
-    };
+    if let Some(device) = device {
+        link_parameters.push(("deviceId", device.as_str()));
+    }
+    let (page, next_link) = odata::page(matching, page_size, |(sequence, _)| {
+        odata::next_link(LIST_PATH, &options, &link_parameters, page_size, &sequence.to_string())
+    });
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
-        value: page,
+        value: page
+            .iter()
+            .map(|(sequence, envelope)| entry(*sequence, envelope))
+            .collect(),
         next_link,
     }))
+}
+
+/// The history after position `after`, oldest first, read from the store a chunk at a time.
+fn history_after(
+    projections: &Projections,
+    mut after: u64,
+) -> impl Iterator<Item = Result<(u64, AuditEnvelope), ProjectionError>> + '_ {
+    let mut chunk = VecDeque::new();
+    let mut exhausted = false;
+    std::iter::from_fn(move || {
+        if chunk.is_empty() && !exhausted {
+            match projections.audit(after, SCAN_CHUNK) {
+                Ok(next) => {
+                    exhausted = next.len() < SCAN_CHUNK;
+                    if let Some((last, _)) = next.last() {
+                        after = *last;
+                    }
+                    chunk.extend(next);
+                }
+                Err(err) => {
+                    exhausted = true;
+                    return Some(Err(err));
+                }
+            }
+        }
+        chunk.pop_front().map(Ok)
+    })
 }
 
 /// The device an event is about, if it is about one.

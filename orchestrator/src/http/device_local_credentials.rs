@@ -47,11 +47,7 @@ pub(super) async fn list(
     principal.require(Scope::ReadBasic)?;
     let filter = options.parsed_filter()?;
     let page_size = options.page_size()?;
-    let after = options
-        .skip_token
-        .as_deref()
-        .map(|token| DeviceId::parse(token).map_err(|err| ApiError::BadRequest(format!("invalid $skiptoken: {err}"))))
-        .transpose()?;
+    let after = options.skip_token_as(DeviceId::parse)?;
     if options.selected()?.contains(&Property::Credentials) {
         return Err(ApiError::UnsupportedQuery(format!(
             "$select=credentials is not supported on the collection; read one device with \
@@ -59,17 +55,15 @@ pub(super) async fn list(
         )));
     }
 
-    let mut devices = state
+    let devices = state
         .projections
         .devices()?
         .into_iter()
         .filter(|device| after.as_ref().is_none_or(|after| device.device_id > *after))
         .filter(|device| filter.as_ref().is_none_or(|filter| matches(filter, device)));
-    let page: Vec<DeviceRecord> = devices.by_ref().take(page_size).collect();
-    let next_link = match (devices.next(), page.last()) {
-        (Some(_), Some(last)) => Some(next_link(&options, page_size, &last.device_id)),
-        _ => None,
-    };
+    let (page, next_link) = odata::page(devices, page_size, |last: &DeviceRecord| {
+        odata::next_link(LIST_PATH, &options, &[], page_size, last.device_id.as_str())
+    });
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
         value: page.iter().map(metadata).collect(),
@@ -151,22 +145,6 @@ fn matches(filter: &Filter, device: &DeviceRecord) -> bool {
         Filter::DeviceName(name) => device.device_name.as_str().eq_ignore_ascii_case(name),
         Filter::Id(id) => device.device_id.as_str() == id,
     }
-}
-
-/// The link to the page after `last`, keeping the request's other options.
-fn next_link(options: &QueryOptions, page_size: usize, last: &DeviceId) -> String {
-    let mut link = format!("{LIST_PATH}?");
-    if let Some(filter) = &options.filter {
-        link.push_str(&format!("$filter={}&", odata::percent_encode(filter)));
-    }
-    if let Some(select) = &options.select {
-        link.push_str(&format!("$select={}&", odata::percent_encode(select)));
-    }
-    link.push_str(&format!(
-        "$top={page_size}&$skiptoken={}",
-        odata::percent_encode(last.as_str())
-    ));
-    link
 }
 
 /// A device's Graph metadata, without credentials.

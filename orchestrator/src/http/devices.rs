@@ -1,7 +1,8 @@
 //! Graph's device directory and Intune's "Rotate local admin password" action.
 //!
 //! - `GET /v1.0/devices` (`Device.Read.All`): every device the history knows, in Graph's `device`
-//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`).
+//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`),
+//!   ordered by id, in pages like every collection (`$top`, `$skiptoken` = the last id seen).
 //! - `POST /v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword`
 //!   (`DeviceLocalCredential.Rotate`): records a `rotation_requested` event, then sends the device
 //!   a rotate command, kept in JetStream until it takes it; answers 204 like Intune, with the
@@ -23,7 +24,9 @@ use super::AppState;
 use super::auth::{Authenticated, RequestContext};
 use super::device_local_credentials::DevicePath;
 use super::error::ApiError;
+use super::odata::{self, QueryOptions};
 use crate::auth::Scope;
+use crate::projection::DeviceRecord;
 
 /// The directory's route.
 pub(super) const LIST_PATH: &str = "/v1.0/devices";
@@ -33,16 +36,26 @@ pub(super) const ROTATE_PATH: &str = "/v1.0/deviceManagement/managedDevices/{dev
 /// `@odata.context` of the directory.
 const COLLECTION_CONTEXT: &str = "$metadata#devices";
 
-/// Lists every device, ordered by id.
+/// Lists the devices, ordered by id, one page at a time.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
 pub(super) async fn list(
     State(state): State<AppState>,
     principal: Authenticated,
+    options: QueryOptions,
 ) -> Result<Json<ODataCollection<Value>>, ApiError> {
     principal.require(Scope::DeviceRead)?;
-    let value = state
+    options.allow_only(&["$top", "$skiptoken"], "the device directory")?;
+    let page_size = options.page_size()?;
+    let after = options.skip_token_as(DeviceId::parse)?;
+    let devices = state
         .projections
         .devices()?
+        .into_iter()
+        .filter(|device| after.as_ref().is_none_or(|after| device.device_id > *after));
+    let (page, next_link) = odata::page(devices, page_size, |last: &DeviceRecord| {
+        odata::next_link(LIST_PATH, &options, &[], page_size, last.device_id.as_str())
+    });
+    let value = page
         .iter()
         .map(|device| {
             json!({
@@ -57,7 +70,7 @@ pub(super) async fn list(
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
         value,
-        next_link: None,
+        next_link,
     }))
 }
 

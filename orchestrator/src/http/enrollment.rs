@@ -4,7 +4,8 @@
 //!   an `enrollment_token_created` event holding the token's SHA-256 and answers 201 with the
 //!   token, shown this once. `maxUses` defaults to 1 (single-use), `expiresDateTime` to 24 hours
 //!   from now.
-//! - `GET /v1.0/fleetlaps/enrollmentTokens` (`Admin`): every enrollment token, with its use count.
+//! - `GET /v1.0/fleetlaps/enrollmentTokens` (`Admin`): the enrollment tokens with their use
+//!   counts, paged (`$top`, `$skiptoken`, `@odata.nextLink`).
 //! - `DELETE /v1.0/fleetlaps/enrollmentTokens/{tokenId}` (`Admin`): records an
 //!   `enrollment_token_revoked` event; 204.
 //! - `POST /fleetlaps/v1/enroll` with the enrollment token as bearer and an [`EnrollmentRequest`]:
@@ -32,6 +33,7 @@ use secrecy::ExposeSecret;
 use super::AppState;
 use super::auth::{Authenticated, bearer_token};
 use super::error::ApiError;
+use super::odata::QueryOptions;
 use super::tokens;
 use crate::auth::{self, Scope};
 use crate::projection::{TokenKind, TokenRecord, TokenUnusable};
@@ -114,15 +116,13 @@ pub(super) async fn create(
 pub(super) async fn list(
     State(state): State<AppState>,
     principal: Authenticated,
+    options: QueryOptions,
 ) -> Result<Json<ODataCollection<EnrollmentTokenInfo>>, ApiError> {
-    let value = tokens::list_records(&state, &principal, TokenKind::Enrollment)?
-        .iter()
-        .map(info)
-        .collect();
+    let (page, next_link) = tokens::list_records(&state, &principal, TokenKind::Enrollment, LIST_PATH, &options)?;
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
-        value,
-        next_link: None,
+        value: page.iter().map(info).collect(),
+        next_link,
     }))
 }
 

@@ -1,5 +1,9 @@
 //! OData system query options: the subset of `$filter`, `$select`, `$top` and `$skiptoken` that
-//! Graph supports on `deviceLocalCredentials`, parsed from the raw query string.
+//! Graph supports on `deviceLocalCredentials`, parsed from the raw query string; and the one
+//! paging every collection uses ([`page`], [`next_link`]): server-driven pages of `$top` items
+//! (default [`DEFAULT_TOP`], at most [`MAX_TOP`]), in the collection's order, with an
+//! `@odata.nextLink` whose `$skiptoken` is the last item's key, so a page starts after it
+//! whatever was added or removed meanwhile.
 //!
 //! Options this API does not implement (`$orderby`, `$count`, …) are refused with
 //! `Request_UnsupportedQuery` rather than ignored, so a caller never mistakes an unfiltered or
@@ -90,6 +94,17 @@ impl QueryOptions {
                 truncated(text)
             ))),
         }
+    }
+
+    /// The `$skiptoken`, if any, parsed by `parse` into the key to start after.
+    pub(super) fn skip_token_as<T, E: std::fmt::Display>(
+        &self,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Result<Option<T>, ApiError> {
+        self.skip_token
+            .as_deref()
+            .map(|token| parse(token).map_err(|err| ApiError::BadRequest(format!("invalid $skiptoken: {err}"))))
+            .transpose()
     }
 
     /// The `$filter`, if any, parsed.
@@ -205,6 +220,46 @@ impl Property {
     }
 }
 
+/// One page of `items`, which are in the collection's order and start after the skip token: at
+/// most `page_size` of them, and when more follow, the next link `link_after` makes from the last
+/// one on the page.
+pub(super) fn page<T>(
+    items: impl IntoIterator<Item = T>,
+    page_size: usize,
+    link_after: impl FnOnce(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let mut items = items.into_iter();
+    let page: Vec<T> = items.by_ref().take(page_size).collect();
+    let next_link = match (items.next(), page.last()) {
+        (Some(_), Some(last)) => Some(link_after(last)),
+        _ => None,
+    };
+    (page, next_link)
+}
+
+/// The link to the page of `path` after `skip_token`: the request's `$filter` and `$select`,
+/// then `parameters` (a resource's own, percent-encoded here), then `$top` and `$skiptoken`.
+pub(super) fn next_link(
+    path: &str,
+    options: &QueryOptions,
+    parameters: &[(&str, &str)],
+    page_size: usize,
+    skip_token: &str,
+) -> String {
+    let mut link = format!("{path}?");
+    if let Some(filter) = &options.filter {
+        link.push_str(&format!("$filter={}&", percent_encode(filter)));
+    }
+    if let Some(select) = &options.select {
+        link.push_str(&format!("$select={}&", percent_encode(select)));
+    }
+    for (name, value) in parameters {
+        link.push_str(&format!("{name}={}&", percent_encode(value)));
+    }
+    link.push_str(&format!("$top={page_size}&$skiptoken={}", percent_encode(skip_token)));
+    link
+}
+
 /// Percent-encodes `text` for a query string: everything but RFC 3986's unreserved characters.
 pub(super) fn percent_encode(text: &str) -> String {
     let mut encoded = String::with_capacity(text.len());
@@ -307,6 +362,32 @@ mod tests {
         };
         let err = options.selected().expect_err("unknown property");
         assert!(err.to_string().contains("\"password\""), "{err}");
+    }
+
+    #[test]
+    fn a_page_links_to_the_next_only_when_more_follow() {
+        let link = |last: &u32| format!("after {last}");
+        assert_eq!(page(1..=5, 2, link), (vec![1, 2], Some("after 2".to_owned())));
+        assert_eq!(page(1..=4, 2, link), (vec![1, 2], Some("after 2".to_owned())));
+        assert_eq!(page(3..=4, 2, link), (vec![3, 4], None));
+        assert_eq!(page(5..=5, 2, link), (vec![5], None));
+        assert_eq!(page(1..1, 2, link), (vec![], None));
+    }
+
+    #[test]
+    fn next_links_keep_the_request_s_options() {
+        let options = QueryOptions {
+            filter: Some("deviceName eq 'a b'".to_owned()),
+            ..QueryOptions::default()
+        };
+        assert_eq!(
+            next_link("/v1.0/x", &options, &[("kind", "password_read")], 2, "dev 1"),
+            "/v1.0/x?$filter=deviceName%20eq%20%27a%20b%27&kind=password_read&$top=2&$skiptoken=dev%201"
+        );
+        assert_eq!(
+            next_link("/v1.0/x", &QueryOptions::default(), &[], 100, "7"),
+            "/v1.0/x?$top=100&$skiptoken=7"
+        );
     }
 
     #[test]

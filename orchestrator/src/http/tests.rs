@@ -1461,3 +1461,37 @@ async fn audit_records_name_the_token_id_as_well_as_its_name() {
     }
     assert_eq!(seen, 3);
 }
+
+#[tokio::test]
+async fn token_and_enrollment_token_lists_page_with_top_and_skiptoken() {
+    let fixture = Fixture::new();
+    for _ in 0..3 {
+        fixture.create_token(&["Audit.Read.All"], None).await;
+        fixture.create_enrollment_token().await;
+    }
+    // The fixture made one enrollment token itself: four of those, three API tokens.
+    for (path, total) in [("/v1.0/fleetlaps/tokens", 3), ("/v1.0/fleetlaps/enrollmentTokens", 4)] {
+        let mut ids = Vec::new();
+        let mut next = Some(format!("{path}?$top=2"));
+        while let Some(link) = next {
+            let page = fixture.get(&link, Some(GRANTER_TOKEN)).await;
+            assert_eq!(page.status, StatusCode::OK, "{link}: {}", page.body);
+            let values = page.body["value"].as_array().unwrap();
+            assert!(values.len() <= 2, "{}", page.body);
+            ids.extend(values.iter().map(|token| token["id"].as_str().unwrap().to_owned()));
+            next = page.body["@odata.nextLink"].as_str().map(str::to_owned);
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            (ids.len(), sorted),
+            (total, ids.clone()),
+            "{path}: every token once, oldest first"
+        );
+    }
+    let bad = fixture
+        .get("/v1.0/fleetlaps/tokens?$skiptoken=nope", Some(GRANTER_TOKEN))
+        .await;
+    bad.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+}

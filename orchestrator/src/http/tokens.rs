@@ -5,7 +5,8 @@
 //! - `POST /v1.0/fleetlaps/tokens` with a [`TokenRequest`]: records a `token_created` event
 //!   holding the token's SHA-256 and answers 201 with the token, shown this once. Each scope
 //!   must be one the creator holds, unless it holds `Token.Grant` (403 naming the scope).
-//! - `GET /v1.0/fleetlaps/tokens`: every token made through the API, without secrets.
+//! - `GET /v1.0/fleetlaps/tokens`: the tokens made through the API, without secrets, paged
+//!   (`$top`, `$skiptoken`, `@odata.nextLink`).
 //! - `DELETE /v1.0/fleetlaps/tokens/{tokenId}`: records a `token_revoked` event; 204.
 //!
 //! Names are unique among the usable tokens of a kind (409 otherwise), so the audit's name
@@ -26,6 +27,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::AppState;
 use super::auth::Authenticated;
 use super::error::ApiError;
+use super::odata::{self, QueryOptions};
 use crate::auth::{self, Principal, Scope};
 use crate::projection::{TokenKind, TokenRecord};
 
@@ -96,20 +98,18 @@ pub(super) async fn create(
     ))
 }
 
-/// Lists the tokens made through the API, oldest first.
+/// Lists the tokens made through the API, oldest first, one page at a time.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
 pub(super) async fn list(
     State(state): State<AppState>,
     principal: Authenticated,
+    options: QueryOptions,
 ) -> Result<Json<ODataCollection<TokenInfo>>, ApiError> {
-    let value = list_records(&state, &principal, TokenKind::Api)?
-        .iter()
-        .map(info)
-        .collect();
+    let (page, next_link) = list_records(&state, &principal, TokenKind::Api, LIST_PATH, &options)?;
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
-        value,
-        next_link: None,
+        value: page.iter().map(info).collect(),
+        next_link,
     }))
 }
 
@@ -182,14 +182,28 @@ pub(super) async fn issue(
     Ok((token, record))
 }
 
-/// Every token of `kind`, oldest first, for a principal with `Admin`.
+/// One page of the tokens of `kind`, oldest first (ids are time-ordered), for a principal with
+/// `Admin`, and the link to the next page of `path` when more follow (`$top`, `$skiptoken`: the
+/// last token id of the page).
 pub(super) fn list_records(
     state: &AppState,
     principal: &Authenticated,
     kind: TokenKind,
-) -> Result<Vec<TokenRecord>, ApiError> {
+    path: &str,
+    options: &QueryOptions,
+) -> Result<(Vec<TokenRecord>, Option<String>), ApiError> {
     principal.require(Scope::Admin)?;
-    Ok(state.projections.tokens(kind)?)
+    options.allow_only(&["$top", "$skiptoken"], &format!("the {} list", kind.describe()))?;
+    let page_size = options.page_size()?;
+    let after = options.skip_token_as(TokenId::parse)?;
+    let tokens = state
+        .projections
+        .tokens(kind)?
+        .into_iter()
+        .filter(|token| after.is_none_or(|after| token.token_id > after));
+    Ok(odata::page(tokens, page_size, |last: &TokenRecord| {
+        odata::next_link(path, options, &[], page_size, &last.token_id.to_string())
+    }))
 }
 
 /// Revokes the token of `kind` with id `token_id` by recording the event `revoked` builds, and

@@ -17,5 +17,8 @@ pub use devices::{DeviceRecord, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
 pub use orchestrator_key::OrchestratorKeyRecord;
 pub use principals::{EnrolledKeyRecord, TokenKind, TokenRecord, TokenUnusable};
-pub use quarantine::{QuarantineReason, QuarantineRecord};
+pub use quarantine::{
+    DEFAULT_MAX_ENTRIES as QUARANTINE_DEFAULT_MAX_ENTRIES, MAX_ENTRIES_RANGE as QUARANTINE_MAX_ENTRIES_RANGE,
+    QuarantineReason, QuarantineRecord,
+};
 pub use store::{Applied, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};

@@ -11,7 +11,9 @@
 //! - `c/<device>/<sequence>`: a [`CredentialRecord`], the sequence big-endian so keys sort by it;
 //! - `r/<device>/<rotation>`: the `c/` key of a rotation's credential;
 //! - `e/<event id>`: marks an applied event id, for idempotence;
-//! - `q/<sequence>`: a [`QuarantineRecord`];
+//! - `q/<sequence>`: a [`QuarantineRecord`], at most `quarantine.max_entries` of them;
+//! - `m/quarantine_len`: how many `q/` records there are;
+//! - `qd/<reason>`: how many quarantine records of that reason were dropped to keep the bound;
 //! - `a/<sequence>`: an orchestrator event ([`AuditEnvelope`]): the audit history;
 //! - `t/<token id>`: a [`TokenRecord`], an API or enrollment token; `h/<token sha256>`: the id
 //!   of the token with that digest;
@@ -53,9 +55,10 @@ use super::devices::{DeviceRecord, FailureRecord};
 use super::escrow_keys::EscrowKeyRecord;
 use super::orchestrator_key::OrchestratorKeyRecord;
 use super::principals::{EnrolledKeyRecord, TokenKind, TokenRecord};
-use super::quarantine::{QuarantineReason, QuarantineRecord};
+use super::quarantine::{self, QuarantineReason, QuarantineRecord};
 
 const LAST_SEQUENCE_KEY: &[u8] = b"m/last_sequence";
+const QUARANTINE_LEN_KEY: &[u8] = b"m/quarantine_len";
 /// Where the layout version is kept.
 const LAYOUT_KEY: &[u8] = b"m/layout";
 /// The layout of the keys above. Raised when a change of keys or records needs a rebuild: 2
@@ -197,6 +200,8 @@ pub struct Projections {
     tree: sled::Tree,
     /// The last applied stream sequence, for those waiting to read their own writes.
     position: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// The most quarantine records kept; older ones are dropped and counted.
+    quarantine_max_entries: u64,
 }
 
 impl Projections {
@@ -223,7 +228,21 @@ impl Projections {
             db,
             tree,
             position: std::sync::Arc::new(position),
+            quarantine_max_entries: quarantine::DEFAULT_MAX_ENTRIES,
         })
+    }
+
+    /// Keeps at most `max_entries` quarantine records from now on (at least one). Give a replay
+    /// the same bound as the run it rebuilds, or it keeps a different quarantine.
+    #[must_use]
+    pub fn with_quarantine_max_entries(mut self, max_entries: u64) -> Self {
+        self.quarantine_max_entries = max_entries.max(1);
+        self
+    }
+
+    /// The most quarantine records kept.
+    pub fn quarantine_max_entries(&self) -> u64 {
+        self.quarantine_max_entries
     }
 
     /// Waits until the message at stream `sequence` is folded in (so what it changed can be
@@ -273,7 +292,7 @@ impl Projections {
                 // the device also finds the refusal in its current password version.
                 batch = sled::Batch::default();
                 batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
-                batch.insert(quarantine_key(message.sequence), encode(&record));
+                self.quarantine_into(&mut batch, &record)?;
                 let mut refused_device = None;
                 if let Some(confirmation) = &confirmation
                     && let Some(mut device) = self.device(&confirmation.device_id)?
@@ -344,13 +363,46 @@ impl Projections {
             .collect()
     }
 
-    /// Every quarantined message, oldest first.
+    /// Every quarantined message kept, oldest first.
     pub fn quarantine(&self) -> Result<Vec<QuarantineRecord>, ProjectionError> {
+        self.quarantine_after(0, usize::MAX)
+    }
+
+    /// At most `limit` quarantined messages after stream sequence `after`, oldest first.
+    pub fn quarantine_after(&self, after: u64, limit: usize) -> Result<Vec<QuarantineRecord>, ProjectionError> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         self.tree
-            .scan_prefix(b"q/")
-            .values()
-            .map(|value| decode("q/", &value?))
+            .range(quarantine_key(start)..)
+            .take_while(|entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(b"q/")))
+            .take(limit)
+            .map(|entry| decode("q/", &entry?.1))
             .collect()
+    }
+
+    /// How many quarantine records were dropped to keep the bound, by reason (every reason, zeros
+    /// included).
+    pub fn quarantine_dropped(&self) -> Result<Vec<(QuarantineReason, u64)>, ProjectionError> {
+        QuarantineReason::ALL
+            .into_iter()
+            .map(|reason| {
+                let count = self
+                    .tree
+                    .get(quarantine_dropped_key(reason))?
+                    .map_or(0, |bytes| decode_u64(&bytes));
+                Ok((reason, count))
+            })
+            .collect()
+    }
+
+    /// How many quarantine records are kept.
+    pub fn quarantine_len(&self) -> Result<u64, ProjectionError> {
+        match self.tree.get(QUARANTINE_LEN_KEY)? {
+            Some(bytes) => Ok(decode_u64(&bytes)),
+            // A store from before the bound: count once; the next record writes the length.
+            None => Ok(self.tree.scan_prefix(b"q/").keys().count() as u64),
+        }
     }
 
     /// The token of either kind whose SHA-256 is `token_sha256` (hex), unusable ones included.
@@ -924,6 +976,39 @@ impl Projections {
         Ok(Ok(Applied::outcome(Outcome::Recorded(envelope.event.kind()))))
     }
 
+    /// Adds `record` to the quarantine in `batch`, first dropping the oldest records beyond the
+    /// bound (also in `batch`, so both happen or neither) and counting them by reason.
+    fn quarantine_into(&self, batch: &mut sled::Batch, record: &QuarantineRecord) -> Result<(), ProjectionError> {
+        let held = self.quarantine_len()?;
+        let to_drop = quarantine::to_drop_before_adding(held, self.quarantine_max_entries);
+        let mut dropped: Vec<(QuarantineReason, u64)> = Vec::new();
+        let mut n_dropped = 0u64;
+        for entry in self.tree.scan_prefix(b"q/") {
+            if n_dropped == to_drop {
+                break;
+            }
+            let (key, value) = entry?;
+            let oldest: QuarantineRecord = decode("q/", &value)?;
+            batch.remove(key);
+            n_dropped += 1;
+            match dropped.iter_mut().find(|(reason, _)| *reason == oldest.reason) {
+                Some((_, count)) => *count += 1,
+                None => dropped.push((oldest.reason, 1)),
+            }
+        }
+        for (reason, count) in dropped {
+            let key = quarantine_dropped_key(reason);
+            let before = self.tree.get(&key)?.map_or(0, |bytes| decode_u64(&bytes));
+            batch.insert(key, &before.saturating_add(count).to_be_bytes());
+        }
+        batch.insert(
+            QUARANTINE_LEN_KEY,
+            &held.saturating_sub(n_dropped).saturating_add(1).to_be_bytes(),
+        );
+        batch.insert(quarantine_key(record.stream_sequence), encode(record));
+        Ok(())
+    }
+
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ProjectionError> {
         self.tree
             .get(key.as_bytes())?
@@ -1018,6 +1103,10 @@ fn insert_token(batch: &mut sled::Batch, record: &TokenRecord) {
 
 fn quarantine_key(sequence: u64) -> Vec<u8> {
     format!("q/{sequence:020}").into_bytes()
+}
+
+fn quarantine_dropped_key(reason: QuarantineReason) -> Vec<u8> {
+    format!("qd/{reason}").into_bytes()
 }
 
 fn encode<T: Serialize>(record: &T) -> Vec<u8> {

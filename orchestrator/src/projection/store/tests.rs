@@ -1148,3 +1148,45 @@ fn a_store_of_an_older_layout_is_emptied_at_open_so_the_stream_rebuilds_it() {
         7
     );
 }
+
+#[test]
+fn a_full_quarantine_drops_its_oldest_record_in_the_same_batch_and_counts_it_the_same_on_replay() {
+    let run = || {
+        let mut fixture = Fixture::empty();
+        fixture.projections = fixture.projections.clone().with_quarantine_max_entries(3);
+        for _ in 0..5 {
+            fixture.apply_on("laps.events.dev-1.policy_applied", b"not json");
+        }
+        fixture.apply_on("laps.events.dev-1.policy_applied", &policy_applied(1).to_json());
+        fixture
+    };
+    let first = run();
+
+    let kept = first.projections.quarantine().unwrap();
+    assert_eq!(
+        kept.iter().map(|record| record.stream_sequence).collect::<Vec<_>>(),
+        [4, 5, 6],
+        "the newest three are kept"
+    );
+    assert_eq!(first.projections.quarantine_len().unwrap(), 3);
+    let dropped = first.projections.quarantine_dropped().unwrap();
+    let count = |reason| dropped.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n);
+    assert_eq!(count(QuarantineReason::Malformed), Some(3));
+    assert_eq!(count(QuarantineReason::UnknownDevice), Some(0));
+    assert_eq!(
+        first
+            .projections
+            .quarantine_after(4, 10)
+            .unwrap()
+            .iter()
+            .map(|record| record.stream_sequence)
+            .collect::<Vec<_>>(),
+        [5, 6]
+    );
+
+    let second = run();
+    assert_eq!(
+        first.projections.digest().unwrap(),
+        second.projections.digest().unwrap()
+    );
+}
