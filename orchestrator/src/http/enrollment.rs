@@ -168,6 +168,13 @@ pub(super) async fn enroll(
     // The token's uses and revocation live in the projections: not trusted before they caught up.
     state.health.authority()?;
     let token_id = reserve(&state, &auth::token_sha256(token))?;
+    // Gives the use back however this request ends, a client hanging up included.
+    let mut reservation = Reservation {
+        state: state.clone(),
+        token_id,
+        recorded_at: None,
+        released: false,
+    };
     let device_id = DeviceId::new_random();
     tracing::Span::current().record("device_id", tracing::field::display(&device_id));
     let enrolled = AuditEvent::DeviceEnrolled(DeviceEnrolled {
@@ -179,30 +186,22 @@ pub(super) async fn enroll(
     let sequence = match state.record(enrolled).await {
         Ok(sequence) => sequence,
         Err(err) => {
-            release(&state, token_id);
+            reservation.release_now();
             return Err(err);
         }
     };
+    reservation.recorded_at = Some(sequence);
     if state
         .projections
         .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
         .await
     {
         // The projections count this use now.
-        release(&state, token_id);
+        reservation.release_now();
     } else {
-        // Kept reserved until the projections count it, so the token is never used beyond its
-        // count, and given back then, so the use is not counted twice.
+        // Kept reserved until the projections count it (the reservation's drop waits for that),
+        // so the token is never used beyond its count, nor the use counted twice.
         tracing::warn!("the enrollment is recorded but not yet in the projections; its use stays reserved until it is");
-        let state = state.clone();
-        tokio::spawn(async move {
-            while !state
-                .projections
-                .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
-                .await
-            {}
-            release(&state, token_id);
-        });
     }
     tracing::info!(%token_id, device_name = %request.device_name, "device enrolled");
     Ok((
@@ -260,6 +259,49 @@ fn reserve(state: &AppState, token_sha256: &str) -> Result<TokenId, ApiError> {
     }
     *reserved += 1;
     Ok(record.token_id)
+}
+
+/// One reserved use of an enrollment token, given back when dropped: at once if nothing was
+/// recorded, once the projections count the enrollment if it was, and after
+/// [`super::VISIBLE_TIMEOUT`] if the request ended while the recording was in flight (it may or
+/// may not have reached the history). So a client that hangs up never leaves a use taken.
+struct Reservation {
+    state: AppState,
+    token_id: TokenId,
+    /// The stream sequence of the recorded enrollment, once JetStream acknowledged it.
+    recorded_at: Option<u64>,
+    /// Whether the use was given back already.
+    released: bool,
+}
+
+impl Reservation {
+    /// Gives the use back now (nothing was recorded, or the projections count it).
+    fn release_now(mut self) {
+        release(&self.state, self.token_id);
+        self.released = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (state, token_id, recorded_at) = (self.state.clone(), self.token_id, self.recorded_at);
+        tokio::spawn(async move {
+            match recorded_at {
+                Some(sequence) => {
+                    while !state
+                        .projections
+                        .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
+                        .await
+                    {}
+                }
+                None => tokio::time::sleep(super::VISIBLE_TIMEOUT).await,
+            }
+            release(&state, token_id);
+        });
+    }
 }
 
 /// Gives back one reserved use of the token.

@@ -1495,3 +1495,49 @@ async fn token_and_enrollment_token_lists_page_with_top_and_skiptoken() {
         .await;
     bad.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
 }
+
+#[tokio::test]
+async fn an_enrollment_whose_client_hangs_up_gives_its_reserved_use_back_once_the_projections_count_it() {
+    let fixture = Fixture::new();
+    fixture.journal.hold_folding();
+    let request = Request::builder()
+        .method("POST")
+        .uri(super::enrollment::ENROLL_PATH)
+        .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
+        .body(Body::from(
+            serde_json::json!({
+                "publicKey": DeviceSigningKey::generate().public_key().to_string(),
+                "deviceName": "hung-up"
+            })
+            .to_string(),
+        ))
+        .unwrap();
+    let in_flight = || {
+        fixture
+            .state
+            .enrollments_in_flight
+            .lock()
+            .unwrap()
+            .values()
+            .sum::<u32>()
+    };
+    // The request is recorded, then waits for the projections; the client hangs up meanwhile.
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        router(fixture.state.clone()).oneshot(request),
+    )
+    .await;
+    assert!(answer.is_err(), "the request waits for the held fold");
+    assert_eq!(in_flight(), 1, "the use stays reserved until the projections count it");
+    fixture.journal.fold_held();
+    wait_for(|| in_flight() == 0).await;
+}
+
+/// Polls `condition` until it holds; a safety net of ten seconds.
+async fn wait_for(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "the condition never held");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
