@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::audit::{CloneSource, DeviceCloneDetected};
 use fleetlaps_proto::command::{BackupConfirmation, DevicePosition};
-use fleetlaps_proto::event::RotationStage;
+use fleetlaps_proto::event::{Envelope, Event, RotationStage};
 use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, EventId, InstanceId, RotationId};
 use fleetlaps_proto::policy::{Policy, PolicySource};
 use serde::{Deserialize, Serialize};
@@ -166,5 +166,325 @@ impl DeviceRecord {
     }
 }
 
+/// What applying one device event to its device's record showed, besides the record's change.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceChange {
+    /// The event was older than the newest one applied (a clone or a rolled-back copy).
+    pub out_of_order: bool,
+    /// A clone the event showed, newly.
+    pub clone: Option<DeviceCloneDetected>,
+}
+
+impl DeviceRecord {
+    /// Applies one verified device event to the record: where the device stands (its position
+    /// never moves back; an older event is applied all the same, so no backup is dropped), which
+    /// running copy it was heard from, and what the event says of it. `backup` is the
+    /// confirmation a backup gets (its device's latest backup outcome). A pure function of the
+    /// record and the event.
+    pub fn apply(&mut self, envelope: &Envelope, backup: Option<&BackupConfirmation>) -> DeviceChange {
+        let position = envelope.position();
+        let out_of_order = position <= self.last_position();
+        if out_of_order {
+            self.out_of_order_events = self.out_of_order_events.saturating_add(1);
+        } else {
+            self.last_generation = position.generation;
+            self.last_sequence = position.sequence;
+        }
+        self.last_seen = self.last_seen.max(envelope.time);
+        let clone = envelope.instance.and_then(|instance| {
+            let source = CloneSource {
+                instance,
+                position,
+                time: envelope.time,
+            };
+            self.heard_from(source, envelope.id)
+        });
+        match &envelope.event {
+            Event::PolicyApplied(body) => {
+                self.device_name = body.device_name.clone();
+                self.policy = Some((body.policy.clone(), body.source));
+            }
+            Event::PasswordBackedUp(body) => {
+                self.device_name = body.device_name.clone();
+                self.account_name = Some(body.account_name.clone());
+                self.account_uid = body.account_uid;
+                self.last_backup = Some(envelope.time);
+                self.refresh = Some(body.expires_at);
+                self.latest_backup = backup.cloned();
+            }
+            Event::PasswordRotated(body) => {
+                self.current_rotation = Some(body.rotation_id);
+                self.last_rotated = Some(envelope.time);
+                self.last_failure = None;
+            }
+            Event::RotationFailed(body) => {
+                self.last_failure = Some(FailureRecord {
+                    time: envelope.time,
+                    stage: body.stage,
+                    error: body.error.clone(),
+                });
+            }
+            Event::AccountMissing(body) => {
+                self.last_failure = Some(FailureRecord {
+                    time: envelope.time,
+                    stage: RotationStage::Prepare,
+                    error: format!("managed account {} does not exist", body.account),
+                });
+            }
+            Event::AuthenticationSucceeded(body) => {
+                self.last_authentication = Some(envelope.time);
+                self.post_authentication_reset_at = body.reset_deadline;
+            }
+            Event::PostAuthenticationActionsSucceeded(_) => self.post_authentication_reset_at = None,
+            Event::ImageRollbackDetected(_) => {
+                self.image_rollbacks = self.image_rollbacks.saturating_add(1);
+                self.last_image_rollback = Some(envelope.time);
+            }
+            // Kept in the stream for investigators; no projection needs them yet.
+            Event::AuthenticationFailed(_)
+            | Event::PostAuthenticationActionsStarted(_)
+            | Event::PostAuthenticationActionsFailed(_)
+            | Event::CommandExecuted(_) => {}
+        }
+        DeviceChange { out_of_order, clone }
+    }
+}
+
 /// How many superseded copies a device record remembers.
 const SUPERSEDED_INSTANCES_KEPT: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use fleetlaps_proto::command::{BackupOutcome, CommandId};
+    use fleetlaps_proto::event::{
+        AccountMissing, AuthenticationObserved, CommandExecuted, EventKind, ImageRollbackDetected, PasswordBackedUp,
+        PasswordRotated, PolicyApplied, PostAuthenticationActions, PostAuthenticationActionsFailed, RotationFailed,
+        RotationReason,
+    };
+    use fleetlaps_proto::seal::{EscrowSecretKey, seal};
+
+    use super::*;
+
+    fn device_id() -> DeviceId {
+        DeviceId::parse("dev-1").unwrap()
+    }
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    fn record() -> DeviceRecord {
+        DeviceRecord::new(device_id(), DeviceName::parse("host-1").unwrap(), at(0))
+    }
+
+    fn envelope(sequence: u64, event: Event) -> Envelope {
+        Envelope::new(device_id(), sequence, at(i64::try_from(sequence).unwrap()), event)
+    }
+
+    fn account() -> AccountName {
+        AccountName::parse("lapsadmin").unwrap()
+    }
+
+    /// One event of every kind, in an order a device could send them.
+    fn one_of_each(rotation_id: RotationId) -> Vec<Event> {
+        let key = EscrowSecretKey::from_bytes([7; 32]).public_key();
+        let observed = AuthenticationObserved {
+            account_name: account(),
+            service: "sshd".to_owned(),
+            remote_host: None,
+            tty: None,
+            reset_deadline: Some(at(3600)),
+            count: 1,
+            first_at: None,
+            last_at: None,
+        };
+        let actions = PostAuthenticationActions {
+            account_name: account(),
+            actions: 1,
+        };
+        vec![
+            Event::PolicyApplied(PolicyApplied {
+                device_name: DeviceName::parse("host-renamed").unwrap(),
+                source: PolicySource::LocalConfig,
+                policy: Policy::default(),
+            }),
+            Event::PasswordBackedUp(PasswordBackedUp {
+                rotation_id,
+                device_name: DeviceName::parse("host-renamed").unwrap(),
+                account_name: account(),
+                account_uid: Some(1001),
+                sealed_password: seal(&key, b"pw", b"context"),
+                escrow_public_key: Some(key),
+                recovery_sealed_password: None,
+                expires_at: at(86_400),
+                reason: RotationReason::Initial,
+            }),
+            Event::PasswordRotated(PasswordRotated {
+                rotation_id,
+                account_name: account(),
+            }),
+            Event::RotationFailed(RotationFailed {
+                rotation_id: None,
+                stage: RotationStage::Backup,
+                error: "NATS unreachable".to_owned(),
+            }),
+            Event::AccountMissing(AccountMissing {
+                account: "lapsadmin".to_owned(),
+            }),
+            Event::AuthenticationSucceeded(observed.clone()),
+            Event::AuthenticationFailed(AuthenticationObserved {
+                reset_deadline: None,
+                ..observed
+            }),
+            Event::PostAuthenticationActionsStarted(actions.clone()),
+            Event::PostAuthenticationActionsFailed(PostAuthenticationActionsFailed {
+                account_name: account(),
+                actions: 1,
+                attempt: 1,
+                error: "logoff failed".to_owned(),
+            }),
+            Event::PostAuthenticationActionsSucceeded(actions),
+            Event::CommandExecuted(CommandExecuted {
+                command_id: CommandId::new(),
+                rotation_id: None,
+                error: None,
+            }),
+            Event::ImageRollbackDetected(ImageRollbackDetected {
+                local_rotation_id: None,
+                centre_rotation_id: Some(rotation_id),
+                local_position: DevicePosition {
+                    generation: 0,
+                    sequence: 1,
+                },
+                centre_position: DevicePosition {
+                    generation: 0,
+                    sequence: 3,
+                },
+                new_generation: 1,
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_event_kind_changes_the_device_as_it_says_and_moves_its_position() {
+        let rotation_id = RotationId::new();
+        let events = one_of_each(rotation_id);
+        let mut kinds: Vec<EventKind> = events.iter().map(Event::kind).collect();
+        kinds.sort();
+        let mut all = EventKind::ALL.to_vec();
+        all.sort();
+        assert_eq!(kinds, all, "one event of every kind");
+
+        let mut device = record();
+        let stored = BackupConfirmation {
+            device_id: device_id(),
+            event_id: EventId::new(),
+            rotation_id: Some(rotation_id),
+            outcome: BackupOutcome::Stored,
+        };
+        for (index, event) in events.into_iter().enumerate() {
+            let sequence = u64::try_from(index).unwrap() + 1;
+            let before = device.clone();
+            let kind = event.kind();
+            let backup = (kind == EventKind::PasswordBackedUp).then_some(&stored);
+            let change = device.apply(&envelope(sequence, event), backup);
+            assert_eq!(change, DeviceChange::default(), "{kind}");
+            assert_eq!(device.last_sequence, sequence, "{kind}");
+            assert_eq!(device.last_seen, at(i64::try_from(sequence).unwrap()), "{kind}");
+            match kind {
+                EventKind::PolicyApplied => {
+                    assert_eq!(device.device_name.as_str(), "host-renamed");
+                    assert_eq!(device.policy, Some((Policy::default(), PolicySource::LocalConfig)));
+                }
+                EventKind::PasswordBackedUp => {
+                    assert_eq!(device.account_name, Some(account()));
+                    assert_eq!(device.account_uid, Some(1001));
+                    assert_eq!(device.last_backup, Some(at(2)));
+                    assert_eq!(device.refresh, Some(at(86_400)));
+                    assert_eq!(device.latest_backup.as_ref(), Some(&stored));
+                    assert_eq!(device.current_rotation, None, "backed up is not yet applied");
+                }
+                EventKind::PasswordRotated => {
+                    assert_eq!(device.current_rotation, Some(rotation_id));
+                    assert_eq!(device.last_rotated, Some(at(3)));
+                }
+                EventKind::RotationFailed => {
+                    let failure = device.last_failure.as_ref().expect("a failure");
+                    assert_eq!(
+                        (failure.stage, failure.error.as_str()),
+                        (RotationStage::Backup, "NATS unreachable")
+                    );
+                }
+                EventKind::AccountMissing => {
+                    let failure = device.last_failure.as_ref().expect("a failure");
+                    assert!(failure.error.contains("lapsadmin does not exist"), "{failure:?}");
+                }
+                EventKind::AuthenticationSucceeded => {
+                    assert_eq!(device.last_authentication, Some(at(6)));
+                    assert_eq!(device.post_authentication_reset_at, Some(at(3600)));
+                }
+                EventKind::PostAuthenticationActionsSucceeded => {
+                    assert_eq!(device.post_authentication_reset_at, None);
+                }
+                EventKind::ImageRollbackDetected => {
+                    assert_eq!(device.image_rollbacks, 1);
+                    assert_eq!(device.last_image_rollback, Some(at(12)));
+                }
+                EventKind::AuthenticationFailed
+                | EventKind::PostAuthenticationActionsStarted
+                | EventKind::PostAuthenticationActionsFailed
+                | EventKind::CommandExecuted => {
+                    let mut expected = before;
+                    expected.last_sequence = sequence;
+                    expected.last_seen = device.last_seen;
+                    assert_eq!(device, expected, "{kind} changes only where the device stands");
+                }
+            }
+        }
+        // A later rotation clears the failure.
+        device.apply(
+            &envelope(
+                20,
+                Event::PasswordRotated(PasswordRotated {
+                    rotation_id,
+                    account_name: account(),
+                }),
+            ),
+            None,
+        );
+        assert_eq!(device.last_failure, None);
+    }
+
+    #[test]
+    fn an_older_event_is_applied_without_moving_the_position_back() {
+        let mut device = record();
+        let newer = one_of_each(RotationId::new()).remove(0);
+        device.apply(&envelope(5, newer.clone()), None);
+        let change = device.apply(&envelope(3, newer), None);
+        assert!(change.out_of_order);
+        assert_eq!((device.last_sequence, device.out_of_order_events), (5, 1));
+        assert_eq!(device.last_seen, at(5), "last seen never moves back either");
+    }
+
+    #[test]
+    fn a_copy_heard_from_again_after_another_took_over_is_a_clone() {
+        let mut device = record();
+        let event = one_of_each(RotationId::new()).remove(0);
+        let from = |sequence: u64, instance: InstanceId| Envelope {
+            instance: Some(instance),
+            ..envelope(sequence, event.clone())
+        };
+        let (first, second) = (InstanceId::new(), InstanceId::new());
+        assert_eq!(device.apply(&from(1, first), None).clone, None);
+        assert_eq!(
+            device.apply(&from(2, second), None).clone,
+            None,
+            "a restart is no clone"
+        );
+        let detected = device.apply(&from(3, first), None).clone.expect("the first copy again");
+        assert_eq!((detected.source.instance, detected.other.instance), (first, second));
+        assert_eq!(device.apply(&from(4, second), None).clone, None, "the same pair once");
+        assert_eq!(device.clone_events, 2);
+    }
+}

@@ -3,17 +3,29 @@
 //! Everything here can be deleted and rebuilt by replaying the stream from its first message;
 //! the fold is deterministic (it uses only what is in the messages, never the wall clock), so a
 //! rebuild yields byte-identical state, which [`Projections::digest`] lets tests compare.
+//!
+//! Layout:
+//! - `store`: [`Projections`]: the sled tree, the reads, and [`Projections::apply`], which takes
+//!   one message through verify and fold and writes what it changes in one atomic batch.
+//! - `verify`: a message becomes a verified event or a refusal (signatures, subjects, schema,
+//!   duplicates, the trial open of a backup), before anything changes.
+//! - `keys`: every key of the tree, built in one place.
+//! - One module per aggregate, whose record applies what an event changes as a pure function:
+//!   `devices` ([`DeviceRecord::apply`]), `credentials`, `principals` (tokens of both kinds and
+//!   enrolled keys), `escrow_keys`, `orchestrator_key`, `quarantine` (the bound).
 
 mod credentials;
 mod devices;
 mod escrow_keys;
+mod keys;
 mod orchestrator_key;
 mod principals;
 mod quarantine;
 mod store;
+mod verify;
 
 pub use credentials::CredentialRecord;
-pub use devices::{DeviceRecord, FailureRecord};
+pub use devices::{DeviceChange, DeviceRecord, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
 pub use orchestrator_key::OrchestratorKeyRecord;
 pub use principals::{EnrolledKeyRecord, TokenKind, TokenRecord, TokenUnusable};

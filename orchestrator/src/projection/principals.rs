@@ -4,8 +4,9 @@
 //! `device_enrolled` counts); and the keys devices enrolled with.
 
 use chrono::{DateTime, Utc};
-use fleetlaps_proto::audit::{EnrollmentTokenCreated, TokenCreated, TokenId};
+use fleetlaps_proto::audit::{DeviceEnrolled, EnrollmentTokenCreated, TokenCreated, TokenId};
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::signature::DevicePublicKey;
 use serde::{Deserialize, Serialize};
 
 /// What a token is for: calling the API as a principal, or enrolling devices.
@@ -119,6 +120,22 @@ impl TokenRecord {
         }
     }
 
+    /// Revoked at `time` by `by` (and the token `by_token_id`); a token revoked before keeps its
+    /// first revocation.
+    pub fn revoke(&mut self, time: DateTime<Utc>, by: &str, by_token_id: Option<TokenId>) {
+        if self.revoked_at.is_none() {
+            self.revoked_at = Some(time);
+            self.revoked_by = Some(by.to_owned());
+            self.revoked_by_token_id = by_token_id;
+        }
+    }
+
+    /// A device enrolled with it (`device_enrolled`). The API reserves uses before it records an
+    /// enrollment; the fold only counts.
+    pub fn count_use(&mut self) {
+        self.uses = self.uses.saturating_add(1);
+    }
+
     /// Whether it works at `now`: not revoked, not expired, not used up. Revocation is named
     /// first, then expiry, then uses.
     pub fn usable_at(&self, now: DateTime<Utc>) -> Result<(), TokenUnusable> {
@@ -132,6 +149,20 @@ impl TokenRecord {
             Some(max_uses) if self.uses >= max_uses => Err(TokenUnusable::UsedUp { max_uses }),
             _ => Ok(()),
         }
+    }
+}
+
+impl EnrolledKeyRecord {
+    /// The record a `device_enrolled` event makes; refused when it does not name a usable
+    /// Ed25519 public key.
+    pub fn enrolled(body: &DeviceEnrolled, time: DateTime<Utc>) -> Result<Self, String> {
+        DevicePublicKey::parse(&body.public_key).map_err(|err| format!("device_enrolled: {err}"))?;
+        Ok(Self {
+            device_id: body.device_id.clone(),
+            public_key: body.public_key.clone(),
+            enrollment_token_id: body.enrollment_token_id,
+            enrolled_at: time,
+        })
     }
 }
 
@@ -181,6 +212,37 @@ mod tests {
         );
         token.revoked_at = Some(now);
         assert_eq!(token.usable_at(later), Err(TokenUnusable::Revoked(now)));
+    }
+
+    #[test]
+    fn a_revocation_is_kept_at_its_first_and_uses_are_counted() {
+        let now = Utc::now();
+        let mut token = enrollment(3, now + chrono::Duration::hours(1));
+        token.count_use();
+        token.count_use();
+        assert_eq!(token.uses, 2);
+        let by = TokenId::new();
+        token.revoke(now, "admin", Some(by));
+        token.revoke(now + chrono::Duration::hours(1), "other", None);
+        assert_eq!(
+            (token.revoked_at, token.revoked_by.as_deref(), token.revoked_by_token_id),
+            (Some(now), Some("admin"), Some(by))
+        );
+    }
+
+    #[test]
+    fn an_enrolled_key_must_be_a_usable_public_key() {
+        let body = |public_key: String| DeviceEnrolled {
+            device_id: fleetlaps_proto::ids::DeviceId::parse("dev-1").unwrap(),
+            device_name: fleetlaps_proto::ids::DeviceName::parse("host-1").unwrap(),
+            public_key,
+            enrollment_token_id: TokenId::new(),
+        };
+        let key = fleetlaps_proto::signature::DeviceSigningKey::generate()
+            .public_key()
+            .to_string();
+        assert!(EnrolledKeyRecord::enrolled(&body(key), Utc::now()).is_ok());
+        assert!(EnrolledKeyRecord::enrolled(&body("nope".to_owned()), Utc::now()).is_err());
     }
 
     #[test]

@@ -1,0 +1,175 @@
+//! Every key of the projections' sled tree, built in one place.
+//!
+//! One tree holds every projection under a key prefix, so that applying a message is one atomic
+//! batch. Each record kind has a builder here and, where it is scanned, a prefix; nothing else
+//! spells a key. Numbers in keys are zero-padded decimal, so keys sort like the numbers and stay
+//! readable; ids are their text forms, none of which holds a `/`.
+//!
+//! | key | holds |
+//! |---|---|
+//! | `m/last_sequence` | the stream sequence of the last message applied (or refused) |
+//! | `m/layout` | the layout version of these keys ([`super::store`] rebuilds another) |
+//! | `m/quarantine_len` | how many quarantine records are kept |
+//! | `d/<device>` | a `DeviceRecord` |
+//! | `c/<device>/<sequence>` | a `CredentialRecord`, by the stream sequence of its backup |
+//! | `r/<device>/<rotation>` | the `c/` key of a rotation's credential |
+//! | `e/<event id>` | an applied event id (device or orchestrator), for idempotence |
+//! | `q/<sequence>` | a `QuarantineRecord` |
+//! | `qd/<reason>` | how many quarantine records of a reason were dropped to keep the bound |
+//! | `a/<sequence>` | an orchestrator event (`AuditEnvelope`): the audit history |
+//! | `t/<token id>` | a `TokenRecord` (API or enrollment token) |
+//! | `h/<token sha256>` | the id of the token with that digest |
+//! | `k/<device>` | an `EnrolledKeyRecord`, the key the device's events must be signed with |
+//! | `w/<device>` | when a rotation of the device was last requested (the rotate throttle) |
+//! | `rc/<device>` | a clone detected and not yet reported on the history |
+//! | `x/<escrow public key>` | an `EscrowKeyRecord`, a key the history recorded |
+//! | `o/key` | the `OrchestratorKeyRecord`, the key orchestrator events must be signed with |
+
+use fleetlaps_proto::audit::TokenId;
+use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
+use fleetlaps_proto::seal::EscrowPublicKey;
+
+use super::quarantine::QuarantineReason;
+
+/// `m/last_sequence`.
+pub(super) const LAST_SEQUENCE: &[u8] = b"m/last_sequence";
+/// `m/layout`.
+pub(super) const LAYOUT: &[u8] = b"m/layout";
+/// `m/quarantine_len`.
+pub(super) const QUARANTINE_LEN: &[u8] = b"m/quarantine_len";
+/// `o/key`.
+pub(super) const ORCHESTRATOR_KEY: &[u8] = b"o/key";
+
+/// Every device record.
+pub(super) const DEVICES: &[u8] = b"d/";
+/// Every quarantine record, oldest first.
+pub(super) const QUARANTINE: &[u8] = b"q/";
+/// Every orchestrator event, oldest first.
+pub(super) const AUDIT: &[u8] = b"a/";
+/// Every token record, oldest first (ids are time-ordered).
+pub(super) const TOKENS: &[u8] = b"t/";
+/// Every recorded escrow key.
+pub(super) const ESCROW_KEYS: &[u8] = b"x/";
+/// Every clone waiting to be reported.
+pub(super) const CLONE_REPORTS: &[u8] = b"rc/";
+
+/// `d/<device>`.
+pub(super) fn device(device_id: &DeviceId) -> Vec<u8> {
+    format!("d/{device_id}").into_bytes()
+}
+
+/// `c/<device>/<sequence>`.
+pub(super) fn credential(device_id: &DeviceId, sequence: u64) -> Vec<u8> {
+    format!("c/{device_id}/{sequence:020}").into_bytes()
+}
+
+/// `c/<device>/`: every credential of the device, oldest first.
+pub(super) fn credentials_of(device_id: &DeviceId) -> Vec<u8> {
+    format!("c/{device_id}/").into_bytes()
+}
+
+/// `r/<device>/<rotation>`.
+pub(super) fn rotation(device_id: &DeviceId, rotation_id: &RotationId) -> Vec<u8> {
+    format!("r/{device_id}/{rotation_id}").into_bytes()
+}
+
+/// `e/<event id>`, the id's bytes.
+pub(super) fn event(event_id: &EventId) -> Vec<u8> {
+    let mut key = b"e/".to_vec();
+    key.extend_from_slice(event_id.as_bytes());
+    key
+}
+
+/// `q/<sequence>`.
+pub(super) fn quarantine(sequence: u64) -> Vec<u8> {
+    format!("q/{sequence:020}").into_bytes()
+}
+
+/// `qd/<reason>`.
+pub(super) fn quarantine_dropped(reason: QuarantineReason) -> Vec<u8> {
+    format!("qd/{reason}").into_bytes()
+}
+
+/// `a/<sequence>`.
+pub(super) fn audit(sequence: u64) -> Vec<u8> {
+    format!("a/{sequence:020}").into_bytes()
+}
+
+/// The stream sequence an `a/` key names.
+pub(super) fn audit_sequence(key: &[u8]) -> Option<u64> {
+    std::str::from_utf8(key.strip_prefix(AUDIT)?).ok()?.parse().ok()
+}
+
+/// `t/<token id>`.
+pub(super) fn token(token_id: &TokenId) -> Vec<u8> {
+    format!("t/{token_id}").into_bytes()
+}
+
+/// `h/<token sha256>`.
+pub(super) fn token_digest(token_sha256: &str) -> Vec<u8> {
+    format!("h/{token_sha256}").into_bytes()
+}
+
+/// `k/<device>`.
+pub(super) fn enrolled_key(device_id: &DeviceId) -> Vec<u8> {
+    format!("k/{device_id}").into_bytes()
+}
+
+/// `w/<device>`.
+pub(super) fn rotation_request(device_id: &DeviceId) -> Vec<u8> {
+    format!("w/{device_id}").into_bytes()
+}
+
+/// `rc/<device>`.
+pub(super) fn clone_report(device_id: &DeviceId) -> Vec<u8> {
+    format!("rc/{device_id}").into_bytes()
+}
+
+/// `x/<escrow public key>`; its text form is unpadded base64url, without a `/`.
+pub(super) fn escrow_key(public_key: &EscrowPublicKey) -> Vec<u8> {
+    format!("x/{public_key}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_sort_as_numbers_and_audit_keys_read_back() {
+        assert!(quarantine(9) < quarantine(10));
+        assert!(
+            credential(&DeviceId::parse("dev-1").unwrap(), 99) < credential(&DeviceId::parse("dev-1").unwrap(), 100)
+        );
+        assert_eq!(audit_sequence(&audit(12_345)), Some(12_345));
+        assert_eq!(audit_sequence(b"q/00000000000000000001"), None);
+        assert!(
+            credential(&DeviceId::parse("dev-1").unwrap(), 1)
+                .starts_with(&credentials_of(&DeviceId::parse("dev-1").unwrap()))
+        );
+    }
+
+    #[test]
+    fn each_record_kind_has_its_own_prefix() {
+        let device_id = DeviceId::parse("dev-1").unwrap();
+        let keys = [
+            device(&device_id),
+            credential(&device_id, 1),
+            rotation(&device_id, &RotationId::new()),
+            quarantine(1),
+            audit(1),
+            token(&TokenId::new()),
+            token_digest(&"ab".repeat(32)),
+            enrolled_key(&device_id),
+            rotation_request(&device_id),
+            clone_report(&device_id),
+        ];
+        let prefixes: Vec<&[u8]> = keys
+            .iter()
+            .map(|key| &key[..key.iter().position(|byte| *byte == b'/').unwrap() + 1])
+            .collect();
+        let mut unique = prefixes.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), prefixes.len(), "{prefixes:?}");
+    }
+}

@@ -1,0 +1,323 @@
+//! The verify step: one stream message becomes a [`Verified`] event, or a [`Refusal`] that
+//! quarantines it, before anything in the projections changes.
+//!
+//! A device event (`laps.events.<device>.<kind>`) is verified when it decodes, its device
+//! enrolled, it is signed by that device's enrolled key over exactly its subject and payload, its
+//! envelope names the subject's device and kind, and, for a backup, its sealed password opens with
+//! an escrow key (or was sealed to a recorded key lost only after it). An orchestrator event
+//! (`laps.audit.<kind>`) is verified when it decodes, names its subject's kind, and is signed by
+//! the recorded orchestrator key (the first `orchestrator_key_created`, by the key it names: trust
+//! on first use). An event id applied before is [`Verified::Duplicate`].
+//!
+//! Verification only reads: the projections (enrolled keys, the orchestrator key, the recorded
+//! escrow keys, applied event ids) and the escrow keyring.
+
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
+use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
+use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, PasswordBackedUp, sealing_context};
+use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
+use fleetlaps_proto::signature::{DevicePublicKey, OrchestratorPublicKey};
+use fleetlaps_proto::subject;
+
+use super::escrow_keys::EscrowKeyRecord;
+use super::keys;
+use super::quarantine::QuarantineReason;
+use super::store::{ProjectionError, Projections, SealCheck, StreamMessage};
+
+/// A message that passed every check.
+#[derive(Debug)]
+pub(super) enum Verified {
+    /// A device event never applied before; a backup carries the confirmation its device gets.
+    Device {
+        /// The event (boxed: a backup is much larger than the other variants).
+        envelope: Box<Envelope>,
+        /// For a backup: stored.
+        confirmation: Option<BackupConfirmation>,
+    },
+    /// An orchestrator event never applied before.
+    Orchestrator(Box<AuditEnvelope>),
+    /// An event id applied before: nothing changes, and a backup's device hears again that it is
+    /// stored (its confirmation was lost, or this is a replay).
+    Duplicate(Option<BackupConfirmation>),
+}
+
+/// Why a message is quarantined, and for a backup its device really sent, the refusal it hears.
+#[derive(Debug)]
+pub(super) struct Refusal {
+    /// The quarantine reason.
+    pub(super) reason: QuarantineReason,
+    /// A payload-free explanation.
+    pub(super) detail: String,
+    /// The refusal the backup's device hears, when there is one to tell.
+    pub(super) confirmation: Option<BackupConfirmation>,
+}
+
+impl From<(QuarantineReason, String)> for Refusal {
+    fn from((reason, detail): (QuarantineReason, String)) -> Self {
+        Self {
+            reason,
+            detail,
+            confirmation: None,
+        }
+    }
+}
+
+impl Projections {
+    /// Verifies one message; `Ok(Err(..))` means: quarantine it.
+    pub(super) fn verify(
+        &self,
+        message: StreamMessage<'_>,
+        escrow: &dyn SealCheck,
+    ) -> Result<Result<Verified, Refusal>, ProjectionError> {
+        if let Some(kind) = subject::parse_audit_event(message.subject) {
+            return self.verify_orchestrator_event(kind, message);
+        }
+        let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
+            return Ok(Err((
+                QuarantineReason::UnknownSubject,
+                "neither laps.events.<device>.<kind> nor laps.audit.<kind>".to_owned(),
+            )
+                .into()));
+        };
+        self.verify_device_event(&subject_device, subject_kind, message, escrow)
+    }
+
+    fn verify_device_event(
+        &self,
+        subject_device: &DeviceId,
+        subject_kind: EventKind,
+        message: StreamMessage<'_>,
+        escrow: &dyn SealCheck,
+    ) -> Result<Result<Verified, Refusal>, ProjectionError> {
+        let envelope = match Envelope::from_json(message.payload) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                let (reason, detail) = describe_decode_error(&err);
+                // A backup its device really sent but this orchestrator cannot read (another
+                // schema, a wrong code): the device must hear that it was refused.
+                let confirmation = (subject_kind == EventKind::PasswordBackedUp
+                    && self.signed_by_enrolled_key(subject_device, message)?.is_ok())
+                .then(|| lenient_event_id(message.payload))
+                .flatten()
+                .map(|event_id| BackupConfirmation {
+                    device_id: subject_device.clone(),
+                    event_id,
+                    rotation_id: None,
+                    outcome: BackupOutcome::Refused {
+                        reason: backup_refusal(reason),
+                        detail: detail.clone(),
+                    },
+                });
+                return Ok(Err(Refusal {
+                    reason,
+                    detail,
+                    confirmation,
+                }));
+            }
+        };
+        // The subject's device must have enrolled, and signed exactly these bytes on exactly
+        // this subject with its enrolled key.
+        if self.enrolled_key(subject_device)?.is_none() {
+            return Ok(Err((
+                QuarantineReason::UnknownDevice,
+                format!("device {subject_device} never enrolled"),
+            )
+                .into()));
+        };
+        if let Err(detail) = self.signed_by_enrolled_key(subject_device, message)? {
+            return Ok(Err((QuarantineReason::Forged, detail).into()));
+        }
+        let answer = |rotation_id: Option<RotationId>, outcome: BackupOutcome| BackupConfirmation {
+            device_id: subject_device.clone(),
+            event_id: envelope.id,
+            rotation_id,
+            outcome,
+        };
+        let refused = |rotation_id: Option<RotationId>, reason: BackupRefusal, detail: &str| {
+            answer(
+                rotation_id,
+                BackupOutcome::Refused {
+                    reason,
+                    detail: detail.to_owned(),
+                },
+            )
+        };
+        if envelope.device_id != *subject_device || envelope.event.kind() != subject_kind {
+            let detail = format!(
+                "envelope names device {} kind {}",
+                envelope.device_id,
+                envelope.event.kind()
+            );
+            let confirmation = (subject_kind == EventKind::PasswordBackedUp)
+                .then(|| refused(None, BackupRefusal::SubjectMismatch, &detail));
+            return Ok(Err(Refusal {
+                reason: QuarantineReason::SubjectMismatch,
+                detail,
+                confirmation,
+            }));
+        }
+        let stored = match &envelope.event {
+            Event::PasswordBackedUp(body) => Some(answer(Some(body.rotation_id), BackupOutcome::Stored)),
+            _ => None,
+        };
+        if self.event_applied(&envelope.id)? {
+            return Ok(Ok(Verified::Duplicate(stored)));
+        }
+        if let Event::PasswordBackedUp(body) = &envelope.event {
+            // Confirmed only once it is known to open: a backup nobody can read is no backup.
+            let context = sealing_context(&envelope.device_id, &body.rotation_id);
+            if !self.backup_opens(body, &context, escrow)? {
+                let detail = "the sealed password does not open with any escrow key of this orchestrator".to_owned();
+                return Ok(Err(Refusal {
+                    reason: QuarantineReason::Unopenable,
+                    confirmation: Some(refused(Some(body.rotation_id), BackupRefusal::Unopenable, &detail)),
+                    detail,
+                }));
+            }
+        }
+        Ok(Ok(Verified::Device {
+            envelope: Box::new(envelope),
+            confirmation: stored,
+        }))
+    }
+
+    fn verify_orchestrator_event(
+        &self,
+        subject_kind: AuditKind,
+        message: StreamMessage<'_>,
+    ) -> Result<Result<Verified, Refusal>, ProjectionError> {
+        let envelope = match AuditEnvelope::from_json(message.payload) {
+            Ok(envelope) => envelope,
+            Err(fleetlaps_proto::audit::AuditDecodeError::Malformed(json)) => {
+                return Ok(Err(describe_json_error(&json).into()));
+            }
+            Err(err @ fleetlaps_proto::audit::AuditDecodeError::UnsupportedSchema { .. }) => {
+                return Ok(Err((QuarantineReason::UnsupportedSchema, err.to_string()).into()));
+            }
+        };
+        if envelope.event.kind() != subject_kind {
+            return Ok(Err((
+                QuarantineReason::SubjectMismatch,
+                format!("envelope is a {} event", envelope.event.kind()),
+            )
+                .into()));
+        }
+        // Only the orchestrator writes here: anyone else who can publish on `laps.audit.>` would
+        // otherwise plant tokens or devices.
+        if let Err(detail) = self.signed_by_orchestrator(&envelope, message)? {
+            return Ok(Err((QuarantineReason::Forged, detail).into()));
+        }
+        if self.event_applied(&envelope.id)? {
+            return Ok(Ok(Verified::Duplicate(None)));
+        }
+        Ok(Ok(Verified::Orchestrator(Box::new(envelope))))
+    }
+
+    /// Whether a backup's sealed password is usable. Sealed to a key held: the trial decides.
+    /// Sealed to a key the history recorded but not held (a key lost, then replaced by a
+    /// recovery, whose backups are confirmed from before): accepted without a trial, unless the
+    /// backup came after the key was lost. Sealed to any other key: refused. Naming no key (an
+    /// older agent): the trial with every held key decides.
+    fn backup_opens(
+        &self,
+        body: &PasswordBackedUp,
+        context: &[u8],
+        escrow: &dyn SealCheck,
+    ) -> Result<bool, ProjectionError> {
+        let Some(public_key) = &body.escrow_public_key else {
+            return Ok(escrow.opens(&body.sealed_password, context));
+        };
+        if escrow.holds(public_key) {
+            return Ok(escrow.opens(&body.sealed_password, context));
+        }
+        Ok(self
+            .get::<EscrowKeyRecord>(&keys::escrow_key(public_key))?
+            .is_some_and(|record| record.lost_at_sequence.is_none()))
+    }
+
+    /// Whether `message` is signed, on exactly its subject, by the enrolled key of `device_id`:
+    /// `Ok(Err(why))` when it is not.
+    fn signed_by_enrolled_key(
+        &self,
+        device_id: &DeviceId,
+        message: StreamMessage<'_>,
+    ) -> Result<Result<(), String>, ProjectionError> {
+        let Some(enrolled) = self.enrolled_key(device_id)? else {
+            return Ok(Err(format!("device {device_id} never enrolled")));
+        };
+        Ok(
+            match (DevicePublicKey::parse(&enrolled.public_key), message.signature) {
+                (Err(err), _) => Err(format!("the enrolled key of device {device_id} is not usable: {err}")),
+                (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
+                (Ok(key), Some(signature)) => key
+                    .verify(message.subject, message.payload, signature)
+                    .map_err(|err| err.to_string()),
+            },
+        )
+    }
+
+    /// Whether `message` (an orchestrator event, `envelope`) is signed, on exactly its subject, by
+    /// the recorded orchestrator key; before any key is recorded, only an
+    /// `orchestrator_key_created` signed by the key it names is (trust on first use).
+    /// `Ok(Err(why))` when it is not.
+    fn signed_by_orchestrator(
+        &self,
+        envelope: &AuditEnvelope,
+        message: StreamMessage<'_>,
+    ) -> Result<Result<(), String>, ProjectionError> {
+        let public_key = match (self.orchestrator_key()?, &envelope.event) {
+            (Some(recorded), _) => recorded.public_key,
+            (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
+            (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
+        };
+        Ok(match (OrchestratorPublicKey::parse(&public_key), message.signature) {
+            (Err(err), _) => Err(format!("orchestrator key: {err}")),
+            (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
+            (Ok(key), Some(signature)) => key
+                .verify(message.subject, message.payload, signature)
+                .map_err(|err| format!("not signed by the recorded orchestrator key: {err}")),
+        })
+    }
+}
+
+/// A reason and a payload-free explanation. serde's own messages can quote payload values
+/// (`invalid type: string "…"`), which could be a secret, so only the category and position
+/// are kept.
+fn describe_decode_error(err: &DecodeError) -> (QuarantineReason, String) {
+    match err {
+        DecodeError::Malformed(json) => describe_json_error(json),
+        DecodeError::UnsupportedSchema { .. } => (QuarantineReason::UnsupportedSchema, err.to_string()),
+        DecodeError::CodeMismatch { .. } => (QuarantineReason::CodeMismatch, err.to_string()),
+    }
+}
+
+/// The refusal a device hears for a backup quarantined for `reason`.
+fn backup_refusal(reason: QuarantineReason) -> BackupRefusal {
+    match reason {
+        QuarantineReason::UnsupportedSchema => BackupRefusal::UnsupportedSchema,
+        QuarantineReason::CodeMismatch => BackupRefusal::CodeMismatch,
+        QuarantineReason::SubjectMismatch => BackupRefusal::SubjectMismatch,
+        QuarantineReason::Unopenable => BackupRefusal::Unopenable,
+        _ => BackupRefusal::Malformed,
+    }
+}
+
+/// The `id` of a payload that is not a valid envelope, if it has a readable one.
+fn lenient_event_id(payload: &[u8]) -> Option<EventId> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    serde_json::from_value(value.get("id")?.clone()).ok()
+}
+
+/// A malformed payload's reason and position, without serde's message (it can quote values).
+fn describe_json_error(json: &serde_json::Error) -> (QuarantineReason, String) {
+    let category = match json.classify() {
+        serde_json::error::Category::Io => "i/o",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    (
+        QuarantineReason::Malformed,
+        format!("{category} error at line {} column {}", json.line(), json.column()),
+    )
+}
