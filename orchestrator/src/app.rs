@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenStore;
 use crate::bus::{self, Consumer, JetStreamJournal};
+use crate::campaigns::CampaignRunner;
 use crate::config::{ApiTransport, Config, HttpLimits};
 use crate::data_dir::DataDirLock;
 use crate::health::Health;
@@ -39,6 +40,8 @@ pub struct App {
     state: AppState,
     /// The projection consumer, bound at the projections' position.
     consumer: Consumer,
+    /// The breach campaign runner.
+    campaigns: CampaignRunner,
     /// The data directory's lock, held while this orchestrator runs.
     lock: DataDirLock,
 }
@@ -132,9 +135,18 @@ impl App {
             nats,
             health,
             token_issuance: Arc::default(),
+            campaign_wake: Arc::default(),
             request_timeout: http_limits.request_timeout,
         };
+        let campaigns = CampaignRunner::new(
+            state.projections.clone(),
+            Arc::clone(&state.journal),
+            Arc::clone(&state.health),
+            config.campaigns.wave_devices_per_second,
+            Arc::clone(&state.campaign_wake),
+        );
         Ok(Self {
+            campaigns,
             http_listener,
             api_tls,
             http_limits,
@@ -210,6 +222,11 @@ impl App {
         let metrics = axum::serve(self.metrics_listener, http::metrics_router(self.state.metrics.clone()))
             .with_graceful_shutdown(cancel.clone().cancelled_owned());
         tasks.spawn(async move { metrics.await.context("serving metrics") });
+        let campaigns_cancel = cancel.clone();
+        tasks.spawn(async move {
+            self.campaigns.run(campaigns_cancel).await;
+            Ok(())
+        });
         let consumer_cancel = cancel.clone();
         tasks.spawn(async move {
             // A failing batch is retried and reported in /healthz, never the end of the API.

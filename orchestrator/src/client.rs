@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fleetlaps_proto::api::{
-    AuditEntry, COMMAND_ID_HEADER, CreatedEnrollmentToken, CreatedToken, DeviceLocalCredentialInfo,
-    EnrollmentTokenInfo, EnrollmentTokenRequest, ODataCollection, ODataError, QuarantineCollection, QuarantineEntry,
-    REASON_HEADER, TokenInfo, TokenRequest,
+    AuditEntry, BreachInfo, BreachRequest, COMMAND_ID_HEADER, CreatedEnrollmentToken, CreatedToken,
+    DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, ODataCollection, ODataError,
+    QuarantineCollection, QuarantineEntry, REASON_HEADER, TokenInfo, TokenRequest,
 };
 use fleetlaps_proto::ids::DeviceId;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -40,6 +40,9 @@ const AUDIT_PATH: &str = "v1.0/fleetlaps/auditEvents";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound on next links followed for one listing, against a server that never stops paging.
 const MAX_PAGES: usize = 1000;
+
+/// The breaches' path, relative to the base URL.
+const BREACHES_PATH: &str = "v1.0/fleetlaps/breaches";
 
 /// One kind of hashed token as the API serves it: the same create, list and revoke on its own
 /// collection, with its own request and answer shapes.
@@ -407,6 +410,31 @@ impl ApiClient {
     pub async fn revoke_token<K: TokenResource>(&self, token_id: &str) -> Result<(), ClientError> {
         let url = self.url(&format!("{}/{token_id}", K::PATH))?;
         self.send(Method::DELETE, url, None).await?;
+        Ok(())
+    }
+
+    /// Declares a breach; the answer is its campaign.
+    pub async fn declare_breach(&self, request: &BreachRequest) -> Result<BreachInfo, ClientError> {
+        let url = self.url(BREACHES_PATH)?;
+        let body = serde_json::to_value(request).expect("a breach request serialises");
+        let (_, body, display_url, status) = self.send(Method::POST, url, Some(&body)).await?;
+        decode(&body, display_url, status)
+    }
+
+    /// Every campaign, oldest first, every page.
+    pub async fn breaches(&self) -> Result<Vec<BreachInfo>, ClientError> {
+        self.all_pages(self.url(BREACHES_PATH)?).await
+    }
+
+    /// One campaign with its progress and stragglers.
+    pub async fn breach(&self, breach_id: &str) -> Result<BreachInfo, ClientError> {
+        self.get_json(self.url(&format!("{BREACHES_PATH}/{breach_id}"))?).await
+    }
+
+    /// Cancels a running campaign.
+    pub async fn cancel_breach(&self, breach_id: &str) -> Result<(), ClientError> {
+        let url = self.url(&format!("{BREACHES_PATH}/{breach_id}/cancel"))?;
+        self.send(Method::POST, url, None).await?;
         Ok(())
     }
 

@@ -61,9 +61,38 @@ pub struct Config {
     /// The quarantine's bound.
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// Breach campaigns: how fast their waves command devices.
+    #[serde(default)]
+    pub campaigns: CampaignsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[campaigns]`: how breach campaigns command their devices.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignsConfig {
+    /// Rotate commands a campaign sends per second, in waves (1 to 100,000): a whole fleet
+    /// rotating at once can overload what the devices share (the directory, NATS, the
+    /// orchestrator). Each wave is recorded on the history before it is sent.
+    #[serde(default = "default_wave_devices_per_second")]
+    pub wave_devices_per_second: u32,
+}
+
+impl Default for CampaignsConfig {
+    fn default() -> Self {
+        Self {
+            wave_devices_per_second: default_wave_devices_per_second(),
+        }
+    }
+}
+
+/// The allowed `campaigns.wave_devices_per_second`.
+const WAVE_DEVICES_PER_SECOND: std::ops::RangeInclusive<u32> = 1..=100_000;
+
+fn default_wave_devices_per_second() -> u32 {
+    500
 }
 
 /// `[quarantine]`: how many refused messages the projections keep.
@@ -547,6 +576,14 @@ impl Config {
                 range.end()
             );
         }
+        if !WAVE_DEVICES_PER_SECOND.contains(&self.campaigns.wave_devices_per_second) {
+            anyhow::bail!(
+                "invalid config: campaigns.wave_devices_per_second = {}: allowed {} to {}",
+                self.campaigns.wave_devices_per_second,
+                WAVE_DEVICES_PER_SECOND.start(),
+                WAVE_DEVICES_PER_SECOND.end()
+            );
+        }
         self.http.transport()?;
         self.http.limits()?;
         self.nats_credentials()?;
@@ -755,6 +792,24 @@ mod tests {
         assert_eq!(some.policy().expect("valid").expect("present").password_length(), 20);
         let err = config_with("[http]\nplain_http = true\n[policy]\nPasswordLength = 7\n").expect_err("range");
         assert!(err.to_string().contains("PasswordLength = 7: allowed 8 to 64"), "{err}");
+    }
+
+    #[test]
+    fn the_campaign_wave_rate_defaults_to_five_hundred_and_is_refused_out_of_range() {
+        let plain = "[http]\nplain_http = true\n";
+        assert_eq!(
+            config_with(plain).expect("valid").campaigns.wave_devices_per_second,
+            500
+        );
+        for bad in ["0", "100001"] {
+            let err = config_with(&format!("{plain}[campaigns]\nwave_devices_per_second = {bad}\n")).expect_err(bad);
+            assert!(
+                err.to_string().contains(&format!(
+                    "campaigns.wave_devices_per_second = {bad}: allowed 1 to 100000"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

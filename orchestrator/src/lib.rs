@@ -13,6 +13,7 @@
 //! - [`auth`]: bearer tokens, principals and Graph-named scopes.
 //! - [`bus`]: the events stream and the durable consumer (the only module that knows NATS).
 //! - [`projection`]: devices, credentials and quarantine, folded from events into sled.
+//! - [`campaigns`]: the breach campaign runner: waves of rotate commands, deadlines, completion.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
 //! - [`health`]: whether the projections may be trusted yet (caught up since start) and whether
@@ -23,6 +24,7 @@
 pub mod app;
 pub mod auth;
 pub mod bus;
+pub mod campaigns;
 pub mod client;
 pub mod config;
 pub mod data_dir;

@@ -422,3 +422,55 @@ mod tests {
         );
     }
 }
+
+/// `POST /v1.0/fleetlaps/breaches`: a breach signal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BreachRequest {
+    /// Why, for people (what leaked, the incident's reference).
+    pub reason: String,
+    /// When every device should have rotated.
+    pub deadline: DateTime<Utc>,
+    /// Which devices (`{"kind": "all"}`, `{"kind": "devices", "deviceIds": [...]}`,
+    /// `{"kind": "readBy", "principal": "...", "since": "..."}`,
+    /// `{"kind": "authenticatedSince", "since": "..."}`).
+    pub scope: crate::breach::BreachScope,
+}
+
+/// A breach's campaign as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BreachInfo {
+    /// The breach's id.
+    pub id: String,
+    /// Why.
+    pub reason: String,
+    /// Which devices, in words.
+    pub scope: String,
+    /// `declared`, `running`, `completed`, `deadline_passed` or `cancelled`.
+    pub state: String,
+    /// When it was declared.
+    pub declared_date_time: DateTime<Utc>,
+    /// Who declared it.
+    pub declared_by: String,
+    /// When every device should have rotated.
+    pub deadline_date_time: DateTime<Utc>,
+    /// When it ended.
+    pub ended_date_time: Option<DateTime<Utc>>,
+    /// How many devices it targets.
+    pub targeted: u32,
+    /// How many were sent a rotate command (or are covered by another campaign's).
+    pub commanded: u32,
+    /// How many confirmed a rotation dated after the declaration.
+    pub rotated: u32,
+    /// Commanded devices that reported a failed rotation since (in `show` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<u32>,
+    /// Commanded devices not heard from since their command: offline, they rotate when they
+    /// return (in `show` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_waiting: Option<u32>,
+    /// Devices not yet rotated, at most 100 (in `show` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stragglers: Option<Vec<DeviceId>>,
+}

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::breach::{BreachDeclared, BreachEnded, BreachTargeted, BreachWaveCommanded};
 use crate::command::CommandId;
 use crate::event::SCHEMA_VERSION;
 use crate::ids::{DeviceId, DeviceName, EventId, IdError, InstanceId, RotationId};
@@ -64,6 +65,14 @@ pub enum AuditEvent {
     /// orchestrator event must be signed with it. The first one on the stream is trusted as it
     /// is (trust on first use); a later one counts only when signed by the key recorded before.
     OrchestratorKeyCreated(OrchestratorKeyCreated),
+    /// A breach was declared: its campaign rotates the devices it names ([`crate::breach`]).
+    BreachDeclared(BreachDeclared),
+    /// Some of a breach's devices.
+    BreachTargeted(BreachTargeted),
+    /// Rotate commands a campaign recorded before sending them.
+    BreachWaveCommanded(BreachWaveCommanded),
+    /// A campaign ended: completed, past its deadline, or cancelled.
+    BreachEnded(BreachEnded),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -91,6 +100,14 @@ pub enum AuditKind {
     PasswordResealed,
     /// See [`AuditEvent::OrchestratorKeyCreated`].
     OrchestratorKeyCreated,
+    /// See [`AuditEvent::BreachDeclared`].
+    BreachDeclared,
+    /// See [`AuditEvent::BreachTargeted`].
+    BreachTargeted,
+    /// See [`AuditEvent::BreachWaveCommanded`].
+    BreachWaveCommanded,
+    /// See [`AuditEvent::BreachEnded`].
+    BreachEnded,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -379,13 +396,17 @@ impl AuditEvent {
             Self::EscrowKeyCreated(_) => AuditKind::EscrowKeyCreated,
             Self::PasswordResealed(_) => AuditKind::PasswordResealed,
             Self::OrchestratorKeyCreated(_) => AuditKind::OrchestratorKeyCreated,
+            Self::BreachDeclared(_) => AuditKind::BreachDeclared,
+            Self::BreachTargeted(_) => AuditKind::BreachTargeted,
+            Self::BreachWaveCommanded(_) => AuditKind::BreachWaveCommanded,
+            Self::BreachEnded(_) => AuditKind::BreachEnded,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 15] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -397,6 +418,10 @@ impl AuditKind {
         Self::EscrowKeyCreated,
         Self::PasswordResealed,
         Self::OrchestratorKeyCreated,
+        Self::BreachDeclared,
+        Self::BreachTargeted,
+        Self::BreachWaveCommanded,
+        Self::BreachEnded,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -413,6 +438,10 @@ impl AuditKind {
             Self::EscrowKeyCreated => "escrow_key_created",
             Self::PasswordResealed => "password_resealed",
             Self::OrchestratorKeyCreated => "orchestrator_key_created",
+            Self::BreachDeclared => "breach_declared",
+            Self::BreachTargeted => "breach_targeted",
+            Self::BreachWaveCommanded => "breach_wave_commanded",
+            Self::BreachEnded => "breach_ended",
         }
     }
 

@@ -15,6 +15,7 @@
 //! - [`signature`]: device keys and the Ed25519 signatures on device events.
 //! - [`api`]: Microsoft Graph shapes served by the orchestrator's HTTP API.
 //! - [`audit`]: what the orchestrator itself does (password reads, tokens, rotation requests), on the same history.
+//! - [`breach`]: breaches and the campaigns that answer them (events on the same history).
 //! - [`command`]: rotate commands and backup confirmations, from the orchestrator to devices.
 //! - [`control`]: requests and answers on the agent's local control socket.
 
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod breach;
 pub mod command;
 pub mod control;
 pub mod event;

@@ -15,6 +15,7 @@ pub mod apps;
 mod at_rest;
 mod backup_confirmation;
 mod bounds;
+mod breach;
 mod commands;
 mod config;
 mod durability;

@@ -1,7 +1,8 @@
 //! `lapsctl`: the fleetlaps admin CLI. `lapsctl get-password` reads a device's backed-up
 //! passwords from the orchestrator's API as `Get-LapsAADPassword` reads them from Microsoft Graph;
 //! `rotate` asks a device to rotate now; `token` manages API tokens; `enrollment-token` manages
-//! the tokens devices enroll with; `quarantine` lists refused events; `audit` shows the history.
+//! the tokens devices enroll with; `quarantine` lists refused events; `audit` shows the history;
+//! `breach` declares a breach and follows its campaign (`watch` draws its progress).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -12,8 +13,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetlaps_orchestrator::client::{ApiClient, ApiTokens, EnrollmentTokens};
 use fleetlaps_proto::api::{
-    DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, TokenInfo, TokenRequest,
+    BreachInfo, BreachRequest, DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, TokenInfo,
+    TokenRequest,
 };
+use fleetlaps_proto::breach::BreachScope;
 use fleetlaps_proto::ids::DeviceId;
 use secrecy::SecretString;
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -60,6 +63,67 @@ enum Command {
     },
     /// Show the audit history: password reads, rotation requests, tokens (needs Audit.Read.All).
     Audit(Audit),
+    /// Declare a breach and follow its campaign: every device it names rotates once (needs
+    /// Breach.Declare; list, show and watch also take Audit.Read.All).
+    #[command(subcommand)]
+    Breach(BreachCommand),
+}
+
+#[derive(Subcommand)]
+enum BreachCommand {
+    /// Declare a breach: its campaign sends each device it names a rotate command, in waves.
+    Declare {
+        /// Why (what leaked, the incident's reference).
+        #[arg(long)]
+        reason: String,
+        /// Hours until every device should have rotated.
+        #[arg(long, value_name = "HOURS", default_value_t = 24)]
+        deadline_in_hours: u32,
+        /// Every enrolled device.
+        #[arg(long, conflicts_with_all = ["device", "read_by", "authenticated_since"])]
+        all: bool,
+        /// A device id; repeat for several.
+        #[arg(long, conflicts_with_all = ["read_by", "authenticated_since"])]
+        device: Vec<String>,
+        /// The devices whose password this principal read since --since.
+        #[arg(
+            long,
+            value_name = "PRINCIPAL",
+            requires = "since",
+            conflicts_with = "authenticated_since"
+        )]
+        read_by: Option<String>,
+        /// The devices where the managed account authenticated since this time (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        authenticated_since: Option<chrono::DateTime<Utc>>,
+        /// With --read-by: from when (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        since: Option<chrono::DateTime<Utc>>,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// List the campaigns.
+    List {
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Show one campaign's progress and its stragglers.
+    Show {
+        /// The breach id, as `lapsctl breach list` shows it.
+        id: String,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Follow a campaign with a progress bar until it ends.
+    Watch {
+        /// The breach id.
+        id: String,
+    },
+    /// Stop a running campaign; commands already sent stay with their devices.
+    Cancel {
+        /// The breach id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -267,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             Ok(text)
         }
         Command::Audit(args) => audit(&client, &args).await,
+        Command::Breach(command) => breach(&client, command).await,
     }
 }
 
@@ -388,6 +453,121 @@ async fn manage_enrollment_tokens(client: &ApiClient, command: EnrollmentTokenCo
             Ok(format!("enrollment token {id} revoked\n"))
         }
     }
+}
+
+async fn breach(client: &ApiClient, command: BreachCommand) -> anyhow::Result<String> {
+    match command {
+        BreachCommand::Declare {
+            reason,
+            deadline_in_hours,
+            all,
+            device,
+            read_by,
+            authenticated_since,
+            since,
+            output,
+        } => {
+            let scope = match (all, device.is_empty(), read_by, authenticated_since) {
+                (true, _, _, _) => BreachScope::All,
+                (false, false, _, _) => BreachScope::Devices {
+                    device_ids: device.iter().map(|id| DeviceId::parse(id)).collect::<Result<_, _>>()?,
+                },
+                (false, true, Some(principal), _) => BreachScope::ReadBy {
+                    principal,
+                    since: since.context("--read-by needs --since")?,
+                },
+                (false, true, None, Some(since)) => BreachScope::AuthenticatedSince { since },
+                (false, true, None, None) => anyhow::bail!(
+                    "which devices? pass --all, --device ID, --read-by PRINCIPAL --since TIME or --authenticated-since TIME"
+                ),
+            };
+            let request = BreachRequest {
+                reason,
+                deadline: Utc::now() + chrono::Duration::hours(i64::from(deadline_in_hours)),
+                scope,
+            };
+            let info = client.declare_breach(&request).await?;
+            Ok(render(&[Entry(breach_fields(&info))], output))
+        }
+        BreachCommand::List { output } => {
+            let entries: Vec<Entry> = client
+                .breaches()
+                .await?
+                .iter()
+                .map(|info| Entry(breach_fields(info)))
+                .collect();
+            Ok(render(&entries, output))
+        }
+        BreachCommand::Show { id, output } => {
+            let info = client.breach(&id).await?;
+            let mut fields = breach_fields(&info);
+            fields.push(("Failed", info.failed.map(|n| n.to_string())));
+            fields.push(("OfflineWaiting", info.offline_waiting.map(|n| n.to_string())));
+            fields.push((
+                "Stragglers",
+                info.stragglers
+                    .as_ref()
+                    .map(|ids| ids.iter().map(DeviceId::as_str).collect::<Vec<_>>().join(" ")),
+            ));
+            Ok(render(&[Entry(fields)], output))
+        }
+        BreachCommand::Watch { id } => watch_breach(client, &id).await,
+        BreachCommand::Cancel { id } => {
+            client.cancel_breach(&id).await?;
+            Ok(format!("breach {id} cancelled\n"))
+        }
+    }
+}
+
+/// Draws a campaign's progress (devices rotated of targeted, with rate and time left) until it
+/// ends; returns how it ended.
+async fn watch_breach(client: &ApiClient, id: &str) -> anyhow::Result<String> {
+    let first = client.breach(id).await?;
+    let bar = indicatif::ProgressBar::new(u64::from(first.targeted)).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} devices rotated ({per_sec}, {eta} left) {msg}",
+        )
+        .expect("a valid template"),
+    );
+    let mut info = first;
+    loop {
+        bar.set_length(u64::from(info.targeted));
+        bar.set_position(u64::from(info.rotated));
+        bar.set_message(format!("{}, {} commanded", info.state, info.commanded));
+        if !matches!(info.state.as_str(), "declared" | "running") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        info = client.breach(id).await?;
+    }
+    bar.finish();
+    let mut text = format!(
+        "breach {} {}: {} of {} devices rotated\n",
+        info.id, info.state, info.rotated, info.targeted
+    );
+    if let Some(stragglers) = info.stragglers.filter(|ids| !ids.is_empty()) {
+        text.push_str(&format!(
+            "not rotated: {}\n",
+            stragglers.iter().map(DeviceId::as_str).collect::<Vec<_>>().join(" ")
+        ));
+    }
+    Ok(text)
+}
+
+fn breach_fields(info: &BreachInfo) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("Id", Some(info.id.clone())),
+        ("State", Some(info.state.clone())),
+        ("Reason", Some(info.reason.clone())),
+        ("Scope", Some(info.scope.clone())),
+        ("Targeted", Some(info.targeted.to_string())),
+        ("Commanded", Some(info.commanded.to_string())),
+        ("Rotated", Some(info.rotated.to_string())),
+        ("DeclaredBy", Some(info.declared_by.clone())),
+        ("DeclaredTime", Some(timestamp(info.declared_date_time))),
+        ("Deadline", Some(timestamp(info.deadline_date_time))),
+        ("EndedTime", info.ended_date_time.map(timestamp)),
+    ]
 }
 
 fn enrollment_token_fields(info: &EnrollmentTokenInfo) -> Vec<(&'static str, Option<String>)> {

@@ -137,7 +137,12 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         | AuditEvent::TokenCreated(_)
         | AuditEvent::TokenRevoked(_)
         | AuditEvent::EnrollmentTokenCreated(_)
-        | AuditEvent::EnrollmentTokenRevoked(_) => None,
+        | AuditEvent::EnrollmentTokenRevoked(_)
+        // A campaign names many devices; an investigation finds them in its timeline.
+        | AuditEvent::BreachDeclared(_)
+        | AuditEvent::BreachTargeted(_)
+        | AuditEvent::BreachWaveCommanded(_)
+        | AuditEvent::BreachEnded(_) => None,
     }
 }
 

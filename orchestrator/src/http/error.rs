@@ -52,6 +52,17 @@ pub enum ApiError {
         /// The id asked for.
         id: String,
     },
+    /// No breach with this id.
+    #[error("breach {0} was not found")]
+    BreachNotFound(String),
+    /// The campaign ended already.
+    #[error("breach {id} has ended ({state}); allowed: cancelling a running campaign")]
+    BreachEnded {
+        /// The breach.
+        id: String,
+        /// How it ended.
+        state: &'static str,
+    },
     /// The principal asked for a token holding a scope it may not give.
     #[error("a token holding {0} can be created only by a principal that holds {0} itself, or Token.Grant")]
     CannotGrant(Scope),
@@ -126,9 +137,11 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             Self::MissingScope(_) | Self::CannotGrant(_) => StatusCode::FORBIDDEN,
-            Self::NameTaken { .. } => StatusCode::CONFLICT,
+            Self::NameTaken { .. } | Self::BreachEnded { .. } => StatusCode::CONFLICT,
             Self::BadRequest(_) | Self::UnsupportedQuery(_) => StatusCode::BAD_REQUEST,
-            Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::BreachNotFound(_) | Self::NoRoute(_) => {
+                StatusCode::NOT_FOUND
+            }
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not a 500: the caller's request was fine, and the message says so.
             Self::AuditUnavailable(_)
@@ -151,9 +164,12 @@ impl ApiError {
             }
             Self::MissingScope(_) | Self::CannotGrant(_) => "Authorization_RequestDenied",
             Self::NameTaken { .. } => "Request_MultipleObjectsWithSameKeyValue",
+            Self::BreachEnded { .. } => "Request_ResourceConflict",
             Self::BadRequest(_) | Self::MethodNotAllowed(_) => "Request_BadRequest",
             Self::UnsupportedQuery(_) => "Request_UnsupportedQuery",
-            Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::NoRoute(_) => "Request_ResourceNotFound",
+            Self::DeviceNotFound(_) | Self::TokenNotFound { .. } | Self::BreachNotFound(_) | Self::NoRoute(_) => {
+                "Request_ResourceNotFound"
+            }
             Self::Throttled { .. } => "TooManyRequests",
             Self::RequestTimeout(_) => "RequestTimeout",
             Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {

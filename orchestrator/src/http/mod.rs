@@ -7,6 +7,7 @@
 //! - `enrollment`: enrollment tokens, and the endpoint devices enroll through.
 //! - `quarantine`: the refused stream messages, for admins.
 //! - `audit`: the audit history, for investigators.
+//! - `breaches`: breach signals and their campaigns' progress.
 //! - `escrow`: the escrow public key, for agents and tools.
 //! - `health`: the liveness probe.
 //! - `metrics`: the request metrics middleware and the `/metrics` endpoint.
@@ -18,6 +19,7 @@
 
 mod audit;
 mod auth;
+mod breaches;
 mod device_local_credentials;
 mod devices;
 mod enrollment;
@@ -83,6 +85,8 @@ pub struct AppState {
     /// Held while a token is made, from the check of its name until the projections show it, so
     /// two tokens of a kind never take one name.
     pub token_issuance: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the campaign runner after a breach is declared.
+    pub campaign_wake: Arc<tokio::sync::Notify>,
     /// How long a request may take before it is answered 503 (`http.request_timeout_secs`).
     pub request_timeout: std::time::Duration,
 }
@@ -123,6 +127,9 @@ pub fn router(state: AppState) -> Router {
         .route(enrollment::ITEM_PATH, delete(enrollment::revoke))
         .route(enrollment::ENROLL_PATH, post(enrollment::enroll))
         .route(quarantine::LIST_PATH, get(quarantine::list))
+        .route(breaches::LIST_PATH, get(breaches::list).post(breaches::declare))
+        .route(breaches::ITEM_PATH, get(breaches::get))
+        .route(breaches::CANCEL_PATH, post(breaches::cancel))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)

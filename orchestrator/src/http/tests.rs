@@ -206,6 +206,7 @@ impl Fixture {
             nats: crate::bus::NatsStatus::detached(),
             health,
             token_issuance: Arc::default(),
+            campaign_wake: Arc::default(),
             request_timeout: std::time::Duration::from_secs(30),
         };
         let mut fixture = Self {

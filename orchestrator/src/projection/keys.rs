@@ -24,8 +24,12 @@
 //! | `rc/<device>` | a clone detected and not yet reported on the history |
 //! | `x/<escrow public key>` | an `EscrowKeyRecord`, a key the history recorded |
 //! | `o/key` | the `OrchestratorKeyRecord`, the key orchestrator events must be signed with |
+//! | `b/<breach>` | a `CampaignRecord`, one breach's campaign |
+//! | `bt/<breach>/<device>` | a `CampaignTarget`, one device of a campaign |
+//! | `bd/<device>/<breach>` | the campaigns a device is targeted by (empty value), for its rotations |
 
 use fleetlaps_proto::audit::TokenId;
+use fleetlaps_proto::breach::BreachId;
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
 use fleetlaps_proto::seal::EscrowPublicKey;
 
@@ -52,6 +56,40 @@ pub(super) const TOKENS: &[u8] = b"t/";
 pub(super) const ESCROW_KEYS: &[u8] = b"x/";
 /// Every clone waiting to be reported.
 pub(super) const CLONE_REPORTS: &[u8] = b"rc/";
+
+/// Every campaign, oldest first (breach ids are time-ordered).
+pub(super) const CAMPAIGNS: &[u8] = b"b/";
+
+/// `b/<breach>`.
+pub(super) fn campaign(breach_id: &BreachId) -> Vec<u8> {
+    format!("b/{breach_id}").into_bytes()
+}
+
+/// `bt/<breach>/<device>`.
+pub(super) fn campaign_target(breach_id: &BreachId, device_id: &DeviceId) -> Vec<u8> {
+    format!("bt/{breach_id}/{device_id}").into_bytes()
+}
+
+/// `bt/<breach>/`: every device of a campaign, by id.
+pub(super) fn campaign_targets(breach_id: &BreachId) -> Vec<u8> {
+    format!("bt/{breach_id}/").into_bytes()
+}
+
+/// `bd/<device>/<breach>`.
+pub(super) fn device_campaign(device_id: &DeviceId, breach_id: &BreachId) -> Vec<u8> {
+    format!("bd/{device_id}/{breach_id}").into_bytes()
+}
+
+/// `bd/<device>/`: every campaign targeting the device.
+pub(super) fn device_campaigns(device_id: &DeviceId) -> Vec<u8> {
+    format!("bd/{device_id}/").into_bytes()
+}
+
+/// The breach a `bd/<device>/<breach>` key names.
+pub(super) fn device_campaign_breach(key: &[u8]) -> Option<BreachId> {
+    let text = std::str::from_utf8(key).ok()?;
+    BreachId::parse(text.rsplit('/').next()?).ok()
+}
 
 /// `d/<device>`.
 pub(super) fn device(device_id: &DeviceId) -> Vec<u8> {
@@ -162,6 +200,9 @@ mod tests {
             enrolled_key(&device_id),
             rotation_request(&device_id),
             clone_report(&device_id),
+            campaign(&BreachId::new()),
+            campaign_target(&BreachId::new(), &device_id),
+            device_campaign(&device_id, &BreachId::new()),
         ];
         let prefixes: Vec<&[u8]> = keys
             .iter()

@@ -12,8 +12,10 @@
 //! - `keys`: every key of the tree, built in one place.
 //! - One module per aggregate, whose record applies what an event changes as a pure function:
 //!   `devices` ([`DeviceRecord::apply`]), `credentials`, `principals` (tokens of both kinds and
-//!   enrolled keys), `escrow_keys`, `orchestrator_key`, `quarantine` (the bound).
+//!   enrolled keys), `escrow_keys`, `orchestrator_key`, `campaigns` (breach campaigns and their
+//!   devices), `quarantine` (the bound).
 
+mod campaigns;
 mod credentials;
 mod devices;
 mod escrow_keys;
@@ -24,6 +26,7 @@ mod quarantine;
 mod store;
 mod verify;
 
+pub use campaigns::{CampaignRecord, CampaignState, CampaignTarget};
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceChange, DeviceRecord, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;

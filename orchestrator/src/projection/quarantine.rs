@@ -40,11 +40,13 @@ pub enum QuarantineReason {
     UnknownRotation,
     /// A revocation of a token that was never created.
     UnknownToken,
+    /// A campaign event for a breach that was never declared.
+    UnknownBreach,
 }
 
 impl QuarantineReason {
     /// Every reason, for metrics.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Malformed,
         Self::UnsupportedSchema,
         Self::CodeMismatch,
@@ -55,6 +57,7 @@ impl QuarantineReason {
         Self::Unopenable,
         Self::UnknownRotation,
         Self::UnknownToken,
+        Self::UnknownBreach,
     ];
 
     /// The reason's name, as a metric label.
@@ -70,6 +73,7 @@ impl QuarantineReason {
             Self::Unopenable => "unopenable",
             Self::UnknownRotation => "unknown_rotation",
             Self::UnknownToken => "unknown_token",
+            Self::UnknownBreach => "unknown_breach",
         }
     }
 }

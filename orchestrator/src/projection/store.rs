@@ -25,6 +25,7 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, DeviceCloneDetected, TokenId};
+use fleetlaps_proto::breach::BreachId;
 use fleetlaps_proto::command::BackupConfirmation;
 use fleetlaps_proto::event::{Envelope, Event, EventKind};
 use fleetlaps_proto::ids::DeviceId;
@@ -33,6 +34,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+use super::campaigns::{CampaignRecord, CampaignTarget};
 use super::credentials::CredentialRecord;
 use super::devices::DeviceRecord;
 use super::escrow_keys::EscrowKeyRecord;
@@ -462,6 +464,56 @@ impl Projections {
         self.get(&keys::rotation_request(device_id))
     }
 
+    /// One breach's campaign.
+    pub fn campaign(&self, breach_id: &BreachId) -> Result<Option<CampaignRecord>, ProjectionError> {
+        self.get(&keys::campaign(breach_id))
+    }
+
+    /// Every campaign, oldest first (breach ids are time-ordered).
+    pub fn campaigns(&self) -> Result<Vec<CampaignRecord>, ProjectionError> {
+        self.tree
+            .scan_prefix(keys::CAMPAIGNS)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// Every device of a campaign, by device id.
+    pub fn campaign_targets(&self, breach_id: &BreachId) -> Result<Vec<CampaignTarget>, ProjectionError> {
+        self.tree
+            .scan_prefix(keys::campaign_targets(breach_id))
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// One device of a campaign.
+    pub fn campaign_target(
+        &self,
+        breach_id: &BreachId,
+        device_id: &DeviceId,
+    ) -> Result<Option<CampaignTarget>, ProjectionError> {
+        self.get(&keys::campaign_target(breach_id, device_id))
+    }
+
+    /// The campaigns targeting a device, oldest first.
+    pub fn device_campaigns(&self, device_id: &DeviceId) -> Result<Vec<BreachId>, ProjectionError> {
+        let mut breaches = Vec::new();
+        for key in self.tree.scan_prefix(keys::device_campaigns(device_id)).keys() {
+            let key = key?;
+            let breach_id = keys::device_campaign_breach(&key).ok_or_else(|| ProjectionError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: serde::de::Error::custom("not a breach id"),
+            })?;
+            breaches.push(breach_id);
+        }
+        Ok(breaches)
+    }
+
     /// A SHA-256 over every key and value: equal digests mean equal projections.
     pub fn digest(&self) -> Result<String, ProjectionError> {
         let mut hasher = Sha256::new();
@@ -535,6 +587,7 @@ impl Projections {
                     })?;
                 credential.applied(envelope.time);
                 batch.insert(credential_key, encode(&credential));
+                self.count_campaign_rotations(&device_id, envelope.time, batch)?;
             }
             _ => {}
         }
@@ -636,6 +689,63 @@ impl Projections {
                     Err(detail) => return refuse(QuarantineReason::Malformed, detail),
                 }
             }
+            AuditEvent::BreachDeclared(body) => {
+                batch.insert(
+                    keys::campaign(&body.breach_id),
+                    encode(&CampaignRecord::declared(body, envelope.time)),
+                );
+            }
+            AuditEvent::BreachTargeted(body) => {
+                let Some(mut campaign) = self.campaign(&body.breach_id)? else {
+                    return refuse(
+                        QuarantineReason::UnknownBreach,
+                        format!("breach {} was never declared", body.breach_id),
+                    );
+                };
+                for device_id in &body.device_ids {
+                    let key = keys::campaign_target(&body.breach_id, device_id);
+                    if self.tree.contains_key(&key)? {
+                        continue;
+                    }
+                    let last_rotated = self.device(device_id)?.and_then(|device| device.last_rotated);
+                    let target = CampaignTarget::targeted(device_id.clone(), campaign.declared_at, last_rotated);
+                    campaign.target_added(target.rotated_at.is_some());
+                    batch.insert(key, encode(&target));
+                    batch.insert(keys::device_campaign(device_id, &body.breach_id), &[]);
+                }
+                batch.insert(keys::campaign(&body.breach_id), encode(&campaign));
+            }
+            AuditEvent::BreachWaveCommanded(body) => {
+                let Some(mut campaign) = self.campaign(&body.breach_id)? else {
+                    return refuse(
+                        QuarantineReason::UnknownBreach,
+                        format!("breach {} was never declared", body.breach_id),
+                    );
+                };
+                for command in &body.commands {
+                    let Some(mut target) = self.campaign_target(&body.breach_id, &command.device_id)? else {
+                        continue;
+                    };
+                    if target.commanded(command.command_id, command.covered_by, envelope.time) {
+                        campaign.target_commanded();
+                        batch.insert(
+                            keys::campaign_target(&body.breach_id, &command.device_id),
+                            encode(&target),
+                        );
+                    }
+                }
+                batch.insert(keys::campaign(&body.breach_id), encode(&campaign));
+            }
+            AuditEvent::BreachEnded(body) => {
+                let Some(mut campaign) = self.campaign(&body.breach_id)? else {
+                    return refuse(
+                        QuarantineReason::UnknownBreach,
+                        format!("breach {} was never declared", body.breach_id),
+                    );
+                };
+                campaign.ended(&body.outcome, envelope.time);
+                batch.insert(keys::campaign(&body.breach_id), encode(&campaign));
+            }
             AuditEvent::DeviceEnrolled(body) => {
                 let key = match EnrolledKeyRecord::enrolled(body, envelope.time) {
                     Ok(key) => key,
@@ -660,6 +770,30 @@ impl Projections {
         batch.insert(keys::event(&envelope.id), &message.sequence.to_be_bytes());
         batch.insert(keys::audit(message.sequence), encode(envelope));
         Ok(Ok(Applied::outcome(Outcome::Recorded(envelope.event.kind()))))
+    }
+
+    /// Counts a rotation the device confirmed at `at` for every running campaign targeting it
+    /// that it had not counted for yet ([`CampaignTarget::rotated`]).
+    fn count_campaign_rotations(
+        &self,
+        device_id: &DeviceId,
+        at: DateTime<Utc>,
+        batch: &mut sled::Batch,
+    ) -> Result<(), ProjectionError> {
+        for breach_id in self.device_campaigns(device_id)? {
+            let Some(mut campaign) = self.campaign(&breach_id)?.filter(|campaign| campaign.state.is_active()) else {
+                continue;
+            };
+            let Some(mut target) = self.campaign_target(&breach_id, device_id)? else {
+                continue;
+            };
+            if target.rotated(at, campaign.declared_at) {
+                campaign.target_rotated();
+                batch.insert(keys::campaign_target(&breach_id, device_id), encode(&target));
+                batch.insert(keys::campaign(&breach_id), encode(&campaign));
+            }
+        }
+        Ok(())
     }
 
     /// The token with this id, if it is of `kind`.

@@ -1,0 +1,284 @@
+//! The campaign runner: drives every running breach campaign from the projections, once a
+//! second and whenever a breach is declared.
+//!
+//! Each step, for each running campaign: every device rotated → `breach_ended` (completed); past
+//! its deadline → `breach_ended` naming the stragglers; otherwise the next wave, at most
+//! `campaigns.wave_devices_per_second` devices not yet commanded, is recorded on the history
+//! (`breach_wave_commanded`) and then sent, one rotate command per device on `LAPS_COMMANDS`,
+//! where a device that is offline finds it when it returns. A device already waiting on a command
+//! another running campaign sent after this breach was declared is counted on that command
+//! (`covered_by`), so overlapping campaigns do not rotate it twice for one breach.
+//!
+//! Invariants: a wave is recorded before it is sent; the runner acts only with authority (the
+//! projections caught up since start), so a restart never repeats a wave; after a restart it sends
+//! again every command its campaigns recorded and are still waiting on (the same command ids, which
+//! a device executes at most once), so a crash between recording and sending loses nothing.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use fleetlaps_proto::audit::AuditEvent;
+use fleetlaps_proto::breach::{
+    BreachCommand, BreachEnded, BreachId, BreachOutcome, BreachWaveCommanded, DEVICES_PER_EVENT,
+};
+use fleetlaps_proto::command::{Command, CommandAction, CommandId};
+use fleetlaps_proto::ids::DeviceId;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusError, Journal};
+use crate::health::Health;
+use crate::projection::{CampaignRecord, CampaignState, CampaignTarget, ProjectionError, Projections};
+
+/// How often the runner looks at the campaigns when nothing wakes it.
+const TICK: Duration = Duration::from_secs(1);
+/// How long the runner waits for the projections to show a wave it recorded.
+const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a step of the runner failed; it is tried again at the next tick.
+#[derive(Debug, thiserror::Error)]
+pub enum CampaignError {
+    /// The projections could not be read.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// The history could not record a campaign event.
+    #[error("recording a campaign event")]
+    Journal(#[source] BusError),
+}
+
+/// Drives the running campaigns.
+pub struct CampaignRunner {
+    /// Where campaigns and their devices are read.
+    projections: Projections,
+    /// Where campaign events are recorded and commands sent.
+    journal: Arc<dyn Journal>,
+    /// Whether the projections may be acted on.
+    health: Arc<Health>,
+    /// At most this many devices per wave, one wave per tick.
+    wave_devices_per_second: u32,
+    /// Woken when a breach is declared.
+    wake: Arc<Notify>,
+}
+
+impl CampaignRunner {
+    /// A runner over these parts; `wake` is notified by the API after each declaration.
+    pub fn new(
+        projections: Projections,
+        journal: Arc<dyn Journal>,
+        health: Arc<Health>,
+        wave_devices_per_second: u32,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            projections,
+            journal,
+            health,
+            wave_devices_per_second,
+            wake,
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled. A failed step is logged and tried again.
+    pub async fn run(self, shutdown: CancellationToken) {
+        // Campaigns whose recorded, unrotated commands this process has sent again.
+        let mut resent = HashSet::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(TICK) => {}
+                () = self.wake.notified() => {}
+            }
+            // Stale projections would repeat a wave: act only once they have caught up.
+            if self.health.authority().is_err() {
+                continue;
+            }
+            if let Err(err) = self.step(&mut resent).await {
+                tracing::warn!(error = %err, "a campaign step failed; it is tried again");
+            }
+        }
+    }
+
+    /// One look at every running campaign.
+    async fn step(&self, resent: &mut HashSet<BreachId>) -> Result<(), CampaignError> {
+        for campaign in self.projections.campaigns()? {
+            if campaign.state != CampaignState::Running {
+                continue;
+            }
+            let targets = self.projections.campaign_targets(&campaign.breach_id)?;
+            if resent.insert(campaign.breach_id) {
+                self.resend_waiting(&campaign, &targets, resent).await;
+            }
+            if campaign.all_rotated() {
+                tracing::info!(breach_id = %campaign.breach_id, devices = campaign.target_count, "campaign completed");
+                self.end(&campaign, BreachOutcome::Completed).await?;
+                continue;
+            }
+            if Utc::now() >= campaign.deadline {
+                let stragglers: Vec<DeviceId> = targets
+                    .iter()
+                    .filter(|target| target.rotated_at.is_none())
+                    .map(|target| target.device_id.clone())
+                    .collect();
+                tracing::warn!(
+                    breach_id = %campaign.breach_id,
+                    stragglers = stragglers.len(),
+                    "campaign deadline passed with devices not rotated"
+                );
+                let outcome = BreachOutcome::DeadlinePassed {
+                    straggler_count: u32::try_from(stragglers.len()).unwrap_or(u32::MAX),
+                    stragglers: stragglers.into_iter().take(DEVICES_PER_EVENT).collect(),
+                };
+                self.end(&campaign, outcome).await?;
+                continue;
+            }
+            self.next_wave(&campaign, &targets, resent).await?;
+        }
+        Ok(())
+    }
+
+    /// Records and sends the next wave of `campaign`.
+    async fn next_wave(
+        &self,
+        campaign: &CampaignRecord,
+        targets: &[CampaignTarget],
+        resent: &mut HashSet<BreachId>,
+    ) -> Result<(), CampaignError> {
+        let budget = usize::try_from(self.wave_devices_per_second).unwrap_or(usize::MAX);
+        let mut wave = Vec::new();
+        for target in targets
+            .iter()
+            .filter(|target| target.command_id.is_none() && target.rotated_at.is_none())
+            .take(budget)
+        {
+            let command = match self.covering_command(campaign, &target.device_id)? {
+                Some((other, command_id)) => BreachCommand {
+                    device_id: target.device_id.clone(),
+                    command_id,
+                    covered_by: Some(other),
+                },
+                None => BreachCommand {
+                    device_id: target.device_id.clone(),
+                    command_id: CommandId::new(),
+                    covered_by: None,
+                },
+            };
+            wave.push(command);
+        }
+        for chunk in wave.chunks(DEVICES_PER_EVENT) {
+            // Recorded first: a command nobody can trace back to its breach is never sent.
+            let sequence = self
+                .journal
+                .append(AuditEvent::BreachWaveCommanded(BreachWaveCommanded {
+                    breach_id: campaign.breach_id,
+                    commands: chunk.to_vec(),
+                }))
+                .await
+                .map_err(CampaignError::Journal)?;
+            tracing::info!(breach_id = %campaign.breach_id, devices = chunk.len(), "campaign wave recorded");
+            if !self.send(campaign, chunk).await {
+                // Sent again at the next step, with the same ids.
+                resent.remove(&campaign.breach_id);
+            }
+            // The next step must see this wave, or it would command these devices again.
+            self.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await;
+        }
+        Ok(())
+    }
+
+    /// Another running campaign's command, sent at or after `campaign` was declared and still
+    /// waited on, that `device_id` will rotate for: the rotation counts for both.
+    fn covering_command(
+        &self,
+        campaign: &CampaignRecord,
+        device_id: &DeviceId,
+    ) -> Result<Option<(BreachId, CommandId)>, CampaignError> {
+        for other in self.projections.device_campaigns(device_id)? {
+            if other == campaign.breach_id {
+                continue;
+            }
+            if !self
+                .projections
+                .campaign(&other)?
+                .is_some_and(|other| other.state.is_active())
+            {
+                continue;
+            }
+            let Some(target) = self.projections.campaign_target(&other, device_id)? else {
+                continue;
+            };
+            if target.covered_by.is_none()
+                && target.waiting()
+                && target.commanded_at.is_some_and(|at| at >= campaign.declared_at)
+                && let Some(command_id) = target.command_id
+            {
+                return Ok(Some((other, command_id)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends again the commands `campaign` recorded and is still waiting on (after a restart,
+    /// or a failed send): the same ids, so no device executes one twice.
+    async fn resend_waiting(
+        &self,
+        campaign: &CampaignRecord,
+        targets: &[CampaignTarget],
+        resent: &mut HashSet<BreachId>,
+    ) {
+        let waiting: Vec<BreachCommand> = targets
+            .iter()
+            .filter(|target| target.waiting() && target.covered_by.is_none())
+            .filter_map(|target| {
+                Some(BreachCommand {
+                    device_id: target.device_id.clone(),
+                    command_id: target.command_id?,
+                    covered_by: None,
+                })
+            })
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        tracing::info!(breach_id = %campaign.breach_id, devices = waiting.len(), "sending the campaign's waiting commands again");
+        if !self.send(campaign, &waiting).await {
+            resent.remove(&campaign.breach_id);
+        }
+    }
+
+    /// Sends the commands of `commands` that this campaign sends itself; returns whether every
+    /// one reached the commands stream.
+    async fn send(&self, campaign: &CampaignRecord, commands: &[BreachCommand]) -> bool {
+        let mut all_sent = true;
+        for command in commands.iter().filter(|command| command.covered_by.is_none()) {
+            let command = Command {
+                id: command.command_id,
+                device_id: command.device_id.clone(),
+                issued_at: Utc::now(),
+                action: CommandAction::RotatePassword {
+                    reason: format!("breach {}: {}", campaign.breach_id, campaign.reason),
+                },
+            };
+            if let Err(err) = self.journal.command(command).await {
+                tracing::warn!(breach_id = %campaign.breach_id, error = %err, "sending a campaign command failed; sent again later");
+                all_sent = false;
+            }
+        }
+        all_sent
+    }
+
+    /// Records how `campaign` ended.
+    async fn end(&self, campaign: &CampaignRecord, outcome: BreachOutcome) -> Result<(), CampaignError> {
+        let sequence = self
+            .journal
+            .append(AuditEvent::BreachEnded(BreachEnded {
+                breach_id: campaign.breach_id,
+                outcome,
+            }))
+            .await
+            .map_err(CampaignError::Journal)?;
+        self.projections.wait_for_sequence(sequence, VISIBLE_TIMEOUT).await;
+        Ok(())
+    }
+}

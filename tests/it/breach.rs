@@ -1,0 +1,421 @@
+//! Breach response: a breach declared through the API or `lapsctl` rotates every device it names
+//! once, in waves; a device offline at the declaration rotates when it returns and is counted
+//! then; a restarted orchestrator resumes its campaigns; bad signals are refused naming why.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
+use fleetlaps_proto::event::{AuthenticationOutcome, EventKind};
+use fleetlaps_proto::ids::DeviceId;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::apps::{ADMIN_TOKEN, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events};
+use crate::harness::{TestNats, wait_until};
+
+/// A token for a security team: declares breaches and reads campaigns.
+async fn soc_token(orchestrator: &TestOrchestrator) -> String {
+    let created = call(
+        orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/tokens",
+        ADMIN_TOKEN,
+        Some(json!({"name": "soc", "scopes": ["Breach.Declare", "Audit.Read.All"]})),
+    )
+    .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.expect("json");
+    created["token"].as_str().expect("the token").to_owned()
+}
+
+async fn call(
+    orchestrator: &TestOrchestrator,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut request = orchestrator
+        .http
+        .request(method, format!("{}{path}", orchestrator.base_url))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("the API answers")
+}
+
+/// Declares a breach through the API; returns the campaign.
+async fn declare(orchestrator: &TestOrchestrator, token: &str, scope: Value) -> Value {
+    let deadline = Utc::now() + chrono::Duration::hours(1);
+    let answer = call(
+        orchestrator,
+        reqwest::Method::POST,
+        "/v1.0/fleetlaps/breaches",
+        token,
+        Some(json!({"reason": "phished administrator", "deadline": deadline, "scope": scope})),
+    )
+    .await;
+    assert_eq!(answer.status(), StatusCode::CREATED);
+    answer.json().await.expect("json")
+}
+
+async fn campaign(orchestrator: &TestOrchestrator, token: &str, id: &str) -> Value {
+    let answer = call(
+        orchestrator,
+        reqwest::Method::GET,
+        &format!("/v1.0/fleetlaps/breaches/{id}"),
+        token,
+        None,
+    )
+    .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    answer.json().await.expect("json")
+}
+
+/// Waits until the campaign satisfies `done`, and returns it.
+async fn wait_for_campaign(
+    orchestrator: &TestOrchestrator,
+    token: &str,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_until(what, Duration::from_secs(60), || async {
+        let campaign = campaign(orchestrator, token, id).await;
+        done(&campaign).then_some(campaign)
+    })
+    .await
+}
+
+/// The device's rotations (`password_rotated`) dated at or after `since`.
+async fn rotations_since(nats: &TestNats, device_id: &DeviceId, since: DateTime<Utc>) -> usize {
+    device_events(nats, device_id, EventKind::PasswordRotated)
+        .await
+        .iter()
+        .filter(|envelope| envelope.time >= since)
+        .count()
+}
+
+/// Starts `n` agents, each backed up and settled.
+async fn fleet(nats: &TestNats, orchestrator: &TestOrchestrator, n: usize) -> Vec<TestAgent> {
+    let mut agents = Vec::new();
+    for _ in 0..n {
+        let agent = TestAgent::spawn(nats, orchestrator).await;
+        let password = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+        agent.wait_until_has(&password).await;
+        agents.push(agent);
+    }
+    agents
+}
+
+/// Checks that the device rotated exactly once since `since`, and that the centre returns the
+/// password its account has.
+async fn rotated_once_and_retrievable(
+    nats: &TestNats,
+    orchestrator: &TestOrchestrator,
+    agent: &TestAgent,
+    since: DateTime<Utc>,
+) {
+    assert_eq!(
+        rotations_since(nats, &agent.device_id, since).await,
+        1,
+        "device {} rotated once for the breach",
+        agent.device_id
+    );
+    let newest = orchestrator.passwords(&agent.device_id).await.remove(0);
+    agent.wait_until_has(&newest).await;
+}
+
+#[tokio::test]
+async fn a_fleet_wide_breach_rotates_every_device_once_and_an_offline_one_when_it_returns() {
+    // Arrange: three devices, one of them off.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let mut agents = fleet(&nats, &orchestrator, 3).await;
+    let token = soc_token(&orchestrator).await;
+    agents[2].stop().await;
+    let declared_after = Utc::now();
+
+    // Act: declare it with lapsctl, as a security team would.
+    let declared = orchestrator
+        .lapsctl(&[
+            "--token",
+            &token,
+            "breach",
+            "declare",
+            "--all",
+            "--reason",
+            "phished administrator",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert!(
+        declared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&declared.stderr)
+    );
+    let declared: Value = serde_json::from_slice(&declared.stdout).expect("lapsctl -o json");
+    let id = declared[0]["Id"].as_str().expect("the breach id").to_owned();
+    assert_eq!(declared[0]["Targeted"], "3");
+
+    // Assert: the two online devices rotate; the third waits, named as a straggler.
+    let waiting = wait_for_campaign(&orchestrator, &token, &id, "the online devices rotate", |campaign| {
+        campaign["rotated"] == 2 && campaign["commanded"] == 3
+    })
+    .await;
+    assert_eq!(waiting["state"], "running");
+    assert_eq!(waiting["offlineWaiting"], 1, "{waiting}");
+    assert_eq!(waiting["stragglers"], json!([agents[2].device_id]));
+
+    // Act: the third device returns.
+    agents[2].start_in_process().await;
+
+    // Assert: the campaign completes, each device rotated once for it, and every password the
+    // centre returns is its account's.
+    let watched = orchestrator.lapsctl(&["--token", &token, "breach", "watch", &id]).await;
+    assert!(watched.status.success(), "{}", String::from_utf8_lossy(&watched.stderr));
+    let text = String::from_utf8_lossy(&watched.stdout);
+    assert!(text.contains("completed: 3 of 3 devices rotated"), "{text}");
+    let completed = campaign(&orchestrator, &token, &id).await;
+    assert_eq!(
+        (completed["state"].as_str(), completed["rotated"].as_u64()),
+        (Some("completed"), Some(3))
+    );
+    for agent in &agents {
+        rotated_once_and_retrievable(&nats, &orchestrator, agent, declared_after).await;
+    }
+}
+
+#[tokio::test]
+async fn an_orchestrator_restarted_mid_campaign_resumes_it_and_no_device_rotates_twice() {
+    // Arrange: one device per wave, so the restart falls in the middle.
+    let nats = TestNats::start();
+    let mut orchestrator =
+        TestOrchestrator::spawn_with_config(&nats, "[campaigns]\nwave_devices_per_second = 1\n").await;
+    let agents = fleet(&nats, &orchestrator, 3).await;
+    let token = soc_token(&orchestrator).await;
+    let declared_after = Utc::now();
+    let id = declare(&orchestrator, &token, json!({"kind": "all"})).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    wait_for_campaign(&orchestrator, &token, &id, "the first wave", |campaign| {
+        campaign["commanded"] != 0
+    })
+    .await;
+
+    // Act
+    orchestrator.restart().await;
+
+    // Assert
+    let completed = wait_for_campaign(&orchestrator, &token, &id, "the campaign completes", |campaign| {
+        campaign["state"] == "completed"
+    })
+    .await;
+    assert_eq!(completed["rotated"], 3);
+    for agent in &agents {
+        rotated_once_and_retrievable(&nats, &orchestrator, agent, declared_after).await;
+    }
+}
+
+#[tokio::test]
+async fn overlapping_breaches_on_offline_devices_rotate_each_device_once_and_both_complete() {
+    // Arrange: two devices, both off while two breaches name them.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let mut agents = fleet(&nats, &orchestrator, 2).await;
+    let token = soc_token(&orchestrator).await;
+    for agent in &mut agents {
+        agent.stop().await;
+    }
+    let declared_after = Utc::now();
+    let first = declare(&orchestrator, &token, json!({"kind": "all"})).await;
+    let first = first["id"].as_str().expect("an id").to_owned();
+    wait_for_campaign(
+        &orchestrator,
+        &token,
+        &first,
+        "the first campaign commands",
+        |campaign| campaign["commanded"] == 2,
+    )
+    .await;
+    let ids: Vec<DeviceId> = agents.iter().map(|agent| agent.device_id.clone()).collect();
+    let second = declare(&orchestrator, &token, json!({"kind": "devices", "deviceIds": ids})).await;
+    let second = second["id"].as_str().expect("an id").to_owned();
+
+    // Act
+    for agent in &mut agents {
+        agent.start_in_process().await;
+    }
+
+    // Assert
+    for id in [&first, &second] {
+        wait_for_campaign(&orchestrator, &token, id, "each campaign completes", |campaign| {
+            campaign["state"] == "completed"
+        })
+        .await;
+    }
+    for agent in &agents {
+        rotated_once_and_retrievable(&nats, &orchestrator, agent, declared_after).await;
+    }
+}
+
+#[tokio::test]
+async fn a_breach_scoped_by_list_by_reader_or_by_authentication_targets_exactly_those_devices() {
+    // Arrange: three devices; the investigator reads the second's password, and someone logs
+    // in as the third's managed account.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agents = fleet(&nats, &orchestrator, 3).await;
+    let token = soc_token(&orchestrator).await;
+    let since = Utc::now();
+    orchestrator.passwords(&agents[1].device_id).await;
+    let login = ControlRequest::Authentication(AuthenticationReport {
+        user: MANAGED_ACCOUNT.to_owned(),
+        service: "sshd".to_owned(),
+        remote_host: Some("203.0.113.7".to_owned()),
+        tty: None,
+        outcome: AuthenticationOutcome::Success,
+    });
+    assert!(matches!(agents[2].control(login).await, ControlResponse::Done { .. }));
+    wait_until("the login is on the history", Duration::from_secs(30), || async {
+        let authenticated = device_events(&nats, &agents[2].device_id, EventKind::AuthenticationSucceeded).await;
+        (!authenticated.is_empty()).then_some(())
+    })
+    .await;
+
+    // Act and assert: each scope targets its device only (declared again while the projections
+    // have not folded the read or the login yet: "no device matches"), and its campaign completes.
+    let scopes = [
+        (
+            json!({"kind": "devices", "deviceIds": [agents[0].device_id]}),
+            &agents[0].device_id,
+        ),
+        (
+            json!({"kind": "readBy", "principal": "investigator", "since": since}),
+            &agents[1].device_id,
+        ),
+        (
+            json!({"kind": "authenticatedSince", "since": since}),
+            &agents[2].device_id,
+        ),
+    ];
+    for (scope, device_id) in scopes {
+        let declared = wait_until("the scope matches its device", Duration::from_secs(30), || async {
+            let answer = call(
+                &orchestrator,
+                reqwest::Method::POST,
+                "/v1.0/fleetlaps/breaches",
+                &token,
+                Some(json!({"reason": "scoped", "deadline": Utc::now() + chrono::Duration::hours(1), "scope": scope})),
+            )
+            .await;
+            (answer.status() == StatusCode::CREATED).then_some(answer)
+        })
+        .await;
+        let declared: Value = declared.json().await.expect("json");
+        assert_eq!(declared["targeted"], 1, "{scope}: {declared}");
+        let id = declared["id"].as_str().expect("an id");
+        let completed = wait_for_campaign(&orchestrator, &token, id, "the scoped campaign completes", |campaign| {
+            campaign["state"] == "completed"
+        })
+        .await;
+        assert_eq!(completed["stragglers"], json!([]), "{scope}");
+        assert!(
+            rotations_since(&nats, device_id, since).await >= 1,
+            "{scope}: the named device rotated"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_breach_signals_get_a_4xx_naming_what_was_wrong() {
+    // Arrange
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agents = fleet(&nats, &orchestrator, 1).await;
+    let token = soc_token(&orchestrator).await;
+    let soon = Utc::now() + chrono::Duration::hours(1);
+    let signal = |deadline: DateTime<Utc>, scope: Value| json!({"reason": "r", "deadline": deadline, "scope": scope});
+    let cases = [
+        (
+            signal(soon, json!({"kind": "everyone"})),
+            OPERATOR_TOKEN.to_owned(),
+            StatusCode::FORBIDDEN,
+            "Breach.Declare",
+        ),
+        (
+            signal(soon, json!({"kind": "everyone"})),
+            token.clone(),
+            StatusCode::BAD_REQUEST,
+            "everyone",
+        ),
+        (
+            signal(Utc::now() - chrono::Duration::hours(1), json!({"kind": "all"})),
+            token.clone(),
+            StatusCode::BAD_REQUEST,
+            "deadline",
+        ),
+        (
+            signal(soon, json!({"kind": "authenticatedSince", "since": Utc::now()})),
+            token.clone(),
+            StatusCode::BAD_REQUEST,
+            "no device matches",
+        ),
+        (
+            signal(soon, json!({"kind": "devices", "deviceIds": ["not-enrolled"]})),
+            token.clone(),
+            StatusCode::BAD_REQUEST,
+            "not-enrolled",
+        ),
+    ];
+
+    // Act and assert
+    for (body, caller, status, named) in cases {
+        let answer = call(
+            &orchestrator,
+            reqwest::Method::POST,
+            "/v1.0/fleetlaps/breaches",
+            &caller,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(answer.status(), status, "{body}");
+        let error: Value = answer.json().await.expect("json");
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{body}: {message}");
+    }
+    let list: Value = call(
+        &orchestrator,
+        reqwest::Method::GET,
+        "/v1.0/fleetlaps/breaches",
+        &token,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(list["value"], json!([]), "nothing was declared");
+
+    // A campaign cancelled stops, and cannot be cancelled twice.
+    let mut agents = agents;
+    agents[0].stop().await;
+    let id = declare(&orchestrator, &token, json!({"kind": "all"})).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let cancel = format!("/v1.0/fleetlaps/breaches/{id}/cancel");
+    assert_eq!(
+        call(&orchestrator, reqwest::Method::POST, &cancel, &token, None)
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(campaign(&orchestrator, &token, &id).await["state"], "cancelled");
+    let again = call(&orchestrator, reqwest::Method::POST, &cancel, &token, None).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+}
