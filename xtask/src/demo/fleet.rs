@@ -200,6 +200,8 @@ PasswordLength = 14
         "Audit.Read.All",
         "--scope",
         "Device.Read.All",
+        "--scope",
+        "Breach.Declare",
         "-o",
         "json",
     ])?;
@@ -284,6 +286,47 @@ PasswordLength = 14
         "{} password reads recorded, each before its answer left the orchestrator",
         reads.as_array().map_or(0, Vec::len)
     );
+
+    tools::step(
+        "a breach: the security team rotates the whole fleet at once (lapsctl breach declare --all, then watch)",
+    );
+    let before: Vec<String> = DEVICES
+        .iter()
+        .map(|device| lapsctl.password(device))
+        .collect::<anyhow::Result<_>>()?;
+    let declared = lapsctl.stdout(&[
+        "breach",
+        "declare",
+        "--all",
+        "--reason",
+        "demo: phished administrator",
+        "--deadline-in-hours",
+        "1",
+        "-o",
+        "json",
+    ])?;
+    let declared: serde_json::Value =
+        serde_json::from_str(&declared).context("lapsctl breach declare printed no JSON")?;
+    let breach_id = declared[0]["Id"]
+        .as_str()
+        .context("lapsctl breach declare printed no Id")?
+        .to_owned();
+    // The progress bar draws on this terminal.
+    let watched = Command::new(&lapsctl.binary)
+        .args(["--url", &lapsctl.base_url])
+        .arg("--ca")
+        .arg(&lapsctl.certificate)
+        .args(["breach", "watch", &breach_id])
+        .env("LAPSCTL_TOKEN", &lapsctl.token)
+        .status()
+        .context("running lapsctl breach watch")?;
+    anyhow::ensure!(watched.success(), "lapsctl breach watch failed");
+    for ((device, config), old) in DEVICES.iter().zip(&agent_configs).zip(&before) {
+        let new = lapsctl.password(device)?;
+        anyhow::ensure!(new != *old, "{device} still has its pre-breach password");
+        check_password(&env.bin_dir, config, &new)?;
+    }
+    println!("every device has a new password, and each account accepts the one the centre returns");
 
     tools::step("metrics");
     println!("Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics");
