@@ -1,5 +1,9 @@
-//! The campaign runner: drives every running breach campaign from the projections, once a
-//! second and whenever a breach is declared.
+//! Breach campaigns: [`declare`], which every breach signal goes through (the API, and later the
+//! NATS subject and the detectors), and [`CampaignRunner`], which drives every running campaign
+//! from the projections, once a second and whenever a breach is declared.
+//!
+//! A declaration resolves the signal's scope to devices now and records them with it
+//! (`breach_declared`, then `breach_targeted` in chunks), so a replay rebuilds the same campaign.
 //!
 //! Each step, for each running campaign: every device rotated → `breach_ended` (completed); past
 //! its deadline → `breach_ended` naming the stragglers; otherwise the next wave, at most
@@ -14,14 +18,15 @@
 //! again every command its campaigns recorded and are still waiting on (the same command ids, which
 //! a device executes at most once), so a crash between recording and sending loses nothing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use fleetlaps_proto::audit::AuditEvent;
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::audit::{AuditEvent, TokenId};
 use fleetlaps_proto::breach::{
-    BreachCommand, BreachEnded, BreachId, BreachOutcome, BreachWaveCommanded, DEVICES_PER_EVENT,
+    BreachCommand, BreachDeclared, BreachEnded, BreachId, BreachOutcome, BreachScope, BreachSource, BreachTargeted,
+    BreachWaveCommanded, DEVICES_PER_EVENT,
 };
 use fleetlaps_proto::command::{Command, CommandAction, CommandId};
 use fleetlaps_proto::ids::DeviceId;
@@ -46,6 +51,165 @@ pub enum CampaignError {
     /// The history could not record a campaign event.
     #[error("recording a campaign event")]
     Journal(#[source] BusError),
+}
+
+/// A breach signal, from whichever source.
+#[derive(Debug, Clone)]
+pub struct BreachSignal {
+    /// Why, for people.
+    pub reason: String,
+    /// When every device should have rotated.
+    pub deadline: DateTime<Utc>,
+    /// Which devices.
+    pub scope: BreachScope,
+    /// Who declares it (a token's name, or a detector's).
+    pub declared_by: String,
+    /// The id of the token that declares it, if a token does.
+    pub declared_by_token_id: Option<TokenId>,
+    /// Where it came from.
+    pub source: BreachSource,
+}
+
+/// Why a breach signal was not declared.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    /// The signal is not valid: the message names what was wrong and what is allowed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The projections could not be read.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// The history could not record it.
+    #[error("recording the breach")]
+    Journal(#[source] BusError),
+    /// Recorded, but the projections did not show it in time.
+    #[error("the breach is recorded but not yet visible")]
+    NotYetVisible,
+}
+
+/// The longest reason.
+const REASON_MAX: usize = 500;
+/// The latest deadline, from now.
+const DEADLINE_MAX_DAYS: i64 = 90;
+
+/// Validates a breach signal, resolves its scope to the devices it names now, records the breach
+/// and its devices on the history, and returns its campaign once the projections show it. The
+/// caller wakes the runner.
+pub async fn declare(
+    projections: &Projections,
+    journal: &dyn Journal,
+    signal: BreachSignal,
+) -> Result<CampaignRecord, SignalError> {
+    let reason = signal.reason.trim();
+    if reason.is_empty() || reason.chars().count() > REASON_MAX || reason.chars().any(char::is_control) {
+        return Err(SignalError::Invalid(format!(
+            "reason: allowed 1 to {REASON_MAX} printable characters"
+        )));
+    }
+    let now = Utc::now();
+    if signal.deadline <= now || signal.deadline > now + chrono::Duration::days(DEADLINE_MAX_DAYS) {
+        return Err(SignalError::Invalid(format!(
+            "deadline {} is not allowed: allowed a time after now and within {DEADLINE_MAX_DAYS} days",
+            signal.deadline
+        )));
+    }
+    let targets = resolve(projections, &signal.scope, now)?;
+    if targets.is_empty() {
+        return Err(SignalError::Invalid(format!(
+            "no device matches the scope ({}): a breach needs at least one device",
+            signal.scope.describe()
+        )));
+    }
+    let breach_id = BreachId::new();
+    let declared = AuditEvent::BreachDeclared(BreachDeclared {
+        breach_id,
+        reason: reason.to_owned(),
+        deadline: signal.deadline,
+        scope: signal.scope,
+        target_count: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+        declared_by: signal.declared_by,
+        declared_by_token_id: signal.declared_by_token_id,
+        source: signal.source,
+    });
+    journal.append(declared).await.map_err(SignalError::Journal)?;
+    let targets: Vec<DeviceId> = targets.into_iter().collect();
+    let mut last_sequence = 0;
+    for chunk in targets.chunks(DEVICES_PER_EVENT) {
+        last_sequence = journal
+            .append(AuditEvent::BreachTargeted(BreachTargeted {
+                breach_id,
+                device_ids: chunk.to_vec(),
+            }))
+            .await
+            .map_err(SignalError::Journal)?;
+    }
+    if !projections.wait_for_sequence(last_sequence, VISIBLE_TIMEOUT).await {
+        return Err(SignalError::NotYetVisible);
+    }
+    let campaign = projections.campaign(&breach_id)?.ok_or(SignalError::NotYetVisible)?;
+    tracing::info!(%breach_id, devices = campaign.target_count, "breach declared");
+    Ok(campaign)
+}
+
+/// The devices a scope names now, each once, by id.
+fn resolve(
+    projections: &Projections,
+    scope: &BreachScope,
+    now: DateTime<Utc>,
+) -> Result<BTreeSet<DeviceId>, SignalError> {
+    let not_future = |since: DateTime<Utc>| {
+        if since > now {
+            Err(SignalError::Invalid(format!(
+                "since {since} is in the future; allowed: a time up to now"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match scope {
+        BreachScope::All => projections
+            .devices()?
+            .into_iter()
+            .map(|device| device.device_id)
+            .collect(),
+        BreachScope::Devices { device_ids } => {
+            for device_id in device_ids {
+                if projections.device(device_id)?.is_none() {
+                    return Err(SignalError::Invalid(format!(
+                        "device {device_id} is not enrolled; allowed: ids of enrolled devices"
+                    )));
+                }
+            }
+            device_ids.iter().cloned().collect()
+        }
+        BreachScope::ReadBy { principal, since } => {
+            not_future(*since)?;
+            if principal.trim().is_empty() {
+                return Err(SignalError::Invalid(
+                    "principal is empty; allowed: the name of a token that reads passwords".to_owned(),
+                ));
+            }
+            projections
+                .audit(0, usize::MAX)?
+                .into_iter()
+                .filter_map(|(_, envelope)| match envelope.event {
+                    AuditEvent::PasswordRead(read) if read.principal == *principal && envelope.time >= *since => {
+                        Some(read.device_id)
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+        BreachScope::AuthenticatedSince { since } => {
+            not_future(*since)?;
+            projections
+                .devices()?
+                .into_iter()
+                .filter(|device| device.last_authentication.is_some_and(|at| at >= *since))
+                .map(|device| device.device_id)
+                .collect()
+        }
+    })
 }
 
 /// Drives the running campaigns.

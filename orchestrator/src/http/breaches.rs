@@ -9,25 +9,20 @@
 //! - `POST /v1.0/fleetlaps/breaches/{breachId}/cancel` (`Breach.Declare`): records
 //!   `breach_ended` (cancelled); commands already sent stay with their devices.
 
-use std::collections::BTreeSet;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use chrono::Utc;
 use fleetlaps_proto::api::{BreachInfo, BreachRequest, ODataCollection};
 use fleetlaps_proto::audit::AuditEvent;
-use fleetlaps_proto::breach::{
-    BreachDeclared, BreachEnded, BreachId, BreachOutcome, BreachScope, BreachSource, BreachTargeted, DEVICES_PER_EVENT,
-};
-use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::breach::{BreachEnded, BreachId, BreachOutcome, BreachSource};
 
 use super::AppState;
 use super::auth::Authenticated;
 use super::error::ApiError;
 use super::odata::{self, QueryOptions};
 use crate::auth::Scope;
+use crate::campaigns::{self, BreachSignal, SignalError};
 use crate::projection::CampaignRecord;
 
 /// The collection's route.
@@ -39,10 +34,6 @@ pub(super) const CANCEL_PATH: &str = "/v1.0/fleetlaps/breaches/{breachId}/cancel
 
 /// `@odata.context` of the collection.
 const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/breaches";
-/// The longest reason.
-const REASON_MAX: usize = 500;
-/// The latest deadline, from now.
-const DEADLINE_MAX_DAYS: i64 = 90;
 /// The most stragglers `show` names.
 const STRAGGLERS_SHOWN: usize = 100;
 
@@ -62,58 +53,23 @@ pub(super) async fn declare(
              \"since\": \"RFC 3339\"}}}}"
         ))
     })?;
-    let reason = request.reason.trim();
-    if reason.is_empty() || reason.chars().count() > REASON_MAX || reason.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!(
-            "reason: allowed 1 to {REASON_MAX} printable characters"
-        )));
-    }
-    let now = Utc::now();
-    if request.deadline <= now || request.deadline > now + chrono::Duration::days(DEADLINE_MAX_DAYS) {
-        return Err(ApiError::BadRequest(format!(
-            "deadline {} is not allowed: allowed a time after now and within {DEADLINE_MAX_DAYS} days",
-            request.deadline
-        )));
-    }
-    let targets = resolve(&state, &request.scope, now)?;
-    if targets.is_empty() {
-        return Err(ApiError::BadRequest(format!(
-            "no device matches the scope ({}): a breach needs at least one device",
-            request.scope.describe()
-        )));
-    }
-    let breach_id = BreachId::new();
-    let declared = AuditEvent::BreachDeclared(BreachDeclared {
-        breach_id,
-        reason: reason.to_owned(),
+    let signal = BreachSignal {
+        reason: request.reason,
         deadline: request.deadline,
         scope: request.scope,
-        target_count: u32::try_from(targets.len()).unwrap_or(u32::MAX),
         declared_by: principal.0.name.clone(),
         declared_by_token_id: Some(principal.0.token_id),
         source: BreachSource::Api,
-    });
-    state.record(declared).await?;
-    let targets: Vec<DeviceId> = targets.into_iter().collect();
-    let mut last_sequence = 0;
-    for chunk in targets.chunks(DEVICES_PER_EVENT) {
-        last_sequence = state
-            .record(AuditEvent::BreachTargeted(BreachTargeted {
-                breach_id,
-                device_ids: chunk.to_vec(),
-            }))
-            .await?;
-    }
-    if !state
-        .projections
-        .wait_for_sequence(last_sequence, super::VISIBLE_TIMEOUT)
+    };
+    let campaign = campaigns::declare(&state.projections, state.journal.as_ref(), signal)
         .await
-    {
-        return Err(ApiError::NotYetVisible);
-    }
+        .map_err(|err| match err {
+            SignalError::Invalid(message) => ApiError::BadRequest(message),
+            SignalError::Projection(err) => ApiError::Projection(err),
+            SignalError::Journal(err) => ApiError::AuditUnavailable(err),
+            SignalError::NotYetVisible => ApiError::NotYetVisible,
+        })?;
     state.campaign_wake.notify_one();
-    let campaign = state.projections.campaign(&breach_id)?.ok_or(ApiError::NotYetVisible)?;
-    tracing::info!(%breach_id, devices = campaign.target_count, "breach declared");
     Ok((StatusCode::CREATED, Json(info(&campaign))))
 }
 
@@ -226,66 +182,6 @@ fn campaign(state: &AppState, breach_id: &str) -> Result<CampaignRecord, ApiErro
         .projections
         .campaign(&breach_id)?
         .ok_or_else(|| ApiError::BreachNotFound(breach_id.to_string()))
-}
-
-/// The devices a scope names now, each once, by id.
-fn resolve(state: &AppState, scope: &BreachScope, now: chrono::DateTime<Utc>) -> Result<BTreeSet<DeviceId>, ApiError> {
-    let not_future = |since: chrono::DateTime<Utc>| {
-        if since > now {
-            Err(ApiError::BadRequest(format!(
-                "since {since} is in the future; allowed: a time up to now"
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    Ok(match scope {
-        BreachScope::All => state
-            .projections
-            .devices()?
-            .into_iter()
-            .map(|device| device.device_id)
-            .collect(),
-        BreachScope::Devices { device_ids } => {
-            for device_id in device_ids {
-                if state.projections.device(device_id)?.is_none() {
-                    return Err(ApiError::BadRequest(format!(
-                        "device {device_id} is not enrolled; allowed: ids of enrolled devices"
-                    )));
-                }
-            }
-            device_ids.iter().cloned().collect()
-        }
-        BreachScope::ReadBy { principal, since } => {
-            not_future(*since)?;
-            if principal.trim().is_empty() {
-                return Err(ApiError::BadRequest(
-                    "principal is empty; allowed: the name of a token that reads passwords".to_owned(),
-                ));
-            }
-            state
-                .projections
-                .audit(0, usize::MAX)?
-                .into_iter()
-                .filter_map(|(_, envelope)| match envelope.event {
-                    AuditEvent::PasswordRead(read) if read.principal == *principal && envelope.time >= *since => {
-                        Some(read.device_id)
-                    }
-                    _ => None,
-                })
-                .collect()
-        }
-        BreachScope::AuthenticatedSince { since } => {
-            not_future(*since)?;
-            state
-                .projections
-                .devices()?
-                .into_iter()
-                .filter(|device| device.last_authentication.is_some_and(|at| at >= *since))
-                .map(|device| device.device_id)
-                .collect()
-        }
-    })
 }
 
 fn info(campaign: &CampaignRecord) -> BreachInfo {
