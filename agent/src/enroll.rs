@@ -32,6 +32,8 @@ pub struct EnrollOptions<'a> {
     pub ca_file: Option<&'a Path>,
     /// The host name to enroll under.
     pub device_name: DeviceName,
+    /// Tags for the device (a site, a group), which breaches can be scoped by.
+    pub tags: Vec<fleetlaps_proto::ids::DeviceTag>,
     /// Where the identity is saved.
     pub state_dir: &'a Path,
     /// Whether an `http://` URL is allowed (`--insecure-http`): the token then crosses the
@@ -90,6 +92,7 @@ pub async fn enroll(options: EnrollOptions<'_>) -> anyhow::Result<Identity> {
     let request = EnrollmentRequest {
         public_key: signing_key.public_key().to_string(),
         device_name: options.device_name.clone(),
+        tags: options.tags.clone(),
     };
     let response = http
         .post(url.clone())

@@ -44,6 +44,10 @@ enum Command {
         /// a TLS-terminating proxy on this host.
         #[arg(long)]
         insecure_http: bool,
+        /// A tag for this device (a site, a group: lower-case letters, digits, '-', '_', '.',
+        /// ':'); repeat for several. Breaches can be scoped by tag.
+        #[arg(long = "tag", value_name = "TAG", value_parser = parse_tag)]
+        tags: Vec<fleetlaps_proto::ids::DeviceTag>,
     },
     /// Run the agent until Ctrl-C or SIGTERM.
     Run,
@@ -71,6 +75,11 @@ enum Command {
 /// How long the PAM hook waits for the agent: a login waits for the hook.
 const PAM_HOOK_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A `--tag` value, refused with what is allowed.
+fn parse_tag(value: &str) -> Result<fleetlaps_proto::ids::DeviceTag, String> {
+    fleetlaps_proto::ids::DeviceTag::parse(value).map_err(|err| err.to_string())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -82,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Enroll {
+            tags,
             orchestrator,
             token,
             ca,
@@ -99,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
                 device_name,
                 state_dir: &config.state_dir,
                 insecure_http,
+                tags,
             })
             .await?;
             println!(

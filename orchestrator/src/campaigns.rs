@@ -182,6 +182,19 @@ fn resolve(
             }
             device_ids.iter().cloned().collect()
         }
+        BreachScope::Tags { tags } => {
+            if tags.is_empty() {
+                return Err(SignalError::Invalid(
+                    "tags is empty; allowed: one or more device tags".to_owned(),
+                ));
+            }
+            projections
+                .devices()?
+                .into_iter()
+                .filter(|device| device.tags.iter().any(|tag| tags.contains(tag)))
+                .map(|device| device.device_id)
+                .collect()
+        }
         BreachScope::ReadBy { principal, since } => {
             not_future(*since)?;
             if principal.trim().is_empty() {

@@ -413,6 +413,18 @@ impl ApiClient {
         Ok(())
     }
 
+    /// Sets a device's tags, replacing the ones it had.
+    pub async fn set_device_tags(
+        &self,
+        device_id: &DeviceId,
+        tags: &[fleetlaps_proto::ids::DeviceTag],
+    ) -> Result<(), ClientError> {
+        let url = self.url(&format!("v1.0/fleetlaps/devices/{device_id}/tags"))?;
+        let body = serde_json::json!({ "tags": tags });
+        self.send(Method::PUT, url, Some(&body)).await?;
+        Ok(())
+    }
+
     /// Declares a breach; the answer is its campaign.
     pub async fn declare_breach(&self, request: &BreachRequest) -> Result<BreachInfo, ClientError> {
         let url = self.url(BREACHES_PATH)?;

@@ -274,6 +274,17 @@ pub struct EnrollmentRequest {
     pub public_key: String,
     /// The device's host name.
     pub device_name: DeviceName,
+    /// Tags for the device (a site, a group), at most [`crate::ids::DeviceTag::MAX_PER_DEVICE`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<crate::ids::DeviceTag>,
+}
+
+/// `PUT /v1.0/fleetlaps/devices/{deviceId}/tags`: a device's tags, replacing the ones it had.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceTagsRequest {
+    /// The tags, at most [`crate::ids::DeviceTag::MAX_PER_DEVICE`]; none clears them.
+    pub tags: Vec<crate::ids::DeviceTag>,
 }
 
 /// The answer to an enrollment: who the device now is, what it seals to, and its policy.

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::breach::{BreachDeclared, BreachEnded, BreachTargeted, BreachWaveCommanded};
 use crate::command::CommandId;
 use crate::event::SCHEMA_VERSION;
-use crate::ids::{DeviceId, DeviceName, EventId, IdError, InstanceId, RotationId};
+use crate::ids::{DeviceId, DeviceName, DeviceTag, EventId, IdError, InstanceId, RotationId};
 use crate::seal::{EscrowPublicKey, SealedBox};
 
 /// One orchestrator event as it travels on the stream.
@@ -65,6 +65,8 @@ pub enum AuditEvent {
     /// orchestrator event must be signed with it. The first one on the stream is trusted as it
     /// is (trust on first use); a later one counts only when signed by the key recorded before.
     OrchestratorKeyCreated(OrchestratorKeyCreated),
+    /// An admin set a device's tags.
+    DeviceTagsSet(DeviceTagsSet),
     /// A breach was declared: its campaign rotates the devices it names ([`crate::breach`]).
     BreachDeclared(BreachDeclared),
     /// Some of a breach's devices.
@@ -100,6 +102,8 @@ pub enum AuditKind {
     PasswordResealed,
     /// See [`AuditEvent::OrchestratorKeyCreated`].
     OrchestratorKeyCreated,
+    /// See [`AuditEvent::DeviceTagsSet`].
+    DeviceTagsSet,
     /// See [`AuditEvent::BreachDeclared`].
     BreachDeclared,
     /// See [`AuditEvent::BreachTargeted`].
@@ -269,6 +273,22 @@ pub struct DeviceEnrolled {
     pub public_key: String,
     /// The enrollment token it presented.
     pub enrollment_token_id: TokenId,
+    /// The tags it asked for at enrollment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<DeviceTag>,
+}
+
+/// Body of [`AuditEvent::DeviceTagsSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceTagsSet {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its tags from now on.
+    pub tags: Vec<DeviceTag>,
+    /// Who set them (a token's name).
+    pub set_by: String,
+    /// The id of the token that set them.
+    pub set_by_token_id: Option<TokenId>,
 }
 
 /// Body of [`AuditEvent::DeviceCloneDetected`]: recorded by the orchestrator when a device
@@ -396,6 +416,7 @@ impl AuditEvent {
             Self::EscrowKeyCreated(_) => AuditKind::EscrowKeyCreated,
             Self::PasswordResealed(_) => AuditKind::PasswordResealed,
             Self::OrchestratorKeyCreated(_) => AuditKind::OrchestratorKeyCreated,
+            Self::DeviceTagsSet(_) => AuditKind::DeviceTagsSet,
             Self::BreachDeclared(_) => AuditKind::BreachDeclared,
             Self::BreachTargeted(_) => AuditKind::BreachTargeted,
             Self::BreachWaveCommanded(_) => AuditKind::BreachWaveCommanded,
@@ -406,7 +427,7 @@ impl AuditEvent {
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -418,6 +439,7 @@ impl AuditKind {
         Self::EscrowKeyCreated,
         Self::PasswordResealed,
         Self::OrchestratorKeyCreated,
+        Self::DeviceTagsSet,
         Self::BreachDeclared,
         Self::BreachTargeted,
         Self::BreachWaveCommanded,
@@ -438,6 +460,7 @@ impl AuditKind {
             Self::EscrowKeyCreated => "escrow_key_created",
             Self::PasswordResealed => "password_resealed",
             Self::OrchestratorKeyCreated => "orchestrator_key_created",
+            Self::DeviceTagsSet => "device_tags_set",
             Self::BreachDeclared => "breach_declared",
             Self::BreachTargeted => "breach_targeted",
             Self::BreachWaveCommanded => "breach_wave_commanded",

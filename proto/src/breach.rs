@@ -71,6 +71,11 @@ pub enum BreachScope {
         /// Their ids.
         device_ids: Vec<DeviceId>,
     },
+    /// The devices with any of these tags.
+    Tags {
+        /// The tags.
+        tags: Vec<crate::ids::DeviceTag>,
+    },
     /// The devices whose password this principal read since this time.
     ReadBy {
         /// The principal (a token's name) as the audit records it.
@@ -91,6 +96,13 @@ impl BreachScope {
         match self {
             Self::All => "the whole fleet".to_owned(),
             Self::Devices { device_ids } => format!("{} listed device(s)", device_ids.len()),
+            Self::Tags { tags } => format!(
+                "devices tagged {}",
+                tags.iter()
+                    .map(crate::ids::DeviceTag::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
             Self::ReadBy { principal, since } => format!("devices whose password {principal} read since {since}"),
             Self::AuthenticatedSince { since } => format!("devices authenticated on since {since}"),
         }

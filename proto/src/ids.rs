@@ -97,6 +97,37 @@ impl DeviceName {
     }
 }
 
+/// A label an admin gives devices (a site, a group, a role), which breaches can be scoped by.
+///
+/// Invariant: 1 to 64 characters of lower-case letters, digits, `-`, `_`, `.` and `:`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceTag(String);
+
+impl DeviceTag {
+    const ALLOWED: &'static str = "1 to 64 characters of lower-case letters, digits, '-', '_', '.' and ':'";
+    /// The most tags one device has.
+    pub const MAX_PER_DEVICE: usize = 32;
+
+    /// Parses a tag.
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        let valid = !value.is_empty()
+            && value.len() <= 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if valid {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(IdError::new("device tag", value, Self::ALLOWED))
+        }
+    }
+
+    /// The tag as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The name of a local account on a device.
 ///
 /// Invariant: a portable Linux user name: 1 to 32 characters, starting with a lower-case letter
@@ -248,7 +279,15 @@ macro_rules! text_id {
     )*};
 }
 
-text_id!(DeviceId, DeviceName, AccountName, EventId, RotationId, InstanceId);
+text_id!(
+    DeviceId,
+    DeviceName,
+    DeviceTag,
+    AccountName,
+    EventId,
+    RotationId,
+    InstanceId
+);
 
 #[cfg(test)]
 mod tests {

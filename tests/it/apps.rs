@@ -960,6 +960,7 @@ pub async fn enroll_with(
         device_name: fleetlaps_proto::ids::DeviceName::parse(device_name).expect("a valid device name"),
         state_dir,
         insecure_http: false,
+        tags: Vec::new(),
     })
     .await
 }

@@ -419,3 +419,86 @@ async fn bad_breach_signals_get_a_4xx_naming_what_was_wrong() {
     let again = call(&orchestrator, reqwest::Method::POST, &cancel, &token, None).await;
     assert_eq!(again.status(), StatusCode::CONFLICT);
 }
+
+#[tokio::test]
+async fn a_breach_scoped_by_tag_rotates_only_the_tagged_devices() {
+    // Arrange: three devices, two of them tagged by an admin with lapsctl.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agents = fleet(&nats, &orchestrator, 3).await;
+    let token = soc_token(&orchestrator).await;
+    for (agent, tag) in agents.iter().zip(["site:paris", "site:lyon"]) {
+        let tagged = orchestrator
+            .lapsctl(&[
+                "--token",
+                ADMIN_TOKEN,
+                "tag",
+                "--device",
+                agent.device_id.as_str(),
+                "--tag",
+                tag,
+                "--tag",
+                "role:web",
+            ])
+            .await;
+        assert!(tagged.status.success(), "{}", String::from_utf8_lossy(&tagged.stderr));
+    }
+    let since = Utc::now();
+
+    // Act
+    let declared = orchestrator
+        .lapsctl(&[
+            "--token",
+            &token,
+            "breach",
+            "declare",
+            "--tag",
+            "site:paris",
+            "--reason",
+            "the Paris jump host was compromised",
+            "-o",
+            "json",
+        ])
+        .await;
+
+    // Assert: the Paris device only.
+    assert!(
+        declared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&declared.stderr)
+    );
+    let declared: Value = serde_json::from_slice(&declared.stdout).expect("lapsctl -o json");
+    assert_eq!(declared[0]["Targeted"], "1");
+    assert_eq!(declared[0]["Scope"], "devices tagged site:paris");
+    let id = declared[0]["Id"].as_str().expect("an id").to_owned();
+    wait_for_campaign(&orchestrator, &token, &id, "the campaign completes", |campaign| {
+        campaign["state"] == "completed"
+    })
+    .await;
+    rotated_once_and_retrievable(&nats, &orchestrator, &agents[0], since).await;
+    for agent in &agents[1..] {
+        assert_eq!(
+            rotations_since(&nats, &agent.device_id, since).await,
+            0,
+            "untagged or elsewhere"
+        );
+    }
+    let directory: Value = call(
+        &orchestrator,
+        reqwest::Method::GET,
+        "/v1.0/devices",
+        OPERATOR_TOKEN,
+        None,
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let tagged = directory["value"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .find(|device| device["id"] == agents[1].device_id.as_str())
+        .expect("the Lyon device");
+    assert_eq!(tagged["tags"], json!(["site:lyon", "role:web"]));
+}

@@ -115,6 +115,7 @@ async fn a_forged_device_enrolled_is_quarantined_and_the_device_it_names_does_no
         device_name: DeviceName::parse("planted").expect("a valid name"),
         public_key: device_key.public_key().to_string(),
         enrollment_token_id: TokenId::parse(&enrollment_token_id).expect("a token id"),
+        tags: Vec::new(),
     }));
 
     // Act: the forged enrollment, then an event signed by the planted key for that device.

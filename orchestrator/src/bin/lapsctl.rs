@@ -17,7 +17,7 @@ use fleetlaps_proto::api::{
     TokenRequest,
 };
 use fleetlaps_proto::breach::BreachScope;
-use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::ids::{DeviceId, DeviceTag};
 use secrecy::SecretString;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use zeroize::{Zeroize as _, Zeroizing};
@@ -63,6 +63,15 @@ enum Command {
     },
     /// Show the audit history: password reads, rotation requests, tokens (needs Audit.Read.All).
     Audit(Audit),
+    /// Set a device's tags, replacing the ones it had (needs Admin); breaches can be scoped by tag.
+    Tag {
+        /// The device's id.
+        #[arg(long)]
+        device: String,
+        /// A tag; repeat for several; none clears them.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
     /// Declare a breach and follow its campaign: every device it names rotates once (needs
     /// Breach.Declare; list, show and watch also take Audit.Read.All).
     #[command(subcommand)]
@@ -83,8 +92,11 @@ enum BreachCommand {
         #[arg(long, conflicts_with_all = ["device", "read_by", "authenticated_since"])]
         all: bool,
         /// A device id; repeat for several.
-        #[arg(long, conflicts_with_all = ["read_by", "authenticated_since"])]
+        #[arg(long, conflicts_with_all = ["read_by", "authenticated_since", "tag"])]
         device: Vec<String>,
+        /// The devices with this tag; repeat for several (any of them).
+        #[arg(long, conflicts_with_all = ["read_by", "authenticated_since"])]
+        tag: Vec<String>,
         /// The devices whose password this principal read since --since.
         #[arg(
             long,
@@ -332,6 +344,15 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         }
         Command::Audit(args) => audit(&client, &args).await,
         Command::Breach(command) => breach(&client, command).await,
+        Command::Tag { device, tags } => {
+            let device_id = DeviceId::parse(&device)?;
+            let tags: Vec<DeviceTag> = tags.iter().map(|tag| DeviceTag::parse(tag)).collect::<Result<_, _>>()?;
+            client.set_device_tags(&device_id, &tags).await?;
+            Ok(format!(
+                "device {device_id} tagged: {}\n",
+                tags.iter().map(DeviceTag::as_str).collect::<Vec<_>>().join(" ")
+            ))
+        }
     }
 }
 
@@ -462,6 +483,7 @@ async fn breach(client: &ApiClient, command: BreachCommand) -> anyhow::Result<St
             deadline_in_hours,
             all,
             device,
+            tag,
             read_by,
             authenticated_since,
             since,
@@ -469,6 +491,9 @@ async fn breach(client: &ApiClient, command: BreachCommand) -> anyhow::Result<St
         } => {
             let scope = match (all, device.is_empty(), read_by, authenticated_since) {
                 (true, _, _, _) => BreachScope::All,
+                _ if !tag.is_empty() => BreachScope::Tags {
+                    tags: tag.iter().map(|tag| DeviceTag::parse(tag)).collect::<Result<_, _>>()?,
+                },
                 (false, false, _, _) => BreachScope::Devices {
                     device_ids: device.iter().map(|id| DeviceId::parse(id)).collect::<Result<_, _>>()?,
                 },
@@ -478,7 +503,7 @@ async fn breach(client: &ApiClient, command: BreachCommand) -> anyhow::Result<St
                 },
                 (false, true, None, Some(since)) => BreachScope::AuthenticatedSince { since },
                 (false, true, None, None) => anyhow::bail!(
-                    "which devices? pass --all, --device ID, --read-by PRINCIPAL --since TIME or --authenticated-since TIME"
+                    "which devices? pass --all, --device ID, --tag TAG, --read-by PRINCIPAL --since TIME or --authenticated-since TIME"
                 ),
             };
             let request = BreachRequest {

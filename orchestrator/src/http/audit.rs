@@ -132,6 +132,7 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         AuditEvent::DeviceEnrolled(body) => Some(body.device_id.as_str()),
         AuditEvent::DeviceCloneDetected(body) => Some(body.device_id.as_str()),
         AuditEvent::PasswordResealed(body) => Some(body.device_id.as_str()),
+        AuditEvent::DeviceTagsSet(body) => Some(body.device_id.as_str()),
         AuditEvent::EscrowKeyCreated(_)
         | AuditEvent::OrchestratorKeyCreated(_)
         | AuditEvent::TokenCreated(_)

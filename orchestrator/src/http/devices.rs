@@ -14,10 +14,10 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use fleetlaps_proto::api::{COMMAND_ID_HEADER, ODataCollection};
-use fleetlaps_proto::audit::{AuditEvent, RotationRequested};
+use fleetlaps_proto::api::{COMMAND_ID_HEADER, DeviceTagsRequest, ODataCollection};
+use fleetlaps_proto::audit::{AuditEvent, DeviceTagsSet, RotationRequested};
 use fleetlaps_proto::command::{Command, CommandAction, CommandId};
-use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::ids::{DeviceId, DeviceTag};
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -30,6 +30,8 @@ use crate::projection::DeviceRecord;
 
 /// The directory's route.
 pub(super) const LIST_PATH: &str = "/v1.0/devices";
+/// A device's tags' route.
+pub(super) const TAGS_PATH: &str = "/v1.0/fleetlaps/devices/{deviceId}/tags";
 /// The rotate action's route.
 pub(super) const ROTATE_PATH: &str = "/v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword";
 
@@ -64,6 +66,7 @@ pub(super) async fn list(
                 "displayName": device.device_name,
                 "operatingSystem": "Linux",
                 "approximateLastSignInDateTime": device.last_seen,
+                "tags": device.tags,
             })
         })
         .collect();
@@ -72,6 +75,50 @@ pub(super) async fn list(
         value,
         next_link,
     }))
+}
+
+/// Sets a device's tags, replacing the ones it had (`Admin`): records `device_tags_set` and
+/// answers with the tags once the projections show them.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name, %device_id))]
+pub(super) async fn set_tags(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    DevicePath(device_id): DevicePath,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::Admin)?;
+    let request: DeviceTagsRequest = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::BadRequest(format!(
+            "the body is not a device's tags ({err}); expected {{\"tags\": [\"site:paris\", …]}}"
+        ))
+    })?;
+    check_tags(&request.tags)?;
+    state
+        .projections
+        .device(&device_id)?
+        .ok_or_else(|| ApiError::DeviceNotFound(device_id.clone()))?;
+    let set = AuditEvent::DeviceTagsSet(DeviceTagsSet {
+        device_id: device_id.clone(),
+        tags: request.tags.clone(),
+        set_by: principal.0.name.clone(),
+        set_by_token_id: Some(principal.0.token_id),
+    });
+    if !state.record_visible(set).await? {
+        return Err(ApiError::NotYetVisible);
+    }
+    Ok(Json(json!({ "id": device_id, "tags": request.tags })))
+}
+
+/// Refuses more tags than a device may have.
+pub(super) fn check_tags(tags: &[DeviceTag]) -> Result<(), ApiError> {
+    if tags.len() > DeviceTag::MAX_PER_DEVICE {
+        return Err(ApiError::BadRequest(format!(
+            "{} tags: allowed at most {}",
+            tags.len(),
+            DeviceTag::MAX_PER_DEVICE
+        )));
+    }
+    Ok(())
 }
 
 /// Asks one device to rotate its password now.

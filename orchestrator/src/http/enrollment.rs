@@ -165,6 +165,7 @@ pub(super) async fn enroll(
     })?;
     let public_key =
         DevicePublicKey::parse(&request.public_key).map_err(|err| ApiError::BadRequest(format!("publicKey: {err}")))?;
+    super::devices::check_tags(&request.tags)?;
     // The token's uses and revocation live in the projections: not trusted before they caught up.
     state.health.authority()?;
     let token_id = reserve(&state, &auth::token_sha256(token))?;
@@ -182,6 +183,7 @@ pub(super) async fn enroll(
         device_name: request.device_name.clone(),
         public_key: public_key.to_string(),
         enrollment_token_id: token_id,
+        tags: request.tags.clone(),
     });
     let sequence = match state.record(enrolled).await {
         Ok(sequence) => sequence,

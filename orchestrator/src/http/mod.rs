@@ -35,7 +35,7 @@ mod tokens;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use fleetlaps_proto::seal::EscrowPublicKey;
 
 use crate::auth::TokenStore;
@@ -120,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .route(device_local_credentials::ITEM_PATH, get(device_local_credentials::get))
         .route(devices::LIST_PATH, get(devices::list))
         .route(devices::ROTATE_PATH, post(devices::rotate))
+        .route(devices::TAGS_PATH, put(devices::set_tags))
         .route(tokens::LIST_PATH, get(tokens::list).post(tokens::create))
         .route(tokens::ITEM_PATH, delete(tokens::revoke))
         .route(audit::LIST_PATH, get(audit::list))

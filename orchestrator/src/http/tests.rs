@@ -274,6 +274,7 @@ impl Fixture {
             device_name: DeviceName::parse(device_name).unwrap(),
             public_key: key.public_key().to_string(),
             enrollment_token_id: token.token_id,
+            tags: Vec::new(),
         }));
         self.device_keys.insert(device_id.clone(), key.clone());
         key
@@ -1541,4 +1542,33 @@ async fn wait_for(condition: impl Fn() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "the condition never held");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn a_device_enrolls_with_tags_and_a_bad_tag_is_refused_naming_what_is_allowed() {
+    let fixture = Fixture::new();
+    let enroll = |tags: Value| {
+        Request::builder()
+            .method("POST")
+            .uri(super::enrollment::ENROLL_PATH)
+            .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
+            .body(Body::from(
+                serde_json::json!({
+                    "publicKey": DeviceSigningKey::generate().public_key().to_string(),
+                    "deviceName": "tagged-host",
+                    "tags": tags
+                })
+                .to_string(),
+            ))
+            .unwrap()
+    };
+    let enrolled = fixture.send(enroll(serde_json::json!(["site:paris", "role:db"]))).await;
+    assert_eq!(enrolled.status, StatusCode::CREATED, "{}", enrolled.body);
+    let device_id = DeviceId::parse(enrolled.body["deviceId"].as_str().unwrap()).unwrap();
+    let device = fixture.state.projections.device(&device_id).unwrap().expect("enrolled");
+    let tags: Vec<&str> = device.tags.iter().map(|tag| tag.as_str()).collect();
+    assert_eq!(tags, ["site:paris", "role:db"]);
+    let refused = fixture.send(enroll(serde_json::json!(["Site Paris"]))).await;
+    refused.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+    assert!(refused.message().contains("lower-case letters"), "{}", refused.body);
 }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use fleetlaps_proto::audit::{CloneSource, DeviceCloneDetected};
 use fleetlaps_proto::command::{BackupConfirmation, DevicePosition};
 use fleetlaps_proto::event::{Envelope, Event, RotationStage};
-use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, EventId, InstanceId, RotationId};
+use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, DeviceTag, EventId, InstanceId, RotationId};
 use fleetlaps_proto::policy::{Policy, PolicySource};
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +71,9 @@ pub struct DeviceRecord {
     pub clone_events: u64,
     /// When the device's newest event happened.
     pub last_seen: DateTime<Utc>,
+    /// Its tags (a site, a group), from its enrollment or an admin.
+    #[serde(default)]
+    pub tags: Vec<DeviceTag>,
 }
 
 /// A failed rotation, as the device reported it.
@@ -111,7 +114,13 @@ impl DeviceRecord {
             clone: None,
             clone_events: 0,
             last_seen: time,
+            tags: Vec::new(),
         }
+    }
+
+    /// Its tags from now on (`device_enrolled` with tags, `device_tags_set`).
+    pub fn tags_set(&mut self, tags: &[DeviceTag]) {
+        self.tags = tags.to_vec();
     }
 
     /// The position of the newest device event applied.

@@ -237,6 +237,7 @@ mod tests {
             device_name: fleetlaps_proto::ids::DeviceName::parse("host-1").unwrap(),
             public_key,
             enrollment_token_id: TokenId::new(),
+            tags: Vec::new(),
         };
         let key = fleetlaps_proto::signature::DeviceSigningKey::generate()
             .public_key()

@@ -761,10 +761,25 @@ impl Projections {
                 insert_token(batch, &token);
                 batch.insert(keys::enrolled_key(&body.device_id), encode(&key));
                 let device_key = keys::device(&body.device_id);
-                if !self.tree.contains_key(&device_key)? {
-                    let device = DeviceRecord::new(body.device_id.clone(), body.device_name.clone(), envelope.time);
+                let existing = self.get::<DeviceRecord>(&device_key)?;
+                let fresh = existing.is_none();
+                let mut device = existing.unwrap_or_else(|| {
+                    DeviceRecord::new(body.device_id.clone(), body.device_name.clone(), envelope.time)
+                });
+                if fresh || !body.tags.is_empty() {
+                    device.tags_set(&body.tags);
                     batch.insert(device_key, encode(&device));
                 }
+            }
+            AuditEvent::DeviceTagsSet(body) => {
+                let Some(mut device) = self.device(&body.device_id)? else {
+                    return refuse(
+                        QuarantineReason::UnknownDevice,
+                        format!("device {} never enrolled", body.device_id),
+                    );
+                };
+                device.tags_set(&body.tags);
+                batch.insert(keys::device(&body.device_id), encode(&device));
             }
         }
         batch.insert(keys::event(&envelope.id), &message.sequence.to_be_bytes());

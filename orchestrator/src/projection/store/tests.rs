@@ -66,6 +66,7 @@ fn enrollment_messages(devices: &[&DeviceId]) -> Vec<(String, Vec<u8>)> {
                 device_name: DeviceName::parse("host-1").unwrap(),
                 public_key: key_of(device_id).public_key().to_string(),
                 enrollment_token_id: enrollment_token_id(),
+                tags: Vec::new(),
             },
         )));
     }
@@ -505,6 +506,7 @@ fn enrollment_tokens_count_their_uses_and_enrollment_creates_the_device_and_its_
         device_name: DeviceName::parse("host-9").unwrap(),
         public_key: "not a key".to_owned(),
         enrollment_token_id: enrollment_token_id(),
+        tags: Vec::new(),
     }));
     assert_eq!(
         fixture.apply_on(&bad_key.0, &bad_key.1),
@@ -515,6 +517,7 @@ fn enrollment_tokens_count_their_uses_and_enrollment_creates_the_device_and_its_
         device_name: DeviceName::parse("host-9").unwrap(),
         public_key: key_of(&device()).public_key().to_string(),
         enrollment_token_id: TokenId::new(),
+        tags: Vec::new(),
     }));
     assert_eq!(
         fixture.apply_on(&unknown_token.0, &unknown_token.1),
