@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenStore;
 use crate::bus::{self, Consumer, JetStreamJournal};
-use crate::campaigns::CampaignRunner;
+use crate::campaigns::{CampaignRunner, SignalDesk};
 use crate::config::{ApiTransport, Config, HttpLimits};
 use crate::data_dir::DataDirLock;
 use crate::health::Health;
@@ -42,6 +42,8 @@ pub struct App {
     consumer: Consumer,
     /// The breach campaign runner.
     campaigns: CampaignRunner,
+    /// Takes breach signals over NATS.
+    signals: (async_nats::Client, Arc<SignalDesk>),
     /// The data directory's lock, held while this orchestrator runs.
     lock: DataDirLock,
 }
@@ -145,8 +147,19 @@ impl App {
             config.campaigns.wave_devices_per_second,
             Arc::clone(&state.campaign_wake),
         );
+        let signals = (
+            jetstream.client(),
+            Arc::new(SignalDesk {
+                projections: state.projections.clone(),
+                journal: Arc::clone(&state.journal),
+                tokens: Arc::clone(&state.tokens),
+                health: Arc::clone(&state.health),
+                wake: Arc::clone(&state.campaign_wake),
+            }),
+        );
         Ok(Self {
             campaigns,
+            signals,
             http_listener,
             api_tls,
             http_limits,
@@ -222,6 +235,22 @@ impl App {
         let metrics = axum::serve(self.metrics_listener, http::metrics_router(self.state.metrics.clone()))
             .with_graceful_shutdown(cancel.clone().cancelled_owned());
         tasks.spawn(async move { metrics.await.context("serving metrics") });
+        let (signal_client, desk) = self.signals;
+        let signals_cancel = cancel.clone();
+        tasks.spawn(async move {
+            let answer = |headers, payload| {
+                let desk = Arc::clone(&desk);
+                async move { desk.answer(headers, payload).await }
+            };
+            bus::serve_requests(
+                signal_client,
+                fleetlaps_proto::subject::BREACH_SIGNALS,
+                answer,
+                signals_cancel,
+            )
+            .await
+            .context("taking breach signals")
+        });
         let campaigns_cancel = cancel.clone();
         tasks.spawn(async move {
             self.campaigns.run(campaigns_cancel).await;

@@ -225,6 +225,106 @@ fn resolve(
     })
 }
 
+/// Takes breach signals sent over NATS ([`fleetlaps_proto::subject::BREACH_SIGNALS`]): each
+/// carries a bearer token, checked as the API checks one (authority first, then the token, then
+/// `Breach.Declare`), and goes through [`declare`] like the API's.
+pub struct SignalDesk {
+    /// Where scopes are resolved and campaigns read.
+    pub projections: Projections,
+    /// Where breaches are recorded.
+    pub journal: Arc<dyn Journal>,
+    /// The tokens a signal may carry.
+    pub tokens: Arc<crate::auth::TokenStore>,
+    /// Whether the projections may be trusted for tokens yet.
+    pub health: Arc<Health>,
+    /// Wakes the runner after a declaration.
+    pub wake: Arc<Notify>,
+}
+
+impl SignalDesk {
+    /// The answer to one signal: the campaign (`BreachInfo`), or an OData error naming what was
+    /// wrong.
+    pub async fn answer(&self, headers: Option<async_nats::HeaderMap>, payload: bytes::Bytes) -> Vec<u8> {
+        let answer = match self.take(headers.as_ref(), &payload).await {
+            Ok(campaign) => serde_json::to_vec(&info(&campaign)),
+            Err((code, message)) => {
+                tracing::warn!(%code, %message, "a breach signal over NATS was refused");
+                serde_json::to_vec(&fleetlaps_proto::api::ODataError::new(code, message))
+            }
+        };
+        answer.expect("answers serialise")
+    }
+
+    async fn take(
+        &self,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: &[u8],
+    ) -> Result<CampaignRecord, (&'static str, String)> {
+        let unauthorised = |message: String| ("InvalidAuthenticationToken", message);
+        self.health
+            .authority()
+            .map_err(|err| ("ServiceUnavailable", err.to_string()))?;
+        let token = headers
+            .and_then(|headers| headers.get("Authorization"))
+            .map(|value| value.as_str().to_owned())
+            .and_then(|value| value.strip_prefix("Bearer ").map(str::to_owned))
+            .ok_or_else(|| unauthorised("the signal has no `Authorization: Bearer <token>` header".to_owned()))?;
+        let principal = self
+            .tokens
+            .authenticate(&token, Utc::now())
+            .map_err(|err| ("InternalServerError", err.to_string()))?
+            .map_err(|err| unauthorised(err.to_string()))?;
+        if !principal.has(crate::auth::Scope::BreachDeclare) {
+            return Err((
+                "Authorization_RequestDenied",
+                "insufficient privileges to complete the operation: it requires the Breach.Declare scope".to_owned(),
+            ));
+        }
+        let request: fleetlaps_proto::api::BreachRequest = serde_json::from_slice(payload).map_err(|err| {
+            (
+                "Request_BadRequest",
+                format!("the payload is not a breach signal ({err}); expected {{\"reason\", \"deadline\", \"scope\"}}"),
+            )
+        })?;
+        let signal = BreachSignal {
+            reason: request.reason,
+            deadline: request.deadline,
+            scope: request.scope,
+            declared_by: principal.name,
+            declared_by_token_id: Some(principal.token_id),
+            source: BreachSource::Nats,
+        };
+        let campaign = declare(&self.projections, self.journal.as_ref(), signal)
+            .await
+            .map_err(|err| match err {
+                SignalError::Invalid(message) => ("Request_BadRequest", message),
+                other => ("ServiceUnavailable", other.to_string()),
+            })?;
+        self.wake.notify_one();
+        Ok(campaign)
+    }
+}
+
+/// A campaign as the API and the NATS answers show it.
+pub fn info(campaign: &CampaignRecord) -> fleetlaps_proto::api::BreachInfo {
+    fleetlaps_proto::api::BreachInfo {
+        id: campaign.breach_id.to_string(),
+        reason: campaign.reason.clone(),
+        scope: campaign.scope.describe(),
+        state: campaign.state.as_str().to_owned(),
+        declared_date_time: campaign.declared_at,
+        declared_by: campaign.declared_by.clone(),
+        deadline_date_time: campaign.deadline,
+        ended_date_time: campaign.ended_at,
+        targeted: campaign.targeted,
+        commanded: campaign.commanded,
+        rotated: campaign.rotated,
+        failed: None,
+        offline_waiting: None,
+        stragglers: None,
+    }
+}
+
 /// Drives the running campaigns.
 pub struct CampaignRunner {
     /// Where campaigns and their devices are read.

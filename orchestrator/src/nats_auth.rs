@@ -319,7 +319,8 @@ pub struct Permissions {
 }
 
 /// The orchestrator's permissions: manage and read its two streams and their consumers, issue
-/// commands, confirm backups, record audit events, and receive replies on the shared `_INBOX`.
+/// commands, confirm backups, record audit events, receive replies on the shared `_INBOX`, and
+/// take breach signals and answer them.
 /// Not allowed: deleting or purging a stream (the events stream is the history) and publishing
 /// device events.
 pub fn orchestrator_permissions() -> Permissions {
@@ -352,10 +353,21 @@ pub fn orchestrator_permissions() -> Permissions {
         "laps.confirmations.*".to_owned(),
         subject::PASSWORD_VERSIONS_WILDCARD.to_owned(),
         subject::AUDIT_WILDCARD.to_owned(),
+        // Answers to breach signals.
+        format!("{}.>", subject::BREACH_SIGNALS_INBOX_PREFIX),
     ]);
     Permissions {
         publish,
-        subscribe: vec!["_INBOX.>".to_owned()],
+        subscribe: vec!["_INBOX.>".to_owned(), subject::BREACH_SIGNALS.to_owned()],
+    }
+}
+
+/// A breach signal sender's permissions (a SIEM, a script): send signals, read their answers;
+/// nothing else. It still needs a token holding `Breach.Declare` in each signal.
+pub fn signal_sender_permissions() -> Permissions {
+    Permissions {
+        publish: vec![subject::BREACH_SIGNALS.to_owned()],
+        subscribe: vec![format!("{}.>", subject::BREACH_SIGNALS_INBOX_PREFIX)],
     }
 }
 

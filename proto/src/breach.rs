@@ -115,6 +115,8 @@ impl BreachScope {
 pub enum BreachSource {
     /// `POST /v1.0/fleetlaps/breaches` or `lapsctl breach declare`.
     Api,
+    /// A signal on the NATS subject `laps.breaches.declare` (a SIEM, a script).
+    Nats,
 }
 
 /// Body of `breach_declared`: a breach and its campaign begin. Its devices follow in

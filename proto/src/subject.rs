@@ -16,6 +16,17 @@ pub const EVENTS_WILDCARD: &str = "laps.events.>";
 /// The orchestrator's own events' subjects in [`EVENTS_STREAM`].
 pub const AUDIT_WILDCARD: &str = "laps.audit.>";
 
+/// Where SIEMs and scripts send breach signals over NATS, as requests: a [`crate::api::BreachRequest`]
+/// with an `Authorization: Bearer <token>` header (a token holding `Breach.Declare`). The
+/// orchestrator answers on the request's reply subject with the campaign
+/// ([`crate::api::BreachInfo`]) or an [`crate::api::ODataError`]. Not kept on any stream: the
+/// `breach_declared` event the orchestrator records is the history.
+pub const BREACH_SIGNALS: &str = "laps.breaches.declare";
+
+/// The inbox prefix a breach signal's sender uses for the answer: its NATS user may read only
+/// below it, never the orchestrator's `_INBOX` nor a device's `_INBOX_<device id>`.
+pub const BREACH_SIGNALS_INBOX_PREFIX: &str = "_SIGNALS_INBOX";
+
 /// The largest message, headers and payload, the events stream stores: JetStream refuses a
 /// larger one (`max_msg_size`). The largest real event, a backup sealed to the escrow key and
 /// the recovery key, is well under 4 KiB; the bound keeps one device from filling the history

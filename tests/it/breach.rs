@@ -502,3 +502,63 @@ async fn a_breach_scoped_by_tag_rotates_only_the_tagged_devices() {
         .expect("the Lyon device");
     assert_eq!(tagged["tags"], json!(["site:lyon", "role:web"]));
 }
+
+#[tokio::test]
+async fn a_siem_declares_a_breach_over_nats_with_a_token_and_is_told_what_was_wrong_otherwise() {
+    // Arrange: a device, and a SIEM's connection answered below its own inbox prefix.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agents = fleet(&nats, &orchestrator, 1).await;
+    let token = soc_token(&orchestrator).await;
+    let siem = nats
+        .client_with(
+            async_nats::ConnectOptions::new()
+                .custom_inbox_prefix(fleetlaps_proto::subject::BREACH_SIGNALS_INBOX_PREFIX),
+        )
+        .await;
+    let since = Utc::now();
+    let signal = |bearer: Option<&str>| {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(bearer) = bearer {
+            headers.insert("Authorization", format!("Bearer {bearer}").as_str());
+        }
+        let body = json!({
+            "reason": "SIEM rule 42: credential dump on a jump host",
+            "deadline": Utc::now() + chrono::Duration::hours(1),
+            "scope": {"kind": "all"}
+        });
+        (headers, serde_json::to_vec(&body).expect("json"))
+    };
+    let ask = |(headers, body): (async_nats::HeaderMap, Vec<u8>)| {
+        let siem = siem.clone();
+        async move {
+            let answer = siem
+                .request_with_headers(fleetlaps_proto::subject::BREACH_SIGNALS, headers, body.into())
+                .await
+                .expect("the orchestrator answers");
+            serde_json::from_slice::<Value>(&answer.payload).expect("json")
+        }
+    };
+
+    // Act and assert: no token, or one without Breach.Declare, is refused naming why.
+    let refused = ask(signal(None)).await;
+    assert_eq!(refused["error"]["code"], "InvalidAuthenticationToken", "{refused}");
+    let refused = ask(signal(Some(OPERATOR_TOKEN))).await;
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("Breach.Declare")),
+        "{refused}"
+    );
+
+    // Act and assert: with the SOC's token, the campaign runs and completes.
+    let declared = ask(signal(Some(&token))).await;
+    assert_eq!(declared["targeted"], 1, "{declared}");
+    let id = declared["id"].as_str().expect("an id");
+    let completed = wait_for_campaign(&orchestrator, &token, id, "the campaign completes", |campaign| {
+        campaign["state"] == "completed"
+    })
+    .await;
+    assert_eq!(completed["declaredBy"], "soc");
+    rotated_once_and_retrievable(&nats, &orchestrator, &agents[0], since).await;
+}

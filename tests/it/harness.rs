@@ -157,7 +157,12 @@ impl TestNats {
     /// unrestricted test user (a stand-in for anyone who holds credentials to the stream);
     /// otherwise anonymous.
     pub async fn client(&self) -> async_nats::Client {
-        let mut options = async_nats::ConnectOptions::new();
+        self.client_with(async_nats::ConnectOptions::new()).await
+    }
+
+    /// [`Self::client`] with `options` (an inbox prefix, say) besides the credentials.
+    pub async fn client_with(&self, options: async_nats::ConnectOptions) -> async_nats::Client {
+        let mut options = options;
         if let Some(auth) = &self.auth {
             let seed = NkeySeed::read_file(&auth.test_user_seed).expect("the test user's seed");
             options = options.nkey(seed.expose_secret().to_owned());

@@ -2,6 +2,7 @@
 //!
 //! Boundary: this is the only module of the orchestrator that knows async-nats.
 
+mod breach_signals;
 mod commands;
 mod connection;
 mod consumer;
@@ -10,6 +11,7 @@ mod journal;
 mod password_versions;
 mod stream;
 
+pub use breach_signals::serve_requests;
 pub use commands::{ensure_commands_stream, issue_command, send_command};
 pub use connection::{NatsFacts, NatsStatus, connect, durability_of};
 pub use consumer::{BusError, Consumer, ConsumerParts};

@@ -22,7 +22,7 @@ use super::auth::Authenticated;
 use super::error::ApiError;
 use super::odata::{self, QueryOptions};
 use crate::auth::Scope;
-use crate::campaigns::{self, BreachSignal, SignalError};
+use crate::campaigns::{self, BreachSignal, SignalError, info};
 use crate::projection::CampaignRecord;
 
 /// The collection's route.
@@ -182,23 +182,4 @@ fn campaign(state: &AppState, breach_id: &str) -> Result<CampaignRecord, ApiErro
         .projections
         .campaign(&breach_id)?
         .ok_or_else(|| ApiError::BreachNotFound(breach_id.to_string()))
-}
-
-fn info(campaign: &CampaignRecord) -> BreachInfo {
-    BreachInfo {
-        id: campaign.breach_id.to_string(),
-        reason: campaign.reason.clone(),
-        scope: campaign.scope.describe(),
-        state: campaign.state.as_str().to_owned(),
-        declared_date_time: campaign.declared_at,
-        declared_by: campaign.declared_by.clone(),
-        deadline_date_time: campaign.deadline,
-        ended_date_time: campaign.ended_at,
-        targeted: campaign.targeted,
-        commanded: campaign.commanded,
-        rotated: campaign.rotated,
-        failed: None,
-        offline_waiting: None,
-        stragglers: None,
-    }
 }

@@ -50,7 +50,17 @@ fn the_orchestrator_may_not_delete_or_purge_streams_nor_publish_device_events() 
         assert!(!subject.starts_with("laps.events"), "{subject}");
     }
     assert!(permissions.publish.contains(&"laps.audit.>".to_owned()));
-    assert_eq!(permissions.subscribe, ["_INBOX.>"]);
+    assert_eq!(permissions.subscribe, ["_INBOX.>", "laps.breaches.declare"]);
+    // It answers breach signals below their senders' own prefix only.
+    assert!(permissions.publish.contains(&"_SIGNALS_INBOX.>".to_owned()));
+    assert!(!permissions.publish.iter().any(|subject| subject.starts_with("_INBOX")));
+}
+
+#[test]
+fn a_signal_sender_may_only_send_breach_signals_and_read_their_answers() {
+    let permissions = signal_sender_permissions();
+    assert_eq!(permissions.publish, ["laps.breaches.declare"]);
+    assert_eq!(permissions.subscribe, ["_SIGNALS_INBOX.>"]);
 }
 
 #[test]
