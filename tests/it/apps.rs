@@ -337,6 +337,38 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         run("lapsctl", &all_args).await
     }
 
+    /// `method` on the API with a bearer token and an optional JSON body.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("the API answers")
+    }
+
+    /// Creates an API token as `creator` with `body` (`name`, `scopes`); returns the token and
+    /// its id.
+    pub async fn create_token(&self, creator: &str, body: serde_json::Value) -> (String, String) {
+        let created = self
+            .request(reqwest::Method::POST, "/v1.0/fleetlaps/tokens", creator, Some(body))
+            .await;
+        assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+        let created: serde_json::Value = created.json().await.expect("json");
+        (
+            created["token"].as_str().expect("the token").to_owned(),
+            created["id"].as_str().expect("an id").to_owned(),
+        )
+    }
+
     /// `GET` on the API with an optional bearer token.
     pub async fn get(&self, path_and_query: &str, token: Option<&str>) -> reqwest::Response {
         let mut request = self.http.get(format!("{}{path_and_query}", self.base_url));

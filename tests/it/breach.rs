@@ -16,60 +16,34 @@ use crate::harness::{TestNats, wait_until};
 
 /// A token for a security team: declares breaches and reads campaigns.
 async fn soc_token(orchestrator: &TestOrchestrator) -> String {
-    let created = call(
-        orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        ADMIN_TOKEN,
-        Some(json!({"name": "soc", "scopes": ["Breach.Declare", "Audit.Read.All"]})),
-    )
-    .await;
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let created: Value = created.json().await.expect("json");
-    created["token"].as_str().expect("the token").to_owned()
-}
-
-async fn call(
-    orchestrator: &TestOrchestrator,
-    method: reqwest::Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> reqwest::Response {
-    let mut request = orchestrator
-        .http
-        .request(method, format!("{}{path}", orchestrator.base_url))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    request.send().await.expect("the API answers")
+    let body = json!({"name": "soc", "scopes": ["Breach.Declare", "Audit.Read.All"]});
+    orchestrator.create_token(ADMIN_TOKEN, body).await.0
 }
 
 /// Declares a breach through the API; returns the campaign.
 async fn declare(orchestrator: &TestOrchestrator, token: &str, scope: Value) -> Value {
     let deadline = Utc::now() + chrono::Duration::hours(1);
-    let answer = call(
-        orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/breaches",
-        token,
-        Some(json!({"reason": "phished administrator", "deadline": deadline, "scope": scope})),
-    )
-    .await;
+    let answer = orchestrator
+        .request(
+            reqwest::Method::POST,
+            "/v1.0/fleetlaps/breaches",
+            token,
+            Some(json!({"reason": "phished administrator", "deadline": deadline, "scope": scope})),
+        )
+        .await;
     assert_eq!(answer.status(), StatusCode::CREATED);
     answer.json().await.expect("json")
 }
 
 async fn campaign(orchestrator: &TestOrchestrator, token: &str, id: &str) -> Value {
-    let answer = call(
-        orchestrator,
-        reqwest::Method::GET,
-        &format!("/v1.0/fleetlaps/breaches/{id}"),
-        token,
-        None,
-    )
-    .await;
+    let answer = orchestrator
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1.0/fleetlaps/breaches/{id}"),
+            token,
+            None,
+        )
+        .await;
     assert_eq!(answer.status(), StatusCode::OK);
     answer.json().await.expect("json")
 }
@@ -96,6 +70,22 @@ async fn rotations_since(nats: &TestNats, device_id: &DeviceId, since: DateTime<
         .iter()
         .filter(|envelope| envelope.time >= since)
         .count()
+}
+
+/// Declares a breach with `lapsctl breach declare <args> -o json`; returns the campaign as
+/// lapsctl prints it (text fields).
+async fn lapsctl_declare(orchestrator: &TestOrchestrator, token: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--token", token, "breach", "declare"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    let declared = orchestrator.lapsctl(&all).await;
+    assert!(
+        declared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&declared.stderr)
+    );
+    let declared: Value = serde_json::from_slice(&declared.stdout).expect("lapsctl -o json");
+    declared[0].clone()
 }
 
 /// Starts `n` agents, each backed up and settled.
@@ -139,27 +129,9 @@ async fn a_fleet_wide_breach_rotates_every_device_once_and_an_offline_one_when_i
     let declared_after = Utc::now();
 
     // Act: declare it with lapsctl, as a security team would.
-    let declared = orchestrator
-        .lapsctl(&[
-            "--token",
-            &token,
-            "breach",
-            "declare",
-            "--all",
-            "--reason",
-            "phished administrator",
-            "-o",
-            "json",
-        ])
-        .await;
-    assert!(
-        declared.status.success(),
-        "{}",
-        String::from_utf8_lossy(&declared.stderr)
-    );
-    let declared: Value = serde_json::from_slice(&declared.stdout).expect("lapsctl -o json");
-    let id = declared[0]["Id"].as_str().expect("the breach id").to_owned();
-    assert_eq!(declared[0]["Targeted"], "3");
+    let declared = lapsctl_declare(&orchestrator, &token, &["--all", "--reason", "phished administrator"]).await;
+    let id = declared["Id"].as_str().expect("the breach id").to_owned();
+    assert_eq!(declared["Targeted"], "3");
 
     // Assert: the two online devices rotate; the third waits, named as a straggler.
     let waiting = wait_for_campaign(&orchestrator, &token, &id, "the online devices rotate", |campaign| {
@@ -305,9 +277,7 @@ async fn a_breach_scoped_by_list_by_reader_or_by_authentication_targets_exactly_
     ];
     for (scope, device_id) in scopes {
         let declared = wait_until("the scope matches its device", Duration::from_secs(30), || async {
-            let answer = call(
-                &orchestrator,
-                reqwest::Method::POST,
+            let answer = orchestrator.request(reqwest::Method::POST,
                 "/v1.0/fleetlaps/breaches",
                 &token,
                 Some(json!({"reason": "scoped", "deadline": Utc::now() + chrono::Duration::hours(1), "scope": scope})),
@@ -375,30 +345,25 @@ async fn bad_breach_signals_get_a_4xx_naming_what_was_wrong() {
 
     // Act and assert
     for (body, caller, status, named) in cases {
-        let answer = call(
-            &orchestrator,
-            reqwest::Method::POST,
-            "/v1.0/fleetlaps/breaches",
-            &caller,
-            Some(body.clone()),
-        )
-        .await;
+        let answer = orchestrator
+            .request(
+                reqwest::Method::POST,
+                "/v1.0/fleetlaps/breaches",
+                &caller,
+                Some(body.clone()),
+            )
+            .await;
         assert_eq!(answer.status(), status, "{body}");
         let error: Value = answer.json().await.expect("json");
         let message = error["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(named), "{body}: {message}");
     }
-    let list: Value = call(
-        &orchestrator,
-        reqwest::Method::GET,
-        "/v1.0/fleetlaps/breaches",
-        &token,
-        None,
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let list: Value = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/fleetlaps/breaches", &token, None)
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(list["value"], json!([]), "nothing was declared");
 
     // A campaign cancelled stops, and cannot be cancelled twice.
@@ -410,13 +375,14 @@ async fn bad_breach_signals_get_a_4xx_naming_what_was_wrong() {
         .to_owned();
     let cancel = format!("/v1.0/fleetlaps/breaches/{id}/cancel");
     assert_eq!(
-        call(&orchestrator, reqwest::Method::POST, &cancel, &token, None)
+        orchestrator
+            .request(reqwest::Method::POST, &cancel, &token, None)
             .await
             .status(),
         StatusCode::NO_CONTENT
     );
     assert_eq!(campaign(&orchestrator, &token, &id).await["state"], "cancelled");
-    let again = call(&orchestrator, reqwest::Method::POST, &cancel, &token, None).await;
+    let again = orchestrator.request(reqwest::Method::POST, &cancel, &token, None).await;
     assert_eq!(again.status(), StatusCode::CONFLICT);
 }
 
@@ -446,31 +412,17 @@ async fn a_breach_scoped_by_tag_rotates_only_the_tagged_devices() {
     let since = Utc::now();
 
     // Act
-    let declared = orchestrator
-        .lapsctl(&[
-            "--token",
-            &token,
-            "breach",
-            "declare",
-            "--tag",
-            "site:paris",
-            "--reason",
-            "the Paris jump host was compromised",
-            "-o",
-            "json",
-        ])
-        .await;
+    let declared = lapsctl_declare(
+        &orchestrator,
+        &token,
+        &["--tag", "site:paris", "--reason", "the Paris jump host was compromised"],
+    )
+    .await;
 
     // Assert: the Paris device only.
-    assert!(
-        declared.status.success(),
-        "{}",
-        String::from_utf8_lossy(&declared.stderr)
-    );
-    let declared: Value = serde_json::from_slice(&declared.stdout).expect("lapsctl -o json");
-    assert_eq!(declared[0]["Targeted"], "1");
-    assert_eq!(declared[0]["Scope"], "devices tagged site:paris");
-    let id = declared[0]["Id"].as_str().expect("an id").to_owned();
+    assert_eq!(declared["Targeted"], "1");
+    assert_eq!(declared["Scope"], "devices tagged site:paris");
+    let id = declared["Id"].as_str().expect("an id").to_owned();
     wait_for_campaign(&orchestrator, &token, &id, "the campaign completes", |campaign| {
         campaign["state"] == "completed"
     })
@@ -483,17 +435,12 @@ async fn a_breach_scoped_by_tag_rotates_only_the_tagged_devices() {
             "untagged or elsewhere"
         );
     }
-    let directory: Value = call(
-        &orchestrator,
-        reqwest::Method::GET,
-        "/v1.0/devices",
-        OPERATOR_TOKEN,
-        None,
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let directory: Value = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/devices", OPERATOR_TOKEN, None)
+        .await
+        .json()
+        .await
+        .expect("json");
     let tagged = directory["value"]
         .as_array()
         .expect("devices")

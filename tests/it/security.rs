@@ -20,23 +20,6 @@ async fn audit_events(nats: &TestNats) -> Vec<AuditEnvelope> {
         .collect()
 }
 
-async fn send(
-    orchestrator: &TestOrchestrator,
-    method: reqwest::Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> reqwest::Response {
-    let mut request = orchestrator
-        .http
-        .request(method, format!("{}{path}", orchestrator.base_url))
-        .bearer_auth(token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    request.send().await.expect("the API answers")
-}
-
 #[tokio::test]
 async fn a_password_read_is_in_the_history_before_the_answer_and_refused_with_503_when_nats_is_down() {
     // Arrange
@@ -111,7 +94,9 @@ async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_re
     );
 
     // Act
-    let response = send(&orchestrator, reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None).await;
+    let response = orchestrator
+        .request(reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None)
+        .await;
 
     // Assert: accepted, recorded, and the device rotates.
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
@@ -135,7 +120,9 @@ async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_re
     );
 
     // Act: again at once.
-    let again = send(&orchestrator, reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None).await;
+    let again = orchestrator
+        .request(reqwest::Method::POST, &rotate, OPERATOR_TOKEN, None)
+        .await;
 
     // Assert
     assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -161,7 +148,9 @@ async fn rotate_now_reaches_the_device_and_a_second_request_is_throttled_with_re
     let stderr = String::from_utf8_lossy(&throttled.stderr);
     assert!(stderr.contains("retry after") && stderr.contains("429"), "{stderr}");
     // A reader cannot rotate.
-    let forbidden = send(&orchestrator, reqwest::Method::POST, &rotate, READ_TOKEN, None).await;
+    let forbidden = orchestrator
+        .request(reqwest::Method::POST, &rotate, READ_TOKEN, None)
+        .await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
 }
 
@@ -172,28 +161,14 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     let mut orchestrator = TestOrchestrator::spawn(&nats).await;
 
     // Act: the bootstrap admin makes an auditor token.
-    let created = send(
-        &orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        ADMIN_TOKEN,
-        Some(json!({"name": "auditor", "scopes": ["Audit.Read.All"]})),
-    )
-    .await;
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let created: Value = created.json().await.expect("json");
-    let token = created["token"].as_str().expect("the token").to_owned();
-    let id = created["id"].as_str().expect("an id").to_owned();
+    let (token, id) = orchestrator
+        .create_token(ADMIN_TOKEN, json!({"name": "auditor", "scopes": ["Audit.Read.All"]}))
+        .await;
 
     // Assert: it works at once, for its scope only.
-    let audit = send(
-        &orchestrator,
-        reqwest::Method::GET,
-        "/v1.0/fleetlaps/auditEvents",
-        &token,
-        None,
-    )
-    .await;
+    let audit = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None)
+        .await;
     assert_eq!(audit.status(), StatusCode::OK);
     let audit: Value = audit.json().await.expect("json");
     // The history starts with the escrow key's record; the token's creation follows it.
@@ -202,7 +177,9 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
         .and_then(|entries| entries.iter().find(|entry| entry["kind"] == "token_created"))
         .expect("the token's creation is in the history");
     assert_eq!(token_created["body"]["created_by"], "bootstrap-admin");
-    let devices = send(&orchestrator, reqwest::Method::GET, "/v1.0/devices", &token, None).await;
+    let devices = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/devices", &token, None)
+        .await;
     assert_eq!(devices.status(), StatusCode::FORBIDDEN);
     let listed = orchestrator
         .lapsctl(&["--token", ADMIN_TOKEN, "token", "list", "-o", "json"])
@@ -213,23 +190,18 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     assert_eq!(listed[0]["Scopes"], "Audit.Read.All");
 
     // Act: revoke it, then delete the projections and rebuild them from the stream.
-    let revoked = send(
-        &orchestrator,
-        reqwest::Method::DELETE,
-        &format!("/v1.0/fleetlaps/tokens/{id}"),
-        ADMIN_TOKEN,
-        None,
-    )
-    .await;
+    let revoked = orchestrator
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1.0/fleetlaps/tokens/{id}"),
+            ADMIN_TOKEN,
+            None,
+        )
+        .await;
     assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
-    let refused = send(
-        &orchestrator,
-        reqwest::Method::GET,
-        "/v1.0/fleetlaps/auditEvents",
-        &token,
-        None,
-    )
-    .await;
+    let refused = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None)
+        .await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     orchestrator.stop().await;
     std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
@@ -240,31 +212,21 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
         "the rebuilt projections list the token",
         Duration::from_secs(30),
         || async {
-            let list: Value = send(
-                &orchestrator,
-                reqwest::Method::GET,
-                "/v1.0/fleetlaps/tokens",
-                ADMIN_TOKEN,
-                None,
-            )
-            .await
-            .json()
-            .await
-            .ok()?;
+            let list: Value = orchestrator
+                .request(reqwest::Method::GET, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, None)
+                .await
+                .json()
+                .await
+                .ok()?;
             (list["value"][0]["revokedDateTime"].is_string()).then_some(list)
         },
     )
     .await;
     assert_eq!(list["value"][0]["id"], id.as_str());
     assert!(!list.to_string().contains(&token), "the token itself is never listed");
-    let still_refused = send(
-        &orchestrator,
-        reqwest::Method::GET,
-        "/v1.0/fleetlaps/auditEvents",
-        &token,
-        None,
-    )
-    .await;
+    let still_refused = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None)
+        .await;
     assert_eq!(still_refused.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -274,18 +236,9 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
     // token's creation long before its revocation.
     let nats = TestNats::start();
     let mut orchestrator = TestOrchestrator::spawn(&nats).await;
-    let created = send(
-        &orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        ADMIN_TOKEN,
-        Some(json!({"name": "departed", "scopes": ["Audit.Read.All"]})),
-    )
-    .await;
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let created: Value = created.json().await.expect("json");
-    let token = created["token"].as_str().expect("the token").to_owned();
-    let id = created["id"].as_str().expect("an id").to_owned();
+    let (token, id) = orchestrator
+        .create_token(ADMIN_TOKEN, json!({"name": "departed", "scopes": ["Audit.Read.All"]}))
+        .await;
     let jetstream = async_nats::jetstream::new(nats.client().await);
     for chunk in 0..20 {
         let mut acks = Vec::new();
@@ -303,14 +256,14 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
             ack.await.expect("stored");
         }
     }
-    let revoked = send(
-        &orchestrator,
-        reqwest::Method::DELETE,
-        &format!("/v1.0/fleetlaps/tokens/{id}"),
-        ADMIN_TOKEN,
-        None,
-    )
-    .await;
+    let revoked = orchestrator
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/v1.0/fleetlaps/tokens/{id}"),
+            ADMIN_TOKEN,
+            None,
+        )
+        .await;
     assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
     orchestrator.stop().await;
     std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
@@ -325,15 +278,10 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
         "the rebuild ends and the token is refused as revoked",
         Duration::from_secs(120),
         || async {
-            let status = send(
-                &orchestrator,
-                reqwest::Method::GET,
-                "/v1.0/fleetlaps/auditEvents?$top=1",
-                &token,
-                None,
-            )
-            .await
-            .status();
+            let status = orchestrator
+                .request(reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents?$top=1", &token, None)
+                .await
+                .status();
             statuses.lock().expect("not poisoned").push(status);
             (status == StatusCode::UNAUTHORIZED).then_some(status)
         },
@@ -366,28 +314,19 @@ async fn a_principal_with_admin_but_without_read_all_cannot_create_a_token_holdi
     // Arrange: the bootstrap admin (Admin and Token.Grant) makes a deputy with Admin alone.
     let nats = TestNats::start();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
-    let deputy = send(
-        &orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        ADMIN_TOKEN,
-        Some(json!({"name": "deputy", "scopes": ["Admin"]})),
-    )
-    .await;
-    assert_eq!(deputy.status(), StatusCode::CREATED);
-    let deputy: Value = deputy.json().await.expect("json");
-    let deputy_token = deputy["token"].as_str().expect("the token").to_owned();
-    let deputy_id = deputy["id"].as_str().expect("an id").to_owned();
+    let (deputy_token, deputy_id) = orchestrator
+        .create_token(ADMIN_TOKEN, json!({"name": "deputy", "scopes": ["Admin"]}))
+        .await;
 
     // Act: the deputy asks for a token that reads passwords, through the API and lapsctl.
-    let refused = send(
-        &orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        &deputy_token,
-        Some(json!({"name": "escalation", "scopes": ["DeviceLocalCredential.Read.All"]})),
-    )
-    .await;
+    let refused = orchestrator
+        .request(
+            reqwest::Method::POST,
+            "/v1.0/fleetlaps/tokens",
+            &deputy_token,
+            Some(json!({"name": "escalation", "scopes": ["DeviceLocalCredential.Read.All"]})),
+        )
+        .await;
     let by_lapsctl = orchestrator
         .lapsctl(&[
             "--token",
@@ -414,14 +353,14 @@ async fn a_principal_with_admin_but_without_read_all_cannot_create_a_token_holdi
     assert!(!by_lapsctl.status.success());
     let stderr = String::from_utf8_lossy(&by_lapsctl.stderr);
     assert!(stderr.contains("403") && stderr.contains("Token.Grant"), "{stderr}");
-    let own = send(
-        &orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        &deputy_token,
-        Some(json!({"name": "second-deputy", "scopes": ["Admin"]})),
-    )
-    .await;
+    let own = orchestrator
+        .request(
+            reqwest::Method::POST,
+            "/v1.0/fleetlaps/tokens",
+            &deputy_token,
+            Some(json!({"name": "second-deputy", "scopes": ["Admin"]})),
+        )
+        .await;
     assert_eq!(own.status(), StatusCode::CREATED);
     let created: Vec<_> = audit_events(&nats)
         .await
@@ -447,27 +386,22 @@ async fn the_bootstrap_admin_token_expires_when_told_and_is_refused_once_removed
         &format!("bootstrap_admin_token_expires_at = \"{}\"", in_an_hour.to_rfc3339()),
     )
     .await;
-    let ops = send(
-        &orchestrator,
-        reqwest::Method::POST,
-        "/v1.0/fleetlaps/tokens",
-        ADMIN_TOKEN,
-        Some(json!({"name": "ops", "scopes": ["Admin"]})),
-    )
-    .await;
+    let ops = orchestrator
+        .request(
+            reqwest::Method::POST,
+            "/v1.0/fleetlaps/tokens",
+            ADMIN_TOKEN,
+            Some(json!({"name": "ops", "scopes": ["Admin"]})),
+        )
+        .await;
     assert_eq!(ops.status(), StatusCode::CREATED);
     let ops: Value = ops.json().await.expect("json");
     let ops_token = ops["token"].as_str().expect("the token").to_owned();
     assert_eq!(
-        send(
-            &orchestrator,
-            reqwest::Method::GET,
-            "/v1.0/fleetlaps/tokens",
-            ADMIN_TOKEN,
-            None
-        )
-        .await
-        .status(),
+        orchestrator
+            .request(reqwest::Method::GET, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, None)
+            .await
+            .status(),
         StatusCode::OK
     );
 
@@ -475,14 +409,9 @@ async fn the_bootstrap_admin_token_expires_when_told_and_is_refused_once_removed
     let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
     orchestrator.extra_config = format!("bootstrap_admin_token_expires_at = \"{}\"", an_hour_ago.to_rfc3339());
     orchestrator.restart().await;
-    let expired = send(
-        &orchestrator,
-        reqwest::Method::GET,
-        "/v1.0/fleetlaps/tokens",
-        ADMIN_TOKEN,
-        None,
-    )
-    .await;
+    let expired = orchestrator
+        .request(reqwest::Method::GET, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, None)
+        .await;
     assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
     let expired: Value = expired.json().await.expect("json");
     assert!(
@@ -497,39 +426,24 @@ async fn the_bootstrap_admin_token_expires_when_told_and_is_refused_once_removed
 
     // Assert: the removed token is refused, its replacement works, and what it made still does.
     assert_eq!(
-        send(
-            &orchestrator,
-            reqwest::Method::GET,
-            "/v1.0/fleetlaps/tokens",
-            ADMIN_TOKEN,
-            None
-        )
-        .await
-        .status(),
+        orchestrator
+            .request(reqwest::Method::GET, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, None)
+            .await
+            .status(),
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        send(
-            &orchestrator,
-            reqwest::Method::GET,
-            "/v1.0/fleetlaps/tokens",
-            replacement,
-            None
-        )
-        .await
-        .status(),
+        orchestrator
+            .request(reqwest::Method::GET, "/v1.0/fleetlaps/tokens", replacement, None)
+            .await
+            .status(),
         StatusCode::OK
     );
     assert_eq!(
-        send(
-            &orchestrator,
-            reqwest::Method::GET,
-            "/v1.0/fleetlaps/tokens",
-            &ops_token,
-            None
-        )
-        .await
-        .status(),
+        orchestrator
+            .request(reqwest::Method::GET, "/v1.0/fleetlaps/tokens", &ops_token, None)
+            .await
+            .status(),
         StatusCode::OK
     );
 }

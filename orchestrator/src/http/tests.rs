@@ -1245,22 +1245,7 @@ async fn no_token_is_trusted_until_the_projections_reach_the_streams_last_sequen
         refused.headers[header::RETRY_AFTER],
         super::error::CATCHING_UP_RETRY_AFTER_SECS.to_string()
     );
-    let enrollment = fixture
-        .send(
-            Request::builder()
-                .method("POST")
-                .uri(super::enrollment::ENROLL_PATH)
-                .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
-                .body(Body::from(
-                    serde_json::json!({
-                        "publicKey": DeviceSigningKey::generate().public_key().to_string(),
-                        "deviceName": "late-host"
-                    })
-                    .to_string(),
-                ))
-                .unwrap(),
-        )
-        .await;
+    let enrollment = fixture.send(enroll_request("late-host", &serde_json::json!([]))).await;
     enrollment.assert_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
     let health = fixture.get("/healthz", None).await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -1502,18 +1487,7 @@ async fn token_and_enrollment_token_lists_page_with_top_and_skiptoken() {
 async fn an_enrollment_whose_client_hangs_up_gives_its_reserved_use_back_once_the_projections_count_it() {
     let fixture = Fixture::new();
     fixture.journal.hold_folding();
-    let request = Request::builder()
-        .method("POST")
-        .uri(super::enrollment::ENROLL_PATH)
-        .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
-        .body(Body::from(
-            serde_json::json!({
-                "publicKey": DeviceSigningKey::generate().public_key().to_string(),
-                "deviceName": "hung-up"
-            })
-            .to_string(),
-        ))
-        .unwrap();
+    let request = enroll_request("hung-up", &serde_json::json!([]));
     let in_flight = || {
         fixture
             .state
@@ -1547,21 +1521,7 @@ async fn wait_for(condition: impl Fn() -> bool) {
 #[tokio::test]
 async fn a_device_enrolls_with_tags_and_a_bad_tag_is_refused_naming_what_is_allowed() {
     let fixture = Fixture::new();
-    let enroll = |tags: Value| {
-        Request::builder()
-            .method("POST")
-            .uri(super::enrollment::ENROLL_PATH)
-            .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
-            .body(Body::from(
-                serde_json::json!({
-                    "publicKey": DeviceSigningKey::generate().public_key().to_string(),
-                    "deviceName": "tagged-host",
-                    "tags": tags
-                })
-                .to_string(),
-            ))
-            .unwrap()
-    };
+    let enroll = |tags: Value| enroll_request("tagged-host", &tags);
     let enrolled = fixture.send(enroll(serde_json::json!(["site:paris", "role:db"]))).await;
     assert_eq!(enrolled.status, StatusCode::CREATED, "{}", enrolled.body);
     let device_id = DeviceId::parse(enrolled.body["deviceId"].as_str().unwrap()).unwrap();
@@ -1571,4 +1531,21 @@ async fn a_device_enrolls_with_tags_and_a_bad_tag_is_refused_naming_what_is_allo
     let refused = fixture.send(enroll(serde_json::json!(["Site Paris"]))).await;
     refused.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
     assert!(refused.message().contains("lower-case letters"), "{}", refused.body);
+}
+
+/// A device's enrollment request with the fixture's enrollment token, a fresh key, and `tags`.
+fn enroll_request(device_name: &str, tags: &Value) -> Request<Body> {
+    Request::builder()
+        .method("POST")
+        .uri(super::enrollment::ENROLL_PATH)
+        .header(header::AUTHORIZATION, format!("Bearer {FIXTURE_ENROLLMENT_TOKEN}"))
+        .body(Body::from(
+            serde_json::json!({
+                "publicKey": DeviceSigningKey::generate().public_key().to_string(),
+                "deviceName": device_name,
+                "tags": tags
+            })
+            .to_string(),
+        ))
+        .unwrap()
 }
