@@ -131,7 +131,7 @@ pub struct DetectorBatch {
 pub struct DetectorFeed(mpsc::Sender<DetectorBatch>);
 
 impl DetectorFeed {
-    /// Hands a batch to the detectors; waits while they are [`FEED_CAPACITY`] batches behind.
+    /// Hands a batch to the detectors; waits while they are 1,024 batches behind.
     pub async fn send(&self, batch: DetectorBatch) {
         if self.0.send(batch).await.is_err() {
             tracing::debug!("the detectors have stopped; observations dropped");
@@ -600,14 +600,20 @@ impl Detectors {
                 .unwrap_or(DetectorMode::Off);
             if mode == DetectorMode::Campaign && detection.breach_id.is_none() {
                 match self.declare(&detection, now).await {
-                    Ok(breach_id) => detection.breach_id = Some(breach_id),
+                    Ok(breach_id) => {
+                        detection.breach_id = Some(breach_id);
+                        self.parts.campaign_wake.notify_one();
+                    }
+                    // Never valid however often tried: the detection is recorded without one.
+                    Err(err @ campaigns::SignalError::Invalid(_)) => {
+                        tracing::warn!(detection_id = %detection.detection_id, error = %err, "a detection's breach was refused; the detection is recorded without one");
+                    }
                     Err(err) => {
                         tracing::warn!(detection_id = %detection.detection_id, error = %err, "declaring a detection's breach failed; tried again");
                         self.windows.retry(detection);
                         continue;
                     }
                 }
-                self.parts.campaign_wake.notify_one();
             }
             let detector = detection.detector;
             let detection_id = detection.detection_id;
