@@ -116,9 +116,9 @@ pub enum BreachSource {
     },
 }
 
-/// The most evidence event ids one [`BreachDetected`] lists: about 20 KiB of JSON, with
-/// [`DEVICES_PER_EVENT`] devices still well under the stream's message bound.
-pub const EVIDENCE_PER_EVENT: usize = 500;
+/// The most evidence event ids one [`BreachDetected`] lists: about 8 KiB of JSON, so with
+/// [`DEVICES_PER_EVENT`] devices it stays under half the stream's message bound.
+pub const EVIDENCE_PER_EVENT: usize = 200;
 
 /// One of the orchestrator's detectors: what it watches for in what the fleet reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
