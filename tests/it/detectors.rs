@@ -305,6 +305,21 @@ async fn a_restart_or_a_rebuild_of_the_projections_never_raises_the_same_detecti
     let agents = fleet(&nats, &orchestrator, 3).await;
     log_in_on(&nats, &[&agents[0], &agents[1]]).await;
     wait_for_detections(&nats, Detector::LateralMovement, 1).await;
+    // Folded before the restart, so the restarted consumer does not meet it again.
+    wait_until(
+        "the detection is in the audit history",
+        Duration::from_secs(30),
+        || async {
+            let page: Value = orchestrator
+                .get("/v1.0/fleetlaps/auditEvents?kind=breach_detected", Some(OPERATOR_TOKEN))
+                .await
+                .json()
+                .await
+                .expect("json");
+            (page["value"].as_array().map(Vec::len) == Some(1)).then_some(())
+        },
+    )
+    .await;
 
     // Act: a restart, then the same devices again within the cool-down.
     orchestrator.restart().await;
