@@ -18,6 +18,7 @@ use crate::bus::{self, Consumer, JetStreamJournal};
 use crate::campaigns::{CampaignRunner, SignalDesk};
 use crate::config::{ApiTransport, Config, HttpLimits};
 use crate::data_dir::DataDirLock;
+use crate::detectors::{DetectorParts, Detectors};
 use crate::health::Health;
 use crate::http::{self, AppState, ServeOptions};
 use crate::key_ceremony;
@@ -44,6 +45,8 @@ pub struct App {
     campaigns: CampaignRunner,
     /// Takes breach signals over NATS.
     signals: (async_nats::Client, Arc<SignalDesk>),
+    /// The detectors, when any is on.
+    detectors: Option<Detectors>,
     /// The data directory's lock, held while this orchestrator runs.
     lock: DataDirLock,
 }
@@ -95,6 +98,22 @@ impl App {
                 "the projections are behind the history: tokens are refused (503) until they catch up"
             );
         }
+        let journal: Arc<dyn bus::Journal> =
+            Arc::new(JetStreamJournal::new(jetstream.clone(), Arc::clone(&signing_key)));
+        let campaign_wake: Arc<tokio::sync::Notify> = Arc::default();
+        let (detectors, detector_feed) = match Detectors::new(
+            &config.detectors,
+            DetectorParts {
+                projections: projections.clone(),
+                journal: Arc::clone(&journal),
+                health: Arc::clone(&health),
+                metrics: metrics.clone(),
+                campaign_wake: Arc::clone(&campaign_wake),
+            },
+        )? {
+            Some((detectors, feed)) => (Some(detectors), Some(feed)),
+            None => (None, None),
+        };
         let consumer = Consumer::bind(
             &stream,
             &config.nats.consumer,
@@ -106,6 +125,7 @@ impl App {
                 recovery_public_key: escrow_recovery_public_key,
                 signing_key: Arc::clone(&signing_key),
                 health: Arc::clone(&health),
+                detectors: detector_feed,
             },
         )
         .await?;
@@ -128,7 +148,7 @@ impl App {
                     .map(|token| (token, config.bootstrap_admin_token_expires_at)),
                 projections.clone(),
             )),
-            journal: Arc::new(JetStreamJournal::new(jetstream.clone(), signing_key)),
+            journal,
             rotate_min_interval: Duration::from_secs(config.http.rotate_min_interval_secs),
             rotate_requests: Arc::default(),
             policy,
@@ -137,7 +157,7 @@ impl App {
             nats,
             health,
             token_issuance: Arc::default(),
-            campaign_wake: Arc::default(),
+            campaign_wake,
             request_timeout: http_limits.request_timeout,
         };
         let campaigns = CampaignRunner::new(
@@ -160,6 +180,7 @@ impl App {
         Ok(Self {
             campaigns,
             signals,
+            detectors,
             http_listener,
             api_tls,
             http_limits,
@@ -256,6 +277,13 @@ impl App {
             self.campaigns.run(campaigns_cancel).await;
             Ok(())
         });
+        if let Some(detectors) = self.detectors {
+            let detectors_cancel = cancel.clone();
+            tasks.spawn(async move {
+                detectors.run(detectors_cancel).await;
+                Ok(())
+            });
+        }
         let consumer_cancel = cancel.clone();
         tasks.spawn(async move {
             // A failing batch is retried and reported in /healthz, never the end of the API.

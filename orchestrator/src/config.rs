@@ -64,9 +64,201 @@ pub struct Config {
     /// Breach campaigns: how fast their waves command devices.
     #[serde(default)]
     pub campaigns: CampaignsConfig,
+    /// The detectors: breach signals the orchestrator raises itself from what the fleet reports.
+    #[serde(default)]
+    pub detectors: DetectorsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[detectors]`: each detector's mode and thresholds, and what a detection's campaign gets.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorsConfig {
+    /// How long, after a detection's last evidence event, the same detector ignores new evidence
+    /// about the same subject (the fleet, a device, a principal): 0 to 10,080 minutes (a week),
+    /// default 60.
+    #[serde(default = "default_cooldown_minutes")]
+    pub cooldown_minutes: u32,
+    /// The deadline of a campaign a detector starts, from the detection: 5 to 129,600 minutes (90
+    /// days), default 240.
+    #[serde(default = "default_campaign_deadline_minutes")]
+    pub campaign_deadline_minutes: u32,
+    /// `[detectors.lateral_movement]`: the managed account authenticating on `devices` or more
+    /// distinct devices within `window_minutes`.
+    #[serde(default)]
+    pub lateral_movement: DetectorSettings,
+    /// `[detectors.repeated_failures]`: `failures` or more failed authentications on one device
+    /// within `window_minutes` (an aggregated report counts its `count`).
+    #[serde(default)]
+    pub repeated_failures: DetectorSettings,
+    /// `[detectors.read_then_spread]`: a password read by a principal, then authentications on
+    /// `devices` or more distinct devices within `window_minutes` after it.
+    #[serde(default)]
+    pub read_then_spread: DetectorSettings,
+}
+
+impl Default for DetectorsConfig {
+    fn default() -> Self {
+        Self {
+            cooldown_minutes: default_cooldown_minutes(),
+            campaign_deadline_minutes: default_campaign_deadline_minutes(),
+            lateral_movement: DetectorSettings::default(),
+            repeated_failures: DetectorSettings::default(),
+            read_then_spread: DetectorSettings::default(),
+        }
+    }
+}
+
+/// One detector's settings; the threshold that does not apply to it is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorSettings {
+    /// `off` (the default), `alert` (record a detection) or `campaign` (record it and declare a
+    /// breach of the devices involved).
+    #[serde(default)]
+    pub mode: DetectorMode,
+    /// Distinct devices (lateral movement, read then spread): 2 to 10,000; defaults 5 and 3.
+    #[serde(default)]
+    pub devices: Option<u32>,
+    /// Failed attempts (repeated failures): 2 to 1,000,000; default 20.
+    #[serde(default)]
+    pub failures: Option<u64>,
+    /// The window: 1 to 1,440 minutes; default 10 (30 for read then spread).
+    #[serde(default)]
+    pub window_minutes: Option<u32>,
+}
+
+/// What a detector does when it fires.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectorMode {
+    /// Nothing: it does not watch.
+    #[default]
+    Off,
+    /// Records a detection (`breach_detected`) on the history.
+    Alert,
+    /// Records a detection and declares a breach of the devices involved.
+    Campaign,
+}
+
+/// A detector's validated thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetectorThresholds {
+    /// What it does when it fires.
+    pub mode: DetectorMode,
+    /// How much evidence fires it: distinct devices, or failed attempts.
+    pub threshold: u64,
+    /// How close together the evidence must be.
+    pub window: Duration,
+}
+
+/// The allowed `detectors.*.window_minutes`.
+const DETECTOR_WINDOW_MINUTES: std::ops::RangeInclusive<u32> = 1..=1_440;
+/// The allowed `detectors.*.devices`.
+const DETECTOR_DEVICES: std::ops::RangeInclusive<u32> = 2..=10_000;
+/// The allowed `detectors.repeated_failures.failures`.
+const DETECTOR_FAILURES: std::ops::RangeInclusive<u64> = 2..=1_000_000;
+/// The allowed `detectors.cooldown_minutes`.
+const DETECTOR_COOLDOWN_MINUTES: std::ops::RangeInclusive<u32> = 0..=10_080;
+/// The allowed `detectors.campaign_deadline_minutes`.
+const DETECTOR_DEADLINE_MINUTES: std::ops::RangeInclusive<u32> = 5..=129_600;
+
+fn default_cooldown_minutes() -> u32 {
+    60
+}
+
+fn default_campaign_deadline_minutes() -> u32 {
+    240
+}
+
+impl DetectorsConfig {
+    /// The thresholds of `detector`, validated; errors name the key and its allowed range.
+    pub fn thresholds(&self, detector: fleetlaps_proto::breach::Detector) -> anyhow::Result<DetectorThresholds> {
+        use fleetlaps_proto::breach::Detector;
+        let (settings, default_window) = match detector {
+            Detector::LateralMovement => (&self.lateral_movement, 10),
+            Detector::RepeatedFailures => (&self.repeated_failures, 10),
+            Detector::ReadThenSpread => (&self.read_then_spread, 30),
+        };
+        let key = format!("detectors.{}", detector.as_str());
+        let window_minutes = settings.window_minutes.unwrap_or(default_window);
+        if !DETECTOR_WINDOW_MINUTES.contains(&window_minutes) {
+            anyhow::bail!(
+                "invalid config: {key}.window_minutes = {window_minutes}: allowed {} to {}",
+                DETECTOR_WINDOW_MINUTES.start(),
+                DETECTOR_WINDOW_MINUTES.end()
+            );
+        }
+        let threshold = if detector == Detector::RepeatedFailures {
+            if settings.devices.is_some() {
+                anyhow::bail!("invalid config: {key}.devices: allowed only failures and window_minutes");
+            }
+            let failures = settings.failures.unwrap_or(20);
+            if !DETECTOR_FAILURES.contains(&failures) {
+                anyhow::bail!(
+                    "invalid config: {key}.failures = {failures}: allowed {} to {}",
+                    DETECTOR_FAILURES.start(),
+                    DETECTOR_FAILURES.end()
+                );
+            }
+            failures
+        } else {
+            if settings.failures.is_some() {
+                anyhow::bail!("invalid config: {key}.failures: allowed only devices and window_minutes");
+            }
+            let devices = settings
+                .devices
+                .unwrap_or(if detector == Detector::LateralMovement { 5 } else { 3 });
+            if !DETECTOR_DEVICES.contains(&devices) {
+                anyhow::bail!(
+                    "invalid config: {key}.devices = {devices}: allowed {} to {}",
+                    DETECTOR_DEVICES.start(),
+                    DETECTOR_DEVICES.end()
+                );
+            }
+            u64::from(devices)
+        };
+        Ok(DetectorThresholds {
+            mode: settings.mode,
+            threshold,
+            window: Duration::from_secs(u64::from(window_minutes) * 60),
+        })
+    }
+
+    /// How long a detection silences its detector for its subject.
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs(u64::from(self.cooldown_minutes) * 60)
+    }
+
+    /// How long a detector's campaign has.
+    pub fn campaign_deadline(&self) -> Duration {
+        Duration::from_secs(u64::from(self.campaign_deadline_minutes) * 60)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for detector in fleetlaps_proto::breach::Detector::ALL {
+            self.thresholds(detector)?;
+        }
+        if !DETECTOR_COOLDOWN_MINUTES.contains(&self.cooldown_minutes) {
+            anyhow::bail!(
+                "invalid config: detectors.cooldown_minutes = {}: allowed {} to {}",
+                self.cooldown_minutes,
+                DETECTOR_COOLDOWN_MINUTES.start(),
+                DETECTOR_COOLDOWN_MINUTES.end()
+            );
+        }
+        if !DETECTOR_DEADLINE_MINUTES.contains(&self.campaign_deadline_minutes) {
+            anyhow::bail!(
+                "invalid config: detectors.campaign_deadline_minutes = {}: allowed {} to {}",
+                self.campaign_deadline_minutes,
+                DETECTOR_DEADLINE_MINUTES.start(),
+                DETECTOR_DEADLINE_MINUTES.end()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[campaigns]`: how breach campaigns command their devices.
@@ -584,6 +776,7 @@ impl Config {
                 WAVE_DEVICES_PER_SECOND.end()
             );
         }
+        self.detectors.validate()?;
         self.http.transport()?;
         self.http.limits()?;
         self.nats_credentials()?;
@@ -810,6 +1003,64 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn detectors_are_off_by_default_and_out_of_range_settings_are_refused_by_name() {
+        use fleetlaps_proto::breach::Detector;
+        let plain = "[http]\nplain_http = true\n";
+        let config = config_with(plain).expect("valid");
+        for detector in Detector::ALL {
+            assert_eq!(
+                config.detectors.thresholds(detector).expect("valid").mode,
+                DetectorMode::Off
+            );
+        }
+        let on = config_with(&format!(
+            "{plain}[detectors]\ncooldown_minutes = 0\n[detectors.lateral_movement]\nmode = \"campaign\"\ndevices = 3\nwindow_minutes = 5\n"
+        ))
+        .expect("valid");
+        let lateral = on.detectors.thresholds(Detector::LateralMovement).expect("valid");
+        assert_eq!(
+            (lateral.mode, lateral.threshold, lateral.window),
+            (DetectorMode::Campaign, 3, Duration::from_secs(300))
+        );
+        for (table, bad, message) in [
+            (
+                "lateral_movement",
+                "devices = 1",
+                "detectors.lateral_movement.devices = 1: allowed 2 to 10000",
+            ),
+            (
+                "read_then_spread",
+                "window_minutes = 0",
+                "detectors.read_then_spread.window_minutes = 0: allowed 1 to 1440",
+            ),
+            (
+                "repeated_failures",
+                "failures = 1",
+                "detectors.repeated_failures.failures = 1: allowed 2 to 1000000",
+            ),
+            (
+                "repeated_failures",
+                "devices = 3",
+                "detectors.repeated_failures.devices: allowed only failures",
+            ),
+            (
+                "lateral_movement",
+                "mode = \"loud\"",
+                "found `loud`, expected `one of `off`, `alert`, `campaign``",
+            ),
+        ] {
+            let err = config_with(&format!("{plain}[detectors.{table}]\n{bad}\n")).expect_err(bad);
+            assert!(err.to_string().contains(message), "{err}");
+        }
+        let err = config_with(&format!("{plain}[detectors]\ncampaign_deadline_minutes = 1\n")).expect_err("short");
+        assert!(
+            err.to_string()
+                .contains("detectors.campaign_deadline_minutes = 1: allowed 5 to 129600"),
+            "{err}"
+        );
     }
 
     #[test]

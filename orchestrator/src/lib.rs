@@ -14,6 +14,8 @@
 //! - [`bus`]: the events stream and the durable consumer (the only module that knows NATS).
 //! - [`projection`]: devices, credentials and quarantine, folded from events into sled.
 //! - [`campaigns`]: the breach campaign runner: waves of rotate commands, deadlines, completion.
+//! - [`detectors`]: breach signals raised from what the fleet reports (lateral movement, repeated
+//!   failures, a read then authentications spreading), kept in sliding windows.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
 //! - [`health`]: whether the projections may be trusted yet (caught up since start) and whether
@@ -28,6 +30,7 @@ pub mod campaigns;
 pub mod client;
 pub mod config;
 pub mod data_dir;
+pub mod detectors;
 pub mod escrow;
 pub mod health;
 pub mod http;

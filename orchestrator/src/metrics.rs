@@ -43,6 +43,10 @@ pub const EVENTS_OUT_OF_ORDER_TOTAL: &str = "fleetlaps_events_out_of_order_total
 /// Backups answered to their devices, by outcome: `stored` or the refusal's reason.
 pub const BACKUPS_CONFIRMED_TOTAL: &str = "fleetlaps_backups_confirmed_total";
 
+/// Counter: detections recorded by this process, by detector (`lateral_movement`,
+/// `repeated_failures`, `read_then_spread`).
+pub const DETECTIONS_TOTAL: &str = "fleetlaps_detections_total";
+
 /// Gauge: 1 while the consumer folds batches, 0 while a batch fails and is retried (a full disk,
 /// a sled error).
 pub const CONSUMER_HEALTHY: &str = "fleetlaps_consumer_healthy";
@@ -117,6 +121,8 @@ pub struct Metrics {
     pub events_out_of_order: IntCounter,
     /// See [`BACKUPS_CONFIRMED_TOTAL`].
     pub backups_confirmed: IntCounterVec,
+    /// See [`DETECTIONS_TOTAL`].
+    pub detections: IntCounterVec,
     /// See [`CONSUMER_HEALTHY`].
     pub consumer_healthy: IntGauge,
     /// See [`PROJECTIONS_CAUGHT_UP`].
@@ -182,6 +188,11 @@ impl Metrics {
             &["outcome"],
         )
         .expect("metric definition is valid");
+        let detections = IntCounterVec::new(
+            Opts::new(DETECTIONS_TOTAL, "Detections recorded by this process, by detector."),
+            &["detector"],
+        )
+        .expect("metric definition is valid");
 
         let consumer_healthy = IntGauge::new(
             CONSUMER_HEALTHY,
@@ -202,7 +213,7 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric definition is valid");
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(events_applied.clone()),
             Box::new(events_duplicate.clone()),
             Box::new(events_quarantined.clone()),
@@ -216,6 +227,7 @@ impl Metrics {
             Box::new(device_clones_detected.clone()),
             Box::new(events_out_of_order.clone()),
             Box::new(backups_confirmed.clone()),
+            Box::new(detections.clone()),
             Box::new(consumer_healthy.clone()),
             Box::new(projections_caught_up.clone()),
             Box::new(http_connections_dropped.clone()),
@@ -240,6 +252,9 @@ impl Metrics {
         for reason in fleetlaps_proto::command::BackupRefusal::ALL {
             backups_confirmed.with_label_values(&[reason.as_str()]);
         }
+        for detector in fleetlaps_proto::breach::Detector::ALL {
+            detections.with_label_values(&[detector.as_str()]);
+        }
         Self {
             registry,
             events_applied,
@@ -255,6 +270,7 @@ impl Metrics {
             device_clones_detected,
             events_out_of_order,
             backups_confirmed,
+            detections,
             consumer_healthy,
             projections_caught_up,
             http_connections_dropped,

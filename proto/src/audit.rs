@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::breach::{BreachDeclared, BreachEnded, BreachTargeted, BreachWaveCommanded};
+use crate::breach::{BreachDeclared, BreachDetected, BreachEnded, BreachTargeted, BreachWaveCommanded};
 use crate::command::CommandId;
 use crate::event::SCHEMA_VERSION;
 use crate::ids::{DeviceId, DeviceName, DeviceTag, EventId, IdError, InstanceId, RotationId};
@@ -75,6 +75,8 @@ pub enum AuditEvent {
     BreachWaveCommanded(BreachWaveCommanded),
     /// A campaign ended: completed, past its deadline, or cancelled.
     BreachEnded(BreachEnded),
+    /// A detector saw what it watches for; the evidence is named ([`crate::breach`]).
+    BreachDetected(BreachDetected),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -112,6 +114,8 @@ pub enum AuditKind {
     BreachWaveCommanded,
     /// See [`AuditEvent::BreachEnded`].
     BreachEnded,
+    /// See [`AuditEvent::BreachDetected`].
+    BreachDetected,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -421,13 +425,14 @@ impl AuditEvent {
             Self::BreachTargeted(_) => AuditKind::BreachTargeted,
             Self::BreachWaveCommanded(_) => AuditKind::BreachWaveCommanded,
             Self::BreachEnded(_) => AuditKind::BreachEnded,
+            Self::BreachDetected(_) => AuditKind::BreachDetected,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 17] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -444,6 +449,7 @@ impl AuditKind {
         Self::BreachTargeted,
         Self::BreachWaveCommanded,
         Self::BreachEnded,
+        Self::BreachDetected,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -465,6 +471,7 @@ impl AuditKind {
             Self::BreachTargeted => "breach_targeted",
             Self::BreachWaveCommanded => "breach_wave_commanded",
             Self::BreachEnded => "breach_ended",
+            Self::BreachDetected => "breach_detected",
         }
     }
 

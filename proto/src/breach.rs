@@ -7,6 +7,10 @@
 //! (rotate commands sent, in chunks), and one [`BreachEnded`] (completed, past its deadline with
 //! the stragglers named, or cancelled). Every body stays well under the stream's message bound:
 //! device lists are cut into chunks of at most [`DEVICES_PER_EVENT`].
+//!
+//! The orchestrator's detectors raise signals themselves: each detection is a [`BreachDetected`]
+//! with its evidence, and in `campaign` mode also a breach whose source is
+//! [`BreachSource::Detector`].
 
 use std::fmt;
 
@@ -16,7 +20,7 @@ use uuid::Uuid;
 
 use crate::audit::TokenId;
 use crate::command::CommandId;
-use crate::ids::{DeviceId, IdError};
+use crate::ids::{DeviceId, EventId, IdError};
 
 /// The most device ids one breach event lists: about 25 KiB of JSON, well under the stream's
 /// 64 KiB message bound.
@@ -117,6 +121,113 @@ pub enum BreachSource {
     Api,
     /// A signal on the NATS subject `laps.breaches.declare` (a SIEM, a script).
     Nats,
+    /// One of the orchestrator's detectors, for the detection it names.
+    Detector {
+        /// Which detector.
+        detector: Detector,
+        /// The detection that started it ([`BreachDetected::detection_id`]).
+        detection_id: DetectionId,
+    },
+}
+
+/// The most evidence event ids one [`BreachDetected`] lists: about 8 KiB of JSON, so with
+/// [`DEVICES_PER_EVENT`] devices it stays under half the stream's message bound.
+pub const EVIDENCE_PER_EVENT: usize = 200;
+
+/// One of the orchestrator's detectors: what it watches for in what the fleet reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detector {
+    /// The managed account authenticating on many distinct devices within a short window (a
+    /// shared credential moving laterally).
+    LateralMovement,
+    /// Many failed authentications on one device within a short window.
+    RepeatedFailures,
+    /// A password read by a principal, then authentications on many devices soon after.
+    ReadThenSpread,
+}
+
+impl Detector {
+    /// Every detector.
+    pub const ALL: [Self; 3] = [Self::LateralMovement, Self::RepeatedFailures, Self::ReadThenSpread];
+
+    /// The detector's name on the wire, in the config and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LateralMovement => "lateral_movement",
+            Self::RepeatedFailures => "repeated_failures",
+            Self::ReadThenSpread => "read_then_spread",
+        }
+    }
+}
+
+impl fmt::Display for Detector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The id of a detection, derived from its detector and its evidence, so the same evidence always
+/// gives the same id (the `Nats-Msg-Id` of its record, which JetStream de-duplicates).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DetectionId(Uuid);
+
+impl DetectionId {
+    /// The id whose bytes are these (the first 16 bytes of a digest of the evidence).
+    pub fn derived(digest: [u8; 16]) -> Self {
+        Self(uuid::Builder::from_custom_bytes(digest).into_uuid())
+    }
+
+    /// Parses a detection id.
+    pub fn parse(value: &str) -> Result<Self, IdError> {
+        Uuid::parse_str(value).map(Self).map_err(|_| IdError {
+            what: "detection id",
+            value: value.chars().take(80).collect(),
+            allowed: "a UUID",
+        })
+    }
+}
+
+impl fmt::Display for DetectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for DetectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DetectionId({})", self.0)
+    }
+}
+
+/// Body of `breach_detected`: a detector saw what it watches for, with the evidence. It changes
+/// nothing but the audit history; in `campaign` mode the breach it declared is named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreachDetected {
+    /// Derived from the detector, its subject and the evidence.
+    pub detection_id: DetectionId,
+    /// Which detector.
+    pub detector: Detector,
+    /// The devices involved (at most [`DEVICES_PER_EVENT`] of `device_count`).
+    pub device_ids: Vec<DeviceId>,
+    /// How many devices were involved.
+    pub device_count: u32,
+    /// The stream time of the first evidence event.
+    pub window_start: DateTime<Utc>,
+    /// The stream time of the last evidence event.
+    pub window_end: DateTime<Utc>,
+    /// The evidence: device events and orchestrator events, by id (the last
+    /// [`EVIDENCE_PER_EVENT`] of them).
+    pub evidence_event_ids: Vec<EventId>,
+    /// How many authentications the evidence counts (an aggregated failure report counts its
+    /// `count`).
+    pub authentication_count: u64,
+    /// For `read_then_spread`: the principal whose read began it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// The breach declared for it, in `campaign` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breach_id: Option<BreachId>,
 }
 
 /// Body of `breach_declared`: a breach and its campaign begin. Its devices follow in
@@ -218,6 +329,30 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&body).expect("serialises").len();
         assert!(bytes * 2 < crate::subject::MAX_EVENT_BYTES as usize, "{bytes} bytes");
+    }
+
+    #[test]
+    fn a_full_detection_fits_well_under_the_stream_bound() {
+        let body = BreachDetected {
+            detection_id: DetectionId::derived([1; 16]),
+            detector: Detector::LateralMovement,
+            device_ids: (0..DEVICES_PER_EVENT).map(|_| DeviceId::new_random()).collect(),
+            device_count: 10_000,
+            window_start: Utc::now(),
+            window_end: Utc::now(),
+            evidence_event_ids: (0..EVIDENCE_PER_EVENT).map(|_| EventId::new()).collect(),
+            authentication_count: 10_000,
+            principal: Some("p".repeat(200)),
+            breach_id: Some(BreachId::new()),
+        };
+        let bytes = serde_json::to_vec(&body).expect("serialises").len();
+        assert!(bytes * 2 < crate::subject::MAX_EVENT_BYTES as usize, "{bytes} bytes");
+        let source = serde_json::to_value(BreachSource::Detector {
+            detector: Detector::ReadThenSpread,
+            detection_id: body.detection_id,
+        })
+        .expect("serialises");
+        assert_eq!(source["detector"]["detector"], "read_then_spread");
     }
 
     #[test]

@@ -24,6 +24,7 @@ use fleetlaps_proto::signature::OrchestratorSigningKey;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::detectors::{DetectorBatch, DetectorFeed, Observation};
 use crate::escrow::EscrowKeyring;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -102,6 +103,8 @@ pub struct Consumer {
     name: String,
     /// Where failures and recoveries are reported.
     health: Arc<Health>,
+    /// The detectors, fed after each flushed batch, when any is on.
+    detectors: Option<DetectorFeed>,
 }
 
 /// What the consumer needs besides the stream: where to fold, what to count, which keys.
@@ -118,6 +121,8 @@ pub struct ConsumerParts {
     pub signing_key: Arc<OrchestratorSigningKey>,
     /// Where the consumer reports failing and folding again.
     pub health: Arc<Health>,
+    /// The detectors' feed, when any detector is on.
+    pub detectors: Option<DetectorFeed>,
 }
 
 /// The durable consumer `name` on `stream`, delivering from the message after `last_applied`:
@@ -192,6 +197,7 @@ impl Consumer {
             recovery_public_key,
             signing_key,
             health,
+            detectors,
         } = parts;
         let last_applied = projections.last_applied_sequence()?;
         let consumer = open_at(stream, name, last_applied).await?;
@@ -212,6 +218,7 @@ impl Consumer {
             recovery_public_key,
             signing_key,
             health,
+            detectors,
         })
     }
 
@@ -292,6 +299,7 @@ impl Consumer {
         let mut enrolled = false;
         let mut caught_up = false;
         let mut escrow_key_created = false;
+        let mut observations = Vec::new();
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -332,6 +340,11 @@ impl Consumer {
                     other = %clone.other.instance,
                     "two running copies of one device (a cloned image): both are kept; the clone is recorded"
                 );
+            }
+            if self.detectors.is_some()
+                && let Some(observation) = observe(applied.outcome, published, &message.payload)
+            {
+                observations.push(observation);
             }
             enrolled |= applied.outcome == Outcome::Recorded(AuditKind::DeviceEnrolled);
             escrow_key_created |= applied.outcome == Outcome::Recorded(AuditKind::EscrowKeyCreated);
@@ -378,6 +391,14 @@ impl Consumer {
         }
         if caught_up {
             self.report_clones().await?;
+        }
+        if let Some(detectors) = &self.detectors {
+            detectors
+                .send(DetectorBatch {
+                    observations,
+                    caught_up,
+                })
+                .await;
         }
         // Only an enrollment adds a device: the count is not worth a scan per batch otherwise.
         if enrolled {
@@ -462,5 +483,31 @@ impl Consumer {
                 tracing::warn!(stream_sequence, subject, %reason, "event quarantined");
             }
         }
+    }
+}
+
+/// What the detectors watch in a message the projections took, if anything.
+fn observe(outcome: Outcome, at: chrono::DateTime<chrono::Utc>, payload: &[u8]) -> Option<Observation> {
+    match outcome {
+        Outcome::Applied(kind @ (EventKind::AuthenticationSucceeded | EventKind::AuthenticationFailed)) => {
+            let envelope = fleetlaps_proto::event::Envelope::from_json(payload).ok()?;
+            let (fleetlaps_proto::event::Event::AuthenticationSucceeded(body)
+            | fleetlaps_proto::event::Event::AuthenticationFailed(body)) = envelope.event
+            else {
+                return None;
+            };
+            Some(Observation::Authentication {
+                event_id: envelope.id,
+                device_id: envelope.device_id,
+                at,
+                succeeded: kind == EventKind::AuthenticationSucceeded,
+                count: body.count,
+            })
+        }
+        Outcome::Recorded(AuditKind::PasswordRead | AuditKind::BreachDetected | AuditKind::BreachDeclared) => {
+            let envelope = AuditEnvelope::from_json(payload).ok()?;
+            Observation::of_audit(&envelope.event, envelope.id, at)
+        }
+        _ => None,
     }
 }

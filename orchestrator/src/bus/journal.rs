@@ -23,6 +23,14 @@ pub trait Journal: Send + Sync + 'static {
     /// sequence.
     fn append(&self, event: AuditEvent) -> BoxFuture<'_, Result<u64, BusError>>;
 
+    /// Appends one event with `message_id` as its `Nats-Msg-Id`, so JetStream stores it once
+    /// however often it is sent within the stream's duplicate window. A journal without such a
+    /// window (the in-process test journals) appends it as [`Journal::append`] does.
+    fn append_with_id(&self, event: AuditEvent, message_id: String) -> BoxFuture<'_, Result<u64, BusError>> {
+        drop(message_id);
+        self.append(event)
+    }
+
     /// Sends a command to its device (kept until the device takes it).
     fn command(&self, command: Command) -> BoxFuture<'_, Result<(), BusError>>;
 }
@@ -61,9 +69,25 @@ pub(crate) fn signed_audit_message(
 
 impl Journal for JetStreamJournal {
     fn append(&self, event: AuditEvent) -> BoxFuture<'_, Result<u64, BusError>> {
+        let envelope = AuditEnvelope::new(chrono::Utc::now(), event);
+        let message_id = envelope.id.to_string();
+        self.publish(envelope, message_id)
+    }
+
+    fn append_with_id(&self, event: AuditEvent, message_id: String) -> BoxFuture<'_, Result<u64, BusError>> {
+        self.publish(AuditEnvelope::new(chrono::Utc::now(), event), message_id)
+    }
+
+    fn command(&self, command: Command) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move { super::commands::send_command(&self.jetstream, &command).await })
+    }
+}
+
+impl JetStreamJournal {
+    /// Signs and appends `envelope` with `message_id`, and waits for JetStream's ack.
+    fn publish(&self, envelope: AuditEnvelope, message_id: String) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
-            let envelope = AuditEnvelope::new(chrono::Utc::now(), event);
-            let (subject, message) = signed_audit_message(&self.signing_key, &envelope, envelope.id.to_string());
+            let (subject, message) = signed_audit_message(&self.signing_key, &envelope, message_id);
             let error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Journal { source };
             let ack = self
                 .jetstream
@@ -74,9 +98,5 @@ impl Journal for JetStreamJournal {
                 .map_err(|err| error(err.into()))?;
             Ok(ack.sequence)
         })
-    }
-
-    fn command(&self, command: Command) -> BoxFuture<'_, Result<(), BusError>> {
-        Box::pin(async move { super::commands::send_command(&self.jetstream, &command).await })
     }
 }

@@ -143,7 +143,8 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         | AuditEvent::BreachDeclared(_)
         | AuditEvent::BreachTargeted(_)
         | AuditEvent::BreachWaveCommanded(_)
-        | AuditEvent::BreachEnded(_) => None,
+        | AuditEvent::BreachEnded(_)
+        | AuditEvent::BreachDetected(_) => None,
     }
 }
 

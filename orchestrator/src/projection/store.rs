@@ -689,6 +689,9 @@ impl Projections {
                     Err(detail) => return refuse(QuarantineReason::Malformed, detail),
                 }
             }
+            // A detection changes nothing but the audit history; the breach it declared, if any,
+            // has its own events.
+            AuditEvent::BreachDetected(_) => {}
             AuditEvent::BreachDeclared(body) => {
                 batch.insert(
                     keys::campaign(&body.breach_id),
