@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use crate::fault::{FailPoint, Faults, InjectedFault};
 use crate::password_hash::PasswordHash;
 
+/// The tree of a state opened with [`AgentState::open`], one device per database.
+const AGENT_TREE: &str = "agent";
 const DEVICE_ID_KEY: &[u8] = b"m/device_id";
 const GENERATION_KEY: &[u8] = b"m/generation";
 const BACKUP_REFUSED_KEY: &[u8] = b"m/backup_refused";
@@ -160,7 +162,18 @@ impl AgentState {
     /// emits events that order after everything the centre saw from the lost one.
     pub fn open(dir: &Path, device_id: &DeviceId) -> Result<Self, StateError> {
         let db = sled::open(dir.join("state"))?;
-        let tree = db.open_tree("agent")?;
+        Self::open_in(db, AGENT_TREE, device_id)
+    }
+
+    /// Opens the state kept in the tree `tree_name` of an open sled database, which other
+    /// states may share (the simulator keeps one tree per simulated device in one database, so
+    /// a fleet costs one set of sled threads, not one per device). The same checks as
+    /// [`Self::open`]: a tree of another device is refused.
+    ///
+    /// Every durable write flushes the whole database, so devices sharing one pay for each
+    /// other's writes; sled coalesces concurrent flushes.
+    pub fn open_in(db: sled::Db, tree_name: &str, device_id: &DeviceId) -> Result<Self, StateError> {
+        let tree = db.open_tree(tree_name)?;
         match tree.get(DEVICE_ID_KEY)? {
             Some(bytes) => {
                 let stored = DeviceId::parse(&String::from_utf8_lossy(&bytes)).map_err(|err| StateError::Corrupt {
@@ -566,6 +579,24 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("belongs to device dev-1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn devices_sharing_one_database_keep_their_own_state_in_their_own_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("fleet")).unwrap();
+        let first = AgentState::open_in(db.clone(), "dev-1", &test_device()).unwrap();
+        let second_id = DeviceId::parse("dev-2").unwrap();
+        let second = AgentState::open_in(db.clone(), "dev-2", &second_id).unwrap();
+        first.emit(Utc::now(), failed()).await.unwrap();
+        first.emit(Utc::now(), failed()).await.unwrap();
+        assert_eq!(second.emit(Utc::now(), failed()).await.unwrap().sequence, 1);
+        assert_eq!((first.outbox_len(), second.outbox_len()), (2, 1));
+        drop((first, second));
+        let reopened = AgentState::open_in(db.clone(), "dev-1", &test_device()).unwrap();
+        assert_eq!(reopened.outbox_len(), 2);
+        let err = AgentState::open_in(db, "dev-2", &test_device()).err().expect("refused");
+        assert!(err.to_string().contains("belongs to device dev-2"), "{err}");
     }
 
     #[tokio::test]
