@@ -17,6 +17,7 @@
 //! - [`postauth`]: LAPS post-authentication actions: reset (and log off, reboot, terminate) after a login.
 //! - [`clock`]: injectable time.
 //! - [`fault`]: kill and failure points of the crash tests (cargo feature `fault-injection`).
+//! - [`simulate`]: `fleetlaps-agent simulate`: many simulated devices in one process (test and bench fleets).
 
 pub mod account;
 pub mod app;
@@ -30,6 +31,7 @@ pub mod identity;
 pub mod password_hash;
 pub mod postauth;
 pub mod rotation;
+pub mod simulate;
 pub mod state;
 pub mod status;
 pub mod telemetry;
