@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,7 +148,12 @@ impl Simulation {
             anyhow::bail!("--devices 0: simulate at least one device");
         }
         let devices_dir = config.state_dir.join(DEVICES_DIR);
-        std::fs::create_dir_all(&devices_dir).with_context(|| format!("creating {}", devices_dir.display()))?;
+        // Owner-only, as an agent's state directory: it holds every device's signing key.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&devices_dir)
+            .with_context(|| format!("creating {}", devices_dir.display()))?;
         let names = (1..=options.devices)
             .map(|index| DeviceName::parse(&format!("sim-{index:05}")).context("a simulated device name"))
             .collect::<anyhow::Result<Vec<_>>>()?;

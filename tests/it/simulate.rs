@@ -3,6 +3,7 @@
 //! device enrolls, backs up its password and holds the one the orchestrator returns; devices
 //! stopped and started again resume with their own identity and state.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,6 +208,11 @@ async fn the_simulator_binary_enrolls_a_fleet_that_backs_up_and_a_restart_reuses
         },
     )
     .await;
+    let devices_dir_mode = std::fs::metadata(state_dir.join("devices"))
+        .expect("the devices' directory")
+        .permissions()
+        .mode();
+    assert_eq!(devices_dir_mode & 0o077, 0, "the identities are kept owner-only");
     let fleet: Vec<DeviceOnDisk> = (1..=DEVICES)
         .map(|index| DeviceOnDisk::load(&state_dir, &format!("sim-{index:05}")))
         .collect();
