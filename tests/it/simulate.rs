@@ -102,13 +102,14 @@ struct DeviceOnDisk {
 }
 
 impl DeviceOnDisk {
-    fn load(state_dir: &Path, name: &str) -> Self {
+    /// The device named `name`, once its identity is saved.
+    fn load(state_dir: &Path, name: &str) -> Option<Self> {
         let dir = state_dir.join("devices").join(name);
-        let identity = Identity::load(&dir).expect("readable").expect("enrolled");
-        Self {
+        let identity = Identity::load(&dir).expect("readable")?;
+        Some(Self {
             device_id: identity.device_id,
             accounts: FileAccounts::new(dir.join("accounts")),
-        }
+        })
     }
 
     /// The managed account: the orchestrator's policy names none, so the UID 0 account.
@@ -116,8 +117,10 @@ impl DeviceOnDisk {
         self.accounts.resolve(None).expect("the managed account")
     }
 
-    fn hash(&self) -> String {
-        self.accounts.password_hash(&self.account()).expect("readable")
+    /// The managed account's hash, once the simulator has made the account file.
+    fn hash(&self) -> Option<String> {
+        let account = self.accounts.resolve(None).ok()?;
+        Some(self.accounts.password_hash(&account).expect("readable"))
     }
 }
 
@@ -208,14 +211,19 @@ async fn the_simulator_binary_enrolls_a_fleet_that_backs_up_and_a_restart_reuses
         },
     )
     .await;
+    // An identity is saved once the orchestrator's answer arrives, a moment after it recorded
+    // the enrollment.
+    let fleet = wait_until("every simulated identity is saved", FLEET_TIMEOUT, || async {
+        (1..=DEVICES)
+            .map(|index| DeviceOnDisk::load(&state_dir, &format!("sim-{index:05}")))
+            .collect::<Option<Vec<_>>>()
+    })
+    .await;
     let devices_dir_mode = std::fs::metadata(state_dir.join("devices"))
         .expect("the devices' directory")
         .permissions()
         .mode();
     assert_eq!(devices_dir_mode & 0o077, 0, "the identities are kept owner-only");
-    let fleet: Vec<DeviceOnDisk> = (1..=DEVICES)
-        .map(|index| DeviceOnDisk::load(&state_dir, &format!("sim-{index:05}")))
-        .collect();
     for (index, device) in fleet.iter().enumerate() {
         let name = &known.iter().find(|(id, _)| *id == device.device_id).expect("known").1;
         assert_eq!(*name, format!("sim-{:05}", index + 1));
@@ -225,7 +233,7 @@ async fn the_simulator_binary_enrolls_a_fleet_that_backs_up_and_a_restart_reuses
     wait_until("every simulated account has a password", FLEET_TIMEOUT, || async {
         fleet
             .iter()
-            .all(|device| device.hash().starts_with("$6$"))
+            .all(|device| device.hash().is_some_and(|hash| hash.starts_with("$6$")))
             .then_some(())
     })
     .await;
@@ -245,7 +253,7 @@ async fn the_simulator_binary_enrolls_a_fleet_that_backs_up_and_a_restart_reuses
     // Act: start it again, without a token: every identity is reused.
     let simulator = spawn_simulator(&config, &["--devices", &devices], None, &log);
     let sample: Vec<&DeviceOnDisk> = fleet.iter().step_by(40).collect();
-    let before: Vec<String> = sample.iter().map(|device| device.hash()).collect();
+    let before: Vec<Option<String>> = sample.iter().map(|device| device.hash()).collect();
     for device in &sample {
         request_rotation(&orchestrator, &device.device_id).await;
     }
