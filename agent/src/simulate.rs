@@ -481,3 +481,53 @@ fn progress_bar(show: bool, total: usize, message: &'static str) -> ProgressBar 
     }
     bar
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+
+    fn config(state_dir: &Path, account: &str) -> Config {
+        Config::from_toml(&format!(
+            "state_dir = \"{}\"\n[nats]\nurl = \"nats://127.0.0.1:1\"\n[account]\n{account}\n",
+            state_dir.display()
+        ))
+        .expect("a valid config")
+    }
+
+    fn options(devices: usize) -> SimulationOptions {
+        SimulationOptions {
+            devices,
+            enrollment: None,
+            enroll_concurrency: 4,
+            clock: Arc::new(SystemClock),
+            show_progress: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_simulation_never_manages_the_machines_accounts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Simulation::prepare(config(dir.path(), "backend = \"linux\""), options(1))
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("backend = \"file\""), "{err}");
+        assert!(!dir.path().join(DEVICES_DIR).exists(), "nothing was made");
+    }
+
+    #[tokio::test]
+    async fn devices_not_enrolled_need_enrollment_settings_and_the_error_says_how_many() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let account = "backend = \"file\"\npath = \"/nonexistent\"";
+        let err = Simulation::prepare(config(dir.path(), account), options(3))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string()
+                .contains("3 of 3 simulated devices are not enrolled yet"),
+            "{err}"
+        );
+    }
+}

@@ -116,6 +116,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn confirmation_and_command_subjects_name_their_device() {
+        let device_id = DeviceId::parse("dev-1").expect("valid");
+        assert_eq!(
+            parse_device_inbound(&device_confirmations(&device_id)),
+            Some(device_id.clone())
+        );
+        assert_eq!(parse_device_inbound(&device_commands(&device_id)), Some(device_id));
+        for other in [
+            "laps.events.dev-1.password_rotated",
+            "laps.commands.a.b",
+            "laps.confirmations.",
+        ] {
+            assert_eq!(parse_device_inbound(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn device_event_subjects_round_trip() {
         let device_id = DeviceId::parse("dev-1").expect("valid");
         let subject = device_event(&device_id, EventKind::PasswordBackedUp);
