@@ -12,6 +12,7 @@ use fleetlaps_agent::account::{Account, AccountBackend, FileAccounts};
 use fleetlaps_agent::clock::SystemClock;
 use fleetlaps_agent::identity::Identity;
 use fleetlaps_agent::simulate::{EnrollmentSettings, Simulation, SimulationOptions};
+use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::ids::DeviceId;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -355,6 +356,13 @@ async fn devices_stopped_while_a_rotation_is_requested_take_it_when_started_agai
         assert!(simulation.verify_password(device_id, &passwords[0]).expect("readable"));
         assert!(!simulation.verify_password(device_id, &passwords[1]).expect("readable"));
     }
+    // What `fleetlaps-agent status` would show of one: the same device, nothing pending.
+    let status = match simulation.request(&stopped[0], ControlRequest::Status).await {
+        Ok(ControlResponse::Status(report)) => report,
+        other => panic!("status answered {other:?}"),
+    };
+    assert_eq!(status.device_id, stopped[0].to_string());
+    assert!(status.pending_rotation.is_none() && status.outbox_pending == 0);
     assert_eq!(known_devices(&orchestrator).await.len(), DEVICES);
     assert_eq!(enrollment_token_uses(&orchestrator).await, DEVICES as u64);
 
