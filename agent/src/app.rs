@@ -31,14 +31,10 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A built agent, ready to run.
 pub struct App {
-    /// The cycle and its state.
-    processor: Processor,
+    /// The device's cycle, schedule and interval.
+    agent: Agent,
     /// The control socket, bound.
     control: UnixListener,
-    /// Time between cycles.
-    interval: Duration,
-    /// The post-authentication schedule (LAPS PostAuthenticationActions).
-    post_auth: PostAuth,
 }
 
 impl App {
@@ -57,16 +53,9 @@ impl App {
                 Identity::path(&config.state_dir).display()
             )
         })?;
-        let (policy, policy_source) = effective_policy(&config, &identity)?;
-        if let Some(configured) = config.escrow_public_key
-            && configured != identity.escrow_public_key
-        {
-            anyhow::bail!(
-                "escrow_public_key {configured} differs from the key the orchestrator gave at enrollment ({}); \
-                 remove it from the config or fix it",
-                identity.escrow_public_key
-            );
-        }
+        // A bad policy or escrow key is refused before the state is opened or NATS reached.
+        effective_policy(&config, &identity)?;
+        check_escrow_key(&config, &identity)?;
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         let state = AgentState::open(&config.state_dir, &identity.device_id)
@@ -77,7 +66,6 @@ impl App {
             Some(name) => name,
             None => system_hostname()?,
         };
-        let backend: Arc<dyn AccountBackend> = account::backend(&config.account);
         let publisher = Publisher::connect(ConnectSettings {
             url: &config.nats.url,
             ca_file: config.nats.ca_file.as_deref(),
@@ -88,6 +76,82 @@ impl App {
         })
         .await?;
         let control = control::bind(&control::socket_path(&config.state_dir))?;
+        let agent = Agent::assemble(
+            &config,
+            AgentParts {
+                identity,
+                state,
+                publisher,
+                backend: account::backend(&config.account),
+                device_name,
+                clock,
+                faults,
+            },
+        )?;
+        Ok(Self { agent, control })
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.agent.processor.device_id().clone()
+    }
+
+    /// Runs cycles until `shutdown` completes.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self { agent, control } = self;
+        let (requests, incoming_requests) = mpsc::channel::<control::Request>(8);
+        let control_task = tokio::spawn(control::serve(control, requests));
+        let result = agent.run(incoming_requests, shutdown).await;
+        control_task.abort();
+        result
+    }
+}
+
+/// What one device's [`Agent`] is made of, beside the config.
+pub(crate) struct AgentParts {
+    /// The enrolled identity.
+    pub(crate) identity: Identity,
+    /// Its durable state, opened for `identity`'s device.
+    pub(crate) state: AgentState,
+    /// Its way to NATS, signing with `identity`'s key.
+    pub(crate) publisher: Publisher,
+    /// Where the managed account's password lives.
+    pub(crate) backend: Arc<dyn AccountBackend>,
+    /// Its host name.
+    pub(crate) device_name: DeviceName,
+    /// Now.
+    pub(crate) clock: Arc<dyn Clock>,
+    /// Kill points a test armed; none in production.
+    pub(crate) faults: Faults,
+}
+
+/// One device's agent without its control socket: what [`App`] runs, and what the fleet
+/// simulator ([`crate::simulate`]) runs for each simulated device, so both run the same loop.
+pub(crate) struct Agent {
+    /// The cycle and its state.
+    pub(crate) processor: Processor,
+    /// Time between cycles.
+    interval: Duration,
+    /// The post-authentication schedule (LAPS PostAuthenticationActions).
+    post_auth: PostAuth,
+}
+
+impl Agent {
+    /// Assembles a device's agent from `parts` and the settings of `config` (its policy, its
+    /// timings, its post-authentication commands). Refuses an escrow key in the config other
+    /// than the enrolled one.
+    pub(crate) fn assemble(config: &Config, parts: AgentParts) -> anyhow::Result<Self> {
+        let AgentParts {
+            identity,
+            state,
+            publisher,
+            backend,
+            device_name,
+            clock,
+            faults,
+        } = parts;
+        let (policy, policy_source) = effective_policy(config, &identity)?;
+        check_escrow_key(config, &identity)?;
         let post_auth = PostAuth::load(&state, config.post_authentication.clone())
             .context("loading the post-authentication schedule")?;
         let (confirmations, _) = broadcast::channel(64);
@@ -107,29 +171,25 @@ impl App {
         });
         Ok(Self {
             processor,
-            control,
             interval: config.processing_interval(),
             post_auth,
         })
     }
 
-    /// This device's id.
-    pub fn device_id(&self) -> DeviceId {
-        self.processor.device_id().clone()
-    }
-
-    /// Runs cycles until `shutdown` completes.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    /// Runs cycles, answering `incoming_requests` (the control socket's, or the simulator's),
+    /// until `shutdown` completes.
+    pub(crate) async fn run(
+        self,
+        mut incoming_requests: mpsc::Receiver<control::Request>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let Self {
             mut processor,
-            control,
             interval,
             mut post_auth,
         } = self;
         let device_id = processor.device_id().clone();
         tracing::info!(%device_id, device_name = %processor.device_name(), "agent started");
-        let (requests, mut incoming_requests) = mpsc::channel::<control::Request>(8);
-        let control_task = tokio::spawn(control::serve(control, requests));
         let (commands_in, mut commands) = mpsc::channel::<Command>(64);
         let mut confirmations = processor.subscribe_confirmations();
         processor.listen(commands_in).await?;
@@ -204,8 +264,7 @@ impl App {
                 Some(command) = commands.recv() => execute(&mut processor, command).await,
             }
         }
-        control_task.abort();
-        tracing::info!("agent stopped");
+        tracing::info!(%device_id, "agent stopped");
         Ok(())
     }
 }
@@ -259,6 +318,21 @@ fn describe(outcome: CycleOutcome) -> String {
         CycleOutcome::NotDue { expires_at } => format!("password not due; it expires at {expires_at}"),
         CycleOutcome::Rotated { rotation_id, .. } => format!("password rotated and backed up (rotation {rotation_id})"),
     }
+}
+
+/// Refuses an `escrow_public_key` in the config other than the one the orchestrator gave at
+/// enrollment.
+fn check_escrow_key(config: &Config, identity: &Identity) -> anyhow::Result<()> {
+    if let Some(configured) = config.escrow_public_key
+        && configured != identity.escrow_public_key
+    {
+        anyhow::bail!(
+            "escrow_public_key {configured} differs from the key the orchestrator gave at enrollment ({}); \
+             remove it from the config or fix it",
+            identity.escrow_public_key
+        );
+    }
+    Ok(())
 }
 
 /// The policy in force and where it came from: the orchestrator's, sent at enrollment, wins over

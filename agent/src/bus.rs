@@ -6,10 +6,18 @@
 //! permissions (`orchestrator/packaging/nats-server.conf`): its own event subjects, its own
 //! commands and confirmations, a direct get of its own last command, and replies on its own
 //! inbox prefix. A new NATS call here needs a new permission there.
+//!
+//! The fleet simulator ([`crate::simulate`]) runs many devices over one [`SharedConnection`]:
+//! each device's [`Publisher`] publishes and reads as the real agent's does, and its live
+//! confirmations and commands come from the connection's two wildcard subscriptions, routed by
+//! the subject's device id, rather than from two subscriptions per device (a connection may hold
+//! at most `max_subscriptions`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -60,6 +68,171 @@ pub struct Publisher {
     /// Signs `subject + "\n" + payload` of every event; Ed25519 is deterministic, so a re-sent
     /// event carries the same signature.
     signing_key: DeviceSigningKey,
+    /// Where [`Self::listen`] gets the device's confirmations and commands from.
+    inbound: Inbound,
+}
+
+/// Where a publisher's live confirmations and commands come from.
+#[derive(Clone)]
+enum Inbound {
+    /// Two subscriptions of its own, on its own connection (the agent).
+    Own,
+    /// The router of a connection shared by simulated devices.
+    Shared(Arc<Router>),
+}
+
+/// How the simulator's shared connection reaches NATS.
+pub struct SharedConnectSettings<'a> {
+    /// The server URL, `tls://host:port` or `nats://host:port`.
+    pub url: &'a str,
+    /// The CA the server's certificate must chain to; TLS is then required.
+    pub ca_file: Option<&'a Path>,
+    /// How long to wait for JetStream to acknowledge a publish.
+    pub ack_timeout: Duration,
+    /// The simulator user's nkey seed (`nats-config --simulator-nkey`), when the server requires
+    /// authentication.
+    pub nkey_seed_file: Option<&'a Path>,
+}
+
+/// One NATS connection for a whole simulated fleet, with the inbox prefix
+/// [`subject::SIMULATOR_INBOX_PREFIX`]. [`Self::publisher`] makes each device's publisher on it.
+/// Dropping the last clone stops the routing of confirmations and commands.
+#[derive(Clone)]
+pub struct SharedConnection {
+    jetstream: jetstream::Context,
+    /// Each device's live confirmations and commands, by device id.
+    router: Arc<Router>,
+    /// The task that routes them; aborted when the last clone is dropped.
+    _routing: Arc<AbortOnDrop>,
+}
+
+impl SharedConnection {
+    /// Connects as `settings` say, in the background like [`Publisher::connect`], and
+    /// subscribes once to every device's confirmations and commands.
+    pub async fn connect(settings: SharedConnectSettings<'_>) -> anyhow::Result<Self> {
+        let SharedConnectSettings {
+            url,
+            ca_file,
+            ack_timeout,
+            nkey_seed_file,
+        } = settings;
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(ca_file) = ca_file {
+            options = options.add_root_certificates(ca_file.to_owned()).require_tls(true);
+        }
+        if let Some(path) = nkey_seed_file {
+            let seed = read_seed_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
+            tracing::info!(nkey = %seed.public_key(), "connecting to NATS as the simulator's nkey user");
+            options = options.nkey(seed.expose_secret().to_owned());
+        }
+        let client =
+            connect_in_background(options, "fleetlaps-simulator", subject::SIMULATOR_INBOX_PREFIX, url).await?;
+        let confirmations = client.subscribe(subject::CONFIRMATIONS_WILDCARD).await?;
+        let commands = client.subscribe(subject::DEVICE_COMMANDS_WILDCARD).await?;
+        let router = Arc::new(Router::default());
+        let routing = tokio::spawn(Arc::clone(&router).route(confirmations, commands));
+        Ok(Self {
+            jetstream: jetstream::ContextBuilder::new().timeout(ack_timeout).build(client),
+            router,
+            _routing: Arc::new(AbortOnDrop(routing)),
+        })
+    }
+
+    /// A device's publisher on this connection, signing with `signing_key`.
+    pub fn publisher(&self, signing_key: DeviceSigningKey) -> Publisher {
+        Publisher {
+            jetstream: self.jetstream.clone(),
+            signing_key,
+            inbound: Inbound::Shared(Arc::clone(&self.router)),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Hands each device the messages of a shared connection's wildcard subscriptions that name it.
+#[derive(Default)]
+struct Router {
+    /// The listening devices. A device stopped leaves its entry until a message for it finds
+    /// the receiver gone, or it listens again (its new entry replaces the old).
+    routes: Mutex<HashMap<DeviceId, Route>>,
+}
+
+/// Where one device's messages go.
+#[derive(Clone)]
+struct Route {
+    confirmations: broadcast::Sender<BackupConfirmation>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Router {
+    fn listen(&self, device_id: &DeviceId, route: Route) {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(device_id.clone(), route);
+    }
+
+    fn route_of(&self, device_id: &DeviceId) -> Option<Route> {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device_id)
+            .cloned()
+    }
+
+    /// Forgets `device_id`'s route if its command receiver is gone (the device stopped).
+    fn forget_if_stopped(&self, device_id: &DeviceId) {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if routes.get(device_id).is_some_and(|route| route.commands.is_closed()) {
+            routes.remove(device_id);
+        }
+    }
+
+    async fn route(self: Arc<Self>, mut confirmations: async_nats::Subscriber, mut commands: async_nats::Subscriber) {
+        loop {
+            tokio::select! {
+                Some(message) = confirmations.next() => {
+                    let Some(route) = subject::parse_device_inbound(&message.subject).and_then(|id| self.route_of(&id)) else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<BackupConfirmation>(&message.payload) {
+                        // Nobody listening right now is fine: the state knows what waits.
+                        Ok(confirmation) => { let _ = route.confirmations.send(confirmation); }
+                        Err(err) => tracing::warn!(error = %err, "malformed backup confirmation ignored"),
+                    }
+                }
+                Some(message) = commands.next() => {
+                    let Some(device_id) = subject::parse_device_inbound(&message.subject) else {
+                        continue;
+                    };
+                    let Some(route) = self.route_of(&device_id) else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<Command>(&message.payload) {
+                        // Never wait for one device: a command it misses is its last command,
+                        // which it reads every cycle.
+                        Ok(command) => match route.commands.try_send(command) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => self.forget_if_stopped(&device_id),
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                tracing::warn!(%device_id, "command queue full; the device reads its last command next cycle");
+                            }
+                        },
+                        Err(err) => tracing::warn!(error = %err, "malformed command ignored"),
+                    }
+                }
+                else => return,
+            }
+        }
+    }
 }
 
 impl Publisher {
@@ -91,17 +264,19 @@ impl Publisher {
                  anyone accepts"
             );
         }
-        let client = options
-            .name("fleetlaps-agent")
-            .custom_inbox_prefix(subject::device_inbox_prefix(device_id))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 200).min(2_000)))
-            .connect(url)
-            .await
-            .map_err(|err| anyhow::anyhow!("connecting to NATS at {url}: {err}"))?;
+        let client = connect_in_background(
+            options,
+            "fleetlaps-agent",
+            &subject::device_inbox_prefix(device_id),
+            url,
+        )
+        .await?;
         let jetstream = jetstream::ContextBuilder::new().timeout(ack_timeout).build(client);
-        Ok(Self { jetstream, signing_key })
+        Ok(Self {
+            jetstream,
+            signing_key,
+            inbound: Inbound::Own,
+        })
     }
 
     /// Publishes one envelope, signed, and waits for JetStream's acknowledgement.
@@ -138,6 +313,16 @@ impl Publisher {
         confirmations_out: broadcast::Sender<BackupConfirmation>,
         commands_out: mpsc::Sender<Command>,
     ) -> anyhow::Result<()> {
+        if let Inbound::Shared(router) = &self.inbound {
+            router.listen(
+                device_id,
+                Route {
+                    confirmations: confirmations_out,
+                    commands: commands_out,
+                },
+            );
+            return Ok(());
+        }
         let client = self.jetstream.client();
         let mut confirmations = client.subscribe(subject::device_confirmations(device_id)).await?;
         let mut commands = client.subscribe(subject::device_commands(device_id)).await?;
@@ -224,6 +409,25 @@ impl Publisher {
     pub fn is_connected(&self) -> bool {
         self.jetstream.client().connection_state() == async_nats::connection::State::Connected
     }
+}
+
+/// Connects with `options` in the background (retrying for ever, reconnecting after losses),
+/// with replies on `inbox_prefix`.
+async fn connect_in_background(
+    options: async_nats::ConnectOptions,
+    name: &str,
+    inbox_prefix: &str,
+    url: &str,
+) -> anyhow::Result<async_nats::Client> {
+    options
+        .name(name)
+        .custom_inbox_prefix(inbox_prefix)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 200).min(2_000)))
+        .connect(url)
+        .await
+        .map_err(|err| anyhow::anyhow!("connecting to NATS at {url}: {err}"))
 }
 
 /// Reads the nkey user seed in `path`, refusing a file that group or others may access. Errors

@@ -18,6 +18,7 @@
 //! - [`failure_window`]: failed authentications aggregated into a bounded number of events.
 //! - [`clock`]: injectable time.
 //! - [`fault`]: kill and failure points of the crash tests (cargo feature `fault-injection`).
+//! - [`simulate`]: `fleetlaps-agent simulate`: many simulated devices in one process (test and bench fleets).
 
 pub mod account;
 pub mod app;
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod password_hash;
 pub mod postauth;
 pub mod rotation;
+pub mod simulate;
 pub mod state;
 pub mod status;
 pub mod telemetry;

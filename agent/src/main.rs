@@ -2,10 +2,13 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fleetlaps_agent::clock::SystemClock;
+use fleetlaps_agent::simulate::{EnrollmentSettings, Simulation, SimulationOptions};
 use fleetlaps_agent::{App, Config, control, telemetry};
 use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
 use fleetlaps_proto::event::AuthenticationOutcome;
@@ -63,6 +66,33 @@ enum Command {
     },
     /// Check whether the password on standard input is the managed account's.
     CheckPassword,
+    /// Simulate a fleet in this process, for test and bench fleets: N devices, each enrolled
+    /// (once; a restart reuses the identities under `state_dir`), with its own account file and
+    /// state, running the agent's own rotation against the real NATS and orchestrator, all
+    /// over one NATS connection. The config is the fleet's template (`state_dir`, `[nats]` with
+    /// the simulator's nkey seed from `nats-config --simulator-nkey`, `[account] backend =
+    /// "file"`, `[policy]`, timings). Runs until Ctrl-C or SIGTERM.
+    Simulate {
+        /// How many devices: sim-00001 to sim-<N>.
+        #[arg(long, value_name = "N")]
+        devices: usize,
+        /// The orchestrator's API, to enroll the devices not enrolled yet.
+        #[arg(long, value_name = "URL", requires = "token")]
+        orchestrator: Option<String>,
+        /// An enrollment token with a use for each device to enroll (`lapsctl enrollment-token
+        /// create --max-uses N`). Prefer the environment variable.
+        #[arg(long, env = "LAPS_ENROLLMENT_TOKEN", hide_env_values = true)]
+        token: Option<SecretString>,
+        /// Trust only the certificates in this PEM file (a self-signed orchestrator's, or its CA).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Allow an http:// orchestrator URL (see `enroll --insecure-http`).
+        #[arg(long)]
+        insecure_http: bool,
+        /// At most this many enrollments at once.
+        #[arg(long, default_value_t = 16)]
+        enroll_concurrency: usize,
+    },
     /// Report an authentication to the agent; run by `pam_exec` (see packaging/pam.d/fleetlaps).
     /// Reads PAM_USER, PAM_SERVICE, PAM_RHOST and PAM_TTY, and always exits 0.
     PamHook {
@@ -123,6 +153,38 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init(&config.log);
             let app = App::build(config).await?;
             app.run_until(fleetlaps_agent::app::shutdown_signal()).await
+        }
+        Command::Simulate {
+            devices,
+            orchestrator,
+            token,
+            ca,
+            insecure_http,
+            enroll_concurrency,
+        } => {
+            // Each device's info lines times thousands would drown the progress.
+            telemetry::init_with_default(&config.log, "warn,fleetlaps_agent::simulate=info");
+            let enrollment = match (orchestrator, token) {
+                (Some(orchestrator_url), Some(token)) => Some(EnrollmentSettings {
+                    orchestrator_url,
+                    token,
+                    ca_file: ca,
+                    insecure_http,
+                }),
+                _ => None,
+            };
+            let simulation = Simulation::prepare(
+                config,
+                SimulationOptions {
+                    devices,
+                    enrollment,
+                    enroll_concurrency,
+                    clock: Arc::new(SystemClock),
+                    show_progress: true,
+                },
+            )
+            .await?;
+            simulation.run_until(fleetlaps_agent::app::shutdown_signal()).await
         }
         Command::Reset => ask(&config, ControlRequest::Reset).await,
         Command::ProcessNow => ask(&config, ControlRequest::ProcessNow).await,

@@ -29,6 +29,8 @@
 //! crypt hash, as the account database does.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::command::{BackupRefusal, CommandId, DevicePosition};
@@ -40,6 +42,8 @@ use serde::{Deserialize, Serialize};
 use crate::fault::{FailPoint, Faults, InjectedFault};
 use crate::password_hash::PasswordHash;
 
+/// The tree of a state opened with [`AgentState::open`], one device per database.
+const AGENT_TREE: &str = "agent";
 const DEVICE_ID_KEY: &[u8] = b"m/device_id";
 const GENERATION_KEY: &[u8] = b"m/generation";
 const BACKUP_REFUSED_KEY: &[u8] = b"m/backup_refused";
@@ -174,7 +178,7 @@ pub struct UnconfirmedBackup {
 /// The agent's state store. Cheap to clone.
 #[derive(Clone)]
 pub struct AgentState {
-    db: sled::Db,
+    db: StateDb,
     tree: sled::Tree,
     device_id: DeviceId,
     /// This running copy's id, stamped on every event it emits; new each time the state opens.
@@ -183,6 +187,57 @@ pub struct AgentState {
     faults: Faults,
     /// The outbox's bound (`outbox_limit`).
     outbox_limit: usize,
+}
+
+/// A sled database holding the states of one device ([`AgentState::open`]) or of many (the
+/// simulator's, [`AgentState::open_in`]), whose flushes are made one at a time.
+///
+/// Why: every durable write flushes the whole database, and sled runs each `flush_async` on its
+/// small shared I/O pool, where it waits for the log write it needs. Thousands of devices
+/// flushing at once filled that pool with waiting flushes while the log write queued behind
+/// them: a deadlock, seen with 100 simulated devices. One flush at a time covers every write
+/// made before it began, so writers waiting meanwhile share the next one (group commit).
+#[derive(Clone)]
+pub struct StateDb {
+    /// The database.
+    db: sled::Db,
+    /// Its flushes, one at a time.
+    flushes: Arc<GroupFlush>,
+}
+
+/// Serialized flushes shared by the writers of one database.
+#[derive(Default)]
+struct GroupFlush {
+    /// How many flushes have started; read after a write to know which flush covers it.
+    started: AtomicU64,
+    /// Held while a flush runs; counts the flushes completed.
+    completed: tokio::sync::Mutex<u64>,
+}
+
+impl StateDb {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        Ok(Self {
+            db: sled::open(path)?,
+            flushes: Arc::default(),
+        })
+    }
+
+    /// Returns once every write made before the call is on disk: after a flush that started
+    /// after the call, this caller's or another's.
+    async fn flush(&self) -> Result<(), StateError> {
+        let ticket = self.flushes.started.load(Ordering::SeqCst);
+        let mut completed = self.flushes.completed.lock().await;
+        // No flush runs while the lock is free, so `completed` flushes have also started; the
+        // one numbered `ticket + 1` started after this write.
+        if *completed > ticket {
+            return Ok(());
+        }
+        self.flushes.started.fetch_add(1, Ordering::SeqCst);
+        self.db.flush_async().await?;
+        *completed += 1;
+        Ok(())
+    }
 }
 
 impl AgentState {
@@ -194,8 +249,16 @@ impl AgentState {
     /// Unix epoch), so a state made afresh next to an existing identity (its directory deleted)
     /// emits events that order after everything the centre saw from the lost one.
     pub fn open(dir: &Path, device_id: &DeviceId) -> Result<Self, StateError> {
-        let db = sled::open(dir.join("state"))?;
-        let tree = db.open_tree("agent")?;
+        let db = StateDb::open(&dir.join("state"))?;
+        Self::open_in(&db, AGENT_TREE, device_id)
+    }
+
+    /// Opens the state kept in the tree `tree_name` of `db`, which other states may share (the
+    /// simulator keeps one tree per simulated device in one database, so a fleet costs one set
+    /// of sled threads, not one per device). The same checks as [`Self::open`]: a tree of
+    /// another device is refused.
+    pub fn open_in(db: &StateDb, tree_name: &str, device_id: &DeviceId) -> Result<Self, StateError> {
+        let tree = db.db.open_tree(tree_name)?;
         match tree.get(DEVICE_ID_KEY)? {
             Some(bytes) => {
                 let stored = DeviceId::parse(&String::from_utf8_lossy(&bytes)).map_err(|err| StateError::Corrupt {
@@ -215,11 +278,11 @@ impl AgentState {
                 batch.insert(DEVICE_ID_KEY, device_id.as_str().as_bytes());
                 batch.insert(GENERATION_KEY, &generation.to_be_bytes());
                 tree.apply_batch(batch)?;
-                db.flush()?;
+                db.db.flush()?;
             }
         }
         Ok(Self {
-            db,
+            db: db.clone(),
             tree,
             device_id: device_id.clone(),
             instance: InstanceId::new(),
@@ -288,7 +351,7 @@ impl AgentState {
     /// Forgets a refusal (the agent restarted, or an administrator asked for a rotation).
     pub async fn clear_backup_refused(&self) -> Result<(), StateError> {
         if self.tree.remove(BACKUP_REFUSED_KEY)?.is_some() {
-            self.db.flush_async().await?;
+            self.db.flush().await?;
         }
         Ok(())
     }
@@ -396,7 +459,7 @@ impl AgentState {
         if let Some(mut backup) = self.get::<UnconfirmedBackup>(&key)? {
             backup.last_sent = time;
             self.tree.insert(key, encode(&backup))?;
-            self.db.flush_async().await?;
+            self.db.flush().await?;
         }
         Ok(())
     }
@@ -405,7 +468,7 @@ impl AgentState {
     pub async fn backup_confirmed(&self, event_id: &EventId) -> Result<bool, StateError> {
         let removed = self.tree.remove(unconfirmed_key(event_id))?.is_some();
         if removed {
-            self.db.flush_async().await?;
+            self.db.flush().await?;
         }
         Ok(removed)
     }
@@ -437,7 +500,7 @@ impl AgentState {
     /// Notes a manual reset, for throttling.
     pub async fn manual_reset_at(&self, time: DateTime<Utc>) -> Result<(), StateError> {
         self.tree.insert(LAST_MANUAL_RESET_KEY, encode(&time))?;
-        self.db.flush_async().await?;
+        self.db.flush().await?;
         Ok(())
     }
 
@@ -497,7 +560,7 @@ impl AgentState {
             self.faults.check(FailPoint::OutboxAck)?;
         }
         self.tree.remove(outbox_key(envelope.sequence))?;
-        self.db.flush_async().await?;
+        self.db.flush().await?;
         Ok(())
     }
 
@@ -553,7 +616,7 @@ impl AgentState {
 
     async fn commit(&self, batch: sled::Batch) -> Result<(), StateError> {
         self.tree.apply_batch(batch)?;
-        self.db.flush_async().await?;
+        self.db.flush().await?;
         Ok(())
     }
 
@@ -643,6 +706,34 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("belongs to device dev-1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn devices_sharing_one_database_keep_their_own_state_in_their_own_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("fleet")).unwrap();
+        let first = AgentState::open_in(&db, "dev-1", &test_device()).unwrap();
+        let second_id = DeviceId::parse("dev-2").unwrap();
+        let second = AgentState::open_in(&db, "dev-2", &second_id).unwrap();
+        first.emit(Utc::now(), failed()).await.unwrap();
+        first.emit(Utc::now(), failed()).await.unwrap();
+        assert_eq!(
+            second
+                .emit(Utc::now(), failed())
+                .await
+                .unwrap()
+                .expect("room in the outbox")
+                .sequence,
+            1
+        );
+        assert_eq!((first.outbox_len(), second.outbox_len()), (2, 1));
+        drop((first, second));
+        let reopened = AgentState::open_in(&db, "dev-1", &test_device()).unwrap();
+        assert_eq!(reopened.outbox_len(), 2);
+        let err = AgentState::open_in(&db, "dev-2", &test_device())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("belongs to device dev-2"), "{err}");
     }
 
     #[tokio::test]

@@ -4,9 +4,18 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// The filter when `RUST_LOG` is not set.
+pub const DEFAULT_FILTER: &str = "info,sled=warn,async_nats=warn";
+
 /// Installs the global subscriber once. Later calls do nothing.
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sled=warn,async_nats=warn"));
+    init_with_default(config, DEFAULT_FILTER);
+}
+
+/// [`init`] with `default_filter` when `RUST_LOG` is not set (the simulator's devices log
+/// warnings only: info lines times thousands of devices drown the progress).
+pub fn init_with_default(config: &LogConfig, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

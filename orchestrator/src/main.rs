@@ -55,6 +55,10 @@ enum Command {
         /// A file of `DEVICE_ID=NKEY_PUBLIC_KEY` lines (`#` comments and blank lines skipped).
         #[arg(long)]
         devices_file: Option<PathBuf>,
+        /// TEST AND BENCH FLEETS ONLY, NEVER PRODUCTION: add a user for the fleet simulator
+        /// (`fleetlaps-agent simulate`) with this nkey, allowed every device's subjects.
+        #[arg(long, value_name = "NKEY_PUBLIC_KEY")]
+        simulator_nkey: Option<String>,
         /// Where nats-server listens for clients.
         #[arg(long, default_value = nats_auth::DEFAULT_LISTEN)]
         listen: String,
@@ -182,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             orchestrator_nkey,
             devices,
             devices_file,
+            simulator_nkey,
             listen,
             store_dir,
             server_version,
@@ -219,7 +224,16 @@ async fn main() -> anyhow::Result<()> {
                 },
                 orchestrator: nats_auth::NkeyPublicKey::parse(&orchestrator_nkey, "--orchestrator-nkey")?,
                 devices: device_users,
+                simulator: simulator_nkey
+                    .map(|key| nats_auth::NkeyPublicKey::parse(&key, "--simulator-nkey"))
+                    .transpose()?,
             };
+            if config.simulator.is_some() {
+                eprintln!(
+                    "warning: --simulator-nkey renders a user that may act for every device: for test and bench \
+                     fleets only, never in production"
+                );
+            }
             print!("{}", config.render()?);
             Ok(())
         }

@@ -21,6 +21,12 @@
 //!   agent connects with that inbox prefix ([`subject::device_inbox_prefix`]); a device on the
 //!   shared `_INBOX` would never see an ack.
 //!
+//! For test and bench fleets only, `nats-config --simulator-nkey` adds one more user: the fleet
+//! simulator's (`fleetlaps-agent simulate`, many devices over one connection), allowed the union
+//! of every device's subjects ([`simulator_permissions`]). It can publish as any device and read
+//! every device's commands and confirmations, so it must never be rendered for production;
+//! events still count only when signed by their device's enrolled key.
+//!
 //! Invariant: a seed never appears in `Debug` output, logs or error messages; errors name the
 //! file or the device, never the text that was refused.
 
@@ -392,6 +398,33 @@ pub fn device_permissions(device_id: &DeviceId) -> Permissions {
     }
 }
 
+/// The fleet simulator's permissions (`fleetlaps-agent simulate`), for test and bench fleets
+/// only: the union of every device's, by wildcards, so devices the simulator enrolls later need
+/// no re-rendering; replies on its own inbox prefix ([`subject::SIMULATOR_INBOX_PREFIX`]).
+/// Never for production: its holder may publish as any device and read every device's commands
+/// and confirmations (though not sign as a device: that needs the device's enrolled key).
+pub fn simulator_permissions() -> Permissions {
+    Permissions {
+        publish: vec![
+            "laps.events.*.>".to_owned(),
+            format!(
+                "{JS_API}.DIRECT.GET.{}.{}",
+                subject::COMMANDS_STREAM,
+                subject::DEVICE_COMMANDS_WILDCARD
+            ),
+            format!(
+                "{JS_API}.DIRECT.GET.{}.laps.password_version.*",
+                subject::PASSWORD_VERSIONS_STREAM
+            ),
+        ],
+        subscribe: vec![
+            format!("{}.>", subject::SIMULATOR_INBOX_PREFIX),
+            subject::DEVICE_COMMANDS_WILDCARD.to_owned(),
+            subject::CONFIRMATIONS_WILDCARD.to_owned(),
+        ],
+    }
+}
+
 /// The server's certificate and key for TLS, as PEM files nats-server reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTlsFiles {
@@ -446,6 +479,9 @@ pub struct ServerConfig {
     pub orchestrator: NkeyPublicKey,
     /// Every enrolled device; rendered sorted by id.
     pub devices: Vec<DeviceUser>,
+    /// The fleet simulator's public key (`--simulator-nkey`), for test and bench fleets only:
+    /// its user may act for every device ([`simulator_permissions`]). `None` in production.
+    pub simulator: Option<NkeyPublicKey>,
 }
 
 impl ServerConfig {
@@ -471,6 +507,7 @@ impl ServerConfig {
                 device(EXAMPLE_DEVICES[0].0, EXAMPLE_DEVICES[0].1),
                 device(EXAMPLE_DEVICES[1].0, EXAMPLE_DEVICES[1].1),
             ],
+            simulator: None,
         }
     }
 
@@ -478,7 +515,26 @@ impl ServerConfig {
     pub fn render(&self) -> Result<String, NatsAuthError> {
         let listen = quoted_setting("listen", &self.listen)?;
         let store_dir = quoted_setting("store_dir", &self.store_dir.to_string_lossy())?;
-        let authorization = render_authorization(&self.orchestrator, &self.devices)?;
+        let mut authorization = render_authorization(&self.orchestrator, &self.devices)?;
+        if let Some(simulator) = &self.simulator {
+            let holders = std::iter::once((&self.orchestrator, "the orchestrator".to_owned())).chain(
+                self.devices
+                    .iter()
+                    .map(|device| (&device.nkey, format!("device {}", device.device_id))),
+            );
+            for (nkey, holder) in holders {
+                if nkey == simulator {
+                    return Err(NatsAuthError::SharedNkey {
+                        first: holder,
+                        second: "the simulator".to_owned(),
+                    });
+                }
+            }
+            let end = authorization
+                .rfind("  ]\n}\n")
+                .expect("render_authorization ends with the users list");
+            authorization.insert_str(end, &render_simulator_user(simulator));
+        }
         let tls = match &self.tls {
             Some(files) => format!(
                 "# Clients connect with tls:// URLs and trust the CA that issued this certificate
@@ -603,6 +659,19 @@ pub fn render_device_user(device: &DeviceUser) -> String {
         "\n    # Device {}.\n{}",
         device.device_id,
         render_user(&device.nkey, &device_permissions(&device.device_id))
+    )
+}
+
+/// The fleet simulator's user entry, with the warning that goes with it.
+pub fn render_simulator_user(nkey: &NkeyPublicKey) -> String {
+    format!(
+        "
+    # The fleet simulator (fleetlaps-agent simulate), rendered by --simulator-nkey.
+    # FOR TEST AND BENCH FLEETS ONLY, NEVER IN PRODUCTION: it may publish as any device and read
+    # every device's commands and confirmations (its events count only when signed by their
+    # device's enrolled key). Render the file again without --simulator-nkey to remove it.
+{}",
+        render_user(nkey, &simulator_permissions())
     )
 }
 

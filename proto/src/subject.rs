@@ -75,6 +75,26 @@ pub fn device_confirmations(device_id: &DeviceId) -> String {
     format!("laps.confirmations.{device_id}")
 }
 
+/// Every device's confirmations subject (see [`device_confirmations`]).
+pub const CONFIRMATIONS_WILDCARD: &str = "laps.confirmations.*";
+
+/// Every device's commands subject (see [`device_commands`]), one token per device.
+pub const DEVICE_COMMANDS_WILDCARD: &str = "laps.commands.*";
+
+/// The device named by a confirmations or commands subject (`laps.confirmations.<device_id>`,
+/// `laps.commands.<device_id>`), if it is one.
+pub fn parse_device_inbound(subject: &str) -> Option<DeviceId> {
+    let device = subject
+        .strip_prefix("laps.confirmations.")
+        .or_else(|| subject.strip_prefix("laps.commands."))?;
+    DeviceId::parse(device).ok()
+}
+
+/// The inbox prefix of the fleet simulator's one shared connection (`fleetlaps-agent
+/// simulate`), whose NATS user, for test and bench fleets only, may act for every device.
+/// Device ids are the orchestrator's UUIDs, so no device's own prefix equals it.
+pub const SIMULATOR_INBOX_PREFIX: &str = "_INBOX_fleetlaps-simulator";
+
 /// The inbox prefix a device's client uses for replies (JetStream acks, API answers), instead of
 /// the shared `_INBOX`: a device's NATS user may subscribe only below its own prefix, so no device
 /// reads another's replies. The orchestrator keeps `_INBOX`, which no device prefix can equal.
@@ -105,6 +125,23 @@ pub fn parse_device_event(subject: &str) -> Option<(DeviceId, EventKind)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confirmation_and_command_subjects_name_their_device() {
+        let device_id = DeviceId::parse("dev-1").expect("valid");
+        assert_eq!(
+            parse_device_inbound(&device_confirmations(&device_id)),
+            Some(device_id.clone())
+        );
+        assert_eq!(parse_device_inbound(&device_commands(&device_id)), Some(device_id));
+        for other in [
+            "laps.events.dev-1.password_rotated",
+            "laps.commands.a.b",
+            "laps.confirmations.",
+        ] {
+            assert_eq!(parse_device_inbound(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn device_event_subjects_round_trip() {

@@ -89,7 +89,7 @@ impl TestNats {
     /// [`start`](Self::start) as `options` say.
     pub fn start_with(options: NatsOptions) -> Self {
         let binary = options.binary.unwrap_or_else(find_nats_server);
-        let auth = Arc::new(HarnessAuth::new(&binary, options.tls));
+        let auth = Arc::new(HarnessAuth::new(&binary, options.tls, options.simulator));
         let renderer = {
             let auth = Arc::clone(&auth);
             ConfigRenderer(Arc::new(move |port, store_dir: &Path| auth.render(port, store_dir)))
@@ -138,6 +138,16 @@ impl TestNats {
     /// The orchestrator's nkey seed file, for a server started with [`start`](Self::start).
     pub fn orchestrator_seed_file(&self) -> Option<&Path> {
         self.auth.as_ref().map(|auth| auth.orchestrator_seed.as_path())
+    }
+
+    /// The fleet simulator's nkey seed file, for a server started with
+    /// [`NatsOptions::simulator`]: its user may act for every device, as
+    /// `nats-config --simulator-nkey` renders it.
+    pub fn simulator_seed_file(&self) -> Option<&Path> {
+        self.auth
+            .as_ref()
+            .and_then(|auth| auth.simulator.as_ref())
+            .map(|(seed, _)| seed.as_path())
     }
 
     /// The CA that issued the server's certificate, for a server started with TLS.
@@ -424,6 +434,9 @@ pub struct NatsOptions {
     pub tls: bool,
     /// Run this `nats-server` rather than the one on `PATH` (a newer one beside Debian's).
     pub binary: Option<PathBuf>,
+    /// Add the fleet simulator's user (`nats-config --simulator-nkey`), whose seed is
+    /// [`TestNats::simulator_seed_file`].
+    pub simulator: bool,
 }
 
 /// The keys, certificates and admitted devices of a server run the production way.
@@ -437,6 +450,8 @@ struct HarnessAuth {
     test_user_seed: PathBuf,
     /// Its public key.
     test_user_key: NkeyPublicKey,
+    /// The fleet simulator's seed file and public key, when asked for.
+    simulator: Option<(PathBuf, NkeyPublicKey)>,
     /// Devices admitted so far; the config is rendered from them at each (re)start and reload.
     devices: std::sync::Mutex<Vec<DeviceUser>>,
     /// The server's version `(major, minor)`, which decides `sync_interval`.
@@ -448,7 +463,7 @@ struct HarnessAuth {
 }
 
 impl HarnessAuth {
-    fn new(binary: &Path, tls: bool) -> Self {
+    fn new(binary: &Path, tls: bool, simulator: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("fleetlaps-nats-keys-")
             .tempdir()
@@ -457,12 +472,18 @@ impl HarnessAuth {
         let orchestrator_key = ensure_seed_file(&orchestrator_seed).expect("the orchestrator's seed");
         let test_user_seed = dir.path().join("test-user.nk");
         let test_user_key = ensure_seed_file(&test_user_seed).expect("the test user's seed");
+        let simulator = simulator.then(|| {
+            let seed = dir.path().join("simulator.nk");
+            let key = ensure_seed_file(&seed).expect("the simulator's seed");
+            (seed, key)
+        });
         let version = server_version(binary);
         Self {
             orchestrator_seed,
             orchestrator_key,
             test_user_seed,
             test_user_key,
+            simulator,
             devices: std::sync::Mutex::new(Vec::new()),
             server_version: nats_auth::parse_server_version(&version)
                 .unwrap_or_else(|| panic!("{} --version printed {version:?}", binary.display())),
@@ -485,6 +506,7 @@ impl HarnessAuth {
             limits: nats_auth::ServerLimits::default(),
             orchestrator: self.orchestrator_key.clone(),
             devices: self.devices.lock().expect("not poisoned").clone(),
+            simulator: self.simulator.as_ref().map(|(_, key)| key.clone()),
         }
         .render()
         .expect("the config renders");

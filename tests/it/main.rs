@@ -34,4 +34,5 @@ mod rollback;
 mod rotation;
 mod security;
 mod signed_history;
+mod simulate;
 mod slow_clients;

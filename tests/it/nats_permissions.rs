@@ -436,6 +436,7 @@ fn server_config(
             limits: fleetlaps_orchestrator::nats_auth::ServerLimits::default(),
             orchestrator: orchestrator.clone(),
             devices: devices.clone(),
+            simulator: None,
         }
         .render()
         .expect("the config renders")

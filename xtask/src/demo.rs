@@ -52,7 +52,8 @@ pub(crate) fn run(keep_running: bool) -> anyhow::Result<()> {
 }
 
 /// The demo's nats-server configuration: rendered by `fleetlaps-orchestrator nats-config`, with
-/// the orchestrator's nkey user and, once enrolled, one per device.
+/// the orchestrator's nkey user, once enrolled one per device, and the fleet simulator's user
+/// (`--simulator-nkey`: the demo is a development fleet, never production).
 #[derive(Debug)]
 pub(crate) struct DemoNats {
     /// `fleetlaps-orchestrator`, which renders the config and makes nkeys.
@@ -61,6 +62,10 @@ pub(crate) struct DemoNats {
     pub(crate) orchestrator_seed: PathBuf,
     /// Its public key.
     orchestrator_key: String,
+    /// The fleet simulator's nkey seed file (`fleetlaps-agent simulate`).
+    pub(crate) simulator_seed: PathBuf,
+    /// Its public key.
+    simulator_key: String,
     /// `127.0.0.1:<port>`.
     listen: String,
     /// JetStream's store.
@@ -77,6 +82,7 @@ impl DemoNats {
         let mut command = Command::new(&self.orchestrator_binary);
         command
             .args(["nats-config", "--orchestrator-nkey", &self.orchestrator_key])
+            .args(["--simulator-nkey", &self.simulator_key])
             .args(["--listen", &self.listen, "--server-version", &self.server_version])
             .arg("--store-dir")
             .arg(&self.store_dir);
@@ -145,12 +151,15 @@ fn set_up_and_run(interrupt: Interrupt, keep_running: bool) -> anyhow::Result<()
     let log_path = root.join("nats.log");
     fs::create_dir_all(root.join("nats"))?;
     let orchestrator_seed = root.join("nats").join("orchestrator.nk");
+    let simulator_seed = root.join("nats").join("simulator.nk");
     let version_output = Command::new(&nats_server)
         .arg("--version")
         .output()
         .context("running nats-server --version")?;
     let demo_nats = DemoNats {
         orchestrator_key: make_nkey(&orchestrator_binary, &orchestrator_seed)?,
+        simulator_key: make_nkey(&orchestrator_binary, &simulator_seed)?,
+        simulator_seed,
         orchestrator_binary,
         orchestrator_seed,
         listen: format!("127.0.0.1:{port}"),

@@ -217,3 +217,40 @@ fn server_versions_parse_from_what_nats_server_prints() {
     assert_eq!(parse_server_version("2"), None);
     assert_eq!(parse_server_version("two.ten"), None);
 }
+
+#[test]
+fn the_simulator_user_is_rendered_only_when_asked_with_every_device_subject_and_its_warning() {
+    let mut config = ServerConfig::example();
+    assert!(!config.render().expect("renders").contains("fleet simulator"));
+    let simulator = NkeyPublicKey::parse(&KeyPair::new_user().public_key(), "simulator").expect("a user key");
+    config.simulator = Some(simulator.clone());
+    let text = config.render().expect("renders");
+    assert!(text.contains(&render_simulator_user(&simulator)), "{text}");
+    assert!(text.contains("NEVER IN PRODUCTION"));
+    // The devices' own entries are as before.
+    assert!(text.contains(&render_device_user(&config.devices[0])));
+    let permissions = simulator_permissions();
+    assert_eq!(
+        permissions.publish,
+        [
+            "laps.events.*.>",
+            "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.*",
+            "$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.*"
+        ]
+    );
+    assert_eq!(
+        permissions.subscribe,
+        [
+            "_INBOX_fleetlaps-simulator.>",
+            "laps.commands.*",
+            "laps.confirmations.*"
+        ]
+    );
+
+    config.simulator = Some(config.devices[0].nkey.clone());
+    let err = config.render().expect_err("refused");
+    assert!(
+        err.to_string().contains("and the simulator have the same nkey"),
+        "{err}"
+    );
+}

@@ -211,6 +211,12 @@ PasswordLength = 14
         .context("lapsctl token create printed no Token")?
         .to_owned();
     print!("{}", admin.stdout(&["token", "list"])?);
+    // Made now, while the admin's token is at hand; printed once the walk-through is done.
+    let simulate_command = if env.keep_running {
+        Some(simulate_command(env, &admin)?)
+    } else {
+        None
+    };
     let lapsctl = Lapsctl {
         token: token.clone(),
         ..admin
@@ -345,6 +351,9 @@ PasswordLength = 14
             certificate.display(),
             DEVICES[2]
         );
+        if let Some(command) = &simulate_command {
+            println!("simulate a fleet: {command}");
+        }
         loop {
             env.interrupt.sleep(Duration::from_secs(1))?;
         }
@@ -353,6 +362,56 @@ PasswordLength = 14
     drop(agents);
     orchestrator.stop().context("stopping the orchestrator")?;
     Ok(())
+}
+
+/// How many devices the printed `fleetlaps-agent simulate` command simulates.
+const SIMULATED_DEVICES: u32 = 1000;
+
+/// Writes a config for the fleet simulator (`target/demo/simulator/`), makes it an enrollment
+/// token, and returns the command that simulates a fleet against the demo.
+fn simulate_command(env: &DemoEnv, admin: &Lapsctl) -> anyhow::Result<String> {
+    let dir = env.root.join("simulator");
+    fs::create_dir_all(&dir)?;
+    let config = dir.join("simulator.toml");
+    write_private(
+        &config,
+        &format!(
+            r#"state_dir = "{state}"
+[nats]
+url = "{nats}"
+nkey_seed_file = "{seed}"
+[account]
+backend = "file"
+path = "{state}/unused"
+"#,
+            state = dir.join("state").display(),
+            nats = env.nats_url,
+            seed = env.nats.simulator_seed.display(),
+        ),
+    )?;
+    let max_uses = SIMULATED_DEVICES.to_string();
+    let created = admin.stdout(&[
+        "enrollment-token",
+        "create",
+        "--name",
+        "demo-simulator",
+        "--max-uses",
+        &max_uses,
+        "-o",
+        "json",
+    ])?;
+    let created: serde_json::Value =
+        serde_json::from_str(&created).context("lapsctl enrollment-token create printed no JSON")?;
+    let token = created[0]["Token"]
+        .as_str()
+        .context("lapsctl enrollment-token create printed no Token")?;
+    Ok(format!(
+        "LAPS_ENROLLMENT_TOKEN={token} {} --config {} simulate --devices {SIMULATED_DEVICES} --orchestrator {} --ca {}",
+        env.bin_dir.join("fleetlaps-agent").display(),
+        config.display(),
+        admin.base_url,
+        admin.certificate.display()
+    ))
 }
 
 /// The admin CLI, pointed at the demo's orchestrator.
