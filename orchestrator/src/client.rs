@@ -41,6 +41,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound on next links followed for one listing, against a server that never stops paging.
 const MAX_PAGES: usize = 1000;
 
+/// How long a request is sent again while the orchestrator answers 503 with Retry-After (it is
+/// catching up with its history after a start).
+const CATCHING_UP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The breaches' path, relative to the base URL.
 const BREACHES_PATH: &str = "v1.0/fleetlaps/breaches";
 
@@ -321,17 +325,34 @@ impl ApiClient {
         body: Option<&serde_json::Value>,
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes, String, StatusCode), ClientError> {
         let display_url = without_query(&url);
-        let mut request = self.http.request(method, url).bearer_auth(self.token.expose_secret());
-        if let Some(reason) = &self.reason {
-            request = request.header(REASON_HEADER, reason);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await?;
+        // A 503 with Retry-After means the orchestrator has just started and is catching up
+        // with its history: nothing was done, so the request is sent again, for a while.
+        let give_up = std::time::Instant::now() + CATCHING_UP_PATIENCE;
+        let (status, headers, body) = loop {
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .bearer_auth(self.token.expose_secret());
+            if let Some(reason) = &self.reason {
+                request = request.header(REASON_HEADER, reason);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let retry_after = headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+            let body = response.bytes().await?;
+            match retry_after {
+                Some(seconds) if status == StatusCode::SERVICE_UNAVAILABLE && std::time::Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_secs(seconds.clamp(1, 5))).await;
+                }
+                _ => break (status, headers, body),
+            }
+        };
         if status.is_success() {
             return Ok((headers, body, display_url, status));
         }

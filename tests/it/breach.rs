@@ -509,3 +509,86 @@ async fn a_siem_declares_a_breach_over_nats_with_a_token_and_is_told_what_was_wr
     assert_eq!(completed["declaredBy"], "soc");
     rotated_once_and_retrievable(&nats, &orchestrator, &agents[0], since).await;
 }
+
+#[tokio::test]
+async fn a_breach_of_a_thousand_simulated_devices_a_tenth_of_them_off_completes_with_each_rotated_once() {
+    // Arrange: 1,000 simulated devices, all backed up.
+    const DEVICES: usize = 1_000;
+    let nats = crate::simulate::nats_with_simulator();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let token = soc_token(&orchestrator).await;
+    let (enrollment_token, _) =
+        crate::apps::create_enrollment_token(&orchestrator, json!({"name": "simulated", "maxUses": DEVICES})).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_dir = dir.path().join("simulator");
+    let config = fleetlaps_agent::Config::from_toml(&crate::simulate::simulator_config(&nats, &state_dir))
+        .expect("a valid config");
+    let mut simulation = fleetlaps_agent::simulate::Simulation::prepare(
+        config,
+        fleetlaps_agent::simulate::SimulationOptions {
+            devices: DEVICES,
+            enrollment: Some(fleetlaps_agent::simulate::EnrollmentSettings {
+                orchestrator_url: orchestrator.base_url.clone(),
+                token: secrecy::SecretString::from(enrollment_token),
+                ca_file: Some(orchestrator.tls_certificate.clone()),
+                insecure_http: false,
+            }),
+            enroll_concurrency: 16,
+            clock: std::sync::Arc::new(fleetlaps_agent::clock::SystemClock),
+            show_progress: false,
+        },
+    )
+    .await
+    .expect("the fleet enrolls");
+    simulation.start_all().await.expect("the fleet starts");
+    tokio::time::timeout(Duration::from_secs(300), simulation.wait_until_all_backed_up())
+        .await
+        .expect("every device backs up in time")
+        .expect("the states are readable");
+    let device_ids = simulation.device_ids();
+    let off: Vec<DeviceId> = device_ids.iter().step_by(10).cloned().collect();
+    simulation.stop(&off).await.expect("a tenth of the fleet stops");
+    let declared_after = Utc::now();
+
+    // Act: the whole fleet is declared breached; the devices that were off come back later.
+    let declared = declare(&orchestrator, &token, json!({"kind": "all"})).await;
+    assert_eq!(declared["targeted"], DEVICES);
+    let id = declared["id"].as_str().expect("an id").to_owned();
+    let waiting = wait_for_campaign(
+        &orchestrator,
+        &token,
+        &id,
+        "every device that is on rotates",
+        |campaign| campaign["rotated"] == DEVICES - off.len(),
+    )
+    .await;
+    assert_eq!(waiting["state"], "running", "the devices that are off keep it running");
+    simulation.start(&off).await.expect("the rest of the fleet returns");
+
+    // Assert: it completes; each device rotated exactly once after the declaration, and the
+    // password the centre returns is each device's account's.
+    wait_for_campaign(&orchestrator, &token, &id, "the campaign completes", |campaign| {
+        campaign["state"] == "completed"
+    })
+    .await;
+    let mut rotations: std::collections::HashMap<DeviceId, usize> = std::collections::HashMap::new();
+    for payload in crate::apps::stream_payloads(&nats, "laps.events.*.password_rotated").await {
+        let envelope = fleetlaps_proto::event::Envelope::from_json(&payload).expect("an event");
+        if envelope.time >= declared_after {
+            *rotations.entry(envelope.device_id).or_default() += 1;
+        }
+    }
+    for device_id in &device_ids {
+        assert_eq!(
+            rotations.get(device_id),
+            Some(&1),
+            "device {device_id} rotated once for the breach"
+        );
+        let newest = orchestrator.passwords(device_id).await.remove(0);
+        assert!(
+            simulation.verify_password(device_id, &newest).expect("readable"),
+            "device {device_id}'s account has the password the centre returns"
+        );
+    }
+    simulation.stop_all().await.expect("the fleet stops");
+}

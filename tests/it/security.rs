@@ -239,23 +239,7 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
     let (token, id) = orchestrator
         .create_token(ADMIN_TOKEN, json!({"name": "departed", "scopes": ["Audit.Read.All"]}))
         .await;
-    let jetstream = async_nats::jetstream::new(nats.client().await);
-    for chunk in 0..20 {
-        let mut acks = Vec::new();
-        for n in 0..1_000 {
-            let ack = jetstream
-                .publish(
-                    format!("laps.events.filler-{chunk}.noise"),
-                    format!("not an event {n}").into(),
-                )
-                .await
-                .expect("published");
-            acks.push(ack);
-        }
-        for ack in acks {
-            ack.await.expect("stored");
-        }
-    }
+    publish_noise(&nats, 20_000).await;
     let revoked = orchestrator
         .request(
             reqwest::Method::DELETE,
@@ -446,4 +430,55 @@ async fn the_bootstrap_admin_token_expires_when_told_and_is_refused_once_removed
             .status(),
         StatusCode::OK
     );
+}
+
+/// Publishes `count` messages that are not events (quarantined when folded), so a rebuild of
+/// the projections takes a while.
+async fn publish_noise(nats: &TestNats, count: usize) {
+    let jetstream = async_nats::jetstream::new(nats.client().await);
+    let mut acks = Vec::new();
+    for n in 0..count {
+        let ack = jetstream
+            .publish(
+                format!("laps.events.filler-{}.noise", n / 1_000),
+                format!("not an event {n}").into(),
+            )
+            .await
+            .expect("published");
+        acks.push(ack);
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("stored");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+}
+
+#[tokio::test]
+async fn lapsctl_waits_while_a_starting_orchestrator_catches_up_instead_of_failing() {
+    // Arrange: a history long enough that a rebuild takes a moment.
+    let nats = TestNats::start();
+    let mut orchestrator = TestOrchestrator::spawn(&nats).await;
+    publish_noise(&nats, 20_000).await;
+    orchestrator.stop().await;
+    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
+    orchestrator
+        .restart_without_waiting()
+        .await
+        .expect("orchestrator starts");
+    assert_eq!(
+        orchestrator.get("/healthz", None).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "still catching up"
+    );
+
+    // Act
+    let listed = orchestrator.lapsctl(&["--token", ADMIN_TOKEN, "token", "list"]).await;
+
+    // Assert: answered once caught up, not refused.
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert_eq!(orchestrator.get("/healthz", None).await.status(), StatusCode::OK);
 }

@@ -24,7 +24,7 @@ use crate::harness::{NatsOptions, TestNats, wait_until};
 const FLEET_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A nats-server run the production way, with the simulator's user (`--simulator-nkey`).
-fn nats_with_simulator() -> TestNats {
+pub(crate) fn nats_with_simulator() -> TestNats {
     TestNats::start_with(NatsOptions {
         simulator: true,
         ..NatsOptions::default()
@@ -32,7 +32,7 @@ fn nats_with_simulator() -> TestNats {
 }
 
 /// The simulator's config: its directory, NATS as the simulator's user, file accounts.
-fn simulator_config(nats: &TestNats, state_dir: &Path) -> String {
+pub(crate) fn simulator_config(nats: &TestNats, state_dir: &Path) -> String {
     let seed = nats.simulator_seed_file().expect("a server with the simulator's user");
     format!(
         r#"
