@@ -211,12 +211,8 @@ PasswordLength = 14
         .context("lapsctl token create printed no Token")?
         .to_owned();
     print!("{}", admin.stdout(&["token", "list"])?);
-    // Made now, while the admin's token is at hand; printed once the walk-through is done.
-    let simulate_command = if env.keep_running {
-        Some(simulate_command(env, &admin)?)
-    } else {
-        None
-    };
+    // Made now, while the admin's token is at hand.
+    let simulator_token = simulator_enrollment_token(&admin)?;
     let lapsctl = Lapsctl {
         token: token.clone(),
         ..admin
@@ -293,6 +289,16 @@ PasswordLength = 14
         reads.as_array().map_or(0, Vec::len)
     );
 
+    tools::step(&format!(
+        "a simulated fleet of {SIMULATED_DEVICES} devices joins: fleetlaps-agent simulate, one process, each device with its own \
+         identity, account and state, on the agent's own rotation code"
+    ));
+    let mut simulator = start_simulator(env, &lapsctl, &simulator_token)?;
+    println!(
+        "{SIMULATED_DEVICES} simulated devices enrolled and backed up (log: {})",
+        env.root.join("simulator").join("simulator.log").display()
+    );
+
     tools::step(
         "a breach: the security team rotates the whole fleet at once (lapsctl breach declare --all, then watch)",
     );
@@ -333,6 +339,9 @@ PasswordLength = 14
         check_password(&env.bin_dir, config, &new)?;
     }
     println!("every device has a new password, and each account accepts the one the centre returns");
+    if let Some(status) = simulator.exit_status()? {
+        anyhow::bail!("the fleet simulator exited early ({status})");
+    }
 
     tools::step("metrics");
     println!("Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics");
@@ -351,9 +360,6 @@ PasswordLength = 14
             certificate.display(),
             DEVICES[2]
         );
-        if let Some(command) = &simulate_command {
-            println!("simulate a fleet: {command}");
-        }
         loop {
             env.interrupt.sleep(Duration::from_secs(1))?;
         }
@@ -364,12 +370,37 @@ PasswordLength = 14
     Ok(())
 }
 
-/// How many devices the printed `fleetlaps-agent simulate` command simulates.
-const SIMULATED_DEVICES: u32 = 1000;
+/// How many devices the demo's fleet simulator simulates.
+const SIMULATED_DEVICES: u32 = 300;
+/// How long the simulated fleet may take to enroll and back up.
+const SIMULATOR_TIMEOUT: Duration = Duration::from_secs(300);
+/// What the simulator logs once every device is backed up.
+const SIMULATOR_READY: &str = "every simulated device is backed up";
 
-/// Writes a config for the fleet simulator (`target/demo/simulator/`), makes it an enrollment
-/// token, and returns the command that simulates a fleet against the demo.
-fn simulate_command(env: &DemoEnv, admin: &Lapsctl) -> anyhow::Result<String> {
+/// An enrollment token for the simulated fleet.
+fn simulator_enrollment_token(admin: &Lapsctl) -> anyhow::Result<String> {
+    let max_uses = SIMULATED_DEVICES.to_string();
+    let created = admin.stdout(&[
+        "enrollment-token",
+        "create",
+        "--name",
+        "demo-simulator",
+        "--max-uses",
+        &max_uses,
+        "-o",
+        "json",
+    ])?;
+    let created: serde_json::Value =
+        serde_json::from_str(&created).context("lapsctl enrollment-token create printed no JSON")?;
+    Ok(created[0]["Token"]
+        .as_str()
+        .context("lapsctl enrollment-token create printed no Token")?
+        .to_owned())
+}
+
+/// Writes the simulator's config (`target/demo/simulator/`), starts `fleetlaps-agent simulate`
+/// against the demo, and waits until every simulated device is backed up.
+fn start_simulator(env: &DemoEnv, lapsctl: &Lapsctl, token: &str) -> anyhow::Result<ChildGuard> {
     let dir = env.root.join("simulator");
     fs::create_dir_all(&dir)?;
     let config = dir.join("simulator.toml");
@@ -389,29 +420,35 @@ path = "{state}/unused"
             seed = env.nats.simulator_seed.display(),
         ),
     )?;
-    let max_uses = SIMULATED_DEVICES.to_string();
-    let created = admin.stdout(&[
-        "enrollment-token",
-        "create",
-        "--name",
-        "demo-simulator",
-        "--max-uses",
-        &max_uses,
-        "-o",
-        "json",
-    ])?;
-    let created: serde_json::Value =
-        serde_json::from_str(&created).context("lapsctl enrollment-token create printed no JSON")?;
-    let token = created[0]["Token"]
-        .as_str()
-        .context("lapsctl enrollment-token create printed no Token")?;
-    Ok(format!(
-        "LAPS_ENROLLMENT_TOKEN={token} {} --config {} simulate --devices {SIMULATED_DEVICES} --orchestrator {} --ca {}",
-        env.bin_dir.join("fleetlaps-agent").display(),
-        config.display(),
-        admin.base_url,
-        admin.certificate.display()
-    ))
+    let log = dir.join("simulator.log");
+    let mut simulator = ChildGuard::spawn(
+        "fleet simulator",
+        Command::new(env.bin_dir.join("fleetlaps-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(["simulate", "--devices", &SIMULATED_DEVICES.to_string()])
+            .args(["--orchestrator", &lapsctl.base_url])
+            .arg("--ca")
+            .arg(&lapsctl.certificate)
+            .env("LAPS_ENROLLMENT_TOKEN", token)
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?),
+    )?;
+    let deadline = Instant::now() + SIMULATOR_TIMEOUT;
+    loop {
+        if fs::read_to_string(&log).is_ok_and(|text| text.contains(SIMULATOR_READY)) {
+            return Ok(simulator);
+        }
+        if let Some(status) = simulator.exit_status()? {
+            anyhow::bail!("the fleet simulator exited ({status}); see {}", log.display());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the simulated fleet was not backed up within {SIMULATOR_TIMEOUT:?}; see {}",
+            log.display()
+        );
+        env.interrupt.sleep(Duration::from_millis(500))?;
+    }
 }
 
 /// The admin CLI, pointed at the demo's orchestrator.
