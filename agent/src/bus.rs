@@ -116,14 +116,9 @@ impl SharedConnection {
             ack_timeout,
             nkey_seed_file,
         } = settings;
-        let mut options = async_nats::ConnectOptions::new();
-        if let Some(ca_file) = ca_file {
-            options = options.add_root_certificates(ca_file.to_owned()).require_tls(true);
-        }
-        if let Some(path) = nkey_seed_file {
-            let seed = read_seed_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
-            tracing::info!(nkey = %seed.public_key(), "connecting to NATS as the simulator's nkey user");
-            options = options.nkey(seed.expose_secret().to_owned());
+        let (options, nkey) = connect_options(ca_file, nkey_seed_file)?;
+        if let Some(nkey) = nkey {
+            tracing::info!(%nkey, "connecting to NATS as the simulator's nkey user");
         }
         let client =
             connect_in_background(options, "fleetlaps-simulator", subject::SIMULATOR_INBOX_PREFIX, url).await?;
@@ -235,6 +230,25 @@ impl Router {
     }
 }
 
+/// The connection options for a CA file (TLS required) and an nkey seed file, and the nkey's
+/// public key when there is one; fails only when the seed file cannot be used.
+fn connect_options(
+    ca_file: Option<&std::path::Path>,
+    nkey_seed_file: Option<&std::path::Path>,
+) -> anyhow::Result<(async_nats::ConnectOptions, Option<String>)> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(ca_file) = ca_file {
+        options = options.add_root_certificates(ca_file.to_owned()).require_tls(true);
+    }
+    let mut nkey = None;
+    if let Some(path) = nkey_seed_file {
+        let seed = read_seed_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
+        nkey = Some(seed.public_key().to_owned());
+        options = options.nkey(seed.expose_secret().to_owned());
+    }
+    Ok((options, nkey))
+}
+
 impl Publisher {
     /// Connects as `settings` say. The connection is made in the background and re-made after
     /// losses, so an agent starts (and keeps its account untouched) while NATS is unreachable,
@@ -249,15 +263,10 @@ impl Publisher {
             nkey_seed_file,
             signing_key,
         } = settings;
-        let mut options = async_nats::ConnectOptions::new();
-        if let Some(ca_file) = ca_file {
-            options = options.add_root_certificates(ca_file.to_owned()).require_tls(true);
-        }
-        if let Some(path) = nkey_seed_file {
-            let seed = read_seed_file(path).with_context(|| format!("nats.nkey_seed_file {}", path.display()))?;
+        let (options, nkey) = connect_options(ca_file, nkey_seed_file)?;
+        if let Some(nkey) = nkey {
             // The line an operator enrols the device from: `--device <device_id>=<nkey>`.
-            tracing::info!(%device_id, nkey = %seed.public_key(), "connecting to NATS as this device's nkey user");
-            options = options.nkey(seed.expose_secret().to_owned());
+            tracing::info!(%device_id, %nkey, "connecting to NATS as this device's nkey user");
         } else {
             tracing::warn!(
                 "no nats.nkey_seed_file: connecting to NATS without credentials, which only a server that admits \
