@@ -290,6 +290,29 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         }
     }
 
+    /// Stops it abruptly, wherever it is, without draining anything: its task is aborted, as
+    /// a kill would end the process (destructors run, but no step is completed).
+    pub async fn kill(&mut self) {
+        self.shutdown.take();
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Starts it again on the same data directory after [`Self::kill`], once the killed
+    /// instance has let go of it (its tasks end a moment after the abort).
+    pub async fn restart_after_kill(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Err(err) = self.try_restart().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the killed orchestrator still holds its data directory: {err:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Stops it and starts it again on the same data directory.
     pub async fn restart(&mut self) {
         self.try_restart().await.expect("orchestrator starts");

@@ -162,7 +162,7 @@ async fn a_fleet_wide_breach_rotates_every_device_once_and_an_offline_one_when_i
 }
 
 #[tokio::test]
-async fn an_orchestrator_restarted_mid_campaign_resumes_it_and_no_device_rotates_twice() {
+async fn an_orchestrator_killed_mid_campaign_resumes_it_and_no_device_rotates_twice() {
     // Arrange: one device per wave, so the restart falls in the middle.
     let nats = TestNats::start();
     let mut orchestrator =
