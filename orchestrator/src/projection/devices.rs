@@ -259,6 +259,12 @@ impl DeviceRecord {
     }
 }
 
+/// Whether a `device_clone_detected` on the history is the report of the clone waiting to be
+/// reported (`due`): the same evidence. Then nothing waits any more.
+pub fn clone_report_settles(due: &DeviceCloneDetected, recorded: &DeviceCloneDetected) -> bool {
+    due.evidence_event_id == recorded.evidence_event_id
+}
+
 /// How many superseded copies a device record remembers.
 const SUPERSEDED_INSTANCES_KEPT: usize = 16;
 
@@ -463,6 +469,38 @@ mod tests {
             None,
         );
         assert_eq!(device.last_failure, None);
+    }
+
+    #[test]
+    fn tags_are_replaced_whole_and_a_report_settles_only_its_own_clone() {
+        let mut device = record();
+        device.tags_set(&[
+            DeviceTag::parse("site:paris").unwrap(),
+            DeviceTag::parse("role:web").unwrap(),
+        ]);
+        device.tags_set(&[DeviceTag::parse("site:lyon").unwrap()]);
+        assert_eq!(device.tags, [DeviceTag::parse("site:lyon").unwrap()]);
+        device.tags_set(&[]);
+        assert!(device.tags.is_empty());
+
+        let event = one_of_each(RotationId::new()).remove(0);
+        let from = |sequence: u64, instance: InstanceId| Envelope {
+            instance: Some(instance),
+            ..envelope(sequence, event.clone())
+        };
+        let (first, second) = (InstanceId::new(), InstanceId::new());
+        device.apply(&from(1, first), None);
+        device.apply(&from(2, second), None);
+        let due = device.apply(&from(3, first), None).clone.expect("a clone");
+        assert!(clone_report_settles(&due, &due.clone()));
+        let other = DeviceCloneDetected {
+            evidence_event_id: EventId::new(),
+            ..due.clone()
+        };
+        assert!(
+            !clone_report_settles(&due, &other),
+            "another clone's report leaves this one due"
+        );
     }
 
     #[test]

@@ -650,7 +650,7 @@ impl Projections {
             AuditEvent::DeviceCloneDetected(body) => {
                 let key = keys::clone_report(&body.device_id);
                 let due: Option<DeviceCloneDetected> = self.get(&key)?;
-                if due.is_some_and(|due| due.evidence_event_id == body.evidence_event_id) {
+                if due.is_some_and(|due| super::devices::clone_report_settles(&due, body)) {
                     batch.remove(key);
                 }
             }
