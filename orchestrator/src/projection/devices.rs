@@ -261,7 +261,7 @@ impl DeviceRecord {
 
 /// Whether a `device_clone_detected` on the history is the report of the clone waiting to be
 /// reported (`due`): the same evidence. Then nothing waits any more.
-pub fn clone_report_settles(due: &DeviceCloneDetected, recorded: &DeviceCloneDetected) -> bool {
+pub(super) fn clone_report_settles(due: &DeviceCloneDetected, recorded: &DeviceCloneDetected) -> bool {
     due.evidence_event_id == recorded.evidence_event_id
 }
 
