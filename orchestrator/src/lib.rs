@@ -16,6 +16,7 @@
 //! - [`campaigns`]: the breach campaign runner: waves of rotate commands, deadlines, completion.
 //! - [`detectors`]: breach signals raised from what the fleet reports (lateral movement, repeated
 //!   failures, a read then authentications spreading), kept in sliding windows.
+//! - [`replay`]: `replay`: every projection rebuilt from the history into a fresh directory, up to an instant.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
 //! - [`health`]: whether the projections may be trusted yet (caught up since start) and whether
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod nats_auth;
 pub mod orchestrator_key;
 pub mod projection;
+pub mod replay;
 pub mod telemetry;
 pub mod tls;
 

@@ -43,6 +43,20 @@ enum Command {
         #[arg(long)]
         recovery_key: PathBuf,
     },
+    /// Rebuild every projection from the history into a fresh directory (the live ones are left
+    /// alone), up to an instant with --until: the state as it was then. Prints the digest, which
+    /// equals the live projections' when the whole history is replayed.
+    Replay {
+        /// The config file (TOML): NATS, and the data directory with the escrow key.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write the projections: a new or empty directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replay only the messages stored at or before this instant (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
     /// Print the nats-server configuration: JetStream, and a user with its permissions for the
     /// orchestrator and for each device.
     NatsConfig {
@@ -180,6 +194,25 @@ async fn main() -> anyhow::Result<()> {
                 "back up {} now, then start the orchestrator",
                 escrow::key_path(&config).display()
             );
+            Ok(())
+        }
+        Command::Replay { config, out, until } => {
+            let config = Config::load(&config)?;
+            telemetry::init(&config.log);
+            let bar = indicatif::ProgressBar::new(0).with_message("replaying the history");
+            let report = fleetlaps_orchestrator::replay::replay(&config, &out, until, |read, total| {
+                bar.set_length(total);
+                bar.set_position(read);
+            })
+            .await?;
+            bar.finish_and_clear();
+            println!(
+                "replayed {} message(s), up to stream sequence {}, into {}",
+                report.messages,
+                report.last_sequence,
+                out.display()
+            );
+            println!("digest {}", report.digest);
             Ok(())
         }
         Command::NatsConfig {

@@ -1113,3 +1113,28 @@ pub async fn stream_payloads(nats: &TestNats, filter_subject: &str) -> Vec<Vec<u
     }
     payloads
 }
+
+/// Publishes `count` messages that are not events (quarantined when folded), so a rebuild of
+/// the projections takes a while.
+pub async fn publish_noise(nats: &TestNats, count: usize) {
+    let jetstream = async_nats::jetstream::new(nats.client().await);
+    let mut acks = Vec::new();
+    for n in 0..count {
+        let ack = jetstream
+            .publish(
+                format!("laps.events.filler-{}.noise", n / 1_000),
+                format!("not an event {n}").into(),
+            )
+            .await
+            .expect("published");
+        acks.push(ack);
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("stored");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+}

@@ -29,6 +29,7 @@ mod linux_account;
 mod nats_permissions;
 mod nats_security;
 mod post_authentication;
+mod replay;
 mod resilience;
 mod rollback;
 mod rotation;

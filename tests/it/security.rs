@@ -8,7 +8,9 @@ use fleetlaps_proto::subject;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator, stream_payloads};
+use crate::apps::{
+    ADMIN_TOKEN, OPERATOR_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator, publish_noise, stream_payloads,
+};
 use crate::harness::{TestNats, wait_until};
 
 /// Every orchestrator event on the stream, oldest first.
@@ -430,31 +432,6 @@ async fn the_bootstrap_admin_token_expires_when_told_and_is_refused_once_removed
             .status(),
         StatusCode::OK
     );
-}
-
-/// Publishes `count` messages that are not events (quarantined when folded), so a rebuild of
-/// the projections takes a while.
-async fn publish_noise(nats: &TestNats, count: usize) {
-    let jetstream = async_nats::jetstream::new(nats.client().await);
-    let mut acks = Vec::new();
-    for n in 0..count {
-        let ack = jetstream
-            .publish(
-                format!("laps.events.filler-{}.noise", n / 1_000),
-                format!("not an event {n}").into(),
-            )
-            .await
-            .expect("published");
-        acks.push(ack);
-        if acks.len() == 1_000 {
-            for ack in acks.drain(..) {
-                ack.await.expect("stored");
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.expect("stored");
-    }
 }
 
 #[tokio::test]
