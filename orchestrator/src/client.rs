@@ -45,6 +45,19 @@ const MAX_PAGES: usize = 1000;
 /// catching up with its history after a start).
 const CATCHING_UP_PATIENCE: Duration = Duration::from_secs(60);
 
+/// Which audit entries to list; every field narrows it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AuditFilter<'a> {
+    /// Only this device's.
+    pub device_id: Option<&'a DeviceId>,
+    /// Only this kind (`password_read`, …).
+    pub kind: Option<&'a str>,
+    /// Only what this principal did.
+    pub principal: Option<&'a str>,
+    /// Only from this time on.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The breaches' path, relative to the base URL.
 const BREACHES_PATH: &str = "v1.0/fleetlaps/breaches";
 
@@ -487,17 +500,20 @@ impl ApiClient {
     }
 
     /// The audit history, oldest first, every page; only one device's or one kind's if asked.
-    pub async fn audit(
-        &self,
-        device_id: Option<&DeviceId>,
-        kind: Option<&str>,
-    ) -> Result<Vec<AuditEntry>, ClientError> {
+    pub async fn audit(&self, filter: &AuditFilter<'_>) -> Result<Vec<AuditEntry>, ClientError> {
         let mut url = self.url(AUDIT_PATH)?;
-        if let Some(device_id) = device_id {
+        if let Some(device_id) = filter.device_id {
             url.query_pairs_mut().append_pair("deviceId", device_id.as_str());
         }
-        if let Some(kind) = kind {
+        if let Some(kind) = filter.kind {
             url.query_pairs_mut().append_pair("kind", kind);
+        }
+        if let Some(principal) = filter.principal {
+            url.query_pairs_mut().append_pair("principal", principal);
+        }
+        if let Some(since) = filter.since {
+            url.query_pairs_mut()
+                .append_pair("since", &since.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
         }
         self.all_pages(url).await
     }

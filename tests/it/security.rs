@@ -459,3 +459,74 @@ async fn lapsctl_waits_while_a_starting_orchestrator_catches_up_instead_of_faili
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     assert_eq!(orchestrator.get("/healthz", None).await.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn lapsctl_audit_lists_everything_one_principal_did_since_a_time() {
+    // Arrange: the investigator reads a password before and after an instant; someone else
+    // reads it after.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = crate::apps::TestAgent::spawn(&nats, &orchestrator).await;
+    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+    let (other, _) = orchestrator
+        .create_token(
+            ADMIN_TOKEN,
+            json!({"name": "other-reader", "scopes": ["DeviceLocalCredential.Read.All"]}),
+        )
+        .await;
+    let read_path = format!(
+        "/v1.0/directory/deviceLocalCredentials/{}?$select=credentials",
+        agent.device_id
+    );
+    assert_eq!(
+        orchestrator.get(&read_path, Some(READ_TOKEN)).await.status(),
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        orchestrator.get(&read_path, Some(READ_TOKEN)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        orchestrator.get(&read_path, Some(&other)).await.status(),
+        StatusCode::OK
+    );
+
+    let audit = |filters: Vec<String>| {
+        let orchestrator = &orchestrator;
+        async move {
+            let mut args = vec!["--token", OPERATOR_TOKEN, "audit", "-o", "json"];
+            args.extend(filters.iter().map(String::as_str));
+            let listed = orchestrator.lapsctl(&args).await;
+            assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+            serde_json::from_slice::<Value>(&listed.stdout).expect("lapsctl -o json")
+        }
+    };
+    let since_args = vec!["--since".to_owned(), since.to_rfc3339()];
+    wait_until(
+        "both reads after the instant are in the history",
+        Duration::from_secs(30),
+        || async {
+            let all = audit(since_args.clone()).await;
+            (all.as_array().map(Vec::len) == Some(2)).then_some(())
+        },
+    )
+    .await;
+
+    // Act
+    let mut args = since_args.clone();
+    args.extend(["--principal".to_owned(), "investigator".to_owned()]);
+    let listed = audit(args).await;
+
+    // Assert: the investigator's one read after the instant, and nothing else.
+    let entries = listed.as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{listed}");
+    assert_eq!(entries[0]["Kind"], "password_read", "{listed}");
+    assert_eq!(entries[0]["Principal"], "investigator", "{listed}");
+    let bad = orchestrator
+        .get("/v1.0/fleetlaps/auditEvents?since=yesterday", Some(OPERATOR_TOKEN))
+        .await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}

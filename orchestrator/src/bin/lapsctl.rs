@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fleetlaps_orchestrator::client::{ApiClient, ApiTokens, EnrollmentTokens};
+use fleetlaps_orchestrator::client::{ApiClient, ApiTokens, AuditFilter, EnrollmentTokens};
 use fleetlaps_proto::api::{
     BreachInfo, BreachRequest, DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, TokenInfo,
     TokenRequest,
@@ -211,9 +211,15 @@ struct Audit {
     /// Only this device's entries (its name or id).
     #[arg(long, value_name = "NAME_OR_ID")]
     device: Option<String>,
-    /// Only this kind: password_read, rotation_requested, token_created, token_revoked.
+    /// Only this kind: password_read, rotation_requested, token_created, token_revoked, …
     #[arg(long)]
     kind: Option<String>,
+    /// Only what this principal (a token's name) did: everything a person read, asked, made.
+    #[arg(long)]
+    principal: Option<String>,
+    /// Only from this time on (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    since: Option<DateTime<Utc>>,
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
 }
@@ -625,7 +631,12 @@ async fn audit(client: &ApiClient, args: &Audit) -> anyhow::Result<String> {
         None => None,
     };
     let entries: Vec<Entry> = client
-        .audit(device.as_ref(), args.kind.as_deref())
+        .audit(&AuditFilter {
+            device_id: device.as_ref(),
+            kind: args.kind.as_deref(),
+            principal: args.principal.as_deref(),
+            since: args.since,
+        })
         .await?
         .iter()
         .map(|entry| {

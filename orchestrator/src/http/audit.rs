@@ -2,7 +2,9 @@
 //! (which versions, from where, with which client and reason), who made or revoked which token,
 //! who asked which device to rotate.
 //!
-//! `GET /v1.0/fleetlaps/auditEvents`, oldest first, optionally `?deviceId=…` and `?kind=…`, in
+//! `GET /v1.0/fleetlaps/auditEvents`, oldest first, optionally `?deviceId=…`, `?kind=…`,
+//! `?principal=…` (what one person did: read, asked, made, revoked, declared) and `?since=…`
+//! (RFC 3339), in
 //! pages like every collection (`$top`, `$skiptoken` = the last history position seen,
 //! `@odata.nextLink`).
 
@@ -28,7 +30,7 @@ const COLLECTION_CONTEXT: &str = "$metadata#fleetlaps/auditEvents";
 /// How many history entries are read from the store at a time while looking for matches.
 const SCAN_CHUNK: usize = 500;
 /// The query parameters this route takes besides OData's.
-const PARAMETERS: &str = "deviceId, kind, $top, $skiptoken";
+const PARAMETERS: &str = "deviceId, kind, principal, since, $top, $skiptoken";
 
 /// Lists one page of the audit history.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
@@ -42,7 +44,7 @@ pub(super) async fn list(
     options.allow_only(&["$top", "$skiptoken"], "the audit history")?;
     if let Some(unknown) = parameters
         .keys()
-        .find(|key| !["deviceId", "kind", "$top", "$skiptoken"].contains(&key.as_str()))
+        .find(|key| !["deviceId", "kind", "principal", "since", "$top", "$skiptoken"].contains(&key.as_str()))
     {
         return Err(ApiError::BadRequest(format!(
             "unknown query parameter {unknown:?}; allowed: {PARAMETERS}"
@@ -60,6 +62,15 @@ pub(super) async fn list(
         })
         .transpose()?;
     let device = parameters.get("deviceId");
+    let acting = parameters.get("principal");
+    let since = parameters
+        .get("since")
+        .map(|text| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|since| since.with_timezone(&chrono::Utc))
+                .map_err(|_| ApiError::BadRequest(format!("since {text:?}: allowed: an RFC 3339 time")))
+        })
+        .transpose()?;
     let page_size = options.page_size()?;
     let after = options
         .skip_token_as(|token| {
@@ -73,6 +84,8 @@ pub(super) async fn list(
             entry.as_ref().map_or(true, |(_, envelope)| {
                 kind.is_none_or(|kind| envelope.event.kind() == kind)
                     && device.is_none_or(|device| device_of(&envelope.event) == Some(device.as_str()))
+                    && acting.is_none_or(|acting| principal_of(&envelope.event) == Some(acting.as_str()))
+                    && since.is_none_or(|since| envelope.time >= since)
             })
         })
         .take(page_size.saturating_add(1))
@@ -83,6 +96,12 @@ pub(super) async fn list(
     }
     if let Some(device) = device {
         link_parameters.push(("deviceId", device.as_str()));
+    }
+    if let Some(acting) = acting {
+        link_parameters.push(("principal", acting.as_str()));
+    }
+    if let Some(since) = parameters.get("since") {
+        link_parameters.push(("since", since.as_str()));
     }
     let (page, next_link) = odata::page(matching, page_size, |(sequence, _)| {
         odata::next_link(LIST_PATH, &options, &link_parameters, page_size, &sequence.to_string())
@@ -122,6 +141,32 @@ fn history_after(
         }
         chunk.pop_front().map(Ok)
     })
+}
+
+/// The principal who did what an event records, if a person (a token) did it.
+fn principal_of(event: &AuditEvent) -> Option<&str> {
+    match event {
+        AuditEvent::PasswordRead(body) => Some(&body.principal),
+        AuditEvent::RotationRequested(body) => Some(&body.principal),
+        AuditEvent::TokenCreated(body) => Some(&body.created_by),
+        AuditEvent::TokenRevoked(body) => Some(&body.revoked_by),
+        AuditEvent::EnrollmentTokenCreated(body) => Some(&body.created_by),
+        AuditEvent::EnrollmentTokenRevoked(body) => Some(&body.revoked_by),
+        AuditEvent::DeviceTagsSet(body) => Some(&body.set_by),
+        AuditEvent::BreachDeclared(body) => Some(&body.declared_by),
+        AuditEvent::BreachEnded(body) => match &body.outcome {
+            fleetlaps_proto::breach::BreachOutcome::Cancelled { by, .. } => Some(by),
+            _ => None,
+        },
+        AuditEvent::DeviceEnrolled(_)
+        | AuditEvent::DeviceCloneDetected(_)
+        | AuditEvent::EscrowKeyCreated(_)
+        | AuditEvent::PasswordResealed(_)
+        | AuditEvent::OrchestratorKeyCreated(_)
+        | AuditEvent::BreachTargeted(_)
+        | AuditEvent::BreachWaveCommanded(_)
+        | AuditEvent::BreachDetected(_) => None,
+    }
 }
 
 /// The device an event is about, if it is about one.
