@@ -269,6 +269,13 @@ pub fn static_token_id(token_sha256: &[u8; 32]) -> TokenId {
     TokenId::derived(id)
 }
 
+/// The token of a `Bearer <token>` credential; the scheme is case-insensitive (RFC 9110 §11.1).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// A fresh API token: the prefix and 32 random bytes, URL-safe base64.
 pub fn generate_token() -> SecretString {
     generate_prefixed(TOKEN_PREFIX)

@@ -266,8 +266,7 @@ impl SignalDesk {
             .map_err(|err| ("ServiceUnavailable", err.to_string()))?;
         let token = headers
             .and_then(|headers| headers.get("Authorization"))
-            .map(|value| value.as_str().to_owned())
-            .and_then(|value| value.strip_prefix("Bearer ").map(str::to_owned))
+            .and_then(|value| crate::auth::bearer_token(value.as_str()).map(str::to_owned))
             .ok_or_else(|| unauthorised("the signal has no `Authorization: Bearer <token>` header".to_owned()))?;
         let principal = self
             .tokens

@@ -23,7 +23,7 @@ use crate::bus::{self, History, Journal};
 use crate::data_dir::DataDirLock;
 use crate::escrow::{self, EscrowKeyring, KeyCheck, RecordedKey};
 use crate::orchestrator_key;
-use crate::projection::{Outcome, Projections, SealCheck, StreamMessage};
+use crate::projection::{Outcome, Projections, SealCheck};
 
 /// What `recover` did.
 #[derive(Debug)]
@@ -267,16 +267,7 @@ async fn accepted_backups(
     let mut read = 0;
     let mut backups = BTreeMap::new();
     while let Some(message) = reader.next().await? {
-        let applied = projections.apply(
-            StreamMessage {
-                sequence: message.sequence,
-                subject: &message.subject,
-                published: message.published,
-                payload: &message.payload,
-                signature: message.signature.as_deref(),
-            },
-            &WithoutEscrowKeys,
-        )?;
+        let applied = projections.apply(message.as_stream_message(), &WithoutEscrowKeys)?;
         if applied.outcome == Outcome::Applied(EventKind::PasswordBackedUp)
             && let Ok(envelope) = Envelope::from_json(&message.payload)
             && let Event::PasswordBackedUp(body) = envelope.event

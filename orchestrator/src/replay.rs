@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use crate::bus::{self, History};
 use crate::config::Config;
 use crate::escrow::{self, EscrowKeyring};
-use crate::projection::{Projections, StreamMessage};
+use crate::projection::Projections;
 
 /// What a replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,16 +65,7 @@ pub async fn replay(
         if until.is_some_and(|until| message.published > until) {
             break;
         }
-        projections.apply(
-            StreamMessage {
-                sequence: message.sequence,
-                subject: &message.subject,
-                published: message.published,
-                payload: &message.payload,
-                signature: message.signature.as_deref(),
-            },
-            &keyring,
-        )?;
+        projections.apply(message.as_stream_message(), &keyring)?;
         messages += 1;
         last_sequence = message.sequence;
         progress(messages, total);

@@ -340,15 +340,26 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// Waits until `/healthz` answers 200: the projections have caught up with the stream as it
     /// was at start, and the consumer folds.
     pub async fn wait_until_healthy(&self) {
-        wait_until(
-            "the orchestrator is healthy (/healthz 200)",
-            Duration::from_secs(60),
-            || async {
-                let response = self.get("/healthz", None).await;
-                (response.status() == reqwest::StatusCode::OK).then_some(())
-            },
-        )
-        .await;
+        wait_until_healthy(&self.http, &self.base_url).await;
+    }
+
+    /// Stops it and deletes its projections, which its next start rebuilds from the history.
+    pub async fn delete_projections(&mut self) {
+        self.stop().await;
+        std::fs::remove_dir_all(self.data_dir.join("projections")).expect("deleting the projections");
+    }
+
+    /// Revokes the API token `id` as `revoker`, expecting 204.
+    pub async fn revoke_token(&self, revoker: &str, id: &str) {
+        let revoked = self
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/v1.0/fleetlaps/tokens/{id}"),
+                revoker,
+                None,
+            )
+            .await;
+        assert_eq!(revoked.status(), reqwest::StatusCode::NO_CONTENT);
     }
 
     /// Runs the `lapsctl` binary against this orchestrator (`--url`, and `--ca` with its
@@ -1137,4 +1148,31 @@ pub async fn publish_noise(nats: &TestNats, count: usize) {
     for ack in acks {
         ack.await.expect("stored");
     }
+}
+
+/// The device's rotations (`password_rotated`) dated at or after `since`.
+pub async fn rotations_since(nats: &TestNats, device_id: &DeviceId, since: chrono::DateTime<chrono::Utc>) -> usize {
+    device_events(nats, device_id, fleetlaps_proto::event::EventKind::PasswordRotated)
+        .await
+        .iter()
+        .filter(|envelope| envelope.time >= since)
+        .count()
+}
+
+/// Waits until the API at `base_url` answers `/healthz` with 200 (its projections caught up
+/// with the events recorded at start); each request must be answered.
+pub async fn wait_until_healthy(http: &reqwest::Client, base_url: &str) {
+    wait_until(
+        "the orchestrator is healthy (/healthz 200)",
+        Duration::from_secs(60),
+        || async {
+            let response = http
+                .get(format!("{base_url}/healthz"))
+                .send()
+                .await
+                .expect("the API answers");
+            (response.status() == reqwest::StatusCode::OK).then_some(())
+        },
+    )
+    .await;
 }

@@ -11,7 +11,9 @@ use fleetlaps_proto::ids::DeviceId;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::apps::{ADMIN_TOKEN, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events};
+use crate::apps::{
+    ADMIN_TOKEN, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events, rotations_since,
+};
 use crate::harness::{TestNats, wait_until};
 
 /// A token for a security team: declares breaches and reads campaigns.
@@ -61,15 +63,6 @@ async fn wait_for_campaign(
         done(&campaign).then_some(campaign)
     })
     .await
-}
-
-/// The device's rotations (`password_rotated`) dated at or after `since`.
-async fn rotations_since(nats: &TestNats, device_id: &DeviceId, since: DateTime<Utc>) -> usize {
-    device_events(nats, device_id, EventKind::PasswordRotated)
-        .await
-        .iter()
-        .filter(|envelope| envelope.time >= since)
-        .count()
 }
 
 /// Declares a breach with `lapsctl breach declare <args> -o json`; returns the campaign as

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::breach::{BreachDetected, Detector};
 use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
@@ -15,7 +15,8 @@ use fleetlaps_proto::ids::DeviceId;
 use serde_json::Value;
 
 use crate::apps::{
-    AgentOptions, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events, stream_payloads,
+    AgentOptions, MANAGED_ACCOUNT, OPERATOR_TOKEN, TestAgent, TestOrchestrator, device_events, rotations_since,
+    stream_payloads,
 };
 use crate::harness::{TestNats, wait_until};
 
@@ -97,15 +98,6 @@ async fn fleet(nats: &TestNats, orchestrator: &TestOrchestrator, n: usize) -> Ve
 
 fn ids(agents: &[&TestAgent]) -> BTreeSet<DeviceId> {
     agents.iter().map(|agent| agent.device_id.clone()).collect()
-}
-
-/// The device's rotations (`password_rotated`) dated at or after `since`.
-async fn rotations_since(nats: &TestNats, device_id: &DeviceId, since: DateTime<Utc>) -> usize {
-    device_events(nats, device_id, EventKind::PasswordRotated)
-        .await
-        .iter()
-        .filter(|envelope| envelope.time >= since)
-        .count()
 }
 
 #[tokio::test]
@@ -330,8 +322,7 @@ async fn a_restart_or_a_rebuild_of_the_projections_never_raises_the_same_detecti
     wait_for_detections(&nats, Detector::RepeatedFailures, 1).await;
     // And a rebuild: the projections deleted and folded again from the whole history, the
     // logins of both detections' evidence included.
-    orchestrator.stop().await;
-    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("the projections are deleted");
+    orchestrator.delete_projections().await;
     orchestrator.restart().await;
     for _ in 0..2 {
         authenticate(&agents[2], AuthenticationOutcome::Failure).await;

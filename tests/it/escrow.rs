@@ -257,9 +257,8 @@ async fn with_the_escrow_key_and_projections_lost_recover_with_the_recovery_key_
     first.wait_until_has(&current).await;
 
     // The escrow key and the projections are lost.
-    orchestrator.stop().await;
+    orchestrator.delete_projections().await;
     std::fs::remove_file(key_file(&orchestrator)).expect("deleting the escrow key");
-    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
 
     // Act
     let output = run(

@@ -12,8 +12,8 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::apps::{READ_TOKEN, TestOrchestrator, binary, run, trusting_client};
-use crate::harness::{TestNats, TestPki, init_tracing, wait_until};
+use crate::apps::{READ_TOKEN, TestOrchestrator, binary, run, trusting_client, wait_until_healthy};
+use crate::harness::{TestNats, TestPki, init_tracing};
 
 /// An orchestrator started from a config whose `[http]` section the test chooses, with no tokens:
 /// a 401 is answer enough to show the API was reached.
@@ -25,20 +25,6 @@ struct Served {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _data_dir: TempDir,
-}
-
-/// Waits until `/healthz` answers 200 (the projections caught up with the events recorded at
-/// start); each request must be answered, over TLS or not as the client speaks.
-async fn wait_until_healthy(client: &reqwest::Client, api_url: &str) {
-    wait_until("/healthz answers 200", Duration::from_secs(30), || async {
-        let health = client
-            .get(format!("{api_url}/healthz"))
-            .send()
-            .await
-            .expect("the API answers");
-        (health.status() == StatusCode::OK).then_some(())
-    })
-    .await;
 }
 
 impl Served {

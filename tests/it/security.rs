@@ -192,21 +192,12 @@ async fn tokens_made_and_revoked_through_the_api_work_at_once_and_survive_a_rebu
     assert_eq!(listed[0]["Scopes"], "Audit.Read.All");
 
     // Act: revoke it, then delete the projections and rebuild them from the stream.
-    let revoked = orchestrator
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1.0/fleetlaps/tokens/{id}"),
-            ADMIN_TOKEN,
-            None,
-        )
-        .await;
-    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    orchestrator.revoke_token(ADMIN_TOKEN, &id).await;
     let refused = orchestrator
         .request(reqwest::Method::GET, "/v1.0/fleetlaps/auditEvents", &token, None)
         .await;
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
-    orchestrator.stop().await;
-    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
+    orchestrator.delete_projections().await;
     orchestrator.restart().await;
 
     // Assert: the rebuilt projections know the token and its revocation.
@@ -242,17 +233,8 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
         .create_token(ADMIN_TOKEN, json!({"name": "departed", "scopes": ["Audit.Read.All"]}))
         .await;
     publish_noise(&nats, 20_000).await;
-    let revoked = orchestrator
-        .request(
-            reqwest::Method::DELETE,
-            &format!("/v1.0/fleetlaps/tokens/{id}"),
-            ADMIN_TOKEN,
-            None,
-        )
-        .await;
-    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
-    orchestrator.stop().await;
-    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
+    orchestrator.revoke_token(ADMIN_TOKEN, &id).await;
+    orchestrator.delete_projections().await;
 
     // Act: start on the empty projections and use the revoked token while they are rebuilt.
     orchestrator
@@ -440,8 +422,7 @@ async fn lapsctl_waits_while_a_starting_orchestrator_catches_up_instead_of_faili
     let nats = TestNats::start();
     let mut orchestrator = TestOrchestrator::spawn(&nats).await;
     publish_noise(&nats, 20_000).await;
-    orchestrator.stop().await;
-    std::fs::remove_dir_all(orchestrator.data_dir.join("projections")).expect("deleting the projections");
+    orchestrator.delete_projections().await;
     orchestrator
         .restart_without_waiting()
         .await

@@ -25,6 +25,19 @@ pub struct HistoryMessage {
     pub signature: Option<String>,
 }
 
+impl HistoryMessage {
+    /// The message as the projections fold it.
+    pub fn as_stream_message(&self) -> crate::projection::StreamMessage<'_> {
+        crate::projection::StreamMessage {
+            sequence: self.sequence,
+            subject: &self.subject,
+            published: self.published,
+            payload: &self.payload,
+            signature: self.signature.as_deref(),
+        }
+    }
+}
+
 /// The events stream as a history to read and record into, outside the projection consumer.
 pub struct History {
     /// For recording.

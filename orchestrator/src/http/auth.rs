@@ -79,12 +79,7 @@ pub(super) const CLIENT_NAME_HEADER: &str = "ocp-client-name";
 /// See [`CLIENT_NAME_HEADER`].
 pub(super) const CLIENT_VERSION_HEADER: &str = "ocp-client-version";
 
-/// The token of a `Bearer <token>` credential; the scheme is case-insensitive (RFC 9110 §11.1).
-pub(super) fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
+pub(super) use crate::auth::bearer_token;
 
 #[cfg(test)]
 mod tests {
