@@ -482,6 +482,14 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         page.value
     }
 
+    /// The metrics listener as `host:port`, what Prometheus scrapes.
+    pub fn metrics_target(&self) -> String {
+        self.metrics_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_owned()
+    }
+
     /// The metrics text.
     pub async fn metrics(&self) -> String {
         self.http
