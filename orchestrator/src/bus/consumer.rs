@@ -173,10 +173,11 @@ async fn open_at(
         .map_err(|err| consumer_error(err.into()))
 }
 
-/// Messages fetched at once; one flush and one acknowledgement cover them all.
+/// At most this many messages already waiting are folded at once; one flush and one
+/// acknowledgement cover them all.
 const BATCH_SIZE: usize = 256;
-/// How long one fetch waits for messages before the loop looks at the shutdown signal again.
-const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// How long the consumer waits for a message when none is waiting, before it asks again.
+const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// The pause after the first failed batch; it doubles with each failure in a row.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause between two attempts at a failing batch.
@@ -273,19 +274,24 @@ impl Consumer {
         Ok(())
     }
 
+    /// The next batch: every message already waiting (up to [`BATCH_SIZE`]) at once, or, when
+    /// none waits, the next one the moment it arrives. So a lone write (an enrollment, a token, a
+    /// backup its device waits on) is folded as soon as it is stored, and only what has piled up
+    /// meanwhile is batched.
     async fn fetch(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {
-        let mut batch = self
+        let waiting = self.consumer.fetch().max_messages(BATCH_SIZE).messages().await?;
+        let messages = collect(waiting).await?;
+        if !messages.is_empty() {
+            return Ok(messages);
+        }
+        let next = self
             .consumer
             .batch()
-            .max_messages(BATCH_SIZE)
+            .max_messages(1)
             .expires(FETCH_WAIT)
             .messages()
             .await?;
-        let mut messages = Vec::new();
-        while let Some(message) = batch.next().await {
-            messages.push(message?);
-        }
-        Ok(messages)
+        collect(next).await
     }
 
     async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BusError> {
@@ -492,6 +498,15 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Every message of a pull request's answer.
+async fn collect(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        messages.push(message?);
+    }
+    Ok(messages)
 }
 
 /// The `kind` label of a message, from its subject: a device event's or an orchestrator event's
