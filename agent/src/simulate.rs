@@ -46,6 +46,7 @@ use crate::control;
 use crate::enroll::{self, EnrollOptions};
 use crate::fault::Faults;
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::state::{AgentState, StateDb};
 
 /// The directory of the devices' identities and account databases, in `state_dir`.
@@ -103,6 +104,8 @@ pub struct Simulation {
     positions: HashMap<DeviceId, usize>,
     /// Whether progress bars are drawn.
     show_progress: bool,
+    /// One registry for every device (no listener per device; the simulation serves none).
+    metrics: Metrics,
 }
 
 /// One simulated device.
@@ -197,6 +200,7 @@ impl Simulation {
             devices,
             positions,
             show_progress: options.show_progress,
+            metrics: Metrics::new(),
         })
     }
 
@@ -245,6 +249,7 @@ impl Simulation {
                     device_name: device.name.clone(),
                     clock: Arc::clone(&self.clock),
                     faults: Faults::none(),
+                    metrics: self.metrics.clone(),
                 },
             )
             .with_context(|| format!("starting {}", device.name))?;

@@ -1,8 +1,11 @@
 //! Graph's device directory and Intune's "Rotate local admin password" action.
 //!
 //! - `GET /v1.0/devices` (`Device.Read.All`): every device the history knows, in Graph's `device`
-//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`),
-//!   ordered by id, in pages like every collection (`$top`, `$skiptoken` = the last id seen).
+//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`:
+//!   the time of its newest event), plus `tags` and `lastHeartbeatDateTime`: when the device last
+//!   said it was alive (its last heartbeat in the liveness bucket, by the server's time; `null`
+//!   when it never did since the bucket was made), ordered by id, in pages like every collection
+//!   (`$top`, `$skiptoken` = the last id seen).
 //! - `POST /v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword`
 //!   (`DeviceLocalCredential.Rotate`): records a `rotation_requested` event, then sends the device
 //!   a rotate command, kept in JetStream until it takes it; answers 204 like Intune, with the
@@ -67,6 +70,7 @@ pub(super) async fn list(
                 "operatingSystem": "Linux",
                 "approximateLastSignInDateTime": device.last_seen,
                 "tags": device.tags,
+                "lastHeartbeatDateTime": state.liveness.last_seen(&device.device_id),
             })
         })
         .collect();

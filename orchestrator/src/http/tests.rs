@@ -192,6 +192,7 @@ impl Fixture {
         let metrics = Metrics::new();
         // A fresh stream: the projections hold authority from the start.
         let health = Arc::new(crate::health::Health::new(0, projections.clone(), metrics.clone()));
+        let liveness = crate::liveness::Liveness::new(projections.clone(), std::time::Duration::from_secs(3 * 3600));
         let state = AppState {
             projections,
             escrow: Arc::new(crate::escrow::EscrowKeyring::generate()),
@@ -208,6 +209,7 @@ impl Fixture {
             token_issuance: Arc::default(),
             campaign_wake: Arc::default(),
             request_timeout: std::time::Duration::from_secs(30),
+            liveness,
         };
         let mut fixture = Self {
             _dir: dir,

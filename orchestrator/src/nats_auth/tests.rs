@@ -27,6 +27,7 @@ fn a_device_may_publish_only_its_own_events_and_read_only_its_own_subjects() {
         permissions.publish,
         [
             "laps.events.dev-1.>",
+            "$KV.LAPS_LIVENESS.dev-1",
             "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.dev-1",
             "$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.dev-1"
         ]
@@ -234,6 +235,7 @@ fn the_simulator_user_is_rendered_only_when_asked_with_every_device_subject_and_
         permissions.publish,
         [
             "laps.events.*.>",
+            "$KV.LAPS_LIVENESS.*",
             "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.*",
             "$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.*"
         ]

@@ -1,0 +1,215 @@
+//! Liveness: when each device last said it was alive, kept in memory from the liveness bucket
+//! (`LAPS_LIVENESS`, one heartbeat per device, see [`fleetlaps_proto::liveness`]), never from the
+//! history, so "which devices are silent" is known at any fleet size while the history grows only
+//! with real changes.
+//!
+//! `bus::watch_heartbeats` fills a [`Liveness`] from the bucket: first every device's last
+//! heartbeat, then each new one. A heartbeat is dated by the server's time of its KV entry, not by
+//! the device's clock, which may be wrong or lie.
+//!
+//! A device is *silent* when its last heartbeat, or its enrollment when it never beat, is older
+//! than `monitoring.silent_after_secs` ([`is_silent`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleetlaps_proto::ids::DeviceId;
+
+use crate::projection::{ProjectionError, Projections};
+
+/// The last heartbeat of every device heard from, shared: cheap to clone, cheap to read.
+#[derive(Clone)]
+pub struct Liveness {
+    /// Each device's last heartbeat, by the server's time; a time never moves back.
+    last_heartbeats: Arc<RwLock<HashMap<DeviceId, DateTime<Utc>>>>,
+    /// Whether the watcher has read every heartbeat the bucket held when it started.
+    caught_up: Arc<AtomicBool>,
+    /// `monitoring.silent_after_secs`.
+    silent_after: Duration,
+    /// Where the devices and their enrollment times are.
+    projections: Projections,
+}
+
+impl Liveness {
+    /// An empty liveness for the devices of `projections`, calling a device silent after
+    /// `silent_after` without a heartbeat.
+    pub fn new(projections: Projections, silent_after: Duration) -> Self {
+        Self {
+            last_heartbeats: Arc::default(),
+            caught_up: Arc::default(),
+            silent_after,
+            projections,
+        }
+    }
+
+    /// Notes a heartbeat of `device_id` dated `at` (the server's time); an older one than the
+    /// last known changes nothing.
+    pub fn record(&self, device_id: DeviceId, at: DateTime<Utc>) {
+        let mut last_heartbeats = self.last_heartbeats.write().unwrap_or_else(PoisonError::into_inner);
+        let last = last_heartbeats.entry(device_id).or_insert(at);
+        *last = (*last).max(at);
+    }
+
+    /// Notes that every heartbeat the bucket held at start has been read: before that, a device
+    /// may look silent only because its heartbeat was not read yet.
+    pub fn mark_caught_up(&self) {
+        self.caught_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether every heartbeat the bucket held at start has been read.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
+    }
+
+    /// When `device_id` last beat, by the server's time, if it ever did.
+    pub fn last_seen(&self, device_id: &DeviceId) -> Option<DateTime<Utc>> {
+        self.last_heartbeats
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(device_id)
+            .copied()
+    }
+
+    /// Every device's last heartbeat, as of now.
+    pub fn snapshot(&self) -> HashMap<DeviceId, DateTime<Utc>> {
+        self.last_heartbeats
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How long without a heartbeat makes a device silent (`monitoring.silent_after_secs`).
+    pub fn silent_after(&self) -> Duration {
+        self.silent_after
+    }
+
+    /// How many enrolled devices are silent at `now`: their last heartbeat, or their enrollment
+    /// when they never beat, is older than [`Self::silent_after`].
+    pub fn silent(&self, now: DateTime<Utc>) -> Result<usize, ProjectionError> {
+        let last_heartbeats = self.snapshot();
+        let mut enrolled = Vec::new();
+        for device in self.projections.devices()? {
+            // The enrollment time is read only for devices that never beat.
+            let enrolled_at = if last_heartbeats.contains_key(&device.device_id) {
+                device.last_seen
+            } else {
+                self.projections
+                    .enrolled_key(&device.device_id)?
+                    .map_or(device.last_seen, |key| key.enrolled_at)
+            };
+            enrolled.push((device.device_id, enrolled_at));
+        }
+        Ok(count_silent(
+            &last_heartbeats,
+            enrolled.iter().map(|(device_id, at)| (device_id, *at)),
+            now,
+            self.silent_after,
+        ))
+    }
+}
+
+/// Whether a device is silent at `now`: its last heartbeat, or its enrollment when it never
+/// beat, is more than `silent_after` old.
+pub fn is_silent(
+    last_heartbeat: Option<DateTime<Utc>>,
+    enrolled_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    silent_after: Duration,
+) -> bool {
+    let since = last_heartbeat.unwrap_or(enrolled_at);
+    let silent_after = chrono::Duration::from_std(silent_after).unwrap_or(chrono::Duration::MAX);
+    now.signed_duration_since(since) > silent_after
+}
+
+/// How many of the `enrolled` devices (each with its enrollment time) are silent at `now`, given
+/// every device's last heartbeat.
+pub fn count_silent<'a>(
+    last_heartbeats: &HashMap<DeviceId, DateTime<Utc>>,
+    enrolled: impl IntoIterator<Item = (&'a DeviceId, DateTime<Utc>)>,
+    now: DateTime<Utc>,
+    silent_after: Duration,
+) -> usize {
+    enrolled
+        .into_iter()
+        .filter(|(device_id, enrolled_at)| {
+            is_silent(
+                last_heartbeats.get(*device_id).copied(),
+                *enrolled_at,
+                now,
+                silent_after,
+            )
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn at(hours: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000, 0).single().expect("a valid time") + chrono::Duration::hours(hours)
+    }
+
+    fn device(id: &str) -> DeviceId {
+        DeviceId::parse(id).expect("valid")
+    }
+
+    #[test]
+    fn a_device_is_silent_once_its_last_heartbeat_is_older_than_the_threshold() {
+        let threshold = 3 * HOUR;
+        assert!(!is_silent(Some(at(10)), at(0), at(12), threshold));
+        assert!(
+            !is_silent(Some(at(10)), at(0), at(13), threshold),
+            "exactly the threshold"
+        );
+        assert!(is_silent(Some(at(10)), at(0), at(14), threshold));
+    }
+
+    #[test]
+    fn a_device_that_never_beat_counts_from_its_enrollment() {
+        let threshold = 3 * HOUR;
+        assert!(!is_silent(None, at(0), at(2), threshold));
+        assert!(is_silent(None, at(0), at(4), threshold));
+    }
+
+    #[test]
+    fn only_enrolled_devices_are_counted() {
+        let heartbeats = HashMap::from([
+            (device("beating"), at(9)),
+            (device("stopped"), at(1)),
+            (device("not-enrolled"), at(0)),
+        ]);
+        let never = device("never");
+        let recent = device("recent");
+        let beating = device("beating");
+        let stopped = device("stopped");
+        let enrolled = [(&beating, at(0)), (&stopped, at(0)), (&never, at(0)), (&recent, at(8))];
+        assert_eq!(count_silent(&heartbeats, enrolled, at(10), 3 * HOUR), 2);
+    }
+
+    #[test]
+    fn a_heartbeat_never_moves_back_and_the_snapshot_shows_the_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let projections = Projections::open(dir.path()).expect("opens");
+        let liveness = Liveness::new(projections, HOUR);
+        let device_id = device("dev-1");
+        assert_eq!(liveness.last_seen(&device_id), None);
+        liveness.record(device_id.clone(), at(2));
+        liveness.record(device_id.clone(), at(1));
+        assert_eq!(liveness.last_seen(&device_id), Some(at(2)));
+        liveness.record(device_id.clone(), at(3));
+        assert_eq!(liveness.snapshot(), HashMap::from([(device_id, at(3))]));
+        assert!(!liveness.caught_up());
+        liveness.mark_caught_up();
+        assert!(liveness.caught_up());
+        // No device is enrolled: nobody is silent, whatever the heartbeats.
+        assert_eq!(liveness.silent(at(100)).expect("reads"), 0);
+    }
+}
