@@ -85,7 +85,7 @@ impl App {
         bus::ensure_commands_stream(&jetstream).await?;
         bus::ensure_password_versions_stream(&jetstream).await?;
         bus::ensure_liveness_bucket(&jetstream).await?;
-        let liveness = Liveness::new(projections.clone(), config.monitoring.silent_after());
+        let liveness = Liveness::new(config.monitoring.silent_after());
         // Before anything is served: the keys must be the ones the history names, the orchestrator
         // key first, since it signs the escrow key's record.
         let history = bus::History::open(&jetstream).await?;

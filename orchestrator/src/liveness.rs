@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::ids::DeviceId;
 
-use crate::projection::{ProjectionError, Projections};
+use crate::projection::{DeviceRecord, ProjectionError, Projections};
 
 /// The last heartbeat of every device heard from, shared: cheap to clone, cheap to read.
 #[derive(Clone)]
@@ -29,19 +29,16 @@ pub struct Liveness {
     caught_up: Arc<AtomicBool>,
     /// `monitoring.silent_after_secs`.
     silent_after: Duration,
-    /// Where the devices and their enrollment times are.
-    projections: Projections,
 }
 
 impl Liveness {
-    /// An empty liveness for the devices of `projections`, calling a device silent after
-    /// `silent_after` without a heartbeat.
-    pub fn new(projections: Projections, silent_after: Duration) -> Self {
+    /// An empty liveness, calling a device silent after `silent_after` without a heartbeat.
+    /// It holds no projections (which would keep their store open): [`Self::silent`] is given them.
+    pub fn new(silent_after: Duration) -> Self {
         Self {
             last_heartbeats: Arc::default(),
             caught_up: Arc::default(),
             silent_after,
-            projections,
         }
     }
 
@@ -86,28 +83,35 @@ impl Liveness {
         self.silent_after
     }
 
-    /// How many enrolled devices are silent at `now`: their last heartbeat, or their enrollment
-    /// when they never beat, is older than [`Self::silent_after`].
-    pub fn silent(&self, now: DateTime<Utc>) -> Result<usize, ProjectionError> {
-        let last_heartbeats = self.snapshot();
-        let mut enrolled = Vec::new();
-        for device in self.projections.devices()? {
-            // The enrollment time is read only for devices that never beat.
-            let enrolled_at = if last_heartbeats.contains_key(&device.device_id) {
-                device.last_seen
-            } else {
-                self.projections
-                    .enrolled_key(&device.device_id)?
-                    .map_or(device.last_seen, |key| key.enrolled_at)
-            };
-            enrolled.push((device.device_id, enrolled_at));
+    /// How many of the devices enrolled in `projections` are silent at `now`: their last
+    /// heartbeat, or their enrollment when they never beat, is older than [`Self::silent_after`].
+    pub fn silent(&self, projections: &Projections, now: DateTime<Utc>) -> Result<usize, ProjectionError> {
+        let mut silent = 0;
+        for device in projections.devices()? {
+            if self.is_device_silent(projections, &device, now)? {
+                silent += 1;
+            }
         }
-        Ok(count_silent(
-            &last_heartbeats,
-            enrolled.iter().map(|(device_id, at)| (device_id, *at)),
-            now,
-            self.silent_after,
-        ))
+        Ok(silent)
+    }
+
+    /// Whether `device` is silent at `now` (see [`is_silent`]); its enrollment time is read from
+    /// `projections` only when it never beat.
+    pub fn is_device_silent(
+        &self,
+        projections: &Projections,
+        device: &DeviceRecord,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ProjectionError> {
+        let last_heartbeat = self.last_seen(&device.device_id);
+        let enrolled_at = match last_heartbeat {
+            Some(_) => device.last_seen,
+            // A device exists only once enrolled; its first event time is the fallback.
+            None => projections
+                .enrolled_key(&device.device_id)?
+                .map_or(device.last_seen, |key| key.enrolled_at),
+        };
+        Ok(is_silent(last_heartbeat, enrolled_at, now, self.silent_after))
     }
 }
 
@@ -198,7 +202,7 @@ mod tests {
     fn a_heartbeat_never_moves_back_and_the_snapshot_shows_the_last() {
         let dir = tempfile::tempdir().expect("tempdir");
         let projections = Projections::open(dir.path()).expect("opens");
-        let liveness = Liveness::new(projections, HOUR);
+        let liveness = Liveness::new(HOUR);
         let device_id = device("dev-1");
         assert_eq!(liveness.last_seen(&device_id), None);
         liveness.record(device_id.clone(), at(2));
@@ -210,6 +214,6 @@ mod tests {
         liveness.mark_caught_up();
         assert!(liveness.caught_up());
         // No device is enrolled: nobody is silent, whatever the heartbeats.
-        assert_eq!(liveness.silent(at(100)).expect("reads"), 0);
+        assert_eq!(liveness.silent(&projections, at(100)).expect("reads"), 0);
     }
 }

@@ -4,8 +4,9 @@
 //!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`:
 //!   the time of its newest event), plus `tags` and `lastHeartbeatDateTime`: when the device last
 //!   said it was alive (its last heartbeat in the liveness bucket, by the server's time; `null`
-//!   when it never did since the bucket was made), ordered by id, in pages like every collection
-//!   (`$top`, `$skiptoken` = the last id seen).
+//!   when it never did since the bucket was made) and `isSilent`: whether that heartbeat, or its
+//!   enrollment when it never beat, is older than `monitoring.silent_after_secs`; ordered by id,
+//!   in pages like every collection (`$top`, `$skiptoken` = the last id seen).
 //! - `POST /v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword`
 //!   (`DeviceLocalCredential.Rotate`): records a `rotation_requested` event, then sends the device
 //!   a rotate command, kept in JetStream until it takes it; answers 204 like Intune, with the
@@ -60,10 +61,12 @@ pub(super) async fn list(
     let (page, next_link) = odata::page(devices, page_size, |last: &DeviceRecord| {
         odata::next_link(LIST_PATH, &options, &[], page_size, last.device_id.as_str())
     });
+    let now = Utc::now();
     let value = page
         .iter()
         .map(|device| {
-            json!({
+            let is_silent = state.liveness.is_device_silent(&state.projections, device, now)?;
+            Ok(json!({
                 "id": device.device_id,
                 "deviceId": device.device_id,
                 "displayName": device.device_name,
@@ -71,9 +74,10 @@ pub(super) async fn list(
                 "approximateLastSignInDateTime": device.last_seen,
                 "tags": device.tags,
                 "lastHeartbeatDateTime": state.liveness.last_seen(&device.device_id),
-            })
+                "isSilent": is_silent,
+            }))
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
         value,
