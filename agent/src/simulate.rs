@@ -150,6 +150,12 @@ impl Simulation {
         if options.devices == 0 {
             anyhow::bail!("--devices 0: simulate at least one device");
         }
+        if let Some(listen) = config.metrics.listen {
+            tracing::warn!(
+                %listen,
+                "[metrics] listen is ignored by simulate: the simulated devices open no metrics listener"
+            );
+        }
         let devices_dir = config.state_dir.join(DEVICES_DIR);
         // Owner-only, as an agent's state directory: it holds every device's signing key.
         std::fs::DirBuilder::new()

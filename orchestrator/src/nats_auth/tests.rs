@@ -49,7 +49,14 @@ fn the_orchestrator_may_not_delete_or_purge_streams_nor_publish_device_events() 
         assert!(!subject.contains("PURGE"), "{subject}");
         assert!(!subject.contains("STREAM.DELETE"), "{subject}");
         assert!(!subject.starts_with("laps.events"), "{subject}");
+        // It reads the liveness bucket; only devices put heartbeats.
+        assert!(!subject.starts_with("$KV."), "{subject}");
     }
+    assert!(
+        permissions
+            .publish
+            .contains(&"$JS.API.CONSUMER.MSG.NEXT.KV_LAPS_LIVENESS.*".to_owned())
+    );
     assert!(permissions.publish.contains(&"laps.audit.>".to_owned()));
     assert_eq!(permissions.subscribe, ["_INBOX.>", "laps.breaches.declare"]);
     // It answers breach signals below their senders' own prefix only.
