@@ -647,6 +647,7 @@ impl Processor {
             Err(err) => {
                 if let CycleError::Account(AccountError::Missing(account)) = &err {
                     tracing::error!(event_code = 10013, %account, "managed account not found");
+                    self.metrics.rotation_ended(reason, RotationOutcome::Failed);
                     self.state
                         .emit(
                             self.clock.now(),

@@ -128,27 +128,6 @@ pub fn is_silent(
     now.signed_duration_since(since) > silent_after
 }
 
-/// How many of the `enrolled` devices (each with its enrollment time) are silent at `now`, given
-/// every device's last heartbeat.
-pub fn count_silent<'a>(
-    last_heartbeats: &HashMap<DeviceId, DateTime<Utc>>,
-    enrolled: impl IntoIterator<Item = (&'a DeviceId, DateTime<Utc>)>,
-    now: DateTime<Utc>,
-    silent_after: Duration,
-) -> usize {
-    enrolled
-        .into_iter()
-        .filter(|(device_id, enrolled_at)| {
-            is_silent(
-                last_heartbeats.get(*device_id).copied(),
-                *enrolled_at,
-                now,
-                silent_after,
-            )
-        })
-        .count()
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
@@ -181,21 +160,6 @@ mod tests {
         let threshold = 3 * HOUR;
         assert!(!is_silent(None, at(0), at(2), threshold));
         assert!(is_silent(None, at(0), at(4), threshold));
-    }
-
-    #[test]
-    fn only_enrolled_devices_are_counted() {
-        let heartbeats = HashMap::from([
-            (device("beating"), at(9)),
-            (device("stopped"), at(1)),
-            (device("not-enrolled"), at(0)),
-        ]);
-        let never = device("never");
-        let recent = device("recent");
-        let beating = device("beating");
-        let stopped = device("stopped");
-        let enrolled = [(&beating, at(0)), (&stopped, at(0)), (&never, at(0)), (&recent, at(8))];
-        assert_eq!(count_silent(&heartbeats, enrolled, at(10), 3 * HOUR), 2);
     }
 
     #[test]
