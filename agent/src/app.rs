@@ -1,7 +1,9 @@
 //! Start-up and the run loop: a cycle at start, then one every processing interval, and one
-//! whenever the control socket asks.
+//! whenever the control socket asks; each cycle ends with a heartbeat. The optional metrics
+//! listener runs beside the loop.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 use fleetlaps_proto::event::RotationReason;
 use fleetlaps_proto::ids::{DeviceId, DeviceName};
 use fleetlaps_proto::policy::{Policy, PolicySource};
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::account::{self, AccountBackend};
@@ -22,6 +24,7 @@ use crate::config::Config;
 use crate::control;
 use crate::fault::Faults;
 use crate::identity::Identity;
+use crate::metrics::{self, Metrics};
 use crate::postauth::PostAuth;
 use crate::rotation::{CycleOutcome, Processor, ProcessorParts};
 use crate::state::AgentState;
@@ -35,6 +38,10 @@ pub struct App {
     agent: Agent,
     /// The control socket, bound.
     control: UnixListener,
+    /// The metrics listener, bound, when `[metrics] listen` asks for one.
+    metrics_listener: Option<TcpListener>,
+    /// What the listener serves.
+    metrics: Metrics,
 }
 
 impl App {
@@ -76,6 +83,11 @@ impl App {
         })
         .await?;
         let control = control::bind(&control::socket_path(&config.state_dir))?;
+        let metrics_listener = match config.metrics.listen {
+            Some(listen) => Some(metrics::bind(listen).await?),
+            None => None,
+        };
+        let metrics = Metrics::new();
         let agent = Agent::assemble(
             &config,
             AgentParts {
@@ -86,9 +98,15 @@ impl App {
                 device_name,
                 clock,
                 faults,
+                metrics: metrics.clone(),
             },
         )?;
-        Ok(Self { agent, control })
+        Ok(Self {
+            agent,
+            control,
+            metrics_listener,
+            metrics,
+        })
     }
 
     /// This device's id.
@@ -96,13 +114,34 @@ impl App {
         self.agent.processor.device_id().clone()
     }
 
+    /// Where the metrics are served (`[metrics] listen`, with port 0 resolved), if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().expect("a bound listener has an address"))
+    }
+
     /// Runs cycles until `shutdown` completes.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { agent, control } = self;
+        let Self {
+            agent,
+            control,
+            metrics_listener,
+            metrics,
+        } = self;
         let (requests, incoming_requests) = mpsc::channel::<control::Request>(8);
         let control_task = tokio::spawn(control::serve(control, requests));
+        let metrics_task = metrics_listener.map(|listener| {
+            if let Ok(address) = listener.local_addr() {
+                tracing::info!(%address, "serving the agent's metrics at /metrics");
+            }
+            tokio::spawn(metrics::serve(listener, metrics, std::future::pending()))
+        });
         let result = agent.run(incoming_requests, shutdown).await;
         control_task.abort();
+        if let Some(metrics_task) = metrics_task {
+            metrics_task.abort();
+        }
         result
     }
 }
@@ -123,6 +162,8 @@ pub(crate) struct AgentParts {
     pub(crate) clock: Arc<dyn Clock>,
     /// Kill points a test armed; none in production.
     pub(crate) faults: Faults,
+    /// Where its rotations, backups and heartbeats are counted.
+    pub(crate) metrics: Metrics,
 }
 
 /// One device's agent without its control socket: what [`App`] runs, and what the fleet
@@ -149,6 +190,7 @@ impl Agent {
             device_name,
             clock,
             faults,
+            metrics,
         } = parts;
         let (policy, policy_source) = effective_policy(config, &identity)?;
         check_escrow_key(config, &identity)?;
@@ -168,6 +210,7 @@ impl Agent {
             recovery: identity.escrow_recovery_public_key,
             settings: config.processor_settings(),
             faults,
+            metrics,
         });
         Ok(Self {
             processor,
@@ -308,8 +351,12 @@ async fn execute(processor: &mut Processor, command: Command) {
     }
 }
 
+/// Runs one cycle, then puts the device's heartbeat, whatever the cycle's outcome: a device
+/// whose rotations fail is alive all the same.
 async fn run_cycle(processor: &mut Processor, force: Option<RotationReason>) -> Result<CycleOutcome, String> {
-    processor.process(force).await.map_err(|err| err.to_string())
+    let outcome = processor.process(force).await.map_err(|err| err.to_string());
+    processor.heartbeat().await;
+    outcome
 }
 
 fn describe(outcome: CycleOutcome) -> String {

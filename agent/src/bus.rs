@@ -4,8 +4,8 @@
 //!
 //! Every subject used here is one the device's NATS user is allowed on a server with
 //! permissions (`orchestrator/packaging/nats-server.conf`): its own event subjects, its own
-//! commands and confirmations, a direct get of its own last command, and replies on its own
-//! inbox prefix. A new NATS call here needs a new permission there.
+//! key in the liveness bucket, its own commands and confirmations, a direct get of its own last
+//! command, and replies on its own inbox prefix. A new NATS call here needs a new permission there.
 //!
 //! The fleet simulator ([`crate::simulate`]) runs many devices over one [`SharedConnection`]:
 //! each device's [`Publisher`] publishes and reads as the real agent's does, and its live
@@ -26,6 +26,7 @@ use fleetlaps_proto::api::SIGNATURE_HEADER;
 use fleetlaps_proto::command::{BackupConfirmation, Command, CurrentPasswordVersion};
 use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::liveness::Heartbeat;
 use fleetlaps_proto::nkey::UserSeed;
 use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
@@ -308,6 +309,21 @@ impl Publisher {
             .await
             .map_err(|err| error(err.into()))?;
         ack.await.map_err(|err| error(err.into()))?;
+        Ok(())
+    }
+
+    /// Puts `device_id`'s heartbeat in the liveness bucket and waits for JetStream's ack: a
+    /// JetStream publish on the device's own key (`$KV.LAPS_LIVENESS.<device_id>`), which its
+    /// NATS user may publish to, rather than a KV API call, which it may not make.
+    pub async fn heartbeat(&self, device_id: &DeviceId, heartbeat: &Heartbeat) -> anyhow::Result<()> {
+        let subject = subject::device_heartbeat(device_id);
+        let ack = self
+            .jetstream
+            .publish(subject, heartbeat.to_json().into())
+            .await
+            .with_context(|| format!("putting the heartbeat in {}", subject::LIVENESS_BUCKET))?;
+        ack.await
+            .with_context(|| format!("putting the heartbeat in {}", subject::LIVENESS_BUCKET))?;
         Ok(())
     }
 

@@ -63,6 +63,20 @@ pub struct Config {
     /// How the post-authentication actions end sessions, reboot and terminate processes.
     #[serde(default)]
     pub post_authentication: PostAuthConfig,
+    /// The agent's own metrics listener; none without `listen`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where the agent serves its own Prometheus metrics (`GET /metrics`), if anywhere.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The address to serve on, such as `127.0.0.1:9465`; absent, no listener is opened. Plain
+    /// HTTP: keep it on loopback or a management network (it shows counters and times, never a
+    /// password).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// How to reach NATS.
@@ -473,5 +487,19 @@ path = "/tmp/shadow"
         let err = Config::from_toml(&BASE.replace("CQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "short"))
             .expect_err("refused");
         assert!(err.to_string().contains("escrow public key"), "{err}");
+    }
+
+    #[test]
+    fn the_metrics_listener_is_off_unless_an_address_is_given() {
+        assert_eq!(Config::from_toml(BASE).expect("valid").metrics.listen, None);
+        let config = Config::from_toml(&format!("{BASE}[metrics]\nlisten = \"127.0.0.1:9465\"\n")).expect("valid");
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9465".parse().expect("an address"))
+        );
+        let err = Config::from_toml(&format!("{BASE}[metrics]\nlisten = \"localhost\"\n")).expect_err("refused");
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
+        let err = Config::from_toml(&format!("{BASE}[metrics]\nport = 9465\n")).expect_err("refused");
+        assert!(err.to_string().contains("port"), "{err}");
     }
 }

@@ -16,6 +16,7 @@
 //! - [`control`]: the local control socket behind `reset` and `process-now`.
 //! - [`postauth`]: LAPS post-authentication actions: reset (and log off, reboot, terminate) after a login.
 //! - [`failure_window`]: failed authentications aggregated into a bounded number of events.
+//! - [`metrics`]: the agent's own Prometheus metrics and their optional listener.
 //! - [`clock`]: injectable time.
 //! - [`fault`]: kill and failure points of the crash tests (cargo feature `fault-injection`).
 //! - [`simulate`]: `fleetlaps-agent simulate`: many simulated devices in one process (test and bench fleets).
@@ -30,6 +31,7 @@ pub mod enroll;
 pub mod failure_window;
 pub mod fault;
 pub mod identity;
+pub mod metrics;
 pub mod password_hash;
 pub mod postauth;
 pub mod rotation;

@@ -198,7 +198,7 @@ impl PostAuth {
                     self.config.failure_report_interval(),
                 );
                 let reported = report.as_ref().map(|report| report.count);
-                processor
+                let queued = processor
                     .put_record(
                         FAILURES_KEY,
                         window.as_ref(),
@@ -206,6 +206,9 @@ impl PostAuth {
                         report.map(Event::AuthenticationFailed),
                     )
                     .await?;
+                if let (Some(count), Some(_)) = (reported, queued) {
+                    processor.metrics().failed_logins_reported(count);
+                }
                 self.failures = window;
                 match reported {
                     Some(count) => {
@@ -245,6 +248,7 @@ impl PostAuth {
         if let Some(report) = &report {
             tracing::info!(account = %report.account_name, count = report.count, "failed authentications as the managed account");
         }
+        let reported = report.as_ref().map(|report| report.count);
         let written = processor
             .put_record(
                 FAILURES_KEY,
@@ -256,7 +260,9 @@ impl PostAuth {
         // Even when the write failed: a window kept open past its end would wake the loop at once,
         // again and again.
         self.failures = window;
-        written?;
+        if let (Some(count), Some(_)) = (reported, written?) {
+            processor.metrics().failed_logins_reported(count);
+        }
         processor.publish_outbox().await;
         Ok(())
     }

@@ -40,6 +40,7 @@ use fleetlaps_proto::event::{
     PolicyApplied, RotationFailed, RotationReason, RotationStage, sealing_context,
 };
 use fleetlaps_proto::ids::{AccountName, DeviceName, EventId, RotationId};
+use fleetlaps_proto::liveness::Heartbeat;
 use fleetlaps_proto::password;
 use fleetlaps_proto::policy::{BackupDirectory, Policy, PolicySource};
 use fleetlaps_proto::seal::{self, EscrowPublicKey};
@@ -52,6 +53,7 @@ use crate::bus::{PublishError, Publisher};
 use crate::clock::Clock;
 use crate::config::ProcessorSettings;
 use crate::fault::Faults;
+use crate::metrics::{self, Metrics, RotationOutcome};
 use crate::password_hash::PasswordHash;
 use crate::state::{AgentState, CurrentCredential, OUTBOX_RESERVED, PendingRotation, RefusedBackup, StateError};
 
@@ -178,6 +180,8 @@ pub struct ProcessorParts {
     pub settings: ProcessorSettings,
     /// Kill points a test armed; none in production.
     pub faults: Faults,
+    /// Where rotations, backups and the outbox are counted.
+    pub metrics: Metrics,
 }
 
 /// The cycle and the rotation, over the agent's state. Everything that changes the account goes
@@ -196,6 +200,7 @@ pub struct Processor {
     recovery: Option<EscrowPublicKey>,
     settings: ProcessorSettings,
     faults: Faults,
+    metrics: Metrics,
     /// The error of the last cycle, if it failed (for `status`).
     last_error: Option<String>,
 }
@@ -223,6 +228,7 @@ impl Processor {
             recovery,
             settings,
             faults,
+            metrics,
         } = parts;
         Self {
             state,
@@ -237,7 +243,50 @@ impl Processor {
             recovery,
             settings,
             faults,
+            metrics,
             last_error: None,
+        }
+    }
+
+    /// The agent's metrics, for the modules that count what they report.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Puts this device's heartbeat in the liveness bucket (every cycle): never on the history,
+    /// and never a reason for a cycle or a rotation to fail; a failure is logged and the next
+    /// cycle beats again. Skipped while NATS is unreachable, so it never waits for an ack that
+    /// cannot come.
+    pub async fn heartbeat(&self) {
+        if !self.publisher.is_connected() {
+            tracing::debug!("not connected to NATS: no heartbeat this cycle");
+            return;
+        }
+        let current_rotation = match self.state.current() {
+            Ok(current) => current.map(|current| current.rotation_id),
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the current rotation for the heartbeat failed");
+                None
+            }
+        };
+        let now = self.clock.now();
+        let heartbeat = Heartbeat {
+            at: now,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            current_rotation,
+        };
+        match self.publisher.heartbeat(self.state.device_id(), &heartbeat).await {
+            Ok(()) => self.metrics.heartbeat_sent(now),
+            Err(err) => tracing::warn!(error = %err, "heartbeat not sent; the next cycle beats again"),
+        }
+    }
+
+    /// Sets the gauges read from the state: the outbox's length, the current password's times.
+    fn observe_state(&self) {
+        self.metrics.set_outbox_len(self.state.outbox_len());
+        if let Ok(Some(current)) = self.state.current() {
+            self.metrics
+                .set_current_password(current.applied_at, current.expires_at);
         }
     }
 
@@ -332,6 +381,7 @@ impl Processor {
     /// restored device starts its new generation at once.
     pub async fn start(&mut self) -> Result<(), CycleError> {
         self.state.clear_backup_refused().await?;
+        self.observe_state();
         self.detect_rollback().await?;
         Ok(())
     }
@@ -353,6 +403,7 @@ impl Processor {
                 self.last_error = Some(err.to_string());
             }
         }
+        self.observe_state();
         outcome
     }
 
@@ -387,6 +438,7 @@ impl Processor {
         if let Err(err) = &outcome {
             self.last_error = Some(err.to_string());
         }
+        self.observe_state();
         outcome.map(Some)
     }
 
@@ -422,6 +474,7 @@ impl Processor {
     /// Records a live confirmation that arrived outside a rotation's wait (a re-sent backup's).
     pub async fn confirmed(&self, confirmation: &BackupConfirmation) -> Result<(), CycleError> {
         if confirmation.outcome == BackupOutcome::Stored && self.state.backup_confirmed(&confirmation.event_id).await? {
+            self.metrics.backup_answered(metrics::BackupOutcome::Stored);
             tracing::debug!(event_id = %confirmation.event_id, "backup confirmed stored by the orchestrator");
         }
         Ok(())
@@ -586,7 +639,7 @@ impl Processor {
                 limit: self.settings.outbox_limit,
             };
             tracing::error!(error = %err, "rotation stopped: the outbox is full");
-            self.report_failure(None, RotationStage::Prepare, &err).await?;
+            self.report_failure(reason, None, RotationStage::Prepare, &err).await?;
             return Err(err);
         }
         let account = match self.managed_account().await {
@@ -594,6 +647,7 @@ impl Processor {
             Err(err) => {
                 if let CycleError::Account(AccountError::Missing(account)) = &err {
                     tracing::error!(event_code = 10013, %account, "managed account not found");
+                    self.metrics.rotation_ended(reason, RotationOutcome::Failed);
                     self.state
                         .emit(
                             self.clock.now(),
@@ -604,7 +658,7 @@ impl Processor {
                         .await?;
                     self.drain_quietly().await;
                 } else {
-                    self.report_failure(None, RotationStage::Prepare, &err).await?;
+                    self.report_failure(reason, None, RotationStage::Prepare, &err).await?;
                 }
                 return Err(err);
             }
@@ -668,13 +722,16 @@ impl Processor {
             self.faults.point("after_backup");
             match self.await_answer(&backup_event_id, &mut confirmations).await {
                 Answer::Stored => {
+                    self.metrics.backup_answered(metrics::BackupOutcome::Stored);
                     self.state.backup_confirmed(&backup_event_id).await?;
                     tracing::info!(event_code = 10029, rotation_id = %pending.rotation_id, "the orchestrator confirmed storing the backup");
                 }
                 Answer::Refused { reason, detail } => {
+                    self.metrics.backup_answered(metrics::BackupOutcome::Refused(reason));
                     return Err(self.abandon(&pending, backup_event_id, reason, detail).await?);
                 }
                 Answer::NotYet => {
+                    self.metrics.backup_answered(metrics::BackupOutcome::Unconfirmed);
                     return Err(CycleError::Unconfirmed {
                         rotation_id: pending.rotation_id,
                         waited_secs: self.settings.backup_confirmation_wait.as_secs(),
@@ -706,7 +763,7 @@ impl Processor {
             Err(err) => {
                 let err = CycleError::from(err);
                 tracing::error!(event_code = 10019, error = %err, "setting the new password failed");
-                self.report_failure(Some(pending.rotation_id), RotationStage::Apply, &err)
+                self.report_failure(pending.reason, Some(pending.rotation_id), RotationStage::Apply, &err)
                     .await?;
                 return Err(err);
             }
@@ -734,6 +791,8 @@ impl Processor {
             self.state.record_command(&command_id, now, executed).await?;
         }
         self.faults.point("after_commit");
+        self.metrics.rotation_ended(pending.reason, RotationOutcome::Succeeded);
+        self.metrics.set_current_password(now, pending.expires_at);
         tracing::info!(rotation_id = %pending.rotation_id, expires_at = %pending.expires_at, "password rotated");
         self.drain_quietly().await;
         Ok(CycleOutcome::Rotated {
@@ -826,6 +885,7 @@ impl Processor {
             detail: detail.clone(),
         };
         tracing::error!(event_code = 10005, error = %err, "backup refused by the orchestrator; account left unchanged");
+        self.metrics.rotation_ended(pending.reason, RotationOutcome::Failed);
         let refused = RefusedBackup {
             rotation_id: pending.rotation_id,
             reason,
@@ -850,12 +910,15 @@ impl Processor {
         Ok(err)
     }
 
+    /// Reports a failed rotation (LAPS 10005) and counts it under `reason`.
     async fn report_failure(
         &self,
+        reason: RotationReason,
         rotation_id: Option<RotationId>,
         stage: RotationStage,
         err: &CycleError,
     ) -> Result<(), CycleError> {
+        self.metrics.rotation_ended(reason, RotationOutcome::Failed);
         let error = err.to_string();
         tracing::error!(%error, ?stage, "rotation failed");
         let event = Event::RotationFailed(RotationFailed {
@@ -898,11 +961,16 @@ impl Processor {
     /// Publishes the outbox in order, removing each event once acknowledged; stops at the first
     /// failure so that order is kept.
     async fn drain(&self) -> Result<(), DrainError> {
-        while let Some(envelope) = self.state.outbox_first().map_err(DrainError::State)? {
-            self.publisher.publish(&envelope).await.map_err(DrainError::Publish)?;
-            self.state.acknowledged(&envelope).await.map_err(DrainError::State)?;
+        let drained = async {
+            while let Some(envelope) = self.state.outbox_first().map_err(DrainError::State)? {
+                self.publisher.publish(&envelope).await.map_err(DrainError::Publish)?;
+                self.state.acknowledged(&envelope).await.map_err(DrainError::State)?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.metrics.set_outbox_len(self.state.outbox_len());
+        drained
     }
 
     /// What status should say about events still waiting after a cycle drained what it could:

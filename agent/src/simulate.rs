@@ -46,6 +46,7 @@ use crate::control;
 use crate::enroll::{self, EnrollOptions};
 use crate::fault::Faults;
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::state::{AgentState, StateDb};
 
 /// The directory of the devices' identities and account databases, in `state_dir`.
@@ -103,6 +104,8 @@ pub struct Simulation {
     positions: HashMap<DeviceId, usize>,
     /// Whether progress bars are drawn.
     show_progress: bool,
+    /// One registry for every device (no listener per device; the simulation serves none).
+    metrics: Metrics,
 }
 
 /// One simulated device.
@@ -146,6 +149,12 @@ impl Simulation {
         }
         if options.devices == 0 {
             anyhow::bail!("--devices 0: simulate at least one device");
+        }
+        if let Some(listen) = config.metrics.listen {
+            tracing::warn!(
+                %listen,
+                "[metrics] listen is ignored by simulate: the simulated devices open no metrics listener"
+            );
         }
         let devices_dir = config.state_dir.join(DEVICES_DIR);
         // Owner-only, as an agent's state directory: it holds every device's signing key.
@@ -197,6 +206,7 @@ impl Simulation {
             devices,
             positions,
             show_progress: options.show_progress,
+            metrics: Metrics::new(),
         })
     }
 
@@ -245,6 +255,7 @@ impl Simulation {
                     device_name: device.name.clone(),
                     clock: Arc::clone(&self.clock),
                     faults: Faults::none(),
+                    metrics: self.metrics.clone(),
                 },
             )
             .with_context(|| format!("starting {}", device.name))?;

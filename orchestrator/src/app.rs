@@ -22,10 +22,8 @@ use crate::detectors::{DetectorParts, Detectors};
 use crate::health::Health;
 use crate::http::{self, AppState, ServeOptions};
 use crate::key_ceremony;
-use crate::metrics::{FleetView, Metrics};
-
-/// A device is silent when nothing was heard from it for this long.
-const SILENT_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(3);
+use crate::liveness::Liveness;
+use crate::metrics::Metrics;
 use crate::orchestrator_key;
 use crate::projection::Projections;
 use crate::tls::{self, ServerTls};
@@ -50,6 +48,8 @@ pub struct App {
     signals: (async_nats::Client, Arc<SignalDesk>),
     /// The detectors, when any is on.
     detectors: Option<Detectors>,
+    /// Watches the liveness bucket into the devices' last heartbeats.
+    heartbeats: (async_nats::jetstream::Context, Liveness),
     /// The data directory's lock, held while this orchestrator runs.
     lock: DataDirLock,
 }
@@ -79,18 +79,14 @@ impl App {
             .with_quarantine_max_entries(config.quarantine.max_entries);
         let metrics = Metrics::new();
         metrics.observe_quarantine(projections.clone());
-        metrics.observe_fleet(
-            projections.clone(),
-            FleetView {
-                silent_after: SILENT_AFTER,
-                heartbeats: Arc::new(|_| None),
-            },
-        );
 
         let (jetstream, nats) = bus::connect(&config).await?;
         let mut stream = bus::ensure_events_stream(&jetstream).await?;
         bus::ensure_commands_stream(&jetstream).await?;
         bus::ensure_password_versions_stream(&jetstream).await?;
+        bus::ensure_liveness_bucket(&jetstream).await?;
+        let liveness = Liveness::new(config.monitoring.silent_after());
+        metrics.observe_fleet(projections.clone(), liveness.clone());
         // Before anything is served: the keys must be the ones the history names, the orchestrator
         // key first, since it signs the escrow key's record.
         let history = bus::History::open(&jetstream).await?;
@@ -169,6 +165,7 @@ impl App {
             token_issuance: Arc::default(),
             campaign_wake,
             request_timeout: http_limits.request_timeout,
+            liveness: liveness.clone(),
         };
         let campaigns = CampaignRunner::new(
             state.projections.clone(),
@@ -191,6 +188,7 @@ impl App {
             campaigns,
             signals,
             detectors,
+            heartbeats: (jetstream, liveness),
             http_listener,
             api_tls,
             http_limits,
@@ -235,6 +233,11 @@ impl App {
     /// The projections (for tools and tests: digests, rebuild checks).
     pub fn projections(&self) -> Projections {
         self.state.projections.clone()
+    }
+
+    /// Each device's last heartbeat, as the orchestrator watches it (for tools and tests).
+    pub fn liveness(&self) -> Liveness {
+        self.heartbeats.1.clone()
     }
 
     /// Serves until `shutdown` completes, then stops every task and waits for them to drain.
@@ -294,6 +297,12 @@ impl App {
                 Ok(())
             });
         }
+        let (heartbeats_jetstream, liveness) = self.heartbeats;
+        let heartbeats_cancel = cancel.clone();
+        tasks.spawn(async move {
+            bus::watch_heartbeats(heartbeats_jetstream, liveness, heartbeats_cancel).await;
+            Ok(())
+        });
         let consumer_cancel = cancel.clone();
         tasks.spawn(async move {
             // A failing batch is retried and reported in /healthz, never the end of the API.

@@ -67,9 +67,45 @@ pub struct Config {
     /// The detectors: breach signals the orchestrator raises itself from what the fleet reports.
     #[serde(default)]
     pub detectors: DetectorsConfig,
+    /// Monitoring of the fleet: when a device counts as silent.
+    #[serde(default)]
+    pub monitoring: MonitoringConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[monitoring]`: what the orchestrator calls a silent device.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringConfig {
+    /// A device is silent when its last heartbeat, or its enrollment when it never beat, is older
+    /// than this many seconds (1 to 2,592,000, 30 days). The default, 3 hours, is three of the
+    /// agent's default hourly cycles, each of which beats.
+    #[serde(default = "default_silent_after_secs")]
+    pub silent_after_secs: u64,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        Self {
+            silent_after_secs: default_silent_after_secs(),
+        }
+    }
+}
+
+impl MonitoringConfig {
+    /// How long without a heartbeat makes a device silent.
+    pub fn silent_after(&self) -> Duration {
+        Duration::from_secs(self.silent_after_secs)
+    }
+}
+
+/// The allowed `monitoring.silent_after_secs`.
+const SILENT_AFTER_SECS: std::ops::RangeInclusive<u64> = 1..=2_592_000;
+
+fn default_silent_after_secs() -> u64 {
+    3 * 3600
 }
 
 /// `[detectors]`: each detector's mode and thresholds, and what a detection's campaign gets.
@@ -776,6 +812,14 @@ impl Config {
                 WAVE_DEVICES_PER_SECOND.end()
             );
         }
+        if !SILENT_AFTER_SECS.contains(&self.monitoring.silent_after_secs) {
+            anyhow::bail!(
+                "invalid config: monitoring.silent_after_secs = {}: allowed {} to {} seconds",
+                self.monitoring.silent_after_secs,
+                SILENT_AFTER_SECS.start(),
+                SILENT_AFTER_SECS.end()
+            );
+        }
         self.detectors.validate()?;
         self.http.transport()?;
         self.http.limits()?;
@@ -999,6 +1043,24 @@ mod tests {
             assert!(
                 err.to_string().contains(&format!(
                     "campaigns.wave_devices_per_second = {bad}: allowed 1 to 100000"
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_device_is_silent_after_three_hours_by_default_and_the_threshold_is_refused_out_of_range() {
+        let plain = "[http]\nplain_http = true\n";
+        let config = config_with(plain).expect("valid");
+        assert_eq!(config.monitoring.silent_after(), Duration::from_secs(3 * 3600));
+        let set = config_with(&format!("{plain}[monitoring]\nsilent_after_secs = 600\n")).expect("valid");
+        assert_eq!(set.monitoring.silent_after(), Duration::from_secs(600));
+        for bad in ["0", "2592001"] {
+            let err = config_with(&format!("{plain}[monitoring]\nsilent_after_secs = {bad}\n")).expect_err(bad);
+            assert!(
+                err.to_string().contains(&format!(
+                    "monitoring.silent_after_secs = {bad}: allowed 1 to 2592000 seconds"
                 )),
                 "{err}"
             );

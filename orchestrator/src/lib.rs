@@ -19,6 +19,8 @@
 //! - [`replay`]: `replay`: every projection rebuilt from the history into a fresh directory, up to an instant.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
+//! - [`liveness`]: each device's last heartbeat (from the liveness bucket, not the history) and
+//!   which devices are silent.
 //! - [`health`]: whether the projections may be trusted yet (caught up since start) and whether
 //!   the consumer works.
 //! - [`nats_auth`]: the nats-server configuration (a user per device) and nkey seed files.
@@ -36,6 +38,7 @@ pub mod escrow;
 pub mod health;
 pub mod http;
 pub mod key_ceremony;
+pub mod liveness;
 pub mod metrics;
 pub mod nats_auth;
 pub mod orchestrator_key;

@@ -13,12 +13,12 @@ use prometheus::{
 };
 
 use crate::auth::Scope;
+use crate::liveness::Liveness;
 use crate::projection::{ConfirmedRotation, Projections, QuarantineReason};
 
 mod fleet;
 
 use fleet::FleetCollector;
-pub use fleet::{FleetView, HeartbeatLookup};
 
 /// Counter: messages taken from the events stream, by `kind` (the event's kind, from its
 /// subject; `unknown` when the subject names none) and `outcome` ([`IngestOutcome`]).
@@ -530,10 +530,10 @@ impl Metrics {
     }
 
     /// Reports the fleet (devices by state, password ages, campaigns) from `projections` at
-    /// every scrape, with `fleet`'s thresholds and heartbeats.
-    pub fn observe_fleet(&self, projections: Projections, fleet: FleetView) {
+    /// every scrape, silent or not by `liveness`.
+    pub fn observe_fleet(&self, projections: Projections, liveness: Liveness) {
         self.registry
-            .register(Box::new(FleetCollector::new(projections, fleet)))
+            .register(Box::new(FleetCollector::new(projections, liveness)))
             .expect("the fleet collector is registered once");
     }
 
@@ -628,7 +628,6 @@ impl prometheus::core::Collector for QuarantineCollector {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::sync::Arc;
 
     use super::*;
 
@@ -648,13 +647,9 @@ mod tests {
         let projections = Projections::open(&dir.path().join("db")).unwrap();
         let metrics = Metrics::new();
         metrics.observe_quarantine(projections.clone());
-        metrics.observe_fleet(
-            projections,
-            FleetView {
-                silent_after: chrono::TimeDelta::hours(3),
-                heartbeats: Arc::new(|_| None),
-            },
-        );
+        let liveness = Liveness::new(std::time::Duration::from_secs(3 * 3600));
+        liveness.mark_caught_up();
+        metrics.observe_fleet(projections, liveness);
         // Per-route series exist once a route has served a request.
         metrics.http_requests.with_label_values(&["/healthz", "200"]).inc();
         metrics

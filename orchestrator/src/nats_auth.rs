@@ -15,6 +15,8 @@
 //! - publish `$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.<device_id>`: read
 //!   the centre's current password version of itself (rollback detection, missed confirmations,
 //!   the escrow key to seal to); only the orchestrator may write it;
+//! - publish `$KV.LAPS_LIVENESS.<device_id>`: put its own heartbeat in the liveness bucket, a
+//!   JetStream publish on its own key, which needs no JetStream API permission; nobody else's;
 //! - subscribe `laps.commands.<device_id>` and `laps.confirmations.<device_id>`: live commands
 //!   and backup confirmations;
 //! - subscribe `_INBOX_<device_id>.>`: replies (JetStream acks, the direct get's answer). The
@@ -324,7 +326,7 @@ pub struct Permissions {
     pub subscribe: Vec<String>,
 }
 
-/// The orchestrator's permissions: manage and read its two streams and their consumers, issue
+/// The orchestrator's permissions: manage and read its streams (and the liveness bucket's) and their consumers, issue
 /// commands, confirm backups, record audit events, receive replies on the shared `_INBOX`, and
 /// take breach signals and answer them.
 /// Not allowed: deleting or purging a stream (the events stream is the history) and publishing
@@ -335,6 +337,7 @@ pub fn orchestrator_permissions() -> Permissions {
         subject::EVENTS_STREAM,
         subject::COMMANDS_STREAM,
         subject::PASSWORD_VERSIONS_STREAM,
+        subject::LIVENESS_STREAM,
     ] {
         publish.extend([
             format!("{JS_API}.STREAM.INFO.{stream}"),
@@ -377,12 +380,14 @@ pub fn signal_sender_permissions() -> Permissions {
     }
 }
 
-/// One device's permissions: its own events out; its own commands, confirmations and replies in.
+/// One device's permissions: its own events and heartbeat out; its own commands, confirmations
+/// and replies in.
 pub fn device_permissions(device_id: &DeviceId) -> Permissions {
     let commands = subject::device_commands(device_id);
     Permissions {
         publish: vec![
             format!("laps.events.{device_id}.>"),
+            subject::device_heartbeat(device_id),
             format!("{JS_API}.DIRECT.GET.{}.{commands}", subject::COMMANDS_STREAM),
             format!(
                 "{JS_API}.DIRECT.GET.{}.{}",
@@ -407,6 +412,7 @@ pub fn simulator_permissions() -> Permissions {
     Permissions {
         publish: vec![
             "laps.events.*.>".to_owned(),
+            format!("$KV.{}.*", subject::LIVENESS_BUCKET),
             format!(
                 "{JS_API}.DIRECT.GET.{}.{}",
                 subject::COMMANDS_STREAM,
@@ -586,8 +592,9 @@ max_payload: {max_payload}
 max_connections: {max_connections}
 max_subscriptions: {max_subscriptions}
 
-# JetStream keeps the history (LAPS_EVENTS), each device's last command (LAPS_COMMANDS) and the
-# centre's current password version of each device (LAPS_PASSWORD_VERSIONS), in
+# JetStream keeps the history (LAPS_EVENTS), each device's last command (LAPS_COMMANDS), the
+# centre's current password version of each device (LAPS_PASSWORD_VERSIONS) and each device's
+# last heartbeat (the KV bucket LAPS_LIVENESS), in
 # a jetstream directory inside store_dir. Debian's package does not enable it; this block does.
 # The directory must belong to the user nats-server runs as:
 # `install -d -o nats -g nats -m 0700 {store_dir_plain}`.
@@ -627,17 +634,18 @@ pub fn render_authorization(orchestrator: &NkeyPublicKey, devices: &[DeviceUser]
         "# Every user, by nkey. A user may publish and subscribe only to the subjects listed for it.
 authorization {
   users = [
-    # The orchestrator: creates, checks and reads LAPS_EVENTS, LAPS_COMMANDS and
-    # LAPS_PASSWORD_VERSIONS and their consumers, issues commands, confirms backups, publishes
-    # password versions and records its own audit events. It may not delete or purge a stream,
-    # nor publish device events.
+    # The orchestrator: creates, checks and reads LAPS_EVENTS, LAPS_COMMANDS,
+    # LAPS_PASSWORD_VERSIONS and the liveness bucket (KV_LAPS_LIVENESS) and their consumers,
+    # issues commands, confirms backups, publishes password versions and records its own audit
+    # events. It may not delete or purge a stream, nor publish device events or heartbeats.
 ",
     );
     text.push_str(&render_user(orchestrator, &orchestrator_permissions()));
     text.push_str(
         "
     # Devices, one user each (nats-server 2.9 cannot template permissions on the user).
-    # A device publishes only laps.events.<its id>.>, reads only its own command (live, or the
+    # A device publishes only laps.events.<its id>.> and its own heartbeat
+    # ($KV.LAPS_LIVENESS.<its id>), reads only its own command (live, or the
     # last one with a JetStream direct get on its own subject), its own password version (a
     # direct get on its own subject) and its own backup confirmations,
     # and gets replies only on its own inbox prefix _INBOX_<its id>, which the agent connects

@@ -136,6 +136,30 @@ pub enum RotationReason {
     Rollback,
 }
 
+impl RotationReason {
+    /// Every reason, for metrics.
+    pub const ALL: [Self; 6] = [
+        Self::Initial,
+        Self::Expired,
+        Self::Manual,
+        Self::Command,
+        Self::PostAuthentication,
+        Self::Rollback,
+    ];
+
+    /// The reason's name, as serialised and as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initial => "initial",
+            Self::Expired => "expired",
+            Self::Manual => "manual",
+            Self::Command => "command",
+            Self::PostAuthentication => "post_authentication",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
 /// Body of [`Event::PasswordBackedUp`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PasswordBackedUp {
@@ -482,6 +506,14 @@ pub fn sealing_context(device_id: &DeviceId, rotation_id: &RotationId) -> Vec<u8
 mod tests {
     use super::*;
     use crate::seal::{EscrowSecretKey, seal};
+
+    #[test]
+    fn rotation_reason_names_are_their_serialised_names() {
+        for reason in RotationReason::ALL {
+            let json = serde_json::to_string(&reason).expect("serialises");
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
+    }
 
     fn backed_up() -> Envelope {
         let device_id = DeviceId::parse("dev-1").expect("valid");

@@ -18,6 +18,7 @@
 //! - [`breach`]: breaches and the campaigns that answer them (events on the same history).
 //! - [`command`]: rotate commands and backup confirmations, from the orchestrator to devices.
 //! - [`control`]: requests and answers on the agent's local control socket.
+//! - [`liveness`]: the heartbeat each device puts in the liveness bucket every cycle (not on the history).
 
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod command;
 pub mod control;
 pub mod event;
 pub mod ids;
+pub mod liveness;
 pub mod nkey;
 pub mod password;
 pub mod policy;

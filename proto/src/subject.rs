@@ -68,6 +68,32 @@ pub fn device_password_version(device_id: &DeviceId) -> String {
     format!("laps.password_version.{device_id}")
 }
 
+/// The JetStream KV bucket of each device's last heartbeat ([`crate::liveness::Heartbeat`]),
+/// key = device id, one value per key (history 1): liveness without growing the history.
+pub const LIVENESS_BUCKET: &str = "LAPS_LIVENESS";
+
+/// The stream behind [`LIVENESS_BUCKET`] (JetStream names a bucket's stream `KV_<bucket>`).
+pub const LIVENESS_STREAM: &str = "KV_LAPS_LIVENESS";
+
+/// Every key's subject in [`LIVENESS_BUCKET`].
+pub const LIVENESS_WILDCARD: &str = "$KV.LAPS_LIVENESS.>";
+
+/// The largest heartbeat value the bucket stores (its `max_value_size`); a heartbeat is under
+/// 200 bytes.
+pub const MAX_HEARTBEAT_BYTES: i32 = 1024;
+
+/// The subject a device puts its heartbeat on: its key in [`LIVENESS_BUCKET`], published to
+/// directly (a JetStream publish), so the device needs no JetStream API permission.
+pub fn device_heartbeat(device_id: &DeviceId) -> String {
+    format!("$KV.{LIVENESS_BUCKET}.{device_id}")
+}
+
+/// The device named by a heartbeat subject (`$KV.LAPS_LIVENESS.<device_id>`), if it is one.
+pub fn parse_device_heartbeat(subject: &str) -> Option<DeviceId> {
+    let device = subject.strip_prefix("$KV.LAPS_LIVENESS.")?;
+    DeviceId::parse(device).ok()
+}
+
 /// The subject the orchestrator confirms (or refuses) a device's backups on, live (core NATS, not
 /// a stream: a device that misses one finds the newest in its current password version, or
 /// re-sends its backup and is confirmed again).
@@ -140,6 +166,22 @@ mod tests {
             "laps.confirmations.",
         ] {
             assert_eq!(parse_device_inbound(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_subjects_name_their_device() {
+        let device_id = DeviceId::parse("dev-1").expect("valid");
+        let subject = device_heartbeat(&device_id);
+        assert_eq!(subject, "$KV.LAPS_LIVENESS.dev-1");
+        assert!(subject.starts_with(LIVENESS_WILDCARD.trim_end_matches('>')));
+        assert_eq!(parse_device_heartbeat(&subject), Some(device_id));
+        for other in [
+            "$KV.LAPS_LIVENESS.a.b",
+            "$KV.OTHER.dev-1",
+            "laps.events.dev-1.policy_applied",
+        ] {
+            assert_eq!(parse_device_heartbeat(other), None, "{other}");
         }
     }
 

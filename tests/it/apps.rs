@@ -41,6 +41,8 @@ pub struct TestOrchestrator {
     pub metrics_url: String,
     /// The key agents seal to.
     pub escrow_public_key: EscrowPublicKey,
+    /// Each device's last heartbeat, as the running orchestrator watches it.
+    pub liveness: fleetlaps_orchestrator::liveness::Liveness,
     /// Its data directory (projections and escrow key); kept across restarts.
     pub data_dir: PathBuf,
     /// How it reaches NATS; kept across restarts.
@@ -258,6 +260,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             .to_owned();
         let metrics_url = format!("http://{}/metrics", app.metrics_addr());
         let escrow_public_key = app.escrow_public_key();
+        let liveness = app.liveness();
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async move {
             let _ = stop.await;
@@ -268,6 +271,7 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             tls_certificate,
             metrics_url,
             escrow_public_key,
+            liveness,
             data_dir: data_dir.to_owned(),
             nats,
             extra_config: extra_config.to_owned(),
@@ -604,6 +608,8 @@ pub struct TestAgent {
     faults: Faults,
     device_name: String,
     interval: u64,
+    /// Where the running agent serves its metrics, when its config has `[metrics] listen`.
+    metrics_addr: Option<std::net::SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: TempDir,
@@ -661,6 +667,7 @@ impl TestAgent {
             faults: options.faults,
             device_name: options.device_name,
             interval: options.processing_interval_secs,
+            metrics_addr: None,
             shutdown: None,
             task: None,
             _dir: dir,
@@ -726,6 +733,7 @@ AdministratorAccountName = "{managed}"
             .await
             .expect("agent starts");
         assert_eq!(app.device_id(), self.device_id, "the agent runs as the enrolled device");
+        self.metrics_addr = app.metrics_addr();
         let (shutdown, stop) = oneshot::channel::<()>();
         self.shutdown = Some(shutdown);
         self.task = Some(tokio::spawn(app.run_until(async move {
@@ -778,6 +786,12 @@ AdministratorAccountName = "{managed}"
             .parent()
             .expect("the agent's directory")
             .join("agent-binary.log")
+    }
+
+    /// The URL of the running agent's metrics, when its config asks for a listener
+    /// (`[metrics] listen = "127.0.0.1:0"` in [`AgentOptions::extra_config`]).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_addr.map(|address| format!("http://{address}/metrics"))
     }
 
     /// Starts the agent in this process again (after [`Self::run_binary`]).
@@ -857,6 +871,7 @@ AdministratorAccountName = "{managed}"
             faults: self.faults.clone(),
             device_name: self.device_name.clone(),
             interval: self.interval,
+            metrics_addr: None,
             shutdown: None,
             task: None,
             _dir: dir,

@@ -10,6 +10,7 @@
 pub mod harness;
 
 mod agent_cli;
+mod agent_metrics;
 mod api;
 pub mod apps;
 mod at_rest;
@@ -27,6 +28,7 @@ mod harness_smoke;
 mod https;
 pub mod linux;
 mod linux_account;
+mod liveness;
 mod nats_permissions;
 mod nats_security;
 mod post_authentication;

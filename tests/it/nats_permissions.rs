@@ -13,6 +13,7 @@ use fleetlaps_orchestrator::bus::issue_command;
 use fleetlaps_orchestrator::nats_auth::{DeviceUser, NkeyPublicKey, NkeySeed, ServerConfig, ensure_seed_file};
 use fleetlaps_proto::command::{Command, CommandAction, CurrentPasswordVersion, DevicePosition};
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::liveness::Heartbeat;
 use fleetlaps_proto::seal::EscrowSecretKey;
 use fleetlaps_proto::subject;
 use futures::{FutureExt, StreamExt};
@@ -371,6 +372,111 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
         orchestrator_js.get_stream("LAPS_SHADOW").await.is_err(),
         "device A created a stream"
     );
+}
+
+#[tokio::test]
+async fn a_device_puts_only_its_own_heartbeat_and_cannot_read_the_liveness_bucket() {
+    // Arrange: two enrolled devices; the real orchestrator creates the liveness bucket.
+    let keys = Keys::new();
+    let device_a = DeviceId::parse("device-a").expect("valid");
+    let device_b = DeviceId::parse("device-b").expect("valid");
+    let (seed_a, key_a) = keys.create("device-a");
+    let (_, key_b) = keys.create("device-b");
+    let devices = vec![
+        DeviceUser {
+            device_id: device_a.clone(),
+            nkey: key_a,
+        },
+        DeviceUser {
+            device_id: device_b.clone(),
+            nkey: key_b,
+        },
+    ];
+    let nats = TestNats::start_with_config(server_config(&keys.orchestrator_key, devices));
+    let orchestrator = TestOrchestrator::spawn_with_nkey(&nats, &keys.orchestrator_seed).await;
+    let orchestrator_js = jetstream::new(connect(&nats, &keys.orchestrator_seed, None, &Violations::default()).await);
+    let violations = Violations::default();
+    let device = connect(
+        &nats,
+        &seed_a,
+        Some(subject::device_inbox_prefix(&device_a)),
+        &violations,
+    )
+    .await;
+    let device_js = jetstream::ContextBuilder::new()
+        .timeout(DENIED_WAIT)
+        .build(device.clone());
+    let heartbeat = Heartbeat {
+        at: chrono::Utc::now(),
+        agent_version: "test".to_owned(),
+        current_rotation: None,
+    };
+
+    // Control: the agent's own call puts device A's heartbeat, which the orchestrator sees.
+    let publisher = Publisher::connect(ConnectSettings {
+        ca_file: None,
+        url: &nats.url(),
+        ack_timeout: DENIED_WAIT,
+        device_id: &device_a,
+        nkey_seed_file: Some(&seed_a),
+        signing_key: fleetlaps_proto::signature::DeviceSigningKey::generate(),
+    })
+    .await
+    .expect("the agent's publisher connects");
+    wait_until("the agent's publisher is connected", TIMEOUT, || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    publisher
+        .heartbeat(&device_a, &heartbeat)
+        .await
+        .expect("device A may put its own heartbeat");
+    wait_until("the orchestrator sees device A's heartbeat", TIMEOUT, || async {
+        orchestrator.liveness.last_seen(&device_a)
+    })
+    .await;
+
+    // Act and assert: device A putting device B's heartbeat, by the agent's call or a raw
+    // JetStream publish, gets no ack; the server reports the violation; B has no heartbeat.
+    let err = publisher
+        .heartbeat(&device_b, &heartbeat)
+        .await
+        .expect_err("device A put device B's heartbeat");
+    assert!(format!("{err:#}").contains("LAPS_LIVENESS"), "{err:#}");
+    let forged_subject = subject::device_heartbeat(&device_b);
+    let ack = device_js
+        .publish(forged_subject.clone(), heartbeat.to_json().into())
+        .await
+        .expect("sent");
+    assert!(
+        ack.await.is_err(),
+        "JetStream acknowledged device B's heartbeat from device A"
+    );
+    violations.wait_for("Publish", &forged_subject).await;
+    let bucket = orchestrator_js
+        .get_stream(subject::LIVENESS_STREAM)
+        .await
+        .expect("the liveness bucket exists");
+    assert!(
+        bucket.get_last_raw_message_by_subject(&forged_subject).await.is_err(),
+        "the bucket holds a heartbeat for device B"
+    );
+    assert_eq!(orchestrator.liveness.last_seen(&device_b), None);
+
+    // Nor may a device read the bucket: no direct get, no consumer.
+    let direct_get_b = format!("$JS.API.DIRECT.GET.{}.{forged_subject}", subject::LIVENESS_STREAM);
+    let consumer = format!("$JS.API.CONSUMER.CREATE.{}", subject::LIVENESS_STREAM);
+    for api_subject in [direct_get_b, consumer] {
+        match device.request(api_subject.clone(), "{}".into()).await {
+            Err(err) if err.kind() == async_nats::RequestErrorKind::TimedOut => {}
+            Err(err) => panic!("{api_subject}: expected no answer at all, got {err}"),
+            Ok(message) => panic!(
+                "{api_subject} answered device A: {}",
+                String::from_utf8_lossy(&message.payload)
+            ),
+        }
+        violations.wait_for("Publish", &api_subject).await;
+    }
 }
 
 /// Waits until the orchestrator holds `count` passwords for the agent and the newest is the

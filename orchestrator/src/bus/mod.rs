@@ -8,6 +8,7 @@ mod connection;
 mod consumer;
 mod history;
 mod journal;
+mod liveness;
 mod password_versions;
 mod stream;
 
@@ -17,5 +18,6 @@ pub use connection::{NatsFacts, NatsStatus, connect, durability_of};
 pub use consumer::{BusError, Consumer, ConsumerParts};
 pub use history::{History, HistoryMessage, HistoryReader, last_audit_event};
 pub use journal::{JetStreamJournal, Journal};
+pub use liveness::{ensure_liveness_bucket, watch_heartbeats};
 pub use password_versions::{ensure_password_versions_stream, publish_password_version};
 pub use stream::{ensure_events_stream, last_sequence};

@@ -1,8 +1,12 @@
 //! Graph's device directory and Intune's "Rotate local admin password" action.
 //!
 //! - `GET /v1.0/devices` (`Device.Read.All`): every device the history knows, in Graph's `device`
-//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`),
-//!   ordered by id, in pages like every collection (`$top`, `$skiptoken` = the last id seen).
+//!   shape (`id`, `deviceId`, `displayName`, `operatingSystem`, `approximateLastSignInDateTime`:
+//!   the time of its newest event), plus `tags` and `lastHeartbeatDateTime`: when the device last
+//!   said it was alive (its last heartbeat in the liveness bucket, by the server's time; `null`
+//!   when it never did since the bucket was made) and `isSilent`: whether that heartbeat, or its
+//!   enrollment when it never beat, is older than `monitoring.silent_after_secs`; ordered by id,
+//!   in pages like every collection (`$top`, `$skiptoken` = the last id seen).
 //! - `POST /v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword`
 //!   (`DeviceLocalCredential.Rotate`): records a `rotation_requested` event, then sends the device
 //!   a rotate command, kept in JetStream until it takes it; answers 204 like Intune, with the
@@ -26,7 +30,7 @@ use super::device_local_credentials::DevicePath;
 use super::error::ApiError;
 use super::odata::{self, QueryOptions};
 use crate::auth::Scope;
-use crate::projection::DeviceRecord;
+use crate::projection::{DeviceRecord, DeviceState};
 
 /// The directory's route.
 pub(super) const LIST_PATH: &str = "/v1.0/devices";
@@ -57,19 +61,23 @@ pub(super) async fn list(
     let (page, next_link) = odata::page(devices, page_size, |last: &DeviceRecord| {
         odata::next_link(LIST_PATH, &options, &[], page_size, last.device_id.as_str())
     });
+    let now = Utc::now();
     let value = page
         .iter()
         .map(|device| {
-            json!({
+            let is_silent = state.liveness.state(&state.projections, device, now)? == DeviceState::Silent;
+            Ok(json!({
                 "id": device.device_id,
                 "deviceId": device.device_id,
                 "displayName": device.device_name,
                 "operatingSystem": "Linux",
                 "approximateLastSignInDateTime": device.last_seen,
                 "tags": device.tags,
-            })
+                "lastHeartbeatDateTime": state.liveness.last_seen(&device.device_id),
+                "isSilent": is_silent,
+            }))
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
         value,

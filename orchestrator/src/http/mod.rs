@@ -89,6 +89,8 @@ pub struct AppState {
     pub campaign_wake: Arc<tokio::sync::Notify>,
     /// How long a request may take before it is answered 503 (`http.request_timeout_secs`).
     pub request_timeout: std::time::Duration,
+    /// Each device's last heartbeat (`lastHeartbeatDateTime`).
+    pub liveness: crate::liveness::Liveness,
 }
 
 impl AppState {

@@ -192,6 +192,7 @@ impl Fixture {
         let metrics = Metrics::new();
         // A fresh stream: the projections hold authority from the start.
         let health = Arc::new(crate::health::Health::new(0, projections.clone(), metrics.clone()));
+        let liveness = crate::liveness::Liveness::new(std::time::Duration::from_secs(3 * 3600));
         let state = AppState {
             projections,
             escrow: Arc::new(crate::escrow::EscrowKeyring::generate()),
@@ -208,6 +209,7 @@ impl Fixture {
             token_issuance: Arc::default(),
             campaign_wake: Arc::default(),
             request_timeout: std::time::Duration::from_secs(30),
+            liveness,
         };
         let mut fixture = Self {
             _dir: dir,
@@ -1548,4 +1550,51 @@ fn enroll_request(device_name: &str, tags: &Value) -> Request<Body> {
             .to_string(),
         ))
         .unwrap()
+}
+
+#[tokio::test]
+async fn the_directory_shows_each_devices_last_heartbeat_and_whether_it_is_silent() {
+    // Two devices enrolled long ago (the fixture's events are dated 2023); one beat just now.
+    let mut fixture = Fixture::new();
+    let beating = DeviceId::parse("dev-beating").unwrap();
+    let quiet = DeviceId::parse("dev-quiet").unwrap();
+    fixture.enrolled(&beating, "host-1");
+    fixture.enrolled(&quiet, "host-2");
+    let beat_at = Utc::now();
+    fixture.state.liveness.record(beating.clone(), beat_at);
+
+    let answer = fixture
+        .get("/v1.0/devices", Some(&scope_token(crate::auth::Scope::DeviceRead)))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let device = |id: &DeviceId| {
+        answer.body["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|device| device["id"] == id.as_str())
+            .cloned()
+            .unwrap()
+    };
+    let shown: chrono::DateTime<Utc> =
+        serde_json::from_value(device(&beating)["lastHeartbeatDateTime"].clone()).unwrap();
+    assert_eq!(shown, beat_at);
+    assert_eq!(device(&beating)["isSilent"], false);
+    assert_eq!(device(&quiet)["lastHeartbeatDateTime"], Value::Null);
+    assert_eq!(
+        device(&quiet)["isSilent"],
+        true,
+        "never beat since its enrollment long ago"
+    );
+    // Three hours on, the beating device is silent too.
+    let later = beat_at + chrono::Duration::hours(3) + chrono::Duration::seconds(1);
+    let record = fixture.state.projections.device(&beating).unwrap().unwrap();
+    assert_eq!(
+        fixture
+            .state
+            .liveness
+            .state(&fixture.state.projections, &record, later)
+            .unwrap(),
+        crate::projection::DeviceState::Silent
+    );
 }

@@ -2,38 +2,24 @@
 //! campaigns. They depend on the time of the scrape (a password expires without any event), so
 //! they are computed then rather than kept by the fold.
 
-use std::sync::Arc;
-
-use chrono::{DateTime, TimeDelta, Utc};
-use fleetlaps_proto::ids::DeviceId;
+use chrono::{DateTime, Utc};
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, IntGaugeVec};
 
 use super::{AGE_BUCKETS, CAMPAIGN_DEVICES, CAMPAIGNS, DEVICES, PASSWORD_AGE_SECONDS, gauge_vec, histogram};
+use crate::liveness::Liveness;
 use crate::projection::{CampaignState, DeviceState, Projections};
 
 /// The `device_state` values of [`CAMPAIGN_DEVICES`]: each a count of the campaign's devices,
 /// not a partition (a device commanded and then rotated counts in both).
 const CAMPAIGN_DEVICE_STATES: [&str; 3] = ["targeted", "commanded", "rotated"];
 
-/// The last heartbeat of a device, if it ever sent one.
-pub type HeartbeatLookup = Arc<dyn Fn(&DeviceId) -> Option<DateTime<Utc>> + Send + Sync>;
-
-/// What the fleet metrics need beside the projections.
-#[derive(Clone)]
-pub struct FleetView {
-    /// A device is `silent` when nothing was heard from it (no heartbeat, no event) for longer.
-    pub silent_after: TimeDelta,
-    /// Each device's last heartbeat.
-    pub heartbeats: HeartbeatLookup,
-}
-
 /// Computes [`DEVICES`], [`PASSWORD_AGE_SECONDS`], [`CAMPAIGNS`] and [`CAMPAIGN_DEVICES`] at
 /// each scrape.
 pub(super) struct FleetCollector {
     projections: Projections,
-    fleet: FleetView,
+    liveness: Liveness,
     /// The metric definitions, for [`Collector::desc`]; fresh copies are filled at each scrape.
     definitions: FleetMetrics,
 }
@@ -65,9 +51,14 @@ impl FleetMetrics {
     }
 
     /// Fills the metrics from the projections as of `now`.
-    fn fill(&self, projections: &Projections, fleet: &FleetView, now: DateTime<Utc>) -> Result<(), String> {
-        for state in DeviceState::ALL {
-            self.devices.with_label_values(&[state.as_str()]);
+    fn fill(&self, projections: &Projections, liveness: &Liveness, now: DateTime<Utc>) -> Result<(), String> {
+        // Until every heartbeat the bucket held at start is read, a device may look silent only
+        // because its heartbeat was not read yet: no device states rather than false ones.
+        let states_known = liveness.caught_up();
+        if states_known {
+            for state in DeviceState::ALL {
+                self.devices.with_label_values(&[state.as_str()]);
+            }
         }
         for state in CampaignState::ALL {
             self.campaigns.with_label_values(&[state.as_str()]);
@@ -76,9 +67,12 @@ impl FleetMetrics {
             }
         }
         for device in projections.devices().map_err(|err| err.to_string())? {
-            let heartbeat = (fleet.heartbeats)(&device.device_id);
-            let state = device.state(heartbeat, now, fleet.silent_after);
-            self.devices.with_label_values(&[state.as_str()]).inc();
+            if states_known {
+                let state = liveness
+                    .state(projections, &device, now)
+                    .map_err(|err| err.to_string())?;
+                self.devices.with_label_values(&[state.as_str()]).inc();
+            }
             if let Some(rotated) = device.last_rotated {
                 self.password_age.observe((now - rotated).as_seconds_f64().max(0.0));
             }
@@ -106,10 +100,10 @@ impl FleetMetrics {
 }
 
 impl FleetCollector {
-    pub(super) fn new(projections: Projections, fleet: FleetView) -> Self {
+    pub(super) fn new(projections: Projections, liveness: Liveness) -> Self {
         Self {
             projections,
-            fleet,
+            liveness,
             definitions: FleetMetrics::new(),
         }
     }
@@ -126,7 +120,7 @@ impl Collector for FleetCollector {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let metrics = FleetMetrics::new();
-        match metrics.fill(&self.projections, &self.fleet, Utc::now()) {
+        match metrics.fill(&self.projections, &self.liveness, Utc::now()) {
             Ok(()) => metrics.collect(),
             Err(err) => {
                 tracing::warn!(error = %err, "reading the fleet for metrics failed");

@@ -27,6 +27,7 @@ fn a_device_may_publish_only_its_own_events_and_read_only_its_own_subjects() {
         permissions.publish,
         [
             "laps.events.dev-1.>",
+            "$KV.LAPS_LIVENESS.dev-1",
             "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.dev-1",
             "$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.dev-1"
         ]
@@ -48,7 +49,14 @@ fn the_orchestrator_may_not_delete_or_purge_streams_nor_publish_device_events() 
         assert!(!subject.contains("PURGE"), "{subject}");
         assert!(!subject.contains("STREAM.DELETE"), "{subject}");
         assert!(!subject.starts_with("laps.events"), "{subject}");
+        // It reads the liveness bucket; only devices put heartbeats.
+        assert!(!subject.starts_with("$KV."), "{subject}");
     }
+    assert!(
+        permissions
+            .publish
+            .contains(&"$JS.API.CONSUMER.MSG.NEXT.KV_LAPS_LIVENESS.*".to_owned())
+    );
     assert!(permissions.publish.contains(&"laps.audit.>".to_owned()));
     assert_eq!(permissions.subscribe, ["_INBOX.>", "laps.breaches.declare"]);
     // It answers breach signals below their senders' own prefix only.
@@ -234,6 +242,7 @@ fn the_simulator_user_is_rendered_only_when_asked_with_every_device_subject_and_
         permissions.publish,
         [
             "laps.events.*.>",
+            "$KV.LAPS_LIVENESS.*",
             "$JS.API.DIRECT.GET.LAPS_COMMANDS.laps.commands.*",
             "$JS.API.DIRECT.GET.LAPS_PASSWORD_VERSIONS.laps.password_version.*"
         ]

@@ -188,8 +188,8 @@ pub struct DeviceChange {
 /// per device, the first of these that holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
-    /// Nothing heard from it, no heartbeat and no event, for longer than the silence threshold:
-    /// whatever else its record says may no longer be true.
+    /// No heartbeat (and, if it never beat, no enrollment) for longer than the silence
+    /// threshold: whatever else its record says may no longer be true.
     Silent,
     /// Enrolled, but no password of it was ever backed up.
     NeverBackedUp,
@@ -224,15 +224,10 @@ impl DeviceState {
 }
 
 impl DeviceRecord {
-    /// Where the device stands at `now` ([`DeviceState`]): silent when neither its last
-    /// heartbeat nor its newest event is within `silent_after` of `now`.
-    pub fn state(
-        &self,
-        last_heartbeat: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-        silent_after: TimeDelta,
-    ) -> DeviceState {
-        let last_heard = last_heartbeat.map_or(self.last_seen, |beat| beat.max(self.last_seen));
+    /// Where the device stands at `now` ([`DeviceState`]): silent when it was `last_heard` (its
+    /// last heartbeat, or its enrollment when it never beat: `Liveness::last_heard`) more than
+    /// `silent_after` ago.
+    pub fn state(&self, last_heard: DateTime<Utc>, now: DateTime<Utc>, silent_after: TimeDelta) -> DeviceState {
         if now - last_heard > silent_after {
             DeviceState::Silent
         } else if self.last_backup.is_none() {
@@ -630,30 +625,30 @@ mod state_tests {
 
     #[test]
     fn a_device_heard_from_within_the_threshold_with_a_valid_password_is_compliant() {
-        assert_eq!(backed_up().state(None, at(50), SILENT_AFTER), DeviceState::Compliant);
+        assert_eq!(backed_up().state(at(40), at(50), SILENT_AFTER), DeviceState::Compliant);
     }
 
     #[test]
-    fn a_device_neither_beating_nor_sending_for_longer_than_the_threshold_is_silent() {
+    fn a_device_not_heard_from_for_longer_than_the_threshold_is_silent() {
         let device = backed_up();
-        assert_eq!(device.state(None, at(111), SILENT_AFTER), DeviceState::Silent);
-        assert_eq!(device.state(Some(at(20)), at(121), SILENT_AFTER), DeviceState::Silent);
-        // A heartbeat keeps it heard from, though its last event is old.
         assert_eq!(
-            device.state(Some(at(500)), at(550), SILENT_AFTER),
-            DeviceState::Compliant
+            device.state(at(10), at(110), SILENT_AFTER),
+            DeviceState::Compliant,
+            "exactly the threshold"
         );
-        // So does an event newer than its last heartbeat.
+        assert_eq!(device.state(at(10), at(111), SILENT_AFTER), DeviceState::Silent);
+        // However recent its last event: only the heartbeat (or enrollment) counts, by the
+        // server's clock, not the device's.
         let mut sent = device;
         sent.last_seen = at(500);
-        assert_eq!(sent.state(Some(at(20)), at(550), SILENT_AFTER), DeviceState::Compliant);
+        assert_eq!(sent.state(at(20), at(500), SILENT_AFTER), DeviceState::Silent);
     }
 
     #[test]
     fn silence_wins_over_every_other_state() {
         let mut device = backed_up();
         device.last_backup = None;
-        assert_eq!(device.state(None, at(5_000), SILENT_AFTER), DeviceState::Silent);
+        assert_eq!(device.state(at(0), at(5_000), SILENT_AFTER), DeviceState::Silent);
     }
 
     #[test]
@@ -662,31 +657,22 @@ mod state_tests {
         device.last_backup = None;
         device.last_rotated = None;
         device.refresh = None;
-        assert_eq!(device.state(None, at(50), SILENT_AFTER), DeviceState::NeverBackedUp);
+        assert_eq!(device.state(at(40), at(50), SILENT_AFTER), DeviceState::NeverBackedUp);
     }
 
     #[test]
     fn a_device_rolled_back_after_its_last_rotation_is_rolled_back_until_it_rotates() {
         let mut device = backed_up();
         device.last_image_rollback = Some(at(20));
-        assert_eq!(
-            device.state(Some(at(30)), at(40), SILENT_AFTER),
-            DeviceState::RolledBack
-        );
+        assert_eq!(device.state(at(30), at(40), SILENT_AFTER), DeviceState::RolledBack);
         device.last_rotated = Some(at(25));
-        assert_eq!(device.state(Some(at(30)), at(40), SILENT_AFTER), DeviceState::Compliant);
+        assert_eq!(device.state(at(30), at(40), SILENT_AFTER), DeviceState::Compliant);
     }
 
     #[test]
     fn a_password_past_its_refresh_time_is_expired() {
         let device = backed_up();
-        assert_eq!(
-            device.state(Some(at(1_000)), at(1_001), SILENT_AFTER),
-            DeviceState::Expired
-        );
-        assert_eq!(
-            device.state(Some(at(990)), at(999), SILENT_AFTER),
-            DeviceState::Compliant
-        );
+        assert_eq!(device.state(at(1_000), at(1_001), SILENT_AFTER), DeviceState::Expired);
+        assert_eq!(device.state(at(990), at(999), SILENT_AFTER), DeviceState::Compliant);
     }
 }
