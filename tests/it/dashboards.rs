@@ -479,3 +479,55 @@ async fn a_burst_of_refused_messages_fires_the_quarantine_spike_alert() {
 
 /// The alert of `alerts.yml` for many refused messages at once.
 const QUARANTINE_SPIKE: &str = "FleetlapsQuarantineSpike";
+
+#[tokio::test]
+async fn a_device_stopped_longer_than_the_silence_threshold_shows_as_silent_and_fires_its_alert() {
+    // Arrange: a device beating every second, silent after five; Prometheus scraping.
+    const SILENT_AFTER_SECS: u64 = 5;
+    let nats = crate::harness::TestNats::start();
+    let orchestrator = TestOrchestrator::spawn_with_config(
+        &nats,
+        &format!("[monitoring]\nsilent_after_secs = {SILENT_AFTER_SECS}\n"),
+    )
+    .await;
+    let mut agent = crate::apps::TestAgent::spawn_with(
+        &nats,
+        &orchestrator,
+        crate::apps::AgentOptions {
+            processing_interval_secs: 1,
+            ..crate::apps::AgentOptions::default()
+        },
+    )
+    .await;
+    orchestrator.wait_for_passwords(&agent.device_id, 1).await;
+    let prometheus = TestPrometheus::start(&orchestrator.metrics_target()).await;
+    // Longer than the threshold since its last event: only its heartbeats keep it heard from.
+    tokio::time::sleep(Duration::from_secs(SILENT_AFTER_SECS + 3)).await;
+    prometheus.wait_for_scrapes(3).await;
+    assert_eq!(orchestrator.metric(r#"fleetlaps_devices{state="silent"}"#).await, 0.0);
+    assert_eq!(
+        orchestrator.metric(r#"fleetlaps_devices{state="compliant"}"#).await,
+        1.0
+    );
+    assert!(!prometheus.firing().await.contains(DEVICES_SILENT));
+
+    // Act: the device stops.
+    agent.stop().await;
+
+    // Assert: once the threshold has passed it is silent, and the alert fires.
+    wait_until("the device is counted silent", Duration::from_secs(60), || async {
+        (orchestrator.metric(r#"fleetlaps_devices{state="silent"}"#).await == 1.0).then_some(())
+    })
+    .await;
+    wait_until("the silent devices alert fires", Duration::from_secs(60), || async {
+        prometheus.firing().await.contains(DEVICES_SILENT).then_some(())
+    })
+    .await;
+    assert_eq!(
+        prometheus.value(r#"sum(fleetlaps_devices{state="silent"})"#).await,
+        Some(1.0)
+    );
+}
+
+/// The alert of `alerts.yml` for devices neither beating nor sending.
+const DEVICES_SILENT: &str = "FleetlapsDevicesSilent";
