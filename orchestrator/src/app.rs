@@ -22,7 +22,10 @@ use crate::detectors::{DetectorParts, Detectors};
 use crate::health::Health;
 use crate::http::{self, AppState, ServeOptions};
 use crate::key_ceremony;
-use crate::metrics::Metrics;
+use crate::metrics::{FleetView, Metrics};
+
+/// A device is silent when nothing was heard from it for this long.
+const SILENT_AFTER: chrono::TimeDelta = chrono::TimeDelta::hours(3);
 use crate::orchestrator_key;
 use crate::projection::Projections;
 use crate::tls::{self, ServerTls};
@@ -76,6 +79,13 @@ impl App {
             .with_quarantine_max_entries(config.quarantine.max_entries);
         let metrics = Metrics::new();
         metrics.observe_quarantine(projections.clone());
+        metrics.observe_fleet(
+            projections.clone(),
+            FleetView {
+                silent_after: SILENT_AFTER,
+                heartbeats: Arc::new(|_| None),
+            },
+        );
 
         let (jetstream, nats) = bus::connect(&config).await?;
         let mut stream = bus::ensure_events_stream(&jetstream).await?;

@@ -482,6 +482,14 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         page.value
     }
 
+    /// The metrics listener as `host:port`, what Prometheus scrapes.
+    pub fn metrics_target(&self) -> String {
+        self.metrics_url
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_owned()
+    }
+
     /// The metrics text.
     pub async fn metrics(&self) -> String {
         self.http
@@ -494,13 +502,14 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
             .expect("text")
     }
 
-    /// The value of one sample line of the metrics (`name{labels}`), or 0 when absent.
+    /// The value of one sample line of the metrics (`name{labels}`); panics when there is none, so
+    /// a test reading a renamed or missing metric fails rather than reading 0.
     pub async fn metric(&self, sample: &str) -> f64 {
-        self.metrics()
-            .await
+        let metrics = self.metrics().await;
+        metrics
             .lines()
             .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or(0.0)
+            .unwrap_or_else(|| panic!("no sample {sample} in the metrics:\n{metrics}"))
     }
 }
 

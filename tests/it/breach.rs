@@ -510,34 +510,9 @@ async fn a_breach_of_a_thousand_simulated_devices_a_tenth_of_them_off_completes_
     let nats = crate::simulate::nats_with_simulator();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let token = soc_token(&orchestrator).await;
-    let (enrollment_token, _) =
-        crate::apps::create_enrollment_token(&orchestrator, json!({"name": "simulated", "maxUses": DEVICES})).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let state_dir = dir.path().join("simulator");
-    let config = fleetlaps_agent::Config::from_toml(&crate::simulate::simulator_config(&nats, &state_dir))
-        .expect("a valid config");
-    let mut simulation = fleetlaps_agent::simulate::Simulation::prepare(
-        config,
-        fleetlaps_agent::simulate::SimulationOptions {
-            devices: DEVICES,
-            enrollment: Some(fleetlaps_agent::simulate::EnrollmentSettings {
-                orchestrator_url: orchestrator.base_url.clone(),
-                token: secrecy::SecretString::from(enrollment_token),
-                ca_file: Some(orchestrator.tls_certificate.clone()),
-                insecure_http: false,
-            }),
-            enroll_concurrency: 16,
-            clock: std::sync::Arc::new(fleetlaps_agent::clock::SystemClock),
-            show_progress: false,
-        },
-    )
-    .await
-    .expect("the fleet enrolls");
-    simulation.start_all().await.expect("the fleet starts");
-    tokio::time::timeout(Duration::from_secs(300), simulation.wait_until_all_backed_up())
-        .await
-        .expect("every device backs up in time")
-        .expect("the states are readable");
+    let config = crate::simulate::simulator_config(&nats, &dir.path().join("simulator"));
+    let mut simulation = crate::simulate::backed_up_fleet(&orchestrator, DEVICES, &config).await;
     let device_ids = simulation.device_ids();
     let off: Vec<DeviceId> = device_ids.iter().step_by(10).cloned().collect();
     simulation.stop(&off).await.expect("a tenth of the fleet stops");

@@ -115,7 +115,7 @@ async fn lateral_movement_fires_at_three_devices_and_not_at_two() {
     log_in_on(&nats, &[&agents[0], &agents[1]]).await;
     wait_until("both logins are folded", Duration::from_secs(30), || async {
         let folded = orchestrator
-            .metric("fleetlaps_events_applied_total{kind=\"authentication_succeeded\"}")
+            .metric(r#"fleetlaps_events_ingested_total{kind="authentication_succeeded",outcome="applied"}"#)
             .await;
         (folded >= 2.0).then_some(())
     })
@@ -236,7 +236,8 @@ async fn repeated_failures_fire_on_the_one_device_counting_aggregated_reports() 
 
 #[tokio::test]
 async fn a_password_read_then_logins_on_two_devices_fires_read_then_spread_naming_the_reader() {
-    // Arrange
+    // Arrange: a fleet the harness's "investigator" read while it backed up, and logins on two
+    // devices after those reads: the investigator's own detection, recorded.
     let nats = TestNats::start();
     let orchestrator = TestOrchestrator::spawn_with_config(
         &nats,
@@ -244,29 +245,45 @@ async fn a_password_read_then_logins_on_two_devices_fires_read_then_spread_namin
     )
     .await;
     let agents = fleet(&nats, &orchestrator, 3).await;
-    // Logins before any read do not count.
+    let responder = orchestrator
+        .create_token(
+            crate::apps::ADMIN_TOKEN,
+            serde_json::json!({"name": "responder", "scopes": ["DeviceLocalCredential.Read.All"]}),
+        )
+        .await
+        .0;
     log_in_on(&nats, &[&agents[1], &agents[2]]).await;
+    let setup = wait_for_detections(&nats, Detector::ReadThenSpread, 1).await;
+    assert_eq!(setup[0].principal.as_deref(), Some("investigator"));
 
-    // Act: the investigator reads the first device's password, then someone logs in on two.
-    assert!(!orchestrator.passwords(&agents[0].device_id).await.is_empty());
+    // Act: the responder reads the first device's password, then someone logs in on two.
+    let read = orchestrator
+        .get(
+            &format!(
+                "/v1.0/directory/deviceLocalCredentials/{}?$select=credentials",
+                agents[0].device_id
+            ),
+            Some(&responder),
+        )
+        .await;
+    assert_eq!(read.status(), reqwest::StatusCode::OK);
     let read_id = wait_until("the read is on the history", Duration::from_secs(30), || async {
         stream_payloads(&nats, &fleetlaps_proto::subject::audit_event(AuditKind::PasswordRead))
             .await
-            .first()
-            .map(|payload| AuditEnvelope::from_json(payload).expect("an audit envelope").id)
+            .iter()
+            .map(|payload| AuditEnvelope::from_json(payload).expect("an audit envelope"))
+            .find(|envelope| matches!(&envelope.event, AuditEvent::PasswordRead(read) if read.principal == "responder"))
+            .map(|envelope| envelope.id)
     })
     .await;
-    assert!(
-        detections(&nats).await.is_empty(),
-        "logins before the read count for nothing"
-    );
     log_in_on(&nats, &[&agents[1], &agents[2]]).await;
 
-    // Assert
-    let found = wait_for_detections(&nats, Detector::ReadThenSpread, 1).await;
-    assert_eq!(found.len(), 1, "{found:?}");
-    let detection = &found[0];
-    assert_eq!(detection.principal.as_deref(), Some("investigator"));
+    // Assert: the responder's detection holds its read and the two logins after it, not the two
+    // before it.
+    let found = wait_for_detections(&nats, Detector::ReadThenSpread, 2).await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    let detection = &found[1];
+    assert_eq!(detection.principal.as_deref(), Some("responder"));
     assert_eq!(
         detection.evidence_event_ids.first(),
         Some(&read_id),
@@ -275,7 +292,7 @@ async fn a_password_read_then_logins_on_two_devices_fires_read_then_spread_namin
     assert_eq!(
         detection.evidence_event_ids.len(),
         3,
-        "the read and the two logins after it"
+        "the read and the two logins after it, not those before: {detection:?}"
     );
     assert_eq!(
         detection.device_ids.iter().cloned().collect::<BTreeSet<_>>(),

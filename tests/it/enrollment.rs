@@ -372,7 +372,9 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
     })
     .await;
     let before = state_of(&orchestrator, &agent.device_id).await;
-    let duplicates_before = orchestrator.metric("fleetlaps_events_duplicate_total").await;
+    let duplicates_before = orchestrator
+        .metric(r#"fleetlaps_events_ingested_total{kind="password_backed_up",outcome="duplicate"}"#)
+        .await;
 
     // Act: the captured message, valid signature and all, published again with a new
     // Nats-Msg-Id so JetStream's deduplication lets it through (what an agent re-sending an
@@ -381,7 +383,11 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
 
     // Assert: recognised by its event id, counted, nothing quarantined, nothing changed.
     wait_until("the replay is counted as a duplicate", TIMEOUT, || async {
-        (orchestrator.metric("fleetlaps_events_duplicate_total").await == duplicates_before + 1.0).then_some(())
+        (orchestrator
+            .metric(r#"fleetlaps_events_ingested_total{kind="password_backed_up",outcome="duplicate"}"#)
+            .await
+            == duplicates_before + 1.0)
+            .then_some(())
     })
     .await;
     assert_eq!(quarantine_reasons(&orchestrator).await, []);

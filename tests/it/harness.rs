@@ -709,7 +709,7 @@ fn find_nats_server() -> PathBuf {
 }
 
 /// A loopback port that was free a moment ago (see [`START_ATTEMPTS`] for the race).
-fn free_loopback_port() -> u16 {
+pub fn free_loopback_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .expect("binding 127.0.0.1:0 to find a free port")

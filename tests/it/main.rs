@@ -18,6 +18,7 @@ mod bounds;
 mod breach;
 mod commands;
 mod config;
+mod dashboards;
 mod detectors;
 mod durability;
 mod enrollment;

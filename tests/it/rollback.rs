@@ -245,7 +245,7 @@ async fn two_agents_started_from_one_cloned_identity_are_reported_as_a_clone_and
     );
     assert_eq!(
         orchestrator
-            .metric("fleetlaps_events_applied_total{kind=\"password_backed_up\"}")
+            .metric(r#"fleetlaps_events_ingested_total{kind="password_backed_up",outcome="applied"}"#)
             .await,
         backups.len() as f64,
         "every backup on the stream is stored"

@@ -21,7 +21,7 @@ use crate::apps::{ADMIN_TOKEN, OPERATOR_TOKEN, TestOrchestrator, binary, create_
 use crate::harness::{NatsOptions, TestNats, wait_until};
 
 /// A safety net only: a loaded machine is slow, and nothing here measures time.
-const FLEET_TIMEOUT: Duration = Duration::from_secs(180);
+const FLEET_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A nats-server run the production way, with the simulator's user (`--simulator-nkey`).
 pub(crate) fn nats_with_simulator() -> TestNats {
@@ -50,6 +50,36 @@ path = "{state_dir}/unused"
         url = nats.url(),
         seed = seed.display(),
     )
+}
+
+/// A fleet of `devices` simulated in this process from `config` (a [`simulator_config`]),
+/// enrolled with `orchestrator` by one enrollment token, started, and every device backed up.
+pub(crate) async fn backed_up_fleet(orchestrator: &TestOrchestrator, devices: usize, config: &str) -> Simulation {
+    let (token, _) = create_enrollment_token(orchestrator, json!({"name": "simulated", "maxUses": devices})).await;
+    let config = fleetlaps_agent::Config::from_toml(config).expect("a valid config");
+    let mut simulation = Simulation::prepare(
+        config,
+        SimulationOptions {
+            devices,
+            enrollment: Some(EnrollmentSettings {
+                orchestrator_url: orchestrator.base_url.clone(),
+                token: secrecy::SecretString::from(token),
+                ca_file: Some(PathBuf::from(&orchestrator.tls_certificate)),
+                insecure_http: false,
+            }),
+            enroll_concurrency: 16,
+            clock: Arc::new(SystemClock),
+            show_progress: false,
+        },
+    )
+    .await
+    .expect("the fleet enrolls");
+    simulation.start_all().await.expect("the fleet starts");
+    tokio::time::timeout(FLEET_TIMEOUT, simulation.wait_until_all_backed_up())
+        .await
+        .expect("every device backs up in time")
+        .expect("the states are readable");
+    simulation
 }
 
 /// The devices the orchestrator knows, as `(id, displayName)`, every page of them.

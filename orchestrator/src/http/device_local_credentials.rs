@@ -95,6 +95,9 @@ pub(super) async fn get(
         .device(&device_id)?
         .ok_or_else(|| ApiError::DeviceNotFound(device_id.clone()))?;
     let mut info = metadata(&device);
+    if !include_credentials {
+        state.metrics.credential_read(Scope::ReadBasic);
+    }
     if include_credentials {
         let records = state.projections.credentials(&device_id, CREDENTIALS_RETURNED)?;
         let credentials = records
@@ -112,6 +115,7 @@ pub(super) async fn get(
             source_address: context.source_address,
         });
         let sequence = state.record(read).await?;
+        state.metrics.credential_read(Scope::ReadPasswords);
         state.metrics.passwords_disclosed.inc_by(credentials.len() as u64);
         tracing::info!(
             n_credentials = credentials.len(),

@@ -29,6 +29,15 @@ pub enum CampaignState {
 }
 
 impl CampaignState {
+    /// Every state, for metrics.
+    pub const ALL: [Self; 5] = [
+        Self::Declared,
+        Self::Running,
+        Self::Completed,
+        Self::DeadlinePassed,
+        Self::Cancelled,
+    ];
+
     /// The state's name in the API.
     pub fn as_str(self) -> &'static str {
         match self {

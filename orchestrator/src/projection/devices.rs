@@ -1,6 +1,6 @@
 //! The devices projection: one record per device, its name, account, policy and latest state.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use fleetlaps_proto::audit::{CloneSource, DeviceCloneDetected};
 use fleetlaps_proto::command::{BackupConfirmation, DevicePosition};
 use fleetlaps_proto::event::{Envelope, Event, RotationStage};
@@ -182,6 +182,72 @@ pub struct DeviceChange {
     pub out_of_order: bool,
     /// A clone the event showed, newly.
     pub clone: Option<DeviceCloneDetected>,
+}
+
+/// Where a device stands for monitoring (the `state` label of `fleetlaps_devices`): one state
+/// per device, the first of these that holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Nothing heard from it, no heartbeat and no event, for longer than the silence threshold:
+    /// whatever else its record says may no longer be true.
+    Silent,
+    /// Enrolled, but no password of it was ever backed up.
+    NeverBackedUp,
+    /// It reported an image rollback and has not confirmed a rotation since.
+    RolledBack,
+    /// Its password is past its expiry (`refreshDateTime`) and not rotated yet.
+    Expired,
+    /// Heard from, backed up, its password within its age.
+    Compliant,
+}
+
+impl DeviceState {
+    /// Every state, so each label value exists from the start.
+    pub const ALL: [Self; 5] = [
+        Self::Silent,
+        Self::NeverBackedUp,
+        Self::RolledBack,
+        Self::Expired,
+        Self::Compliant,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Silent => "silent",
+            Self::NeverBackedUp => "never_backed_up",
+            Self::RolledBack => "rolled_back",
+            Self::Expired => "expired",
+            Self::Compliant => "compliant",
+        }
+    }
+}
+
+impl DeviceRecord {
+    /// Where the device stands at `now` ([`DeviceState`]): silent when neither its last
+    /// heartbeat nor its newest event is within `silent_after` of `now`.
+    pub fn state(
+        &self,
+        last_heartbeat: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        silent_after: TimeDelta,
+    ) -> DeviceState {
+        let last_heard = last_heartbeat.map_or(self.last_seen, |beat| beat.max(self.last_seen));
+        if now - last_heard > silent_after {
+            DeviceState::Silent
+        } else if self.last_backup.is_none() {
+            DeviceState::NeverBackedUp
+        } else if self
+            .last_image_rollback
+            .is_some_and(|rollback| self.last_rotated.is_none_or(|rotated| rotated < rollback))
+        {
+            DeviceState::RolledBack
+        } else if self.refresh.is_some_and(|refresh| refresh <= now) {
+            DeviceState::Expired
+        } else {
+            DeviceState::Compliant
+        }
+    }
 }
 
 impl DeviceRecord {
@@ -533,5 +599,94 @@ mod tests {
         assert_eq!((detected.source.instance, detected.other.instance), (first, second));
         assert_eq!(device.apply(&from(4, second), None).clone, None, "the same pair once");
         assert_eq!(device.clone_events, 2);
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use chrono::{TimeDelta, TimeZone as _};
+
+    use super::*;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    /// A device enrolled at 0, backed up and rotated at 10, its password due at 1,000.
+    fn backed_up() -> DeviceRecord {
+        let mut device = DeviceRecord::new(
+            DeviceId::parse("dev-1").unwrap(),
+            DeviceName::parse("host-1").unwrap(),
+            at(0),
+        );
+        device.last_backup = Some(at(10));
+        device.last_rotated = Some(at(10));
+        device.refresh = Some(at(1_000));
+        device.last_seen = at(10);
+        device
+    }
+
+    const SILENT_AFTER: TimeDelta = TimeDelta::seconds(100);
+
+    #[test]
+    fn a_device_heard_from_within_the_threshold_with_a_valid_password_is_compliant() {
+        assert_eq!(backed_up().state(None, at(50), SILENT_AFTER), DeviceState::Compliant);
+    }
+
+    #[test]
+    fn a_device_neither_beating_nor_sending_for_longer_than_the_threshold_is_silent() {
+        let device = backed_up();
+        assert_eq!(device.state(None, at(111), SILENT_AFTER), DeviceState::Silent);
+        assert_eq!(device.state(Some(at(20)), at(121), SILENT_AFTER), DeviceState::Silent);
+        // A heartbeat keeps it heard from, though its last event is old.
+        assert_eq!(
+            device.state(Some(at(500)), at(550), SILENT_AFTER),
+            DeviceState::Compliant
+        );
+        // So does an event newer than its last heartbeat.
+        let mut sent = device;
+        sent.last_seen = at(500);
+        assert_eq!(sent.state(Some(at(20)), at(550), SILENT_AFTER), DeviceState::Compliant);
+    }
+
+    #[test]
+    fn silence_wins_over_every_other_state() {
+        let mut device = backed_up();
+        device.last_backup = None;
+        assert_eq!(device.state(None, at(5_000), SILENT_AFTER), DeviceState::Silent);
+    }
+
+    #[test]
+    fn an_enrolled_device_without_a_backup_is_never_backed_up() {
+        let mut device = backed_up();
+        device.last_backup = None;
+        device.last_rotated = None;
+        device.refresh = None;
+        assert_eq!(device.state(None, at(50), SILENT_AFTER), DeviceState::NeverBackedUp);
+    }
+
+    #[test]
+    fn a_device_rolled_back_after_its_last_rotation_is_rolled_back_until_it_rotates() {
+        let mut device = backed_up();
+        device.last_image_rollback = Some(at(20));
+        assert_eq!(
+            device.state(Some(at(30)), at(40), SILENT_AFTER),
+            DeviceState::RolledBack
+        );
+        device.last_rotated = Some(at(25));
+        assert_eq!(device.state(Some(at(30)), at(40), SILENT_AFTER), DeviceState::Compliant);
+    }
+
+    #[test]
+    fn a_password_past_its_refresh_time_is_expired() {
+        let device = backed_up();
+        assert_eq!(
+            device.state(Some(at(1_000)), at(1_001), SILENT_AFTER),
+            DeviceState::Expired
+        );
+        assert_eq!(
+            device.state(Some(at(990)), at(999), SILENT_AFTER),
+            DeviceState::Compliant
+        );
     }
 }

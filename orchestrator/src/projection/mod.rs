@@ -28,7 +28,7 @@ mod verify;
 
 pub use campaigns::{CampaignRecord, CampaignState, CampaignTarget};
 pub use credentials::CredentialRecord;
-pub use devices::{DeviceChange, DeviceRecord, FailureRecord};
+pub use devices::{DeviceChange, DeviceRecord, DeviceState, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
 pub use orchestrator_key::OrchestratorKeyRecord;
 pub use principals::{EnrolledKeyRecord, TokenKind, TokenRecord, TokenUnusable};
@@ -36,4 +36,4 @@ pub use quarantine::{
     DEFAULT_MAX_ENTRIES as QUARANTINE_DEFAULT_MAX_ENTRIES, MAX_ENTRIES_RANGE as QUARANTINE_MAX_ENTRIES_RANGE,
     QuarantineReason, QuarantineRecord,
 };
-pub use store::{Applied, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};
+pub use store::{Applied, ConfirmedRotation, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};

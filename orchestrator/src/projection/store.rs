@@ -23,11 +23,11 @@
 
 use std::path::Path;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, DeviceCloneDetected, TokenId};
 use fleetlaps_proto::breach::BreachId;
 use fleetlaps_proto::command::BackupConfirmation;
-use fleetlaps_proto::event::{Envelope, Event, EventKind};
+use fleetlaps_proto::event::{Envelope, Event, EventKind, RotationReason};
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey, SealedBox};
 use serde::Serialize;
@@ -142,6 +142,17 @@ pub struct Applied {
     pub out_of_order: bool,
     /// The clone the event showed, if it showed a new one.
     pub clone: Option<DeviceCloneDetected>,
+    /// For a `password_rotated`: the rotation its device confirmed.
+    pub rotation: Option<ConfirmedRotation>,
+}
+
+/// A rotation its device confirmed (the account changed), as the fold saw it: for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfirmedRotation {
+    /// Why the device rotated (its backup said).
+    pub reason: RotationReason,
+    /// For each running campaign the rotation counted for: the time from its declaration.
+    pub campaign_delays: Vec<TimeDelta>,
 }
 
 impl Applied {
@@ -152,6 +163,7 @@ impl Applied {
             device_id: None,
             out_of_order: false,
             clone: None,
+            rotation: None,
         }
     }
 }
@@ -276,6 +288,7 @@ impl Projections {
                     device_id: refused_device,
                     out_of_order: false,
                     clone: None,
+                    rotation: None,
                 }
             }
         };
@@ -297,15 +310,6 @@ impl Projections {
             .values()
             .map(|value| decode(keys::DEVICES, &value?))
             .collect()
-    }
-
-    /// How many devices there are, without decoding their records.
-    pub fn device_count(&self) -> usize {
-        self.tree
-            .scan_prefix(keys::DEVICES)
-            .keys()
-            .filter(Result::is_ok)
-            .count()
     }
 
     /// One device.
@@ -609,6 +613,7 @@ impl Projections {
             )
                 .into()));
         };
+        let mut rotation = None;
         match &envelope.event {
             Event::PasswordBackedUp(body) => {
                 let credential = CredentialRecord::backed_up(body, envelope.time, message.sequence);
@@ -631,7 +636,10 @@ impl Projections {
                     })?;
                 credential.applied(envelope.time);
                 batch.insert(credential_key, encode(&credential));
-                self.count_campaign_rotations(&device_id, envelope.time, batch)?;
+                rotation = Some(ConfirmedRotation {
+                    reason: credential.reason,
+                    campaign_delays: self.count_campaign_rotations(&device_id, envelope.time, batch)?,
+                });
             }
             _ => {}
         }
@@ -649,6 +657,7 @@ impl Projections {
             device_id: Some(device_id),
             out_of_order: change.out_of_order,
             clone: change.clone,
+            rotation,
         }))
     }
 
@@ -838,13 +847,15 @@ impl Projections {
     }
 
     /// Counts a rotation the device confirmed at `at` for every running campaign targeting it
-    /// that it had not counted for yet ([`CampaignTarget::rotated`]).
+    /// that it had not counted for yet ([`CampaignTarget::rotated`]); returns, for each, the time
+    /// from its declaration.
     fn count_campaign_rotations(
         &self,
         device_id: &DeviceId,
         at: DateTime<Utc>,
         batch: &mut sled::Batch,
-    ) -> Result<(), ProjectionError> {
+    ) -> Result<Vec<TimeDelta>, ProjectionError> {
+        let mut delays = Vec::new();
         for breach_id in self.device_campaigns(device_id)? {
             let Some(mut campaign) = self.campaign(&breach_id)?.filter(|campaign| campaign.state.is_active()) else {
                 continue;
@@ -854,11 +865,12 @@ impl Projections {
             };
             if target.rotated(at, campaign.declared_at) {
                 campaign.target_rotated();
+                delays.push(at - campaign.declared_at);
                 batch.insert(keys::campaign_target(&breach_id, device_id), encode(&target));
                 batch.insert(keys::campaign(&breach_id), encode(&campaign));
             }
         }
-        Ok(())
+        Ok(delays)
     }
 
     /// The token with this id, if it is of `kind`.

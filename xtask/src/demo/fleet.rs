@@ -289,6 +289,8 @@ PasswordLength = 14
         reads.as_array().map_or(0, Vec::len)
     );
 
+    let prometheus = super::monitoring::start(env, metrics_port)?;
+
     tools::step(&format!(
         "a simulated fleet of {SIMULATED_DEVICES} devices joins: fleetlaps-agent simulate, one process, each device with its own \
          identity, account and state, on the agent's own rotation code"
@@ -344,7 +346,10 @@ PasswordLength = 14
     }
 
     tools::step("metrics");
-    println!("Prometheus metrics: http://127.0.0.1:{metrics_port}/metrics");
+    println!("The orchestrator's metrics: http://127.0.0.1:{metrics_port}/metrics");
+    // Two scrapes after the campaign, so Prometheus has seen its end.
+    env.interrupt.sleep(Duration::from_secs(5))?;
+    prometheus.show()?;
     println!("Logs and state: {}", env.root.display());
     for (guard, config) in agents.iter_mut().zip(&agent_configs) {
         if let Some(status) = guard.exit_status()? {
@@ -354,6 +359,10 @@ PasswordLength = 14
 
     if env.keep_running {
         tools::step("the fleet keeps running: press Ctrl-C to stop");
+        println!(
+            "Prometheus: {} (its alerts at {}/alerts)",
+            prometheus.url, prometheus.url
+        );
         println!(
             "try: {} --url {base_url} --ca {} --token {token} get-password --device {} --include-passwords --as-plain-text",
             lapsctl.binary.display(),

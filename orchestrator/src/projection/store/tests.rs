@@ -287,6 +287,22 @@ fn a_backup_then_its_commit_make_the_current_credential() {
 }
 
 #[test]
+fn a_confirmed_rotation_reports_its_reason_and_a_backup_alone_reports_none() {
+    let mut fixture = Fixture::enrolled();
+    let rotation_id = RotationId::new();
+    let backup = fixture.apply_device_event(&backed_up(1, rotation_id), &escrow());
+    assert_eq!(backup.rotation, None, "a backup alone changes no account");
+    let rotation = fixture.apply_device_event(&rotated(2, rotation_id), &escrow());
+    assert_eq!(
+        rotation.rotation,
+        Some(ConfirmedRotation {
+            reason: RotationReason::Initial,
+            campaign_delays: Vec::new(),
+        })
+    );
+}
+
+#[test]
 fn credentials_come_newest_first_and_limited() {
     let mut fixture = Fixture::enrolled();
     let rotations: Vec<RotationId> = (0..4).map(|_| RotationId::new()).collect();
