@@ -343,6 +343,23 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         wait_until_healthy(&self.http, &self.base_url).await;
     }
 
+    /// Waits until the projections hold every message the events stream has now (a backlog of
+    /// thousands takes a while on a loaded machine).
+    pub async fn wait_until_folded(&self, nats: &TestNats) {
+        let jetstream = async_nats::jetstream::new(nats.client().await);
+        let mut stream = jetstream
+            .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
+            .await
+            .expect("events stream");
+        let last = stream.info().await.expect("stream info").state.last_sequence;
+        wait_until(
+            "the projections hold every message",
+            Duration::from_secs(120),
+            || async { (self.metric("fleetlaps_projection_last_sequence").await >= last as f64).then_some(()) },
+        )
+        .await;
+    }
+
     /// Stops it and deletes its projections, which its next start rebuilds from the history.
     pub async fn delete_projections(&mut self) {
         self.stop().await;

@@ -8,7 +8,7 @@ use fleetlaps_orchestrator::projection::{Projections, TokenKind};
 use serde_json::json;
 
 use crate::apps::{ADMIN_TOKEN, TestAgent, TestOrchestrator, publish_noise, run};
-use crate::harness::{TestNats, wait_until};
+use crate::harness::TestNats;
 
 #[tokio::test]
 async fn a_replay_of_ten_thousand_events_has_the_live_digest_and_until_gives_the_state_at_that_instant() {
@@ -22,6 +22,7 @@ async fn a_replay_of_ten_thousand_events_has_the_live_digest_and_until_gives_the
         .create_token(ADMIN_TOKEN, json!({"name": "before", "scopes": ["Audit.Read.All"]}))
         .await;
     publish_noise(&nats, 10_000).await;
+    orchestrator.wait_until_folded(&nats).await;
     // The instant lies strictly between the two tokens' stream times (nats-server and this test
     // read one clock); the pauses keep it clear of both.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -32,18 +33,7 @@ async fn a_replay_of_ten_thousand_events_has_the_live_digest_and_until_gives_the
         .await;
     // Nothing more arrives; the live projections fold the whole history before they stop.
     agent.stop().await;
-    let jetstream = async_nats::jetstream::new(nats.client().await);
-    let mut stream = jetstream
-        .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
-        .await
-        .expect("events stream");
-    let last = stream.info().await.expect("stream info").state.last_sequence;
-    wait_until(
-        "the live projections fold the whole history",
-        Duration::from_secs(30),
-        || async { (orchestrator.metric("fleetlaps_projection_last_sequence").await >= last as f64).then_some(()) },
-    )
-    .await;
+    orchestrator.wait_until_folded(&nats).await;
     orchestrator.stop().await;
     let live = Projections::open(&orchestrator.data_dir.join("projections")).expect("the live projections open");
     let live_digest = live.digest().expect("digest");

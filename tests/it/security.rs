@@ -233,6 +233,7 @@ async fn a_token_revoked_before_a_rebuild_is_refused_during_and_after_the_rebuil
         .create_token(ADMIN_TOKEN, json!({"name": "departed", "scopes": ["Audit.Read.All"]}))
         .await;
     publish_noise(&nats, 20_000).await;
+    orchestrator.wait_until_folded(&nats).await;
     orchestrator.revoke_token(ADMIN_TOKEN, &id).await;
     orchestrator.delete_projections().await;
 
