@@ -155,6 +155,7 @@ impl App {
                 projections.clone(),
             )),
             journal,
+            device_events: Arc::new(history),
             rotate_min_interval: Duration::from_secs(config.http.rotate_min_interval_secs),
             rotate_requests: Arc::default(),
             policy,

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use fleetlaps_proto::api::{
     AuditEntry, BreachInfo, BreachRequest, COMMAND_ID_HEADER, CreatedEnrollmentToken, CreatedToken,
-    DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, ODataCollection, ODataError,
-    QuarantineCollection, QuarantineEntry, REASON_HEADER, TokenInfo, TokenRequest,
+    DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, ExposureReport, ODataCollection,
+    ODataError, QuarantineCollection, QuarantineEntry, REASON_HEADER, TimelineEntry, TokenInfo, TokenRequest,
 };
 use fleetlaps_proto::ids::DeviceId;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -36,6 +36,11 @@ const COLLECTION_PATH: &str = "v1.0/directory/deviceLocalCredentials";
 const QUARANTINE_PATH: &str = "v1.0/fleetlaps/quarantine";
 /// The audit history's path, relative to the base URL.
 const AUDIT_PATH: &str = "v1.0/fleetlaps/auditEvents";
+/// Where one device's investigations are, relative to the base URL: `<id>/timeline`,
+/// `<id>/exposure`.
+const DEVICES_PATH: &str = "v1.0/fleetlaps/devices";
+/// The page size asked for a timeline: the largest the server serves, so few requests.
+const TIMELINE_PAGE: &str = "1000";
 /// How long one request may take, connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bound on next links followed for one listing, against a server that never stops paging.
@@ -516,6 +521,26 @@ impl ApiClient {
                 .append_pair("since", &since.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
         }
         self.all_pages(url).await
+    }
+
+    /// Every event of one device, oldest first, every page (`Audit.Read.All`).
+    pub async fn timeline(&self, device_id: &DeviceId) -> Result<Vec<TimelineEntry>, ClientError> {
+        let mut url = self.url(&format!("{DEVICES_PATH}/{device_id}/timeline"))?;
+        url.query_pairs_mut().append_pair("$top", TIMELINE_PAGE);
+        self.all_pages(url).await
+    }
+
+    /// Which password version was valid on the device at `at`, who read it, when it was used
+    /// and when it was rotated away (`Audit.Read.All`).
+    pub async fn exposure(
+        &self,
+        device_id: &DeviceId,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<ExposureReport, ClientError> {
+        let mut url = self.url(&format!("{DEVICES_PATH}/{device_id}/exposure"))?;
+        url.query_pairs_mut()
+            .append_pair("at", &at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+        self.get_json(url).await
     }
 }
 

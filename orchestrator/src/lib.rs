@@ -16,6 +16,7 @@
 //! - [`campaigns`]: the breach campaign runner: waves of rotate commands, deadlines, completion.
 //! - [`detectors`]: breach signals raised from what the fleet reports (lateral movement, repeated
 //!   failures, a read then authentications spreading), kept in sliding windows.
+//! - [`investigations`]: a device's timeline and the exposure of its password at an instant.
 //! - [`replay`]: `replay`: every projection rebuilt from the history into a fresh directory, up to an instant.
 //! - [`http`]: the Graph-compatible API and the metrics endpoint (the only module that knows axum).
 //! - [`metrics`]: metric names and the registry.
@@ -37,6 +38,7 @@ pub mod detectors;
 pub mod escrow;
 pub mod health;
 pub mod http;
+pub mod investigations;
 pub mod key_ceremony;
 pub mod liveness;
 pub mod metrics;

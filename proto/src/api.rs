@@ -485,3 +485,135 @@ pub struct BreachInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stragglers: Option<Vec<DeviceId>>,
 }
+
+/// One entry of a device's timeline, as `GET /v1.0/fleetlaps/devices/{id}/timeline` lists it:
+/// one event of the device, or one orchestrator event about it, in the history's order. It never
+/// holds a password, sealed or not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineEntry {
+    /// Its position in the history (the stream sequence): the timeline's order.
+    pub sequence: u64,
+    /// The event's id.
+    pub id: String,
+    /// When it happened, by the clock of who recorded it (the device, or the orchestrator).
+    pub time: DateTime<Utc>,
+    /// The event's kind (`password_rotated`, `password_read`, `breach_targeted`, …).
+    pub kind: String,
+    /// Who did it: `device` for the device's own events, a principal (a token's name) for what a
+    /// person did, `orchestrator` for what the orchestrator decided.
+    pub actor: String,
+    /// The id of the token the principal used, when a person did it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_token_id: Option<String>,
+    /// What happened, in a few words.
+    pub summary: String,
+    /// The event's relevant fields, by name (never a password, sealed or not).
+    pub fields: serde_json::Value,
+}
+
+/// `GET /v1.0/fleetlaps/devices/{id}/exposure?at=TIME`: which password version was valid on a
+/// device at an instant, who read it, when it was used, when it was rotated away. It never holds
+/// a password, sealed or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposureReport {
+    /// The device.
+    pub device_id: DeviceId,
+    /// The instant asked about.
+    pub at: DateTime<Utc>,
+    /// The version valid then: the newest whose rotation the device applied at or before `at`;
+    /// `None` when none was.
+    pub version: Option<ExposedVersion>,
+    /// A newer version backed up at or before `at` but not applied on the device by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingVersion>,
+    /// Every read that returned the valid version, oldest first.
+    pub reads: Vec<ExposureRead>,
+    /// The device's authentications while the version was valid, oldest first.
+    pub uses: Vec<ExposureUse>,
+    /// The answer in one sentence, for people.
+    pub summary: String,
+}
+
+/// The version an [`ExposureReport`] is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposedVersion {
+    /// The rotation that made it (LAPS's password version).
+    pub rotation_id: String,
+    /// When the device backed it up.
+    pub backed_up_date_time: DateTime<Utc>,
+    /// The stream sequence of its backup.
+    pub backed_up_sequence: u64,
+    /// When the device applied it to the account.
+    pub applied_date_time: DateTime<Utc>,
+    /// The stream sequence of the rotation that applied it.
+    pub applied_sequence: u64,
+    /// When the next rotation the device applied replaced it; `None` while it is still current.
+    pub rotated_away_date_time: Option<DateTime<Utc>>,
+    /// The stream sequence of that next rotation.
+    pub rotated_away_sequence: Option<u64>,
+    /// The rotation that replaced it.
+    pub rotated_away_by: Option<String>,
+}
+
+/// A version backed up but not yet applied at the instant asked about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingVersion {
+    /// Its rotation.
+    pub rotation_id: String,
+    /// When the device backed it up.
+    pub backed_up_date_time: DateTime<Utc>,
+    /// The stream sequence of its backup.
+    pub backed_up_sequence: u64,
+    /// When the device applied it later, if it did.
+    pub applied_date_time: Option<DateTime<Utc>>,
+}
+
+/// A password read that returned the version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposureRead {
+    /// The read's position in the history.
+    pub sequence: u64,
+    /// When.
+    pub time: DateTime<Utc>,
+    /// Who (a token's name).
+    pub principal: String,
+    /// The id of the token that read.
+    pub principal_token_id: Option<String>,
+    /// Why, when the reader said.
+    pub reason: Option<String>,
+    /// The address the request came from.
+    pub source_address: Option<String>,
+    /// The calling tool (`ocp-client-name`), when sent.
+    pub client_name: Option<String>,
+    /// Whether it happened before the version was rotated away, so the reader could have used it.
+    pub before_rotated_away: bool,
+}
+
+/// An authentication as the managed account while the version was valid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExposureUse {
+    /// The report's position in the history.
+    pub sequence: u64,
+    /// When the device reported it.
+    pub time: DateTime<Utc>,
+    /// `success` or `failure`.
+    pub outcome: String,
+    /// How many authentications the report counts.
+    pub count: u64,
+    /// The PAM service.
+    pub service: String,
+    /// The remote host, when PAM knew one.
+    pub remote_host: Option<String>,
+    /// The terminal, when PAM knew one.
+    pub tty: Option<String>,
+    /// The first authentication counted, for an aggregated report.
+    pub first_date_time: Option<DateTime<Utc>>,
+    /// The last authentication counted, for an aggregated report.
+    pub last_date_time: Option<DateTime<Utc>>,
+}

@@ -26,6 +26,7 @@ mod enrollment;
 mod escrow;
 mod harness_smoke;
 mod https;
+mod investigations;
 pub mod linux;
 mod linux_account;
 mod liveness;

@@ -2,7 +2,9 @@
 //! passwords from the orchestrator's API as `Get-LapsAADPassword` reads them from Microsoft Graph;
 //! `rotate` asks a device to rotate now; `token` manages API tokens; `enrollment-token` manages
 //! the tokens devices enroll with; `quarantine` lists refused events; `audit` shows the history;
-//! `breach` declares a breach and follows its campaign (`watch` draws its progress).
+//! `timeline` shows every event of one device and `exposure` which of its passwords was valid at
+//! an instant and who read or used it; `breach` declares a breach and follows its campaign
+//! (`watch` draws its progress).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -13,8 +15,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleetlaps_orchestrator::client::{ApiClient, ApiTokens, AuditFilter, EnrollmentTokens};
 use fleetlaps_proto::api::{
-    BreachInfo, BreachRequest, DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, TokenInfo,
-    TokenRequest,
+    BreachInfo, BreachRequest, DeviceLocalCredentialInfo, EnrollmentTokenInfo, EnrollmentTokenRequest, ExposureReport,
+    TimelineEntry, TokenInfo, TokenRequest,
 };
 use fleetlaps_proto::breach::BreachScope;
 use fleetlaps_proto::ids::{DeviceId, DeviceTag};
@@ -63,6 +65,14 @@ enum Command {
     },
     /// Show the audit history: password reads, rotation requests, tokens (needs Audit.Read.All).
     Audit(Audit),
+    /// Show every event of one device in the history's order: rotations, password reads and by
+    /// whom, rotation requests and commands, breach campaigns, authentications, rollbacks, clones,
+    /// enrollment, tags (needs Audit.Read.All). Never a password.
+    Timeline(Timeline),
+    /// Show which password version was valid on a device at an instant: when it was backed up
+    /// and applied, who read it, when it was used, when it was rotated away (needs Audit.Read.All).
+    /// Never a password.
+    Exposure(Exposure),
     /// Set a device's tags, replacing the ones it had (needs Admin); breaches can be scoped by tag.
     Tag {
         /// The device's id.
@@ -225,6 +235,31 @@ struct Audit {
 }
 
 #[derive(Args)]
+struct Timeline {
+    /// The device's id, or its name (finding a device by name also needs
+    /// DeviceLocalCredential.ReadBasic.All).
+    #[arg(long, value_name = "ID_OR_NAME")]
+    device: String,
+    /// One JSON object a line, with every field, instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct Exposure {
+    /// The device's id, or its name (finding a device by name also needs
+    /// DeviceLocalCredential.ReadBasic.All).
+    #[arg(long, value_name = "ID_OR_NAME")]
+    device: String,
+    /// The instant (RFC 3339, such as 2026-11-24T13:05:00Z).
+    #[arg(long, value_name = "TIME")]
+    at: DateTime<Utc>,
+    /// The report as one JSON object on one line, instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct GetPassword {
     /// The device's name or, when no device has that name, its id.
     #[arg(long, value_name = "NAME_OR_ID")]
@@ -349,6 +384,24 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             Ok(text)
         }
         Command::Audit(args) => audit(&client, &args).await,
+        Command::Timeline(args) => {
+            let device_id = investigated_device(&client, &args.device).await?;
+            let entries = client.timeline(&device_id).await?;
+            Ok(if args.json {
+                json_lines(&entries)
+            } else {
+                timeline_table(&entries)
+            })
+        }
+        Command::Exposure(args) => {
+            let device_id = investigated_device(&client, &args.device).await?;
+            let report = client.exposure(&device_id, args.at).await?;
+            Ok(if args.json {
+                json_lines(std::slice::from_ref(&report))
+            } else {
+                render_table(&exposure_entries(&report))
+            })
+        }
         Command::Breach(command) => breach(&client, command).await,
         Command::Tag { device, tags } => {
             let device_id = DeviceId::parse(&device)?;
@@ -660,6 +713,140 @@ async fn audit(client: &ApiClient, args: &Audit) -> anyhow::Result<String> {
     Ok(render(&entries, args.output))
 }
 
+/// The device an investigation is about: an id as it is (an investigator may hold only
+/// Audit.Read.All), else the one device of that name.
+async fn investigated_device(client: &ApiClient, id_or_name: &str) -> anyhow::Result<DeviceId> {
+    if uuid_like(id_or_name)
+        && let Ok(device_id) = DeviceId::parse(id_or_name)
+    {
+        return Ok(device_id);
+    }
+    Ok(one_device(client, id_or_name).await?.id)
+}
+
+/// One compact JSON object a line.
+fn json_lines<T: Serialize>(items: &[T]) -> String {
+    let mut output = String::new();
+    for item in items {
+        output.push_str(&serde_json::to_string(item).expect("API shapes serialise: string keys only"));
+        output.push('\n');
+    }
+    output
+}
+
+/// A timeline as a table: one line an event, its columns aligned.
+fn timeline_table(entries: &[TimelineEntry]) -> String {
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|entry| {
+            [
+                entry.sequence.to_string(),
+                timestamp(entry.time),
+                entry.kind.clone(),
+                entry.actor.clone(),
+                entry.summary.clone(),
+            ]
+        })
+        .collect();
+    render_columns(["Sequence", "Time", "Kind", "Actor", "Summary"], &rows)
+}
+
+/// Columns under their headers, each as wide as its widest value, the last one unpadded.
+fn render_columns<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = headers.map(|header| header.chars().count());
+    for row in rows {
+        for (width, value) in widths.iter_mut().zip(row) {
+            *width = (*width).max(value.chars().count());
+        }
+    }
+    let mut output = String::new();
+    let mut line = |values: [&str; N]| {
+        let mut text = String::new();
+        for (index, value) in values.iter().enumerate() {
+            if index > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(&format!("{value:<width$}", width = widths[index]));
+        }
+        writeln!(output, "{}", text.trim_end()).expect("writing to a String cannot fail");
+    };
+    line(headers);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
+    }
+    output
+}
+
+/// An exposure report as "Name : value" blocks: the version, then each read, then each use.
+fn exposure_entries(report: &ExposureReport) -> Vec<Entry> {
+    let version = report.version.as_ref();
+    let rotated_away = version.map(|version| match version.rotated_away_date_time {
+        Some(time) => timestamp(time),
+        None => "still current".to_owned(),
+    });
+    let pending = report.pending.as_ref().map(|pending| {
+        format!(
+            "{} backed up at {}, not applied by then{}",
+            pending.rotation_id,
+            timestamp(pending.backed_up_date_time),
+            pending
+                .applied_date_time
+                .map(|time| format!(" (applied at {})", timestamp(time)))
+                .unwrap_or_else(|| " (never applied)".to_owned())
+        )
+    });
+    let mut entries = vec![Entry(vec![
+        ("DeviceId", Some(report.device_id.to_string())),
+        ("At", Some(timestamp(report.at))),
+        (
+            "Version",
+            Some(version.map_or_else(|| "none".to_owned(), |version| version.rotation_id.clone())),
+        ),
+        (
+            "BackedUpTime",
+            version.map(|version| timestamp(version.backed_up_date_time)),
+        ),
+        (
+            "AppliedTime",
+            version.map(|version| timestamp(version.applied_date_time)),
+        ),
+        ("RotatedAwayTime", rotated_away),
+        (
+            "RotatedAwayBy",
+            version.and_then(|version| version.rotated_away_by.clone()),
+        ),
+        ("Pending", pending),
+        ("Reads", Some(report.reads.len().to_string())),
+        ("Uses", Some(report.uses.len().to_string())),
+        ("Summary", Some(report.summary.clone())),
+    ])];
+    for (index, read) in report.reads.iter().enumerate() {
+        entries.push(Entry(vec![
+            ("Read", Some((index + 1).to_string())),
+            ("Sequence", Some(read.sequence.to_string())),
+            ("Time", Some(timestamp(read.time))),
+            ("Principal", Some(read.principal.clone())),
+            ("TokenId", read.principal_token_id.clone()),
+            ("Reason", read.reason.clone()),
+            ("SourceAddress", read.source_address.clone()),
+            ("Client", read.client_name.clone()),
+            ("BeforeRotatedAway", Some(read.before_rotated_away.to_string())),
+        ]));
+    }
+    for (index, used) in report.uses.iter().enumerate() {
+        entries.push(Entry(vec![
+            ("Use", Some((index + 1).to_string())),
+            ("Sequence", Some(used.sequence.to_string())),
+            ("Time", Some(timestamp(used.time))),
+            ("Outcome", Some(used.outcome.clone())),
+            ("Count", Some(used.count.to_string())),
+            ("Service", Some(used.service.clone())),
+            ("RemoteHost", used.remote_host.clone()),
+        ]));
+    }
+    entries
+}
+
 fn render(entries: &[Entry], output: OutputFormat) -> String {
     match output {
         OutputFormat::Table => render_table(entries),
@@ -894,6 +1081,33 @@ mod tests {
             serde_json::from_str(&render_json(&entries(&device(), Passwords::Omitted).unwrap())).unwrap();
         assert_eq!(metadata[0].as_object().unwrap().keys().len(), 3);
         assert!(metadata[0].get("Password").is_none());
+    }
+
+    #[test]
+    fn a_timeline_is_one_aligned_line_an_event_and_json_one_object_a_line() {
+        let entry = |sequence: u64, kind: &str, actor: &str, summary: &str| TimelineEntry {
+            sequence,
+            id: format!("id-{sequence}"),
+            time: time(1_700_000_000 + i64::try_from(sequence).unwrap()),
+            kind: kind.to_owned(),
+            actor: actor.to_owned(),
+            actor_token_id: None,
+            summary: summary.to_owned(),
+            fields: serde_json::json!({"n": sequence}),
+        };
+        let entries = [
+            entry(9, "password_rotated", "device", "rotation r1 applied"),
+            entry(12, "password_read", "alice", "password read by alice"),
+        ];
+        assert_eq!(
+            timeline_table(&entries),
+            "Sequence  Time                  Kind              Actor   Summary\n\
+             9         2023-11-14T22:13:29Z  password_rotated  device  rotation r1 applied\n\
+             12        2023-11-14T22:13:32Z  password_read     alice   password read by alice\n"
+        );
+        let lines = json_lines(&entries);
+        let back: Vec<TimelineEntry> = lines.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert_eq!(back, entries);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Reading the events stream outside the projection consumer: the last orchestrator event of a
-//! kind (what start-up checks the escrow key against), and the whole history in order (what a
-//! recovery folds).
+//! kind (what start-up checks the escrow key against), the whole history in order (what a
+//! recovery folds), and one device's own events (what its timeline reads, [`DeviceEvents`]).
 
 use async_nats::jetstream::{self, consumer, stream};
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::audit::{AuditEnvelope, AuditKind};
+use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::subject;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 
 use super::BusError;
 
@@ -72,6 +74,95 @@ impl History {
     ) -> super::JetStreamJournal {
         super::JetStreamJournal::new(self.jetstream.clone(), signing_key)
     }
+}
+
+/// One device's own events on the history (`laps.events.<device>.>`), as its timeline reads
+/// them. Handlers reach it through this trait so they can be tested in-process; the only
+/// implementation outside tests is [`History`]'s.
+pub trait DeviceEvents: Send + Sync + 'static {
+    /// The messages on the device's subjects after stream sequence `after` and at or before
+    /// `until`, oldest first, at most `limit`; as stored, not verified.
+    fn device_events<'a>(
+        &'a self,
+        device_id: &'a DeviceId,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryMessage>, BusError>>;
+}
+
+impl DeviceEvents for History {
+    /// Read by an ordered (ephemeral) consumer filtered on the device's subjects, starting after
+    /// `after`: one filter subject, as a 2.9 server allows.
+    fn device_events<'a>(
+        &'a self,
+        device_id: &'a DeviceId,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryMessage>, BusError>> {
+        Box::pin(async move {
+            if limit == 0 || after >= until {
+                return Ok(Vec::new());
+            }
+            let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
+                name: "ordered device events reader".to_owned(),
+                source,
+            };
+            let mut consumer = self
+                .stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: format!("laps.events.{device_id}.>"),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after.saturating_add(1),
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| consumer_error(err.into()))?;
+            let pending = consumer
+                .info()
+                .await
+                .map_err(|err| consumer_error(err.into()))?
+                .num_pending;
+            let mut found = Vec::new();
+            if pending == 0 {
+                return Ok(found);
+            }
+            let mut messages = consumer.messages().await.map_err(|err| consumer_error(err.into()))?;
+            let mut read = 0;
+            while read < pending && found.len() < limit {
+                let Some(message) = messages.next().await else {
+                    break;
+                };
+                let message = message.map_err(|err| consumer_error(err.into()))?;
+                read += 1;
+                let history_message = history_message(&message).map_err(consumer_error)?;
+                if history_message.sequence > until {
+                    break;
+                }
+                found.push(history_message);
+            }
+            Ok(found)
+        })
+    }
+}
+
+/// A message read by a consumer, owned.
+fn history_message(message: &jetstream::Message) -> Result<HistoryMessage, Box<dyn std::error::Error + Send + Sync>> {
+    let info = message.info().map_err(|err| err.to_string())?;
+    let signature = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
+        .map(|value| value.as_str().to_owned());
+    Ok(HistoryMessage {
+        sequence: info.stream_sequence,
+        subject: message.subject.to_string(),
+        published: info.published,
+        payload: message.payload.to_vec(),
+        signature,
+    })
 }
 
 /// The whole history, read in order by an ordered (ephemeral) consumer.
@@ -149,19 +240,7 @@ impl HistoryReader {
             Some(message) => message.map_err(|err| consumer_error(err.into()))?,
             None => return Ok(None),
         };
-        let info = message.info().map_err(|err| consumer_error(err.to_string().into()))?;
-        let signature = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
-            .map(|value| value.as_str().to_owned());
-        let history_message = HistoryMessage {
-            sequence: info.stream_sequence,
-            subject: message.subject.to_string(),
-            published: info.published,
-            payload: message.payload.to_vec(),
-            signature,
-        };
+        let history_message = history_message(&message).map_err(consumer_error)?;
         self.read += 1;
         Ok(Some(history_message))
     }

@@ -16,7 +16,7 @@ pub use breach_signals::serve_requests;
 pub use commands::{ensure_commands_stream, issue_command, send_command};
 pub use connection::{NatsFacts, NatsStatus, connect, durability_of};
 pub use consumer::{BusError, Consumer, ConsumerParts};
-pub use history::{History, HistoryMessage, HistoryReader, last_audit_event};
+pub use history::{DeviceEvents, History, HistoryMessage, HistoryReader, last_audit_event};
 pub use journal::{JetStreamJournal, Journal};
 pub use liveness::{ensure_liveness_bucket, watch_heartbeats};
 pub use password_versions::{ensure_password_versions_stream, publish_password_version};

@@ -85,6 +85,9 @@ pub enum ApiError {
     /// The audit history could not record the request, so it was not carried out.
     #[error("the audit history is unavailable, so no password is disclosed and nothing is changed; try again later")]
     AuditUnavailable(#[source] BusError),
+    /// The history could not be read (a device's events, for its timeline).
+    #[error("the history is unavailable, so the device's events cannot be read; try again later")]
+    HistoryUnavailable(#[source] BusError),
     /// A command could not be sent to the device.
     #[error("the command could not be sent to the device; try again later")]
     CommandUnavailable(#[source] BusError),
@@ -146,6 +149,7 @@ impl ApiError {
             // Not a 500: the caller's request was fine, and the message says so.
             Self::AuditUnavailable(_)
             | Self::CommandUnavailable(_)
+            | Self::HistoryUnavailable(_)
             | Self::NotYetVisible
             | Self::CatchingUp(_)
             | Self::RequestTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -172,9 +176,11 @@ impl ApiError {
             }
             Self::Throttled { .. } => "TooManyRequests",
             Self::RequestTimeout(_) => "RequestTimeout",
-            Self::AuditUnavailable(_) | Self::CommandUnavailable(_) | Self::NotYetVisible | Self::CatchingUp(_) => {
-                "ServiceUnavailable"
-            }
+            Self::AuditUnavailable(_)
+            | Self::CommandUnavailable(_)
+            | Self::HistoryUnavailable(_)
+            | Self::NotYetVisible
+            | Self::CatchingUp(_) => "ServiceUnavailable",
             Self::Projection(_) | Self::Unseal { .. } | Self::PasswordNotUtf8 { .. } => "InternalServerError",
         }
     }

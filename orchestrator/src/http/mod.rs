@@ -7,6 +7,8 @@
 //! - `enrollment`: enrollment tokens, and the endpoint devices enroll through.
 //! - `quarantine`: the refused stream messages, for admins.
 //! - `audit`: the audit history, for investigators.
+//! - `investigations`: a device's timeline and its password's exposure at an instant, for
+//!   investigators.
 //! - `breaches`: breach signals and their campaigns' progress.
 //! - `escrow`: the escrow public key, for agents and tools.
 //! - `health`: the liveness probe.
@@ -26,6 +28,7 @@ mod enrollment;
 mod error;
 mod escrow;
 mod health;
+mod investigations;
 mod metrics;
 mod odata;
 mod quarantine;
@@ -67,6 +70,8 @@ pub struct AppState {
     /// Where the orchestrator's own events are recorded (before a password is disclosed) and
     /// commands are sent.
     pub journal: Arc<dyn Journal>,
+    /// Reads a device's own events from the history, for its timeline.
+    pub device_events: Arc<dyn crate::bus::DeviceEvents>,
     /// The least time between two rotation requests for one device.
     pub rotate_min_interval: std::time::Duration,
     /// When each device's rotation was last requested through this process: the projections
@@ -126,6 +131,8 @@ pub fn router(state: AppState) -> Router {
         .route(tokens::LIST_PATH, get(tokens::list).post(tokens::create))
         .route(tokens::ITEM_PATH, delete(tokens::revoke))
         .route(audit::LIST_PATH, get(audit::list))
+        .route(investigations::TIMELINE_PATH, get(investigations::timeline))
+        .route(investigations::EXPOSURE_PATH, get(investigations::exposure))
         .route(enrollment::LIST_PATH, get(enrollment::list).post(enrollment::create))
         .route(enrollment::ITEM_PATH, delete(enrollment::revoke))
         .route(enrollment::ENROLL_PATH, post(enrollment::enroll))

@@ -8,7 +8,7 @@ use fleetlaps_proto::event::{Envelope, Event, PasswordBackedUp, RotationReason, 
 use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
 use fleetlaps_proto::seal::{EscrowSecretKey, seal};
 use fleetlaps_proto::subject;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
 use super::*;
@@ -38,6 +38,7 @@ pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
     pub(crate) state: AppState,
     journal: Arc<FoldingJournal>,
+    device_events: Arc<RecordedDeviceEvents>,
     /// The signing keys of the devices the fixture enrolled.
     device_keys: std::collections::HashMap<DeviceId, DeviceSigningKey>,
 }
@@ -152,6 +153,35 @@ impl Journal for FoldingJournal {
     }
 }
 
+/// The device events the fixture folded, as the history holds them: what a device's timeline
+/// reads in these tests.
+#[derive(Default)]
+pub(crate) struct RecordedDeviceEvents {
+    messages: std::sync::Mutex<Vec<crate::bus::HistoryMessage>>,
+}
+
+impl crate::bus::DeviceEvents for RecordedDeviceEvents {
+    fn device_events<'a>(
+        &'a self,
+        device_id: &'a DeviceId,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<crate::bus::HistoryMessage>, BusError>> {
+        let prefix = format!("laps.events.{device_id}.");
+        let found = self
+            .messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|message| message.subject.starts_with(&prefix) && (after + 1..=until).contains(&message.sequence))
+            .take(limit)
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(found) })
+    }
+}
+
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
@@ -189,6 +219,7 @@ impl Fixture {
             held: std::sync::Mutex::default(),
             signing_key: OrchestratorSigningKey::generate(),
         });
+        let device_events = Arc::new(RecordedDeviceEvents::default());
         let metrics = Metrics::new();
         // A fresh stream: the projections hold authority from the start.
         let health = Arc::new(crate::health::Health::new(0, projections.clone(), metrics.clone()));
@@ -200,6 +231,7 @@ impl Fixture {
             tokens: Arc::new(tokens),
             metrics,
             journal: journal.clone(),
+            device_events: device_events.clone(),
             rotate_min_interval: std::time::Duration::from_secs(300),
             rotate_requests: Arc::default(),
             policy: None,
@@ -215,6 +247,7 @@ impl Fixture {
             _dir: dir,
             state,
             journal,
+            device_events,
             device_keys: std::collections::HashMap::new(),
         };
         // The orchestrator key first: the fold refuses orchestrator events before it.
@@ -344,6 +377,17 @@ impl Fixture {
             .unwrap()
             .outcome;
         assert!(matches!(outcome, Outcome::Applied(_)), "{outcome:?}");
+        self.device_events
+            .messages
+            .lock()
+            .unwrap()
+            .push(crate::bus::HistoryMessage {
+                sequence,
+                subject,
+                published: time,
+                payload,
+                signature: Some(signature.as_str().to_owned()),
+            });
     }
 
     async fn get(&self, uri: &str, token: Option<&str>) -> Answer {
@@ -760,6 +804,20 @@ fn protected_endpoints(token_id: &str, enrollment_token_id: &str) -> Vec<Endpoin
         ),
         (
             "GET",
+            "/v1.0/fleetlaps/devices/dev-1/timeline".to_owned(),
+            None,
+            vec![AuditRead],
+            StatusCode::OK,
+        ),
+        (
+            "GET",
+            "/v1.0/fleetlaps/devices/dev-1/exposure?at=2026-01-01T00:00:00Z".to_owned(),
+            None,
+            vec![AuditRead],
+            StatusCode::OK,
+        ),
+        (
+            "GET",
             "/v1.0/fleetlaps/enrollmentTokens".to_owned(),
             None,
             vec![Admin],
@@ -1145,6 +1203,106 @@ async fn the_audit_history_lists_reads_filtered_by_device_and_kind_in_pages() {
         .await;
     bad.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
     assert!(bad.message().contains("password_read"), "{}", bad.body);
+}
+
+#[tokio::test]
+async fn a_device_s_timeline_merges_its_events_and_the_reads_in_pages_without_copies_or_passwords() {
+    let mut fixture = Fixture::new();
+    fixture.back_up("dev-1", "host-1", "s3cret-One");
+    fixture.back_up("dev-2", "host-2", "s3cret-Two");
+    let read = fixture
+        .get(&format!("{ITEM}/dev-1?$select=credentials"), Some(READ_ALL_TOKEN))
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    fixture.back_up("dev-1", "host-1", "s3cret-Three");
+    // A copy of the device's first backup stored again later (a re-sent event): the fold took it
+    // as a duplicate, so the timeline leaves it out.
+    let copy = {
+        let mut messages = fixture.device_events.messages.lock().unwrap();
+        let mut copy = messages[0].clone();
+        copy.sequence = 1_000;
+        messages.push(copy.clone());
+        copy
+    };
+    fixture
+        .state
+        .projections
+        .apply(copy.as_stream_message(), fixture.state.escrow.as_ref())
+        .unwrap();
+    let auditor = scope_token(crate::auth::Scope::AuditRead);
+
+    let first = fixture
+        .get("/v1.0/fleetlaps/devices/dev-1/timeline?$top=2", Some(&auditor))
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let next = first.body["@odata.nextLink"].as_str().expect("a next page").to_owned();
+    let rest = fixture.get(&next, Some(&auditor)).await;
+    assert_eq!(rest.status, StatusCode::OK, "{}", rest.body);
+    assert!(rest.body.get("@odata.nextLink").is_none(), "{}", rest.body);
+
+    let entries: Vec<&Value> = first.body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest.body["value"].as_array().unwrap())
+        .collect();
+    let kinds: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|entry| (entry["kind"].as_str().unwrap(), entry["actor"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("device_enrolled", "device"),
+            ("password_backed_up", "device"),
+            ("password_read", "admin"),
+            ("password_backed_up", "device"),
+        ]
+    );
+    let sequences: Vec<u64> = entries
+        .iter()
+        .map(|entry| entry["sequence"].as_u64().unwrap())
+        .collect();
+    assert!(sequences.windows(2).all(|pair| pair[0] < pair[1]), "{sequences:?}");
+    assert_eq!(
+        entries[2]["fields"]["rotation_ids"],
+        json!([entries[1]["fields"]["rotation_id"]])
+    );
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(!text.contains("sealed_password") && !text.contains("s3cret"), "{text}");
+
+    // Nothing was applied on the device: no version was valid, the newest backup pending.
+    let exposure = fixture
+        .get(
+            "/v1.0/fleetlaps/devices/dev-1/exposure?at=2030-01-01T00:00:00Z",
+            Some(&auditor),
+        )
+        .await;
+    assert_eq!(exposure.status, StatusCode::OK, "{}", exposure.body);
+    assert_eq!(exposure.body["version"], Value::Null);
+    assert_eq!(
+        exposure.body["pending"]["rotationId"],
+        entries[3]["fields"]["rotation_id"]
+    );
+
+    let unknown = fixture
+        .get("/v1.0/fleetlaps/devices/dev-9/timeline", Some(&auditor))
+        .await;
+    unknown.assert_error(StatusCode::NOT_FOUND, "Request_ResourceNotFound");
+    assert_eq!(unknown.message(), "device dev-9 was not found");
+    let bad_at = fixture
+        .get("/v1.0/fleetlaps/devices/dev-1/exposure?at=yesterday", Some(&auditor))
+        .await;
+    bad_at.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+    assert!(bad_at.message().contains("RFC 3339"), "{}", bad_at.body);
+    let no_at = fixture
+        .get("/v1.0/fleetlaps/devices/dev-1/exposure", Some(&auditor))
+        .await;
+    no_at.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+    let unknown_parameter = fixture
+        .get("/v1.0/fleetlaps/devices/dev-1/timeline?kind=x", Some(&auditor))
+        .await;
+    unknown_parameter.assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
 }
 
 #[tokio::test]

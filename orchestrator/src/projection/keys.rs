@@ -17,6 +17,7 @@
 //! | `q/<sequence>` | a `QuarantineRecord` |
 //! | `qd/<reason>` | how many quarantine records of a reason were dropped to keep the bound |
 //! | `a/<sequence>` | an orchestrator event (`AuditEnvelope`): the audit history |
+//! | `ad/<device>/<sequence>` | an orchestrator event about the device (empty value): its timeline's index into `a/` |
 //! | `t/<token id>` | a `TokenRecord` (API or enrollment token) |
 //! | `h/<token sha256>` | the id of the token with that digest |
 //! | `k/<device>` | an `EnrolledKeyRecord`, the key the device's events must be signed with |
@@ -138,6 +139,21 @@ pub(super) fn audit_sequence(key: &[u8]) -> Option<u64> {
     std::str::from_utf8(key.strip_prefix(AUDIT)?).ok()?.parse().ok()
 }
 
+/// `ad/<device>/<sequence>`.
+pub(super) fn device_audit(device_id: &DeviceId, sequence: u64) -> Vec<u8> {
+    format!("ad/{device_id}/{sequence:020}").into_bytes()
+}
+
+/// `ad/<device>/`: every orchestrator event about the device, oldest first.
+pub(super) fn device_audits(device_id: &DeviceId) -> Vec<u8> {
+    format!("ad/{device_id}/").into_bytes()
+}
+
+/// The stream sequence an `ad/<device>/<sequence>` key names.
+pub(super) fn device_audit_sequence(key: &[u8]) -> Option<u64> {
+    std::str::from_utf8(key).ok()?.rsplit('/').next()?.parse().ok()
+}
+
 /// `t/<token id>`.
 pub(super) fn token(token_id: &TokenId) -> Vec<u8> {
     format!("t/{token_id}").into_bytes()
@@ -180,6 +196,12 @@ mod tests {
         );
         assert_eq!(audit_sequence(&audit(12_345)), Some(12_345));
         assert_eq!(audit_sequence(b"q/00000000000000000001"), None);
+        let device_id = DeviceId::parse("dev-1").unwrap();
+        assert!(device_audit(&device_id, 9) < device_audit(&device_id, 10));
+        assert!(device_audit(&device_id, 9).starts_with(&device_audits(&device_id)));
+        assert_eq!(device_audit_sequence(&device_audit(&device_id, 12_345)), Some(12_345));
+        // The audit history's prefix does not take in the index.
+        assert!(!device_audit(&device_id, 1).starts_with(AUDIT));
         assert!(
             credential(&DeviceId::parse("dev-1").unwrap(), 1)
                 .starts_with(&credentials_of(&DeviceId::parse("dev-1").unwrap()))
@@ -195,6 +217,7 @@ mod tests {
             rotation(&device_id, &RotationId::new()),
             quarantine(1),
             audit(1),
+            device_audit(&device_id, 1),
             token(&TokenId::new()),
             token_digest(&"ab".repeat(32)),
             enrolled_key(&device_id),

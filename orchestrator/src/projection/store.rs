@@ -46,8 +46,9 @@ use super::keys::{self, LAST_SEQUENCE as LAST_SEQUENCE_KEY};
 use super::verify::{Refusal, Verified};
 
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
-/// rebuild: 2 keeps API and enrollment tokens as one record under `t/`.
-const LAYOUT_VERSION: u64 = 2;
+/// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
+/// orchestrator events about each device (`ad/`) for its timeline.
+const LAYOUT_VERSION: u64 = 3;
 
 /// A failure of the store itself (not of a message: those are quarantined).
 #[derive(Debug, thiserror::Error)]
@@ -437,6 +438,49 @@ impl Projections {
             .collect()
     }
 
+    /// The orchestrator events about `device_id` (see `devices_concerned`) after stream
+    /// sequence `after` and at or before `until`, oldest first, with each one's sequence; at
+    /// most `limit`.
+    pub fn device_audit(
+        &self,
+        device_id: &DeviceId,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, AuditEnvelope)>, ProjectionError> {
+        let prefix = keys::device_audits(device_id);
+        let mut found = Vec::new();
+        for entry in self
+            .tree
+            .range(keys::device_audit(device_id, after.saturating_add(1))..)
+        {
+            let (key, _) = entry?;
+            if !key.starts_with(&prefix) || found.len() >= limit {
+                break;
+            }
+            let sequence = keys::device_audit_sequence(&key).ok_or_else(|| ProjectionError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: serde::de::Error::custom("not a stream sequence"),
+            })?;
+            if sequence > until {
+                break;
+            }
+            let audit_key = keys::audit(sequence);
+            let envelope = self.get(&audit_key)?.ok_or_else(|| ProjectionError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: serde::de::Error::custom("the device's index points to no orchestrator event"),
+            })?;
+            found.push((sequence, envelope));
+        }
+        Ok(found)
+    }
+
+    /// The stream sequence of the message that applied the event with this id; `None` when no
+    /// message did (never folded, or refused). A re-sent copy of an event has another sequence.
+    pub fn event_sequence(&self, event_id: &fleetlaps_proto::ids::EventId) -> Result<Option<u64>, ProjectionError> {
+        Ok(self.tree.get(keys::event(event_id))?.map(|bytes| decode_u64(&bytes)))
+    }
+
     /// Every escrow public key the history recorded, oldest first.
     pub fn escrow_keys(&self) -> Result<Vec<EscrowKeyRecord>, ProjectionError> {
         let mut keys = self
@@ -796,6 +840,9 @@ impl Projections {
         }
         batch.insert(keys::event(&envelope.id), &message.sequence.to_be_bytes());
         batch.insert(keys::audit(message.sequence), encode(envelope));
+        for device_id in devices_concerned(&envelope.event) {
+            batch.insert(keys::device_audit(device_id, message.sequence), &[]);
+        }
         Ok(Ok(Applied::outcome(Outcome::Recorded(envelope.event.kind()))))
     }
 
@@ -872,6 +919,36 @@ impl Projections {
     /// The record under `key`, decoded.
     pub(super) fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
         self.tree.get(key)?.map(|value| decode(key, &value)).transpose()
+    }
+}
+
+/// The devices an orchestrator event is about, each of which finds it in its timeline (`ad/`):
+/// the device a read, a rotation request, an enrollment, tags, a clone or a reseal names; every
+/// device a campaign targets or commands, a detection involves or a deadline leaves behind. Events
+/// about no device (tokens, keys, a declaration before its targets) are in no timeline.
+pub(super) fn devices_concerned(event: &AuditEvent) -> Vec<&DeviceId> {
+    use fleetlaps_proto::breach::BreachOutcome;
+    match event {
+        AuditEvent::PasswordRead(body) => vec![&body.device_id],
+        AuditEvent::RotationRequested(body) => vec![&body.device_id],
+        AuditEvent::DeviceEnrolled(body) => vec![&body.device_id],
+        AuditEvent::DeviceTagsSet(body) => vec![&body.device_id],
+        AuditEvent::DeviceCloneDetected(body) => vec![&body.device_id],
+        AuditEvent::PasswordResealed(body) => vec![&body.device_id],
+        AuditEvent::BreachTargeted(body) => body.device_ids.iter().collect(),
+        AuditEvent::BreachWaveCommanded(body) => body.commands.iter().map(|command| &command.device_id).collect(),
+        AuditEvent::BreachDetected(body) => body.device_ids.iter().collect(),
+        AuditEvent::BreachEnded(body) => match &body.outcome {
+            BreachOutcome::DeadlinePassed { stragglers, .. } => stragglers.iter().collect(),
+            BreachOutcome::Completed | BreachOutcome::Cancelled { .. } => Vec::new(),
+        },
+        AuditEvent::TokenCreated(_)
+        | AuditEvent::TokenRevoked(_)
+        | AuditEvent::EnrollmentTokenCreated(_)
+        | AuditEvent::EnrollmentTokenRevoked(_)
+        | AuditEvent::EscrowKeyCreated(_)
+        | AuditEvent::OrchestratorKeyCreated(_)
+        | AuditEvent::BreachDeclared(_) => Vec::new(),
     }
 }
 

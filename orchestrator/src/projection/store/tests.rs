@@ -1209,3 +1209,115 @@ fn a_full_quarantine_drops_its_oldest_record_in_the_same_batch_and_counts_it_the
         second.projections.digest().unwrap()
     );
 }
+
+#[test]
+fn orchestrator_events_about_a_device_are_indexed_for_its_timeline_and_only_those() {
+    use fleetlaps_proto::audit::{PasswordRead, TokenCreated};
+    use fleetlaps_proto::breach::{
+        BreachCommand, BreachDeclared, BreachId, BreachScope, BreachSource, BreachTargeted, BreachWaveCommanded,
+    };
+    use fleetlaps_proto::command::CommandId;
+
+    let other = DeviceId::parse("dev-2").unwrap();
+    let mut fixture = Fixture::new();
+    fixture.enroll(&enrollment_messages(&[&device(), &other]));
+    let read = |device_id: &DeviceId| {
+        audit(AuditEvent::PasswordRead(PasswordRead {
+            principal: "alice".to_owned(),
+            principal_token_id: None,
+            device_id: device_id.clone(),
+            rotation_ids: Vec::new(),
+            reason: None,
+            client_name: None,
+            client_version: None,
+            source_address: None,
+        }))
+    };
+    let breach_id = BreachId::new();
+    let messages = [
+        read(&device()),
+        read(&other),
+        audit(AuditEvent::TokenCreated(TokenCreated {
+            token_id: TokenId::new(),
+            name: "auditor".to_owned(),
+            scopes: vec!["Audit.Read.All".to_owned()],
+            expires_at: None,
+            token_sha256: "ab".repeat(32),
+            created_by: "admin".to_owned(),
+            created_by_token_id: None,
+        })),
+        audit(AuditEvent::BreachDeclared(BreachDeclared {
+            breach_id,
+            reason: "phished".to_owned(),
+            deadline: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            scope: BreachScope::All,
+            target_count: 2,
+            declared_by: "soc".to_owned(),
+            declared_by_token_id: None,
+            source: BreachSource::Api,
+        })),
+        audit(AuditEvent::BreachTargeted(BreachTargeted {
+            breach_id,
+            device_ids: vec![other.clone(), device()],
+        })),
+        audit(AuditEvent::BreachWaveCommanded(BreachWaveCommanded {
+            breach_id,
+            commands: vec![BreachCommand {
+                device_id: other.clone(),
+                command_id: CommandId::new(),
+                covered_by: None,
+            }],
+        })),
+    ];
+    let first = fixture.next_sequence;
+    for (subject, payload) in &messages {
+        let outcome = fixture.apply_on(subject, payload);
+        assert!(matches!(outcome, Outcome::Recorded(_)), "{outcome:?}");
+    }
+    // A refused one (an unknown breach) is in no timeline.
+    let refused = audit(AuditEvent::BreachTargeted(BreachTargeted {
+        breach_id: BreachId::new(),
+        device_ids: vec![device()],
+    }));
+    assert_eq!(
+        fixture.apply_on(&refused.0, &refused.1),
+        Outcome::Quarantined(QuarantineReason::UnknownBreach)
+    );
+
+    let kinds = |device_id: &DeviceId, after: u64, until: u64, limit: usize| {
+        fixture
+            .projections
+            .device_audit(device_id, after, until, limit)
+            .unwrap()
+            .into_iter()
+            .map(|(sequence, envelope)| (sequence, envelope.event.kind().as_str()))
+            .collect::<Vec<_>>()
+    };
+    let enrolled = first - 2;
+    assert_eq!(
+        kinds(&device(), 0, u64::MAX, 10),
+        [
+            (enrolled, "device_enrolled"),
+            (first, "password_read"),
+            (first + 4, "breach_targeted")
+        ]
+    );
+    assert_eq!(
+        kinds(&other, 0, u64::MAX, 10),
+        [
+            (enrolled + 1, "device_enrolled"),
+            (first + 1, "password_read"),
+            (first + 4, "breach_targeted"),
+            (first + 5, "breach_wave_commanded"),
+        ]
+    );
+    // After a position, up to another, at most a limit.
+    assert_eq!(
+        kinds(&other, enrolled + 1, first + 4, 10),
+        [(first + 1, "password_read"), (first + 4, "breach_targeted")]
+    );
+    assert_eq!(kinds(&other, 0, u64::MAX, 1), [(enrolled + 1, "device_enrolled")]);
+    // Every applied event's sequence is known by its id.
+    let envelope = AuditEnvelope::from_json(&messages[0].1).unwrap();
+    assert_eq!(fixture.projections.event_sequence(&envelope.id).unwrap(), Some(first));
+}
