@@ -369,7 +369,7 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
     }
     let json_lines = lapsctl(
         &orchestrator,
-        &["--token", &auditor, "timeline", "--device", &device, "--json"],
+        &["--token", &auditor, "timeline", "--device", &device, "-o", "jsonl"],
     )
     .await;
     let from_lapsctl: Vec<TimelineEntry> = json_lines
@@ -381,7 +381,7 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
     let report_line = lapsctl(
         &orchestrator,
         &[
-            "--token", &auditor, "exposure", "--device", &device, "--at", &at, "--json",
+            "--token", &auditor, "exposure", "--device", &device, "--at", &at, "-o", "jsonl",
         ],
     )
     .await;

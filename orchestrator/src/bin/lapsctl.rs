@@ -240,9 +240,10 @@ struct Timeline {
     /// DeviceLocalCredential.ReadBasic.All).
     #[arg(long, value_name = "ID_OR_NAME")]
     device: String,
-    /// One JSON object a line, with every field, instead of a table.
-    #[arg(long)]
-    json: bool,
+    /// `table`: one line an event; `json`: an array of the entries with every field; `jsonl`:
+    /// one entry a line.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -254,9 +255,9 @@ struct Exposure {
     /// The instant (RFC 3339, such as 2026-11-24T13:05:00Z).
     #[arg(long, value_name = "TIME")]
     at: DateTime<Utc>,
-    /// The report as one JSON object on one line, instead of a table.
-    #[arg(long)]
-    json: bool,
+    /// `table`: a "Name : value" block per part; `json` or `jsonl`: the report as one object.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
 }
 
 #[derive(Args)]
@@ -281,8 +282,12 @@ struct GetPassword {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
+    /// Aligned for reading.
     Table,
+    /// One JSON array (pretty-printed).
     Json,
+    /// JSON lines: one compact object a line, for `jq` and log pipelines.
+    Jsonl,
 }
 
 /// What the Password field shows.
@@ -378,7 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 );
                 match output {
                     OutputFormat::Table => text.push_str(&format!("\n{note}")),
-                    OutputFormat::Json => eprint!("{note}"),
+                    OutputFormat::Json | OutputFormat::Jsonl => eprint!("{note}"),
                 }
             }
             Ok(text)
@@ -387,19 +392,19 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Timeline(args) => {
             let device_id = investigated_device(&client, &args.device).await?;
             let entries = client.timeline(&device_id).await?;
-            Ok(if args.json {
-                json_lines(&entries)
-            } else {
-                timeline_table(&entries)
+            Ok(match args.output {
+                OutputFormat::Table => timeline_table(&entries),
+                OutputFormat::Json => pretty_json(&entries),
+                OutputFormat::Jsonl => json_lines(&entries),
             })
         }
         Command::Exposure(args) => {
             let device_id = investigated_device(&client, &args.device).await?;
             let report = client.exposure(&device_id, args.at).await?;
-            Ok(if args.json {
-                json_lines(std::slice::from_ref(&report))
-            } else {
-                render_table(&exposure_entries(&report))
+            Ok(match args.output {
+                OutputFormat::Table => render_table(&exposure_entries(&report)),
+                OutputFormat::Json => pretty_json(&report),
+                OutputFormat::Jsonl => json_lines(std::slice::from_ref(&report)),
             })
         }
         Command::Breach(command) => breach(&client, command).await,
@@ -850,7 +855,8 @@ fn exposure_entries(report: &ExposureReport) -> Vec<Entry> {
 fn render(entries: &[Entry], output: OutputFormat) -> String {
     match output {
         OutputFormat::Table => render_table(entries),
-        OutputFormat::Json => render_json(entries),
+        OutputFormat::Json => pretty_json(entries),
+        OutputFormat::Jsonl => json_lines(entries),
     }
 }
 
@@ -946,8 +952,9 @@ fn render_table(entries: &[Entry]) -> String {
 }
 
 /// A pretty-printed JSON array of objects, fields in the table's order.
-fn render_json(entries: &[Entry]) -> String {
-    let mut output = serde_json::to_string_pretty(entries).expect("entries serialise: string keys only");
+/// Pretty-printed JSON.
+fn pretty_json<T: Serialize + ?Sized>(value: &T) -> String {
+    let mut output = serde_json::to_string_pretty(value).expect("API shapes serialise: string keys only");
     output.push('\n');
     output
 }
@@ -1055,7 +1062,7 @@ mod tests {
     #[test]
     fn json_has_the_cmdlet_field_names() {
         let json: serde_json::Value =
-            serde_json::from_str(&render_json(&entries(&device(), Passwords::PlainText).unwrap())).unwrap();
+            serde_json::from_str(&pretty_json(&entries(&device(), Passwords::PlainText).unwrap())).unwrap();
         assert_eq!(
             json,
             serde_json::json!([
@@ -1078,7 +1085,7 @@ mod tests {
             ])
         );
         let metadata: serde_json::Value =
-            serde_json::from_str(&render_json(&entries(&device(), Passwords::Omitted).unwrap())).unwrap();
+            serde_json::from_str(&pretty_json(&entries(&device(), Passwords::Omitted).unwrap())).unwrap();
         assert_eq!(metadata[0].as_object().unwrap().keys().len(), 3);
         assert!(metadata[0].get("Password").is_none());
     }
