@@ -42,6 +42,8 @@ listen = "127.0.0.1:{http_port}"
 self_signed = true
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
+[monitoring]
+silent_after_secs = {SILENT_AFTER_SECS}
 "#,
             data = orchestrator_dir.join("data").display(),
             nats = env.nats_url,
@@ -123,7 +125,7 @@ listen = "127.0.0.1:{metrics_port}"
             &format!(
                 r#"device_name = "{device}"
 state_dir = "{state}"
-processing_interval_secs = 3600
+processing_interval_secs = {HEARTBEAT_SECS}
 [nats]
 url = "{nats}"
 nkey_seed_file = "{seed}"
@@ -350,8 +352,17 @@ PasswordLength = 14
     // Two scrapes after the campaign, so Prometheus has seen its end.
     env.interrupt.sleep(Duration::from_secs(5))?;
     prometheus.show()?;
+
+    let silent = DEVICES[2];
+    tools::step(&format!(
+        "a device goes silent: agent {silent} stops; after monitoring.silent_after_secs = {SILENT_AFTER_SECS} without a \
+         heartbeat the orchestrator counts it silent, and Prometheus fires FleetlapsDevicesSilent"
+    ));
+    agents[2].stop().with_context(|| format!("stopping agent {silent}"))?;
+    prometheus.wait_for_alert("FleetlapsDevicesSilent", SILENT_ALERT_TIMEOUT, &env.interrupt)?;
+    prometheus.show_silent()?;
     println!("Logs and state: {}", env.root.display());
-    for (guard, config) in agents.iter_mut().zip(&agent_configs) {
+    for (guard, config) in agents.iter_mut().zip(&agent_configs).take(2) {
         if let Some(status) = guard.exit_status()? {
             anyhow::bail!("{} exited early ({status}); config {}", guard.name(), config.display());
         }
@@ -378,6 +389,13 @@ PasswordLength = 14
     orchestrator.stop().context("stopping the orchestrator")?;
     Ok(())
 }
+
+/// Seconds between the agents' cycles, each of which puts a heartbeat.
+const HEARTBEAT_SECS: u64 = 5;
+/// How long without a heartbeat makes a demo device silent.
+const SILENT_AFTER_SECS: u64 = 15;
+/// How long the silent-device alert may take to fire: the threshold, a scrape, an evaluation.
+const SILENT_ALERT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How many devices the demo's fleet simulator simulates.
 const SIMULATED_DEVICES: u32 = 300;
@@ -417,6 +435,7 @@ fn start_simulator(env: &DemoEnv, lapsctl: &Lapsctl, token: &str) -> anyhow::Res
         &config,
         &format!(
             r#"state_dir = "{state}"
+processing_interval_secs = {HEARTBEAT_SECS}
 [nats]
 url = "{nats}"
 nkey_seed_file = "{seed}"

@@ -5,12 +5,12 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use super::DemoEnv;
-use crate::tools::{self, ChildGuard, PROMETHEUS, PROMTOOL};
+use crate::tools::{self, ChildGuard, Interrupt, PROMETHEUS, PROMTOOL};
 
 /// A running Prometheus and its address.
 pub(crate) struct DemoPrometheus {
@@ -119,6 +119,31 @@ impl DemoPrometheus {
             "Grafana: import dashboards/grafana/*.json and pick this Prometheus ({}) in their datasource variable",
             self.url
         );
+        Ok(())
+    }
+
+    /// Waits until the alert `name` fires.
+    pub(crate) fn wait_for_alert(&self, name: &str, timeout: Duration, interrupt: &Interrupt) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let query = format!(r#"ALERTS{{alertname="{name}",alertstate="firing"}}"#);
+        while self.query(&query)?.trim().is_empty() {
+            anyhow::ensure!(Instant::now() < deadline, "{name} did not fire within {timeout:?}");
+            interrupt.sleep(Duration::from_secs(1))?;
+        }
+        Ok(())
+    }
+
+    /// Shows the silent devices and the alert that fired for them.
+    pub(crate) fn show_silent(&self) -> anyhow::Result<()> {
+        for (question, query) in [
+            ("Silent devices", r#"sum(fleetlaps_devices{state="silent"})"#),
+            ("Alerts firing", r#"ALERTS{alertstate="firing"}"#),
+        ] {
+            println!("{question}:");
+            for line in self.query(query)?.lines() {
+                println!("    {line}");
+            }
+        }
         Ok(())
     }
 
