@@ -34,7 +34,7 @@ pub struct Liveness {
 
 impl Liveness {
     /// An empty liveness, calling a device silent after `silent_after` without a heartbeat.
-    /// It holds no projections (which would keep their store open): [`Self::silent`] is given them.
+    /// It holds no projections (which would keep their store open): [`Self::last_heard`] and [`Self::state`] are given them.
     pub fn new(silent_after: Duration) -> Self {
         Self {
             last_heartbeats: Arc::default(),

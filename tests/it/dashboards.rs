@@ -311,18 +311,24 @@ scrape_configs:
         result.first()?["value"][1].as_str()?.parse().ok()
     }
 
-    /// The alerts firing now, by name.
-    pub(crate) async fn firing(&self) -> BTreeSet<String> {
+    /// The `data` of an answer of the HTTP API at `path`.
+    async fn api(&self, path: &str) -> Value {
         let body: Value = self
             .http
-            .get(format!("{}/api/v1/alerts", self.url))
+            .get(format!("{}{path}", self.url))
             .send()
             .await
             .expect("Prometheus answers")
             .json()
             .await
             .expect("json");
-        body["data"]["alerts"]
+        assert_eq!(body["status"], "success", "{path}: {body}");
+        body["data"].clone()
+    }
+
+    /// The alerts firing now, by name.
+    pub(crate) async fn firing(&self) -> BTreeSet<String> {
+        self.api("/api/v1/alerts").await["alerts"]
             .as_array()
             .expect("alerts")
             .iter()
@@ -333,16 +339,7 @@ scrape_configs:
 
     /// Every rule group's rules, as Prometheus evaluates them.
     async fn rules(&self) -> Vec<Value> {
-        let body: Value = self
-            .http
-            .get(format!("{}/api/v1/rules", self.url))
-            .send()
-            .await
-            .expect("Prometheus answers")
-            .json()
-            .await
-            .expect("json");
-        body["data"]["groups"]
+        self.api("/api/v1/rules").await["groups"]
             .as_array()
             .expect("groups")
             .iter()

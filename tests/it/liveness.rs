@@ -4,19 +4,15 @@
 //! `monitoring.silent_after_secs`, all without one message more on the history.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use fleetlaps_agent::clock::SystemClock;
-use fleetlaps_agent::simulate::{EnrollmentSettings, Simulation, SimulationOptions};
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::subject;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::apps::{AgentOptions, OPERATOR_TOKEN, TestAgent, TestOrchestrator, create_enrollment_token};
+use crate::apps::{AgentOptions, OPERATOR_TOKEN, TestAgent, TestOrchestrator};
 use crate::harness::{TestNats, wait_until};
 use crate::simulate::{nats_with_simulator, simulator_config};
 
@@ -170,29 +166,10 @@ async fn every_simulated_device_beats_through_the_simulators_shared_connection()
     const DEVICES: usize = 20;
     let nats = nats_with_simulator();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
-    let (token, _) = create_enrollment_token(&orchestrator, json!({"name": "fleet", "maxUses": DEVICES})).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let state_dir = dir.path().join("simulator");
-    let config_text =
-        simulator_config(&nats, &state_dir).replace("processing_interval_secs = 3600", "processing_interval_secs = 2");
-    let config = fleetlaps_agent::Config::from_toml(&config_text).expect("a valid config");
-    let mut simulation = Simulation::prepare(
-        config,
-        SimulationOptions {
-            devices: DEVICES,
-            enrollment: Some(EnrollmentSettings {
-                orchestrator_url: orchestrator.base_url.clone(),
-                token: secrecy::SecretString::from(token),
-                ca_file: Some(PathBuf::from(&orchestrator.tls_certificate)),
-                insecure_http: false,
-            }),
-            enroll_concurrency: 4,
-            clock: Arc::new(SystemClock),
-            show_progress: false,
-        },
-    )
-    .await
-    .expect("the fleet enrolls");
+    let config = simulator_config(&nats, &dir.path().join("simulator"))
+        .replace("processing_interval_secs = 3600", "processing_interval_secs = 2");
+    let mut simulation = crate::simulate::enrolled_fleet(&orchestrator, DEVICES, &config).await;
 
     // Act: the fleet starts.
     simulation.start_all().await.expect("the fleet starts");

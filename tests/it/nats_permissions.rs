@@ -94,21 +94,7 @@ async fn an_agent_enrolled_by_a_config_reload_rotates_and_takes_commands_with_pe
 async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_devices_subjects() {
     // Arrange: two enrolled devices; a command kept for each; device B listening.
     let keys = Keys::new();
-    let device_a = DeviceId::parse("device-a").expect("valid");
-    let device_b = DeviceId::parse("device-b").expect("valid");
-    let (seed_a, key_a) = keys.create("device-a");
-    let (seed_b, key_b) = keys.create("device-b");
-    let devices = vec![
-        DeviceUser {
-            device_id: device_a.clone(),
-            nkey: key_a,
-        },
-        DeviceUser {
-            device_id: device_b.clone(),
-            nkey: key_b,
-        },
-    ];
-    let nats = TestNats::start_with_config(server_config(&keys.orchestrator_key, devices));
+    let (nats, [(device_a, seed_a), (device_b, seed_b)]) = two_devices(&keys);
     // The real orchestrator creates both streams and its durable consumer.
     let _orchestrator = TestOrchestrator::spawn_with_nkey(&nats, &keys.orchestrator_seed).await;
     let orchestrator_client = connect(&nats, &keys.orchestrator_seed, None, &Violations::default()).await;
@@ -378,21 +364,7 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
 async fn a_device_puts_only_its_own_heartbeat_and_cannot_read_the_liveness_bucket() {
     // Arrange: two enrolled devices; the real orchestrator creates the liveness bucket.
     let keys = Keys::new();
-    let device_a = DeviceId::parse("device-a").expect("valid");
-    let device_b = DeviceId::parse("device-b").expect("valid");
-    let (seed_a, key_a) = keys.create("device-a");
-    let (_, key_b) = keys.create("device-b");
-    let devices = vec![
-        DeviceUser {
-            device_id: device_a.clone(),
-            nkey: key_a,
-        },
-        DeviceUser {
-            device_id: device_b.clone(),
-            nkey: key_b,
-        },
-    ];
-    let nats = TestNats::start_with_config(server_config(&keys.orchestrator_key, devices));
+    let (nats, [(device_a, seed_a), (device_b, _)]) = two_devices(&keys);
     let orchestrator = TestOrchestrator::spawn_with_nkey(&nats, &keys.orchestrator_seed).await;
     let orchestrator_js = jetstream::new(connect(&nats, &keys.orchestrator_seed, None, &Violations::default()).await);
     let violations = Violations::default();
@@ -491,6 +463,24 @@ async fn account_holds_newest_backup(orchestrator: &TestOrchestrator, agent: &Te
         },
     )
     .await;
+}
+
+/// A nats-server configured the production way for the orchestrator of `keys` and two devices,
+/// `device-a` and `device-b`, each with its own seed file.
+fn two_devices(keys: &Keys) -> (TestNats, [(DeviceId, PathBuf); 2]) {
+    let devices = ["device-a", "device-b"].map(|name| {
+        let (seed, nkey) = keys.create(name);
+        (DeviceId::parse(name).expect("valid"), seed, nkey)
+    });
+    let users = devices
+        .iter()
+        .map(|(device_id, _, nkey)| DeviceUser {
+            device_id: device_id.clone(),
+            nkey: nkey.clone(),
+        })
+        .collect();
+    let nats = TestNats::start_with_config(server_config(&keys.orchestrator_key, users));
+    (nats, devices.map(|(device_id, seed, _)| (device_id, seed)))
 }
 
 /// The orchestrator's seed and public key, and the devices' seed files, in a temporary directory.

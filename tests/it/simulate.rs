@@ -53,11 +53,11 @@ path = "{state_dir}/unused"
 }
 
 /// A fleet of `devices` simulated in this process from `config` (a [`simulator_config`]),
-/// enrolled with `orchestrator` by one enrollment token, started, and every device backed up.
-pub(crate) async fn backed_up_fleet(orchestrator: &TestOrchestrator, devices: usize, config: &str) -> Simulation {
+/// enrolled with `orchestrator` by one enrollment token, not started.
+pub(crate) async fn enrolled_fleet(orchestrator: &TestOrchestrator, devices: usize, config: &str) -> Simulation {
     let (token, _) = create_enrollment_token(orchestrator, json!({"name": "simulated", "maxUses": devices})).await;
     let config = fleetlaps_agent::Config::from_toml(config).expect("a valid config");
-    let mut simulation = Simulation::prepare(
+    Simulation::prepare(
         config,
         SimulationOptions {
             devices,
@@ -73,12 +73,23 @@ pub(crate) async fn backed_up_fleet(orchestrator: &TestOrchestrator, devices: us
         },
     )
     .await
-    .expect("the fleet enrolls");
+    .expect("the fleet enrolls")
+}
+
+/// Starts every device of `simulation` and waits until each has backed up a password.
+pub(crate) async fn start_until_backed_up(simulation: &mut Simulation) {
     simulation.start_all().await.expect("the fleet starts");
     tokio::time::timeout(FLEET_TIMEOUT, simulation.wait_until_all_backed_up())
         .await
         .expect("every device backs up in time")
         .expect("the states are readable");
+}
+
+/// A fleet of `devices` simulated in this process from `config` (a [`simulator_config`]),
+/// enrolled with `orchestrator`, started, and every device backed up.
+pub(crate) async fn backed_up_fleet(orchestrator: &TestOrchestrator, devices: usize, config: &str) -> Simulation {
+    let mut simulation = enrolled_fleet(orchestrator, devices, config).await;
+    start_until_backed_up(&mut simulation).await;
     simulation
 }
 
@@ -345,11 +356,7 @@ async fn devices_stopped_while_a_rotation_is_requested_take_it_when_started_agai
     }))
     .await
     .expect("the fleet enrolls");
-    simulation.start_all().await.expect("the fleet starts");
-    tokio::time::timeout(FLEET_TIMEOUT, simulation.wait_until_all_backed_up())
-        .await
-        .expect("every device backs up in time")
-        .expect("the states are readable");
+    start_until_backed_up(&mut simulation).await;
     let device_ids = simulation.device_ids();
     let first_hashes: Vec<String> = device_ids
         .iter()

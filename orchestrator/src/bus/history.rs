@@ -105,31 +105,17 @@ impl DeviceEvents for History {
             if limit == 0 || after >= until {
                 return Ok(Vec::new());
             }
-            let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
-                name: "ordered device events reader".to_owned(),
-                source,
+            const READER: &str = "ordered device events reader";
+            let consumer_error = |source| reader_error(READER, source);
+            let config = consumer::pull::OrderedConfig {
+                filter_subject: format!("laps.events.{device_id}.>"),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after.saturating_add(1),
+                },
+                ..Default::default()
             };
-            let mut consumer = self
-                .stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: format!("laps.events.{device_id}.>"),
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: after.saturating_add(1),
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|err| consumer_error(err.into()))?;
-            let pending = consumer
-                .info()
-                .await
-                .map_err(|err| consumer_error(err.into()))?
-                .num_pending;
+            let (pending, mut messages) = open_ordered(&self.stream, config, READER).await?;
             let mut found = Vec::new();
-            if pending == 0 {
-                return Ok(found);
-            }
-            let mut messages = consumer.messages().await.map_err(|err| consumer_error(err.into()))?;
             let mut read = 0;
             while read < pending && found.len() < limit {
                 let Some(message) = messages.next().await else {
@@ -145,6 +131,37 @@ impl DeviceEvents for History {
             }
             Ok(found)
         })
+    }
+}
+
+/// Opens an ordered (ephemeral) consumer on `stream` with `config`; returns how many messages it
+/// has pending and its messages. `name` names the reader in errors.
+pub(super) async fn open_ordered(
+    stream: &stream::Stream,
+    config: consumer::pull::OrderedConfig,
+    name: &str,
+) -> Result<(u64, consumer::pull::Ordered), BusError> {
+    let mut consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(|err| reader_error(name, err.into()))?;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|err| reader_error(name, err.into()))?
+        .num_pending;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|err| reader_error(name, err.into()))?;
+    Ok((pending, messages))
+}
+
+/// The error of the reader `name`.
+pub(super) fn reader_error(name: &str, source: Box<dyn std::error::Error + Send + Sync>) -> BusError {
+    BusError::Consumer {
+        name: name.to_owned(),
+        source,
     }
 }
 
@@ -164,6 +181,9 @@ fn history_message(message: &jetstream::Message) -> Result<HistoryMessage, Box<d
         signature,
     })
 }
+
+/// The name of [`HistoryReader`] in errors.
+const HISTORY_READER: &str = "ordered history reader";
 
 /// The whole history, read in order by an ordered (ephemeral) consumer.
 pub struct HistoryReader {
@@ -198,23 +218,11 @@ pub async fn last_audit_event(
 impl HistoryReader {
     /// Starts reading the events stream from its first message.
     pub async fn open(stream: &stream::Stream) -> Result<Self, BusError> {
-        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
-            name: "ordered history reader".to_owned(),
-            source,
+        let config = consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
         };
-        let mut consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| consumer_error(err.into()))?;
-        let total = consumer
-            .info()
-            .await
-            .map_err(|err| consumer_error(err.into()))?
-            .num_pending;
-        let messages = consumer.messages().await.map_err(|err| consumer_error(err.into()))?;
+        let (total, messages) = open_ordered(stream, config, HISTORY_READER).await?;
         Ok(Self {
             total,
             messages,
@@ -232,10 +240,7 @@ impl HistoryReader {
         if self.read >= self.total {
             return Ok(None);
         }
-        let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
-            name: "ordered history reader".to_owned(),
-            source,
-        };
+        let consumer_error = |source| reader_error(HISTORY_READER, source);
         let message: jetstream::Message = match self.messages.next().await {
             Some(message) => message.map_err(|err| consumer_error(err.into()))?,
             None => return Ok(None),

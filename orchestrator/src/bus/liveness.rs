@@ -64,31 +64,21 @@ pub async fn watch_heartbeats(jetstream: jetstream::Context, liveness: Liveness,
 
 /// Reads the bucket with a new ordered consumer, from each key's last heartbeat, until an error.
 async fn watch_once(jetstream: &jetstream::Context, liveness: &Liveness) -> Result<(), BusError> {
-    let consumer_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Consumer {
-        name: "liveness watcher".to_owned(),
-        source,
-    };
+    const READER: &str = "liveness watcher";
+    let consumer_error = |source| super::history::reader_error(READER, source);
     let stream = jetstream
         .get_stream(subject::LIVENESS_STREAM)
         .await
         .map_err(|err| BusError::Stream { source: err.into() })?;
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject::LIVENESS_WILDCARD.to_owned(),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .map_err(|err| consumer_error(err.into()))?;
-    let pending = consumer
-        .info()
-        .await
-        .map_err(|err| consumer_error(err.into()))?
-        .num_pending;
+    let config = consumer::pull::OrderedConfig {
+        filter_subject: subject::LIVENESS_WILDCARD.to_owned(),
+        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+        ..Default::default()
+    };
+    let (pending, mut messages) = super::history::open_ordered(&stream, config, READER).await?;
     if pending == 0 {
         liveness.mark_caught_up();
     }
-    let mut messages = consumer.messages().await.map_err(|err| consumer_error(err.into()))?;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|err| consumer_error(err.into()))?;
         let info = message.info().map_err(|err| consumer_error(err.to_string().into()))?;

@@ -65,20 +65,10 @@ pub(super) async fn list(
     let acting = parameters.get("principal");
     let since = parameters
         .get("since")
-        .map(|text| {
-            chrono::DateTime::parse_from_rfc3339(text)
-                .map(|since| since.with_timezone(&chrono::Utc))
-                .map_err(|_| ApiError::BadRequest(format!("since {text:?}: allowed: an RFC 3339 time")))
-        })
+        .map(|text| odata::time_parameter("since", text))
         .transpose()?;
     let page_size = options.page_size()?;
-    let after = options
-        .skip_token_as(|token| {
-            token
-                .parse::<u64>()
-                .map_err(|_| format!("{token:?}: allowed: a history position"))
-        })?
-        .unwrap_or(0);
+    let after = options.skip_token_position()?;
     let matching = history_after(&state.projections, after)
         .filter(|entry| {
             entry.as_ref().map_or(true, |(_, envelope)| {

@@ -30,9 +30,6 @@ pub(super) const TIMELINE_PATH: &str = "/v1.0/fleetlaps/devices/{deviceId}/timel
 /// A device's exposure report's route.
 pub(super) const EXPOSURE_PATH: &str = "/v1.0/fleetlaps/devices/{deviceId}/exposure";
 
-/// What `at` must be.
-const AT_FORMAT: &str = "an RFC 3339 time, such as 2026-11-24T13:05:00Z";
-
 /// Lists one page of a device's timeline, oldest first.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name, %device_id))]
 pub(super) async fn timeline(
@@ -47,13 +44,7 @@ pub(super) async fn timeline(
     only_parameters(&parameters, &["$top", "$skiptoken"])?;
     known_device(&state, &device_id)?;
     let page_size = options.page_size()?;
-    let after = options
-        .skip_token_as(|token| {
-            token
-                .parse::<u64>()
-                .map_err(|_| format!("{token:?}: allowed: a history position"))
-        })?
-        .unwrap_or(0);
+    let after = options.skip_token_position()?;
     let events = investigations::timeline_page(
         &state.projections,
         state.device_events.as_ref(),
@@ -108,15 +99,9 @@ fn only_parameters(parameters: &HashMap<String, String>, allowed: &[&str]) -> Re
 
 /// The instant `?at=` names.
 fn parse_at(text: Option<&str>) -> Result<DateTime<Utc>, ApiError> {
-    let text = text.ok_or_else(|| ApiError::BadRequest(format!("the query parameter at is required: {AT_FORMAT}")))?;
-    DateTime::parse_from_rfc3339(text)
-        .map(|at| at.with_timezone(&Utc))
-        .map_err(|_| {
-            ApiError::BadRequest(format!(
-                "at {:?}: allowed: {AT_FORMAT}",
-                text.chars().take(100).collect::<String>()
-            ))
-        })
+    let text = text
+        .ok_or_else(|| ApiError::BadRequest(format!("the query parameter at is required: {}", odata::TIME_FORMAT)))?;
+    odata::time_parameter("at", text)
 }
 
 /// Fails with 404 unless the device enrolled.

@@ -107,6 +107,18 @@ impl QueryOptions {
             .transpose()
     }
 
+    /// The `$skiptoken` of a list ordered by history position (the stream sequence of the last
+    /// entry of the page before), or 0 without one.
+    pub(super) fn skip_token_position(&self) -> Result<u64, ApiError> {
+        Ok(self
+            .skip_token_as(|token| {
+                token
+                    .parse::<u64>()
+                    .map_err(|_| format!("{token:?}: allowed: a history position"))
+            })?
+            .unwrap_or(0))
+    }
+
     /// The `$filter`, if any, parsed.
     pub(super) fn parsed_filter(&self) -> Result<Option<Filter>, ApiError> {
         self.filter.as_deref().map(Filter::parse).transpose()
@@ -291,6 +303,22 @@ fn string_literal(text: &str) -> Option<String> {
 /// At most 100 characters of caller input, for echoing in a message.
 fn truncated(text: &str) -> String {
     text.chars().take(100).collect()
+}
+
+/// What a time query parameter must be.
+pub(super) const TIME_FORMAT: &str = "an RFC 3339 time, such as 2026-11-24T13:05:00Z";
+
+/// The time query parameter `name` (such as `since` or `at`), parsed; a 400 naming the format
+/// otherwise.
+pub(super) fn time_parameter(name: &str, text: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&chrono::Utc))
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "{name} {:?}: allowed: {TIME_FORMAT}",
+                text.chars().take(100).collect::<String>()
+            ))
+        })
 }
 
 #[cfg(test)]
