@@ -382,6 +382,9 @@ async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_pro
     let nats = crate::simulate::nats_with_simulator();
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let dir = tempfile::tempdir().expect("tempdir");
+    // Prometheus first, as in production: it sees every backup and rotation happen.
+    let prometheus = TestPrometheus::start(&orchestrator.metrics_target()).await;
+    prometheus.wait_for_scrapes(1).await;
     let config = crate::simulate::simulator_config(&nats, &dir.path().join("simulator"));
     let simulation = crate::simulate::backed_up_fleet(&orchestrator, DEVICES, &config).await;
     let device_id = simulation.device_ids()[0].clone();
@@ -410,15 +413,14 @@ async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_pro
         )
         .await;
     assert_eq!(declared.status(), StatusCode::CREATED);
-    let prometheus = TestPrometheus::start(&orchestrator.metrics_target()).await;
     wait_until(
-        "the campaign's rotations are counted",
+        "every campaign rotation is counted",
         Duration::from_secs(120),
         || async {
             let rotated = orchestrator
                 .metric(r#"fleetlaps_rotations_total{trigger="campaign"}"#)
                 .await;
-            (rotated >= 1.0).then_some(())
+            (rotated >= DEVICES as f64).then_some(())
         },
     )
     .await;
@@ -426,7 +428,24 @@ async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_pro
     // Act: Prometheus scrapes for a while.
     prometheus.wait_for_scrapes(20).await;
 
-    // Assert: every panel query and every alert's query returns data; every rule evaluates.
+    // Assert: the headline figures are the fleet's: every backup stored, the campaign complete,
+    // every device compliant.
+    let figure = |query: &'static str| async { prometheus.value(query).await };
+    assert_eq!(
+        figure(r#"sum(increase(fleetlaps_backups_confirmed_total{outcome="stored"}[1h])) / sum(increase(fleetlaps_backups_confirmed_total[1h]))"#).await,
+        Some(1.0),
+        "backup success"
+    );
+    assert_eq!(
+        figure(r#"sum(fleetlaps_campaign_devices{campaign_state="completed",device_state="rotated"})"#).await,
+        Some(DEVICES as f64)
+    );
+    assert_eq!(
+        figure(r#"sum(fleetlaps_devices{state="compliant"})"#).await,
+        Some(DEVICES as f64)
+    );
+
+    // And every panel query and every alert's query returns data; every rule evaluates.
     let mut empty = Vec::new();
     for (file, title, expr) in panel_queries() {
         let query = expr.replace("$__rate_interval", RATE_INTERVAL);

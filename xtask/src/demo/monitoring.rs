@@ -12,6 +12,10 @@ use anyhow::Context;
 use super::DemoEnv;
 use crate::tools::{self, ChildGuard, Interrupt, PROMETHEUS, PROMTOOL};
 
+/// How long Prometheus may take to see what the demo waits for (a first scrape, an alert: the
+/// silence threshold, a scrape, an evaluation).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// A running Prometheus and its address.
 pub(crate) struct DemoPrometheus {
     /// Stops it when dropped.
@@ -69,7 +73,13 @@ scrape_configs:
         &mut guard,
         &env.interrupt,
     )?;
-    Ok(DemoPrometheus { _guard: guard, url })
+    let prometheus = DemoPrometheus { _guard: guard, url };
+    prometheus.wait_for_answer(
+        r#"up{job="fleetlaps-orchestrator"} == 1"#,
+        "its first scrape of the orchestrator",
+        &env.interrupt,
+    )?;
+    Ok(prometheus)
 }
 
 /// What the dashboards show, asked of Prometheus: each question, then its query's answer.
@@ -111,7 +121,7 @@ impl DemoPrometheus {
             if answer.trim().is_empty() {
                 println!("    (none)");
             }
-            for line in answer.lines() {
+            for line in answer.lines().filter(|line| !line.trim().is_empty()) {
                 println!("    {line}");
             }
         }
@@ -123,11 +133,19 @@ impl DemoPrometheus {
     }
 
     /// Waits until the alert `name` fires.
-    pub(crate) fn wait_for_alert(&self, name: &str, timeout: Duration, interrupt: &Interrupt) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
+    pub(crate) fn wait_for_alert(&self, name: &str, interrupt: &Interrupt) -> anyhow::Result<()> {
         let query = format!(r#"ALERTS{{alertname="{name}",alertstate="firing"}}"#);
-        while self.query(&query)?.trim().is_empty() {
-            anyhow::ensure!(Instant::now() < deadline, "{name} did not fire within {timeout:?}");
+        self.wait_for_answer(&query, &format!("{name} to fire"), interrupt)
+    }
+
+    /// Waits until `query` has an answer; `what` says what is awaited, for the error.
+    fn wait_for_answer(&self, query: &str, what: &str, interrupt: &Interrupt) -> anyhow::Result<()> {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while self.query(query)?.trim().is_empty() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "Prometheus did not see {what} within {ANSWER_TIMEOUT:?}"
+            );
             interrupt.sleep(Duration::from_secs(1))?;
         }
         Ok(())
