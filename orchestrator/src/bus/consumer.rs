@@ -303,6 +303,7 @@ impl Consumer {
         let mut escrow_key_created = false;
         let mut observations = Vec::new();
         let mut published_times = Vec::with_capacity(messages.len());
+        let mut rotations = Vec::new();
         let mut pending = None;
         for message in &messages {
             let info = match message.info() {
@@ -331,9 +332,7 @@ impl Consumer {
                 self.escrow.as_ref(),
             )?;
             self.record(applied.outcome, info.stream_sequence, message.subject.as_str());
-            if let Some(rotation) = &applied.rotation {
-                self.metrics.rotation_confirmed(rotation);
-            }
+            rotations.extend(applied.rotation);
             if applied.out_of_order {
                 self.metrics.events_out_of_order.inc();
                 tracing::warn!(
@@ -363,6 +362,10 @@ impl Consumer {
         }
         self.projections.flush().await?;
         let durable_at = chrono::Utc::now();
+        // Counted once durable: a batch that fails is folded again and must not count twice.
+        for rotation in &rotations {
+            self.metrics.rotation_confirmed(rotation);
+        }
         for published in published_times {
             self.metrics
                 .ingest_lag
