@@ -299,18 +299,40 @@ impl Orchestrator {
                 .args(["run", "--config"])
                 .arg(&self.config)
                 .env("FLEETLAPS_BOOTSTRAP_ADMIN_TOKEN", &self.admin_token)
-                .env("RUST_LOG", "warn"),
+                // Its default logging, as deployed, whatever the caller's environment.
+                .env_remove("RUST_LOG"),
             &self.log,
         )
     }
 
-    /// Starts it and waits for its API.
-    pub(crate) async fn start(&self) -> anyhow::Result<ChildGuard> {
+    /// Starts it and waits until `GET /healthz` answers 200: its projections have caught up
+    /// with the history (before, writes answer 503).
+    pub(crate) async fn start(&self, http: &reqwest::Client) -> anyhow::Result<ChildGuard> {
         let mut child = self.spawn()?;
-        wait_listening(self.http_port, &mut child, Duration::from_secs(60))
+        let timeout = Duration::from_secs(60);
+        wait_listening(self.http_port, &mut child, timeout)
             .await
             .with_context(|| format!("starting the orchestrator; see {}", self.log.display()))?;
-        Ok(child)
+        let url = format!("{}/healthz", self.base_url);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let healthy = http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|answer| answer.status().is_success());
+            if healthy {
+                return Ok(child);
+            }
+            child.ensure_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "GET {url} did not answer 200 within {timeout:?}; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Its metrics, scraped once: the value of the unlabelled sample `name`, if exposed.

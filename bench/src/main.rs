@@ -142,7 +142,7 @@ async fn benchmarks(
     simulator: &async_nats::jetstream::Context,
     reader: &async_nats::jetstream::Context,
 ) -> anyhow::Result<(Vec<report::Row>, Vec<String>)> {
-    let mut running = orchestrator.start().await?;
+    let mut running = orchestrator.start(http).await?;
 
     // A device for the baseline's publishes; enrolling it also opens the HTTP connection.
     let token = orchestrator.create_enrollment_token(http, "bench-baseline", 1).await?;
