@@ -6,8 +6,10 @@
 //! Layout:
 //! - `test`: the CI gate (install tools, fmt, clippy, doc, build, test).
 //! - `demo`: starts a JetStream server and a small fleet on loopback.
+//! - `bench`: builds the release binaries and runs `fleetlaps-bench` (report under `target/bench/`).
 //! - `tools`: shared pieces: finding and installing system tools, free ports, child-process guards.
 
+mod bench;
 mod demo;
 mod test;
 mod tools;
@@ -41,6 +43,14 @@ enum Task {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Builds the release binaries and runs the benchmarks against a real nats-server and the
+    /// release orchestrator; writes `target/bench/report.md` and `report.json`. Every figure is a
+    /// ratio to a baseline measured in the same run.
+    Bench {
+        /// Arguments for `fleetlaps-bench`, for example `cargo xtask bench -- --events 100000`.
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Demo { keep_running } => demo::run(keep_running),
+        Task::Bench { bench_args } => bench::run(&bench_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,33 @@
+//! `cargo xtask bench`: builds the release binaries and runs `fleetlaps-bench`, which starts its
+//! own nats-server and orchestrator and writes `target/bench/report.md` and `report.json`.
+
+use crate::tools::{self, NATS_SERVER};
+
+/// Installs nats-server if needed, builds the release binaries, runs the benchmarks with
+/// `bench_args` appended (for example `--events 100000`).
+pub(crate) fn run(bench_args: &[String]) -> anyhow::Result<()> {
+    tools::step("ensure system tools: nats-server");
+    tools::ensure_system_tools(&[NATS_SERVER])?;
+    tools::run_step(&mut tools::cargo_command([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "fleetlaps-orchestrator",
+        "-p",
+        "fleetlaps-agent",
+        "-p",
+        "fleetlaps-bench",
+    ]))?;
+    let bin_dir = tools::target_dir().join("release");
+    tools::run_step(
+        std::process::Command::new(bin_dir.join("fleetlaps-bench"))
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .arg("--out")
+            .arg(tools::target_dir().join("bench"))
+            .arg("--nats-server")
+            .arg(NATS_SERVER.path()?)
+            .args(bench_args),
+    )
+}
