@@ -503,6 +503,26 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         page.value
     }
 
+    /// Every device's entry in the directory (`/v1.0/devices`), every page of it, following
+    /// Graph's server-driven paging (`@odata.nextLink`) to the last page.
+    pub async fn directory(&self) -> Vec<serde_json::Value> {
+        let mut devices = Vec::new();
+        let mut path = "/v1.0/devices".to_owned();
+        loop {
+            let response = self.get(&path, Some(OPERATOR_TOKEN)).await;
+            assert_eq!(response.status(), reqwest::StatusCode::OK);
+            let page: serde_json::Value = response.json().await.expect("json");
+            devices.extend(page["value"].as_array().expect("a collection").iter().cloned());
+            match page["@odata.nextLink"].as_str() {
+                Some(next) => next
+                    .strip_prefix(self.base_url.as_str())
+                    .unwrap_or(next)
+                    .clone_into(&mut path),
+                None => return devices,
+            }
+        }
+    }
+
     /// The metrics listener as `host:port`, what Prometheus scrapes.
     pub fn metrics_target(&self) -> String {
         self.metrics_url

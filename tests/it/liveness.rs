@@ -9,10 +9,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::ids::DeviceId;
 use fleetlaps_proto::subject;
-use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::apps::{AgentOptions, OPERATOR_TOKEN, TestAgent, TestOrchestrator};
+use crate::apps::{AgentOptions, TestAgent, TestOrchestrator};
 use crate::harness::{TestNats, wait_until};
 use crate::simulate::{nats_with_simulator, simulator_config};
 
@@ -27,26 +26,17 @@ fn beating_every_second() -> AgentOptions {
     }
 }
 
-/// Every device's entry in the directory (`/v1.0/devices`), every page of it.
+/// Every device's entry in the directory (`/v1.0/devices`), by id.
 async fn directory(orchestrator: &TestOrchestrator) -> HashMap<DeviceId, Value> {
-    let mut devices = HashMap::new();
-    let mut path = "/v1.0/devices".to_owned();
-    loop {
-        let response = orchestrator.get(&path, Some(OPERATOR_TOKEN)).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        let page: Value = response.json().await.expect("json");
-        for device in page["value"].as_array().expect("a collection") {
+    orchestrator
+        .directory()
+        .await
+        .into_iter()
+        .map(|device| {
             let device_id = DeviceId::parse(device["id"].as_str().expect("an id")).expect("a device id");
-            devices.insert(device_id, device.clone());
-        }
-        match page["@odata.nextLink"].as_str() {
-            Some(next) => next
-                .strip_prefix(orchestrator.base_url.as_str())
-                .unwrap_or(next)
-                .clone_into(&mut path),
-            None => return devices,
-        }
-    }
+            (device_id, device)
+        })
+        .collect()
 }
 
 /// Every device's `lastHeartbeatDateTime` as the API shows it.

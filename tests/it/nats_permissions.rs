@@ -145,20 +145,7 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
         .expect("sent")
         .await
         .expect("JetStream acknowledges device A's own event");
-    let publisher = Publisher::connect(ConnectSettings {
-        ca_file: None,
-        url: &nats.url(),
-        ack_timeout: DENIED_WAIT,
-        device_id: &device_a,
-        nkey_seed_file: Some(&seed_a),
-        signing_key: fleetlaps_proto::signature::DeviceSigningKey::generate(),
-    })
-    .await
-    .expect("the agent's publisher connects");
-    wait_until("the agent's publisher is connected", TIMEOUT, || async {
-        publisher.is_connected().then_some(())
-    })
-    .await;
+    let publisher = connected_publisher(&nats, &device_a, &seed_a).await;
     let command_a = issue_command(&orchestrator_js, &device_a, rotate("for a"))
         .await
         .expect("issued");
@@ -385,20 +372,7 @@ async fn a_device_puts_only_its_own_heartbeat_and_cannot_read_the_liveness_bucke
     };
 
     // Control: the agent's own call puts device A's heartbeat, which the orchestrator sees.
-    let publisher = Publisher::connect(ConnectSettings {
-        ca_file: None,
-        url: &nats.url(),
-        ack_timeout: DENIED_WAIT,
-        device_id: &device_a,
-        nkey_seed_file: Some(&seed_a),
-        signing_key: fleetlaps_proto::signature::DeviceSigningKey::generate(),
-    })
-    .await
-    .expect("the agent's publisher connects");
-    wait_until("the agent's publisher is connected", TIMEOUT, || async {
-        publisher.is_connected().then_some(())
-    })
-    .await;
+    let publisher = connected_publisher(&nats, &device_a, &seed_a).await;
     publisher
         .heartbeat(&device_a, &heartbeat)
         .await
@@ -463,6 +437,25 @@ async fn account_holds_newest_backup(orchestrator: &TestOrchestrator, agent: &Te
         },
     )
     .await;
+}
+
+/// The agent's own publisher for `device_id`, as that device's NATS user, connected.
+async fn connected_publisher(nats: &TestNats, device_id: &DeviceId, seed: &Path) -> Publisher {
+    let publisher = Publisher::connect(ConnectSettings {
+        ca_file: None,
+        url: &nats.url(),
+        ack_timeout: DENIED_WAIT,
+        device_id,
+        nkey_seed_file: Some(seed),
+        signing_key: fleetlaps_proto::signature::DeviceSigningKey::generate(),
+    })
+    .await
+    .expect("the agent's publisher connects");
+    wait_until("the agent's publisher is connected", TIMEOUT, || async {
+        publisher.is_connected().then_some(())
+    })
+    .await;
+    publisher
 }
 
 /// A nats-server configured the production way for the orchestrator of `keys` and two devices,

@@ -95,27 +95,17 @@ pub(crate) async fn backed_up_fleet(orchestrator: &TestOrchestrator, devices: us
 
 /// The devices the orchestrator knows, as `(id, displayName)`, every page of them.
 async fn known_devices(orchestrator: &TestOrchestrator) -> Vec<(DeviceId, String)> {
-    let mut devices = Vec::new();
-    let mut path = "/v1.0/devices".to_owned();
-    loop {
-        let response = orchestrator.get(&path, Some(OPERATOR_TOKEN)).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        let page: Value = response.json().await.expect("json");
-        devices.extend(page["value"].as_array().expect("a collection").iter().map(|device| {
+    orchestrator
+        .directory()
+        .await
+        .iter()
+        .map(|device| {
             (
                 DeviceId::parse(device["id"].as_str().expect("an id")).expect("a device id"),
                 device["displayName"].as_str().expect("a name").to_owned(),
             )
-        }));
-        // Graph's server-driven paging: the next page's link, until the last page.
-        match page["@odata.nextLink"].as_str() {
-            Some(next) => next
-                .strip_prefix(orchestrator.base_url.as_str())
-                .unwrap_or(next)
-                .clone_into(&mut path),
-            None => return devices,
-        }
-    }
+        })
+        .collect()
 }
 
 /// How many times the one enrollment token was used.
