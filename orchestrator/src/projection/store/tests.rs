@@ -1146,7 +1146,7 @@ fn a_store_of_an_older_layout_is_emptied_at_open_so_the_stream_rebuilds_it() {
         tree.insert(b"n/0190a5c4-7d1e-7c3a-9f00-000000000001", b"{}").unwrap();
         db.flush().unwrap();
     }
-    let projections = Projections::open(dir.path()).unwrap();
+    let projections = reopen(dir.path());
     assert_eq!(
         projections.last_applied_sequence().unwrap(),
         0,
@@ -1156,16 +1156,29 @@ fn a_store_of_an_older_layout_is_emptied_at_open_so_the_stream_rebuilds_it() {
     assert!(projections.tree.scan_prefix(b"n/").next().is_none());
     drop(projections);
     // Once at the current layout, it is kept as it is.
-    let projections = Projections::open(dir.path()).unwrap();
+    let projections = reopen(dir.path());
     let mut batch = sled::Batch::default();
     batch.insert(LAST_SEQUENCE_KEY, &7_u64.to_be_bytes());
     projections.tree.apply_batch(batch).unwrap();
     projections.tree.flush().unwrap();
     drop(projections);
-    assert_eq!(
-        Projections::open(dir.path()).unwrap().last_applied_sequence().unwrap(),
-        7
-    );
+    assert_eq!(reopen(dir.path()).last_applied_sequence().unwrap(), 7);
+}
+
+/// Opens the projections at `path` again once the dropped ones let go of the directory: sled's
+/// background flusher may hold its file lock a moment after the last handle is dropped.
+fn reopen(path: &std::path::Path) -> Projections {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match Projections::open(path) {
+            Ok(projections) => return projections,
+            Err(err) if err.to_string().contains("lock") || format!("{err:?}").contains("WouldBlock") => {
+                assert!(std::time::Instant::now() < deadline, "the store stays locked: {err:?}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(err) => panic!("{err:?}"),
+        }
+    }
 }
 
 #[test]
