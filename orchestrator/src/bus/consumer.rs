@@ -176,8 +176,9 @@ async fn open_at(
 /// At most this many messages already waiting are folded at once; one flush and one
 /// acknowledgement cover them all.
 const BATCH_SIZE: usize = 256;
-/// How long the consumer waits for a message when none is waiting, before it asks again.
-const FETCH_WAIT: Duration = Duration::from_secs(5);
+/// How long the consumer waits for a message when none is waiting, before it asks again: short,
+/// so a request lost with a restarted server stalls it little.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
 /// The pause after the first failed batch; it doubles with each failure in a row.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause between two attempts at a failing batch.
