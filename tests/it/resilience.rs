@@ -30,8 +30,13 @@ async fn with_nats_down_the_account_keeps_its_password_until_nats_is_back() {
     );
 
     nats.restart();
-    // The agent retries the same backup on its own once NATS is back, then applies it.
-    let passwords = orchestrator.wait_for_passwords(&agent.device_id, 2).await;
+    // The agent retries the same backup on its own once NATS is back, then applies it. A safety
+    // net only: on a loaded machine the consumer's retry pauses after the outage add up.
+    let passwords = wait_until("the retried backup is stored", Duration::from_secs(120), || async {
+        let passwords = orchestrator.passwords(&agent.device_id).await;
+        (passwords.len() >= 2).then_some(passwords)
+    })
+    .await;
     wait_until("the account has the new password", Duration::from_secs(30), || async {
         agent.has_password(&passwords[0]).then_some(())
     })

@@ -182,7 +182,7 @@ const FETCH_WAIT: Duration = Duration::from_secs(1);
 /// The pause after the first failed batch; it doubles with each failure in a row.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause between two attempts at a failing batch.
-const LAST_RETRY_PAUSE: Duration = Duration::from_secs(30);
+const LAST_RETRY_PAUSE: Duration = Duration::from_secs(8);
 
 impl Consumer {
     /// Binds the durable consumer `name` on `stream` at the projections' position.
