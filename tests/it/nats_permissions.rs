@@ -123,16 +123,7 @@ async fn a_devices_credentials_cannot_act_as_the_orchestrator_or_reach_another_d
     observer_b.flush().await.expect("flushed");
 
     let violations = Violations::default();
-    let device = connect(
-        &nats,
-        &seed_a,
-        Some(subject::device_inbox_prefix(&device_a)),
-        &violations,
-    )
-    .await;
-    let device_js = jetstream::ContextBuilder::new()
-        .timeout(DENIED_WAIT)
-        .build(device.clone());
+    let (device, device_js) = device_connection(&nats, &device_a, &seed_a, &violations).await;
 
     // Controls: with the same credentials, device A's own subjects work, so the refusals below
     // are the permissions, not a broken client.
@@ -355,16 +346,7 @@ async fn a_device_puts_only_its_own_heartbeat_and_cannot_read_the_liveness_bucke
     let orchestrator = TestOrchestrator::spawn_with_nkey(&nats, &keys.orchestrator_seed).await;
     let orchestrator_js = jetstream::new(connect(&nats, &keys.orchestrator_seed, None, &Violations::default()).await);
     let violations = Violations::default();
-    let device = connect(
-        &nats,
-        &seed_a,
-        Some(subject::device_inbox_prefix(&device_a)),
-        &violations,
-    )
-    .await;
-    let device_js = jetstream::ContextBuilder::new()
-        .timeout(DENIED_WAIT)
-        .build(device.clone());
+    let (device, device_js) = device_connection(&nats, &device_a, &seed_a, &violations).await;
     let heartbeat = Heartbeat {
         at: chrono::Utc::now(),
         agent_version: "test".to_owned(),
@@ -437,6 +419,21 @@ async fn account_holds_newest_backup(orchestrator: &TestOrchestrator, agent: &Te
         },
     )
     .await;
+}
+
+/// A connection as `device_id`'s NATS user (its seed, its inbox prefix), and a JetStream context
+/// on it that gives up on a denied request after [`DENIED_WAIT`].
+async fn device_connection(
+    nats: &TestNats,
+    device_id: &DeviceId,
+    seed: &Path,
+    violations: &Violations,
+) -> (async_nats::Client, jetstream::Context) {
+    let device = connect(nats, seed, Some(subject::device_inbox_prefix(device_id)), violations).await;
+    let device_js = jetstream::ContextBuilder::new()
+        .timeout(DENIED_WAIT)
+        .build(device.clone());
+    (device, device_js)
 }
 
 /// The agent's own publisher for `device_id`, as that device's NATS user, connected.
