@@ -11,6 +11,7 @@
 //! | `m/layout` | the layout version of these keys ([`super::store`] rebuilds another) |
 //! | `m/quarantine_len` | how many quarantine records are kept |
 //! | `d/<device>` | a `DeviceRecord` |
+//! | `n/<name>/<device>` | a device's name, in lower case (empty value): the index `$filter=deviceName eq` reads |
 //! | `c/<device>/<sequence>` | a `CredentialRecord`, by the stream sequence of its backup |
 //! | `r/<device>/<rotation>` | the `c/` key of a rotation's credential |
 //! | `e/<event id>` | an applied event id (device or orchestrator), for idempotence |
@@ -31,7 +32,7 @@
 
 use fleetlaps_proto::audit::TokenId;
 use fleetlaps_proto::breach::BreachId;
-use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
+use fleetlaps_proto::ids::{DeviceId, DeviceName, EventId, RotationId};
 use fleetlaps_proto::seal::EscrowPublicKey;
 
 use super::quarantine::QuarantineReason;
@@ -95,6 +96,22 @@ pub(super) fn device_campaign_breach(key: &[u8]) -> Option<BreachId> {
 /// `d/<device>`.
 pub(super) fn device(device_id: &DeviceId) -> Vec<u8> {
     format!("d/{device_id}").into_bytes()
+}
+
+/// `n/<name, lower case>/<device>`: the device name index's entry.
+pub(super) fn device_name(device_name: &DeviceName, device_id: &DeviceId) -> Vec<u8> {
+    format!("n/{}/{device_id}", device_name.as_str().to_ascii_lowercase()).into_bytes()
+}
+
+/// `n/<name, lower case>/`: every device of that name, in any case.
+pub(super) fn devices_named(device_name: &DeviceName) -> Vec<u8> {
+    format!("n/{}/", device_name.as_str().to_ascii_lowercase()).into_bytes()
+}
+
+/// The device a `n/<name>/<device>` key names.
+pub(super) fn named_device(key: &[u8]) -> Option<DeviceId> {
+    let text = std::str::from_utf8(key).ok()?;
+    DeviceId::parse(text.rsplit('/').next()?).ok()
 }
 
 /// `c/<device>/<sequence>`.
