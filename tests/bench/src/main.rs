@@ -180,9 +180,11 @@ async fn benchmarks(
 
     let from = ingest::last_sequence(reader).await?;
     let progress = bar("pre-filling the events stream");
+    let publish_started = std::time::Instant::now();
     ingest::prefill(simulator, &mut devices, args.events, &progress)
         .await
         .context("pre-filling the events stream")?;
+    let publish = publish_started.elapsed();
     progress.finish();
     let to = ingest::last_sequence(reader).await?;
     anyhow::ensure!(
@@ -202,8 +204,27 @@ async fn benchmarks(
         .await
         .context("ingest")?;
     progress.finish();
+    let progress = bar("live: publishing and folding");
+    let live = ingest::live(
+        orchestrator,
+        &mut running,
+        http,
+        simulator,
+        &mut devices,
+        (to, args.events),
+        &progress,
+    )
+    .await
+    .context("live ingest")?;
+    progress.finish();
     running.stop().context("stopping the orchestrator")?;
-    let (ingest_rows, ingest_notes) = ingest::rows(args.events, raw, &catch_up);
+    let (ingest_rows, ingest_notes) = ingest::rows(&ingest::Timings {
+        events: args.events,
+        publish,
+        raw,
+        catch_up: &catch_up,
+        live: &live,
+    });
     rows.extend(ingest_rows);
     notes.extend(ingest_notes);
     Ok((rows, notes))
