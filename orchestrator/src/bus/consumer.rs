@@ -174,8 +174,9 @@ async fn open_at(
 }
 
 /// At most this many messages already waiting are folded at once; one flush and one
-/// acknowledgement cover them all.
-const BATCH_SIZE: usize = 256;
+/// acknowledgement cover them all. Below the consumer's `max_ack_pending` (1,000 by default): a
+/// pull asking for more than the server may deliver unacknowledged waits for them forever.
+const BATCH_SIZE: usize = 512;
 /// How long the consumer waits for a message when none is waiting, before it asks again: short,
 /// so a request lost with a restarted server stalls it little.
 const FETCH_WAIT: Duration = Duration::from_secs(1);

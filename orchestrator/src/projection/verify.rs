@@ -12,6 +12,8 @@
 //! Verification only reads: the projections (enrolled keys, the orchestrator key, the recorded
 //! escrow keys, applied event ids) and the escrow keyring.
 
+use std::collections::HashMap;
+
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, PasswordBackedUp, sealing_context};
@@ -21,6 +23,7 @@ use fleetlaps_proto::subject;
 
 use super::escrow_keys::EscrowKeyRecord;
 use super::keys;
+use super::principals::EnrolledKeyRecord;
 use super::quarantine::QuarantineReason;
 use super::staged::{Records as _, Staged};
 use super::store::{ProjectionError, Projections, SealCheck, StreamMessage};
@@ -94,6 +97,7 @@ impl Projections {
         checked: Option<&CheckedSignature>,
         escrow: &dyn SealCheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
+        let enrolled = staged.enrolled_key(subject_device)?;
         let envelope = match Envelope::from_json(message.payload) {
             Ok(envelope) => envelope,
             Err(err) => {
@@ -102,7 +106,7 @@ impl Projections {
                 // schema, a wrong code): the device must hear that it was refused.
                 let confirmation = (subject_kind == EventKind::PasswordBackedUp
                     && self
-                        .signed_by_enrolled_key(staged, subject_device, message, checked)?
+                        .signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked)
                         .is_ok())
                 .then(|| lenient_event_id(message.payload))
                 .flatten()
@@ -124,14 +128,14 @@ impl Projections {
         };
         // The subject's device must have enrolled, and signed exactly these bytes on exactly
         // this subject with its enrolled key.
-        if staged.enrolled_key(subject_device)?.is_none() {
+        if enrolled.is_none() {
             return Ok(Err((
                 QuarantineReason::UnknownDevice,
                 format!("device {subject_device} never enrolled"),
             )
                 .into()));
         };
-        if let Err(detail) = self.signed_by_enrolled_key(staged, subject_device, message, checked)? {
+        if let Err(detail) = self.signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked) {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         let answer = |rotation_id: Option<RotationId>, outcome: BackupOutcome| BackupConfirmation {
@@ -221,23 +225,23 @@ impl Projections {
         Ok(Ok(Verified::Orchestrator(Box::new(envelope))))
     }
 
-    /// Whether `message` is signed, on exactly its subject, by the enrolled key of `device_id`:
-    /// `Ok(Err(why))` when it is not. `checked` is the batch's prepass, used when it checked
-    /// against the key enrolled now.
+    /// Whether `message` is signed, on exactly its subject, by `enrolled`, the key `device_id`
+    /// enrolled with: `Err(why)` when it is not. `checked` is the batch's prepass, used when it
+    /// checked against that same key.
     fn signed_by_enrolled_key(
         &self,
-        staged: &Staged<'_>,
+        enrolled: Option<&EnrolledKeyRecord>,
         device_id: &DeviceId,
         message: StreamMessage<'_>,
         checked: Option<&CheckedSignature>,
-    ) -> Result<Result<(), String>, ProjectionError> {
-        let Some(enrolled) = staged.enrolled_key(device_id)? else {
-            return Ok(Err(format!("device {device_id} never enrolled")));
+    ) -> Result<(), String> {
+        let Some(enrolled) = enrolled else {
+            return Err(format!("device {device_id} never enrolled"));
         };
         if let Some(checked) = checked.filter(|checked| checked.enrolled_key == enrolled.public_key) {
-            return Ok(checked.verdict.clone());
+            return checked.verdict.clone();
         }
-        Ok(self.device_keys.check(&enrolled.public_key, device_id, message))
+        self.device_keys.check(&enrolled.public_key, device_id, message)
     }
 }
 
@@ -302,7 +306,7 @@ pub(super) struct CheckedSignature {
 #[derive(Default)]
 pub(super) struct DeviceKeys {
     /// Parsed keys by their base64 text; emptied when it reaches [`DeviceKeys::MAX_KEPT`].
-    parsed: std::sync::Mutex<std::collections::HashMap<String, DevicePublicKey>>,
+    parsed: std::sync::Mutex<HashMap<String, DevicePublicKey>>,
 }
 
 impl DeviceKeys {
@@ -347,6 +351,8 @@ impl DeviceKeys {
         messages: &[StreamMessage<'_>],
         after: u64,
     ) -> Vec<Option<CheckedSignature>> {
+        // A batch holds many events of each device: each enrolled key is read once.
+        let mut enrolled_keys: HashMap<DeviceId, Option<String>> = HashMap::new();
         let work: Vec<Option<(String, DeviceId)>> = messages
             .iter()
             .map(|message| {
@@ -354,8 +360,11 @@ impl DeviceKeys {
                     return None;
                 }
                 let (device_id, _) = subject::parse_device_event(message.subject)?;
-                let enrolled = tree.enrolled_key(&device_id).ok()??;
-                Some((enrolled.public_key, device_id))
+                let enrolled = enrolled_keys
+                    .entry(device_id.clone())
+                    .or_insert_with(|| tree.enrolled_key(&device_id).ok().flatten().map(|key| key.public_key))
+                    .clone()?;
+                Some((enrolled, device_id))
             })
             .collect();
         let count = work.iter().flatten().count();
