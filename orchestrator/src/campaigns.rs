@@ -205,16 +205,7 @@ fn resolve(
                     "principal is empty; allowed: the name of a token that reads passwords".to_owned(),
                 ));
             }
-            projections
-                .audit(0, usize::MAX)?
-                .into_iter()
-                .filter_map(|(_, envelope)| match envelope.event {
-                    AuditEvent::PasswordRead(read) if read.principal == *principal && envelope.time >= *since => {
-                        Some(read.device_id)
-                    }
-                    _ => None,
-                })
-                .collect()
+            projections.devices_read_by(principal, *since)?
         }
         BreachScope::AuthenticatedSince { since } => {
             not_future(*since)?;

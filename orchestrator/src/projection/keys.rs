@@ -18,6 +18,7 @@
 //! | `q/<sequence>` | a `QuarantineRecord` |
 //! | `qd/<reason>` | how many quarantine records of a reason were dropped to keep the bound |
 //! | `a/<sequence>` | an orchestrator event (`AuditEnvelope`): the audit history |
+//! | `pr/<principal, hex>/<sequence>` | a password read by the principal: when (milliseconds since the epoch, 8 bytes big-endian), then the device id; what a `readBy` breach scope reads |
 //! | `ad/<device>/<sequence>` | an orchestrator event about the device (empty value): its timeline's index into `a/` |
 //! | `t/<token id>` | a `TokenRecord` (API or enrollment token) |
 //! | `h/<token sha256>` | the id of the token with that digest |
@@ -112,6 +113,20 @@ pub(super) fn devices_named(device_name: &DeviceName) -> Vec<u8> {
 pub(super) fn named_device(key: &[u8]) -> Option<DeviceId> {
     let text = std::str::from_utf8(key).ok()?;
     DeviceId::parse(text.rsplit('/').next()?).ok()
+}
+
+/// `pr/<principal, hex>/<sequence>`: a password read by `principal` (hex, so any name is one key
+/// segment).
+pub(super) fn principal_read(principal: &str, sequence: u64) -> Vec<u8> {
+    let mut key = principal_reads(principal);
+    key.extend_from_slice(format!("{sequence:020}").as_bytes());
+    key
+}
+
+/// `pr/<principal, hex>/`: every password read by `principal`, oldest first.
+pub(super) fn principal_reads(principal: &str) -> Vec<u8> {
+    let hex: String = principal.bytes().map(|byte| format!("{byte:02x}")).collect();
+    format!("pr/{hex}/").into_bytes()
 }
 
 /// `c/<device>/<sequence>`.

@@ -48,7 +48,7 @@ use super::verify::{CheckedSignature, DeviceKeys, Refusal, Verified};
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
 /// orchestrator events about each device (`ad/`) for its timeline; 4 indexes devices by name
-/// (`n/`).
+/// (`n/`) and password reads by principal (`pr/`).
 const LAYOUT_VERSION: u64 = 4;
 
 /// A failure of the store itself (not of a message: those are quarantined).
@@ -383,6 +383,31 @@ impl Projections {
                 source: serde::de::Error::custom("not a device id"),
             })?;
             devices.extend(self.device(&device_id)?);
+        }
+        Ok(devices)
+    }
+
+    /// The devices whose passwords `principal` read at or after `since`: from the index of its
+    /// reads, without reading anyone else's.
+    pub fn devices_read_by(
+        &self,
+        principal: &str,
+        since: DateTime<Utc>,
+    ) -> Result<std::collections::BTreeSet<DeviceId>, ProjectionError> {
+        let since = since.timestamp_millis();
+        let mut devices = std::collections::BTreeSet::new();
+        for entry in self.tree.scan_prefix(keys::principal_reads(principal)) {
+            let (key, value) = entry?;
+            let corrupt = || ProjectionError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: serde::de::Error::custom("not a time and a device id"),
+            };
+            let (at, device) = value.split_at_checked(8).ok_or_else(corrupt)?;
+            let at = i64::from_be_bytes(at.try_into().map_err(|_| corrupt())?);
+            if at >= since {
+                let device = std::str::from_utf8(device).map_err(|_| corrupt())?;
+                devices.insert(DeviceId::parse(device).map_err(|_| corrupt())?);
+            }
         }
         Ok(devices)
     }
@@ -750,7 +775,11 @@ impl Projections {
     ) -> Result<Result<Applied, Refusal>, ProjectionError> {
         let refuse = |reason: QuarantineReason, detail: String| Ok(Err(Refusal::from((reason, detail))));
         match &envelope.event {
-            AuditEvent::PasswordRead(_) => {}
+            AuditEvent::PasswordRead(body) => {
+                let mut read = envelope.time.timestamp_millis().to_be_bytes().to_vec();
+                read.extend_from_slice(body.device_id.as_str().as_bytes());
+                staged.insert(keys::principal_read(&body.principal, message.sequence), read);
+            }
             AuditEvent::TokenCreated(body) => insert_token(staged, &TokenRecord::api(body, envelope.time)),
             AuditEvent::EnrollmentTokenCreated(body) => {
                 insert_token(staged, &TokenRecord::enrollment(body, envelope.time));

@@ -766,6 +766,56 @@ fn the_name_index_finds_a_device_in_any_case_and_follows_its_renames() {
     assert!(named(&fixture, "host-1").is_empty(), "the old name no longer finds it");
 }
 
+#[test]
+fn password_reads_are_indexed_by_principal_with_their_time() {
+    let mut fixture = Fixture::new();
+    let read = |principal: &str, device: &str, at: i64| {
+        let envelope = AuditEnvelope::new(
+            Utc.timestamp_opt(at, 0).unwrap(),
+            AuditEvent::PasswordRead(fleetlaps_proto::audit::PasswordRead {
+                principal: principal.to_owned(),
+                principal_token_id: None,
+                device_id: DeviceId::parse(device).unwrap(),
+                rotation_ids: Vec::new(),
+                reason: None,
+                client_name: None,
+                client_version: None,
+                source_address: None,
+            }),
+        );
+        (subject::audit_event(envelope.event.kind()), envelope.to_json())
+    };
+    for (principal, device, at) in [
+        ("helpdesk/eve", "dev-1", 1_000),
+        ("helpdesk/eve", "dev-2", 2_000),
+        ("helpdesk", "dev-3", 3_000),
+        ("helpdesk/eve", "dev-4", 4_000),
+    ] {
+        let (subject, payload) = read(principal, device, at);
+        assert_eq!(
+            fixture.apply_on(&subject, &payload),
+            Outcome::Recorded(AuditKind::PasswordRead)
+        );
+    }
+    let read_by = |principal: &str, since: i64| -> Vec<String> {
+        fixture
+            .projections
+            .devices_read_by(principal, Utc.timestamp_opt(since, 0).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|device| device.to_string())
+            .collect()
+    };
+    assert_eq!(read_by("helpdesk/eve", 0), ["dev-1", "dev-2", "dev-4"]);
+    assert_eq!(read_by("helpdesk/eve", 2_000), ["dev-2", "dev-4"]);
+    assert_eq!(
+        read_by("helpdesk", 0),
+        ["dev-3"],
+        "a principal whose name begins another's"
+    );
+    assert!(read_by("nobody", 0).is_empty());
+}
+
 fn audit(event: fleetlaps_proto::audit::AuditEvent) -> (String, Vec<u8>) {
     let envelope = AuditEnvelope::new(Utc.timestamp_opt(1_700_000_000, 0).unwrap(), event);
     (subject::audit_event(envelope.event.kind()), envelope.to_json())
