@@ -176,6 +176,15 @@ fn resolve(
             .map(|device| device.device_id)
             .collect(),
         BreachScope::Devices { device_ids } => {
+            // The declaration records its scope: a list longer than this would not fit in one
+            // event of the history.
+            if device_ids.len() > DEVICES_PER_EVENT {
+                return Err(SignalError::Invalid(format!(
+                    "deviceIds holds {} devices; allowed: at most {DEVICES_PER_EVENT} (scope a larger set by tags, or \
+                     declare it as several breaches)",
+                    device_ids.len()
+                )));
+            }
             for device_id in device_ids {
                 if projections.device(device_id)?.is_none() {
                     return Err(SignalError::Invalid(format!(
