@@ -334,7 +334,19 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// projections to catch up (to watch what it does meanwhile).
     pub async fn restart_without_waiting(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let started = Self::try_start(self.nats.clone(), &self.data_dir, &self.extra_config, &self.http_config).await?;
+        // The stopped orchestrator has let go of its data directory's lock, but a process that
+        // another test of this binary forks at that moment holds a copy of the lock's descriptor
+        // until it execs: a start refused for that alone is tried again, briefly.
+        let mut attempts = 0;
+        let started = loop {
+            match Self::try_start(self.nats.clone(), &self.data_dir, &self.extra_config, &self.http_config).await {
+                Err(err) if attempts < 50 && format!("{err:#}").contains("is in use") => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                started => break started?,
+            }
+        };
         let dir = self._dir.take();
         *self = started;
         self._dir = dir;
