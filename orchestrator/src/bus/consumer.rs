@@ -307,41 +307,40 @@ impl Consumer {
         let mut published_times = Vec::with_capacity(messages.len());
         let mut rotations = Vec::new();
         let mut pending = None;
-        let mut stream_messages = Vec::with_capacity(messages.len());
-        for message in &messages {
-            let info = match message.info() {
-                Ok(info) => info,
-                Err(err) => {
-                    tracing::warn!(error = %err, "message without JetStream metadata; skipped");
-                    continue;
-                }
-            };
-            published_times.push(info.published);
-            pending = Some(info.pending);
-            caught_up = info.pending == 0;
-            let signature = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
-                .map(AsRef::<str>::as_ref);
-            stream_messages.push(StreamMessage {
-                sequence: info.stream_sequence,
-                subject: message.subject.as_str(),
-                published: info.published,
-                payload: &message.payload,
-                signature,
-            });
-        }
-        // One sled batch for them all: far fewer log writes than one per message.
-        let outcomes = self.projections.apply_all(&stream_messages, self.escrow.as_ref())?;
-        for (message, applied) in stream_messages.iter().zip(outcomes) {
-            self.record(applied.outcome, message.sequence, message.subject);
+        // The fold is CPU work (signatures, sled): on the blocking pool, so the API's requests
+        // are not kept waiting behind a batch.
+        let projections = self.projections.clone();
+        let escrow = Arc::clone(&self.escrow);
+        let (messages, folded) = match tokio::task::spawn_blocking(move || {
+            let folded = fold_batch(&projections, escrow.as_ref(), &messages);
+            (messages, folded)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        };
+        let folded = folded?;
+        for Folded {
+            index,
+            sequence,
+            published,
+            pending: waiting,
+            applied,
+        } in folded
+        {
+            let message = &messages[index];
+            let subject = message.subject.as_str();
+            published_times.push(published);
+            pending = Some(waiting);
+            caught_up = waiting == 0;
+            self.record(applied.outcome, sequence, subject);
             rotations.extend(applied.rotation);
             if applied.out_of_order {
                 self.metrics.events_out_of_order.inc();
                 tracing::warn!(
-                    stream_sequence = message.sequence,
-                    subject = message.subject,
+                    stream_sequence = sequence,
+                    subject,
                     "device event older than its device's newest one: a clone or an unnoticed rollback"
                 );
             }
@@ -354,14 +353,14 @@ impl Consumer {
                 );
             }
             if self.detectors.is_some()
-                && let Some(observation) = observe(applied.outcome, message.published, message.payload)
+                && let Some(observation) = observe(applied.outcome, published, &message.payload)
             {
                 observations.push(observation);
             }
             escrow_key_created |= applied.outcome == Outcome::Recorded(AuditKind::EscrowKeyCreated);
             confirmations.extend(applied.confirmation);
             touched.extend(applied.device_id);
-            last_sequence = Some(message.sequence);
+            last_sequence = Some(sequence);
         }
         self.projections.flush().await?;
         let durable_at = chrono::Utc::now();
@@ -513,6 +512,67 @@ impl Consumer {
             }
         }
     }
+}
+
+/// One message of a batch as folded: where it is in the batch, its stream metadata, and what it did.
+struct Folded {
+    /// Its index in the batch.
+    index: usize,
+    /// Its stream sequence.
+    sequence: u64,
+    /// When the stream stored it.
+    published: chrono::DateTime<chrono::Utc>,
+    /// How many messages were still waiting after it.
+    pending: u64,
+    /// What folding it did.
+    applied: crate::projection::Applied,
+}
+
+/// Folds `messages` into `projections` as one batch ([`Projections::apply_all`]); a message
+/// without JetStream metadata is skipped.
+fn fold_batch(
+    projections: &Projections,
+    escrow: &EscrowKeyring,
+    messages: &[jetstream::Message],
+) -> Result<Vec<Folded>, ProjectionError> {
+    let mut placed = Vec::with_capacity(messages.len());
+    let mut stream_messages = Vec::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        let info = match message.info() {
+            Ok(info) => info,
+            Err(err) => {
+                tracing::warn!(error = %err, "message without JetStream metadata; skipped");
+                continue;
+            }
+        };
+        let signature = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
+            .map(AsRef::<str>::as_ref);
+        placed.push((index, info.pending));
+        stream_messages.push(StreamMessage {
+            sequence: info.stream_sequence,
+            subject: message.subject.as_str(),
+            published: info.published,
+            payload: &message.payload,
+            signature,
+        });
+    }
+    // One sled batch for them all: far fewer log writes than one per message.
+    let outcomes = projections.apply_all(&stream_messages, escrow)?;
+    Ok(placed
+        .into_iter()
+        .zip(stream_messages)
+        .zip(outcomes)
+        .map(|(((index, pending), message), applied)| Folded {
+            index,
+            sequence: message.sequence,
+            published: message.published,
+            pending,
+            applied,
+        })
+        .collect())
 }
 
 /// Every message of a pull request's answer.
