@@ -110,9 +110,19 @@ fn parse_tag(value: &str) -> Result<fleetlaps_proto::ids::DeviceTag, String> {
     fleetlaps_proto::ids::DeviceTag::parse(value).map_err(|err| err.to_string())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One device's agent needs one thread (and the blocking pool, for account changes): the
+    // lightest footprint on every device. The fleet simulator runs thousands: every core.
+    let mut runtime = match cli.command {
+        Command::Simulate { .. } => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = runtime.enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::PamHook { outcome } = &cli.command {
         // Before the config is loaded: whatever fails, a PAM hook exits 0.
         pam_hook(&cli.config, outcome.as_deref()).await;
