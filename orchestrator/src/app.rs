@@ -132,6 +132,7 @@ impl App {
                 signing_key: Arc::clone(&signing_key),
                 health: Arc::clone(&health),
                 detectors: detector_feed,
+                campaign_wake: Arc::clone(&campaign_wake),
             },
         )
         .await?;

@@ -671,14 +671,17 @@ mod tests {
         metrics.rotation_confirmed(&ConfirmedRotation {
             reason: RotationReason::Command,
             campaign_delays: vec![chrono::TimeDelta::seconds(42)],
+            completes_a_campaign: false,
         });
         metrics.rotation_confirmed(&ConfirmedRotation {
             reason: RotationReason::Command,
             campaign_delays: Vec::new(),
+            completes_a_campaign: false,
         });
         metrics.rotation_confirmed(&ConfirmedRotation {
             reason: RotationReason::Expired,
             campaign_delays: Vec::new(),
+            completes_a_campaign: false,
         });
         let count = |trigger: &str| metrics.rotations.with_label_values(&[trigger]).get();
         assert_eq!(

@@ -105,6 +105,9 @@ pub struct Consumer {
     health: Arc<Health>,
     /// The detectors, fed after each flushed batch, when any is on.
     detectors: Option<DetectorFeed>,
+    /// Wakes the campaign runner when a rotation was the last a running campaign waited for, so
+    /// its end is recorded without waiting for the runner's next round.
+    campaign_wake: Arc<tokio::sync::Notify>,
 }
 
 /// What the consumer needs besides the stream: where to fold, what to count, which keys.
@@ -123,6 +126,8 @@ pub struct ConsumerParts {
     pub health: Arc<Health>,
     /// The detectors' feed, when any detector is on.
     pub detectors: Option<DetectorFeed>,
+    /// The campaign runner's wake-up, notified when a rotation completes a running campaign.
+    pub campaign_wake: Arc<tokio::sync::Notify>,
 }
 
 /// The durable consumer `name` on `stream`, delivering from the message after `last_applied`:
@@ -201,6 +206,7 @@ impl Consumer {
             signing_key,
             health,
             detectors,
+            campaign_wake,
         } = parts;
         let last_applied = projections.last_applied_sequence()?;
         let consumer = open_at(stream, name, last_applied).await?;
@@ -219,6 +225,7 @@ impl Consumer {
             signing_key,
             health,
             detectors,
+            campaign_wake,
         })
     }
 
@@ -367,6 +374,9 @@ impl Consumer {
         // Counted once durable: a batch that fails is folded again and must not count twice.
         for rotation in &rotations {
             self.metrics.rotation_confirmed(rotation);
+        }
+        if rotations.iter().any(|rotation| rotation.completes_a_campaign) {
+            self.campaign_wake.notify_one();
         }
         for published in published_times {
             self.metrics

@@ -154,6 +154,8 @@ pub struct ConfirmedRotation {
     pub reason: RotationReason,
     /// For each running campaign the rotation counted for: the time from its declaration.
     pub campaign_delays: Vec<TimeDelta>,
+    /// Whether it was the last rotation a running campaign waited for.
+    pub completes_a_campaign: bool,
 }
 
 impl Applied {
@@ -734,9 +736,12 @@ impl Projections {
                         })?;
                 credential.applied(envelope.time);
                 staged.insert(credential_key, encode(&credential));
+                let (campaign_delays, completes_a_campaign) =
+                    count_campaign_rotations(staged, &device_id, envelope.time)?;
                 rotation = Some(ConfirmedRotation {
                     reason: credential.reason,
-                    campaign_delays: count_campaign_rotations(staged, &device_id, envelope.time)?,
+                    campaign_delays,
+                    completes_a_campaign,
                 });
             }
             _ => {}
@@ -992,13 +997,14 @@ impl Projections {
 
 /// Counts a rotation the device confirmed at `at` for every running campaign targeting it that
 /// it had not counted for yet ([`CampaignTarget::rotated`]); returns, for each, the time from its
-/// declaration.
+/// declaration, and whether one of them has now every device rotated.
 fn count_campaign_rotations(
     staged: &mut Staged<'_>,
     device_id: &DeviceId,
     at: DateTime<Utc>,
-) -> Result<Vec<TimeDelta>, ProjectionError> {
+) -> Result<(Vec<TimeDelta>, bool), ProjectionError> {
     let mut delays = Vec::new();
+    let mut completed = false;
     for breach_id in staged.device_campaigns(device_id)? {
         let Some(mut campaign) = staged
             .campaign(&breach_id)?
@@ -1011,12 +1017,13 @@ fn count_campaign_rotations(
         };
         if target.rotated(at, campaign.declared_at) {
             campaign.target_rotated();
+            completed |= campaign.all_rotated();
             delays.push(at - campaign.declared_at);
             staged.insert(keys::campaign_target(&breach_id, device_id), encode(&target));
             staged.insert(keys::campaign(&breach_id), encode(&campaign));
         }
     }
-    Ok(delays)
+    Ok((delays, completed))
 }
 
 /// The token with this id, if it is of `kind`.

@@ -298,6 +298,7 @@ fn a_confirmed_rotation_reports_its_reason_and_a_backup_alone_reports_none() {
         Some(ConfirmedRotation {
             reason: RotationReason::Initial,
             campaign_delays: Vec::new(),
+            completes_a_campaign: false,
         })
     );
 }
@@ -1386,6 +1387,61 @@ fn a_full_quarantine_drops_its_oldest_record_in_the_same_batch_and_counts_it_the
         first.projections.digest().unwrap(),
         second.projections.digest().unwrap()
     );
+}
+
+#[test]
+fn the_last_rotation_a_campaign_waits_for_is_the_one_that_completes_it() {
+    use fleetlaps_proto::breach::{BreachDeclared, BreachId, BreachScope, BreachSource, BreachTargeted};
+
+    let other = DeviceId::parse("dev-2").unwrap();
+    let mut fixture = Fixture::new();
+    fixture.enroll(&enrollment_messages(&[&device(), &other]));
+    let breach_id = BreachId::new();
+    for (subject, payload) in [
+        audit(AuditEvent::BreachDeclared(BreachDeclared {
+            breach_id,
+            reason: "phished".to_owned(),
+            deadline: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+            scope: BreachScope::All,
+            target_count: 2,
+            declared_by: "soc".to_owned(),
+            declared_by_token_id: None,
+            source: BreachSource::Api,
+        })),
+        audit(AuditEvent::BreachTargeted(BreachTargeted {
+            breach_id,
+            device_ids: vec![device(), other.clone()],
+        })),
+    ] {
+        assert!(matches!(fixture.apply_on(&subject, &payload), Outcome::Recorded(_)));
+    }
+    // A backup and its rotation, by `device_id`.
+    let mut rotate = |device_id: &DeviceId| {
+        let rotation_id = RotationId::new();
+        let mut backup = backed_up(1, rotation_id);
+        backup.device_id = device_id.clone();
+        if let Event::PasswordBackedUp(body) = &mut backup.event {
+            body.sealed_password = seal(&escrow().public_key(), b"pw", &sealing_context(device_id, &rotation_id));
+        }
+        let mut applied = rotated(2, rotation_id);
+        applied.device_id = device_id.clone();
+        assert_eq!(
+            fixture.apply_device_event(&backup, &escrow()).outcome,
+            Outcome::Applied(EventKind::PasswordBackedUp)
+        );
+        fixture
+            .apply_device_event(&applied, &escrow())
+            .rotation
+            .expect("a confirmed rotation")
+    };
+
+    let first = rotate(&device());
+    assert_eq!(first.campaign_delays.len(), 1, "it counts for the campaign");
+    assert!(!first.completes_a_campaign, "one of two devices rotated");
+    let last = rotate(&other);
+    assert!(last.completes_a_campaign, "both devices rotated");
+    let again = rotate(&other);
+    assert!(again.campaign_delays.is_empty() && !again.completes_a_campaign);
 }
 
 #[test]
