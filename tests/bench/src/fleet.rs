@@ -471,8 +471,8 @@ impl Orchestrator {
         })
     }
 
-    /// Enrolls `count` devices named `<prefix>-<index>` (from `first`), `concurrency` at a time,
-    /// with one enrollment token; the devices in index order.
+    /// Enrolls `count` devices named `<prefix>-<index>` (from `first`), 16 at a time, with an
+    /// enrollment token per 10,000 or so; the devices in index order.
     pub(crate) async fn enroll_many(
         &self,
         http: &reqwest::Client,
@@ -481,28 +481,38 @@ impl Orchestrator {
         count: u32,
         progress: &ProgressBar,
     ) -> anyhow::Result<Vec<Device>> {
-        if count == 0 {
-            return Ok(Vec::new());
-        }
-        let token = self
-            .create_enrollment_token(http, &format!("{prefix}-{first}"), count + ENROLLMENT_SLACK)
-            .await?;
         progress.set_length(u64::from(count));
-        let mut enrolled: Vec<(u32, Device)> = futures::stream::iter(first..first + count)
-            .map(|index| {
-                let token = &token;
-                async move {
-                    let device = self
-                        .enroll(http, token, &format!("{prefix}-{index:06}"))
-                        .await
-                        .with_context(|| format!("enrolling device {prefix}-{index:06}"))?;
-                    progress.inc(1);
-                    anyhow::Ok((index, device))
-                }
-            })
-            .buffer_unordered(ENROLL_CONCURRENCY)
-            .try_collect()
-            .await?;
+        let mut enrolled: Vec<(u32, Device)> = Vec::with_capacity(count as usize);
+        let last = first + count;
+        let mut chunk_first = first;
+        while chunk_first < last {
+            // One enrollment token per chunk: the orchestrator allows at most 10,000 uses each.
+            let chunk_last = last.min(chunk_first + MAX_TOKEN_USES - ENROLLMENT_SLACK);
+            let token = self
+                .create_enrollment_token(
+                    http,
+                    &format!("{prefix}-{chunk_first}"),
+                    chunk_last - chunk_first + ENROLLMENT_SLACK,
+                )
+                .await?;
+            let chunk: Vec<(u32, Device)> = futures::stream::iter(chunk_first..chunk_last)
+                .map(|index| {
+                    let token = &token;
+                    async move {
+                        let device = self
+                            .enroll(http, token, &format!("{prefix}-{index:06}"))
+                            .await
+                            .with_context(|| format!("enrolling device {prefix}-{index:06}"))?;
+                        progress.inc(1);
+                        anyhow::Ok((index, device))
+                    }
+                })
+                .buffer_unordered(ENROLL_CONCURRENCY)
+                .try_collect()
+                .await?;
+            enrolled.extend(chunk);
+            chunk_first = chunk_last;
+        }
         enrolled.sort_unstable_by_key(|(index, _)| *index);
         Ok(enrolled.into_iter().map(|(_, device)| device).collect())
     }
@@ -551,6 +561,9 @@ const ENROLL_CONCURRENCY: usize = 16;
 /// devices refuses the last few as used up when they enroll concurrently; at most one double
 /// count per request in flight.
 pub(crate) const ENROLLMENT_SLACK: u32 = 2 * ENROLL_CONCURRENCY as u32;
+
+/// The most uses the orchestrator gives one enrollment token (`maxUses`).
+pub(crate) const MAX_TOKEN_USES: u32 = 10_000;
 
 /// `POST url` with `token` as bearer; the answer's JSON, or an error with its status and body.
 async fn post(http: &reqwest::Client, url: &str, token: &str, body: &impl serde::Serialize) -> anyhow::Result<Value> {

@@ -26,6 +26,8 @@ const BENCHMARK: &str = "fleet-wide rotation";
 const SIMULATOR_READY: &str = "every simulated device is backed up";
 /// How long the simulated fleet may take to enroll and back up.
 const SIMULATOR_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How many times the simulator is started before its enrollments count as failed.
+const SIMULATOR_ATTEMPTS: u32 = 4;
 /// How long a campaign may take before the benchmark gives up.
 const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -78,41 +80,56 @@ pub(crate) async fn start_fleet(
         ),
     )
     .with_context(|| format!("writing {}", config.display()))?;
-    let token = orchestrator
-        .create_enrollment_token(http, &format!("bench-{name}"), devices + crate::fleet::ENROLLMENT_SLACK)
-        .await?;
     let backed_up_before = backups_confirmed(orchestrator, http).await?;
     let log = dir.join("simulator.log");
-    let mut process = ChildGuard::spawn(
-        "fleetlaps-agent simulate",
-        Command::new(agent_binary)
-            .arg("--config")
-            .arg(&config)
-            .args(["simulate", "--devices", &devices.to_string()])
-            .args(["--orchestrator", &orchestrator.base_url, "--insecure-http"])
-            .env("LAPS_ENROLLMENT_TOKEN", &token)
-            .env_remove("RUST_LOG"),
-        &log,
-    )?;
+    let state = dir.join("state");
     progress.set_length(u64::from(devices));
     let deadline = Instant::now() + SIMULATOR_TIMEOUT;
-    loop {
-        if std::fs::read_to_string(&log).is_ok_and(|text| text.contains(SIMULATOR_READY)) {
-            break;
+    let mut attempt = 1;
+    let process = 'attempts: loop {
+        // A token for the devices not enrolled yet (a restarted simulator reuses the identities
+        // it has), with the slack the orchestrator's double count needs, within its 10,000 uses.
+        let missing = devices.saturating_sub(simulated_device_ids(&state)?.len() as u32);
+        let uses = (missing + crate::fleet::ENROLLMENT_SLACK).min(crate::fleet::MAX_TOKEN_USES);
+        let token = orchestrator
+            .create_enrollment_token(http, &format!("bench-{name}-{attempt}"), uses)
+            .await?;
+        let mut process = ChildGuard::spawn(
+            "fleetlaps-agent simulate",
+            Command::new(agent_binary)
+                .arg("--config")
+                .arg(&config)
+                .args(["simulate", "--devices", &devices.to_string()])
+                .args(["--orchestrator", &orchestrator.base_url, "--insecure-http"])
+                .env("LAPS_ENROLLMENT_TOKEN", &token)
+                .env_remove("RUST_LOG"),
+            &log,
+        )?;
+        loop {
+            if std::fs::read_to_string(&log).is_ok_and(|text| text.contains(SIMULATOR_READY)) {
+                break 'attempts process;
+            }
+            if let Err(err) = process.ensure_running() {
+                // Enrollments refused as "used up" by the orchestrator's double count end the
+                // simulator; it is started again for the rest, a few times.
+                if attempt < SIMULATOR_ATTEMPTS {
+                    eprintln!("bench: the fleet simulator stopped ({err:#}); starting it again for the devices left");
+                    attempt += 1;
+                    continue 'attempts;
+                }
+                return Err(err).with_context(|| format!("the fleet simulator stopped; see {}", log.display()));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the simulated fleet was not backed up within {SIMULATOR_TIMEOUT:?}; see {}",
+                    log.display()
+                );
+            }
+            let confirmed = backups_confirmed(orchestrator, http).await? - backed_up_before;
+            progress.set_position((confirmed.max(0.0) as u64).min(u64::from(devices)));
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        process
-            .ensure_running()
-            .with_context(|| format!("the fleet simulator stopped; see {}", log.display()))?;
-        if Instant::now() > deadline {
-            bail!(
-                "the simulated fleet was not backed up within {SIMULATOR_TIMEOUT:?}; see {}",
-                log.display()
-            );
-        }
-        let confirmed = backups_confirmed(orchestrator, http).await? - backed_up_before;
-        progress.set_position((confirmed.max(0.0) as u64).min(u64::from(devices)));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    };
     progress.set_position(u64::from(devices));
     let device_ids = simulated_device_ids(&dir.join("state"))?;
     anyhow::ensure!(
@@ -144,16 +161,22 @@ async fn backups_confirmed(orchestrator: &Orchestrator, http: &reqwest::Client) 
     ))
 }
 
-/// The ids of the simulator's devices, from the identity each keeps in
+/// The ids of the simulator's enrolled devices, from the identity each keeps in
 /// `state_dir/devices/<name>/identity.json` (its `device_id`), so only this fleet's devices count.
 fn simulated_device_ids(state_dir: &Path) -> anyhow::Result<Vec<DeviceId>> {
     let devices_dir = state_dir.join("devices");
     let mut ids = Vec::new();
+    if !devices_dir.exists() {
+        return Ok(ids);
+    }
     for entry in std::fs::read_dir(&devices_dir).with_context(|| format!("reading {}", devices_dir.display()))? {
         let path = entry
             .with_context(|| format!("reading {}", devices_dir.display()))?
             .path()
             .join("identity.json");
+        if !path.exists() {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let identity: Value = serde_json::from_str(&text).with_context(|| format!("{} is no JSON", path.display()))?;
         let id = identity["device_id"]
