@@ -335,3 +335,21 @@ fn wrk(
     }
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scripts_summary_line_decodes_into_latencies_and_a_rate() {
+        let line = r#"{"requests":2000,"duration_us":2000000,"p50_us":150,"p99_us":1200,"errors_status":0,"errors_connect":0,"errors_read":0,"errors_write":0,"errors_timeout":0}"#;
+        let summary: WrkSummary = serde_json::from_str(line).expect("decodes");
+        assert_eq!(summary.p50(), Quantity::Milliseconds(0.15));
+        assert_eq!(summary.p99(), Quantity::Milliseconds(1.2));
+        assert_eq!(summary.rate(), Quantity::RequestsPerSecond(1000.0));
+        assert!(
+            WRK_SCRIPT.contains("BENCH-RESULT "),
+            "the script prints what run() looks for"
+        );
+    }
+}

@@ -474,3 +474,15 @@ async fn simulated_rss(
     fleet.process.stop().context("stopping the fleet simulator")?;
     Ok(rss)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_resident_set_no_larger_than_its_peak() {
+        let own = memory(std::process::id()).expect("/proc/<pid>/status is readable");
+        assert!(own.rss > 0);
+        assert!(own.peak >= own.rss, "{own:?}");
+    }
+}
