@@ -26,11 +26,11 @@ const BENCHMARK: &str = "fleet-wide rotation";
 const SIMULATOR_READY: &str = "every simulated device is backed up";
 /// How long the simulated fleet may take to enroll and back up.
 const SIMULATOR_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// Devices per declared breach: `breach_declared` carries its scope's device ids, and an event of
-/// more than about 1,600 ids exceeds the events stream's 64 KiB bound on a message
-/// (`subject::MAX_EVENT_BYTES`; the declaration is then refused with a 503), so a bigger fleet is
-/// declared as several breaches at once.
-const DEVICES_PER_BREACH: usize = 1_000;
+/// Devices per declared breach: `breach_declared` carries its scope's device ids, and the
+/// orchestrator refuses a devices scope of more than `breach::DEVICES_PER_EVENT` (500) ids, so
+/// the declaration fits in one event of the history; a bigger fleet is declared as several
+/// breaches at once.
+const DEVICES_PER_BREACH: usize = fleetlaps_proto::breach::DEVICES_PER_EVENT;
 /// How many times the simulator is started before its enrollments count as failed.
 const SIMULATOR_ATTEMPTS: u32 = 4;
 /// How long a campaign may take before the benchmark gives up.
@@ -305,7 +305,7 @@ pub(crate) async fn run(
     let notes = vec![format!(
         "Rotation: {devices} devices simulated by one `fleetlaps-agent simulate` process (the agent's rotation code, \
          file-backed accounts), campaign wave rate 100,000 devices/s, declared as {} breach(es) of at most \
-         {DEVICES_PER_BREACH} devices (one `breach_declared` of more than about 1,600 ids exceeds the stream's 64 KiB message bound); \
+         {DEVICES_PER_BREACH} devices (the orchestrator takes at most 500 ids per devices scope, so the declaration fits in one event); \
          {rotated} rotated, {commanded} commanded. Completion is polled every 50 ms, so it may read up to 50 ms late; \
          {:.0} rotations/s overall.",
         infos.len(),
