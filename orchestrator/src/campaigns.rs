@@ -30,6 +30,7 @@ use fleetlaps_proto::breach::{
 };
 use fleetlaps_proto::command::{Command, CommandAction, CommandId};
 use fleetlaps_proto::ids::DeviceId;
+use futures::StreamExt as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,8 @@ use crate::projection::{CampaignRecord, CampaignState, CampaignTarget, Projectio
 
 /// How often the runner looks at the campaigns when nothing wakes it.
 const TICK: Duration = Duration::from_secs(1);
+/// How many commands of a wave are on their way to the commands stream at once.
+const COMMANDS_IN_FLIGHT: usize = 128;
 /// How long the runner waits for the projections to show a wave it recorded.
 const VISIBLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -173,6 +176,15 @@ fn resolve(
             .map(|device| device.device_id)
             .collect(),
         BreachScope::Devices { device_ids } => {
+            // The declaration records its scope: a list longer than this would not fit in one
+            // event of the history.
+            if device_ids.len() > DEVICES_PER_EVENT {
+                return Err(SignalError::Invalid(format!(
+                    "deviceIds holds {} devices; allowed: at most {DEVICES_PER_EVENT} (scope a larger set by tags, or \
+                     declare it as several breaches)",
+                    device_ids.len()
+                )));
+            }
             for device_id in device_ids {
                 if projections.device(device_id)?.is_none() {
                     return Err(SignalError::Invalid(format!(
@@ -202,16 +214,7 @@ fn resolve(
                     "principal is empty; allowed: the name of a token that reads passwords".to_owned(),
                 ));
             }
-            projections
-                .audit(0, usize::MAX)?
-                .into_iter()
-                .filter_map(|(_, envelope)| match envelope.event {
-                    AuditEvent::PasswordRead(read) if read.principal == *principal && envelope.time >= *since => {
-                        Some(read.device_id)
-                    }
-                    _ => None,
-                })
-                .collect()
+            projections.devices_read_by(principal, *since)?
         }
         BreachScope::AuthenticatedSince { since } => {
             not_future(*since)?;
@@ -523,23 +526,31 @@ impl CampaignRunner {
         }
     }
 
-    /// Sends the commands of `commands` that this campaign sends itself; returns whether every
-    /// one reached the commands stream.
+    /// Sends the commands of `commands` that this campaign sends itself, many at once (each
+    /// waits for its own acknowledgement, not for the one before); returns whether every one
+    /// reached the commands stream.
     async fn send(&self, campaign: &CampaignRecord, commands: &[BreachCommand]) -> bool {
+        let reason = format!("breach {}: {}", campaign.breach_id, campaign.reason);
+        let sends: Vec<_> = commands
+            .iter()
+            .filter(|command| command.covered_by.is_none())
+            .map(|command| {
+                self.journal.command(Command {
+                    id: command.command_id,
+                    device_id: command.device_id.clone(),
+                    issued_at: Utc::now(),
+                    action: CommandAction::RotatePassword { reason: reason.clone() },
+                })
+            })
+            .collect();
+        let sent = futures::stream::iter(sends)
+            .buffer_unordered(COMMANDS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await;
         let mut all_sent = true;
-        for command in commands.iter().filter(|command| command.covered_by.is_none()) {
-            let command = Command {
-                id: command.command_id,
-                device_id: command.device_id.clone(),
-                issued_at: Utc::now(),
-                action: CommandAction::RotatePassword {
-                    reason: format!("breach {}: {}", campaign.breach_id, campaign.reason),
-                },
-            };
-            if let Err(err) = self.journal.command(command).await {
-                tracing::warn!(breach_id = %campaign.breach_id, error = %err, "sending a campaign command failed; sent again later");
-                all_sent = false;
-            }
+        for err in sent.into_iter().filter_map(Result::err) {
+            tracing::warn!(breach_id = %campaign.breach_id, error = %err, "sending a campaign command failed; sent again later");
+            all_sent = false;
         }
         all_sent
     }

@@ -35,6 +35,9 @@ pub struct EscrowKeyring {
     current: EscrowSecretKey,
     /// Earlier keys, newest first.
     retired: Vec<EscrowSecretKey>,
+    /// The public halves of the current key then the retired ones, worked out once: every
+    /// backup is checked against them.
+    public_keys: Vec<EscrowPublicKey>,
 }
 
 /// The escrow key the history names as current: the last `escrow_key_created` event.
@@ -72,9 +75,19 @@ pub struct RefusedKey {
 impl EscrowKeyring {
     /// A keyring of one key.
     pub fn new(current: EscrowSecretKey) -> Self {
+        Self::of(current, Vec::new())
+    }
+
+    /// A keyring of `current` and `retired` (newest first), with their public halves.
+    fn of(current: EscrowSecretKey, retired: Vec<EscrowSecretKey>) -> Self {
+        let public_keys = std::iter::once(&current)
+            .chain(&retired)
+            .map(EscrowSecretKey::public_key)
+            .collect();
         Self {
             current,
-            retired: Vec::new(),
+            retired,
+            public_keys,
         }
     }
 
@@ -85,17 +98,17 @@ impl EscrowKeyring {
 
     /// The current key's public half: what devices seal to.
     pub fn public_key(&self) -> EscrowPublicKey {
-        self.current.public_key()
+        self.public_keys[0]
     }
 
     /// The retired keys' public halves, newest first.
     pub fn retired_public_keys(&self) -> Vec<EscrowPublicKey> {
-        self.retired.iter().map(EscrowSecretKey::public_key).collect()
+        self.public_keys[1..].to_vec()
     }
 
     /// Whether the keyring holds the secret half of `public_key`, current or retired.
     pub fn holds(&self, public_key: &EscrowPublicKey) -> bool {
-        self.keys().any(|key| key.public_key() == *public_key)
+        self.public_keys.contains(public_key)
     }
 
     /// A new keyring whose current key is new and whose retired keys are this one's keys.
@@ -103,10 +116,7 @@ impl EscrowKeyring {
         let mut retired = Vec::with_capacity(self.retired.len() + 1);
         retired.push(self.current);
         retired.extend(self.retired);
-        Self {
-            current: EscrowSecretKey::generate(),
-            retired,
-        }
+        Self::of(EscrowSecretKey::generate(), retired)
     }
 
     /// Opens `sealed` with whichever key opens it, the current one first.
@@ -161,10 +171,7 @@ impl EscrowKeyring {
         let current = keys
             .next()
             .with_context(|| format!("escrow key {} is empty: expected 32 bytes of base64", path.display()))?;
-        Ok(Some(Self {
-            current,
-            retired: keys.collect(),
-        }))
+        Ok(Some(Self::of(current, keys.collect())))
     }
 
     /// Writes the keyring to `path` atomically, owner-only: a temporary file beside it, synced,

@@ -16,6 +16,9 @@ use crate::config::Config;
 use crate::escrow::{self, EscrowKeyring};
 use crate::projection::Projections;
 
+/// How many messages a replay folds in one sled batch, as the live consumer folds what waits.
+const REPLAY_BATCH: usize = 256;
+
 /// What a replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -61,14 +64,27 @@ pub async fn replay(
     let mut reader = history.reader().await?;
     let total = reader.total();
     let (mut messages, mut last_sequence) = (0, 0);
-    while let Some(message) = reader.next().await? {
-        if until.is_some_and(|until| message.published > until) {
+    let mut batch = Vec::with_capacity(REPLAY_BATCH);
+    loop {
+        let next = reader.next().await?;
+        let ended = match &next {
+            None => true,
+            Some(message) => until.is_some_and(|until| message.published > until),
+        };
+        if !ended {
+            batch.extend(next);
+        }
+        if batch.len() == REPLAY_BATCH || (ended && !batch.is_empty()) {
+            let stream_messages: Vec<_> = batch.iter().map(bus::HistoryMessage::as_stream_message).collect();
+            projections.apply_all(&stream_messages, &keyring)?;
+            messages += batch.len() as u64;
+            last_sequence = batch.last().map_or(last_sequence, |message| message.sequence);
+            batch.clear();
+            progress(messages, total);
+        }
+        if ended {
             break;
         }
-        projections.apply(message.as_stream_message(), &keyring)?;
-        messages += 1;
-        last_sequence = message.sequence;
-        progress(messages, total);
     }
     projections.flush().await?;
     Ok(ReplayReport {

@@ -19,5 +19,5 @@ pub use consumer::{BusError, Consumer, ConsumerParts};
 pub use history::{DeviceEvents, History, HistoryMessage, HistoryReader, last_audit_event};
 pub use journal::{JetStreamJournal, Journal};
 pub use liveness::{ensure_liveness_bucket, watch_heartbeats};
-pub use password_versions::{ensure_password_versions_stream, publish_password_version};
+pub use password_versions::{ensure_password_versions_stream, publish_password_versions};
 pub use stream::{ensure_events_stream, last_sequence};

@@ -25,18 +25,28 @@ pub async fn ensure_password_versions_stream(jetstream: &jetstream::Context) -> 
         .map_err(|err| BusError::Stream { source: err.into() })
 }
 
-/// Publishes a device's current password version and waits until the stream holds it.
-pub async fn publish_password_version(
+/// Publishes devices' current password versions, all at once, and waits until the stream holds
+/// them: one outcome per version, in order.
+pub async fn publish_password_versions(
     jetstream: &jetstream::Context,
-    version: &CurrentPasswordVersion,
-) -> Result<(), BusError> {
-    let payload = serde_json::to_vec(version).expect("a password version serialises");
+    versions: &[CurrentPasswordVersion],
+) -> Vec<Result<(), BusError>> {
     let publish_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Stream { source };
-    jetstream
-        .publish(subject::device_password_version(&version.device_id), payload.into())
-        .await
-        .map_err(|err| publish_error(err.into()))?
-        .await
-        .map_err(|err| publish_error(err.into()))?;
-    Ok(())
+    let mut acks = Vec::with_capacity(versions.len());
+    for version in versions {
+        let payload = serde_json::to_vec(version).expect("a password version serialises");
+        acks.push(
+            jetstream
+                .publish(subject::device_password_version(&version.device_id), payload.into())
+                .await,
+        );
+    }
+    // Every publish is sent before any acknowledgement is awaited: one round trip, not one each.
+    futures::future::join_all(acks.into_iter().map(|sent| async move {
+        sent.map_err(|err| publish_error(err.into()))?
+            .await
+            .map_err(|err| publish_error(err.into()))?;
+        Ok(())
+    }))
+    .await
 }

@@ -15,7 +15,7 @@ use axum::http::request::Parts;
 use fleetlaps_proto::api::{DeviceLocalCredential, DeviceLocalCredentialInfo, ODataCollection, PasswordBase64};
 use fleetlaps_proto::audit::{AuditEvent, PasswordRead};
 use fleetlaps_proto::event::sealing_context;
-use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::ids::{DeviceId, DeviceName};
 use serde_json::Value;
 
 use super::AppState;
@@ -55,12 +55,28 @@ pub(super) async fn list(
         )));
     }
 
-    let devices = state
-        .projections
-        .devices()?
+    let devices = match &filter {
+        // One read of the name index, however large the fleet; names compare in any case, as
+        // host names do.
+        Some(Filter::DeviceName(name)) => match DeviceName::parse(name) {
+            Ok(name) => state.projections.devices_named(&name)?,
+            // No device has a name that is not a device name.
+            Err(_) => Vec::new(),
+        },
+        Some(Filter::Id(id)) => match DeviceId::parse(id) {
+            Ok(device_id) => state.projections.device(&device_id)?.into_iter().collect(),
+            Err(_) => Vec::new(),
+        },
+        // The page and one more, to know whether another page follows.
+        None => state
+            .projections
+            .devices_after(after.as_ref())
+            .take(page_size.saturating_add(1))
+            .collect::<Result<_, _>>()?,
+    };
+    let devices = devices
         .into_iter()
-        .filter(|device| after.as_ref().is_none_or(|after| device.device_id > *after))
-        .filter(|device| filter.as_ref().is_none_or(|filter| matches(filter, device)));
+        .filter(|device| after.as_ref().is_none_or(|after| device.device_id > *after));
     let (page, next_link) = odata::page(devices, page_size, |last: &DeviceRecord| {
         odata::next_link(LIST_PATH, &options, &[], page_size, last.device_id.as_str())
     });
@@ -140,14 +156,6 @@ impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
         DeviceId::parse(&text)
             .map(Self)
             .map_err(|err| ApiError::BadRequest(err.to_string()))
-    }
-}
-
-/// Whether `device` passes `filter`. Names compare case-insensitively, as host names do.
-fn matches(filter: &Filter, device: &DeviceRecord) -> bool {
-    match filter {
-        Filter::DeviceName(name) => device.device_name.as_str().eq_ignore_ascii_case(name),
-        Filter::Id(id) => device.device_id.as_str() == id,
     }
 }
 

@@ -53,11 +53,12 @@ pub(super) async fn list(
     options.allow_only(&["$top", "$skiptoken"], "the device directory")?;
     let page_size = options.page_size()?;
     let after = options.skip_token_as(DeviceId::parse)?;
-    let devices = state
+    // The page and one more, to know whether another page follows.
+    let devices: Vec<DeviceRecord> = state
         .projections
-        .devices()?
-        .into_iter()
-        .filter(|device| after.as_ref().is_none_or(|after| device.device_id > *after));
+        .devices_after(after.as_ref())
+        .take(page_size.saturating_add(1))
+        .collect::<Result<_, _>>()?;
     let (page, next_link) = odata::page(devices, page_size, |last: &DeviceRecord| {
         odata::next_link(LIST_PATH, &options, &[], page_size, last.device_id.as_str())
     });

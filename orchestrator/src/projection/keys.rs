@@ -11,12 +11,14 @@
 //! | `m/layout` | the layout version of these keys ([`super::store`] rebuilds another) |
 //! | `m/quarantine_len` | how many quarantine records are kept |
 //! | `d/<device>` | a `DeviceRecord` |
+//! | `n/<name>/<device>` | a device's name, in lower case (empty value): the index `$filter=deviceName eq` reads |
 //! | `c/<device>/<sequence>` | a `CredentialRecord`, by the stream sequence of its backup |
 //! | `r/<device>/<rotation>` | the `c/` key of a rotation's credential |
 //! | `e/<event id>` | an applied event id (device or orchestrator), for idempotence |
 //! | `q/<sequence>` | a `QuarantineRecord` |
 //! | `qd/<reason>` | how many quarantine records of a reason were dropped to keep the bound |
 //! | `a/<sequence>` | an orchestrator event (`AuditEnvelope`): the audit history |
+//! | `pr/<principal, hex>/<sequence>` | a password read by the principal: when (milliseconds since the epoch, 8 bytes big-endian), then the device id; what a `readBy` breach scope reads |
 //! | `ad/<device>/<sequence>` | an orchestrator event about the device (empty value): its timeline's index into `a/` |
 //! | `t/<token id>` | a `TokenRecord` (API or enrollment token) |
 //! | `h/<token sha256>` | the id of the token with that digest |
@@ -31,7 +33,7 @@
 
 use fleetlaps_proto::audit::TokenId;
 use fleetlaps_proto::breach::BreachId;
-use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
+use fleetlaps_proto::ids::{DeviceId, DeviceName, EventId, RotationId};
 use fleetlaps_proto::seal::EscrowPublicKey;
 
 use super::quarantine::QuarantineReason;
@@ -95,6 +97,36 @@ pub(super) fn device_campaign_breach(key: &[u8]) -> Option<BreachId> {
 /// `d/<device>`.
 pub(super) fn device(device_id: &DeviceId) -> Vec<u8> {
     format!("d/{device_id}").into_bytes()
+}
+
+/// `n/<name, lower case>/<device>`: the device name index's entry.
+pub(super) fn device_name(device_name: &DeviceName, device_id: &DeviceId) -> Vec<u8> {
+    format!("n/{}/{device_id}", device_name.as_str().to_ascii_lowercase()).into_bytes()
+}
+
+/// `n/<name, lower case>/`: every device of that name, in any case.
+pub(super) fn devices_named(device_name: &DeviceName) -> Vec<u8> {
+    format!("n/{}/", device_name.as_str().to_ascii_lowercase()).into_bytes()
+}
+
+/// The device a `n/<name>/<device>` key names.
+pub(super) fn named_device(key: &[u8]) -> Option<DeviceId> {
+    let text = std::str::from_utf8(key).ok()?;
+    DeviceId::parse(text.rsplit('/').next()?).ok()
+}
+
+/// `pr/<principal, hex>/<sequence>`: a password read by `principal` (hex, so any name is one key
+/// segment).
+pub(super) fn principal_read(principal: &str, sequence: u64) -> Vec<u8> {
+    let mut key = principal_reads(principal);
+    key.extend_from_slice(format!("{sequence:020}").as_bytes());
+    key
+}
+
+/// `pr/<principal, hex>/`: every password read by `principal`, oldest first.
+pub(super) fn principal_reads(principal: &str) -> Vec<u8> {
+    let hex: String = principal.bytes().map(|byte| format!("{byte:02x}")).collect();
+    format!("pr/{hex}/").into_bytes()
 }
 
 /// `c/<device>/<sequence>`.

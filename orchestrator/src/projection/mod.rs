@@ -5,10 +5,14 @@
 //! rebuild yields byte-identical state, which [`Projections::digest`] lets tests compare.
 //!
 //! Layout:
-//! - `store`: [`Projections`]: the sled tree, the reads, and [`Projections::apply`], which takes
-//!   one message through verify and fold and writes what it changes in one atomic batch.
+//! - `store`: [`Projections`]: the sled tree, the reads, and [`Projections::apply_all`], which
+//!   takes each message of a batch through verify and fold and writes what they change in one
+//!   atomic sled batch.
+//! - `staged`: a batch's writes held over the tree, read back by its later messages, kept or
+//!   discarded per message; `Records`, the typed reads of the tree and of a staged batch alike.
 //! - `verify`: a message becomes a verified event or a refusal (signatures, subjects, schema,
-//!   duplicates, the trial open of a backup), before anything changes.
+//!   duplicates, the trial open of a backup), before anything changes; device keys parsed once,
+//!   a batch's signatures checked on every core.
 //! - `keys`: every key of the tree, built in one place.
 //! - One module per aggregate, whose record applies what an event changes as a pure function:
 //!   `devices` ([`DeviceRecord::apply`]), `credentials`, `principals` (tokens of both kinds and
@@ -23,6 +27,7 @@ mod keys;
 mod orchestrator_key;
 mod principals;
 mod quarantine;
+mod staged;
 mod store;
 mod verify;
 

@@ -28,10 +28,9 @@ use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, DeviceCloneDe
 use fleetlaps_proto::breach::BreachId;
 use fleetlaps_proto::command::BackupConfirmation;
 use fleetlaps_proto::event::{Envelope, Event, EventKind, RotationReason};
-use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::ids::{DeviceId, DeviceName};
 use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey, SealedBox};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::campaigns::{CampaignRecord, CampaignTarget};
@@ -43,12 +42,14 @@ use super::principals::{EnrolledKeyRecord, TokenKind, TokenRecord};
 use super::quarantine::{self, QuarantineReason, QuarantineRecord};
 
 use super::keys::{self, LAST_SEQUENCE as LAST_SEQUENCE_KEY};
-use super::verify::{Refusal, Verified};
+use super::staged::{Records, Staged, decode, decode_u64};
+use super::verify::{CheckedSignature, DeviceKeys, Refusal, Verified};
 
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
-/// orchestrator events about each device (`ad/`) for its timeline.
-const LAYOUT_VERSION: u64 = 3;
+/// orchestrator events about each device (`ad/`) for its timeline; 4 indexes devices by name
+/// (`n/`) and password reads by principal (`pr/`).
+const LAYOUT_VERSION: u64 = 4;
 
 /// A failure of the store itself (not of a message: those are quarantined).
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +178,8 @@ pub struct Projections {
     position: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// The most quarantine records kept; older ones are dropped and counted.
     quarantine_max_entries: u64,
+    /// The devices' enrolled keys, parsed once, and the check of a batch's signatures.
+    pub(super) device_keys: std::sync::Arc<DeviceKeys>,
 }
 
 impl Projections {
@@ -204,6 +207,7 @@ impl Projections {
             tree,
             position: std::sync::Arc::new(position),
             quarantine_max_entries: quarantine::DEFAULT_MAX_ENTRIES,
+            device_keys: std::sync::Arc::default(),
         })
     }
 
@@ -236,22 +240,60 @@ impl Projections {
 
     /// The stream sequence of the last message folded in; 0 for a new store.
     pub fn last_applied_sequence(&self) -> Result<u64, ProjectionError> {
-        Ok(self.tree.get(LAST_SEQUENCE_KEY)?.map_or(0, |bytes| decode_u64(&bytes)))
+        Ok(self.tree.number(LAST_SEQUENCE_KEY)?.unwrap_or(0))
     }
 
-    /// Folds one stream message into the projections, atomically. Not yet durable: call
-    /// [`Self::flush`] before acknowledging the message. `escrow` tells whether a backup's sealed
-    /// password opens, so a backup nobody could read is refused, not confirmed.
+    /// Folds one stream message into the projections, atomically: [`Self::apply_all`] of one.
     pub fn apply(&self, message: StreamMessage<'_>, escrow: &dyn SealCheck) -> Result<Applied, ProjectionError> {
-        if message.sequence <= self.last_applied_sequence()? {
-            return Ok(Applied::outcome(Outcome::AlreadySeen));
+        let mut applied = self.apply_all(&[message], escrow)?;
+        Ok(applied.pop().expect("one outcome per message"))
+    }
+
+    /// Folds stream messages into the projections, in order, as one sled batch: all of them or,
+    /// if the store fails, none. Each message still counts alone: a refused one writes only its
+    /// refusal, and a later message reads what an earlier one wrote. Not yet durable: call
+    /// [`Self::flush`] before acknowledging them. `escrow` tells whether a backup's sealed
+    /// password opens, so a backup nobody could read is refused, not confirmed. One outcome per
+    /// message, in order.
+    pub fn apply_all(
+        &self,
+        messages: &[StreamMessage<'_>],
+        escrow: &dyn SealCheck,
+    ) -> Result<Vec<Applied>, ProjectionError> {
+        let mut staged = Staged::new(&self.tree);
+        let mut last = self.last_applied_sequence()?;
+        let checked = self.device_keys.check_all(&self.tree, messages, last);
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for (message, checked) in messages.iter().zip(checked) {
+            if message.sequence <= last {
+                outcomes.push(Applied::outcome(Outcome::AlreadySeen));
+                continue;
+            }
+            outcomes.push(self.apply_one(&mut staged, *message, checked.as_ref(), escrow)?);
+            last = message.sequence;
         }
-        let mut batch = sled::Batch::default();
-        batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
+        if staged.is_empty() {
+            return Ok(outcomes);
+        }
+        staged.insert(LAST_SEQUENCE_KEY, last.to_be_bytes());
+        staged.keep();
+        self.tree.apply_batch(staged.into_batch())?;
+        self.position.send_replace(last);
+        Ok(outcomes)
+    }
+
+    /// One message's fold into `staged`: verified, then folded, or else quarantined.
+    fn apply_one(
+        &self,
+        staged: &mut Staged<'_>,
+        message: StreamMessage<'_>,
+        checked: Option<&CheckedSignature>,
+        escrow: &dyn SealCheck,
+    ) -> Result<Applied, ProjectionError> {
         // Verify first, then change: the two steps are apart, and a refusal at either writes
         // only the quarantine.
-        let folded = match self.verify(message, escrow)? {
-            Ok(verified) => self.fold(verified, message, &mut batch)?,
+        let folded = match self.verify(staged, message, checked, escrow)? {
+            Ok(verified) => self.fold(staged, verified, message)?,
             Err(refusal) => Err(refusal),
         };
         let applied = match folded {
@@ -271,15 +313,14 @@ impl Projections {
                 // A refused message changes nothing but the quarantine and the position, and
                 // for a backup its device really sent, the device's latest backup outcome, so
                 // the device also finds the refusal in its current password version.
-                batch = sled::Batch::default();
-                batch.insert(LAST_SEQUENCE_KEY, &message.sequence.to_be_bytes());
-                self.quarantine_into(&mut batch, &record)?;
+                staged.discard();
+                self.quarantine_into(staged, &record)?;
                 let mut refused_device = None;
                 if let Some(confirmation) = &confirmation
-                    && let Some(mut device) = self.device(&confirmation.device_id)?
+                    && let Some(mut device) = staged.device(&confirmation.device_id)?
                 {
                     device.latest_backup = Some(confirmation.clone());
-                    batch.insert(keys::device(&confirmation.device_id), encode(&device));
+                    staged.insert(keys::device(&confirmation.device_id), encode(&device));
                     refused_device = Some(confirmation.device_id.clone());
                 }
                 Applied {
@@ -292,8 +333,7 @@ impl Projections {
                 }
             }
         };
-        self.tree.apply_batch(batch)?;
-        self.position.send_replace(message.sequence);
+        staged.keep();
         Ok(applied)
     }
 
@@ -312,9 +352,69 @@ impl Projections {
             .collect()
     }
 
+    /// The devices after `after` (from the first without it), ordered by id, read as iterated:
+    /// a page of the directory reads only its own devices.
+    pub fn devices_after(
+        &self,
+        after: Option<&DeviceId>,
+    ) -> impl Iterator<Item = Result<DeviceRecord, ProjectionError>> + '_ {
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) => Bound::Excluded(keys::device(after)),
+            None => Bound::Included(keys::DEVICES.to_vec()),
+        };
+        self.tree
+            .range((start, Bound::Unbounded))
+            .take_while(|entry| entry.as_ref().map_or(true, |(key, _)| key.starts_with(keys::DEVICES)))
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+    }
+
+    /// The devices named `device_name`, in any case (DNS names are), ordered by id: from the
+    /// name index, without reading any other device.
+    pub fn devices_named(&self, device_name: &DeviceName) -> Result<Vec<DeviceRecord>, ProjectionError> {
+        let mut devices = Vec::new();
+        for key in self.tree.scan_prefix(keys::devices_named(device_name)).keys() {
+            let key = key?;
+            let device_id = keys::named_device(&key).ok_or_else(|| ProjectionError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: serde::de::Error::custom("not a device id"),
+            })?;
+            devices.extend(self.device(&device_id)?);
+        }
+        Ok(devices)
+    }
+
+    /// The devices whose passwords `principal` read at or after `since`: from the index of its
+    /// reads, without reading anyone else's.
+    pub fn devices_read_by(
+        &self,
+        principal: &str,
+        since: DateTime<Utc>,
+    ) -> Result<std::collections::BTreeSet<DeviceId>, ProjectionError> {
+        let since = since.timestamp_millis();
+        let mut devices = std::collections::BTreeSet::new();
+        for entry in self.tree.scan_prefix(keys::principal_reads(principal)) {
+            let (key, value) = entry?;
+            let corrupt = || ProjectionError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source: serde::de::Error::custom("not a time and a device id"),
+            };
+            let (at, device) = value.split_at_checked(8).ok_or_else(corrupt)?;
+            let at = i64::from_be_bytes(at.try_into().map_err(|_| corrupt())?);
+            if at >= since {
+                let device = std::str::from_utf8(device).map_err(|_| corrupt())?;
+                devices.insert(DeviceId::parse(device).map_err(|_| corrupt())?);
+            }
+        }
+        Ok(devices)
+    }
+
     /// One device.
     pub fn device(&self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, ProjectionError> {
-        self.get(&keys::device(device_id))
+        self.tree.record(&keys::device(device_id))
     }
 
     /// The clones detected that are not yet reported on the history.
@@ -379,11 +479,7 @@ impl Projections {
 
     /// How many quarantine records are kept.
     pub fn quarantine_len(&self) -> Result<u64, ProjectionError> {
-        match self.tree.get(keys::QUARANTINE_LEN)? {
-            Some(bytes) => Ok(decode_u64(&bytes)),
-            // A store from before the bound: count once; the next record writes the length.
-            None => Ok(self.tree.scan_prefix(keys::QUARANTINE).keys().count() as u64),
-        }
+        self.tree.quarantine_len()
     }
 
     /// The token of either kind whose SHA-256 is `token_sha256` (hex), unusable ones included.
@@ -402,7 +498,7 @@ impl Projections {
 
     /// One token of either kind.
     pub fn token(&self, token_id: &TokenId) -> Result<Option<TokenRecord>, ProjectionError> {
-        self.get(&keys::token(token_id))
+        self.tree.record(&keys::token(token_id))
     }
 
     /// Every token of `kind` made through the API, oldest first (ids are time-ordered).
@@ -419,7 +515,7 @@ impl Projections {
 
     /// The key `device_id` enrolled with, if it did.
     pub fn enrolled_key(&self, device_id: &DeviceId) -> Result<Option<EnrolledKeyRecord>, ProjectionError> {
-        self.get(&keys::enrolled_key(device_id))
+        self.tree.record(&keys::enrolled_key(device_id))
     }
 
     /// The audit history after stream sequence `after`, oldest first, with each entry's
@@ -466,7 +562,7 @@ impl Projections {
                 break;
             }
             let audit_key = keys::audit(sequence);
-            let envelope = self.get(&audit_key)?.ok_or_else(|| ProjectionError::Corrupt {
+            let envelope = self.tree.record(&audit_key)?.ok_or_else(|| ProjectionError::Corrupt {
                 key: String::from_utf8_lossy(&key).into_owned(),
                 source: serde::de::Error::custom("the device's index points to no orchestrator event"),
             })?;
@@ -478,7 +574,7 @@ impl Projections {
     /// The stream sequence of the message that applied the event with this id; `None` when no
     /// message did (never folded, or refused). A re-sent copy of an event has another sequence.
     pub fn event_sequence(&self, event_id: &fleetlaps_proto::ids::EventId) -> Result<Option<u64>, ProjectionError> {
-        Ok(self.tree.get(keys::event(event_id))?.map(|bytes| decode_u64(&bytes)))
+        self.tree.number(&keys::event(event_id))
     }
 
     /// Every escrow public key the history recorded, oldest first.
@@ -495,7 +591,7 @@ impl Projections {
 
     /// The key orchestrator events must be signed with, once the history recorded one.
     pub fn orchestrator_key(&self) -> Result<Option<OrchestratorKeyRecord>, ProjectionError> {
-        self.get(keys::ORCHESTRATOR_KEY)
+        self.tree.record(keys::ORCHESTRATOR_KEY)
     }
 
     /// A device's credential backed up at stream sequence `backup_stream_sequence`.
@@ -504,17 +600,17 @@ impl Projections {
         device_id: &DeviceId,
         backup_stream_sequence: u64,
     ) -> Result<Option<CredentialRecord>, ProjectionError> {
-        self.get(&keys::credential(device_id, backup_stream_sequence))
+        self.tree.record(&keys::credential(device_id, backup_stream_sequence))
     }
 
     /// When a rotation of `device_id` was last requested through the API.
     pub fn last_rotation_request(&self, device_id: &DeviceId) -> Result<Option<DateTime<Utc>>, ProjectionError> {
-        self.get(&keys::rotation_request(device_id))
+        self.tree.record(&keys::rotation_request(device_id))
     }
 
     /// One breach's campaign.
     pub fn campaign(&self, breach_id: &BreachId) -> Result<Option<CampaignRecord>, ProjectionError> {
-        self.get(&keys::campaign(breach_id))
+        self.tree.record(&keys::campaign(breach_id))
     }
 
     /// Every campaign, oldest first (breach ids are time-ordered).
@@ -545,7 +641,7 @@ impl Projections {
         breach_id: &BreachId,
         device_id: &DeviceId,
     ) -> Result<Option<CampaignTarget>, ProjectionError> {
-        self.get(&keys::campaign_target(breach_id, device_id))
+        self.tree.record(&keys::campaign_target(breach_id, device_id))
     }
 
     /// The campaigns targeting a device, oldest first.
@@ -575,14 +671,14 @@ impl Projections {
         Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
     }
 
-    /// What a verified event changes, written into `batch`: one pure `apply` per aggregate
+    /// What a verified event changes, staged in `staged`: one pure `apply` per aggregate
     /// (the records' own methods), with the reads and writes around them. `Ok(Err(..))` means:
     /// quarantine it after all (a rotation never backed up, an unusable key in an event).
     fn fold(
         &self,
+        staged: &mut Staged<'_>,
         verified: Verified,
         message: StreamMessage<'_>,
-        batch: &mut sled::Batch,
     ) -> Result<Result<Applied, Refusal>, ProjectionError> {
         match verified {
             Verified::Duplicate(confirmation) => Ok(Ok(Applied {
@@ -590,9 +686,9 @@ impl Projections {
                 ..Applied::outcome(Outcome::Duplicate)
             })),
             Verified::Device { envelope, confirmation } => {
-                self.fold_device_event(&envelope, confirmation, message, batch)
+                self.fold_device_event(staged, &envelope, confirmation, message)
             }
-            Verified::Orchestrator(envelope) => self.fold_orchestrator_event(&envelope, message, batch),
+            Verified::Orchestrator(envelope) => self.fold_orchestrator_event(staged, &envelope, message),
         }
     }
 
@@ -600,13 +696,13 @@ impl Projections {
     /// the credential ([`CredentialRecord::backed_up`], [`CredentialRecord::applied`]).
     fn fold_device_event(
         &self,
+        staged: &mut Staged<'_>,
         envelope: &Envelope,
         confirmation: Option<BackupConfirmation>,
         message: StreamMessage<'_>,
-        batch: &mut sled::Batch,
     ) -> Result<Result<Applied, Refusal>, ProjectionError> {
         let device_id = envelope.device_id.clone();
-        let Some(mut device) = self.get::<DeviceRecord>(&keys::device(&device_id))? else {
+        let Some(mut device) = staged.record::<DeviceRecord>(&keys::device(&device_id))? else {
             return Ok(Err((
                 QuarantineReason::UnknownDevice,
                 format!("device {device_id} never enrolled"),
@@ -618,11 +714,11 @@ impl Projections {
             Event::PasswordBackedUp(body) => {
                 let credential = CredentialRecord::backed_up(body, envelope.time, message.sequence);
                 let credential_key = keys::credential(&device_id, message.sequence);
-                batch.insert(keys::rotation(&device_id, &body.rotation_id), credential_key.as_slice());
-                batch.insert(credential_key, encode(&credential));
+                staged.insert(keys::rotation(&device_id, &body.rotation_id), credential_key.as_slice());
+                staged.insert(credential_key, encode(&credential));
             }
             Event::PasswordRotated(body) => {
-                let Some(credential_key) = self.tree.get(keys::rotation(&device_id, &body.rotation_id))? else {
+                let Some(credential_key) = staged.raw(&keys::rotation(&device_id, &body.rotation_id))? else {
                     return Ok(Err((
                         QuarantineReason::UnknownRotation,
                         format!("rotation {} was never backed up", body.rotation_id),
@@ -630,27 +726,34 @@ impl Projections {
                         .into()));
                 };
                 let mut credential: CredentialRecord =
-                    self.get(&credential_key)?.ok_or_else(|| ProjectionError::Corrupt {
-                        key: String::from_utf8_lossy(&credential_key).into_owned(),
-                        source: serde::de::Error::custom("rotation index points to no credential"),
-                    })?;
+                    staged
+                        .record(&credential_key)?
+                        .ok_or_else(|| ProjectionError::Corrupt {
+                            key: String::from_utf8_lossy(&credential_key).into_owned(),
+                            source: serde::de::Error::custom("rotation index points to no credential"),
+                        })?;
                 credential.applied(envelope.time);
-                batch.insert(credential_key, encode(&credential));
+                staged.insert(credential_key, encode(&credential));
                 rotation = Some(ConfirmedRotation {
                     reason: credential.reason,
-                    campaign_delays: self.count_campaign_rotations(&device_id, envelope.time, batch)?,
+                    campaign_delays: count_campaign_rotations(staged, &device_id, envelope.time)?,
                 });
             }
             _ => {}
         }
+        let name_before = device.device_name.clone();
         let change = device.apply(envelope, confirmation.as_ref());
+        if device.device_name != name_before {
+            staged.remove(keys::device_name(&name_before, &device_id));
+            staged.insert(keys::device_name(&device.device_name, &device_id), []);
+        }
         if let Some(detected) = &change.clone {
             // Reported on the history by the consumer once it has caught up, unless a report
             // of it is already there (a rebuild meets it later and clears this).
-            batch.insert(keys::clone_report(&device_id), encode(detected));
+            staged.insert(keys::clone_report(&device_id), encode(detected));
         }
-        batch.insert(keys::event(&envelope.id), &message.sequence.to_be_bytes());
-        batch.insert(keys::device(&device_id), encode(&device));
+        staged.insert(keys::event(&envelope.id), message.sequence.to_be_bytes());
+        staged.insert(keys::device(&device_id), encode(&device));
         Ok(Ok(Applied {
             outcome: Outcome::Applied(envelope.event.kind()),
             confirmation,
@@ -666,61 +769,65 @@ impl Projections {
     /// rotation requests, clone reports and resealed credentials change as the event says.
     fn fold_orchestrator_event(
         &self,
+        staged: &mut Staged<'_>,
         envelope: &AuditEnvelope,
         message: StreamMessage<'_>,
-        batch: &mut sled::Batch,
     ) -> Result<Result<Applied, Refusal>, ProjectionError> {
         let refuse = |reason: QuarantineReason, detail: String| Ok(Err(Refusal::from((reason, detail))));
         match &envelope.event {
-            AuditEvent::PasswordRead(_) => {}
-            AuditEvent::TokenCreated(body) => insert_token(batch, &TokenRecord::api(body, envelope.time)),
+            AuditEvent::PasswordRead(body) => {
+                let mut read = envelope.time.timestamp_millis().to_be_bytes().to_vec();
+                read.extend_from_slice(body.device_id.as_str().as_bytes());
+                staged.insert(keys::principal_read(&body.principal, message.sequence), read);
+            }
+            AuditEvent::TokenCreated(body) => insert_token(staged, &TokenRecord::api(body, envelope.time)),
             AuditEvent::EnrollmentTokenCreated(body) => {
-                insert_token(batch, &TokenRecord::enrollment(body, envelope.time));
+                insert_token(staged, &TokenRecord::enrollment(body, envelope.time));
             }
             AuditEvent::TokenRevoked(body) => {
-                let Some(mut token) = self.token_of_kind(&body.token_id, TokenKind::Api)? else {
+                let Some(mut token) = token_of_kind(staged, &body.token_id, TokenKind::Api)? else {
                     return refuse(
                         QuarantineReason::UnknownToken,
                         format!("token {} was never created", body.token_id),
                     );
                 };
                 token.revoke(envelope.time, &body.revoked_by, body.revoked_by_token_id);
-                insert_token(batch, &token);
+                insert_token(staged, &token);
             }
             AuditEvent::EnrollmentTokenRevoked(body) => {
-                let Some(mut token) = self.token_of_kind(&body.token_id, TokenKind::Enrollment)? else {
+                let Some(mut token) = token_of_kind(staged, &body.token_id, TokenKind::Enrollment)? else {
                     return refuse(
                         QuarantineReason::UnknownToken,
                         format!("enrollment token {} was never created", body.token_id),
                     );
                 };
                 token.revoke(envelope.time, &body.revoked_by, body.revoked_by_token_id);
-                insert_token(batch, &token);
+                insert_token(staged, &token);
             }
             AuditEvent::RotationRequested(body) => {
-                batch.insert(keys::rotation_request(&body.device_id), encode(&envelope.time));
+                staged.insert(keys::rotation_request(&body.device_id), encode(&envelope.time));
             }
             AuditEvent::DeviceCloneDetected(body) => {
                 let key = keys::clone_report(&body.device_id);
-                let due: Option<DeviceCloneDetected> = self.get(&key)?;
+                let due: Option<DeviceCloneDetected> = staged.record(&key)?;
                 if due.is_some_and(|due| super::devices::clone_report_settles(&due, body)) {
-                    batch.remove(key);
+                    staged.remove(key);
                 }
             }
             AuditEvent::EscrowKeyCreated(body) => {
                 if body.reason == fleetlaps_proto::audit::EscrowKeyReason::Recovered {
                     // The key file was lost: every key recorded so far went with it.
-                    for mut lost in self.escrow_keys()? {
+                    for mut lost in staged.escrow_keys()? {
                         if lost.public_key != body.public_key && lost.lost_by_recovery(message.sequence) {
-                            batch.insert(keys::escrow_key(&lost.public_key), encode(&lost));
+                            staged.insert(keys::escrow_key(&lost.public_key), encode(&lost));
                         }
                     }
                 }
                 let record = EscrowKeyRecord::recorded(body, envelope.time, message.sequence);
-                batch.insert(keys::escrow_key(&body.public_key), encode(&record));
+                staged.insert(keys::escrow_key(&body.public_key), encode(&record));
             }
             AuditEvent::PasswordResealed(body) => {
-                let Some(mut credential) = self.credential(&body.device_id, body.backup_stream_sequence)? else {
+                let Some(mut credential) = staged.credential(&body.device_id, body.backup_stream_sequence)? else {
                     return refuse(
                         QuarantineReason::UnknownRotation,
                         format!(
@@ -730,7 +837,7 @@ impl Projections {
                     );
                 };
                 credential.resealed(body.sealed_password.clone());
-                batch.insert(
+                staged.insert(
                     keys::credential(&body.device_id, body.backup_stream_sequence),
                     encode(&credential),
                 );
@@ -738,7 +845,7 @@ impl Projections {
             AuditEvent::OrchestratorKeyCreated(body) => {
                 // Signed by the key recorded before it (verified), or the first one.
                 match OrchestratorKeyRecord::recorded(body, envelope.time, message.sequence) {
-                    Ok(record) => batch.insert(keys::ORCHESTRATOR_KEY, encode(&record)),
+                    Ok(record) => staged.insert(keys::ORCHESTRATOR_KEY, encode(&record)),
                     Err(detail) => return refuse(QuarantineReason::Malformed, detail),
                 }
             }
@@ -746,13 +853,13 @@ impl Projections {
             // has its own events.
             AuditEvent::BreachDetected(_) => {}
             AuditEvent::BreachDeclared(body) => {
-                batch.insert(
+                staged.insert(
                     keys::campaign(&body.breach_id),
                     encode(&CampaignRecord::declared(body, envelope.time)),
                 );
             }
             AuditEvent::BreachTargeted(body) => {
-                let Some(mut campaign) = self.campaign(&body.breach_id)? else {
+                let Some(mut campaign) = staged.campaign(&body.breach_id)? else {
                     return refuse(
                         QuarantineReason::UnknownBreach,
                         format!("breach {} was never declared", body.breach_id),
@@ -760,138 +867,109 @@ impl Projections {
                 };
                 for device_id in &body.device_ids {
                     let key = keys::campaign_target(&body.breach_id, device_id);
-                    if self.tree.contains_key(&key)? {
+                    if staged.has(&key)? {
                         continue;
                     }
-                    let last_rotated = self.device(device_id)?.and_then(|device| device.last_rotated);
+                    let last_rotated = staged.device(device_id)?.and_then(|device| device.last_rotated);
                     let target = CampaignTarget::targeted(device_id.clone(), campaign.declared_at, last_rotated);
                     campaign.target_added(target.rotated_at.is_some());
-                    batch.insert(key, encode(&target));
-                    batch.insert(keys::device_campaign(device_id, &body.breach_id), &[]);
+                    staged.insert(key, encode(&target));
+                    staged.insert(keys::device_campaign(device_id, &body.breach_id), []);
                 }
-                batch.insert(keys::campaign(&body.breach_id), encode(&campaign));
+                staged.insert(keys::campaign(&body.breach_id), encode(&campaign));
             }
             AuditEvent::BreachWaveCommanded(body) => {
-                let Some(mut campaign) = self.campaign(&body.breach_id)? else {
+                let Some(mut campaign) = staged.campaign(&body.breach_id)? else {
                     return refuse(
                         QuarantineReason::UnknownBreach,
                         format!("breach {} was never declared", body.breach_id),
                     );
                 };
                 for command in &body.commands {
-                    let Some(mut target) = self.campaign_target(&body.breach_id, &command.device_id)? else {
+                    let Some(mut target) = staged.campaign_target(&body.breach_id, &command.device_id)? else {
                         continue;
                     };
                     if target.commanded(command.command_id, command.covered_by, envelope.time) {
                         campaign.target_commanded();
-                        batch.insert(
+                        staged.insert(
                             keys::campaign_target(&body.breach_id, &command.device_id),
                             encode(&target),
                         );
                     }
                 }
-                batch.insert(keys::campaign(&body.breach_id), encode(&campaign));
+                staged.insert(keys::campaign(&body.breach_id), encode(&campaign));
             }
             AuditEvent::BreachEnded(body) => {
-                let Some(mut campaign) = self.campaign(&body.breach_id)? else {
+                let Some(mut campaign) = staged.campaign(&body.breach_id)? else {
                     return refuse(
                         QuarantineReason::UnknownBreach,
                         format!("breach {} was never declared", body.breach_id),
                     );
                 };
                 campaign.ended(&body.outcome, envelope.time);
-                batch.insert(keys::campaign(&body.breach_id), encode(&campaign));
+                staged.insert(keys::campaign(&body.breach_id), encode(&campaign));
             }
             AuditEvent::DeviceEnrolled(body) => {
                 let key = match EnrolledKeyRecord::enrolled(body, envelope.time) {
                     Ok(key) => key,
                     Err(detail) => return refuse(QuarantineReason::Malformed, detail),
                 };
-                let Some(mut token) = self.token_of_kind(&body.enrollment_token_id, TokenKind::Enrollment)? else {
+                let Some(mut token) = token_of_kind(staged, &body.enrollment_token_id, TokenKind::Enrollment)? else {
                     return refuse(
                         QuarantineReason::UnknownToken,
                         format!("enrollment token {} was never created", body.enrollment_token_id),
                     );
                 };
                 token.count_use();
-                insert_token(batch, &token);
-                batch.insert(keys::enrolled_key(&body.device_id), encode(&key));
+                insert_token(staged, &token);
+                staged.insert(keys::enrolled_key(&body.device_id), encode(&key));
                 let device_key = keys::device(&body.device_id);
-                let existing = self.get::<DeviceRecord>(&device_key)?;
+                let existing = staged.record::<DeviceRecord>(&device_key)?;
                 let fresh = existing.is_none();
                 let mut device = existing.unwrap_or_else(|| {
                     DeviceRecord::new(body.device_id.clone(), body.device_name.clone(), envelope.time)
                 });
+                if fresh {
+                    staged.insert(keys::device_name(&device.device_name, &body.device_id), []);
+                }
                 if fresh || !body.tags.is_empty() {
                     device.tags_set(&body.tags);
-                    batch.insert(device_key, encode(&device));
+                    staged.insert(device_key, encode(&device));
                 }
             }
             AuditEvent::DeviceTagsSet(body) => {
-                let Some(mut device) = self.device(&body.device_id)? else {
+                let Some(mut device) = staged.device(&body.device_id)? else {
                     return refuse(
                         QuarantineReason::UnknownDevice,
                         format!("device {} never enrolled", body.device_id),
                     );
                 };
                 device.tags_set(&body.tags);
-                batch.insert(keys::device(&body.device_id), encode(&device));
+                staged.insert(keys::device(&body.device_id), encode(&device));
             }
         }
-        batch.insert(keys::event(&envelope.id), &message.sequence.to_be_bytes());
-        batch.insert(keys::audit(message.sequence), encode(envelope));
+        staged.insert(keys::event(&envelope.id), message.sequence.to_be_bytes());
+        staged.insert(keys::audit(message.sequence), encode(envelope));
         for device_id in devices_concerned(&envelope.event) {
-            batch.insert(keys::device_audit(device_id, message.sequence), &[]);
+            staged.insert(keys::device_audit(device_id, message.sequence), []);
         }
         Ok(Ok(Applied::outcome(Outcome::Recorded(envelope.event.kind()))))
     }
 
-    /// Counts a rotation the device confirmed at `at` for every running campaign targeting it
-    /// that it had not counted for yet ([`CampaignTarget::rotated`]); returns, for each, the time
-    /// from its declaration.
-    fn count_campaign_rotations(
-        &self,
-        device_id: &DeviceId,
-        at: DateTime<Utc>,
-        batch: &mut sled::Batch,
-    ) -> Result<Vec<TimeDelta>, ProjectionError> {
-        let mut delays = Vec::new();
-        for breach_id in self.device_campaigns(device_id)? {
-            let Some(mut campaign) = self.campaign(&breach_id)?.filter(|campaign| campaign.state.is_active()) else {
-                continue;
-            };
-            let Some(mut target) = self.campaign_target(&breach_id, device_id)? else {
-                continue;
-            };
-            if target.rotated(at, campaign.declared_at) {
-                campaign.target_rotated();
-                delays.push(at - campaign.declared_at);
-                batch.insert(keys::campaign_target(&breach_id, device_id), encode(&target));
-                batch.insert(keys::campaign(&breach_id), encode(&campaign));
-            }
-        }
-        Ok(delays)
-    }
-
-    /// The token with this id, if it is of `kind`.
-    fn token_of_kind(&self, token_id: &TokenId, kind: TokenKind) -> Result<Option<TokenRecord>, ProjectionError> {
-        Ok(self.token(token_id)?.filter(|token| token.kind == kind))
-    }
-
-    /// Adds `record` to the quarantine in `batch`, first dropping the oldest records beyond the
-    /// bound (also in `batch`, so both happen or neither) and counting them by reason.
-    fn quarantine_into(&self, batch: &mut sled::Batch, record: &QuarantineRecord) -> Result<(), ProjectionError> {
-        let held = self.quarantine_len()?;
+    /// Adds `record` to the quarantine in `staged`, first dropping the oldest records beyond the
+    /// bound (also in `staged`, so both happen or neither) and counting them by reason.
+    fn quarantine_into(&self, staged: &mut Staged<'_>, record: &QuarantineRecord) -> Result<(), ProjectionError> {
+        let held = staged.quarantine_len()?;
         let to_drop = quarantine::to_drop_before_adding(held, self.quarantine_max_entries);
         let mut dropped: Vec<(QuarantineReason, u64)> = Vec::new();
         let mut n_dropped = 0u64;
-        for entry in self.tree.scan_prefix(keys::QUARANTINE) {
-            if n_dropped == to_drop {
-                break;
-            }
-            let (key, value) = entry?;
+        let oldest: Vec<_> = staged
+            .raw_prefix(keys::QUARANTINE)
+            .take(usize::try_from(to_drop).unwrap_or(usize::MAX))
+            .collect::<Result<_, _>>()?;
+        for (key, value) in oldest {
             let oldest: QuarantineRecord = decode(&key, &value)?;
-            batch.remove(key);
+            staged.remove(key);
             n_dropped += 1;
             match dropped.iter_mut().find(|(reason, _)| *reason == oldest.reason) {
                 Some((_, count)) => *count += 1,
@@ -900,26 +978,54 @@ impl Projections {
         }
         for (reason, count) in dropped {
             let key = keys::quarantine_dropped(reason);
-            let before = self.tree.get(&key)?.map_or(0, |bytes| decode_u64(&bytes));
-            batch.insert(key, &before.saturating_add(count).to_be_bytes());
+            let before = staged.raw(&key)?.map_or(0, |bytes| decode_u64(&bytes));
+            staged.insert(key, before.saturating_add(count).to_be_bytes());
         }
-        batch.insert(
+        staged.insert(
             keys::QUARANTINE_LEN,
-            &held.saturating_sub(n_dropped).saturating_add(1).to_be_bytes(),
+            held.saturating_sub(n_dropped).saturating_add(1).to_be_bytes(),
         );
-        batch.insert(keys::quarantine(record.stream_sequence), encode(record));
+        staged.insert(keys::quarantine(record.stream_sequence), encode(record));
         Ok(())
     }
+}
 
-    /// Whether the event with this id was applied before.
-    pub(super) fn event_applied(&self, event_id: &fleetlaps_proto::ids::EventId) -> Result<bool, ProjectionError> {
-        Ok(self.tree.contains_key(keys::event(event_id))?)
+/// Counts a rotation the device confirmed at `at` for every running campaign targeting it that
+/// it had not counted for yet ([`CampaignTarget::rotated`]); returns, for each, the time from its
+/// declaration.
+fn count_campaign_rotations(
+    staged: &mut Staged<'_>,
+    device_id: &DeviceId,
+    at: DateTime<Utc>,
+) -> Result<Vec<TimeDelta>, ProjectionError> {
+    let mut delays = Vec::new();
+    for breach_id in staged.device_campaigns(device_id)? {
+        let Some(mut campaign) = staged
+            .campaign(&breach_id)?
+            .filter(|campaign| campaign.state.is_active())
+        else {
+            continue;
+        };
+        let Some(mut target) = staged.campaign_target(&breach_id, device_id)? else {
+            continue;
+        };
+        if target.rotated(at, campaign.declared_at) {
+            campaign.target_rotated();
+            delays.push(at - campaign.declared_at);
+            staged.insert(keys::campaign_target(&breach_id, device_id), encode(&target));
+            staged.insert(keys::campaign(&breach_id), encode(&campaign));
+        }
     }
+    Ok(delays)
+}
 
-    /// The record under `key`, decoded.
-    pub(super) fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
-        self.tree.get(key)?.map(|value| decode(key, &value)).transpose()
-    }
+/// The token with this id, if it is of `kind`.
+fn token_of_kind(
+    records: &impl Records,
+    token_id: &TokenId,
+    kind: TokenKind,
+) -> Result<Option<TokenRecord>, ProjectionError> {
+    Ok(records.token(token_id)?.filter(|token| token.kind == kind))
 }
 
 /// The devices an orchestrator event is about, each of which finds it in its timeline (`ad/`):
@@ -953,9 +1059,9 @@ pub(super) fn devices_concerned(event: &AuditEvent) -> Vec<&DeviceId> {
 }
 
 /// Writes a token's record and its digest's index entry.
-fn insert_token(batch: &mut sled::Batch, record: &TokenRecord) {
-    batch.insert(keys::token(&record.token_id), encode(record));
-    batch.insert(
+fn insert_token(staged: &mut Staged<'_>, record: &TokenRecord) {
+    staged.insert(keys::token(&record.token_id), encode(record));
+    staged.insert(
         keys::token_digest(&record.token_sha256),
         record.token_id.to_string().as_bytes(),
     );
@@ -963,20 +1069,6 @@ fn insert_token(batch: &mut sled::Batch, record: &TokenRecord) {
 
 fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).expect("projection records serialise: string keys only")
-}
-
-fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, ProjectionError> {
-    serde_json::from_slice(bytes).map_err(|source| ProjectionError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        source,
-    })
-}
-
-fn decode_u64(bytes: &[u8]) -> u64 {
-    let mut array = [0u8; 8];
-    let len = bytes.len().min(8);
-    array[..len].copy_from_slice(&bytes[..len]);
-    u64::from_be_bytes(array)
 }
 
 #[cfg(test)]

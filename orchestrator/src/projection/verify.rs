@@ -12,6 +12,8 @@
 //! Verification only reads: the projections (enrolled keys, the orchestrator key, the recorded
 //! escrow keys, applied event ids) and the escrow keyring.
 
+use std::collections::HashMap;
+
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, PasswordBackedUp, sealing_context};
@@ -21,7 +23,9 @@ use fleetlaps_proto::subject;
 
 use super::escrow_keys::EscrowKeyRecord;
 use super::keys;
+use super::principals::EnrolledKeyRecord;
 use super::quarantine::QuarantineReason;
+use super::staged::{Records as _, Staged};
 use super::store::{ProjectionError, Projections, SealCheck, StreamMessage};
 
 /// A message that passed every check.
@@ -66,11 +70,13 @@ impl Projections {
     /// Verifies one message; `Ok(Err(..))` means: quarantine it.
     pub(super) fn verify(
         &self,
+        staged: &Staged<'_>,
         message: StreamMessage<'_>,
+        checked: Option<&CheckedSignature>,
         escrow: &dyn SealCheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         if let Some(kind) = subject::parse_audit_event(message.subject) {
-            return self.verify_orchestrator_event(kind, message);
+            return self.verify_orchestrator_event(staged, kind, message);
         }
         let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
             return Ok(Err((
@@ -79,16 +85,19 @@ impl Projections {
             )
                 .into()));
         };
-        self.verify_device_event(&subject_device, subject_kind, message, escrow)
+        self.verify_device_event(staged, &subject_device, subject_kind, message, checked, escrow)
     }
 
     fn verify_device_event(
         &self,
+        staged: &Staged<'_>,
         subject_device: &DeviceId,
         subject_kind: EventKind,
         message: StreamMessage<'_>,
+        checked: Option<&CheckedSignature>,
         escrow: &dyn SealCheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
+        let enrolled = staged.enrolled_key(subject_device)?;
         let envelope = match Envelope::from_json(message.payload) {
             Ok(envelope) => envelope,
             Err(err) => {
@@ -96,7 +105,9 @@ impl Projections {
                 // A backup its device really sent but this orchestrator cannot read (another
                 // schema, a wrong code): the device must hear that it was refused.
                 let confirmation = (subject_kind == EventKind::PasswordBackedUp
-                    && self.signed_by_enrolled_key(subject_device, message)?.is_ok())
+                    && self
+                        .signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked)
+                        .is_ok())
                 .then(|| lenient_event_id(message.payload))
                 .flatten()
                 .map(|event_id| BackupConfirmation {
@@ -117,14 +128,14 @@ impl Projections {
         };
         // The subject's device must have enrolled, and signed exactly these bytes on exactly
         // this subject with its enrolled key.
-        if self.enrolled_key(subject_device)?.is_none() {
+        if enrolled.is_none() {
             return Ok(Err((
                 QuarantineReason::UnknownDevice,
                 format!("device {subject_device} never enrolled"),
             )
                 .into()));
         };
-        if let Err(detail) = self.signed_by_enrolled_key(subject_device, message)? {
+        if let Err(detail) = self.signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked) {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         let answer = |rotation_id: Option<RotationId>, outcome: BackupOutcome| BackupConfirmation {
@@ -160,13 +171,13 @@ impl Projections {
             Event::PasswordBackedUp(body) => Some(answer(Some(body.rotation_id), BackupOutcome::Stored)),
             _ => None,
         };
-        if self.event_applied(&envelope.id)? {
+        if staged.event_applied(&envelope.id)? {
             return Ok(Ok(Verified::Duplicate(stored)));
         }
         if let Event::PasswordBackedUp(body) = &envelope.event {
             // Confirmed only once it is known to open: a backup nobody can read is no backup.
             let context = sealing_context(&envelope.device_id, &body.rotation_id);
-            if !self.backup_opens(body, &context, escrow)? {
+            if !backup_opens(staged, body, &context, escrow)? {
                 let detail = "the sealed password does not open with any escrow key of this orchestrator".to_owned();
                 return Ok(Err(Refusal {
                     reason: QuarantineReason::Unopenable,
@@ -183,6 +194,7 @@ impl Projections {
 
     fn verify_orchestrator_event(
         &self,
+        staged: &Staged<'_>,
         subject_kind: AuditKind,
         message: StreamMessage<'_>,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
@@ -204,78 +216,182 @@ impl Projections {
         }
         // Only the orchestrator writes here: anyone else who can publish on `laps.audit.>` would
         // otherwise plant tokens or devices.
-        if let Err(detail) = self.signed_by_orchestrator(&envelope, message)? {
+        if let Err(detail) = signed_by_orchestrator(staged, &envelope, message)? {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
-        if self.event_applied(&envelope.id)? {
+        if staged.event_applied(&envelope.id)? {
             return Ok(Ok(Verified::Duplicate(None)));
         }
         Ok(Ok(Verified::Orchestrator(Box::new(envelope))))
     }
 
-    /// Whether a backup's sealed password is usable. Sealed to a key held: the trial decides.
-    /// Sealed to a key the history recorded but not held (a key lost, then replaced by a
-    /// recovery, whose backups are confirmed from before): accepted without a trial, unless the
-    /// backup came after the key was lost. Sealed to any other key: refused. Naming no key (an
-    /// older agent): the trial with every held key decides.
-    fn backup_opens(
-        &self,
-        body: &PasswordBackedUp,
-        context: &[u8],
-        escrow: &dyn SealCheck,
-    ) -> Result<bool, ProjectionError> {
-        let Some(public_key) = &body.escrow_public_key else {
-            return Ok(escrow.opens(&body.sealed_password, context));
-        };
-        if escrow.holds(public_key) {
-            return Ok(escrow.opens(&body.sealed_password, context));
-        }
-        Ok(self
-            .get::<EscrowKeyRecord>(&keys::escrow_key(public_key))?
-            .is_some_and(|record| record.lost_at_sequence.is_none()))
-    }
-
-    /// Whether `message` is signed, on exactly its subject, by the enrolled key of `device_id`:
-    /// `Ok(Err(why))` when it is not.
+    /// Whether `message` is signed, on exactly its subject, by `enrolled`, the key `device_id`
+    /// enrolled with: `Err(why)` when it is not. `checked` is the batch's prepass, used when it
+    /// checked against that same key.
     fn signed_by_enrolled_key(
         &self,
+        enrolled: Option<&EnrolledKeyRecord>,
         device_id: &DeviceId,
         message: StreamMessage<'_>,
-    ) -> Result<Result<(), String>, ProjectionError> {
-        let Some(enrolled) = self.enrolled_key(device_id)? else {
-            return Ok(Err(format!("device {device_id} never enrolled")));
+        checked: Option<&CheckedSignature>,
+    ) -> Result<(), String> {
+        let Some(enrolled) = enrolled else {
+            return Err(format!("device {device_id} never enrolled"));
         };
-        Ok(
-            match (DevicePublicKey::parse(&enrolled.public_key), message.signature) {
-                (Err(err), _) => Err(format!("the enrolled key of device {device_id} is not usable: {err}")),
-                (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
-                (Ok(key), Some(signature)) => key
-                    .verify(message.subject, message.payload, signature)
-                    .map_err(|err| err.to_string()),
-            },
-        )
+        if let Some(checked) = checked.filter(|checked| checked.enrolled_key == enrolled.public_key) {
+            return checked.verdict.clone();
+        }
+        self.device_keys.check(&enrolled.public_key, device_id, message)
+    }
+}
+
+/// Whether a backup's sealed password is usable. Sealed to a key held: the trial decides.
+/// Sealed to a key the history recorded but not held (a key lost, then replaced by a
+/// recovery, whose backups are confirmed from before): accepted without a trial, unless the
+/// backup came after the key was lost. Sealed to any other key: refused. Naming no key (an
+/// older agent): the trial with every held key decides.
+fn backup_opens(
+    staged: &Staged<'_>,
+    body: &PasswordBackedUp,
+    context: &[u8],
+    escrow: &dyn SealCheck,
+) -> Result<bool, ProjectionError> {
+    let Some(public_key) = &body.escrow_public_key else {
+        return Ok(escrow.opens(&body.sealed_password, context));
+    };
+    if escrow.holds(public_key) {
+        return Ok(escrow.opens(&body.sealed_password, context));
+    }
+    Ok(staged
+        .record::<EscrowKeyRecord>(&keys::escrow_key(public_key))?
+        .is_some_and(|record| record.lost_at_sequence.is_none()))
+}
+
+/// Whether `message` (an orchestrator event, `envelope`) is signed, on exactly its subject, by
+/// the recorded orchestrator key; before any key is recorded, only an
+/// `orchestrator_key_created` signed by the key it names is (trust on first use).
+/// `Ok(Err(why))` when it is not.
+fn signed_by_orchestrator(
+    staged: &Staged<'_>,
+    envelope: &AuditEnvelope,
+    message: StreamMessage<'_>,
+) -> Result<Result<(), String>, ProjectionError> {
+    let public_key = match (staged.orchestrator_key()?, &envelope.event) {
+        (Some(recorded), _) => recorded.public_key,
+        (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
+        (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
+    };
+    Ok(match (OrchestratorPublicKey::parse(&public_key), message.signature) {
+        (Err(err), _) => Err(format!("orchestrator key: {err}")),
+        (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
+        (Ok(key), Some(signature)) => key
+            .verify(message.subject, message.payload, signature)
+            .map_err(|err| format!("not signed by the recorded orchestrator key: {err}")),
+    })
+}
+
+/// A device event's signature, checked before the fold against the key its device had enrolled
+/// when the batch began.
+#[derive(Debug, Clone)]
+pub(super) struct CheckedSignature {
+    /// The enrolled key (base64) it was checked against: the verdict holds only while the
+    /// device's enrolled key is still this one.
+    enrolled_key: String,
+    /// `Err(why)` when the signature is not that key's over exactly the subject and payload.
+    verdict: Result<(), String>,
+}
+
+/// The devices' enrolled keys, parsed once (decoding a point is a good part of a verification)
+/// and kept by their text, and the check of a batch's signatures on every core.
+#[derive(Default)]
+pub(super) struct DeviceKeys {
+    /// Parsed keys by their base64 text; emptied when it reaches [`DeviceKeys::MAX_KEPT`].
+    parsed: std::sync::Mutex<HashMap<String, DevicePublicKey>>,
+}
+
+impl DeviceKeys {
+    /// The most parsed keys kept: one per device of a large fleet.
+    const MAX_KEPT: usize = 1 << 20;
+    /// Below this many signatures a batch is checked on the calling thread alone.
+    const PARALLEL_FROM: usize = 16;
+
+    /// `Err(why)` unless `message` is signed, on exactly its subject, by `enrolled_key`, the key
+    /// `device_id` enrolled with.
+    fn check(&self, enrolled_key: &str, device_id: &DeviceId, message: StreamMessage<'_>) -> Result<(), String> {
+        let key = self
+            .parse(enrolled_key)
+            .map_err(|err| format!("the enrolled key of device {device_id} is not usable: {err}"))?;
+        let Some(signature) = message.signature else {
+            return Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER));
+        };
+        key.verify(message.subject, message.payload, signature)
+            .map_err(|err| err.to_string())
     }
 
-    /// Whether `message` (an orchestrator event, `envelope`) is signed, on exactly its subject, by
-    /// the recorded orchestrator key; before any key is recorded, only an
-    /// `orchestrator_key_created` signed by the key it names is (trust on first use).
-    /// `Ok(Err(why))` when it is not.
-    fn signed_by_orchestrator(
+    fn parse(&self, text: &str) -> Result<DevicePublicKey, fleetlaps_proto::signature::SignatureError> {
+        let mut parsed = self.parsed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(key) = parsed.get(text) {
+            return Ok(key.clone());
+        }
+        let key = DevicePublicKey::parse(text)?;
+        if parsed.len() >= Self::MAX_KEPT {
+            parsed.clear();
+        }
+        parsed.insert(text.to_owned(), key.clone());
+        Ok(key)
+    }
+
+    /// Checks the signature of every device event in `messages` after stream sequence `after`
+    /// whose device has enrolled, against its enrolled key in `tree` (before the batch), spread
+    /// over the machine's cores. One entry per message; `None` where nothing was checked (an
+    /// orchestrator event, a device not enrolled yet).
+    pub(super) fn check_all(
         &self,
-        envelope: &AuditEnvelope,
-        message: StreamMessage<'_>,
-    ) -> Result<Result<(), String>, ProjectionError> {
-        let public_key = match (self.orchestrator_key()?, &envelope.event) {
-            (Some(recorded), _) => recorded.public_key,
-            (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
-            (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
+        tree: &sled::Tree,
+        messages: &[StreamMessage<'_>],
+        after: u64,
+    ) -> Vec<Option<CheckedSignature>> {
+        // A batch holds many events of each device: each enrolled key is read once.
+        let mut enrolled_keys: HashMap<DeviceId, Option<String>> = HashMap::new();
+        let work: Vec<Option<(String, DeviceId)>> = messages
+            .iter()
+            .map(|message| {
+                if message.sequence <= after {
+                    return None;
+                }
+                let (device_id, _) = subject::parse_device_event(message.subject)?;
+                let enrolled = enrolled_keys
+                    .entry(device_id.clone())
+                    .or_insert_with(|| tree.enrolled_key(&device_id).ok().flatten().map(|key| key.public_key))
+                    .clone()?;
+                Some((enrolled, device_id))
+            })
+            .collect();
+        let count = work.iter().flatten().count();
+        let check = |(message, work): (&StreamMessage<'_>, Option<(String, DeviceId)>)| {
+            work.map(|(enrolled_key, device_id)| {
+                let verdict = self.check(&enrolled_key, &device_id, *message);
+                CheckedSignature { enrolled_key, verdict }
+            })
         };
-        Ok(match (OrchestratorPublicKey::parse(&public_key), message.signature) {
-            (Err(err), _) => Err(format!("orchestrator key: {err}")),
-            (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
-            (Ok(key), Some(signature)) => key
-                .verify(message.subject, message.payload, signature)
-                .map_err(|err| format!("not signed by the recorded orchestrator key: {err}")),
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        if threads < 2 || count < Self::PARALLEL_FROM {
+            return messages.iter().zip(work).map(check).collect();
+        }
+        let chunk = messages.len().div_ceil(threads);
+        let mut work = work.into_iter();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = messages
+                .chunks(chunk)
+                .map(|messages| {
+                    let work: Vec<_> = work.by_ref().take(messages.len()).collect();
+                    scope.spawn(move || messages.iter().zip(work).map(check).collect::<Vec<_>>())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|handle| handle.join().expect("a signature check does not panic"))
+                .collect()
         })
     }
 }

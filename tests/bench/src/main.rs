@@ -402,8 +402,8 @@ async fn lone_writes(bench: &Bench<'_>) -> anyhow::Result<(Vec<report::Row>, Vec
 }
 
 /// The ingest benchmark: enrolls its devices with the orchestrator running, stops it, pre-fills
-/// the stream, reads it raw, then starts the orchestrator again (left running in `running`) and
-/// times its catch-up.
+/// the stream, reads it raw, then starts the orchestrator again (left running in `running`),
+/// times its catch-up, then times it folding events published live.
 async fn ingest(
     bench: &Bench<'_>,
     running: &mut Option<ChildGuard>,
@@ -421,9 +421,11 @@ async fn ingest(
 
     let from = ingest::last_sequence(reader).await?;
     let progress = bar("pre-filling the events stream");
+    let publish_started = std::time::Instant::now();
     ingest::prefill(bench.simulator, &mut devices, args.events, &progress)
         .await
         .context("pre-filling the events stream")?;
+    let publish = publish_started.elapsed();
     progress.finish();
     let to = ingest::last_sequence(reader).await?;
     anyhow::ensure!(
@@ -443,8 +445,28 @@ async fn ingest(
         .await
         .context("ingest")?;
     progress.finish();
+    let mut child = child;
+    let progress = bar("live: publishing and folding");
+    let live = ingest::live(
+        orchestrator,
+        &mut child,
+        http,
+        bench.simulator,
+        &mut devices,
+        (to, args.events),
+        &progress,
+    )
+    .await
+    .context("live ingest")?;
+    progress.finish();
     *running = Some(child);
-    Ok(ingest::rows(args.events, raw, &catch_up))
+    Ok(ingest::rows(&ingest::Timings {
+        events: args.events,
+        publish,
+        raw,
+        catch_up: &catch_up,
+        live: &live,
+    }))
 }
 
 /// Waits until the running orchestrator has folded everything on the stream (the enrollments

@@ -651,6 +651,171 @@ fn the_same_messages_fold_to_the_same_digest() {
     );
 }
 
+#[test]
+fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
+    // Later messages of the batch depend on earlier ones (the enrollment, the backup a rotation
+    // confirms, an event id seen earlier in the batch); refused messages sit between them.
+    let rotation_id = RotationId::new();
+    let signed = |envelope: &Envelope| {
+        let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
+        let payload = envelope.to_json();
+        let signature = key_of(&envelope.device_id).sign(&subject, &payload);
+        (subject, payload, Some(signature))
+    };
+    let orchestrator = |(subject, payload): (String, Vec<u8>)| {
+        let signature = orchestrator_key().sign(&subject, &payload);
+        (subject, payload, Some(signature))
+    };
+    let backup = backed_up(2, rotation_id);
+    let mut forged = signed(&policy_applied(3));
+    forged.2 = Some(key_of(&DeviceId::parse("dev-2").unwrap()).sign(&forged.0, &forged.1));
+    let mut messages: Vec<(String, Vec<u8>, Option<String>)> = enrollment_messages(&[&device()])
+        .into_iter()
+        .map(orchestrator)
+        .collect();
+    messages.extend([
+        signed(&policy_applied(1)),
+        signed(&backup),
+        forged,
+        signed(&backup),
+        (
+            "laps.events.dev-1.password_backed_up".to_owned(),
+            b"{not json".to_vec(),
+            None,
+        ),
+        signed(&rotated(4, rotation_id)),
+    ]);
+    // Enough device events for the signatures to be checked on every core, one forged among them.
+    messages.extend((5..30).map(|sequence| signed(&policy_applied(sequence))));
+    let late_forgery = messages.len() - 3;
+    messages[late_forgery].2 =
+        Some(key_of(&DeviceId::parse("dev-2").unwrap()).sign(&messages[late_forgery].0, &messages[late_forgery].1));
+
+    let mut one_by_one = Fixture::new();
+    let expected: Vec<Applied> = messages
+        .iter()
+        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
+        .collect();
+
+    let batched = Fixture::new();
+    let first = batched.projections.last_applied_sequence().unwrap() + 1;
+    let stream_messages: Vec<StreamMessage<'_>> = messages
+        .iter()
+        .zip(first..)
+        .map(|((subject, payload, signature), sequence)| StreamMessage {
+            sequence,
+            subject,
+            published: Utc
+                .timestamp_opt(1_700_000_000 + i64::try_from(sequence).unwrap(), 0)
+                .unwrap(),
+            payload,
+            signature: signature.as_deref(),
+        })
+        .collect();
+    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+
+    assert_eq!(outcomes, expected);
+    let kinds: Vec<Outcome> = outcomes.iter().map(|applied| applied.outcome).collect();
+    assert_eq!(kinds[late_forgery], Outcome::Quarantined(QuarantineReason::Forged));
+    assert_eq!(
+        kinds[2..8],
+        [
+            Outcome::Applied(EventKind::PolicyApplied),
+            Outcome::Applied(EventKind::PasswordBackedUp),
+            Outcome::Quarantined(QuarantineReason::Forged),
+            Outcome::Duplicate,
+            Outcome::Quarantined(QuarantineReason::Malformed),
+            Outcome::Applied(EventKind::PasswordRotated),
+        ]
+    );
+    assert_eq!(
+        batched.projections.digest().unwrap(),
+        one_by_one.projections.digest().unwrap()
+    );
+    assert_eq!(
+        batched.projections.applied_sequence(),
+        stream_messages.last().unwrap().sequence
+    );
+
+    // Delivered again, the whole batch is skipped.
+    let again = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+    assert!(again.iter().all(|applied| applied.outcome == Outcome::AlreadySeen));
+}
+
+#[test]
+fn the_name_index_finds_a_device_in_any_case_and_follows_its_renames() {
+    let mut fixture = Fixture::enrolled();
+    let named = |fixture: &Fixture, name: &str| -> Vec<String> {
+        fixture
+            .projections
+            .devices_named(&DeviceName::parse(name).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|device| device.device_id.to_string())
+            .collect()
+    };
+    assert_eq!(named(&fixture, "HOST-1"), ["dev-1"]);
+    assert!(named(&fixture, "host").is_empty(), "a prefix of a name is not the name");
+
+    let mut renamed = policy_applied(1);
+    if let Event::PolicyApplied(body) = &mut renamed.event {
+        body.device_name = DeviceName::parse("Web-7").unwrap();
+    }
+    assert_eq!(fixture.apply(&renamed), Outcome::Applied(EventKind::PolicyApplied));
+    assert_eq!(named(&fixture, "web-7"), ["dev-1"]);
+    assert!(named(&fixture, "host-1").is_empty(), "the old name no longer finds it");
+}
+
+#[test]
+fn password_reads_are_indexed_by_principal_with_their_time() {
+    let mut fixture = Fixture::new();
+    let read = |principal: &str, device: &str, at: i64| {
+        let envelope = AuditEnvelope::new(
+            Utc.timestamp_opt(at, 0).unwrap(),
+            AuditEvent::PasswordRead(fleetlaps_proto::audit::PasswordRead {
+                principal: principal.to_owned(),
+                principal_token_id: None,
+                device_id: DeviceId::parse(device).unwrap(),
+                rotation_ids: Vec::new(),
+                reason: None,
+                client_name: None,
+                client_version: None,
+                source_address: None,
+            }),
+        );
+        (subject::audit_event(envelope.event.kind()), envelope.to_json())
+    };
+    for (principal, device, at) in [
+        ("helpdesk/eve", "dev-1", 1_000),
+        ("helpdesk/eve", "dev-2", 2_000),
+        ("helpdesk", "dev-3", 3_000),
+        ("helpdesk/eve", "dev-4", 4_000),
+    ] {
+        let (subject, payload) = read(principal, device, at);
+        assert_eq!(
+            fixture.apply_on(&subject, &payload),
+            Outcome::Recorded(AuditKind::PasswordRead)
+        );
+    }
+    let read_by = |principal: &str, since: i64| -> Vec<String> {
+        fixture
+            .projections
+            .devices_read_by(principal, Utc.timestamp_opt(since, 0).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|device| device.to_string())
+            .collect()
+    };
+    assert_eq!(read_by("helpdesk/eve", 0), ["dev-1", "dev-2", "dev-4"]);
+    assert_eq!(read_by("helpdesk/eve", 2_000), ["dev-2", "dev-4"]);
+    assert_eq!(
+        read_by("helpdesk", 0),
+        ["dev-3"],
+        "a principal whose name begins another's"
+    );
+    assert!(read_by("nobody", 0).is_empty());
+}
+
 fn audit(event: fleetlaps_proto::audit::AuditEvent) -> (String, Vec<u8>) {
     let envelope = AuditEnvelope::new(Utc.timestamp_opt(1_700_000_000, 0).unwrap(), event);
     (subject::audit_event(envelope.event.kind()), envelope.to_json())

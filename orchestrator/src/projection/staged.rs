@@ -1,0 +1,373 @@
+//! One fold of many messages: their writes are staged in memory over the sled tree, where the
+//! later messages of the same fold read them back, and are then written as one sled batch, one
+//! log write instead of one per message.
+//!
+//! [`Records`] is how the projections are read, by the API from the tree itself and by the fold
+//! from [`Staged`]: the same typed reads either way.
+//!
+//! Invariant: a message's writes are kept whole or not at all ([`Staged::keep`],
+//! [`Staged::discard`]): a message refused half-way leaves only what its refusal writes.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::iter::Peekable;
+
+use fleetlaps_proto::audit::TokenId;
+use fleetlaps_proto::breach::BreachId;
+use fleetlaps_proto::ids::{DeviceId, EventId};
+use serde::de::DeserializeOwned;
+use sled::IVec;
+
+use super::campaigns::{CampaignRecord, CampaignTarget};
+use super::credentials::CredentialRecord;
+use super::devices::DeviceRecord;
+use super::escrow_keys::EscrowKeyRecord;
+use super::keys;
+use super::orchestrator_key::OrchestratorKeyRecord;
+use super::principals::{EnrolledKeyRecord, TokenRecord};
+use super::store::ProjectionError;
+
+/// A key and its value, as sled gives them.
+type Entry = Result<(IVec, IVec), sled::Error>;
+
+/// The projections' records, read from the tree or through a fold's staged writes.
+pub(super) trait Records {
+    /// The bytes under `key`.
+    fn raw(&self, key: &[u8]) -> Result<Option<IVec>, sled::Error>;
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    fn raw_prefix<'a>(&'a self, prefix: &'a [u8]) -> Box<dyn Iterator<Item = Entry> + 'a>;
+
+    /// The record under `key`, decoded.
+    fn record<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
+        self.raw(key)?.map(|value| decode(key, &value)).transpose()
+    }
+
+    /// Whether anything is stored under `key`.
+    fn has(&self, key: &[u8]) -> Result<bool, ProjectionError> {
+        Ok(self.raw(key)?.is_some())
+    }
+
+    /// The number under `key` (a big-endian `u64`), if any.
+    fn number(&self, key: &[u8]) -> Result<Option<u64>, ProjectionError> {
+        Ok(self.raw(key)?.map(|bytes| decode_u64(&bytes)))
+    }
+
+    /// Every record under `prefix`, decoded, in key order.
+    fn records<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, ProjectionError> {
+        self.raw_prefix(prefix)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// One device.
+    fn device(&self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, ProjectionError> {
+        self.record(&keys::device(device_id))
+    }
+
+    /// The key `device_id` enrolled with, if it did.
+    fn enrolled_key(&self, device_id: &DeviceId) -> Result<Option<EnrolledKeyRecord>, ProjectionError> {
+        self.record(&keys::enrolled_key(device_id))
+    }
+
+    /// The key orchestrator events must be signed with, once the history recorded one.
+    fn orchestrator_key(&self) -> Result<Option<OrchestratorKeyRecord>, ProjectionError> {
+        self.record(keys::ORCHESTRATOR_KEY)
+    }
+
+    /// Whether the event with this id was applied before.
+    fn event_applied(&self, event_id: &EventId) -> Result<bool, ProjectionError> {
+        self.has(&keys::event(event_id))
+    }
+
+    /// One token of either kind.
+    fn token(&self, token_id: &TokenId) -> Result<Option<TokenRecord>, ProjectionError> {
+        self.record(&keys::token(token_id))
+    }
+
+    /// A device's credential backed up at stream sequence `backup_stream_sequence`.
+    fn credential(
+        &self,
+        device_id: &DeviceId,
+        backup_stream_sequence: u64,
+    ) -> Result<Option<CredentialRecord>, ProjectionError> {
+        self.record(&keys::credential(device_id, backup_stream_sequence))
+    }
+
+    /// One breach's campaign.
+    fn campaign(&self, breach_id: &BreachId) -> Result<Option<CampaignRecord>, ProjectionError> {
+        self.record(&keys::campaign(breach_id))
+    }
+
+    /// One device of a campaign.
+    fn campaign_target(
+        &self,
+        breach_id: &BreachId,
+        device_id: &DeviceId,
+    ) -> Result<Option<CampaignTarget>, ProjectionError> {
+        self.record(&keys::campaign_target(breach_id, device_id))
+    }
+
+    /// The campaigns targeting a device, oldest first.
+    fn device_campaigns(&self, device_id: &DeviceId) -> Result<Vec<BreachId>, ProjectionError> {
+        let prefix = keys::device_campaigns(device_id);
+        self.raw_prefix(&prefix)
+            .map(|entry| {
+                let (key, _) = entry?;
+                keys::device_campaign_breach(&key).ok_or_else(|| ProjectionError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    source: serde::de::Error::custom("not a breach id"),
+                })
+            })
+            .collect()
+    }
+
+    /// Every escrow public key the history recorded, oldest first.
+    fn escrow_keys(&self) -> Result<Vec<EscrowKeyRecord>, ProjectionError> {
+        let mut keys = self.records::<EscrowKeyRecord>(keys::ESCROW_KEYS)?;
+        keys.sort_by_key(|key| key.stream_sequence);
+        Ok(keys)
+    }
+
+    /// How many quarantine records are kept.
+    fn quarantine_len(&self) -> Result<u64, ProjectionError> {
+        match self.number(keys::QUARANTINE_LEN)? {
+            Some(len) => Ok(len),
+            // A store from before the bound: count once; the next record writes the length.
+            None => Ok(self.raw_prefix(keys::QUARANTINE).count() as u64),
+        }
+    }
+}
+
+impl Records for sled::Tree {
+    fn raw(&self, key: &[u8]) -> Result<Option<IVec>, sled::Error> {
+        self.get(key)
+    }
+
+    fn raw_prefix<'a>(&'a self, prefix: &'a [u8]) -> Box<dyn Iterator<Item = Entry> + 'a> {
+        Box::new(self.scan_prefix(prefix))
+    }
+}
+
+/// The writes of a fold not yet in the tree, read before the tree's own records.
+pub(super) struct Staged<'t> {
+    /// The records as they were before the fold.
+    tree: &'t sled::Tree,
+    /// Every key the fold wrote: its new value, or `None` where it removed the record.
+    writes: BTreeMap<IVec, Option<IVec>>,
+    /// What the current message's writes replaced, oldest first, to put back if it is refused:
+    /// the key and its staged entry before (`None` when the fold had not written it).
+    undo: Vec<(IVec, Option<Option<IVec>>)>,
+}
+
+impl<'t> Staged<'t> {
+    /// Nothing staged yet over `tree`.
+    pub(super) fn new(tree: &'t sled::Tree) -> Self {
+        Self {
+            tree,
+            writes: BTreeMap::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    /// Stages `value` under `key`.
+    pub(super) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.stage(IVec::from(key.as_ref()), Some(IVec::from(value.as_ref())));
+    }
+
+    /// Stages the removal of `key`.
+    pub(super) fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.stage(IVec::from(key.as_ref()), None);
+    }
+
+    fn stage(&mut self, key: IVec, value: Option<IVec>) {
+        let before = self.writes.insert(key.clone(), value);
+        self.undo.push((key, before));
+    }
+
+    /// Keeps the current message's writes: the next message starts.
+    pub(super) fn keep(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Drops the current message's writes, as if it had written nothing.
+    pub(super) fn discard(&mut self) {
+        while let Some((key, before)) = self.undo.pop() {
+            match before {
+                Some(entry) => self.writes.insert(key, entry),
+                None => self.writes.remove(&key),
+            };
+        }
+    }
+
+    /// Whether anything is staged.
+    pub(super) fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// Everything kept, as one sled batch.
+    pub(super) fn into_batch(mut self) -> sled::Batch {
+        self.discard();
+        let mut batch = sled::Batch::default();
+        for (key, value) in self.writes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
+    }
+}
+
+impl Records for Staged<'_> {
+    fn raw(&self, key: &[u8]) -> Result<Option<IVec>, sled::Error> {
+        match self.writes.get(key) {
+            Some(staged) => Ok(staged.clone()),
+            None => self.tree.get(key),
+        }
+    }
+
+    fn raw_prefix<'a>(&'a self, prefix: &'a [u8]) -> Box<dyn Iterator<Item = Entry> + 'a> {
+        let staged = self
+            .writes
+            .range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .take_while(move |(key, _)| key.starts_with(prefix));
+        Box::new(Merged {
+            tree: self.tree.scan_prefix(prefix).peekable(),
+            staged: staged.peekable(),
+        })
+    }
+}
+
+/// The tree's entries under a prefix with the staged writes laid over them, in key order.
+struct Merged<'a, S: Iterator<Item = (&'a IVec, &'a Option<IVec>)>> {
+    /// The tree's entries.
+    tree: Peekable<sled::Iter>,
+    /// The staged writes under the same prefix.
+    staged: Peekable<S>,
+}
+
+impl<'a, S: Iterator<Item = (&'a IVec, &'a Option<IVec>)>> Iterator for Merged<'a, S> {
+    type Item = Entry;
+
+    fn next(&mut self) -> Option<Entry> {
+        loop {
+            let order = match (self.tree.peek(), self.staged.peek()) {
+                (Some(Err(_)), _) => return self.tree.next(),
+                (None, None) => return None,
+                (Some(Ok(_)), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some(Ok((tree_key, _))), Some((staged_key, _))) => tree_key.as_ref().cmp(staged_key.as_ref()),
+            };
+            match order {
+                Ordering::Less => return self.tree.next(),
+                // The staged write replaces the tree's record.
+                Ordering::Equal => drop(self.tree.next()),
+                Ordering::Greater => {}
+            }
+            let (key, value) = self.staged.next()?;
+            if let Some(value) = value {
+                return Some(Ok((key.clone(), value.clone())));
+            }
+            // A staged removal: the record is gone; look further.
+        }
+    }
+}
+
+/// A record's bytes, decoded; `key` names it in the error.
+pub(super) fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, ProjectionError> {
+    serde_json::from_slice(bytes).map_err(|source| ProjectionError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+/// A big-endian `u64` (shorter values are padded on the right, as before).
+pub(super) fn decode_u64(bytes: &[u8]) -> u64 {
+    let mut array = [0u8; 8];
+    let len = bytes.len().min(8);
+    array[..len].copy_from_slice(&bytes[..len]);
+    u64::from_be_bytes(array)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = sled::open(dir.path()).expect("sled opens");
+        let tree = db.open_tree("t").expect("tree opens");
+        (dir, tree)
+    }
+
+    fn entries(records: &impl Records, prefix: &[u8]) -> Vec<(String, String)> {
+        records
+            .raw_prefix(prefix)
+            .map(|entry| {
+                let (key, value) = entry.expect("entry reads");
+                (
+                    String::from_utf8_lossy(&key).into_owned(),
+                    String::from_utf8_lossy(&value).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn staged_writes_are_read_back_over_the_tree_and_a_discarded_message_leaves_none() {
+        let (_dir, tree) = tree();
+        for (key, value) in [("p/1", "a"), ("p/3", "c"), ("p/5", "e"), ("q/1", "x")] {
+            tree.insert(key, value).expect("insert");
+        }
+        let mut staged = Staged::new(&tree);
+        staged.insert("p/2", "b");
+        staged.insert("p/3", "C");
+        staged.remove("p/5");
+        staged.keep();
+        assert_eq!(staged.raw(b"p/3").expect("read").as_deref(), Some(&b"C"[..]));
+        assert_eq!(staged.raw(b"p/5").expect("read"), None);
+        assert_eq!(
+            entries(&staged, b"p/"),
+            [("p/1", "a"), ("p/2", "b"), ("p/3", "C")].map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+
+        // A refused message: its writes go, the kept ones stay.
+        staged.insert("p/0", "z");
+        staged.insert("p/2", "B");
+        staged.remove("p/1");
+        staged.discard();
+        assert_eq!(
+            entries(&staged, b"p/"),
+            [("p/1", "a"), ("p/2", "b"), ("p/3", "C")].map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        assert_eq!(
+            tree.get("p/2").expect("read"),
+            None,
+            "nothing reaches the tree before the batch"
+        );
+
+        tree.apply_batch(staged.into_batch()).expect("batch applies");
+        assert_eq!(
+            entries(&tree, b"p/"),
+            [("p/1", "a"), ("p/2", "b"), ("p/3", "C")].map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        assert_eq!(entries(&tree, b"q/").len(), 1);
+    }
+
+    #[test]
+    fn the_batch_leaves_out_the_writes_of_a_message_neither_kept_nor_discarded() {
+        let (_dir, tree) = tree();
+        let mut staged = Staged::new(&tree);
+        staged.insert("p/1", "a");
+        staged.keep();
+        staged.insert("p/2", "b");
+        assert!(!staged.is_empty());
+        tree.apply_batch(staged.into_batch()).expect("batch applies");
+        assert_eq!(tree.get("p/1").expect("read").as_deref(), Some(&b"a"[..]));
+        assert_eq!(tree.get("p/2").expect("read"), None);
+    }
+}
