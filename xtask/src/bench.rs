@@ -1,13 +1,13 @@
 //! `cargo xtask bench`: builds the release binaries and runs `fleetlaps-bench`, which starts its
 //! own nats-server and orchestrator and writes `target/bench/report.md` and `report.json`.
 
-use crate::tools::{self, NATS_SERVER};
+use crate::tools::{self, NATS_SERVER, WRK};
 
-/// Installs nats-server if needed, builds the release binaries, runs the benchmarks with
+/// Installs nats-server and wrk if needed, builds the release binaries, runs the benchmarks with
 /// `bench_args` appended (for example `--events 100000`).
 pub(crate) fn run(bench_args: &[String]) -> anyhow::Result<()> {
-    tools::step("ensure system tools: nats-server");
-    tools::ensure_system_tools(&[NATS_SERVER])?;
+    tools::step("ensure system tools: nats-server, wrk");
+    tools::ensure_system_tools(&[NATS_SERVER, WRK])?;
     tools::run_step(&mut tools::cargo_command([
         "build",
         "--release",
@@ -28,6 +28,8 @@ pub(crate) fn run(bench_args: &[String]) -> anyhow::Result<()> {
             .arg(tools::target_dir().join("bench"))
             .arg("--nats-server")
             .arg(NATS_SERVER.path()?)
+            .arg("--wrk")
+            .arg(WRK.path()?)
             .args(bench_args),
     )
 }

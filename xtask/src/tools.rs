@@ -50,6 +50,12 @@ pub(crate) const PROMTOOL: SystemTool = SystemTool {
     package: "prometheus",
 };
 
+/// The HTTP load generator the API benchmark drives the orchestrator with (`cargo xtask bench`).
+pub(crate) const WRK: SystemTool = SystemTool {
+    binary: "wrk",
+    package: "wrk",
+};
+
 /// Directories searched after `PATH`: a non-root user's `PATH` often lacks them, yet Debian puts
 /// `nats-server` in `/usr/sbin`.
 const SYSTEM_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];

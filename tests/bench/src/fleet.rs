@@ -16,10 +16,15 @@ use chrono::Utc;
 use fleetlaps_proto::api::{
     EnrollmentRequest, EnrollmentResponse, EnrollmentTokenRequest, SIGNATURE_HEADER, TokenRequest,
 };
-use fleetlaps_proto::event::{AuthenticationObserved, Envelope, Event};
-use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName};
+use fleetlaps_proto::event::{
+    AuthenticationObserved, Envelope, Event, PasswordBackedUp, RotationReason, sealing_context,
+};
+use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
+use fleetlaps_proto::seal::{EscrowPublicKey, seal};
 use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
+use futures::{StreamExt as _, TryStreamExt as _};
+use indicatif::ProgressBar;
 use serde_json::Value;
 
 /// A child process stopped (SIGTERM, then SIGKILL after a grace period) and reaped when dropped,
@@ -127,7 +132,7 @@ pub(crate) async fn wait_listening(port: u16, child: &mut ChildGuard, timeout: D
 }
 
 /// Writes `contents` to a new file only its owner may read (nkey seeds, configs).
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -140,7 +145,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 /// Runs `program args…` and returns its standard output, or an error with its standard error.
-fn output_of(command: &mut Command, what: &str) -> anyhow::Result<String> {
+pub(crate) fn output_of(command: &mut Command, what: &str) -> anyhow::Result<String> {
     let output = command.output().with_context(|| format!("running {what}"))?;
     if !output.status.success() {
         bail!(
@@ -163,6 +168,52 @@ pub(crate) struct Nats {
     pub(crate) simulator_seed: PathBuf,
     /// The running server, stopped when dropped.
     server: ChildGuard,
+    /// How its config is rendered, to admit devices later.
+    render: NatsConfig,
+    /// Its config file, rewritten by [`Nats::admit`].
+    config_path: PathBuf,
+}
+
+/// The arguments of `fleetlaps-orchestrator nats-config` for the bench's server.
+#[derive(Debug)]
+struct NatsConfig {
+    orchestrator_binary: PathBuf,
+    orchestrator_key: String,
+    simulator_key: String,
+    /// `127.0.0.1:<port>`.
+    listen: String,
+    /// nats-server's version, which decides the durability settings rendered.
+    version: String,
+    store_dir: PathBuf,
+}
+
+impl NatsConfig {
+    /// The config: the orchestrator's and the simulator's users, and each of `devices`
+    /// (`DEVICE_ID=NKEY_PUBLIC_KEY`).
+    fn render(&self, devices: &[String]) -> anyhow::Result<String> {
+        let mut command = Command::new(&self.orchestrator_binary);
+        command
+            .args(["nats-config", "--orchestrator-nkey", &self.orchestrator_key])
+            .args(["--simulator-nkey", &self.simulator_key])
+            .args(["--listen", &self.listen, "--server-version", &self.version])
+            .arg("--store-dir")
+            .arg(&self.store_dir);
+        for device in devices {
+            command.args(["--device", device]);
+        }
+        output_of(&mut command, "fleetlaps-orchestrator nats-config")
+    }
+}
+
+/// Makes an nkey seed file at `path` with `fleetlaps-orchestrator nkey`; its public key.
+pub(crate) fn make_nkey(orchestrator_binary: &Path, path: &Path) -> anyhow::Result<String> {
+    let out = output_of(
+        Command::new(orchestrator_binary)
+            .args(["nkey", "--seed-file"])
+            .arg(path),
+        "fleetlaps-orchestrator nkey",
+    )?;
+    Ok(out.trim().to_owned())
 }
 
 impl Nats {
@@ -173,29 +224,20 @@ impl Nats {
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let orchestrator_seed = dir.join("orchestrator.nk");
         let simulator_seed = dir.join("simulator.nk");
-        let nkey = |path: &Path| -> anyhow::Result<String> {
-            let out = output_of(
-                Command::new(orchestrator_binary)
-                    .args(["nkey", "--seed-file"])
-                    .arg(path),
-                "fleetlaps-orchestrator nkey",
-            )?;
-            Ok(out.trim().to_owned())
-        };
-        let orchestrator_key = nkey(&orchestrator_seed)?;
-        let simulator_key = nkey(&simulator_seed)?;
+        let orchestrator_key = make_nkey(orchestrator_binary, &orchestrator_seed)?;
+        let simulator_key = make_nkey(orchestrator_binary, &simulator_seed)?;
         let version = output_of(Command::new(nats_server).arg("--version"), "nats-server --version")?;
         let version = version.trim().rsplit(' ').next().unwrap_or_default().to_owned();
         let port = free_port()?;
-        let config = output_of(
-            Command::new(orchestrator_binary)
-                .args(["nats-config", "--orchestrator-nkey", &orchestrator_key])
-                .args(["--simulator-nkey", &simulator_key])
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--server-version", &version])
-                .arg("--store-dir")
-                .arg(dir.join("store")),
-            "fleetlaps-orchestrator nats-config",
-        )?;
+        let render = NatsConfig {
+            orchestrator_binary: orchestrator_binary.to_owned(),
+            orchestrator_key,
+            simulator_key,
+            listen: format!("127.0.0.1:{port}"),
+            version,
+            store_dir: dir.join("store"),
+        };
+        let config = render.render(&[])?;
         let config_path = dir.join("nats-server.conf");
         write_private(&config_path, &config)?;
         let log = work.join("nats-server.log");
@@ -212,7 +254,21 @@ impl Nats {
             orchestrator_seed,
             simulator_seed,
             server,
+            render,
+            config_path,
         })
+    }
+
+    /// Admits devices' own nkey users (`DEVICE_ID=NKEY_PUBLIC_KEY`, as `nats-config --device`
+    /// takes them): renders the config again with them and has the server reload it (SIGHUP).
+    pub(crate) fn admit(&self, devices: &[String]) -> anyhow::Result<()> {
+        let config = self.render.render(devices)?;
+        write_private(&self.config_path, &config)?;
+        output_of(
+            Command::new("kill").args(["-HUP", &self.server.id().to_string()]),
+            "kill -HUP nats-server",
+        )?;
+        Ok(())
     }
 
     /// Stops the server now (as dropping it does), reporting a failure.
@@ -251,6 +307,8 @@ impl Nats {
 #[derive(Debug)]
 pub(crate) struct Orchestrator {
     binary: PathBuf,
+    /// Its working directory: the config, the log and `data/`.
+    dir: PathBuf,
     config: PathBuf,
     log: PathBuf,
     /// The API, `http://127.0.0.1:<port>` (`plain_http`: TLS is not what is measured).
@@ -274,7 +332,8 @@ impl Orchestrator {
             &format!(
                 "data_dir = \"{data}\"\n[nats]\nurl = \"{url}\"\nnkey_seed_file = \"{seed}\"\n\
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\nplain_http = true\n\
-                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+                 [campaigns]\nwave_devices_per_second = 100000\n",
                 data = dir.join("data").display(),
                 url = nats.url,
                 seed = nats.orchestrator_seed.display(),
@@ -282,6 +341,7 @@ impl Orchestrator {
         )?;
         Ok(Self {
             binary: binary.to_owned(),
+            dir: dir.clone(),
             config,
             log: dir.join("orchestrator.log"),
             base_url: format!("http://127.0.0.1:{http_port}"),
@@ -393,9 +453,10 @@ impl Orchestrator {
     /// `POST /fleetlaps/v1/enroll` as a device does (`fleetlaps-agent enroll`): a fresh key pair.
     pub(crate) async fn enroll(&self, http: &reqwest::Client, token: &str, name: &str) -> anyhow::Result<Device> {
         let signing_key = DeviceSigningKey::generate();
+        let device_name = DeviceName::parse(name).with_context(|| format!("device name {name}"))?;
         let request = EnrollmentRequest {
             public_key: signing_key.public_key().to_string(),
-            device_name: DeviceName::parse(name).with_context(|| format!("device name {name}"))?,
+            device_name: device_name.clone(),
             tags: Vec::new(),
         };
         let answer = post(http, &format!("{}/fleetlaps/v1/enroll", self.base_url), token, &request).await?;
@@ -403,11 +464,106 @@ impl Orchestrator {
             serde_json::from_value(answer).context("the enrollment answer does not decode")?;
         Ok(Device {
             id: answer.device_id,
+            name: device_name,
+            escrow_public_key: answer.escrow_public_key,
             signing_key,
             sequence: 0,
         })
     }
+
+    /// Enrolls `count` devices named `<prefix>-<index>` (from `first`), 16 at a time, with an
+    /// enrollment token per 10,000 or so; the devices in index order.
+    pub(crate) async fn enroll_many(
+        &self,
+        http: &reqwest::Client,
+        prefix: &str,
+        first: u32,
+        count: u32,
+        progress: &ProgressBar,
+    ) -> anyhow::Result<Vec<Device>> {
+        progress.set_length(u64::from(count));
+        let mut enrolled: Vec<(u32, Device)> = Vec::with_capacity(count as usize);
+        let last = first + count;
+        let mut chunk_first = first;
+        while chunk_first < last {
+            // One enrollment token per chunk: the orchestrator allows at most 10,000 uses each.
+            let chunk_last = last.min(chunk_first + MAX_TOKEN_USES - ENROLLMENT_SLACK);
+            let token = self
+                .create_enrollment_token(
+                    http,
+                    &format!("{prefix}-{chunk_first}"),
+                    chunk_last - chunk_first + ENROLLMENT_SLACK,
+                )
+                .await?;
+            let chunk: Vec<(u32, Device)> = futures::stream::iter(chunk_first..chunk_last)
+                .map(|index| {
+                    let token = &token;
+                    async move {
+                        let device = self
+                            .enroll(http, token, &format!("{prefix}-{index:06}"))
+                            .await
+                            .with_context(|| format!("enrolling device {prefix}-{index:06}"))?;
+                        progress.inc(1);
+                        anyhow::Ok((index, device))
+                    }
+                })
+                .buffer_unordered(ENROLL_CONCURRENCY)
+                .try_collect()
+                .await?;
+            enrolled.extend(chunk);
+            chunk_first = chunk_last;
+        }
+        enrolled.sort_unstable_by_key(|(index, _)| *index);
+        Ok(enrolled.into_iter().map(|(_, device)| device).collect())
+    }
+
+    /// A new API token with `scopes` (made with the bootstrap admin token); the token.
+    pub(crate) async fn create_token_with(
+        &self,
+        http: &reqwest::Client,
+        name: &str,
+        scopes: &[&str],
+    ) -> anyhow::Result<String> {
+        let request = TokenRequest {
+            name: name.to_owned(),
+            scopes: scopes.iter().map(|scope| (*scope).to_owned()).collect(),
+            expires_date_time: None,
+        };
+        let answer = self.admin_post(http, "/v1.0/fleetlaps/tokens", &request).await?;
+        answer["token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the token's creation answered no token")
+    }
+
+    /// The data directory (`data_dir`): the sled projections and the keys.
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The config file, which `fleetlaps-orchestrator replay --config` reads too.
+    pub(crate) fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The orchestrator's executable.
+    pub(crate) fn binary(&self) -> &Path {
+        &self.binary
+    }
 }
+
+/// Enrollments sent at once by [`Orchestrator::enroll_many`], as `fleetlaps-agent simulate` does.
+const ENROLL_CONCURRENCY: usize = 16;
+
+/// Uses given to an enrollment token beyond the enrollments made with it concurrently. The
+/// orchestrator counts a use twice for a moment (folded into the projections and still reserved
+/// by its request, `http/enrollment.rs` `reserve`), so a token with exactly as many uses as
+/// devices refuses the last few as used up when they enroll concurrently; at most one double
+/// count per request in flight.
+pub(crate) const ENROLLMENT_SLACK: u32 = 2 * ENROLL_CONCURRENCY as u32;
+
+/// The most uses the orchestrator gives one enrollment token (`maxUses`).
+pub(crate) const MAX_TOKEN_USES: u32 = 10_000;
 
 /// `POST url` with `token` as bearer; the answer's JSON, or an error with its status and body.
 async fn post(http: &reqwest::Client, url: &str, token: &str, body: &impl serde::Serialize) -> anyhow::Result<Value> {
@@ -453,6 +609,10 @@ fn random_token() -> anyhow::Result<String> {
 pub(crate) struct Device {
     /// The id the orchestrator gave it.
     pub(crate) id: DeviceId,
+    /// The name it enrolled with, which `$filter=deviceName eq '…'` looks up.
+    pub(crate) name: DeviceName,
+    /// The key its backups are sealed to, as the enrollment answered.
+    escrow_public_key: EscrowPublicKey,
     signing_key: DeviceSigningKey,
     sequence: u64,
 }
@@ -479,6 +639,36 @@ impl Device {
             first_at: None,
             last_at: None,
         });
+        self.signed(event)
+    }
+
+    /// Its next event: a backed-up password (random, sealed to the escrow key as the agent
+    /// seals it), so the orchestrator holds a credential it can disclose.
+    pub(crate) fn next_backup(&mut self) -> anyhow::Result<SignedEvent> {
+        self.sequence += 1;
+        let rotation_id = RotationId::new();
+        // A random password is all the orchestrator needs to open; the rotation's UUID is one.
+        let password = format!("bench-{rotation_id}");
+        let event = Event::PasswordBackedUp(PasswordBackedUp {
+            rotation_id,
+            device_name: self.name.clone(),
+            account_name: AccountName::parse("lapsadmin").context("account name")?,
+            account_uid: Some(1001),
+            sealed_password: seal(
+                &self.escrow_public_key,
+                password.as_bytes(),
+                &sealing_context(&self.id, &rotation_id),
+            ),
+            escrow_public_key: Some(self.escrow_public_key),
+            recovery_sealed_password: None,
+            expires_at: Utc::now() + chrono::Duration::days(30),
+            reason: RotationReason::Manual,
+        });
+        self.signed(event)
+    }
+
+    /// `event` as this device's, at its current sequence, signed with its key.
+    fn signed(&self, event: Event) -> anyhow::Result<SignedEvent> {
         let envelope = Envelope::new(self.id.clone(), self.sequence, Utc::now(), event);
         let subject = subject::device_event(&self.id, envelope.event.kind());
         let payload = envelope.to_json();

@@ -261,10 +261,12 @@ pub(crate) mod metric_names {
     pub(crate) const PROJECTION_LAST_SEQUENCE: &str = "fleetlaps_projection_last_sequence";
     /// Counter: messages refused into the quarantine, by reason.
     pub(crate) const EVENTS_QUARANTINED_TOTAL: &str = "fleetlaps_events_quarantined_total";
+    /// Counter: backups confirmed to their devices, by outcome.
+    pub(crate) const BACKUPS_CONFIRMED_TOTAL: &str = "fleetlaps_backups_confirmed_total";
 }
 
 /// The sum of every sample of `name`, whatever its labels.
-fn sum_samples(text: &str, name: &str) -> f64 {
+pub(crate) fn sum_samples(text: &str, name: &str) -> f64 {
     text.lines()
         .filter_map(|line| {
             let rest = line.strip_prefix(name)?;

@@ -18,6 +18,18 @@ pub(crate) enum Quantity {
     /// A latency in milliseconds (less is better).
     #[serde(rename = "ms")]
     Milliseconds(f64),
+    /// A rate of HTTP requests per second (more is better).
+    #[serde(rename = "requests/s")]
+    RequestsPerSecond(f64),
+    /// A size in bytes, such as storage per event (less is better).
+    #[serde(rename = "bytes")]
+    Bytes(f64),
+    /// A size in mebibytes (2^20 bytes), such as a resident set (less is better).
+    #[serde(rename = "MiB")]
+    Mebibytes(f64),
+    /// A span of time in seconds, such as a whole campaign (less is better).
+    #[serde(rename = "s")]
+    Seconds(f64),
 }
 
 impl Quantity {
@@ -26,9 +38,19 @@ impl Quantity {
         Self::Milliseconds(duration.as_secs_f64() * 1e3)
     }
 
+    /// A size from a count of bytes, in MiB.
+    pub(crate) fn mebibytes(bytes: f64) -> Self {
+        Self::Mebibytes(bytes / (1024.0 * 1024.0))
+    }
+
     fn value(self) -> f64 {
         match self {
-            Self::EventsPerSecond(value) | Self::Milliseconds(value) => value,
+            Self::EventsPerSecond(value)
+            | Self::Milliseconds(value)
+            | Self::RequestsPerSecond(value)
+            | Self::Bytes(value)
+            | Self::Mebibytes(value)
+            | Self::Seconds(value) => value,
         }
     }
 
@@ -36,6 +58,10 @@ impl Quantity {
         match self {
             Self::EventsPerSecond(value) => format!("{} events/s", group_thousands(value.round())),
             Self::Milliseconds(value) => format!("{value:.2} ms"),
+            Self::RequestsPerSecond(value) => format!("{} requests/s", group_thousands(value.round())),
+            Self::Bytes(value) => format!("{} bytes", group_thousands(value.round())),
+            Self::Mebibytes(value) => format!("{value:.1} MiB"),
+            Self::Seconds(value) => format!("{value:.2} s"),
         }
     }
 }
@@ -191,6 +217,18 @@ mod tests {
         let hundred: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         assert_eq!(percentile(&hundred, 99.0), Some(Duration::from_millis(99)));
         assert_eq!(percentile(&hundred, 50.0), Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn every_unit_renders_with_its_name() {
+        assert_eq!(Quantity::RequestsPerSecond(12_345.6).render(), "12,346 requests/s");
+        assert_eq!(Quantity::Bytes(1_536.2).render(), "1,536 bytes");
+        assert_eq!(Quantity::mebibytes(3.0 * 1024.0 * 1024.0).render(), "3.0 MiB");
+        assert_eq!(Quantity::Seconds(1.234).render(), "1.23 s");
+        assert_eq!(
+            serde_json::to_value(Quantity::Bytes(10.0)).expect("serialises"),
+            serde_json::json!({"unit": "bytes", "value": 10.0})
+        );
     }
 
     #[test]

@@ -1,0 +1,315 @@
+//! Fleet-wide rotation: N devices simulated by `fleetlaps-agent simulate` (the agent's own rotation
+//! code, one process), a breach declared on all of them through the API with the campaign's wave
+//! rate unlimited, timed from the declaration to the campaign completed (every device's rotation
+//! confirmed). The baseline is the same measurement for one of those devices alone: a campaign of
+//! one device, the floor of a breach's round trip through the orchestrator, NATS and an agent.
+
+use std::path::{Path, PathBuf};
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use fleetlaps_proto::api::{BreachInfo, BreachRequest, SCOPE_BREACH_DECLARE};
+use fleetlaps_proto::breach::BreachScope;
+use fleetlaps_proto::ids::DeviceId;
+use indicatif::ProgressBar;
+use serde_json::Value;
+
+use crate::fleet::{ChildGuard, Nats, Orchestrator};
+use crate::report::{Quantity, Row};
+
+const BENCHMARK: &str = "fleet-wide rotation";
+
+/// What the simulator logs once every device is backed up.
+const SIMULATOR_READY: &str = "every simulated device is backed up";
+/// How long the simulated fleet may take to enroll and back up.
+const SIMULATOR_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Devices per declared breach: `breach_declared` carries its scope's device ids, and the
+/// orchestrator refuses a devices scope of more than `breach::DEVICES_PER_EVENT` (500) ids, so
+/// the declaration fits in one event of the history; a bigger fleet is declared as several
+/// breaches at once.
+const DEVICES_PER_BREACH: usize = fleetlaps_proto::breach::DEVICES_PER_EVENT;
+/// How many times the simulator is started before its enrollments count as failed.
+const SIMULATOR_ATTEMPTS: u32 = 4;
+/// How long a campaign may take before the benchmark gives up.
+const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The simulated fleet, stopped when dropped.
+pub(crate) struct SimulatedFleet {
+    /// The `fleetlaps-agent simulate` process.
+    pub(crate) process: ChildGuard,
+    /// Its devices' ids, as the orchestrator lists them.
+    pub(crate) device_ids: Vec<DeviceId>,
+    /// Its log, named in errors.
+    pub(crate) log: PathBuf,
+}
+
+/// Where and how fleet simulators run.
+pub(crate) struct Simulators<'a> {
+    /// `fleetlaps-agent`'s executable.
+    pub(crate) agent_binary: &'a Path,
+    /// The nats-server, whose simulator user the fleets connect as.
+    pub(crate) nats: &'a Nats,
+    /// The run's working directory; each fleet gets its own directory in it.
+    pub(crate) work: &'a Path,
+}
+
+/// Writes the simulator's config under `work/<name>`, starts `fleetlaps-agent simulate` with
+/// `devices` devices enrolled through the API, and waits until every one is backed up.
+pub(crate) async fn start_fleet(
+    simulators: &Simulators<'_>,
+    orchestrator: &Orchestrator,
+    http: &reqwest::Client,
+    name: &str,
+    devices: u32,
+    progress: &ProgressBar,
+) -> anyhow::Result<SimulatedFleet> {
+    let Simulators {
+        agent_binary,
+        nats,
+        work,
+    } = simulators;
+    let dir = work.join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config = dir.join("simulator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{state}\"\n[nats]\nurl = \"{url}\"\nnkey_seed_file = \"{seed}\"\n\
+             [account]\nbackend = \"file\"\npath = \"{state}/unused\"\n",
+            state = dir.join("state").display(),
+            url = nats.url,
+            seed = nats.simulator_seed.display(),
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let backed_up_before = backups_confirmed(orchestrator, http).await?;
+    let log = dir.join("simulator.log");
+    let state = dir.join("state");
+    progress.set_length(u64::from(devices));
+    let deadline = Instant::now() + SIMULATOR_TIMEOUT;
+    let mut attempt = 1;
+    let process = 'attempts: loop {
+        // A token for the devices not enrolled yet (a restarted simulator reuses the identities
+        // it has), with the slack the orchestrator's double count needs, within its 10,000 uses.
+        let missing = devices.saturating_sub(simulated_device_ids(&state)?.len() as u32);
+        let uses = (missing + crate::fleet::ENROLLMENT_SLACK).min(crate::fleet::MAX_TOKEN_USES);
+        let token = orchestrator
+            .create_enrollment_token(http, &format!("bench-{name}-{attempt}"), uses)
+            .await?;
+        let mut process = ChildGuard::spawn(
+            "fleetlaps-agent simulate",
+            Command::new(agent_binary)
+                .arg("--config")
+                .arg(&config)
+                .args(["simulate", "--devices", &devices.to_string()])
+                .args(["--orchestrator", &orchestrator.base_url, "--insecure-http"])
+                .env("LAPS_ENROLLMENT_TOKEN", &token)
+                .env_remove("RUST_LOG"),
+            &log,
+        )?;
+        loop {
+            if std::fs::read_to_string(&log).is_ok_and(|text| text.contains(SIMULATOR_READY)) {
+                break 'attempts process;
+            }
+            if let Err(err) = process.ensure_running() {
+                // Enrollments refused as "used up" by the orchestrator's double count end the
+                // simulator; it is started again for the rest, a few times.
+                if attempt < SIMULATOR_ATTEMPTS {
+                    eprintln!("bench: the fleet simulator stopped ({err:#}); starting it again for the devices left");
+                    attempt += 1;
+                    continue 'attempts;
+                }
+                return Err(err).with_context(|| format!("the fleet simulator stopped; see {}", log.display()));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the simulated fleet was not backed up within {SIMULATOR_TIMEOUT:?}; see {}",
+                    log.display()
+                );
+            }
+            let confirmed = backups_confirmed(orchestrator, http).await? - backed_up_before;
+            progress.set_position((confirmed.max(0.0) as u64).min(u64::from(devices)));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    progress.set_position(u64::from(devices));
+    let device_ids = simulated_device_ids(&dir.join("state"))?;
+    anyhow::ensure!(
+        device_ids.len() == devices as usize,
+        "the simulator's state holds {} device identities, expected {devices}",
+        device_ids.len()
+    );
+    Ok(SimulatedFleet {
+        process,
+        device_ids,
+        log,
+    })
+}
+
+/// The orchestrator's count of confirmed backups, all outcomes.
+async fn backups_confirmed(orchestrator: &Orchestrator, http: &reqwest::Client) -> anyhow::Result<f64> {
+    let text = http
+        .get(&orchestrator.metrics_url)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("scraping {}", orchestrator.metrics_url))?
+        .text()
+        .await
+        .context("reading the metrics")?;
+    Ok(crate::ingest::sum_samples(
+        &text,
+        crate::ingest::metric_names::BACKUPS_CONFIRMED_TOTAL,
+    ))
+}
+
+/// The ids of the simulator's enrolled devices, from the identity each keeps in
+/// `state_dir/devices/<name>/identity.json` (its `device_id`), so only this fleet's devices count.
+fn simulated_device_ids(state_dir: &Path) -> anyhow::Result<Vec<DeviceId>> {
+    let devices_dir = state_dir.join("devices");
+    let mut ids = Vec::new();
+    if !devices_dir.exists() {
+        return Ok(ids);
+    }
+    for entry in std::fs::read_dir(&devices_dir).with_context(|| format!("reading {}", devices_dir.display()))? {
+        let path = entry
+            .with_context(|| format!("reading {}", devices_dir.display()))?
+            .path()
+            .join("identity.json");
+        if !path.exists() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let identity: Value = serde_json::from_str(&text).with_context(|| format!("{} is no JSON", path.display()))?;
+        let id = identity["device_id"]
+            .as_str()
+            .with_context(|| format!("{} has no device_id", path.display()))?;
+        ids.push(DeviceId::parse(id).with_context(|| format!("device id {id} in {}", path.display()))?);
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Declares breaches on `device_ids`, [`DEVICES_PER_BREACH`] at a time, and waits until every
+/// campaign has completed; the time from just before the first `POST` to the first poll (every
+/// 50 ms) that shows them all completed, and the campaigns' last state.
+pub(crate) async fn campaign(
+    orchestrator: &Orchestrator,
+    http: &reqwest::Client,
+    token: &str,
+    device_ids: &[DeviceId],
+    progress: &ProgressBar,
+) -> anyhow::Result<(Duration, Vec<BreachInfo>)> {
+    progress.set_length(device_ids.len() as u64);
+    let url = format!("{}/v1.0/fleetlaps/breaches", orchestrator.base_url);
+    let started = Instant::now();
+    let mut items = Vec::new();
+    for chunk in device_ids.chunks(DEVICES_PER_BREACH) {
+        let request = BreachRequest {
+            reason: format!("fleetlaps-bench: {} devices", chunk.len()),
+            deadline: Utc::now() + chrono::Duration::hours(1),
+            scope: BreachScope::Devices {
+                device_ids: chunk.to_vec(),
+            },
+        };
+        let response = http
+            .post(&url)
+            .bearer_auth(token)
+            .json(&request)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let text = response.text().await.context("reading the declaration's answer")?;
+        if !status.is_success() {
+            bail!(
+                "POST {url}: HTTP {status}: {}",
+                text.chars().take(300).collect::<String>()
+            );
+        }
+        let declared: BreachInfo = serde_json::from_str(&text).context("the declaration's answer does not decode")?;
+        items.push(format!("{url}/{}", declared.id));
+    }
+    loop {
+        let mut infos = Vec::with_capacity(items.len());
+        for item in &items {
+            let info: BreachInfo = http
+                .get(item)
+                .bearer_auth(token)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .with_context(|| format!("GET {item}"))?
+                .json()
+                .await
+                .with_context(|| format!("GET {item} does not decode"))?;
+            match info.state.as_str() {
+                "completed" | "declared" | "running" => {}
+                other => bail!("the campaign {} ended {other}: {info:?}", info.id),
+            }
+            infos.push(info);
+        }
+        progress.set_position(infos.iter().map(|info| u64::from(info.rotated)).sum());
+        if infos.iter().all(|info| info.state == "completed") {
+            return Ok((started.elapsed(), infos));
+        }
+        if started.elapsed() > CAMPAIGN_TIMEOUT {
+            bail!("the campaigns did not complete within {CAMPAIGN_TIMEOUT:?}: {infos:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the benchmark: a fleet of `devices` simulated devices, one campaign of one device (the
+/// baseline), then one of all of them.
+pub(crate) async fn run(
+    simulators: &Simulators<'_>,
+    orchestrator: &Orchestrator,
+    http: &reqwest::Client,
+    devices: u32,
+) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
+    let progress = crate::bar("rotation: simulated fleet backed up");
+    let mut fleet = start_fleet(simulators, orchestrator, http, "rotation", devices, &progress).await?;
+    progress.finish();
+    let token = orchestrator
+        .create_token_with(http, "bench-rotation", &[SCOPE_BREACH_DECLARE])
+        .await?;
+    let progress = crate::bar("baseline: campaign of one device");
+    let (one, _) = campaign(orchestrator, http, &token, &fleet.device_ids[..1], &progress)
+        .await
+        .context("baseline: a campaign of one device")?;
+    progress.finish();
+    let progress = crate::bar("campaign of the whole fleet");
+    let (all, infos) = campaign(orchestrator, http, &token, &fleet.device_ids, &progress)
+        .await
+        .with_context(|| format!("the fleet's campaign; the simulator's log is {}", fleet.log.display()))?;
+    progress.finish();
+    fleet
+        .process
+        .ensure_running()
+        .with_context(|| format!("the fleet simulator; see {}", fleet.log.display()))?;
+    fleet.process.stop().context("stopping the fleet simulator")?;
+    let row = Row::new(
+        BENCHMARK,
+        &format!("breach declared to campaign completed, {devices} devices"),
+        Quantity::Seconds(all.as_secs_f64()),
+        "the same for one device",
+        Quantity::Seconds(one.as_secs_f64()),
+        "< 10 s",
+    );
+    let rotated: u32 = infos.iter().map(|info| info.rotated).sum();
+    let commanded: u32 = infos.iter().map(|info| info.commanded).sum();
+    let notes = vec![format!(
+        "Rotation: {devices} devices simulated by one `fleetlaps-agent simulate` process (the agent's rotation code, \
+         file-backed accounts), campaign wave rate 100,000 devices/s, declared as {} breach(es) of at most \
+         {DEVICES_PER_BREACH} devices (the orchestrator takes at most 500 ids per devices scope, so the declaration fits in one event); \
+         {rotated} rotated, {commanded} commanded. Completion is polled every 50 ms, so it may read up to 50 ms late; \
+         {:.0} rotations/s overall.",
+        infos.len(),
+        f64::from(rotated) / all.as_secs_f64()
+    )];
+    Ok((vec![row], notes))
+}
