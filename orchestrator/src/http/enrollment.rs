@@ -14,7 +14,10 @@
 //!   is unknown, expired, revoked or used up is refused with 401 naming which.
 //!
 //! Uses are reserved under [`AppState::enrollments_in_flight`] before the event is recorded, so
-//! concurrent enrollments never exceed `maxUses`.
+//! concurrent enrollments never exceed `maxUses`; a reservation whose enrollment the projections
+//! already count is not counted again, so none is refused while a use is left.
+
+use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -168,11 +171,12 @@ pub(super) async fn enroll(
     super::devices::check_tags(&request.tags)?;
     // The token's uses and revocation live in the projections: not trusted before they caught up.
     state.health.authority()?;
-    let token_id = reserve(&state, &auth::token_sha256(token))?;
+    let (token_id, reservation_id) = reserve(&state, &auth::token_sha256(token))?;
     // Gives the use back however this request ends, a client hanging up included.
     let mut reservation = Reservation {
         state: state.clone(),
         token_id,
+        id: reservation_id,
         recorded_at: None,
         released: false,
     };
@@ -192,7 +196,7 @@ pub(super) async fn enroll(
             return Err(err);
         }
     };
-    reservation.recorded_at = Some(sequence);
+    reservation.recorded(sequence);
     if state
         .projections
         .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
@@ -217,12 +221,33 @@ pub(super) async fn enroll(
     ))
 }
 
-/// Takes one use of the enrollment token with this digest, or refuses naming why.
-fn reserve(state: &AppState, token_sha256: &str) -> Result<TokenId, ApiError> {
+/// The uses of enrollment tokens reserved by enrollments under way.
+#[derive(Debug, Default)]
+pub struct EnrollmentsInFlight {
+    /// The id the next reservation gets.
+    next_id: u64,
+    /// By token, each reservation's id and, once JetStream took its enrollment, the stream
+    /// sequence it was recorded at.
+    by_token: HashMap<TokenId, HashMap<u64, Option<u64>>>,
+}
+
+impl EnrollmentsInFlight {
+    /// How many uses are reserved, of every token.
+    pub fn reserved(&self) -> usize {
+        self.by_token.values().map(HashMap::len).sum()
+    }
+}
+
+/// Takes one use of the enrollment token with this digest, or refuses naming why; returns the
+/// token's id and the reservation's.
+fn reserve(state: &AppState, token_sha256: &str) -> Result<(TokenId, u64), ApiError> {
     let mut in_flight = state
         .enrollments_in_flight
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Read before the token: every enrollment folded up to here is in the uses read next, so a
+    // reservation recorded at or before it is counted there and not again.
+    let applied = state.projections.applied_sequence();
     // Read under the lock: a use leaves `in_flight` only once the projections count it.
     // An API token is not an enrollment token, whatever it is presented as.
     let Some(record) = state
@@ -253,14 +278,24 @@ fn reserve(state: &AppState, token_sha256: &str) -> Result<TokenId, ApiError> {
         }
     }
     let max_uses = record.max_uses.unwrap_or(u32::MAX);
-    let reserved = in_flight.entry(record.token_id).or_insert(0);
-    if record.uses.saturating_add(*reserved) >= max_uses {
+    let id = in_flight.next_id;
+    in_flight.next_id += 1;
+    let reservations = in_flight.by_token.entry(record.token_id).or_default();
+    let not_yet_counted = reservations
+        .values()
+        .filter(|recorded| recorded.is_none_or(|sequence| sequence > applied))
+        .count();
+    if record
+        .uses
+        .saturating_add(u32::try_from(not_yet_counted).unwrap_or(u32::MAX))
+        >= max_uses
+    {
         return Err(ApiError::EnrollmentRefused(format!(
             "the enrollment token is used up: {max_uses} of {max_uses} enrollments made"
         )));
     }
-    *reserved += 1;
-    Ok(record.token_id)
+    reservations.insert(id, None);
+    Ok((record.token_id, id))
 }
 
 /// One reserved use of an enrollment token, given back when dropped: at once if nothing was
@@ -270,6 +305,8 @@ fn reserve(state: &AppState, token_sha256: &str) -> Result<TokenId, ApiError> {
 struct Reservation {
     state: AppState,
     token_id: TokenId,
+    /// Its id among the token's reservations.
+    id: u64,
     /// The stream sequence of the recorded enrollment, once JetStream acknowledged it.
     recorded_at: Option<u64>,
     /// Whether the use was given back already.
@@ -277,9 +314,27 @@ struct Reservation {
 }
 
 impl Reservation {
+    /// Notes that the enrollment was recorded at stream sequence `sequence`: once the
+    /// projections pass it, they count this use and the reservation no longer does.
+    fn recorded(&mut self, sequence: u64) {
+        self.recorded_at = Some(sequence);
+        let mut in_flight = self
+            .state
+            .enrollments_in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(recorded) = in_flight
+            .by_token
+            .get_mut(&self.token_id)
+            .and_then(|reservations| reservations.get_mut(&self.id))
+        {
+            *recorded = Some(sequence);
+        }
+    }
+
     /// Gives the use back now (nothing was recorded, or the projections count it).
     fn release_now(mut self) {
-        release(&self.state, self.token_id);
+        release(&self.state, self.token_id, self.id);
         self.released = true;
     }
 }
@@ -289,7 +344,7 @@ impl Drop for Reservation {
         if self.released {
             return;
         }
-        let (state, token_id, recorded_at) = (self.state.clone(), self.token_id, self.recorded_at);
+        let (state, token_id, id, recorded_at) = (self.state.clone(), self.token_id, self.id, self.recorded_at);
         tokio::spawn(async move {
             match recorded_at {
                 Some(sequence) => {
@@ -301,21 +356,21 @@ impl Drop for Reservation {
                 }
                 None => tokio::time::sleep(super::VISIBLE_TIMEOUT).await,
             }
-            release(&state, token_id);
+            release(&state, token_id, id);
         });
     }
 }
 
-/// Gives back one reserved use of the token.
-fn release(state: &AppState, token_id: TokenId) {
+/// Gives back the reservation `id` of the token.
+fn release(state: &AppState, token_id: TokenId, id: u64) {
     let mut in_flight = state
         .enrollments_in_flight
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(reserved) = in_flight.get_mut(&token_id) {
-        *reserved = reserved.saturating_sub(1);
-        if *reserved == 0 {
-            in_flight.remove(&token_id);
+    if let Some(reservations) = in_flight.by_token.get_mut(&token_id) {
+        reservations.remove(&id);
+        if reservations.is_empty() {
+            in_flight.by_token.remove(&token_id);
         }
     }
 }

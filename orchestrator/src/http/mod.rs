@@ -82,7 +82,7 @@ pub struct AppState {
     pub policy: Option<fleetlaps_proto::policy::Policy>,
     /// Enrollments recorded by this process but not yet folded in, per enrollment token: counted
     /// with the projections' uses, so concurrent enrollments never exceed a token's `maxUses`.
-    pub enrollments_in_flight: Arc<std::sync::Mutex<std::collections::HashMap<fleetlaps_proto::audit::TokenId, u32>>>,
+    pub enrollments_in_flight: Arc<std::sync::Mutex<enrollment::EnrollmentsInFlight>>,
     /// The NATS connection, as `/healthz` reports it (server version, durability, TLS).
     pub nats: crate::bus::NatsStatus,
     /// Whether the projections may be trusted yet, and whether the consumer works.

@@ -1386,6 +1386,48 @@ async fn an_enrollment_the_projections_show_late_keeps_its_use_reserved_until_th
     assert!(third.message().contains("used up"), "{}", third.body);
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_enrollment_the_projections_just_counted_is_not_counted_again_by_its_reservation() {
+    // Arrange: a token for two devices; the first enrollment is recorded while the projections
+    // lag, so its use stays reserved until they count it.
+    let fixture = Fixture::new();
+    let created = fixture
+        .call(
+            "POST",
+            "/v1.0/fleetlaps/enrollmentTokens",
+            Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
+            Some(&scope_token(crate::auth::Scope::Admin)),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let token = created.body["token"].as_str().unwrap().to_owned();
+    let enroll = |name: &str| {
+        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
+        let body = serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": name});
+        let token = token.clone();
+        let fixture = &fixture;
+        async move {
+            fixture
+                .call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(&token))
+                .await
+        }
+    };
+    fixture.journal.hold_folding();
+    let first = enroll("host-1").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+
+    // Act: the projections count it, and the next enrollment comes before its reservation is
+    // given back (nothing else has run in between).
+    fixture.journal.fold_held();
+    let second = enroll("host-2").await;
+
+    // Assert: one use was left, and it is taken; then the token is used up.
+    assert_eq!(second.status, StatusCode::CREATED, "{}", second.body);
+    let third = enroll("host-3").await;
+    third.assert_error(StatusCode::UNAUTHORIZED, "InvalidAuthenticationToken");
+    assert!(third.message().contains("used up"), "{}", third.body);
+}
+
 #[tokio::test]
 async fn no_token_is_trusted_until_the_projections_reach_the_streams_last_sequence_at_start() {
     let mut fixture = Fixture::new();
@@ -1648,15 +1690,7 @@ async fn an_enrollment_whose_client_hangs_up_gives_its_reserved_use_back_once_th
     let fixture = Fixture::new();
     fixture.journal.hold_folding();
     let request = enroll_request("hung-up", &serde_json::json!([]));
-    let in_flight = || {
-        fixture
-            .state
-            .enrollments_in_flight
-            .lock()
-            .unwrap()
-            .values()
-            .sum::<u32>()
-    };
+    let in_flight = || fixture.state.enrollments_in_flight.lock().unwrap().reserved();
     // The request is recorded, then waits for the projections; the client hangs up meanwhile.
     let answer = tokio::time::timeout(
         std::time::Duration::from_millis(300),

@@ -487,12 +487,12 @@ impl Orchestrator {
         let mut chunk_first = first;
         while chunk_first < last {
             // One enrollment token per chunk: the orchestrator allows at most 10,000 uses each.
-            let chunk_last = last.min(chunk_first + MAX_TOKEN_USES - ENROLLMENT_SLACK);
+            let chunk_last = last.min(chunk_first + MAX_TOKEN_USES);
             let token = self
                 .create_enrollment_token(
                     http,
                     &format!("{prefix}-{chunk_first}"),
-                    chunk_last - chunk_first + ENROLLMENT_SLACK,
+                    chunk_last - chunk_first,
                 )
                 .await?;
             let chunk: Vec<(u32, Device)> = futures::stream::iter(chunk_first..chunk_last)
@@ -555,12 +555,6 @@ impl Orchestrator {
 /// Enrollments sent at once by [`Orchestrator::enroll_many`], as `fleetlaps-agent simulate` does.
 const ENROLL_CONCURRENCY: usize = 16;
 
-/// Uses given to an enrollment token beyond the enrollments made with it concurrently. The
-/// orchestrator counts a use twice for a moment (folded into the projections and still reserved
-/// by its request, `http/enrollment.rs` `reserve`), so a token with exactly as many uses as
-/// devices refuses the last few as used up when they enroll concurrently; at most one double
-/// count per request in flight.
-pub(crate) const ENROLLMENT_SLACK: u32 = 2 * ENROLL_CONCURRENCY as u32;
 
 /// The most uses the orchestrator gives one enrollment token (`maxUses`).
 pub(crate) const MAX_TOKEN_USES: u32 = 10_000;

@@ -95,7 +95,7 @@ pub(crate) async fn start_fleet(
         // A token for the devices not enrolled yet (a restarted simulator reuses the identities
         // it has), with the slack the orchestrator's double count needs, within its 10,000 uses.
         let missing = devices.saturating_sub(simulated_device_ids(&state)?.len() as u32);
-        let uses = (missing + crate::fleet::ENROLLMENT_SLACK).min(crate::fleet::MAX_TOKEN_USES);
+        let uses = missing.min(crate::fleet::MAX_TOKEN_USES);
         let token = orchestrator
             .create_enrollment_token(http, &format!("bench-{name}-{attempt}"), uses)
             .await?;
@@ -115,8 +115,8 @@ pub(crate) async fn start_fleet(
                 break 'attempts process;
             }
             if let Err(err) = process.ensure_running() {
-                // Enrollments refused as "used up" by the orchestrator's double count end the
-                // simulator; it is started again for the rest, a few times.
+                // A simulator that stopped (an enrollment refused, a lost connection) is started
+                // again for the devices left, a few times.
                 if attempt < SIMULATOR_ATTEMPTS {
                     eprintln!("bench: the fleet simulator stopped ({err:#}); starting it again for the devices left");
                     attempt += 1;
