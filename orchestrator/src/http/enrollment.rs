@@ -171,7 +171,9 @@ pub(super) async fn enroll(
     super::devices::check_tags(&request.tags)?;
     // The token's uses and revocation live in the projections: not trusted before they caught up.
     state.health.authority()?;
-    let (token_id, reservation_id) = reserve(&state, &auth::token_sha256(token))?;
+    let device_id = DeviceId::new_random();
+    tracing::Span::current().record("device_id", tracing::field::display(&device_id));
+    let (token_id, reservation_id) = reserve(&state, &auth::token_sha256(token), &device_id)?;
     // Gives the use back however this request ends, a client hanging up included.
     let mut reservation = Reservation {
         state: state.clone(),
@@ -180,8 +182,6 @@ pub(super) async fn enroll(
         recorded_at: None,
         released: false,
     };
-    let device_id = DeviceId::new_random();
-    tracing::Span::current().record("device_id", tracing::field::display(&device_id));
     let enrolled = AuditEvent::DeviceEnrolled(DeviceEnrolled {
         device_id: device_id.clone(),
         device_name: request.device_name.clone(),
@@ -196,7 +196,7 @@ pub(super) async fn enroll(
             return Err(err);
         }
     };
-    reservation.recorded(sequence);
+    reservation.recorded_at = Some(sequence);
     if state
         .projections
         .wait_for_sequence(sequence, super::VISIBLE_TIMEOUT)
@@ -226,9 +226,9 @@ pub(super) async fn enroll(
 pub struct EnrollmentsInFlight {
     /// The id the next reservation gets.
     next_id: u64,
-    /// By token, each reservation's id and, once JetStream took its enrollment, the stream
-    /// sequence it was recorded at.
-    by_token: HashMap<TokenId, HashMap<u64, Option<u64>>>,
+    /// By token, each reservation's id and the device it enrolls: the projections count the use
+    /// once they hold that device's key.
+    by_token: HashMap<TokenId, HashMap<u64, DeviceId>>,
 }
 
 impl EnrollmentsInFlight {
@@ -238,16 +238,23 @@ impl EnrollmentsInFlight {
     }
 }
 
-/// Takes one use of the enrollment token with this digest, or refuses naming why; returns the
-/// token's id and the reservation's.
-fn reserve(state: &AppState, token_sha256: &str) -> Result<(TokenId, u64), ApiError> {
+/// Takes one use of the enrollment token with this digest for `device_id`, or refuses naming
+/// why; returns the token's id and the reservation's.
+fn reserve(state: &AppState, token_sha256: &str, device_id: &DeviceId) -> Result<(TokenId, u64), ApiError> {
     let mut in_flight = state
         .enrollments_in_flight
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // Read before the token: every enrollment folded up to here is in the uses read next, so a
-    // reservation recorded at or before it is counted there and not again.
-    let applied = state.projections.applied_sequence();
+    // The reservations whose device the projections do not hold yet, read before the token: an
+    // enrollment folded before this read is in the uses read next, counted there and not again.
+    let mut not_yet_counted: HashMap<TokenId, u32> = HashMap::new();
+    for (token_id, reservations) in &in_flight.by_token {
+        for reserved_device in reservations.values() {
+            if state.projections.enrolled_key(reserved_device)?.is_none() {
+                *not_yet_counted.entry(*token_id).or_default() += 1;
+            }
+        }
+    }
     // Read under the lock: a use leaves `in_flight` only once the projections count it.
     // An API token is not an enrollment token, whatever it is presented as.
     let Some(record) = state
@@ -278,23 +285,19 @@ fn reserve(state: &AppState, token_sha256: &str) -> Result<(TokenId, u64), ApiEr
         }
     }
     let max_uses = record.max_uses.unwrap_or(u32::MAX);
-    let id = in_flight.next_id;
-    in_flight.next_id += 1;
-    let reservations = in_flight.by_token.entry(record.token_id).or_default();
-    let not_yet_counted = reservations
-        .values()
-        .filter(|recorded| recorded.is_none_or(|sequence| sequence > applied))
-        .count();
-    if record
-        .uses
-        .saturating_add(u32::try_from(not_yet_counted).unwrap_or(u32::MAX))
-        >= max_uses
-    {
+    let not_yet_counted = not_yet_counted.get(&record.token_id).copied().unwrap_or(0);
+    if record.uses.saturating_add(not_yet_counted) >= max_uses {
         return Err(ApiError::EnrollmentRefused(format!(
             "the enrollment token is used up: {max_uses} of {max_uses} enrollments made"
         )));
     }
-    reservations.insert(id, None);
+    let id = in_flight.next_id;
+    in_flight.next_id += 1;
+    in_flight
+        .by_token
+        .entry(record.token_id)
+        .or_default()
+        .insert(id, device_id.clone());
     Ok((record.token_id, id))
 }
 
@@ -314,24 +317,6 @@ struct Reservation {
 }
 
 impl Reservation {
-    /// Notes that the enrollment was recorded at stream sequence `sequence`: once the
-    /// projections pass it, they count this use and the reservation no longer does.
-    fn recorded(&mut self, sequence: u64) {
-        self.recorded_at = Some(sequence);
-        let mut in_flight = self
-            .state
-            .enrollments_in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(recorded) = in_flight
-            .by_token
-            .get_mut(&self.token_id)
-            .and_then(|reservations| reservations.get_mut(&self.id))
-        {
-            *recorded = Some(sequence);
-        }
-    }
-
     /// Gives the use back now (nothing was recorded, or the projections count it).
     fn release_now(mut self) {
         release(&self.state, self.token_id, self.id);

@@ -489,11 +489,7 @@ impl Orchestrator {
             // One enrollment token per chunk: the orchestrator allows at most 10,000 uses each.
             let chunk_last = last.min(chunk_first + MAX_TOKEN_USES);
             let token = self
-                .create_enrollment_token(
-                    http,
-                    &format!("{prefix}-{chunk_first}"),
-                    chunk_last - chunk_first,
-                )
+                .create_enrollment_token(http, &format!("{prefix}-{chunk_first}"), chunk_last - chunk_first)
                 .await?;
             let chunk: Vec<(u32, Device)> = futures::stream::iter(chunk_first..chunk_last)
                 .map(|index| {
@@ -554,7 +550,6 @@ impl Orchestrator {
 
 /// Enrollments sent at once by [`Orchestrator::enroll_many`], as `fleetlaps-agent simulate` does.
 const ENROLL_CONCURRENCY: usize = 16;
-
 
 /// The most uses the orchestrator gives one enrollment token (`maxUses`).
 pub(crate) const MAX_TOKEN_USES: u32 = 10_000;
