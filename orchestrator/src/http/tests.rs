@@ -897,6 +897,28 @@ impl Fixture {
         answer.body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Creates an enrollment token for two devices through the API; returns the token itself.
+    async fn two_device_enrollment_token(&self) -> String {
+        let created = self
+            .call(
+                "POST",
+                "/v1.0/fleetlaps/enrollmentTokens",
+                Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
+                Some(&scope_token(crate::auth::Scope::Admin)),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        created.body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Enrolls a new device named `name` with the enrollment token `token`.
+    async fn enroll_with(&self, token: &str, name: &str) -> Answer {
+        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
+        let body = serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": name});
+        self.call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(token))
+            .await
+    }
+
     fn audit(&self) -> Vec<(u64, AuditEnvelope)> {
         use fleetlaps_proto::audit::AuditKind;
         let fixture_made = [AuditKind::DeviceEnrolled, AuditKind::OrchestratorKeyCreated];
@@ -1308,29 +1330,10 @@ async fn a_device_s_timeline_merges_its_events_and_the_reads_in_pages_without_co
 #[tokio::test]
 async fn concurrent_enrollments_never_exceed_the_tokens_max_uses() {
     let fixture = Fixture::new();
-    let created = fixture
-        .call(
-            "POST",
-            "/v1.0/fleetlaps/enrollmentTokens",
-            Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
-            Some(&scope_token(crate::auth::Scope::Admin)),
-        )
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
-    let token = created.body["token"].as_str().unwrap().to_owned();
+    let token = fixture.two_device_enrollment_token().await;
 
-    let attempts = (0..6).map(|index| {
-        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
-        let body =
-            serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": format!("host-{index}")});
-        let token = token.clone();
-        let fixture = &fixture;
-        async move {
-            fixture
-                .call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(&token))
-                .await
-        }
-    });
+    let names: Vec<String> = (0..6).map(|index| format!("host-{index}")).collect();
+    let attempts = names.iter().map(|name| fixture.enroll_with(&token, name));
     let answers = futures::future::join_all(attempts).await;
 
     let enrolled = answers.iter().filter(|answer| answer.status.is_success()).count();
@@ -1349,27 +1352,8 @@ async fn concurrent_enrollments_never_exceed_the_tokens_max_uses() {
 async fn an_enrollment_the_projections_show_late_keeps_its_use_reserved_until_then_and_no_longer() {
     // Arrange: a token for two devices; the projections lag behind the stream.
     let fixture = Fixture::new();
-    let created = fixture
-        .call(
-            "POST",
-            "/v1.0/fleetlaps/enrollmentTokens",
-            Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
-            Some(&scope_token(crate::auth::Scope::Admin)),
-        )
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
-    let token = created.body["token"].as_str().unwrap().to_owned();
-    let enroll = |name: &str| {
-        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
-        let body = serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": name});
-        let token = token.clone();
-        let fixture = &fixture;
-        async move {
-            fixture
-                .call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(&token))
-                .await
-        }
-    };
+    let token = fixture.two_device_enrollment_token().await;
+    let enroll = |name: &'static str| fixture.enroll_with(&token, name);
     fixture.journal.hold_folding();
 
     // Act: the first enrollment is recorded, but not seen in time; then the projections catch up.
@@ -1391,27 +1375,8 @@ async fn an_enrollment_the_projections_just_counted_is_not_counted_again_by_its_
     // Arrange: a token for two devices; the first enrollment is recorded while the projections
     // lag, so its use stays reserved until they count it.
     let fixture = Fixture::new();
-    let created = fixture
-        .call(
-            "POST",
-            "/v1.0/fleetlaps/enrollmentTokens",
-            Some(&serde_json::json!({"name": "two devices", "maxUses": 2})),
-            Some(&scope_token(crate::auth::Scope::Admin)),
-        )
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
-    let token = created.body["token"].as_str().unwrap().to_owned();
-    let enroll = |name: &str| {
-        let key = fleetlaps_proto::signature::DeviceSigningKey::generate();
-        let body = serde_json::json!({"publicKey": key.public_key().to_string(), "deviceName": name});
-        let token = token.clone();
-        let fixture = &fixture;
-        async move {
-            fixture
-                .call("POST", "/fleetlaps/v1/enroll", Some(&body), Some(&token))
-                .await
-        }
-    };
+    let token = fixture.two_device_enrollment_token().await;
+    let enroll = |name: &'static str| fixture.enroll_with(&token, name);
     fixture.journal.hold_folding();
     let first = enroll("host-1").await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
