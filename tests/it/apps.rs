@@ -461,8 +461,10 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return None;
         }
-        assert_eq!(response.status(), reqwest::StatusCode::OK, "credentials request failed");
-        Some(response.json().await.expect("deviceLocalCredentialInfo"))
+        let status = response.status();
+        let body = response.text().await.expect("an answer's body");
+        assert_eq!(status, reqwest::StatusCode::OK, "credentials request failed: {body}");
+        Some(serde_json::from_str(&body).expect("deviceLocalCredentialInfo"))
     }
 
     /// The passwords the orchestrator holds for the device, newest first.

@@ -208,6 +208,11 @@ impl<'t> Staged<'t> {
         self.writes.is_empty()
     }
 
+    /// The keys written (or removed), in key order.
+    pub(super) fn keys(&self) -> Vec<IVec> {
+        self.writes.keys().cloned().collect()
+    }
+
     /// Everything kept, as one sled batch.
     pub(super) fn into_batch(mut self) -> sled::Batch {
         self.discard();
