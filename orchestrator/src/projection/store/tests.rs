@@ -1389,25 +1389,31 @@ fn a_full_quarantine_drops_its_oldest_record_in_the_same_batch_and_counts_it_the
     );
 }
 
+/// A `breach_declared` of `breach_id` over every device, two of them, by the API.
+fn breach_of_two(breach_id: fleetlaps_proto::breach::BreachId) -> (String, Vec<u8>) {
+    use fleetlaps_proto::breach::{BreachDeclared, BreachScope, BreachSource};
+    audit(AuditEvent::BreachDeclared(BreachDeclared {
+        breach_id,
+        reason: "phished".to_owned(),
+        deadline: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
+        scope: BreachScope::All,
+        target_count: 2,
+        declared_by: "soc".to_owned(),
+        declared_by_token_id: None,
+        source: BreachSource::Api,
+    }))
+}
+
 #[test]
 fn the_last_rotation_a_campaign_waits_for_is_the_one_that_completes_it() {
-    use fleetlaps_proto::breach::{BreachDeclared, BreachId, BreachScope, BreachSource, BreachTargeted};
+    use fleetlaps_proto::breach::{BreachId, BreachTargeted};
 
     let other = DeviceId::parse("dev-2").unwrap();
     let mut fixture = Fixture::new();
     fixture.enroll(&enrollment_messages(&[&device(), &other]));
     let breach_id = BreachId::new();
     for (subject, payload) in [
-        audit(AuditEvent::BreachDeclared(BreachDeclared {
-            breach_id,
-            reason: "phished".to_owned(),
-            deadline: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
-            scope: BreachScope::All,
-            target_count: 2,
-            declared_by: "soc".to_owned(),
-            declared_by_token_id: None,
-            source: BreachSource::Api,
-        })),
+        breach_of_two(breach_id),
         audit(AuditEvent::BreachTargeted(BreachTargeted {
             breach_id,
             device_ids: vec![device(), other.clone()],
@@ -1447,9 +1453,7 @@ fn the_last_rotation_a_campaign_waits_for_is_the_one_that_completes_it() {
 #[test]
 fn orchestrator_events_about_a_device_are_indexed_for_its_timeline_and_only_those() {
     use fleetlaps_proto::audit::{PasswordRead, TokenCreated};
-    use fleetlaps_proto::breach::{
-        BreachCommand, BreachDeclared, BreachId, BreachScope, BreachSource, BreachTargeted, BreachWaveCommanded,
-    };
+    use fleetlaps_proto::breach::{BreachCommand, BreachId, BreachTargeted, BreachWaveCommanded};
     use fleetlaps_proto::command::CommandId;
 
     let other = DeviceId::parse("dev-2").unwrap();
@@ -1480,16 +1484,7 @@ fn orchestrator_events_about_a_device_are_indexed_for_its_timeline_and_only_thos
             created_by: "admin".to_owned(),
             created_by_token_id: None,
         })),
-        audit(AuditEvent::BreachDeclared(BreachDeclared {
-            breach_id,
-            reason: "phished".to_owned(),
-            deadline: Utc.timestamp_opt(1_800_000_000, 0).unwrap(),
-            scope: BreachScope::All,
-            target_count: 2,
-            declared_by: "soc".to_owned(),
-            declared_by_token_id: None,
-            source: BreachSource::Api,
-        })),
+        breach_of_two(breach_id),
         audit(AuditEvent::BreachTargeted(BreachTargeted {
             breach_id,
             device_ids: vec![other.clone(), device()],
