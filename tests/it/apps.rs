@@ -496,9 +496,21 @@ scopes = ["DeviceLocalCredential.Rotate", "Audit.Read.All", "Device.Read.All"]
     /// Waits until the device's newest password is none of `known`, and returns it: the centre
     /// answers with three credentials at most, so a new backup shows as a new newest one.
     pub async fn wait_for_new_password(&self, device_id: &DeviceId, known: &[&Password]) -> Password {
+        self.wait_for_new_password_within(device_id, known, Duration::from_secs(30))
+            .await
+    }
+
+    /// [`Self::wait_for_new_password`] with another safety net: after a NATS outage the
+    /// consumer's retry pauses add up on a loaded machine.
+    pub async fn wait_for_new_password_within(
+        &self,
+        device_id: &DeviceId,
+        known: &[&Password],
+        timeout: Duration,
+    ) -> Password {
         wait_until(
             &format!("the orchestrator holds a new password of {device_id}"),
-            Duration::from_secs(30),
+            timeout,
             || async {
                 let newest = self.passwords(device_id).await.into_iter().next()?;
                 (!known.iter().any(|password| password.expose() == newest.expose())).then_some(newest)

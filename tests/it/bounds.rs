@@ -289,16 +289,9 @@ async fn with_nats_away_reports_stay_within_the_outbox_bound_and_a_backup_still_
 
     // NATS back: the rotation completes and the outbox drains.
     nats.restart();
-    // A safety net only: on a loaded machine the retry pauses after the outage add up.
-    let second = wait_until(
-        "the orchestrator holds the rotation's new password",
-        Duration::from_secs(120),
-        || async {
-            let newest = orchestrator.passwords(&agent.device_id).await.into_iter().next()?;
-            (newest.expose() != first.expose()).then_some(newest)
-        },
-    )
-    .await;
+    let second = orchestrator
+        .wait_for_new_password_within(&agent.device_id, &[&first], Duration::from_secs(120))
+        .await;
     agent.wait_until_settled_with(&second).await;
     let kept = device_events(&nats, &agent.device_id, EventKind::AuthenticationSucceeded).await;
     assert_eq!(kept.len(), 3, "the reports that were kept reached the stream");

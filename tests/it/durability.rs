@@ -239,7 +239,9 @@ async fn a_full_outbox_drops_reports_never_the_backup_and_loses_nothing_it_kept(
         "in the order they were emitted: {:?}",
         history.iter().map(Envelope::position).collect::<Vec<_>>()
     );
-    let second = orchestrator.wait_for_new_password(&agent.device_id, &[&first]).await;
+    let second = orchestrator
+        .wait_for_new_password_within(&agent.device_id, &[&first], Duration::from_secs(120))
+        .await;
     agent.wait_until_settled_with(&second).await;
 }
 
