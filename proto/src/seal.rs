@@ -26,8 +26,13 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// The orchestrator's escrow secret key; its secret half never leaves the orchestrator.
 ///
-/// Its `Debug` shows only the public key. The key bytes are zeroed when it is dropped.
-pub struct EscrowSecretKey(StaticSecret);
+/// Its `Debug` shows only the public key. The key bytes are zeroed when it is dropped. The public
+/// half is worked out once, when the key is made: opening a box needs it, and it costs a scalar
+/// multiplication.
+pub struct EscrowSecretKey {
+    secret: StaticSecret,
+    public: EscrowPublicKey,
+}
 
 /// The escrow public key that devices seal passwords to.
 ///
@@ -93,7 +98,12 @@ const PUBLIC_KEY_TEXT_LEN: usize = 43;
 impl EscrowSecretKey {
     /// Makes a new key with the operating system's CSPRNG.
     pub fn generate() -> Self {
-        Self(StaticSecret::random_from_rng(OsRng))
+        Self::with_public(StaticSecret::random_from_rng(OsRng))
+    }
+
+    fn with_public(secret: StaticSecret) -> Self {
+        let public = EscrowPublicKey(PublicKey::from(&secret).to_bytes());
+        Self { secret, public }
     }
 
     /// The key with these bytes, as [`EscrowSecretKey::to_bytes`] gave them.
@@ -101,17 +111,17 @@ impl EscrowSecretKey {
         let mut bytes = bytes;
         let secret = StaticSecret::from(bytes);
         bytes.zeroize();
-        Self(secret)
+        Self::with_public(secret)
     }
 
     /// The secret key bytes, zeroed when dropped; for storing the key.
     pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.0.to_bytes())
+        Zeroizing::new(self.secret.to_bytes())
     }
 
     /// The public half, which devices seal to.
     pub fn public_key(&self) -> EscrowPublicKey {
-        EscrowPublicKey(PublicKey::from(&self.0).to_bytes())
+        self.public
     }
 
     /// Opens a box sealed to this key with the same `context`.
@@ -130,7 +140,7 @@ impl EscrowSecretKey {
                 format!("{} bytes, shorter than the {TAG_LEN}-byte tag", ciphertext.len()),
             ));
         }
-        let shared = self.0.diffie_hellman(&PublicKey::from(ephemeral_public));
+        let shared = self.secret.diffie_hellman(&PublicKey::from(ephemeral_public));
         if !shared.was_contributory() {
             return Err(SealError::LowOrderKey("ephemeral public key"));
         }
@@ -284,11 +294,46 @@ fn derive_key(
 
 /// Whether a public key is a low-order point (on the curve or its twist).
 ///
-/// A clamped scalar is a multiple of the cofactor and never a multiple of the prime subgroup's
-/// order, so the product is zero exactly when the point has low order, whatever the scalar.
+/// X25519 ignores the top bit and reads the rest modulo p = 2^255 - 19, so the points of order 1,
+/// 2, 4 and 8 have exactly seven encodings in 255 bits: the canonical u-coordinates 0, 1, the two
+/// of order 8 and p - 1 (Bernstein's list), and p and p + 1 (0 and 1 again). Comparing with them
+/// gives what a scalar multiplication by a clamped scalar would (zero exactly for these; see the
+/// tests), at the cost of a comparison instead of a scalar multiplication: every event carrying
+/// an escrow public key is parsed through here.
 fn is_low_order(public: &[u8; KEY_LEN]) -> bool {
-    x25519_dalek::x25519([0x42; KEY_LEN], *public) == [0; KEY_LEN]
+    let mut reduced = *public;
+    reduced[KEY_LEN - 1] &= 0x7f;
+    LOW_ORDER_ENCODINGS.contains(&reduced)
 }
+
+/// p - 1, p and p + 1 (p = 2^255 - 19), little-endian: 0xec, 0xed, 0xee, then 0xff and a top 0x7f.
+const fn near_p(low: u8) -> [u8; KEY_LEN] {
+    let mut bytes = [0xff; KEY_LEN];
+    bytes[0] = low;
+    bytes[KEY_LEN - 1] = 0x7f;
+    bytes
+}
+
+/// The little-endian u-coordinates, top bit clear, of every point of order 1, 2, 4 or 8.
+const LOW_ORDER_ENCODINGS: [[u8; KEY_LEN]; 7] = [
+    [0; KEY_LEN],
+    {
+        let mut one = [0; KEY_LEN];
+        one[0] = 1;
+        one
+    },
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a, 0xda, 0x09,
+        0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef, 0x5b, 0x04, 0x44,
+        0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f, 0x11, 0x57,
+    ],
+    near_p(0xec),
+    near_p(0xed),
+    near_p(0xee),
+];
 
 fn decode_field<const LEN: usize>(field: &'static str, text: &str) -> Result<[u8; LEN], SealError> {
     let bytes = URL_SAFE_NO_PAD
@@ -500,6 +545,46 @@ mod tests {
             err.to_string(),
             "sealed box version 2 is not supported (only version 1 is)"
         );
+    }
+
+    /// What a low-order point is, by definition: a clamped scalar times it is zero.
+    fn multiplies_to_zero(public: &[u8; 32]) -> bool {
+        x25519_dalek::x25519([0x42; 32], *public) == [0; 32]
+    }
+
+    #[test]
+    fn the_low_order_check_agrees_with_a_scalar_multiplication() {
+        let mut encodings = Vec::new();
+        for point in LOW_ORDER_ENCODINGS {
+            let mut high = point;
+            high[31] |= 0x80;
+            encodings.extend([point, high]);
+        }
+        for encoding in &encodings {
+            assert!(multiplies_to_zero(encoding), "{encoding:02x?}");
+            assert!(is_low_order(encoding), "{encoding:02x?}");
+        }
+        // Every u-coordinate of the curve's eight-torsion is among them (the twist's p - 1, and
+        // the non-canonical p and p + 1, complete the list), and Bernstein's list as well.
+        for point in curve25519_dalek::constants::EIGHT_TORSION {
+            assert!(LOW_ORDER_ENCODINGS.contains(&point.to_montgomery().to_bytes()));
+        }
+        for point in low_order_points() {
+            assert!(LOW_ORDER_ENCODINGS.contains(&point));
+        }
+        // Neighbours and random keys: none is low order, by either account.
+        for point in LOW_ORDER_ENCODINGS {
+            for delta in [1_u8, 2, 0x40] {
+                let mut near = point;
+                near[1] ^= delta;
+                assert_eq!(is_low_order(&near), multiplies_to_zero(&near), "{near:02x?}");
+            }
+        }
+        for _ in 0..2_000 {
+            let mut random = [0_u8; 32];
+            OsRng.fill_bytes(&mut random);
+            assert!(!is_low_order(&random) && !multiplies_to_zero(&random));
+        }
     }
 
     #[test]
