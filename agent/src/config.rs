@@ -3,7 +3,8 @@
 //! `nats.url`). The prefix is the agent's own: the orchestrator reads `FLEETLAPS_*`, and both
 //! run on the orchestrator's own host.
 //!
-//! A leaf: it depends on no other module of the agent.
+//! A leaf: it depends on no other module of the agent but [`crate::password_hash`] (for
+//! [`HashRounds`]).
 //!
 //! The `[policy]` table holds LAPS settings under their LAPS names; it is the local policy
 //! source (LAPS: local configuration), validated on load. A policy the orchestrator sent at
@@ -18,6 +19,8 @@ use fleetlaps_proto::ids::DeviceName;
 use fleetlaps_proto::policy::{Policy, PolicySettings};
 use fleetlaps_proto::seal::EscrowPublicKey;
 use serde::Deserialize;
+
+use crate::password_hash::HashRounds;
 
 /// Everything the agent needs to start.
 #[derive(Debug, Deserialize)]
@@ -50,6 +53,10 @@ pub struct Config {
     /// `fleetlaps-agent reset` is refused within this many seconds of the previous one.
     #[serde(default = "default_reset_min_interval_secs")]
     pub reset_min_interval_secs: u64,
+    /// The SHA-512 crypt rounds of the hashes written to the account (1,000 to 999,999,999;
+    /// glibc's 5,000 by default). See [`HashRounds`].
+    #[serde(default)]
+    pub password_hash_rounds: HashRounds,
     /// The NATS server.
     pub nats: NatsConfig,
     /// Which account database the agent manages.
@@ -288,6 +295,8 @@ pub struct ProcessorSettings {
     pub backup_confirmation_wait: Duration,
     /// `fleetlaps-agent reset` is refused when the previous one is more recent than this.
     pub reset_min_interval: chrono::Duration,
+    /// The rounds of the hash a rotation writes.
+    pub password_hash_rounds: HashRounds,
 }
 
 impl Config {
@@ -341,6 +350,7 @@ impl Config {
             reset_min_interval: chrono::Duration::seconds(
                 i64::try_from(self.reset_min_interval_secs).unwrap_or(i64::MAX),
             ),
+            password_hash_rounds: self.password_hash_rounds,
         }
     }
 
@@ -419,6 +429,22 @@ path = "/tmp/shadow"
         let config = Config::from_toml(BASE).expect("valid");
         assert_eq!(config.processing_interval(), Duration::from_secs(3600));
         assert_eq!(config.policy().expect("valid").password_length(), 14);
+    }
+
+    #[test]
+    fn password_hash_rounds_default_to_glibcs_and_out_of_range_ones_are_named() {
+        assert_eq!(
+            Config::from_toml(BASE).unwrap().password_hash_rounds,
+            HashRounds::DEFAULT
+        );
+        let least = Config::from_toml(&BASE.replace("[nats]", "password_hash_rounds = 1000\n[nats]")).unwrap();
+        assert_eq!(least.processor_settings().password_hash_rounds.get(), 1000);
+        let err = Config::from_toml(&BASE.replace("[nats]", "password_hash_rounds = 500\n[nats]")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("password_hash_rounds = 500: allowed 1000 to 999999999"),
+            "{err}"
+        );
     }
 
     #[test]

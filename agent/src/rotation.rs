@@ -473,7 +473,7 @@ impl Processor {
 
     /// Records a live confirmation that arrived outside a rotation's wait (a re-sent backup's).
     pub async fn confirmed(&self, confirmation: &BackupConfirmation) -> Result<(), CycleError> {
-        if confirmation.outcome == BackupOutcome::Stored && self.state.backup_confirmed(&confirmation.event_id).await? {
+        if confirmation.outcome == BackupOutcome::Stored && self.state.backup_confirmed(&confirmation.event_id)? {
             self.metrics.backup_answered(metrics::BackupOutcome::Stored);
             tracing::debug!(event_id = %confirmation.event_id, "backup confirmed stored by the orchestrator");
         }
@@ -668,7 +668,7 @@ impl Processor {
             self.policy.password_length(),
             self.policy.passphrase_length(),
         );
-        let password_hash = PasswordHash::new(&password);
+        let password_hash = PasswordHash::new(&password, self.settings.password_hash_rounds);
         let rotation_id = RotationId::new();
         let now = self.clock.now();
         let expires_at = now + self.policy.password_age();
@@ -723,7 +723,7 @@ impl Processor {
             match self.await_answer(&backup_event_id, &mut confirmations).await {
                 Answer::Stored => {
                     self.metrics.backup_answered(metrics::BackupOutcome::Stored);
-                    self.state.backup_confirmed(&backup_event_id).await?;
+                    self.state.backup_confirmed(&backup_event_id)?;
                     tracing::info!(event_code = 10029, rotation_id = %pending.rotation_id, "the orchestrator confirmed storing the backup");
                 }
                 Answer::Refused { reason, detail } => {
@@ -952,7 +952,7 @@ impl Processor {
                 tracing::warn!(error = %err, "re-sending a backup failed; will retry");
                 return;
             }
-            if let Err(err) = self.state.backup_resent(&backup.envelope.id, now).await {
+            if let Err(err) = self.state.backup_resent(&backup.envelope.id, now) {
                 tracing::error!(error = %err, "recording a re-sent backup failed");
             }
         }
@@ -964,7 +964,7 @@ impl Processor {
         let drained = async {
             while let Some(envelope) = self.state.outbox_first().map_err(DrainError::State)? {
                 self.publisher.publish(&envelope).await.map_err(DrainError::Publish)?;
-                self.state.acknowledged(&envelope).await.map_err(DrainError::State)?;
+                self.state.acknowledged(&envelope).map_err(DrainError::State)?;
             }
             Ok(())
         }

@@ -31,13 +31,15 @@ pub(crate) fn nats_with_simulator() -> TestNats {
     })
 }
 
-/// The simulator's config: its directory, NATS as the simulator's user, file accounts.
+/// The simulator's config: its directory, NATS as the simulator's user, file accounts hashed
+/// with the fewest rounds SHA-512 crypt allows (the fleet's devices share the test's cores).
 pub(crate) fn simulator_config(nats: &TestNats, state_dir: &Path) -> String {
     let seed = nats.simulator_seed_file().expect("a server with the simulator's user");
     format!(
         r#"
 state_dir = "{state_dir}"
 processing_interval_secs = 3600
+password_hash_rounds = 1000
 [nats]
 url = "{url}"
 ack_timeout_secs = 10

@@ -126,6 +126,8 @@ impl AccountBackend for FileAccounts {
 mod tests {
     use fleetlaps_proto::password::Password;
 
+    use crate::password_hash::HashRounds;
+
     use super::*;
 
     #[test]
@@ -140,7 +142,7 @@ mod tests {
         let password = Password::new("Correct-Horse-1".to_owned());
         assert!(!backend.verify_password(&account, &password).unwrap());
         backend
-            .set_password_hash(&account, &PasswordHash::new(&password))
+            .set_password_hash(&account, &PasswordHash::new(&password, HashRounds::default()))
             .unwrap();
         assert!(backend.verify_password(&account, &password).unwrap());
         assert!(

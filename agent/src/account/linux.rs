@@ -169,6 +169,8 @@ mod tests {
 
     use fleetlaps_proto::password::Password;
 
+    use crate::password_hash::HashRounds;
+
     use super::*;
 
     const PASSWD: &str = "\
@@ -289,7 +291,7 @@ mv "$DIR/new" "$SHADOW""#,
         );
         let account = fixture.backend.resolve(Some(&Fixture::name("lapsadmin"))).unwrap();
         let password = Password::new("Correct-Horse-1".to_owned());
-        let hash = PasswordHash::new(&password);
+        let hash = PasswordHash::new(&password, HashRounds::default());
 
         fixture.set(&account, &hash).unwrap();
 
@@ -306,7 +308,7 @@ mv "$DIR/new" "$SHADOW""#,
         let fixture =
             Fixture::with_script("cat > /dev/null\nprintf 'chpasswd: cannot lock /etc/shadow%0600d' 0 >&2\nexit 1");
         let account = fixture.backend.resolve(Some(&Fixture::name("lapsadmin"))).unwrap();
-        let hash = PasswordHash::new(&Password::new("Correct-Horse-1".to_owned()));
+        let hash = PasswordHash::new(&Password::new("Correct-Horse-1".to_owned()), HashRounds::default());
 
         let err = fixture.set(&account, &hash).unwrap_err();
 
@@ -321,7 +323,7 @@ mv "$DIR/new" "$SHADOW""#,
     fn a_chpasswd_that_stores_nothing_is_caught_by_reading_the_hash_back() {
         let fixture = Fixture::with_script("cat > /dev/null");
         let account = fixture.backend.resolve(Some(&Fixture::name("lapsadmin"))).unwrap();
-        let hash = PasswordHash::new(&Password::new("Correct-Horse-1".to_owned()));
+        let hash = PasswordHash::new(&Password::new("Correct-Horse-1".to_owned()), HashRounds::default());
 
         let err = fixture.set(&account, &hash).unwrap_err();
 
@@ -332,7 +334,7 @@ mv "$DIR/new" "$SHADOW""#,
     fn a_missing_chpasswd_is_named() {
         let fixture = Fixture::new("/nonexistent/chpasswd");
         let account = fixture.backend.resolve(Some(&Fixture::name("lapsadmin"))).unwrap();
-        let hash = PasswordHash::new(&Password::new("Correct-Horse-1".to_owned()));
+        let hash = PasswordHash::new(&Password::new("Correct-Horse-1".to_owned()), HashRounds::default());
 
         let err = fixture.backend.set_password_hash(&account, &hash).unwrap_err();
 
