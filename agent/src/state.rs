@@ -24,6 +24,12 @@
 //! So reports can never fill the places a backup needs, and a dropped event takes no sequence
 //! number: the events that do leave are numbered without gaps.
 //!
+//! Writes a crash may lose, because losing them only makes the agent do again what it did, are
+//! not flushed: an acknowledged event leaving the outbox (it is published again; the centre
+//! drops the duplicate by its id), a backup's confirmation (the agent asks again) and its resend
+//! time. sled keeps writes in order, so the next flushed batch carries them to disk. Everything
+//! that numbers an event or records a rotation's step is flushed before the agent goes on.
+//!
 //! No plaintext password is ever stored here: the backup event holds the password sealed to
 //! the escrow key, which this device cannot open, and the pending rotation holds its SHA-512
 //! crypt hash, as the account database does.
@@ -453,24 +459,22 @@ impl AgentState {
         Ok(backups)
     }
 
-    /// Notes that a backup was handed to JetStream again.
-    pub async fn backup_resent(&self, event_id: &EventId, time: DateTime<Utc>) -> Result<(), StateError> {
+    /// Notes that a backup was handed to JetStream again. Not flushed (see the module's notes on
+    /// writes a crash may lose): lost, the backup is only sent again sooner.
+    pub fn backup_resent(&self, event_id: &EventId, time: DateTime<Utc>) -> Result<(), StateError> {
         let key = unconfirmed_key(event_id);
         if let Some(mut backup) = self.get::<UnconfirmedBackup>(&key)? {
             backup.last_sent = time;
             self.tree.insert(key, encode(&backup))?;
-            self.db.flush().await?;
         }
         Ok(())
     }
 
-    /// Forgets a backup the orchestrator confirmed storing. Returns whether it was waiting.
-    pub async fn backup_confirmed(&self, event_id: &EventId) -> Result<bool, StateError> {
-        let removed = self.tree.remove(unconfirmed_key(event_id))?.is_some();
-        if removed {
-            self.db.flush().await?;
-        }
-        Ok(removed)
+    /// Forgets a backup the orchestrator confirmed storing. Returns whether it was waiting. Not
+    /// flushed: lost, the agent asks the orchestrator again, which answers from its password
+    /// version; the commit that follows a confirmation is flushed, and carries this with it.
+    pub fn backup_confirmed(&self, event_id: &EventId) -> Result<bool, StateError> {
+        Ok(self.tree.remove(unconfirmed_key(event_id))?.is_some())
     }
 
     /// Whether a command was already executed.
@@ -554,13 +558,13 @@ impl AgentState {
         Ok(self.tree.contains_key(outbox_key(sequence))?)
     }
 
-    /// Removes an acknowledged event from the outbox, durably.
-    pub async fn acknowledged(&self, envelope: &Envelope) -> Result<(), StateError> {
+    /// Removes an acknowledged event from the outbox. Not flushed: lost, the event is published
+    /// again, and the centre drops it as a duplicate by its id, as it does when an ack is lost.
+    pub fn acknowledged(&self, envelope: &Envelope) -> Result<(), StateError> {
         if envelope.event.kind() == EventKind::PasswordBackedUp {
             self.faults.check(FailPoint::OutboxAck)?;
         }
         self.tree.remove(outbox_key(envelope.sequence))?;
-        self.db.flush().await?;
         Ok(())
     }
 
@@ -690,7 +694,7 @@ mod tests {
         assert_eq!((first.sequence, second.sequence), (1, 2));
         assert_eq!(state.outbox_len(), 2);
         assert_eq!(state.outbox_first().unwrap().unwrap().id, first.id);
-        state.acknowledged(&first).await.unwrap();
+        state.acknowledged(&first).unwrap();
         assert_eq!(state.outbox_first().unwrap().unwrap().id, second.id);
     }
 
