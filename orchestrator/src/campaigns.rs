@@ -312,7 +312,7 @@ pub fn info(campaign: &CampaignRecord) -> fleetlaps_proto::api::BreachInfo {
     fleetlaps_proto::api::BreachInfo {
         id: campaign.breach_id.to_string(),
         reason: campaign.reason.clone(),
-        scope: campaign.scope.describe(),
+        scope: campaign.scope.clone(),
         state: campaign.state.as_str().to_owned(),
         declared_date_time: campaign.declared_at,
         declared_by: campaign.declared_by.clone(),

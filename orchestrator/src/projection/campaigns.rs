@@ -7,7 +7,7 @@
 //! targeted. Each apply here is a pure function of the record and the event.
 
 use chrono::{DateTime, Utc};
-use fleetlaps_proto::breach::{BreachDeclared, BreachId, BreachOutcome, BreachScope};
+use fleetlaps_proto::breach::{BreachDeclared, BreachId, BreachOutcome};
 use fleetlaps_proto::command::CommandId;
 use fleetlaps_proto::ids::DeviceId;
 use serde::{Deserialize, Serialize};
@@ -64,8 +64,10 @@ pub struct CampaignRecord {
     pub reason: String,
     /// When every device should have rotated.
     pub deadline: DateTime<Utc>,
-    /// Which devices, as asked.
-    pub scope: BreachScope,
+    /// Which devices, in words ([`fleetlaps_proto::breach::BreachScope::describe`]). Not the scope itself: a `devices`
+    /// scope lists up to 500 ids, which every rotation the campaign counts would decode and
+    /// write again; its devices are the campaign's targets, recorded apart.
+    pub scope: String,
     /// When it was declared (the event's time): rotations dated from then on count.
     pub declared_at: DateTime<Utc>,
     /// Who declared it.
@@ -93,7 +95,7 @@ impl CampaignRecord {
             breach_id: body.breach_id,
             reason: body.reason.clone(),
             deadline: body.deadline,
-            scope: body.scope.clone(),
+            scope: body.scope.describe(),
             declared_at: time,
             declared_by: body.declared_by.clone(),
             target_count: body.target_count,
@@ -207,7 +209,7 @@ impl CampaignTarget {
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
-    use fleetlaps_proto::breach::BreachSource;
+    use fleetlaps_proto::breach::{BreachScope, BreachSource};
 
     use super::*;
 
