@@ -385,8 +385,11 @@ impl CampaignRunner {
             if campaign.state != CampaignState::Running {
                 continue;
             }
-            let targets = self.projections.campaign_targets(&campaign.breach_id)?;
+            // The targets are read only when a step needs them: a campaign whose every device
+            // is commanded waits for rotations, and the fold counts those in its record (a
+            // fleet-wide campaign has a target per device).
             if resent.insert(campaign.breach_id) {
+                let targets = self.projections.campaign_targets(&campaign.breach_id)?;
                 self.resend_waiting(&campaign, &targets, resent).await;
             }
             if campaign.all_rotated() {
@@ -395,6 +398,7 @@ impl CampaignRunner {
                 continue;
             }
             if Utc::now() >= campaign.deadline {
+                let targets = self.projections.campaign_targets(&campaign.breach_id)?;
                 let stragglers: Vec<DeviceId> = targets
                     .iter()
                     .filter(|target| target.rotated_at.is_none())
@@ -412,7 +416,10 @@ impl CampaignRunner {
                 self.end(&campaign, outcome).await?;
                 continue;
             }
-            self.next_wave(&campaign, &targets, resent).await?;
+            if campaign.commanded < campaign.target_count {
+                let targets = self.projections.campaign_targets(&campaign.breach_id)?;
+                self.next_wave(&campaign, &targets, resent).await?;
+            }
         }
         Ok(())
     }
