@@ -297,6 +297,11 @@ impl Nats {
 
     /// A JetStream context as the orchestrator's user, which may read the events stream. Use it
     /// only while the orchestrator is stopped.
+    /// The nats-server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.server.id()
+    }
+
     pub(crate) async fn orchestrator_user(&self) -> anyhow::Result<jetstream::Context> {
         let client = self.connect(&self.orchestrator_seed, "_INBOX").await?;
         Ok(jetstream::new(client))

@@ -119,8 +119,8 @@ pub(crate) async fn raw_read(
     Ok(elapsed)
 }
 
-/// The orchestrator's CPU time (user + system) so far, from `/proc/<pid>/stat`.
-fn cpu_time(pid: u32, ticks_per_second: f64) -> anyhow::Result<Duration> {
+/// A process's CPU time (user + system) so far, from `/proc/<pid>/stat`.
+pub(crate) fn cpu_time(pid: u32, ticks_per_second: f64) -> anyhow::Result<Duration> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The fields after the command name (in parentheses): state is field 3, utime 14, stime 15.
@@ -138,7 +138,7 @@ fn cpu_time(pid: u32, ticks_per_second: f64) -> anyhow::Result<Duration> {
 }
 
 /// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if it cannot be asked.
-fn ticks_per_second() -> f64 {
+pub(crate) fn ticks_per_second() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()

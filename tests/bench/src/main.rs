@@ -291,15 +291,21 @@ async fn benchmarks(bench: &Bench<'_>) -> anyhow::Result<(Vec<report::Row>, Vec<
         notes.extend(more_notes);
     }
     if args.wants(Benchmark::Rotation) {
-        ensure_started(&mut running, bench).await?;
+        let orchestrator_pid = ensure_started(&mut running, bench).await?.id();
         let simulators = rotation::Simulators {
             agent_binary: bench.agent_binary,
             nats: bench.nats,
             work: bench.work,
         };
-        let (more_rows, more_notes) = rotation::run(&simulators, bench.orchestrator, bench.http, args.rotation_devices)
-            .await
-            .context("fleet-wide rotation")?;
+        let (more_rows, more_notes) = rotation::run(
+            &simulators,
+            bench.orchestrator,
+            orchestrator_pid,
+            bench.http,
+            args.rotation_devices,
+        )
+        .await
+        .context("fleet-wide rotation")?;
         rows.extend(more_rows);
         notes.extend(more_notes);
     }

@@ -281,11 +281,21 @@ pub(crate) async fn campaign(
     }
 }
 
+/// The CPU time (user + system) each of `processes` has used so far.
+fn cpu_times(processes: &[(&str, u32)]) -> anyhow::Result<Vec<Duration>> {
+    let ticks = crate::ingest::ticks_per_second();
+    processes
+        .iter()
+        .map(|(name, pid)| crate::ingest::cpu_time(*pid, ticks).with_context(|| format!("the CPU time of {name}")))
+        .collect()
+}
+
 /// Runs the benchmark: a fleet of `devices` simulated devices, one campaign of one device (the
 /// baseline), then one of all of them.
 pub(crate) async fn run(
     simulators: &Simulators<'_>,
     orchestrator: &Orchestrator,
+    orchestrator_pid: u32,
     http: &reqwest::Client,
     devices: u32,
 ) -> anyhow::Result<(Vec<Row>, Vec<String>)> {
@@ -301,9 +311,20 @@ pub(crate) async fn run(
         .context("baseline: a campaign of one device")?;
     progress.finish();
     let progress = crate::bar("campaign of the whole fleet");
+    let processes = [
+        ("the orchestrator", orchestrator_pid),
+        ("the fleet simulator", fleet.process.id()),
+        ("nats-server", simulators.nats.pid()),
+    ];
+    let cpu_before = cpu_times(&processes)?;
     let (all, infos) = campaign(orchestrator, http, &token, &fleet.device_ids, &progress)
         .await
         .with_context(|| format!("the fleet's campaign; the simulator's log is {}", fleet.log.display()))?;
+    let cpu_used: Vec<Duration> = cpu_times(&processes)?
+        .into_iter()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before))
+        .collect();
     progress.finish();
     fleet
         .process
@@ -319,15 +340,32 @@ pub(crate) async fn run(
         "< 10 s",
     );
     let rotated: u32 = infos.iter().map(|info| info.rotated).sum();
+    let total_cpu: Duration = cpu_used.iter().sum();
+    let mut rows = vec![row];
+    for ((name, _), used) in processes.iter().zip(&cpu_used) {
+        rows.push(Row::new(
+            BENCHMARK,
+            &format!("CPU of {name} per rotation, {devices} devices"),
+            Quantity::Milliseconds(used.as_secs_f64() * 1000.0 / f64::from(rotated.max(1))),
+            "CPU of the three processes per rotation",
+            Quantity::Milliseconds(total_cpu.as_secs_f64() * 1000.0 / f64::from(rotated.max(1))),
+            "—",
+        ));
+    }
     let commanded: u32 = infos.iter().map(|info| info.commanded).sum();
     let notes = vec![format!(
         "Rotation: {devices} devices simulated by one `fleetlaps-agent simulate` process (the agent's rotation code, \
          file-backed accounts, `password_hash_rounds = {SIMULATED_HASH_ROUNDS}`: the devices share this machine's cores), campaign wave rate 100,000 devices/s, declared as {} breach(es) of at most \
          {DEVICES_PER_BREACH} devices (the orchestrator takes at most 500 ids per devices scope, so the declaration fits in one event); \
          {rotated} rotated, {commanded} commanded. Completion is polled every 50 ms, so it may read up to 50 ms late; \
-         {:.0} rotations/s overall.",
+         {:.0} rotations/s overall. During the campaign the three processes used {:.1} s of CPU in {:.1} s ({:.2} of the \
+         machine's {} cores): what one machine spends simulating the devices is in the simulator's share.",
         infos.len(),
-        f64::from(rotated) / all.as_secs_f64()
+        f64::from(rotated) / all.as_secs_f64(),
+        total_cpu.as_secs_f64(),
+        all.as_secs_f64(),
+        total_cpu.as_secs_f64() / all.as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
     )];
-    Ok((vec![row], notes))
+    Ok((rows, notes))
 }
