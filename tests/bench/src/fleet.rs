@@ -19,7 +19,7 @@ use fleetlaps_proto::api::{
 use fleetlaps_proto::event::{
     AuthenticationObserved, Envelope, Event, PasswordBackedUp, RotationReason, sealing_context,
 };
-use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, RotationId};
+use fleetlaps_proto::ids::{AccountName, DeviceId, DeviceName, EventId, RotationId};
 use fleetlaps_proto::seal::{EscrowPublicKey, seal};
 use fleetlaps_proto::signature::DeviceSigningKey;
 use fleetlaps_proto::subject;
@@ -617,6 +617,8 @@ pub(crate) struct SignedEvent {
     message: PublishMessage,
     /// The payload's size in bytes.
     pub(crate) size: usize,
+    /// The event's id, which the orchestrator's confirmation of a backup names.
+    pub(crate) event_id: EventId,
 }
 
 impl Device {
@@ -672,7 +674,12 @@ impl Device {
             .payload(payload.into())
             .message_id(envelope.id.to_string())
             .header(SIGNATURE_HEADER, signature.as_str());
-        Ok(SignedEvent { subject, message, size })
+        Ok(SignedEvent {
+            subject,
+            message,
+            size,
+            event_id: envelope.id,
+        })
     }
 }
 
