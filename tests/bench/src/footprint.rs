@@ -57,9 +57,12 @@ pub(crate) struct Memory {
     pub(crate) rss: u64,
     /// `VmHWM`: the most ever resident.
     pub(crate) peak: u64,
+    /// `RssAnon`: the resident part that is the process's own (heap, stacks), not pages of files
+    /// such as its executable, which the kernel maps around each page touched and may reclaim.
+    pub(crate) anonymous: u64,
 }
 
-/// Reads `VmRSS` and `VmHWM` of `pid`.
+/// Reads `VmRSS`, `VmHWM` and `RssAnon` of `pid`.
 pub(crate) fn memory(pid: u32) -> anyhow::Result<Memory> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
@@ -74,6 +77,7 @@ pub(crate) fn memory(pid: u32) -> anyhow::Result<Memory> {
     Ok(Memory {
         rss: field("VmRSS:")?,
         peak: field("VmHWM:")?,
+        anonymous: field("RssAnon:")?,
     })
 }
 
@@ -242,6 +246,14 @@ pub(crate) async fn run(
         "`sleep` VmRSS",
         Quantity::mebibytes(floor.rss as f64),
         "< 8 MB",
+    ));
+    rows.push(Row::new(
+        BENCHMARK,
+        "agent RssAnon idle (VmRSS without the executable's and libraries' file pages)",
+        Quantity::mebibytes(agent.idle.anonymous as f64),
+        "`sleep` RssAnon",
+        Quantity::mebibytes(floor.anonymous as f64),
+        "—",
     ));
     rows.push(Row::new(
         BENCHMARK,
