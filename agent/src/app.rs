@@ -300,7 +300,7 @@ impl Agent {
                     }
                 }
                 Ok(confirmation) = confirmations.recv() => {
-                    if let Err(err) = processor.confirmed(&confirmation).await {
+                    if let Err(err) = processor.confirmed(&confirmation) {
                         tracing::error!(error = %err, "recording a backup confirmation failed");
                     }
                 }

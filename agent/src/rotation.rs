@@ -472,7 +472,7 @@ impl Processor {
     }
 
     /// Records a live confirmation that arrived outside a rotation's wait (a re-sent backup's).
-    pub async fn confirmed(&self, confirmation: &BackupConfirmation) -> Result<(), CycleError> {
+    pub fn confirmed(&self, confirmation: &BackupConfirmation) -> Result<(), CycleError> {
         if confirmation.outcome == BackupOutcome::Stored && self.state.backup_confirmed(&confirmation.event_id)? {
             self.metrics.backup_answered(metrics::BackupOutcome::Stored);
             tracing::debug!(event_id = %confirmation.event_id, "backup confirmed stored by the orchestrator");
