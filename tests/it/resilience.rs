@@ -7,7 +7,7 @@ use async_nats::jetstream;
 use fleetlaps_orchestrator::projection::Projections;
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
 
-use crate::apps::{AgentOptions, TestAgent, TestOrchestrator};
+use crate::apps::{ADMIN_TOKEN, AgentOptions, TestAgent, TestOrchestrator};
 use crate::harness::{TestNats, wait_until};
 
 #[tokio::test]
@@ -42,6 +42,43 @@ async fn with_nats_down_the_account_keeps_its_password_until_nats_is_back() {
     })
     .await;
     assert_eq!(passwords[1].expose(), before.expose());
+}
+
+#[tokio::test]
+async fn a_pull_left_unanswered_by_a_stopped_nats_server_does_not_stall_the_consumer() {
+    let mut nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let token = |name: &str| serde_json::json!({"name": name, "scopes": [fleetlaps_proto::api::SCOPE_READ_BASIC]});
+
+    // NATS stops the moment a write is folded: as the consumer asks for what waits next, so the
+    // server goes away holding that request unanswered. The outage outlasts a pull's wait.
+    orchestrator.create_token(ADMIN_TOKEN, token("before-the-outage")).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    nats.restart();
+
+    // A token created now must be folded: the API answers 201 only once it is visible.
+    // Each attempt is a new token: one the API answered 503 for was recorded all the same.
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
+    let created = wait_until(
+        "a token created after the outage is folded",
+        Duration::from_secs(90),
+        || async {
+            let attempt = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let body = token(&format!("after-the-outage-{attempt}"));
+            let response = orchestrator
+                .request(reqwest::Method::POST, "/v1.0/fleetlaps/tokens", ADMIN_TOKEN, Some(body))
+                .await;
+            (response.status() == reqwest::StatusCode::CREATED).then_some(response)
+        },
+    )
+    .await;
+    let created: serde_json::Value = created.json().await.expect("json");
+    let token = created["token"].as_str().expect("the token");
+    let listed = orchestrator
+        .get("/v1.0/directory/deviceLocalCredentials", Some(token))
+        .await;
+    assert_eq!(listed.status(), reqwest::StatusCode::OK, "the new token works");
 }
 
 #[tokio::test]

@@ -185,6 +185,11 @@ const BATCH_SIZE: usize = 512;
 /// How long the consumer waits for a message when none is waiting, before it asks again: short,
 /// so a request lost with a restarted server stalls it little.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// How long a pull may go unanswered before it is given up and the consumer re-bound at the
+/// projections' position: a server that stops or restarts forgets the pulls it held, and a pull
+/// for what is already waiting has no expiry of its own, so without this deadline the consumer
+/// would wait for its answer for ever. Longer than [`FETCH_WAIT`] and the client's own grace on it.
+const PULL_DEADLINE: Duration = Duration::from_secs(10);
 /// The pause after the first failed batch; it doubles with each failure in a row.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// The longest pause between two attempts at a failing batch.
@@ -286,8 +291,23 @@ impl Consumer {
     /// The next batch: every message already waiting (up to [`BATCH_SIZE`]) at once, or, when
     /// none waits, the next one the moment it arrives. So a lone write (an enrollment, a token, a
     /// backup its device waits on) is folded as soon as it is stored, and only what has piled up
-    /// meanwhile is batched.
+    /// meanwhile is batched. A pull unanswered within [`PULL_DEADLINE`] is an error, so the
+    /// consumer is re-bound rather than left waiting on a server that forgot it.
     async fn fetch(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+        match tokio::time::timeout(PULL_DEADLINE, self.pull()).await {
+            Ok(messages) => messages,
+            Err(_) => Err(Box::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "NATS did not answer a pull within {} s (a restarted server forgets the pulls it held)",
+                    PULL_DEADLINE.as_secs()
+                ),
+            ))),
+        }
+    }
+
+    /// [`Self::fetch`] without its deadline.
+    async fn pull(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {
         let waiting = self.consumer.fetch().max_messages(BATCH_SIZE).messages().await?;
         let messages = collect(waiting).await?;
         if !messages.is_empty() {
