@@ -109,17 +109,46 @@ pub(super) async fn get(
     require_reader(&principal)?;
     let campaign = campaign(&state, &breach_id)?;
     let mut shown = info(&campaign);
-    let (mut failed, mut offline_waiting) = (0, 0);
-    let mut stragglers = Vec::new();
-    for target in state.projections.campaign_targets(&campaign.breach_id)? {
+    let progress = if campaign.rotated >= campaign.target_count {
+        // Every target rotated: nothing to look for among them.
+        Progress::default()
+    } else {
+        // One read per target, and one per unrotated device: off the request threads.
+        let projections = state.projections.clone();
+        let breach_id = campaign.breach_id;
+        match tokio::task::spawn_blocking(move || progress(&projections, &breach_id)).await {
+            Ok(progress) => progress?,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    };
+    shown.failed = Some(progress.failed);
+    shown.offline_waiting = Some(progress.offline_waiting);
+    shown.stragglers = Some(progress.stragglers);
+    Ok(Json(shown))
+}
+
+/// What a campaign's unrotated targets are waiting on.
+#[derive(Default)]
+struct Progress {
+    /// Commanded, and failed since.
+    failed: u32,
+    /// Commanded, and not heard from since.
+    offline_waiting: u32,
+    /// The first [`STRAGGLERS_SHOWN`] not rotated yet, by device id.
+    stragglers: Vec<fleetlaps_proto::ids::DeviceId>,
+}
+
+/// Reads every target of the campaign, and the device of every unrotated one.
+fn progress(projections: &crate::projection::Projections, breach_id: &BreachId) -> Result<Progress, ApiError> {
+    let mut progress = Progress::default();
+    for target in projections.campaign_targets(breach_id)? {
         if target.rotated_at.is_some() {
             continue;
         }
-        if stragglers.len() < STRAGGLERS_SHOWN {
-            stragglers.push(target.device_id.clone());
+        if progress.stragglers.len() < STRAGGLERS_SHOWN {
+            progress.stragglers.push(target.device_id.clone());
         }
-        let (Some(commanded_at), Some(device)) = (target.commanded_at, state.projections.device(&target.device_id)?)
-        else {
+        let (Some(commanded_at), Some(device)) = (target.commanded_at, projections.device(&target.device_id)?) else {
             continue;
         };
         if device
@@ -127,15 +156,12 @@ pub(super) async fn get(
             .as_ref()
             .is_some_and(|failure| failure.time >= commanded_at)
         {
-            failed += 1;
+            progress.failed += 1;
         } else if device.last_seen < commanded_at {
-            offline_waiting += 1;
+            progress.offline_waiting += 1;
         }
     }
-    shown.failed = Some(failed);
-    shown.offline_waiting = Some(offline_waiting);
-    shown.stragglers = Some(stragglers);
-    Ok(Json(shown))
+    Ok(progress)
 }
 
 /// Cancels a running campaign.

@@ -46,7 +46,13 @@ pub(super) async fn track_requests(State(metrics): State<Metrics>, request: Requ
     response
 }
 
-/// Renders every metric in the text exposition format.
+/// Renders every metric in the text exposition format, on the blocking pool: the fleet metrics
+/// read every device record, which takes a while in a large fleet, and the API's requests must
+/// not wait behind it.
 pub(super) async fn render(State(metrics): State<Metrics>) -> Response {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.render()).into_response()
+    let text = match tokio::task::spawn_blocking(move || metrics.render()).await {
+        Ok(text) => text,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    };
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

@@ -66,7 +66,9 @@ impl FleetMetrics {
                 self.campaign_devices.with_label_values(&[state.as_str(), device_state]);
             }
         }
-        for device in projections.devices().map_err(|err| err.to_string())? {
+        // Read as iterated: one device record in memory at a time, however large the fleet.
+        for device in projections.devices_after(None) {
+            let device = device.map_err(|err| err.to_string())?;
             if states_known {
                 let state = liveness
                     .state(projections, &device, now)

@@ -170,6 +170,7 @@ pub(crate) async fn run(
             Ok(path)
         };
         let health = write_paths("health", &mut std::iter::once("/healthz".to_owned()))?;
+        let scrape = write_paths("metrics", &mut std::iter::once("/metrics".to_owned()))?;
         let endpoints = [
             Endpoint {
                 name: "metadata by id",
@@ -217,6 +218,21 @@ pub(crate) async fn run(
                 .context("baseline: wrk against /healthz")?
                 .context("baseline: wrk completed no request of /healthz")?;
             progress.inc(1);
+            if connections == 1 {
+                // A Prometheus scrape: the fleet metrics read every device record each time.
+                let metrics_base = orchestrator.metrics_url.trim_end_matches("/metrics");
+                let scraped = wrk(options, &script, &token, &scrape, metrics_base, connections)
+                    .context("wrk against /metrics")?
+                    .context("wrk completed no scrape of /metrics")?;
+                rows.push(Row::new(
+                    BENCHMARK,
+                    &format!("a /metrics scrape, {size} devices, p50"),
+                    scraped.p50(),
+                    "GET /healthz p50",
+                    baseline.p50(),
+                    "—",
+                ));
+            }
             let mut by_id = None;
             for endpoint in &endpoints {
                 let measured = wrk(

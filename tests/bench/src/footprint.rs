@@ -103,7 +103,7 @@ pub(crate) fn disk_usage(dir: &Path) -> anyhow::Result<u64> {
 }
 
 /// The events stream's stored bytes and message count.
-async fn stream_state(reader: &jetstream::Context) -> anyhow::Result<(u64, u64)> {
+pub(crate) async fn stream_state(reader: &jetstream::Context) -> anyhow::Result<(u64, u64)> {
     let mut stream = reader
         .get_stream(fleetlaps_proto::subject::EVENTS_STREAM)
         .await

@@ -379,8 +379,9 @@ async fn replay(
         .context("baseline: reading the stream in order")?;
     progress.finish();
     eprintln!("bench: replaying {last} messages with fleetlaps-orchestrator replay");
-    let (messages, replayed) = replay::replay(orchestrator, bench.work)?;
-    Ok(replay::rows(messages, replayed, baseline_messages, baseline))
+    let replayed = replay::replay(orchestrator, bench.work)?;
+    let (stream_bytes, _) = footprint::stream_state(reader).await?;
+    Ok(replay::rows(&replayed, baseline_messages, baseline, stream_bytes))
 }
 
 /// Devices the replay's events are spread over.

@@ -65,7 +65,7 @@ pub(crate) async fn ordered_read(
 /// Runs `fleetlaps-orchestrator replay` into a fresh directory under `work` (the orchestrator
 /// stopped, so nothing is appended meanwhile); the messages it reports and the time from its start
 /// to its exit. Its own progress bar shows on this terminal.
-pub(crate) fn replay(orchestrator: &Orchestrator, work: &std::path::Path) -> anyhow::Result<(u64, Duration)> {
+pub(crate) fn replay(orchestrator: &Orchestrator, work: &std::path::Path) -> anyhow::Result<Replayed> {
     let out = work.join("replay-projections");
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
@@ -97,8 +97,58 @@ pub(crate) fn replay(orchestrator: &Orchestrator, work: &std::path::Path) -> any
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|count| count.parse().ok())
         .with_context(|| format!("fleetlaps-orchestrator replay printed no count: {}", stdout.trim()))?;
+    let storage = Storage::read(&out)?;
     let _ = std::fs::remove_dir_all(&out);
-    Ok((messages, elapsed))
+    Ok(Replayed {
+        messages,
+        elapsed,
+        storage,
+    })
+}
+
+/// What a replay did.
+pub(crate) struct Replayed {
+    /// The messages it folded.
+    pub(crate) messages: u64,
+    /// From its start to its exit.
+    pub(crate) elapsed: Duration,
+    /// What the projections it built hold.
+    pub(crate) storage: Storage,
+}
+
+/// The projections a replay built: their disk usage, and the keys and values they hold by key
+/// prefix (what the fold keeps, apart from what sled's log has not reclaimed yet).
+pub(crate) struct Storage {
+    /// Allocated bytes of the directory, as `du` counts them.
+    pub(crate) on_disk: u64,
+    /// Key and value bytes, by key prefix (`d/`, `e/`, …), largest first.
+    pub(crate) by_prefix: Vec<(String, u64)>,
+}
+
+impl Storage {
+    /// Reads the projections under `dir` (no orchestrator may have them open).
+    fn read(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let on_disk = crate::footprint::disk_usage(dir)?;
+        let db = sled::open(dir).with_context(|| format!("opening the replayed projections in {}", dir.display()))?;
+        let tree = db.open_tree("projections").context("opening the projections' tree")?;
+        let mut totals = std::collections::BTreeMap::<String, u64>::new();
+        for entry in tree.iter() {
+            let (key, value) = entry.context("reading the replayed projections")?;
+            let prefix = match key.iter().position(|&byte| byte == b'/') {
+                Some(slash) => String::from_utf8_lossy(&key[..=slash]).into_owned(),
+                None => String::from_utf8_lossy(&key).into_owned(),
+            };
+            *totals.entry(prefix).or_default() += (key.len() + value.len()) as u64;
+        }
+        let mut by_prefix: Vec<(String, u64)> = totals.into_iter().collect();
+        by_prefix.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+        Ok(Self { on_disk, by_prefix })
+    }
+
+    /// Every key and value byte.
+    fn held(&self) -> u64 {
+        self.by_prefix.iter().map(|(_, bytes)| bytes).sum()
+    }
 }
 
 /// Tops the stream up to `events` messages with signed events of `devices` (the orchestrator
@@ -119,11 +169,17 @@ pub(crate) async fn top_up(
 
 /// The report's rows and notes.
 pub(crate) fn rows(
-    messages: u64,
-    replayed: Duration,
+    replayed: &Replayed,
     baseline_messages: u64,
     baseline: Duration,
+    stream_bytes: u64,
 ) -> (Vec<Row>, Vec<String>) {
+    let Replayed {
+        messages,
+        elapsed: replayed,
+        storage,
+    } = replayed;
+    let (messages, replayed) = (*messages, *replayed);
     let rate = |count: u64, duration: Duration| Quantity::EventsPerSecond(count as f64 / duration.as_secs_f64());
     let row = Row::new(
         BENCHMARK,
@@ -133,11 +189,45 @@ pub(crate) fn rows(
         rate(baseline_messages, baseline),
         "ratio ≥ 0.5",
     );
-    let notes = vec![format!(
-        "Replay: {messages} messages rebuilt into fresh projections in {:.1} s (process start, connection and \
-         final flush included); the ordered consumer read {baseline_messages} in {:.1} s.",
-        replayed.as_secs_f64(),
-        baseline.as_secs_f64()
-    )];
-    (vec![row], notes)
+    let per_message = |bytes: u64| Quantity::Bytes(bytes as f64 / messages.max(1) as f64);
+    let stream_per_message = per_message(stream_bytes);
+    let rows = vec![
+        row,
+        Row::new(
+            BENCHMARK,
+            "replayed projections on disk, per message",
+            per_message(storage.on_disk),
+            "stream bytes per message",
+            stream_per_message,
+            "—",
+        ),
+        Row::new(
+            BENCHMARK,
+            "replayed projections' keys and values, per message",
+            per_message(storage.held()),
+            "stream bytes per message",
+            stream_per_message,
+            "—",
+        ),
+    ];
+    let breakdown: Vec<String> = storage
+        .by_prefix
+        .iter()
+        .take(8)
+        .map(|(prefix, bytes)| format!("`{prefix}` {:.1} B", *bytes as f64 / messages.max(1) as f64))
+        .collect();
+    let notes = vec![
+        format!(
+            "Replay: {messages} messages rebuilt into fresh projections in {:.1} s (process start, connection and \
+             final flush included); the ordered consumer read {baseline_messages} in {:.1} s.",
+            replayed.as_secs_f64(),
+            baseline.as_secs_f64()
+        ),
+        format!(
+            "Replay: the rebuilt projections' keys and values per message, by key prefix (see `projection/keys.rs`): {}. \
+             On disk is what sled's log holds besides: record versions it has not reclaimed yet.",
+            breakdown.join(", ")
+        ),
+    ];
+    (rows, notes)
 }
