@@ -497,7 +497,11 @@ fn applied_device_event(
     if subject_device != *device_id || envelope.device_id != *device_id || envelope.event.kind() != kind {
         return Ok(None);
     }
-    let applied_here = projections.event_sequence(&envelope.id)? == Some(message.sequence);
+    let applied_here = if crate::projection::is_report(kind) {
+        !projections.report_passed_over(device_id, message.sequence)?
+    } else {
+        projections.event_sequence(&envelope.id)? == Some(message.sequence)
+    };
     Ok(applied_here.then_some(envelope))
 }
 

@@ -14,7 +14,9 @@
 //! | `n/<name>/<device>` | a device's name, in lower case (empty value): the index `$filter=deviceName eq` reads |
 //! | `c/<device>/<sequence>` | a `CredentialRecord`, by the stream sequence of its backup |
 //! | `r/<device>/<rotation>` | the `c/` key of a rotation's credential |
-//! | `e/<event id>` | an applied event id (device or orchestrator), for idempotence |
+//! | `e/<event id>` | an applied event id (an orchestrator event, or a device event that is not a [`is_report`] report), for idempotence |
+//! | `rm/<device>/<instance>` | the highest (generation, sequence) of the reports applied from that running copy of the device (`-` for events naming none): a report at or below it is a copy already applied |
+//! | `rx/<device>/<sequence>` | a report on the device's subject the fold did not apply (a copy, or refused, empty value): what the timeline leaves out |
 //! | `q/<sequence>` | a `QuarantineRecord` |
 //! | `qd/<reason>` | how many quarantine records of a reason were dropped to keep the bound |
 //! | `a/<sequence>` | an orchestrator event (`AuditEnvelope`): the audit history |
@@ -33,7 +35,8 @@
 
 use fleetlaps_proto::audit::TokenId;
 use fleetlaps_proto::breach::BreachId;
-use fleetlaps_proto::ids::{DeviceId, DeviceName, EventId, RotationId};
+use fleetlaps_proto::event::EventKind;
+use fleetlaps_proto::ids::{DeviceId, DeviceName, EventId, InstanceId, RotationId};
 use fleetlaps_proto::seal::EscrowPublicKey;
 
 use super::quarantine::QuarantineReason;
@@ -149,6 +152,53 @@ pub(super) fn event(event_id: &EventId) -> Vec<u8> {
     let mut key = b"e/".to_vec();
     key.extend_from_slice(event_id.as_bytes());
     key
+}
+
+/// Whether a device event of this kind is a report: one that changes no credential (what an
+/// authentication, a policy, a failed rotation, a missing account, post-authentication actions
+/// were). A device emits its reports from its outbox in the order of its own sequence, one at a
+/// time, and never sends one again once JetStream acknowledged it, so a copy of a report is one
+/// at or below the highest (generation, sequence) applied from the same running copy. Reports
+/// keep that mark (`rm/`) rather than their ids (`e/`): the projections grow with devices, not
+/// with every login. Backups, rotations, commands executed and image rollbacks keep their ids (a
+/// backup is sent again after later events when its confirmation does not come).
+pub fn is_report(kind: EventKind) -> bool {
+    match kind {
+        EventKind::PolicyApplied
+        | EventKind::RotationFailed
+        | EventKind::AccountMissing
+        | EventKind::AuthenticationSucceeded
+        | EventKind::AuthenticationFailed
+        | EventKind::PostAuthenticationActionsStarted
+        | EventKind::PostAuthenticationActionsSucceeded
+        | EventKind::PostAuthenticationActionsFailed => true,
+        EventKind::PasswordBackedUp
+        | EventKind::PasswordRotated
+        | EventKind::CommandExecuted
+        | EventKind::ImageRollbackDetected => false,
+    }
+}
+
+/// `rm/<device>/<instance>` (`-` for no instance).
+pub(super) fn report_mark(device_id: &DeviceId, instance: Option<&InstanceId>) -> Vec<u8> {
+    match instance {
+        Some(instance) => format!("rm/{device_id}/{instance}").into_bytes(),
+        None => format!("rm/{device_id}/-").into_bytes(),
+    }
+}
+
+/// A report mark's value: its generation, then its sequence, each a big-endian `u64`, so the
+/// bytes compare as the pair does.
+pub(super) fn report_mark_value(generation: u64, sequence: u64) -> [u8; 16] {
+    let mut value = [0; 16];
+    value[..8].copy_from_slice(&generation.to_be_bytes());
+    value[8..].copy_from_slice(&sequence.to_be_bytes());
+    value
+}
+
+/// `rx/<device>/<sequence>`.
+pub(super) fn report_passed_over(device_id: &DeviceId, sequence: u64) -> Vec<u8> {
+    format!("rx/{device_id}/{sequence:020}").into_bytes()
 }
 
 /// `q/<sequence>`.

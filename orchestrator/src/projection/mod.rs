@@ -35,6 +35,7 @@ pub use campaigns::{CampaignRecord, CampaignState, CampaignTarget};
 pub use credentials::CredentialRecord;
 pub use devices::{DeviceChange, DeviceRecord, DeviceState, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
+pub use keys::is_report;
 pub use orchestrator_key::OrchestratorKeyRecord;
 pub use principals::{EnrolledKeyRecord, TokenKind, TokenRecord, TokenUnusable};
 pub use quarantine::{

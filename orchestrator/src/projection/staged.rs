@@ -14,6 +14,7 @@ use std::iter::Peekable;
 
 use fleetlaps_proto::audit::TokenId;
 use fleetlaps_proto::breach::BreachId;
+use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::{DeviceId, EventId};
 use serde::de::DeserializeOwned;
 use sled::IVec;
@@ -81,6 +82,14 @@ pub(super) trait Records {
     /// Whether the event with this id was applied before.
     fn event_applied(&self, event_id: &EventId) -> Result<bool, ProjectionError> {
         self.has(&keys::event(event_id))
+    }
+
+    /// Whether a copy of `report` ([`keys::is_report`]) was applied before: it is at or below the
+    /// mark of the reports applied from its running copy.
+    fn report_applied(&self, report: &Envelope) -> Result<bool, ProjectionError> {
+        let mark = self.raw(&keys::report_mark(&report.device_id, report.instance.as_ref()))?;
+        let this = keys::report_mark_value(report.generation, report.sequence);
+        Ok(mark.is_some_and(|mark| mark.as_ref() >= this.as_slice()))
     }
 
     /// One token of either kind.

@@ -49,7 +49,7 @@ use super::verify::{CheckedSignature, DeviceKeys, Refusal, Verified};
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
 /// orchestrator events about each device (`ad/`) for its timeline; 4 indexes devices by name
 /// (`n/`) and password reads by principal (`pr/`); 5 keeps a campaign's scope in words only.
-const LAYOUT_VERSION: u64 = 5;
+const LAYOUT_VERSION: u64 = 6;
 
 /// A failure of the store itself (not of a message: those are quarantined).
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +345,14 @@ impl Projections {
                 }
             }
         };
+        // A report keeps no id (`keys::is_report`): a copy of one, or a refused one, on a
+        // device's subject is noted instead, so the timeline can tell which it passed over.
+        if !matches!(applied.outcome, Outcome::Applied(_))
+            && let Some((device_id, kind)) = fleetlaps_proto::subject::parse_device_event(message.subject)
+            && keys::is_report(kind)
+        {
+            staged.insert(keys::report_passed_over(&device_id, message.sequence), []);
+        }
         staged.keep();
         Ok(applied)
     }
@@ -583,8 +591,16 @@ impl Projections {
         Ok(found)
     }
 
+    /// Whether the message at stream `sequence`, a report ([`keys::is_report`]) on `device_id`'s
+    /// subject that the projections have folded, was passed over: a copy of one applied before,
+    /// or refused.
+    pub fn report_passed_over(&self, device_id: &DeviceId, sequence: u64) -> Result<bool, ProjectionError> {
+        Ok(self.tree.get(keys::report_passed_over(device_id, sequence))?.is_some())
+    }
+
     /// The stream sequence of the message that applied the event with this id; `None` when no
     /// message did (never folded, or refused). A re-sent copy of an event has another sequence.
+    /// Reports ([`keys::is_report`]) keep no id: see [`Self::report_passed_over`].
     pub fn event_sequence(&self, event_id: &fleetlaps_proto::ids::EventId) -> Result<Option<u64>, ProjectionError> {
         self.tree.number(&keys::event(event_id))
     }
@@ -767,7 +783,14 @@ impl Projections {
             // of it is already there (a rebuild meets it later and clears this).
             staged.insert(keys::clone_report(&device_id), encode(detected));
         }
-        staged.insert(keys::event(&envelope.id), message.sequence.to_be_bytes());
+        if keys::is_report(envelope.event.kind()) {
+            staged.insert(
+                keys::report_mark(&device_id, envelope.instance.as_ref()),
+                keys::report_mark_value(envelope.generation, envelope.sequence),
+            );
+        } else {
+            staged.insert(keys::event(&envelope.id), message.sequence.to_be_bytes());
+        }
         staged.insert(keys::device(&device_id), encode(&device));
         Ok(Ok(Applied {
             outcome: Outcome::Applied(envelope.event.kind()),

@@ -1550,3 +1550,96 @@ fn orchestrator_events_about_a_device_are_indexed_for_its_timeline_and_only_thos
     let envelope = AuditEnvelope::from_json(&messages[0].1).unwrap();
     assert_eq!(fixture.projections.event_sequence(&envelope.id).unwrap(), Some(first));
 }
+
+/// How many keys of the projections start with `prefix`.
+fn keys_under(fixture: &Fixture, prefix: &[u8]) -> usize {
+    fixture.projections.tree.scan_prefix(prefix).count()
+}
+
+#[test]
+fn reports_keep_one_mark_per_running_copy_and_no_id_so_their_copies_are_duplicates_noted_for_the_timeline() {
+    use fleetlaps_proto::ids::InstanceId;
+
+    // Arrange
+    let mut fixture = Fixture::enrolled();
+    let instance = InstanceId::new();
+    let ids_before = keys_under(&fixture, b"e/");
+
+    // Act: fifty reports, each sent twice (a device's re-send of an event whose ack it lost).
+    let mut copies = Vec::new();
+    for sequence in 1..=50 {
+        let report = policy_from(instance, sequence);
+        assert_eq!(fixture.apply(&report), Outcome::Applied(EventKind::PolicyApplied));
+        assert_eq!(
+            fixture.apply(&report),
+            Outcome::Duplicate,
+            "the copy of report {sequence}"
+        );
+        copies.push(fixture.next_sequence - 1);
+    }
+
+    // Assert: one mark for the running copy, no id kept, a note for each copy only.
+    assert_eq!(keys_under(&fixture, b"e/"), ids_before, "reports keep no ids");
+    assert_eq!(keys_under(&fixture, b"rm/"), 1);
+    assert_eq!(keys_under(&fixture, b"rx/"), copies.len());
+    for &copy in &copies {
+        assert!(fixture.projections.report_passed_over(&device(), copy).unwrap());
+        assert!(
+            !fixture.projections.report_passed_over(&device(), copy - 1).unwrap(),
+            "the report {} itself was applied",
+            copy - 1
+        );
+    }
+    let device_record = fixture.projections.device(&device()).unwrap().unwrap();
+    assert_eq!(device_record.last_sequence, 50);
+
+    // A report of this copy from before its mark is a copy too; another running copy (a
+    // cloned image) has its own mark; a later report is applied.
+    assert_eq!(fixture.apply(&policy_from(instance, 10)), Outcome::Duplicate);
+    assert_eq!(
+        fixture.apply(&policy_from(InstanceId::new(), 10)),
+        Outcome::Applied(EventKind::PolicyApplied)
+    );
+    assert_eq!(
+        fixture.apply(&policy_from(instance, 51)),
+        Outcome::Applied(EventKind::PolicyApplied)
+    );
+}
+
+#[test]
+fn a_refused_report_is_noted_as_passed_over_and_a_backup_still_keeps_its_id() {
+    // Arrange
+    let mut fixture = Fixture::enrolled();
+    let report = policy_applied(1);
+    let subject = subject::device_event(&device(), EventKind::PolicyApplied);
+    let payload = report.to_json();
+
+    // Act: the report unsigned (refused), then signed; then a backup.
+    let refused = fixture.apply_full(&subject, &payload, None);
+    let refused_at = fixture.next_sequence - 1;
+    let signature = key_of(&device()).sign(&subject, &payload);
+    let applied = fixture.apply_full(&subject, &payload, Some(&signature));
+    let applied_at = fixture.next_sequence - 1;
+    let backup = backed_up(2, RotationId::new());
+    assert_eq!(fixture.apply(&backup), Outcome::Applied(EventKind::PasswordBackedUp));
+
+    // Assert
+    assert!(
+        matches!(refused.outcome, Outcome::Quarantined(_)),
+        "{:?}",
+        refused.outcome
+    );
+    assert_eq!(applied.outcome, Outcome::Applied(EventKind::PolicyApplied));
+    assert!(fixture.projections.report_passed_over(&device(), refused_at).unwrap());
+    assert!(!fixture.projections.report_passed_over(&device(), applied_at).unwrap());
+    assert_eq!(
+        fixture.projections.event_sequence(&report.id).unwrap(),
+        None,
+        "no id kept"
+    );
+    assert_eq!(
+        fixture.projections.event_sequence(&backup.id).unwrap(),
+        Some(fixture.next_sequence - 1),
+        "a backup keeps its id"
+    );
+}
