@@ -362,15 +362,7 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
     let subject = subject::device_event(&agent.device_id, EventKind::PasswordBackedUp);
     let jetstream = jetstream::new(nats.client().await);
     let (payload, signature) = first_message(&jetstream, &subject).await;
-    // Settled: the agent has sent everything, and the orchestrator has applied all of it.
-    wait_until("the agent and the orchestrator are settled", TIMEOUT, || async {
-        let sent = agent.status().await.outbox_pending == 0;
-        let mut stream = jetstream.get_stream(subject::EVENTS_STREAM).await.ok()?;
-        let last = stream.info().await.ok()?.state.last_sequence;
-        let applied = orchestrator.metric("fleetlaps_projection_last_sequence").await;
-        (sent && applied == last as f64).then_some(())
-    })
-    .await;
+    wait_until_settled(&agent, &orchestrator, &jetstream).await;
     let before = state_of(&orchestrator, &agent.device_id).await;
     let duplicates_before = orchestrator
         .metric(r#"fleetlaps_events_ingested_total{kind="password_backed_up",outcome="duplicate"}"#)
@@ -392,6 +384,69 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
     .await;
     assert_eq!(quarantine_reasons(&orchestrator).await, []);
     assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
+}
+
+#[tokio::test]
+async fn a_re_sent_report_is_a_duplicate_below_its_running_copys_mark_and_stays_out_of_the_timeline() {
+    // Arrange: a settled device; its policy report as it is in the stream.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_has(&first).await;
+    let subject = subject::device_event(&agent.device_id, EventKind::PolicyApplied);
+    let jetstream = jetstream::new(nats.client().await);
+    let (payload, signature) = first_message(&jetstream, &subject).await;
+    wait_until_settled(&agent, &orchestrator, &jetstream).await;
+    let before = state_of(&orchestrator, &agent.device_id).await;
+    let duplicate = r#"fleetlaps_events_ingested_total{kind="policy_applied",outcome="duplicate"}"#;
+    let duplicates_before = orchestrator.metric(duplicate).await;
+    let (auditor, _) = orchestrator
+        .create_token(
+            crate::apps::ADMIN_TOKEN,
+            json!({"name": "auditor", "scopes": ["Audit.Read.All"]}),
+        )
+        .await;
+
+    // Act: the report again, as an agent re-sending it after a lost ack would.
+    publish(&jetstream, &subject, &payload, &signature).await;
+
+    // Assert: a duplicate (reports keep no id: its running copy's mark is past it), nothing
+    // changed, and the device's timeline shows the report once.
+    wait_until("the copy is counted as a duplicate", TIMEOUT, || async {
+        (orchestrator.metric(duplicate).await == duplicates_before + 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(quarantine_reasons(&orchestrator).await, []);
+    assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
+    let timeline: Value = orchestrator
+        .get(
+            &format!("/v1.0/fleetlaps/devices/{}/timeline?$top=100", agent.device_id),
+            Some(&auditor),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let reports = timeline["value"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|entry| entry["kind"] == "policy_applied")
+        .count();
+    assert_eq!(reports, 1, "{timeline:#}");
+}
+
+/// Waits until the agent has sent everything and the orchestrator has applied all of it.
+async fn wait_until_settled(agent: &TestAgent, orchestrator: &TestOrchestrator, jetstream: &jetstream::Context) {
+    wait_until("the agent and the orchestrator are settled", TIMEOUT, || async {
+        let sent = agent.status().await.outbox_pending == 0;
+        let mut stream = jetstream.get_stream(subject::EVENTS_STREAM).await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let applied = orchestrator.metric("fleetlaps_projection_last_sequence").await;
+        (sent && applied == last as f64).then_some(())
+    })
+    .await;
 }
 
 /// A device's credential info with passwords, and its directory entry: what a forged or
