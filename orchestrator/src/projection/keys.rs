@@ -15,7 +15,7 @@
 //! | `c/<device>/<sequence>` | a `CredentialRecord`, by the stream sequence of its backup |
 //! | `r/<device>/<rotation>` | the `c/` key of a rotation's credential |
 //! | `e/<event id>` | an applied event id (an orchestrator event, or a device event that is not a [`is_report`] report), for idempotence |
-//! | `rm/<device>/<instance>` | the highest (generation, sequence) of the reports applied from that running copy of the device (`-` for events naming none): a report at or below it is a copy already applied |
+//! | `rm/<device>/<instance>` | the highest (generation, sequence) of the reports applied from that running copy of the device (each start of an agent is one; `-` for events naming none): a report at or below it is a copy already applied |
 //! | `rx/<device>/<sequence>` | a report on the device's subject the fold did not apply (a copy, or refused, empty value): what the timeline leaves out |
 //! | `q/<sequence>` | a `QuarantineRecord` |
 //! | `qd/<reason>` | how many quarantine records of a reason were dropped to keep the bound |

@@ -48,7 +48,8 @@ use super::verify::{CheckedSignature, DeviceKeys, Refusal, Verified};
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
 /// orchestrator events about each device (`ad/`) for its timeline; 4 indexes devices by name
-/// (`n/`) and password reads by principal (`pr/`); 5 keeps a campaign's scope in words only.
+/// (`n/`) and password reads by principal (`pr/`); 5 keeps a campaign's scope in words only; 6 keeps
+/// a report's running copy's mark (`rm/`) instead of its id, and notes the reports passed over (`rx/`).
 const LAYOUT_VERSION: u64 = 6;
 
 /// A failure of the store itself (not of a message: those are quarantined).
