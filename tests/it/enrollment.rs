@@ -354,16 +354,9 @@ async fn forged_events_are_quarantined_counted_listed_and_change_nothing() {
 #[tokio::test]
 async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_and_changes_nothing() {
     // Arrange: a device with a backed-up password; its backup message as it is in the stream.
-    let nats = TestNats::start();
-    let orchestrator = TestOrchestrator::spawn(&nats).await;
-    let agent = TestAgent::spawn(&nats, &orchestrator).await;
-    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
-    agent.wait_until_has(&first).await;
-    let subject = subject::device_event(&agent.device_id, EventKind::PasswordBackedUp);
-    let jetstream = jetstream::new(nats.client().await);
-    let (payload, signature) = first_message(&jetstream, &subject).await;
-    wait_until_settled(&agent, &orchestrator, &jetstream).await;
-    let before = state_of(&orchestrator, &agent.device_id).await;
+    let captured = captured(EventKind::PasswordBackedUp).await;
+    let (orchestrator, agent) = (&captured.orchestrator, &captured.agent);
+    let before = state_of(orchestrator, &agent.device_id).await;
     let duplicates_before = orchestrator
         .metric(r#"fleetlaps_events_ingested_total{kind="password_backed_up",outcome="duplicate"}"#)
         .await;
@@ -371,7 +364,7 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
     // Act: the captured message, valid signature and all, published again with a new
     // Nats-Msg-Id so JetStream's deduplication lets it through (what an agent re-sending an
     // unconfirmed backup does, and what an attacker replaying one does).
-    publish(&jetstream, &subject, &payload, &signature).await;
+    captured.publish_again().await;
 
     // Assert: recognised by its event id, counted, nothing quarantined, nothing changed.
     wait_until("the replay is counted as a duplicate", TIMEOUT, || async {
@@ -382,23 +375,16 @@ async fn a_replayed_device_event_is_recognised_by_its_id_counted_as_a_duplicate_
             .then_some(())
     })
     .await;
-    assert_eq!(quarantine_reasons(&orchestrator).await, []);
-    assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
+    assert_eq!(quarantine_reasons(orchestrator).await, []);
+    assert_eq!(state_of(orchestrator, &agent.device_id).await, before);
 }
 
 #[tokio::test]
 async fn a_re_sent_report_is_a_duplicate_below_its_running_copys_mark_and_stays_out_of_the_timeline() {
     // Arrange: a settled device; its policy report as it is in the stream.
-    let nats = TestNats::start();
-    let orchestrator = TestOrchestrator::spawn(&nats).await;
-    let agent = TestAgent::spawn(&nats, &orchestrator).await;
-    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
-    agent.wait_until_has(&first).await;
-    let subject = subject::device_event(&agent.device_id, EventKind::PolicyApplied);
-    let jetstream = jetstream::new(nats.client().await);
-    let (payload, signature) = first_message(&jetstream, &subject).await;
-    wait_until_settled(&agent, &orchestrator, &jetstream).await;
-    let before = state_of(&orchestrator, &agent.device_id).await;
+    let captured = captured(EventKind::PolicyApplied).await;
+    let (orchestrator, agent) = (&captured.orchestrator, &captured.agent);
+    let before = state_of(orchestrator, &agent.device_id).await;
     let duplicate = r#"fleetlaps_events_ingested_total{kind="policy_applied",outcome="duplicate"}"#;
     let duplicates_before = orchestrator.metric(duplicate).await;
     let (auditor, _) = orchestrator
@@ -409,7 +395,7 @@ async fn a_re_sent_report_is_a_duplicate_below_its_running_copys_mark_and_stays_
         .await;
 
     // Act: the report again, as an agent re-sending it after a lost ack would.
-    publish(&jetstream, &subject, &payload, &signature).await;
+    captured.publish_again().await;
 
     // Assert: a duplicate (reports keep no id: its running copy's mark is past it), nothing
     // changed, and the device's timeline shows the report once.
@@ -417,8 +403,8 @@ async fn a_re_sent_report_is_a_duplicate_below_its_running_copys_mark_and_stays_
         (orchestrator.metric(duplicate).await == duplicates_before + 1.0).then_some(())
     })
     .await;
-    assert_eq!(quarantine_reasons(&orchestrator).await, []);
-    assert_eq!(state_of(&orchestrator, &agent.device_id).await, before);
+    assert_eq!(quarantine_reasons(orchestrator).await, []);
+    assert_eq!(state_of(orchestrator, &agent.device_id).await, before);
     let timeline: Value = orchestrator
         .get(
             &format!("/v1.0/fleetlaps/devices/{}/timeline?$top=100", agent.device_id),
@@ -437,8 +423,37 @@ async fn a_re_sent_report_is_a_duplicate_below_its_running_copys_mark_and_stays_
     assert_eq!(reports, 1, "{timeline:#}");
 }
 
-/// Waits until the agent has sent everything and the orchestrator has applied all of it.
-async fn wait_until_settled(agent: &TestAgent, orchestrator: &TestOrchestrator, jetstream: &jetstream::Context) {
+/// A device with a backed-up password, settled (the agent has sent everything and the
+/// orchestrator has applied all of it), and its first message of a kind as it is in the stream.
+struct Captured {
+    orchestrator: TestOrchestrator,
+    agent: TestAgent,
+    jetstream: jetstream::Context,
+    /// The device's subject of that kind.
+    subject: String,
+    payload: Vec<u8>,
+    signature: String,
+    /// The server, stopped last (fields drop in order).
+    _nats: TestNats,
+}
+
+impl Captured {
+    /// The captured message, valid signature and all, published again with a new Nats-Msg-Id
+    /// (so JetStream's deduplication lets it through).
+    async fn publish_again(&self) {
+        publish(&self.jetstream, &self.subject, &self.payload, &self.signature).await;
+    }
+}
+
+async fn captured(kind: EventKind) -> Captured {
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    let agent = TestAgent::spawn(&nats, &orchestrator).await;
+    let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
+    agent.wait_until_has(&first).await;
+    let subject = subject::device_event(&agent.device_id, kind);
+    let jetstream = jetstream::new(nats.client().await);
+    let (payload, signature) = first_message(&jetstream, &subject).await;
     wait_until("the agent and the orchestrator are settled", TIMEOUT, || async {
         let sent = agent.status().await.outbox_pending == 0;
         let mut stream = jetstream.get_stream(subject::EVENTS_STREAM).await.ok()?;
@@ -447,6 +462,15 @@ async fn wait_until_settled(agent: &TestAgent, orchestrator: &TestOrchestrator, 
         (sent && applied == last as f64).then_some(())
     })
     .await;
+    Captured {
+        orchestrator,
+        agent,
+        jetstream,
+        subject,
+        payload,
+        signature,
+        _nats: nats,
+    }
 }
 
 /// A device's credential info with passwords, and its directory entry: what a forged or
