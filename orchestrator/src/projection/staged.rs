@@ -84,11 +84,15 @@ pub(super) trait Records {
         self.has(&keys::event(event_id))
     }
 
-    /// Whether a copy of `report` ([`keys::is_report`]) was applied before: it is at or below the
-    /// mark of the reports applied from its running copy.
-    fn report_applied(&self, report: &Envelope) -> Result<bool, ProjectionError> {
-        let mark = self.raw(&keys::report_mark(&report.device_id, report.instance.as_ref()))?;
-        let this = keys::report_mark_value(report.generation, report.sequence);
+    /// Whether a copy of the device event `envelope` was applied before: for a report
+    /// ([`keys::is_report`]), it is at or below the mark of the reports applied from its running
+    /// copy; for any other, its id was applied. [`Staged::device_event_applied`] records it.
+    fn device_event_applied_before(&self, envelope: &Envelope) -> Result<bool, ProjectionError> {
+        if !keys::is_report(envelope.event.kind()) {
+            return self.event_applied(&envelope.id);
+        }
+        let mark = self.raw(&keys::report_mark(&envelope.device_id, envelope.instance.as_ref()))?;
+        let this = keys::report_mark_value(envelope.generation, envelope.sequence);
         Ok(mark.is_some_and(|mark| mark.as_ref() >= this.as_slice()))
     }
 
@@ -185,6 +189,20 @@ impl<'t> Staged<'t> {
     /// Stages `value` under `key`.
     pub(super) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.stage(IVec::from(key.as_ref()), Some(IVec::from(value.as_ref())));
+    }
+
+    /// Records that the device event `envelope` was applied by the message at stream `sequence`:
+    /// a report moves its running copy's mark, any other keeps its id (what
+    /// [`Records::device_event_applied_before`] reads).
+    pub(super) fn device_event_applied(&mut self, envelope: &Envelope, sequence: u64) {
+        if keys::is_report(envelope.event.kind()) {
+            self.insert(
+                keys::report_mark(&envelope.device_id, envelope.instance.as_ref()),
+                keys::report_mark_value(envelope.generation, envelope.sequence),
+            );
+        } else {
+            self.insert(keys::event(&envelope.id), sequence.to_be_bytes());
+        }
     }
 
     /// Stages the removal of `key`.

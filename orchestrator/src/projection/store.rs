@@ -784,14 +784,7 @@ impl Projections {
             // of it is already there (a rebuild meets it later and clears this).
             staged.insert(keys::clone_report(&device_id), encode(detected));
         }
-        if keys::is_report(envelope.event.kind()) {
-            staged.insert(
-                keys::report_mark(&device_id, envelope.instance.as_ref()),
-                keys::report_mark_value(envelope.generation, envelope.sequence),
-            );
-        } else {
-            staged.insert(keys::event(&envelope.id), message.sequence.to_be_bytes());
-        }
+        staged.device_event_applied(envelope, message.sequence);
         staged.insert(keys::device(&device_id), encode(&device));
         Ok(Ok(Applied {
             outcome: Outcome::Applied(envelope.event.kind()),

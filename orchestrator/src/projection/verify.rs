@@ -171,12 +171,7 @@ impl Projections {
             Event::PasswordBackedUp(body) => Some(answer(Some(body.rotation_id), BackupOutcome::Stored)),
             _ => None,
         };
-        let applied_before = if keys::is_report(envelope.event.kind()) {
-            staged.report_applied(&envelope)?
-        } else {
-            staged.event_applied(&envelope.id)?
-        };
-        if applied_before {
+        if staged.device_event_applied_before(&envelope)? {
             return Ok(Ok(Verified::Duplicate(stored)));
         }
         if let Event::PasswordBackedUp(body) = &envelope.event {

@@ -174,12 +174,8 @@ pub(crate) fn rows(
     baseline: Duration,
     stream_bytes: u64,
 ) -> (Vec<Row>, Vec<String>) {
-    let Replayed {
-        messages,
-        elapsed: replayed,
-        storage,
-    } = replayed;
-    let (messages, replayed) = (*messages, *replayed);
+    let (messages, storage) = (replayed.messages, &replayed.storage);
+    let replayed = replayed.elapsed;
     let rate = |count: u64, duration: Duration| Quantity::EventsPerSecond(count as f64 / duration.as_secs_f64());
     let row = Row::new(
         BENCHMARK,
