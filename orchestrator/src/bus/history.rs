@@ -123,11 +123,19 @@ impl DeviceEvents for History {
                 };
                 let message = message.map_err(|err| consumer_error(err.into()))?;
                 read += 1;
+                // What the server says is left after this message, now: the count taken when the
+                // consumer was made can be more than it will deliver, and waiting for the rest
+                // would hold the request until it times out.
+                let left = message.info().map_or(1, |info| info.pending);
                 let history_message = history_message(&message).map_err(consumer_error)?;
                 if history_message.sequence > until {
                     break;
                 }
+                let last = history_message.sequence == until || left == 0;
                 found.push(history_message);
+                if last {
+                    break;
+                }
             }
             Ok(found)
         })
