@@ -21,7 +21,7 @@ use crate::harness::{TestNats, wait_until};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The device's timeline through the API, every page, read with `token`.
-pub(crate) async fn timeline(orchestrator: &TestOrchestrator, token: &str, device_id: &DeviceId) -> Vec<TimelineEntry> {
+async fn timeline(orchestrator: &TestOrchestrator, token: &str, device_id: &DeviceId) -> Vec<TimelineEntry> {
     let mut entries = Vec::new();
     let mut path = format!("/v1.0/fleetlaps/devices/{device_id}/timeline?$top=3");
     loop {
