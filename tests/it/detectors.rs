@@ -90,7 +90,7 @@ async fn fleet(nats: &TestNats, orchestrator: &TestOrchestrator, n: usize) -> Ve
         };
         let agent = TestAgent::spawn_with(nats, orchestrator, options).await;
         let password = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
-        agent.wait_until_has(&password).await;
+        agent.wait_until_settled_with(&password).await;
         agents.push(agent);
     }
     agents
