@@ -15,7 +15,8 @@
 //!
 //! Uses are reserved under [`AppState::enrollments_in_flight`] before the event is recorded, so
 //! concurrent enrollments never exceed `maxUses`; a reservation whose enrollment the projections
-//! already count is not counted again, so none is refused while a use is left.
+//! already count is not counted again, even when the fold counts it while the reservations are
+//! being counted, so none is refused while a use is left.
 
 use std::collections::HashMap;
 
@@ -245,23 +246,24 @@ fn reserve(state: &AppState, token_sha256: &str, device_id: &DeviceId) -> Result
         .enrollments_in_flight
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // The reservations whose device the projections do not hold yet, read before the token: an
-    // enrollment folded before this read is in the uses read next, counted there and not again.
-    let mut not_yet_counted: HashMap<TokenId, u32> = HashMap::new();
-    for (token_id, reservations) in &in_flight.by_token {
-        for reserved_device in reservations.values() {
+    // Read under the lock: a use leaves `in_flight` only once the projections count it.
+    let read_token = || -> Result<Option<TokenRecord>, ApiError> {
+        // An API token is not an enrollment token, whatever it is presented as.
+        Ok(state
+            .projections
+            .token_by_digest(token_sha256)?
+            .filter(|record| record.kind == TokenKind::Enrollment))
+    };
+    let not_yet_counted = |token_id: TokenId| -> Result<u32, ApiError> {
+        let mut count = 0;
+        for reserved_device in in_flight.by_token.get(&token_id).into_iter().flat_map(HashMap::values) {
             if state.projections.enrolled_key(reserved_device)?.is_none() {
-                *not_yet_counted.entry(*token_id).or_default() += 1;
+                count += 1;
             }
         }
-    }
-    // Read under the lock: a use leaves `in_flight` only once the projections count it.
-    // An API token is not an enrollment token, whatever it is presented as.
-    let Some(record) = state
-        .projections
-        .token_by_digest(token_sha256)?
-        .filter(|record| record.kind == TokenKind::Enrollment)
-    else {
+        Ok(count)
+    };
+    let Some((record, not_yet_counted)) = token_and_reserved(read_token, not_yet_counted)? else {
         return Err(ApiError::EnrollmentRefused(
             "the enrollment token is not valid".to_owned(),
         ));
@@ -285,7 +287,6 @@ fn reserve(state: &AppState, token_sha256: &str, device_id: &DeviceId) -> Result
         }
     }
     let max_uses = record.max_uses.unwrap_or(u32::MAX);
-    let not_yet_counted = not_yet_counted.get(&record.token_id).copied().unwrap_or(0);
     if record.uses.saturating_add(not_yet_counted) >= max_uses {
         return Err(ApiError::EnrollmentRefused(format!(
             "the enrollment token is used up: {max_uses} of {max_uses} enrollments made"
@@ -299,6 +300,26 @@ fn reserve(state: &AppState, token_sha256: &str, device_id: &DeviceId) -> Result
         .or_default()
         .insert(id, device_id.clone());
     Ok((record.token_id, id))
+}
+
+/// The enrollment token `read_token` reads, and how many of its uses are reserved by
+/// enrollments the projections do not count yet (`not_yet_counted`), each enrollment counted
+/// once: in the token's uses or as not yet counted, never both and never neither. An enrollment
+/// folded between the two reads would be one or the other, so the reservations are counted
+/// between two reads of the token's uses, and again whenever those differ.
+fn token_and_reserved(
+    read_token: impl Fn() -> Result<Option<TokenRecord>, ApiError>,
+    not_yet_counted: impl Fn(TokenId) -> Result<u32, ApiError>,
+) -> Result<Option<(TokenRecord, u32)>, ApiError> {
+    loop {
+        let Some(record) = read_token()? else {
+            return Ok(None);
+        };
+        let reserved = not_yet_counted(record.token_id)?;
+        if read_token()?.map(|again| again.uses) == Some(record.uses) {
+            return Ok(Some((record, reserved)));
+        }
+    }
 }
 
 /// One reserved use of an enrollment token, given back when dropped: at once if nothing was
@@ -371,5 +392,68 @@ fn info(record: &TokenRecord) -> EnrollmentTokenInfo {
         // Every enrollment token is made with an expiry.
         expires_date_time: record.expires_at.unwrap_or(record.created_at),
         revoked_date_time: record.revoked_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use fleetlaps_proto::audit::EnrollmentTokenCreated;
+
+    use super::*;
+
+    /// Whether the fold counts the reserved enrollment before or after its reservation is checked.
+    #[derive(Clone, Copy, Debug)]
+    enum FoldLands {
+        BeforeTheCheck,
+        AfterTheCheck,
+    }
+
+    #[test]
+    fn an_enrollment_folded_while_its_reservation_is_counted_is_counted_once() {
+        for lands in [FoldLands::BeforeTheCheck, FoldLands::AfterTheCheck] {
+            // Arrange: a token with one enrollment recorded and not yet folded, its use reserved.
+            let token = TokenRecord::enrollment(
+                &EnrollmentTokenCreated {
+                    token_id: TokenId::new(),
+                    name: "batch".to_owned(),
+                    max_uses: 2,
+                    expires_at: Utc::now() + chrono::Duration::days(1),
+                    token_sha256: "ab".repeat(32),
+                    created_by: "admin".to_owned(),
+                    created_by_token_id: None,
+                },
+                Utc::now(),
+            );
+            let (uses, enrolled, folded) = (Cell::new(0), Cell::new(false), Cell::new(false));
+            let fold = || {
+                if !folded.replace(true) {
+                    uses.set(uses.get() + 1);
+                    enrolled.set(true);
+                }
+            };
+            let read_token = || {
+                Ok(Some(TokenRecord {
+                    uses: uses.get(),
+                    ..token.clone()
+                }))
+            };
+            // Act: the fold counts the enrollment during the first count of the reservations.
+            let not_yet_counted = |_| {
+                if matches!(lands, FoldLands::BeforeTheCheck) {
+                    fold();
+                }
+                let count = u32::from(!enrolled.get());
+                fold();
+                Ok(count)
+            };
+            let (record, reserved) = token_and_reserved(read_token, not_yet_counted)
+                .expect("read")
+                .expect("the token");
+
+            // Assert: the enrollment counts once, in the uses.
+            assert_eq!((record.uses, reserved), (1, 0), "{lands:?}");
+        }
     }
 }
