@@ -405,23 +405,9 @@ async fn a_re_sent_report_is_a_duplicate_below_its_running_copys_mark_and_stays_
     .await;
     assert_eq!(quarantine_reasons(orchestrator).await, []);
     assert_eq!(state_of(orchestrator, &agent.device_id).await, before);
-    // One page: a later page of a short timeline can stall on a 2.9 server (see the note).
-    let timeline: Value = orchestrator
-        .get(
-            &format!("/v1.0/fleetlaps/devices/{}/timeline?$top=100", agent.device_id),
-            Some(&auditor),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
-    let reports = timeline["value"]
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|entry| entry["kind"] == "policy_applied")
-        .count();
-    assert_eq!(reports, 1, "{timeline:#}");
+    let timeline = crate::investigations::timeline(orchestrator, &auditor, &agent.device_id).await;
+    let reports = timeline.iter().filter(|entry| entry.kind == "policy_applied").count();
+    assert_eq!(reports, 1, "{timeline:#?}");
 }
 
 /// A device with a backed-up password, settled (the agent has sent everything and the

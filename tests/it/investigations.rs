@@ -5,12 +5,15 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use fleetlaps_orchestrator::bus::{DeviceEvents, History};
 use fleetlaps_proto::api::{
     ExposedVersion, ExposureRead, ExposureReport, ExposureUse, ODataCollection, REASON_HEADER, TimelineEntry,
 };
+use fleetlaps_proto::audit::AuditKind;
 use fleetlaps_proto::control::{AuthenticationReport, ControlRequest, ControlResponse};
-use fleetlaps_proto::event::AuthenticationOutcome;
+use fleetlaps_proto::event::{AuthenticationOutcome, EventKind};
 use fleetlaps_proto::ids::DeviceId;
+use fleetlaps_proto::subject;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -20,8 +23,8 @@ use crate::harness::{TestNats, wait_until};
 /// How long the steps of the scripted history may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The device's timeline through the API, every page, read with `token`.
-async fn timeline(orchestrator: &TestOrchestrator, token: &str, device_id: &DeviceId) -> Vec<TimelineEntry> {
+/// The device's timeline through the API, every page (of three entries), read with `token`.
+pub(crate) async fn timeline(orchestrator: &TestOrchestrator, token: &str, device_id: &DeviceId) -> Vec<TimelineEntry> {
     let mut entries = Vec::new();
     let mut path = format!("/v1.0/fleetlaps/devices/{device_id}/timeline?$top=3");
     loop {
@@ -512,5 +515,74 @@ async fn investigations_need_audit_read_all_a_known_device_and_a_valid_instant()
     assert!(
         message.contains("at is required") && message.contains("RFC 3339"),
         "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_devices_events_are_read_to_the_end_in_pages_of_any_size_with_other_subjects_between_and_after() {
+    // Arrange: on a real events stream, the device's events between another device's and the
+    // orchestrator's, and a tail of other subjects after its last one (what a timeline page
+    // that reaches the device's end meets).
+    let nats = TestNats::start();
+    let jetstream = async_nats::jetstream::new(nats.client().await);
+    let history = History::open(&jetstream).await.expect("the events stream");
+    let (device, other) = (DeviceId::new_random(), DeviceId::new_random());
+    let mut expected = Vec::new();
+    let publish = |subject: String| {
+        let jetstream = jetstream.clone();
+        async move {
+            jetstream
+                .publish(subject, "{}".into())
+                .await
+                .expect("published")
+                .await
+                .expect("stored")
+                .sequence
+        }
+    };
+    for round in 0..7 {
+        let kind = [EventKind::AuthenticationSucceeded, EventKind::PolicyApplied][round % 2];
+        expected.push(publish(subject::device_event(&device, kind)).await);
+        publish(subject::device_event(&other, kind)).await;
+        publish(subject::audit_event(AuditKind::PasswordRead)).await;
+    }
+    let mut last = 0;
+    for _ in 0..5 {
+        last = publish(subject::device_event(&other, EventKind::PasswordRotated)).await;
+        last = last.max(publish(subject::audit_event(AuditKind::RotationRequested)).await);
+    }
+
+    for limit in 1..=4 {
+        // Act: page through everything up to the stream's end, `limit` at a time.
+        let mut read = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = tokio::time::timeout(TIMEOUT, history.device_events(&device, after, last, limit))
+                .await
+                .unwrap_or_else(|_| panic!("a page of {limit} after {after} is answered"))
+                .expect("the device's events");
+            assert!(page.len() <= limit, "at most {limit}");
+            let Some(newest) = page.last() else { break };
+            after = newest.sequence;
+            read.extend(page.iter().map(|message| {
+                assert!(
+                    message.subject.starts_with(&format!("laps.events.{device}.")),
+                    "{}",
+                    message.subject
+                );
+                message.sequence
+            }));
+        }
+
+        // Assert: each of the device's events once, in order, and the last page empty.
+        assert_eq!(read, expected, "pages of {limit}");
+    }
+    let bounded = history
+        .device_events(&device, 0, expected[3], 100)
+        .await
+        .expect("the device's events up to a sequence");
+    assert_eq!(
+        bounded.iter().map(|message| message.sequence).collect::<Vec<_>>(),
+        expected[..4]
     );
 }

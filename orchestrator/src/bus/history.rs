@@ -1,6 +1,7 @@
 //! Reading the events stream outside the projection consumer: the last orchestrator event of a
 //! kind (what start-up checks the escrow key against), the whole history in order (what a
-//! recovery folds), and one device's own events (what its timeline reads, [`DeviceEvents`]).
+//! recovery folds), and one device's own events (what its timeline reads, [`DeviceEvents`], a
+//! message get at a time).
 
 use async_nats::jetstream::{self, consumer, stream};
 use chrono::{DateTime, Utc};
@@ -92,8 +93,11 @@ pub trait DeviceEvents: Send + Sync + 'static {
 }
 
 impl DeviceEvents for History {
-    /// Read by an ordered (ephemeral) consumer filtered on the device's subjects, starting after
-    /// `after`: one filter subject, as a 2.9 server allows.
+    /// Read one message at a time with the stream's message get, asking for the first message
+    /// on the device's subjects at or after a sequence: each answer is a message or "none", so a
+    /// read never waits for a message that may not come (an ordered consumer counts what it will
+    /// deliver when it is made, and a 2.9 server's count for a filtered consumer can be more than
+    /// it delivers, which held a timeline page until the request timed out).
     fn device_events<'a>(
         &'a self,
         device_id: &'a DeviceId,
@@ -102,40 +106,29 @@ impl DeviceEvents for History {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<HistoryMessage>, BusError>> {
         Box::pin(async move {
-            if limit == 0 || after >= until {
-                return Ok(Vec::new());
-            }
-            const READER: &str = "ordered device events reader";
-            let consumer_error = |source| reader_error(READER, source);
-            let config = consumer::pull::OrderedConfig {
-                filter_subject: format!("laps.events.{device_id}.>"),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: after.saturating_add(1),
-                },
-                ..Default::default()
-            };
-            let (pending, mut messages) = open_ordered(&self.stream, config, READER).await?;
+            let filter = format!("laps.events.{device_id}.>");
             let mut found = Vec::new();
-            let mut read = 0;
-            while read < pending && found.len() < limit {
-                let Some(message) = messages.next().await else {
-                    break;
+            let mut next = after.saturating_add(1);
+            while found.len() < limit && next <= until {
+                let message = match self.stream.get_first_raw_message_by_subject(&filter, next).await {
+                    Ok(message) => message,
+                    Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
+                    Err(err) => return Err(BusError::Stream { source: err.into() }),
                 };
-                let message = message.map_err(|err| consumer_error(err.into()))?;
-                read += 1;
-                // What the server says is left after this message, now: the count taken when the
-                // consumer was made can be more than it will deliver, and waiting for the rest
-                // would hold the request until it times out.
-                let left = message.info().map_or(1, |info| info.pending);
-                let history_message = history_message(&message).map_err(consumer_error)?;
-                if history_message.sequence > until {
+                if message.sequence > until {
                     break;
                 }
-                let last = history_message.sequence == until || left == 0;
-                found.push(history_message);
-                if last {
-                    break;
-                }
+                next = message.sequence.saturating_add(1);
+                found.push(HistoryMessage {
+                    sequence: message.sequence,
+                    subject: message.subject.to_string(),
+                    published: message.time,
+                    signature: message
+                        .headers
+                        .get(fleetlaps_proto::api::SIGNATURE_HEADER)
+                        .map(|value| value.as_str().to_owned()),
+                    payload: message.payload.to_vec(),
+                });
             }
             Ok(found)
         })
