@@ -120,6 +120,7 @@ pub(crate) async fn stream_state(reader: &jetstream::Context) -> anyhow::Result<
 /// Runs the benchmark with the orchestrator running (`orchestrator_process`).
 pub(crate) async fn run(
     simulators: &Simulators<'_>,
+    device_agent: &Path,
     orchestrator: &Orchestrator,
     orchestrator_process: &ChildGuard,
     http: &reqwest::Client,
@@ -244,7 +245,7 @@ pub(crate) async fn run(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let floor = memory(sleeper.id())?;
     drop(sleeper);
-    let agent = agent_memory(simulators, orchestrator, http)
+    let agent = agent_memory(simulators, device_agent, orchestrator, http)
         .await
         .context("the agent's memory")?;
     rows.push(Row::new(
@@ -280,8 +281,10 @@ pub(crate) async fn run(
         "—",
     ));
     notes.push(format!(
-        "Footprint: the agent (`fleetlaps-agent run`, file-backed account, its own nkey user) rotated at start and \
-         again on `fleetlaps-agent reset`; its VmRSS was sampled every 5 ms during the second rotation ({} samples).",
+        "Footprint: the agent (`fleetlaps-agent run` built as shipped to devices, {}; file-backed account, its own \
+         nkey user) rotated at start and again on `fleetlaps-agent reset`; its VmRSS was sampled every 5 ms during \
+         the second rotation ({} samples).",
+        device_agent.display(),
         agent.samples
     ));
 
@@ -340,10 +343,11 @@ struct AgentMemory {
     samples: usize,
 }
 
-/// Enrolls a real agent, admits its nkey user to the nats-server, runs it until its first
+/// Enrolls a real agent (`device_agent`, the executable as shipped to devices), admits its nkey user to the nats-server, runs it until its first
 /// rotation is done, reads its memory idle, asks it to rotate again and samples it meanwhile.
 async fn agent_memory(
     simulators: &Simulators<'_>,
+    device_agent: &Path,
     orchestrator: &Orchestrator,
     http: &reqwest::Client,
 ) -> anyhow::Result<AgentMemory> {
@@ -373,7 +377,7 @@ async fn agent_memory(
         .await?;
     let agent = |args: &[&str]| -> anyhow::Result<String> {
         fleet::output_of(
-            Command::new(simulators.agent_binary)
+            Command::new(device_agent)
                 .arg("--config")
                 .arg(&config)
                 .args(args)
@@ -392,7 +396,7 @@ async fn agent_memory(
     let log = dir.join("agent.log");
     let mut process = ChildGuard::spawn(
         "fleetlaps-agent run",
-        Command::new(simulators.agent_binary)
+        Command::new(device_agent)
             .arg("--config")
             .arg(&config)
             .arg("run")
@@ -429,7 +433,7 @@ async fn agent_memory(
     tokio::time::sleep(IDLE_SETTLE).await;
     let idle = memory(process.id())?;
 
-    let reset = Command::new(simulators.agent_binary)
+    let reset = Command::new(device_agent)
         .arg("--config")
         .arg(&config)
         .arg("reset")

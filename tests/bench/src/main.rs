@@ -42,6 +42,11 @@ struct Args {
     /// Where the release binaries are (`fleetlaps-orchestrator`, `fleetlaps-agent`).
     #[arg(long)]
     bin_dir: PathBuf,
+    /// The agent as shipped to devices (`cargo build --profile device -p fleetlaps-agent`), whose
+    /// memory the footprint measures; the release `fleetlaps-agent` of `--bin-dir` by default.
+    /// The simulated fleets always run the release build.
+    #[arg(long)]
+    device_agent: Option<PathBuf>,
     /// Where the report goes; the run's servers work in `<out>/work`, emptied first.
     #[arg(long)]
     out: PathBuf,
@@ -166,6 +171,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         "{} is missing: build it with `cargo build --release -p fleetlaps-agent`",
         agent_binary.display()
     );
+    let device_agent = args.device_agent.clone().unwrap_or_else(|| agent_binary.clone());
+    anyhow::ensure!(
+        device_agent.is_file() || !args.wants(Benchmark::Footprint),
+        "{} is missing: build it with `cargo build --profile device -p fleetlaps-agent`",
+        device_agent.display()
+    );
     let nats_server = match &args.nats_server {
         Some(path) => path.clone(),
         None => find_program("nats-server", "nats-server")?,
@@ -196,6 +207,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         wrk: &wrk,
         nats: &nats,
         agent_binary: &agent_binary,
+        device_agent: &device_agent,
     };
     let (rows, notes) = benchmarks(&context).await?;
     let report = Report {
@@ -246,6 +258,8 @@ struct Bench<'a> {
     nats: &'a Nats,
     /// `fleetlaps-agent`'s executable.
     agent_binary: &'a std::path::Path,
+    /// The agent as shipped to devices, for the footprint.
+    device_agent: &'a std::path::Path,
 }
 
 /// Starts the orchestrator into `slot` unless it is running there already.
@@ -324,10 +338,17 @@ async fn benchmarks(bench: &Bench<'_>) -> anyhow::Result<(Vec<report::Row>, Vec<
             simulated_devices: args.footprint_simulated,
             enrolled_devices: args.footprint_devices,
         };
-        let (more_rows, more_notes) =
-            footprint::run(&simulators, bench.orchestrator, process, bench.http, &clients, &options)
-                .await
-                .context("footprint")?;
+        let (more_rows, more_notes) = footprint::run(
+            &simulators,
+            bench.device_agent,
+            bench.orchestrator,
+            process,
+            bench.http,
+            &clients,
+            &options,
+        )
+        .await
+        .context("footprint")?;
         rows.extend(more_rows);
         notes.extend(more_notes);
     }
