@@ -51,3 +51,13 @@ pub mod tls;
 
 pub use app::App;
 pub use config::Config;
+
+/// Runs `work` on tokio's blocking pool and returns what it returns, so CPU work or a long
+/// read of the projections never holds the threads that answer requests; a panic in `work`
+/// goes on unwinding here.
+pub(crate) async fn on_blocking_pool<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    }
+}

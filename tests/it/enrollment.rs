@@ -437,18 +437,11 @@ async fn captured(kind: EventKind) -> Captured {
     let orchestrator = TestOrchestrator::spawn(&nats).await;
     let agent = TestAgent::spawn(&nats, &orchestrator).await;
     let first = orchestrator.wait_for_passwords(&agent.device_id, 1).await.remove(0);
-    agent.wait_until_has(&first).await;
+    agent.wait_until_settled_with(&first).await;
+    orchestrator.wait_until_folded(&nats).await;
     let subject = subject::device_event(&agent.device_id, kind);
     let jetstream = jetstream::new(nats.client().await);
     let (payload, signature) = first_message(&jetstream, &subject).await;
-    wait_until("the agent and the orchestrator are settled", TIMEOUT, || async {
-        let sent = agent.status().await.outbox_pending == 0;
-        let mut stream = jetstream.get_stream(subject::EVENTS_STREAM).await.ok()?;
-        let last = stream.info().await.ok()?.state.last_sequence;
-        let applied = orchestrator.metric("fleetlaps_projection_last_sequence").await;
-        (sent && applied == last as f64).then_some(())
-    })
-    .await;
     Captured {
         orchestrator,
         agent,

@@ -338,15 +338,11 @@ impl Consumer {
         // are not kept waiting behind a batch.
         let projections = self.projections.clone();
         let escrow = Arc::clone(&self.escrow);
-        let (messages, folded) = match tokio::task::spawn_blocking(move || {
+        let (messages, folded) = crate::on_blocking_pool(move || {
             let folded = fold_batch(&projections, escrow.as_ref(), &messages);
             (messages, folded)
         })
-        .await
-        {
-            Ok(done) => done,
-            Err(err) => std::panic::resume_unwind(err.into_panic()),
-        };
+        .await;
         let folded = folded?;
         for Folded {
             index,
@@ -575,11 +571,7 @@ fn fold_batch(
                 continue;
             }
         };
-        let signature = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
-            .map(AsRef::<str>::as_ref);
+        let signature = super::signature_header(message.headers.as_ref());
         placed.push((index, info.pending));
         stream_messages.push(StreamMessage {
             sequence: info.stream_sequence,

@@ -123,10 +123,7 @@ impl DeviceEvents for History {
                     sequence: message.sequence,
                     subject: message.subject.to_string(),
                     published: message.time,
-                    signature: message
-                        .headers
-                        .get(fleetlaps_proto::api::SIGNATURE_HEADER)
-                        .map(|value| value.as_str().to_owned()),
+                    signature: super::signature_header(Some(&message.headers)).map(str::to_owned),
                     payload: message.payload.to_vec(),
                 });
             }
@@ -169,11 +166,7 @@ pub(super) fn reader_error(name: &str, source: Box<dyn std::error::Error + Send 
 /// A message read by a consumer, owned.
 fn history_message(message: &jetstream::Message) -> Result<HistoryMessage, Box<dyn std::error::Error + Send + Sync>> {
     let info = message.info().map_err(|err| err.to_string())?;
-    let signature = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
-        .map(|value| value.as_str().to_owned());
+    let signature = super::signature_header(message.headers.as_ref()).map(str::to_owned);
     Ok(HistoryMessage {
         sequence: info.stream_sequence,
         subject: message.subject.to_string(),

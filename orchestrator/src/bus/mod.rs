@@ -21,3 +21,10 @@ pub use journal::{JetStreamJournal, Journal};
 pub use liveness::{ensure_liveness_bucket, watch_heartbeats};
 pub use password_versions::{ensure_password_versions_stream, publish_password_versions};
 pub use stream::{ensure_events_stream, last_sequence};
+
+/// A stored message's `Fleetlaps-Signature` header, if it has one.
+fn signature_header(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    headers
+        .and_then(|headers| headers.get(fleetlaps_proto::api::SIGNATURE_HEADER))
+        .map(AsRef::<str>::as_ref)
+}

@@ -116,10 +116,7 @@ pub(super) async fn get(
         // One read per target, and one per unrotated device: off the request threads.
         let projections = state.projections.clone();
         let breach_id = campaign.breach_id;
-        match tokio::task::spawn_blocking(move || progress(&projections, &breach_id)).await {
-            Ok(progress) => progress?,
-            Err(err) => std::panic::resume_unwind(err.into_panic()),
-        }
+        crate::on_blocking_pool(move || progress(&projections, &breach_id)).await?
     };
     shown.failed = Some(progress.failed);
     shown.offline_waiting = Some(progress.offline_waiting);

@@ -50,9 +50,6 @@ pub(super) async fn track_requests(State(metrics): State<Metrics>, request: Requ
 /// read every device record, which takes a while in a large fleet, and the API's requests must
 /// not wait behind it.
 pub(super) async fn render(State(metrics): State<Metrics>) -> Response {
-    let text = match tokio::task::spawn_blocking(move || metrics.render()).await {
-        Ok(text) => text,
-        Err(err) => std::panic::resume_unwind(err.into_panic()),
-    };
+    let text = crate::on_blocking_pool(move || metrics.render()).await;
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

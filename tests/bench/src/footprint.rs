@@ -343,8 +343,9 @@ struct AgentMemory {
     samples: usize,
 }
 
-/// Enrolls a real agent (`device_agent`, the executable as shipped to devices), admits its nkey user to the nats-server, runs it until its first
-/// rotation is done, reads its memory idle, asks it to rotate again and samples it meanwhile.
+/// Enrolls a real agent (`device_agent`, the executable as shipped to devices), admits its nkey
+/// user to the nats-server, runs it until its first rotation is done, reads its memory idle, asks
+/// it to rotate again and samples it meanwhile.
 async fn agent_memory(
     simulators: &Simulators<'_>,
     device_agent: &Path,
