@@ -49,8 +49,10 @@ use super::verify::{CheckedSignature, DeviceKeys, Refusal, Verified};
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
 /// orchestrator events about each device (`ad/`) for its timeline; 4 indexes devices by name
 /// (`n/`) and password reads by principal (`pr/`); 5 keeps a campaign's scope in words only; 6 keeps
-/// a report's running copy's mark (`rm/`) instead of its id, and notes the reports passed over (`rx/`).
-const LAYOUT_VERSION: u64 = 6;
+/// a report's running copy's mark (`rm/`) instead of its id, and notes the reports passed over (`rx/`);
+/// 7 verifies signatures by ZIP 215's rules, which accept a few signatures strict verification
+/// refused (`fleetlaps_proto::signature`).
+const LAYOUT_VERSION: u64 = 7;
 
 /// A failure of the store itself (not of a message: those are quarantined).
 #[derive(Debug, thiserror::Error)]

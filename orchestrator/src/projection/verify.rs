@@ -18,7 +18,7 @@ use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, PasswordBackedUp, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
-use fleetlaps_proto::signature::{DevicePublicKey, OrchestratorPublicKey};
+use fleetlaps_proto::signature::{DevicePublicKey, OrchestratorPublicKey, SignedEvent, verify_batch};
 use fleetlaps_proto::subject;
 
 use super::escrow_keys::EscrowKeyRecord;
@@ -302,7 +302,7 @@ pub(super) struct CheckedSignature {
 }
 
 /// The devices' enrolled keys, parsed once (decoding a point is a good part of a verification)
-/// and kept by their text, and the check of a batch's signatures on every core.
+/// and kept by their text, and the check of a fetch's signatures in batches, on every core.
 #[derive(Default)]
 pub(super) struct DeviceKeys {
     /// Parsed keys by their base64 text; emptied when it reaches [`DeviceKeys::MAX_KEPT`].
@@ -318,14 +318,73 @@ impl DeviceKeys {
     /// `Err(why)` unless `message` is signed, on exactly its subject, by `enrolled_key`, the key
     /// `device_id` enrolled with.
     fn check(&self, enrolled_key: &str, device_id: &DeviceId, message: StreamMessage<'_>) -> Result<(), String> {
+        let (key, signature) = self.key_and_signature(enrolled_key, device_id, message)?;
+        key.verify(message.subject, message.payload, signature)
+            .map_err(|err| err.to_string())
+    }
+
+    /// What checking `message` against `enrolled_key` needs: the parsed key and the signature
+    /// header, or why it cannot be checked.
+    fn key_and_signature<'m>(
+        &self,
+        enrolled_key: &str,
+        device_id: &DeviceId,
+        message: StreamMessage<'m>,
+    ) -> Result<(DevicePublicKey, &'m str), String> {
         let key = self
             .parse(enrolled_key)
             .map_err(|err| format!("the enrolled key of device {device_id} is not usable: {err}"))?;
-        let Some(signature) = message.signature else {
-            return Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER));
-        };
-        key.verify(message.subject, message.payload, signature)
-            .map_err(|err| err.to_string())
+        let signature = message
+            .signature
+            .ok_or_else(|| format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER))?;
+        Ok((key, signature))
+    }
+
+    /// Checks `messages` against the keys in `work` (one entry per message, `None`: nothing to
+    /// check) as one batch ([`fleetlaps_proto::signature::verify_batch`]).
+    fn check_batch(
+        &self,
+        messages: &[StreamMessage<'_>],
+        work: Vec<Option<(String, DeviceId)>>,
+    ) -> Vec<Option<CheckedSignature>> {
+        let prepared: Vec<_> = messages
+            .iter()
+            .zip(work)
+            .map(|(message, work)| {
+                work.map(|(enrolled_key, device_id)| {
+                    let ready = self.key_and_signature(&enrolled_key, &device_id, *message);
+                    (enrolled_key, ready)
+                })
+            })
+            .collect();
+        let events: Vec<SignedEvent<'_>> = messages
+            .iter()
+            .zip(&prepared)
+            .filter_map(|(message, prepared)| match prepared {
+                Some((_, Ok((key, signature)))) => Some(SignedEvent {
+                    key,
+                    subject: message.subject,
+                    payload: message.payload,
+                    signature,
+                }),
+                _ => None,
+            })
+            .collect();
+        let mut verdicts = verify_batch(&events).into_iter();
+        prepared
+            .into_iter()
+            .map(|prepared| {
+                prepared.map(|(enrolled_key, ready)| CheckedSignature {
+                    enrolled_key,
+                    verdict: ready.and_then(|_| {
+                        verdicts
+                            .next()
+                            .expect("one verdict per event checked")
+                            .map_err(|err| err.to_string())
+                    }),
+                })
+            })
+            .collect()
     }
 
     fn parse(&self, text: &str) -> Result<DevicePublicKey, fleetlaps_proto::signature::SignatureError> {
@@ -368,15 +427,9 @@ impl DeviceKeys {
             })
             .collect();
         let count = work.iter().flatten().count();
-        let check = |(message, work): (&StreamMessage<'_>, Option<(String, DeviceId)>)| {
-            work.map(|(enrolled_key, device_id)| {
-                let verdict = self.check(&enrolled_key, &device_id, *message);
-                CheckedSignature { enrolled_key, verdict }
-            })
-        };
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         if threads < 2 || count < Self::PARALLEL_FROM {
-            return messages.iter().zip(work).map(check).collect();
+            return self.check_batch(messages, work);
         }
         let chunk = messages.len().div_ceil(threads);
         let mut work = work.into_iter();
@@ -385,7 +438,7 @@ impl DeviceKeys {
                 .chunks(chunk)
                 .map(|messages| {
                     let work: Vec<_> = work.by_ref().take(messages.len()).collect();
-                    scope.spawn(move || messages.iter().zip(work).map(check).collect::<Vec<_>>())
+                    scope.spawn(move || self.check_batch(messages, work))
                 })
                 .collect();
             handles

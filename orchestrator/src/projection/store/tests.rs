@@ -744,6 +744,61 @@ fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
 }
 
 #[test]
+fn a_fetchs_signatures_checked_in_batches_give_each_event_the_verdict_it_gets_alone() {
+    // The device enrolled before the fetch, so every one of its events is checked in the
+    // batches (groups of 64, on every core); bad signatures sit in different groups.
+    let signed = |envelope: &Envelope| {
+        let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
+        let payload = envelope.to_json();
+        let signature = key_of(&envelope.device_id).sign(&subject, &payload);
+        (subject, payload, Some(signature))
+    };
+    let mut messages: Vec<(String, Vec<u8>, Option<String>)> =
+        (1..=150).map(|sequence| signed(&policy_applied(sequence))).collect();
+    let other_key = key_of(&DeviceId::parse("dev-2").unwrap());
+    for forged in [10, 70, 140] {
+        messages[forged].2 = Some(other_key.sign(&messages[forged].0, &messages[forged].1));
+    }
+    messages[100].2 = None;
+    messages[120].2 = Some(key_of(&device()).sign(&messages[120].0, b"{}"));
+
+    let enrollment = enrollment_messages(&[&device()]);
+    let mut one_by_one = Fixture::new();
+    one_by_one.enroll(&enrollment);
+    let expected: Vec<Applied> = messages
+        .iter()
+        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
+        .collect();
+    let mut batched = Fixture::new();
+    batched.enroll(&enrollment);
+    let first = batched.projections.last_applied_sequence().unwrap() + 1;
+    let stream_messages: Vec<StreamMessage<'_>> = messages
+        .iter()
+        .zip(first..)
+        .map(|((subject, payload, signature), sequence)| StreamMessage {
+            sequence,
+            subject,
+            published: Utc
+                .timestamp_opt(1_700_000_000 + i64::try_from(sequence).unwrap(), 0)
+                .unwrap(),
+            payload,
+            signature: signature.as_deref(),
+        })
+        .collect();
+    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+
+    assert_eq!(outcomes, expected);
+    let refused: Vec<usize> = (0..messages.len())
+        .filter(|&n| outcomes[n].outcome == Outcome::Quarantined(QuarantineReason::Forged))
+        .collect();
+    assert_eq!(refused, [10, 70, 100, 120, 140]);
+    assert_eq!(
+        batched.projections.digest().unwrap(),
+        one_by_one.projections.digest().unwrap()
+    );
+}
+
+#[test]
 fn the_name_index_finds_a_device_in_any_case_and_follows_its_renames() {
     let mut fixture = Fixture::enrolled();
     let named = |fixture: &Fixture, name: &str| -> Vec<String> {
