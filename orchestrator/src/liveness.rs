@@ -9,7 +9,7 @@
 //!
 //! A device is *silent* when it was last heard ([`Liveness::last_heard`]: its last heartbeat, or
 //! its enrollment when it never beat) longer than `monitoring.silent_after_secs` ago; the rule is
-//! [`DeviceRecord::state`]'s, which the metrics and the API share.
+//! [`DeviceStanding::state`]'s, which the metrics and the API share.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::ids::DeviceId;
 
-use crate::projection::{DeviceRecord, DeviceState, ProjectionError, Projections};
+use crate::projection::{DeviceStanding, DeviceState, ProjectionError, Projections};
 
 /// The last heartbeat of every device heard from, shared: cheap to clone, cheap to read.
 #[derive(Clone)]
@@ -89,7 +89,7 @@ impl Liveness {
     pub fn last_heard(
         &self,
         projections: &Projections,
-        device: &DeviceRecord,
+        device: &DeviceStanding,
     ) -> Result<DateTime<Utc>, ProjectionError> {
         match self.last_seen(&device.device_id) {
             Some(beat) => Ok(beat),
@@ -100,12 +100,12 @@ impl Liveness {
         }
     }
 
-    /// Where `device` stands at `now` ([`DeviceRecord::state`]), silent or not by its last
+    /// Where `device` stands at `now` ([`DeviceStanding::state`]), silent or not by its last
     /// heartbeat.
     pub fn state(
         &self,
         projections: &Projections,
-        device: &DeviceRecord,
+        device: &DeviceStanding,
         now: DateTime<Utc>,
     ) -> Result<DeviceState, ProjectionError> {
         Ok(device.state(self.last_heard(projections, device)?, now, self.silent_after()))

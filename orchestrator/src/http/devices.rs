@@ -66,7 +66,7 @@ pub(super) async fn list(
     let value = page
         .iter()
         .map(|device| {
-            let is_silent = state.liveness.state(&state.projections, device, now)? == DeviceState::Silent;
+            let is_silent = state.liveness.state(&state.projections, &device.standing(), now)? == DeviceState::Silent;
             Ok(json!({
                 "id": device.device_id,
                 "deviceId": device.device_id,

@@ -1750,7 +1750,7 @@ async fn the_directory_shows_each_devices_last_heartbeat_and_whether_it_is_silen
         fixture
             .state
             .liveness
-            .state(&fixture.state.projections, &record, later)
+            .state(&fixture.state.projections, &record.standing(), later)
             .unwrap(),
         crate::projection::DeviceState::Silent
     );

@@ -66,8 +66,9 @@ impl FleetMetrics {
                 self.campaign_devices.with_label_values(&[state.as_str(), device_state]);
             }
         }
-        // Read as iterated: one device record in memory at a time, however large the fleet.
-        for device in projections.devices_after(None) {
+        // Read as iterated: one device in memory at a time, however large the fleet, and of each
+        // only where it stands.
+        for device in projections.device_standings() {
             let device = device.map_err(|err| err.to_string())?;
             if states_known {
                 let state = liveness

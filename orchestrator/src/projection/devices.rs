@@ -223,7 +223,28 @@ impl DeviceState {
     }
 }
 
-impl DeviceRecord {
+/// The part of a [`DeviceRecord`] that says where its device stands ([`DeviceState`]) and how old
+/// its password is: all a metrics scrape reads of each device, decoded from the stored record
+/// without the rest (policy, names, running copies, latest backup), which a scrape of a large
+/// fleet would otherwise build for every device. Its fields are the record's, by the same names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DeviceStanding {
+    /// The device.
+    pub device_id: DeviceId,
+    /// When it was last heard from by an event.
+    pub last_seen: DateTime<Utc>,
+    /// When its last backup was stored.
+    pub last_backup: Option<DateTime<Utc>>,
+    /// When its current password must be replaced.
+    pub refresh: Option<DateTime<Utc>>,
+    /// When its current password was applied.
+    pub last_rotated: Option<DateTime<Utc>>,
+    /// When it last reported an image rollback.
+    #[serde(default)]
+    pub last_image_rollback: Option<DateTime<Utc>>,
+}
+
+impl DeviceStanding {
     /// Where the device stands at `now` ([`DeviceState`]): silent when it was `last_heard` (its
     /// last heartbeat, or its enrollment when it never beat: `Liveness::last_heard`) more than
     /// `silent_after` ago.
@@ -241,6 +262,20 @@ impl DeviceRecord {
             DeviceState::Expired
         } else {
             DeviceState::Compliant
+        }
+    }
+}
+
+impl DeviceRecord {
+    /// Where the device stands and how old its password is.
+    pub fn standing(&self) -> DeviceStanding {
+        DeviceStanding {
+            device_id: self.device_id.clone(),
+            last_seen: self.last_seen,
+            last_backup: self.last_backup,
+            refresh: self.refresh,
+            last_rotated: self.last_rotated,
+            last_image_rollback: self.last_image_rollback,
         }
     }
 }
@@ -623,32 +658,58 @@ mod state_tests {
 
     const SILENT_AFTER: TimeDelta = TimeDelta::seconds(100);
 
+    /// Where `record` stands, as a metrics scrape reads it: from the stored record.
+    fn stored(record: &DeviceRecord) -> DeviceStanding {
+        serde_json::from_slice(&serde_json::to_vec(record).expect("encodes"))
+            .expect("a stored record gives its standing")
+    }
+
+    #[test]
+    fn the_standing_read_from_a_stored_record_is_the_records_own() {
+        let mut device = backed_up();
+        device.last_image_rollback = Some(at(20));
+        assert!(
+            device.last_backup.is_some() && device.refresh.is_some() && device.last_rotated.is_some(),
+            "every field set, so a field read under another name would show"
+        );
+        assert_eq!(stored(&device), device.standing());
+    }
+
     #[test]
     fn a_device_heard_from_within_the_threshold_with_a_valid_password_is_compliant() {
-        assert_eq!(backed_up().state(at(40), at(50), SILENT_AFTER), DeviceState::Compliant);
+        assert_eq!(
+            stored(&backed_up()).state(at(40), at(50), SILENT_AFTER),
+            DeviceState::Compliant
+        );
     }
 
     #[test]
     fn a_device_not_heard_from_for_longer_than_the_threshold_is_silent() {
         let device = backed_up();
         assert_eq!(
-            device.state(at(10), at(110), SILENT_AFTER),
+            stored(&device).state(at(10), at(110), SILENT_AFTER),
             DeviceState::Compliant,
             "exactly the threshold"
         );
-        assert_eq!(device.state(at(10), at(111), SILENT_AFTER), DeviceState::Silent);
+        assert_eq!(
+            stored(&device).state(at(10), at(111), SILENT_AFTER),
+            DeviceState::Silent
+        );
         // However recent its last event: only the heartbeat (or enrollment) counts, by the
         // server's clock, not the device's.
         let mut sent = device;
         sent.last_seen = at(500);
-        assert_eq!(sent.state(at(20), at(500), SILENT_AFTER), DeviceState::Silent);
+        assert_eq!(stored(&sent).state(at(20), at(500), SILENT_AFTER), DeviceState::Silent);
     }
 
     #[test]
     fn silence_wins_over_every_other_state() {
         let mut device = backed_up();
         device.last_backup = None;
-        assert_eq!(device.state(at(0), at(5_000), SILENT_AFTER), DeviceState::Silent);
+        assert_eq!(
+            stored(&device).state(at(0), at(5_000), SILENT_AFTER),
+            DeviceState::Silent
+        );
     }
 
     #[test]
@@ -657,22 +718,37 @@ mod state_tests {
         device.last_backup = None;
         device.last_rotated = None;
         device.refresh = None;
-        assert_eq!(device.state(at(40), at(50), SILENT_AFTER), DeviceState::NeverBackedUp);
+        assert_eq!(
+            stored(&device).state(at(40), at(50), SILENT_AFTER),
+            DeviceState::NeverBackedUp
+        );
     }
 
     #[test]
     fn a_device_rolled_back_after_its_last_rotation_is_rolled_back_until_it_rotates() {
         let mut device = backed_up();
         device.last_image_rollback = Some(at(20));
-        assert_eq!(device.state(at(30), at(40), SILENT_AFTER), DeviceState::RolledBack);
+        assert_eq!(
+            stored(&device).state(at(30), at(40), SILENT_AFTER),
+            DeviceState::RolledBack
+        );
         device.last_rotated = Some(at(25));
-        assert_eq!(device.state(at(30), at(40), SILENT_AFTER), DeviceState::Compliant);
+        assert_eq!(
+            stored(&device).state(at(30), at(40), SILENT_AFTER),
+            DeviceState::Compliant
+        );
     }
 
     #[test]
     fn a_password_past_its_refresh_time_is_expired() {
         let device = backed_up();
-        assert_eq!(device.state(at(1_000), at(1_001), SILENT_AFTER), DeviceState::Expired);
-        assert_eq!(device.state(at(990), at(999), SILENT_AFTER), DeviceState::Compliant);
+        assert_eq!(
+            stored(&device).state(at(1_000), at(1_001), SILENT_AFTER),
+            DeviceState::Expired
+        );
+        assert_eq!(
+            stored(&device).state(at(990), at(999), SILENT_AFTER),
+            DeviceState::Compliant
+        );
     }
 }

@@ -33,7 +33,7 @@ mod verify;
 
 pub use campaigns::{CampaignRecord, CampaignState, CampaignTarget};
 pub use credentials::CredentialRecord;
-pub use devices::{DeviceChange, DeviceRecord, DeviceState, FailureRecord};
+pub use devices::{DeviceChange, DeviceRecord, DeviceStanding, DeviceState, FailureRecord};
 pub use escrow_keys::EscrowKeyRecord;
 pub use keys::is_report;
 pub use orchestrator_key::OrchestratorKeyRecord;

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 
 use super::campaigns::{CampaignRecord, CampaignTarget};
 use super::credentials::CredentialRecord;
-use super::devices::DeviceRecord;
+use super::devices::{DeviceRecord, DeviceStanding};
 use super::escrow_keys::EscrowKeyRecord;
 use super::orchestrator_key::OrchestratorKeyRecord;
 use super::principals::{EnrolledKeyRecord, TokenKind, TokenRecord};
@@ -381,6 +381,20 @@ impl Projections {
         &self,
         after: Option<&DeviceId>,
     ) -> impl Iterator<Item = Result<DeviceRecord, ProjectionError>> + '_ {
+        self.device_records(after)
+    }
+
+    /// Where every device stands ([`DeviceStanding`]), ordered by device id: what a metrics
+    /// scrape reads, without decoding the rest of each record.
+    pub fn device_standings(&self) -> impl Iterator<Item = Result<DeviceStanding, ProjectionError>> + '_ {
+        self.device_records(None)
+    }
+
+    /// The device records after `after`, as `T` (the whole record, or a part of it).
+    fn device_records<T: serde::de::DeserializeOwned>(
+        &self,
+        after: Option<&DeviceId>,
+    ) -> impl Iterator<Item = Result<T, ProjectionError>> + '_ {
         use std::ops::Bound;
         let start = match after {
             Some(after) => Bound::Excluded(keys::device(after)),
