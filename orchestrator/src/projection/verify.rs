@@ -301,8 +301,9 @@ pub(super) struct CheckedSignature {
     verdict: Result<(), String>,
 }
 
-/// The devices' enrolled keys, parsed once (decoding a point is a good part of a verification)
-/// and kept by their text, and the check of a fetch's signatures in batches, on every core.
+/// The devices' enrolled keys, parsed once and kept by their text (a one-by-one check uses the
+/// decoded point; a batch decodes each key once per batch), and the check of a fetch's
+/// signatures in batches, on every core.
 #[derive(Default)]
 pub(super) struct DeviceKeys {
     /// Parsed keys by their base64 text; emptied when it reaches [`DeviceKeys::MAX_KEPT`].

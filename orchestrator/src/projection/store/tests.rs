@@ -652,6 +652,23 @@ fn the_same_messages_fold_to_the_same_digest() {
     );
 }
 
+/// `messages` (subject, payload, signature) as stream messages numbered from `first`.
+fn as_stream_messages(messages: &[(String, Vec<u8>, Option<String>)], first: u64) -> Vec<StreamMessage<'_>> {
+    messages
+        .iter()
+        .zip(first..)
+        .map(|((subject, payload, signature), sequence)| StreamMessage {
+            sequence,
+            subject,
+            published: Utc
+                .timestamp_opt(1_700_000_000 + i64::try_from(sequence).unwrap(), 0)
+                .unwrap(),
+            payload,
+            signature: signature.as_deref(),
+        })
+        .collect()
+}
+
 #[test]
 fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
     // Later messages of the batch depend on earlier ones (the enrollment, the backup a rotation
@@ -699,20 +716,7 @@ fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
         .collect();
 
     let batched = Fixture::new();
-    let first = batched.projections.last_applied_sequence().unwrap() + 1;
-    let stream_messages: Vec<StreamMessage<'_>> = messages
-        .iter()
-        .zip(first..)
-        .map(|((subject, payload, signature), sequence)| StreamMessage {
-            sequence,
-            subject,
-            published: Utc
-                .timestamp_opt(1_700_000_000 + i64::try_from(sequence).unwrap(), 0)
-                .unwrap(),
-            payload,
-            signature: signature.as_deref(),
-        })
-        .collect();
+    let stream_messages = as_stream_messages(&messages, batched.projections.last_applied_sequence().unwrap() + 1);
     let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
 
     assert_eq!(outcomes, expected);
@@ -771,20 +775,7 @@ fn a_fetchs_signatures_checked_in_batches_give_each_event_the_verdict_it_gets_al
         .collect();
     let mut batched = Fixture::new();
     batched.enroll(&enrollment);
-    let first = batched.projections.last_applied_sequence().unwrap() + 1;
-    let stream_messages: Vec<StreamMessage<'_>> = messages
-        .iter()
-        .zip(first..)
-        .map(|((subject, payload, signature), sequence)| StreamMessage {
-            sequence,
-            subject,
-            published: Utc
-                .timestamp_opt(1_700_000_000 + i64::try_from(sequence).unwrap(), 0)
-                .unwrap(),
-            payload,
-            signature: signature.as_deref(),
-        })
-        .collect();
+    let stream_messages = as_stream_messages(&messages, batched.projections.last_applied_sequence().unwrap() + 1);
     let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
 
     assert_eq!(outcomes, expected);
