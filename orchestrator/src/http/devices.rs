@@ -7,6 +7,8 @@
 //!   when it never did since the bucket was made) and `isSilent`: whether that heartbeat, or its
 //!   enrollment when it never beat, is older than `monitoring.silent_after_secs`; ordered by id,
 //!   in pages like every collection (`$top`, `$skiptoken` = the last id seen).
+//! - `GET /v1.0/devices/{deviceId}` (`Device.Read.All`): one device in the same shape, or 404 in
+//!   the OData error shape when the history knows no such device.
 //! - `POST /v1.0/deviceManagement/managedDevices/{deviceId}/rotateLocalAdminPassword`
 //!   (`DeviceLocalCredential.Rotate`): records a `rotation_requested` event, then sends the device
 //!   a rotate command, kept in JetStream until it takes it; answers 204 like Intune, with the
@@ -34,6 +36,8 @@ use crate::projection::{DeviceRecord, DeviceState};
 
 /// The directory's route.
 pub(super) const LIST_PATH: &str = "/v1.0/devices";
+/// One device's route.
+pub(super) const DEVICE_PATH: &str = "/v1.0/devices/{deviceId}";
 /// A device's tags' route.
 pub(super) const TAGS_PATH: &str = "/v1.0/fleetlaps/devices/{deviceId}/tags";
 /// The rotate action's route.
@@ -41,6 +45,8 @@ pub(super) const ROTATE_PATH: &str = "/v1.0/deviceManagement/managedDevices/{dev
 
 /// `@odata.context` of the directory.
 const COLLECTION_CONTEXT: &str = "$metadata#devices";
+/// `@odata.context` of one device.
+const ENTITY_CONTEXT: &str = "$metadata#devices/$entity";
 
 /// Lists the devices, ordered by id, one page at a time.
 #[tracing::instrument(skip_all, fields(principal = %principal.0.name))]
@@ -65,24 +71,46 @@ pub(super) async fn list(
     let now = Utc::now();
     let value = page
         .iter()
-        .map(|device| {
-            let is_silent = state.liveness.state(&state.projections, &device.standing(), now)? == DeviceState::Silent;
-            Ok(json!({
-                "id": device.device_id,
-                "deviceId": device.device_id,
-                "displayName": device.device_name,
-                "operatingSystem": "Linux",
-                "approximateLastSignInDateTime": device.last_seen,
-                "tags": device.tags,
-                "lastHeartbeatDateTime": state.liveness.last_seen(&device.device_id),
-                "isSilent": is_silent,
-            }))
-        })
+        .map(|device| directory_entry(&state, device, now))
         .collect::<Result<_, ApiError>>()?;
     Ok(Json(ODataCollection {
         context: COLLECTION_CONTEXT.to_owned(),
         value,
         next_link,
+    }))
+}
+
+/// One device of the directory.
+#[tracing::instrument(skip_all, fields(principal = %principal.0.name, %device_id))]
+pub(super) async fn get_one(
+    State(state): State<AppState>,
+    principal: Authenticated,
+    DevicePath(device_id): DevicePath,
+    options: QueryOptions,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::DeviceRead)?;
+    options.allow_only(&[], "a single device")?;
+    let device = state
+        .projections
+        .device(&device_id)?
+        .ok_or(ApiError::DeviceNotFound(device_id))?;
+    let mut entry = directory_entry(&state, &device, Utc::now())?;
+    entry["@odata.context"] = json!(ENTITY_CONTEXT);
+    Ok(Json(entry))
+}
+
+/// `device`'s entry in the directory, silent or not at `now`.
+fn directory_entry(state: &AppState, device: &DeviceRecord, now: chrono::DateTime<Utc>) -> Result<Value, ApiError> {
+    let is_silent = state.liveness.state(&state.projections, &device.standing(), now)? == DeviceState::Silent;
+    Ok(json!({
+        "id": device.device_id,
+        "deviceId": device.device_id,
+        "displayName": device.device_name,
+        "operatingSystem": "Linux",
+        "approximateLastSignInDateTime": device.last_seen,
+        "tags": device.tags,
+        "lastHeartbeatDateTime": state.liveness.last_seen(&device.device_id),
+        "isSilent": is_silent,
     }))
 }
 

@@ -126,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route(device_local_credentials::LIST_PATH, get(device_local_credentials::list))
         .route(device_local_credentials::ITEM_PATH, get(device_local_credentials::get))
         .route(devices::LIST_PATH, get(devices::list))
+        .route(devices::DEVICE_PATH, get(devices::get_one))
         .route(devices::ROTATE_PATH, post(devices::rotate))
         .route(devices::TAGS_PATH, put(devices::set_tags))
         .route(tokens::LIST_PATH, get(tokens::list).post(tokens::create))

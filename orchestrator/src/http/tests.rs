@@ -768,6 +768,13 @@ fn protected_endpoints(token_id: &str, enrollment_token_id: &str) -> Vec<Endpoin
             StatusCode::OK,
         ),
         (
+            "GET",
+            "/v1.0/devices/dev-1".to_owned(),
+            None,
+            vec![DeviceRead],
+            StatusCode::OK,
+        ),
+        (
             "POST",
             "/v1.0/deviceManagement/managedDevices/dev-1/rotateLocalAdminPassword".to_owned(),
             None,
@@ -1675,6 +1682,46 @@ async fn wait_for(condition: impl Fn() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "the condition never held");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn one_device_of_the_directory_is_its_list_entry_and_an_unknown_or_malformed_id_is_refused() {
+    let mut fixture = Fixture::new();
+    let beating = DeviceId::parse("dev-beating").unwrap();
+    fixture.enrolled(&beating, "host-1");
+    fixture.enrolled(&DeviceId::parse("dev-other").unwrap(), "host-2");
+    fixture.state.liveness.record(beating.clone(), Utc::now());
+    let token = scope_token(crate::auth::Scope::DeviceRead);
+
+    let listed = fixture.get("/v1.0/devices", Some(&token)).await;
+    let entry = listed.body["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|device| device["id"] == beating.as_str())
+        .cloned()
+        .unwrap();
+    let one = fixture.get("/v1.0/devices/dev-beating", Some(&token)).await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.body);
+    assert_eq!(one.body["@odata.context"], "$metadata#devices/$entity");
+    let mut fields = one.body.clone();
+    fields.as_object_mut().unwrap().remove("@odata.context");
+    assert_eq!(fields, entry);
+    assert_eq!(one.body["displayName"], "host-1");
+    assert_eq!(one.body["isSilent"], false);
+
+    fixture
+        .get("/v1.0/devices/dev-never", Some(&token))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "Request_ResourceNotFound");
+    fixture
+        .get("/v1.0/devices/not%20an%20id", Some(&token))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "Request_BadRequest");
+    fixture
+        .get("/v1.0/devices/dev-beating?$top=1", Some(&token))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "Request_UnsupportedQuery");
 }
 
 #[tokio::test]
