@@ -43,7 +43,7 @@ use super::quarantine::{self, QuarantineReason, QuarantineRecord};
 
 use super::keys::{self, LAST_SEQUENCE as LAST_SEQUENCE_KEY};
 use super::staged::{Records, Staged, decode, decode_u64};
-use super::verify::{CheckedSignature, DeviceKeys, Refusal, Verified};
+use super::verify::{CheckedSignature, Refusal, SignerKeys, Verified};
 
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
@@ -184,7 +184,7 @@ pub struct Projections {
     /// The most quarantine records kept; older ones are dropped and counted.
     quarantine_max_entries: u64,
     /// The devices' enrolled keys, parsed once, and the check of a batch's signatures.
-    pub(super) device_keys: std::sync::Arc<DeviceKeys>,
+    pub(super) signer_keys: std::sync::Arc<SignerKeys>,
 }
 
 impl Projections {
@@ -212,7 +212,7 @@ impl Projections {
             tree,
             position: std::sync::Arc::new(position),
             quarantine_max_entries: quarantine::DEFAULT_MAX_ENTRIES,
-            device_keys: std::sync::Arc::default(),
+            signer_keys: std::sync::Arc::default(),
         })
     }
 
@@ -267,7 +267,7 @@ impl Projections {
     ) -> Result<Vec<Applied>, ProjectionError> {
         let mut staged = Staged::new(&self.tree);
         let mut last = self.last_applied_sequence()?;
-        let checked = self.device_keys.check_all(&self.tree, messages, last);
+        let checked = self.signer_keys.check_all(&self.tree, messages, last);
         let mut outcomes = Vec::with_capacity(messages.len());
         for (message, checked) in messages.iter().zip(checked) {
             if message.sequence <= last {

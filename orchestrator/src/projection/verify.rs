@@ -18,7 +18,7 @@ use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, PasswordBackedUp, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
-use fleetlaps_proto::signature::{DevicePublicKey, OrchestratorPublicKey, SignedEvent, verify_batch};
+use fleetlaps_proto::signature::{DevicePublicKey, SignedEvent, verify_batch};
 use fleetlaps_proto::subject;
 
 use super::escrow_keys::EscrowKeyRecord;
@@ -76,7 +76,7 @@ impl Projections {
         escrow: &dyn SealCheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         if let Some(kind) = subject::parse_audit_event(message.subject) {
-            return self.verify_orchestrator_event(staged, kind, message);
+            return self.verify_orchestrator_event(staged, kind, message, checked);
         }
         let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
             return Ok(Err((
@@ -197,6 +197,7 @@ impl Projections {
         staged: &Staged<'_>,
         subject_kind: AuditKind,
         message: StreamMessage<'_>,
+        checked: Option<&CheckedSignature>,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         let envelope = match AuditEnvelope::from_json(message.payload) {
             Ok(envelope) => envelope,
@@ -216,7 +217,7 @@ impl Projections {
         }
         // Only the orchestrator writes here: anyone else who can publish on `laps.audit.>` would
         // otherwise plant tokens or devices.
-        if let Err(detail) = signed_by_orchestrator(staged, &envelope, message)? {
+        if let Err(detail) = signed_by_orchestrator(&self.signer_keys, staged, &envelope, message, checked)? {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         if staged.event_applied(&envelope.id)? {
@@ -238,10 +239,11 @@ impl Projections {
         let Some(enrolled) = enrolled else {
             return Err(format!("device {device_id} never enrolled"));
         };
-        if let Some(checked) = checked.filter(|checked| checked.enrolled_key == enrolled.public_key) {
+        if let Some(checked) = checked.filter(|checked| checked.key == enrolled.public_key) {
             return checked.verdict.clone();
         }
-        self.device_keys.check(&enrolled.public_key, device_id, message)
+        self.signer_keys
+            .check(&enrolled.public_key, &Signer::Device(device_id.clone()), message)
     }
 }
 
@@ -272,73 +274,97 @@ fn backup_opens(
 /// `orchestrator_key_created` signed by the key it names is (trust on first use).
 /// `Ok(Err(why))` when it is not.
 fn signed_by_orchestrator(
+    keys: &SignerKeys,
     staged: &Staged<'_>,
     envelope: &AuditEnvelope,
     message: StreamMessage<'_>,
+    checked: Option<&CheckedSignature>,
 ) -> Result<Result<(), String>, ProjectionError> {
     let public_key = match (staged.orchestrator_key()?, &envelope.event) {
         (Some(recorded), _) => recorded.public_key,
         (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
         (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
     };
-    Ok(match (OrchestratorPublicKey::parse(&public_key), message.signature) {
-        (Err(err), _) => Err(format!("orchestrator key: {err}")),
-        (Ok(_), None) => Err(format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER)),
-        (Ok(key), Some(signature)) => key
-            .verify(message.subject, message.payload, signature)
-            .map_err(|err| format!("not signed by the recorded orchestrator key: {err}")),
-    })
+    if let Some(checked) = checked.filter(|checked| checked.key == public_key) {
+        return Ok(checked.verdict.clone());
+    }
+    Ok(keys.check(&public_key, &Signer::Orchestrator, message))
 }
 
-/// A device event's signature, checked before the fold against the key its device had enrolled
-/// when the batch began.
+/// An event's signature, checked before the fold against the key its device had enrolled (or,
+/// for an orchestrator event, the orchestrator key recorded) when the batch began.
 #[derive(Debug, Clone)]
 pub(super) struct CheckedSignature {
-    /// The enrolled key (base64) it was checked against: the verdict holds only while the
-    /// device's enrolled key is still this one.
-    enrolled_key: String,
+    /// The key (base64) it was checked against: the verdict holds only while the signer's key
+    /// is still this one.
+    key: String,
     /// `Err(why)` when the signature is not that key's over exactly the subject and payload.
     verdict: Result<(), String>,
 }
 
-/// The devices' enrolled keys, parsed once and kept by their text (a one-by-one check uses the
-/// decoded point; a batch decodes each key once per batch), and the check of a fetch's
-/// signatures in batches, on every core.
+/// Whose key an event is checked against: the words of a refusal name it.
+#[derive(Debug, Clone)]
+enum Signer {
+    /// The device of a device event.
+    Device(DeviceId),
+    /// The orchestrator, of an orchestrator event.
+    Orchestrator,
+}
+
+impl Signer {
+    /// Why nothing signed by `self` could be checked: its key does not parse.
+    fn unusable(&self, err: &fleetlaps_proto::signature::SignatureError) -> String {
+        match self {
+            Self::Device(device_id) => format!("the enrolled key of device {device_id} is not usable: {err}"),
+            Self::Orchestrator => format!("orchestrator key: {err}"),
+        }
+    }
+
+    /// Why a signature is not `self`'s.
+    fn mismatch(&self, err: &fleetlaps_proto::signature::SignatureError) -> String {
+        match self {
+            Self::Device(_) => err.to_string(),
+            Self::Orchestrator => format!("not signed by the recorded orchestrator key: {err}"),
+        }
+    }
+}
+
+/// The signers' keys (the devices' enrolled keys, the orchestrator key), parsed once and kept by
+/// their text (a one-by-one check uses the decoded point; a batch decodes each key once per
+/// batch), and the check of a fetch's signatures in batches, on every core.
 #[derive(Default)]
-pub(super) struct DeviceKeys {
-    /// Parsed keys by their base64 text; emptied when it reaches [`DeviceKeys::MAX_KEPT`].
+pub(super) struct SignerKeys {
+    /// Parsed keys by their base64 text; emptied when it reaches [`SignerKeys::MAX_KEPT`].
     parsed: std::sync::Mutex<HashMap<String, DevicePublicKey>>,
 }
 
-impl DeviceKeys {
+impl SignerKeys {
     /// The most parsed keys kept: one per device of a large fleet.
     const MAX_KEPT: usize = 1 << 20;
     /// Below this many signatures a batch is checked on the calling thread alone.
     const PARALLEL_FROM: usize = 16;
 
-    /// `Err(why)` unless `message` is signed, on exactly its subject, by `enrolled_key`, the key
-    /// `device_id` enrolled with.
-    fn check(&self, enrolled_key: &str, device_id: &DeviceId, message: StreamMessage<'_>) -> Result<(), String> {
-        let (key, signature) = self.key_and_signature(enrolled_key, device_id, message)?;
-        key.verify(message.subject, message.payload, signature)
-            .map_err(|err| err.to_string())
+    /// `Err(why)` unless `message` is signed, on exactly its subject, by `key`, `signer`'s key.
+    fn check(&self, key: &str, signer: &Signer, message: StreamMessage<'_>) -> Result<(), String> {
+        let (parsed, signature) = self.key_and_signature(key, signer, message)?;
+        parsed
+            .verify(message.subject, message.payload, signature)
+            .map_err(|err| signer.mismatch(&err))
     }
 
-    /// What checking `message` against `enrolled_key` needs: the parsed key and the signature
-    /// header, or why it cannot be checked.
+    /// What checking `message` against `key` needs: the parsed key and the signature header, or
+    /// why it cannot be checked.
     fn key_and_signature<'m>(
         &self,
-        enrolled_key: &str,
-        device_id: &DeviceId,
+        key: &str,
+        signer: &Signer,
         message: StreamMessage<'m>,
     ) -> Result<(DevicePublicKey, &'m str), String> {
-        let key = self
-            .parse(enrolled_key)
-            .map_err(|err| format!("the enrolled key of device {device_id} is not usable: {err}"))?;
+        let parsed = self.parse(key).map_err(|err| signer.unusable(&err))?;
         let signature = message
             .signature
             .ok_or_else(|| format!("no {} header", fleetlaps_proto::api::SIGNATURE_HEADER))?;
-        Ok((key, signature))
+        Ok((parsed, signature))
     }
 
     /// Checks `messages` against the keys in `work` (one entry per message, `None`: nothing to
@@ -346,15 +372,15 @@ impl DeviceKeys {
     fn check_batch(
         &self,
         messages: &[StreamMessage<'_>],
-        work: Vec<Option<(String, DeviceId)>>,
+        work: Vec<Option<(String, Signer)>>,
     ) -> Vec<Option<CheckedSignature>> {
         let prepared: Vec<_> = messages
             .iter()
             .zip(work)
             .map(|(message, work)| {
-                work.map(|(enrolled_key, device_id)| {
-                    let ready = self.key_and_signature(&enrolled_key, &device_id, *message);
-                    (enrolled_key, ready)
+                work.map(|(key, signer)| {
+                    let ready = self.key_and_signature(&key, &signer, *message);
+                    (key, signer, ready)
                 })
             })
             .collect();
@@ -362,7 +388,7 @@ impl DeviceKeys {
             .iter()
             .zip(&prepared)
             .filter_map(|(message, prepared)| match prepared {
-                Some((_, Ok((key, signature)))) => Some(SignedEvent {
+                Some((_, _, Ok((key, signature)))) => Some(SignedEvent {
                     key,
                     subject: message.subject,
                     payload: message.payload,
@@ -375,13 +401,13 @@ impl DeviceKeys {
         prepared
             .into_iter()
             .map(|prepared| {
-                prepared.map(|(enrolled_key, ready)| CheckedSignature {
-                    enrolled_key,
+                prepared.map(|(key, signer, ready)| CheckedSignature {
+                    key,
                     verdict: ready.and_then(|_| {
                         verdicts
                             .next()
                             .expect("one verdict per event checked")
-                            .map_err(|err| err.to_string())
+                            .map_err(|err| signer.mismatch(&err))
                     }),
                 })
             })
@@ -401,10 +427,11 @@ impl DeviceKeys {
         Ok(key)
     }
 
-    /// Checks the signature of every device event in `messages` after stream sequence `after`
-    /// whose device has enrolled, against its enrolled key in `tree` (before the batch), spread
-    /// over the machine's cores. One entry per message; `None` where nothing was checked (an
-    /// orchestrator event, a device not enrolled yet).
+    /// Checks the signature of every event in `messages` after stream sequence `after` whose
+    /// signer's key `tree` holds (before the batch): a device event against its device's
+    /// enrolled key, an orchestrator event against the recorded orchestrator key; spread over
+    /// the machine's cores. One entry per message; `None` where nothing was checked (a device
+    /// not enrolled yet, no orchestrator key recorded yet).
     pub(super) fn check_all(
         &self,
         tree: &sled::Tree,
@@ -413,18 +440,25 @@ impl DeviceKeys {
     ) -> Vec<Option<CheckedSignature>> {
         // A batch holds many events of each device: each enrolled key is read once.
         let mut enrolled_keys: HashMap<DeviceId, Option<String>> = HashMap::new();
-        let work: Vec<Option<(String, DeviceId)>> = messages
+        let mut orchestrator_key: Option<Option<String>> = None;
+        let work: Vec<Option<(String, Signer)>> = messages
             .iter()
             .map(|message| {
                 if message.sequence <= after {
                     return None;
+                }
+                if subject::parse_audit_event(message.subject).is_some() {
+                    let recorded = orchestrator_key
+                        .get_or_insert_with(|| tree.orchestrator_key().ok().flatten().map(|key| key.public_key))
+                        .clone()?;
+                    return Some((recorded, Signer::Orchestrator));
                 }
                 let (device_id, _) = subject::parse_device_event(message.subject)?;
                 let enrolled = enrolled_keys
                     .entry(device_id.clone())
                     .or_insert_with(|| tree.enrolled_key(&device_id).ok().flatten().map(|key| key.public_key))
                     .clone()?;
-                Some((enrolled, device_id))
+                Some((enrolled, Signer::Device(device_id)))
             })
             .collect();
         let count = work.iter().flatten().count();

@@ -790,6 +790,43 @@ fn a_fetchs_signatures_checked_in_batches_give_each_event_the_verdict_it_gets_al
 }
 
 #[test]
+fn a_fetchs_orchestrator_events_checked_in_batches_give_each_the_verdict_it_gets_alone() {
+    // The orchestrator key is recorded before the fetch, so its events are checked in the
+    // batches too; one is signed by another key, one is not signed.
+    let devices: Vec<DeviceId> = (0..30)
+        .map(|n| DeviceId::parse(&format!("dev-b{n}")).unwrap())
+        .collect();
+    let mut messages: Vec<(String, Vec<u8>, Option<String>)> = enrollment_messages(&devices.iter().collect::<Vec<_>>())
+        .into_iter()
+        .map(|(subject, payload)| {
+            let signature = orchestrator_key().sign(&subject, &payload);
+            (subject, payload, Some(signature))
+        })
+        .collect();
+    messages[5].2 = Some(OrchestratorSigningKey::generate().sign(&messages[5].0, &messages[5].1));
+    messages[20].2 = None;
+
+    let mut one_by_one = Fixture::new();
+    let expected: Vec<Applied> = messages
+        .iter()
+        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
+        .collect();
+    let batched = Fixture::new();
+    let stream_messages = as_stream_messages(&messages, batched.projections.last_applied_sequence().unwrap() + 1);
+    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+
+    assert_eq!(outcomes, expected);
+    let forged: Vec<usize> = (0..messages.len())
+        .filter(|&n| outcomes[n].outcome == Outcome::Quarantined(QuarantineReason::Forged))
+        .collect();
+    assert_eq!(forged, [5, 20]);
+    assert_eq!(
+        batched.projections.digest().unwrap(),
+        one_by_one.projections.digest().unwrap()
+    );
+}
+
+#[test]
 fn the_name_index_finds_a_device_in_any_case_and_follows_its_renames() {
     let mut fixture = Fixture::enrolled();
     let named = |fixture: &Fixture, name: &str| -> Vec<String> {
