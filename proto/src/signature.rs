@@ -310,20 +310,26 @@ mod tests {
         signatures[70] = keys[1].sign(&subjects[70], &payloads[70]);
         signatures[71] = keys[1].sign(&subjects[71], b"{}");
         signatures[100] = "bm90IGEgc2lnbmF0dXJl".to_owned();
-        let events: Vec<SignedEvent<'_>> = (0..150)
-            .map(|n| SignedEvent {
-                key: &publics[n % 5],
-                subject: &subjects[n],
-                payload: &payloads[n],
-                signature: &signatures[n],
-            })
-            .collect();
-        let verdicts = verify_batch(&events);
-        let alone: Vec<_> = events
-            .iter()
-            .map(|event| event.key.verify(event.subject, event.payload, event.signature))
-            .collect();
-        assert_eq!(verdicts, alone);
+        // The verdicts on the 150 events, each with its device's key and `signatures[n]`: in
+        // batches, and each alone, which must agree.
+        let verdicts_with = |signatures: &[String]| -> Vec<Result<(), SignatureError>> {
+            let events: Vec<SignedEvent<'_>> = (0..150)
+                .map(|n| SignedEvent {
+                    key: &publics[n % 5],
+                    subject: &subjects[n],
+                    payload: &payloads[n],
+                    signature: &signatures[n],
+                })
+                .collect();
+            let verdicts = verify_batch(&events);
+            let alone: Vec<_> = events
+                .iter()
+                .map(|event| event.key.verify(event.subject, event.payload, event.signature))
+                .collect();
+            assert_eq!(verdicts, alone);
+            verdicts
+        };
+        let verdicts = verdicts_with(&signatures);
         let refused: Vec<usize> = (0..150).filter(|&n| verdicts[n].is_err()).collect();
         assert_eq!(refused, [70, 71, 100]);
         assert_eq!(verdicts[100], Err(SignatureError::MalformedSignature));
@@ -334,15 +340,7 @@ mod tests {
         for n in (0..150).step_by(3) {
             many_bad[n] = keys[(n + 1) % 5].sign(&subjects[n], &payloads[n]);
         }
-        let events: Vec<SignedEvent<'_>> = (0..150)
-            .map(|n| SignedEvent {
-                key: &publics[n % 5],
-                subject: &subjects[n],
-                payload: &payloads[n],
-                signature: &many_bad[n],
-            })
-            .collect();
-        let verdicts = verify_batch(&events);
+        let verdicts = verdicts_with(&many_bad);
         for (n, verdict) in verdicts.iter().enumerate() {
             let bad = n % 3 == 0 || [70, 71, 100].contains(&n);
             assert_eq!(verdict.is_err(), bad, "event {n}");
@@ -350,16 +348,8 @@ mod tests {
         let all_bad: Vec<String> = (0..150)
             .map(|n| keys[(n + 1) % 5].sign(&subjects[n], &payloads[n]))
             .collect();
-        let events: Vec<SignedEvent<'_>> = (0..150)
-            .map(|n| SignedEvent {
-                key: &publics[n % 5],
-                subject: &subjects[n],
-                payload: &payloads[n],
-                signature: &all_bad[n],
-            })
-            .collect();
         assert!(
-            verify_batch(&events)
+            verdicts_with(&all_bad)
                 .iter()
                 .all(|verdict| *verdict == Err(SignatureError::Mismatch))
         );

@@ -652,6 +652,28 @@ fn the_same_messages_fold_to_the_same_digest() {
     );
 }
 
+/// Folds `messages` (subject, payload, signature) into `one_by_one` a message at a time and
+/// into `batched` as one fetch, checks that both give the same outcomes and the same state, and
+/// returns the outcomes.
+fn fold_both_ways(
+    messages: &[(String, Vec<u8>, Option<String>)],
+    one_by_one: &mut Fixture,
+    batched: &Fixture,
+) -> Vec<Applied> {
+    let expected: Vec<Applied> = messages
+        .iter()
+        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
+        .collect();
+    let stream_messages = as_stream_messages(messages, batched.projections.last_applied_sequence().unwrap() + 1);
+    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+    assert_eq!(outcomes, expected);
+    assert_eq!(
+        batched.projections.digest().unwrap(),
+        one_by_one.projections.digest().unwrap()
+    );
+    outcomes
+}
+
 /// `messages` (subject, payload, signature) as stream messages numbered from `first`.
 fn as_stream_messages(messages: &[(String, Vec<u8>, Option<String>)], first: u64) -> Vec<StreamMessage<'_>> {
     messages
@@ -709,17 +731,10 @@ fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
     messages[late_forgery].2 =
         Some(key_of(&DeviceId::parse("dev-2").unwrap()).sign(&messages[late_forgery].0, &messages[late_forgery].1));
 
-    let mut one_by_one = Fixture::new();
-    let expected: Vec<Applied> = messages
-        .iter()
-        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
-        .collect();
-
     let batched = Fixture::new();
-    let stream_messages = as_stream_messages(&messages, batched.projections.last_applied_sequence().unwrap() + 1);
-    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+    let first = batched.projections.last_applied_sequence().unwrap() + 1;
+    let outcomes = fold_both_ways(&messages, &mut Fixture::new(), &batched);
 
-    assert_eq!(outcomes, expected);
     let kinds: Vec<Outcome> = outcomes.iter().map(|applied| applied.outcome).collect();
     assert_eq!(kinds[late_forgery], Outcome::Quarantined(QuarantineReason::Forged));
     assert_eq!(
@@ -733,10 +748,7 @@ fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
             Outcome::Applied(EventKind::PasswordRotated),
         ]
     );
-    assert_eq!(
-        batched.projections.digest().unwrap(),
-        one_by_one.projections.digest().unwrap()
-    );
+    let stream_messages = as_stream_messages(&messages, first);
     assert_eq!(
         batched.projections.applied_sequence(),
         stream_messages.last().unwrap().sequence
@@ -769,24 +781,14 @@ fn a_fetchs_signatures_checked_in_batches_give_each_event_the_verdict_it_gets_al
     let enrollment = enrollment_messages(&[&device()]);
     let mut one_by_one = Fixture::new();
     one_by_one.enroll(&enrollment);
-    let expected: Vec<Applied> = messages
-        .iter()
-        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
-        .collect();
     let mut batched = Fixture::new();
     batched.enroll(&enrollment);
-    let stream_messages = as_stream_messages(&messages, batched.projections.last_applied_sequence().unwrap() + 1);
-    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+    let outcomes = fold_both_ways(&messages, &mut one_by_one, &batched);
 
-    assert_eq!(outcomes, expected);
     let refused: Vec<usize> = (0..messages.len())
         .filter(|&n| outcomes[n].outcome == Outcome::Quarantined(QuarantineReason::Forged))
         .collect();
     assert_eq!(refused, [10, 70, 100, 120, 140]);
-    assert_eq!(
-        batched.projections.digest().unwrap(),
-        one_by_one.projections.digest().unwrap()
-    );
 }
 
 #[test]
@@ -806,24 +808,12 @@ fn a_fetchs_orchestrator_events_checked_in_batches_give_each_the_verdict_it_gets
     messages[5].2 = Some(OrchestratorSigningKey::generate().sign(&messages[5].0, &messages[5].1));
     messages[20].2 = None;
 
-    let mut one_by_one = Fixture::new();
-    let expected: Vec<Applied> = messages
-        .iter()
-        .map(|(subject, payload, signature)| one_by_one.apply_full(subject, payload, signature.as_deref()))
-        .collect();
-    let batched = Fixture::new();
-    let stream_messages = as_stream_messages(&messages, batched.projections.last_applied_sequence().unwrap() + 1);
-    let outcomes = batched.projections.apply_all(&stream_messages, &escrow()).unwrap();
+    let outcomes = fold_both_ways(&messages, &mut Fixture::new(), &Fixture::new());
 
-    assert_eq!(outcomes, expected);
     let forged: Vec<usize> = (0..messages.len())
         .filter(|&n| outcomes[n].outcome == Outcome::Quarantined(QuarantineReason::Forged))
         .collect();
     assert_eq!(forged, [5, 20]);
-    assert_eq!(
-        batched.projections.digest().unwrap(),
-        one_by_one.projections.digest().unwrap()
-    );
 }
 
 #[test]
