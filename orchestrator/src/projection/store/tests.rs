@@ -157,10 +157,8 @@ impl Fixture {
 
     /// Applies a device's signed event, trying backups with `escrow`.
     fn apply_device_event(&mut self, envelope: &Envelope, escrow: &dyn SealCheck) -> Applied {
-        let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
-        let payload = envelope.to_json();
-        let signature = key_of(&envelope.device_id).sign(&subject, &payload);
-        self.apply_checked(&subject, &payload, Some(&signature), escrow)
+        let (subject, payload, signature) = signed(envelope);
+        self.apply_checked(&subject, &payload, signature.as_deref(), escrow)
     }
 
     fn apply_signed(&mut self, subject: &str, payload: &[u8], signature: Option<&str>) -> Outcome {
@@ -674,6 +672,14 @@ fn fold_both_ways(
     outcomes
 }
 
+/// `envelope` as its device publishes it: its subject, its payload, its device's signature.
+fn signed(envelope: &Envelope) -> (String, Vec<u8>, Option<String>) {
+    let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
+    let payload = envelope.to_json();
+    let signature = key_of(&envelope.device_id).sign(&subject, &payload);
+    (subject, payload, Some(signature))
+}
+
 /// `messages` (subject, payload, signature) as stream messages numbered from `first`.
 fn as_stream_messages(messages: &[(String, Vec<u8>, Option<String>)], first: u64) -> Vec<StreamMessage<'_>> {
     messages
@@ -696,12 +702,6 @@ fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
     // Later messages of the batch depend on earlier ones (the enrollment, the backup a rotation
     // confirms, an event id seen earlier in the batch); refused messages sit between them.
     let rotation_id = RotationId::new();
-    let signed = |envelope: &Envelope| {
-        let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
-        let payload = envelope.to_json();
-        let signature = key_of(&envelope.device_id).sign(&subject, &payload);
-        (subject, payload, Some(signature))
-    };
     let orchestrator = |(subject, payload): (String, Vec<u8>)| {
         let signature = orchestrator_key().sign(&subject, &payload);
         (subject, payload, Some(signature))
@@ -763,12 +763,6 @@ fn one_batch_folds_to_the_same_state_and_outcomes_as_one_message_at_a_time() {
 fn a_fetchs_signatures_checked_in_batches_give_each_event_the_verdict_it_gets_alone() {
     // The device enrolled before the fetch, so every one of its events is checked in the
     // batches (groups of 64, on every core); bad signatures sit in different groups.
-    let signed = |envelope: &Envelope| {
-        let subject = subject::device_event(&envelope.device_id, envelope.event.kind());
-        let payload = envelope.to_json();
-        let signature = key_of(&envelope.device_id).sign(&subject, &payload);
-        (subject, payload, Some(signature))
-    };
     let mut messages: Vec<(String, Vec<u8>, Option<String>)> =
         (1..=150).map(|sequence| signed(&policy_applied(sequence))).collect();
     let other_key = key_of(&DeviceId::parse("dev-2").unwrap());
