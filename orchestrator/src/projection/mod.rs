@@ -42,4 +42,6 @@ pub use quarantine::{
     DEFAULT_MAX_ENTRIES as QUARANTINE_DEFAULT_MAX_ENTRIES, MAX_ENTRIES_RANGE as QUARANTINE_MAX_ENTRIES_RANGE,
     QuarantineReason, QuarantineRecord,
 };
-pub use store::{Applied, ConfirmedRotation, Outcome, ProjectionError, Projections, SealCheck, StreamMessage};
+pub use store::{
+    Applied, ConfirmedRotation, Outcome, Prechecked, ProjectionError, Projections, SealCheck, StreamMessage,
+};

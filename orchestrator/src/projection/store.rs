@@ -43,7 +43,7 @@ use super::quarantine::{self, QuarantineReason, QuarantineRecord};
 
 use super::keys::{self, LAST_SEQUENCE as LAST_SEQUENCE_KEY};
 use super::staged::{Records, Staged, decode, decode_u64};
-use super::verify::{CheckedSignature, Refusal, SignerKeys, Verified};
+use super::verify::{Precheck, Refusal, SignerKeys, Verified};
 
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
@@ -174,6 +174,11 @@ impl Applied {
     }
 }
 
+/// The prechecks of a batch of messages ([`Projections::precheck`]), for
+/// [`Projections::apply_prechecked`].
+#[derive(Debug)]
+pub struct Prechecked(Vec<Precheck>);
+
 /// The projections, in a sled database. Cheap to clone: clones share the database.
 #[derive(Clone)]
 pub struct Projections {
@@ -259,22 +264,48 @@ impl Projections {
     /// refusal, and a later message reads what an earlier one wrote. Not yet durable: call
     /// [`Self::flush`] before acknowledging them. `escrow` tells whether a backup's sealed
     /// password opens, so a backup nobody could read is refused, not confirmed. One outcome per
-    /// message, in order.
+    /// message, in order. [`Self::precheck`] then [`Self::apply_prechecked`].
     pub fn apply_all(
         &self,
         messages: &[StreamMessage<'_>],
         escrow: &dyn SealCheck,
     ) -> Result<Vec<Applied>, ProjectionError> {
+        let prechecked = self.precheck(messages)?;
+        self.apply_prechecked(messages, prechecked, escrow)
+    }
+
+    /// What the fold of `messages` needs and can be worked out beside it, on every core: each
+    /// envelope decoded, each signature checked against its signer's key as it stands now. It
+    /// only reads, so a consumer works out the next batch's while this one folds; a verdict
+    /// holds only for the key it was checked against, so one that an earlier batch made stale
+    /// (a device enrolled again) is checked again in the fold.
+    pub fn precheck(&self, messages: &[StreamMessage<'_>]) -> Result<Prechecked, ProjectionError> {
+        let after = self.last_applied_sequence()?;
+        Ok(Prechecked(self.signer_keys.precheck_all(&self.tree, messages, after)))
+    }
+
+    /// [`Self::apply_all`] with the prechecks of `messages` worked out before
+    /// ([`Self::precheck`]); a precheck made for another message is ignored.
+    pub fn apply_prechecked(
+        &self,
+        messages: &[StreamMessage<'_>],
+        prechecked: Prechecked,
+        escrow: &dyn SealCheck,
+    ) -> Result<Vec<Applied>, ProjectionError> {
         let mut staged = Staged::new(&self.tree);
         let mut last = self.last_applied_sequence()?;
-        let checked = self.signer_keys.check_all(&self.tree, messages, last);
+        let mut prechecks = prechecked.0.into_iter();
         let mut outcomes = Vec::with_capacity(messages.len());
-        for (message, checked) in messages.iter().zip(checked) {
+        for message in messages {
+            let precheck = prechecks
+                .next()
+                .filter(|precheck| precheck.sequence == message.sequence)
+                .unwrap_or_else(|| Precheck::none(message.sequence));
             if message.sequence <= last {
                 outcomes.push(Applied::outcome(Outcome::AlreadySeen));
                 continue;
             }
-            outcomes.push(self.apply_one(&mut staged, *message, checked.as_ref(), escrow)?);
+            outcomes.push(self.apply_one(&mut staged, *message, precheck, escrow)?);
             last = message.sequence;
         }
         if staged.is_empty() {
@@ -302,12 +333,12 @@ impl Projections {
         &self,
         staged: &mut Staged<'_>,
         message: StreamMessage<'_>,
-        checked: Option<&CheckedSignature>,
+        precheck: Precheck,
         escrow: &dyn SealCheck,
     ) -> Result<Applied, ProjectionError> {
         // Verify first, then change: the two steps are apart, and a refusal at either writes
         // only the quarantine.
-        let folded = match self.verify(staged, message, checked, escrow)? {
+        let folded = match self.verify(staged, message, precheck, escrow)? {
             Ok(verified) => self.fold(staged, verified, message)?,
             Err(refusal) => Err(refusal),
         };

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
+use fleetlaps_proto::audit::{AuditDecodeError, AuditEnvelope, AuditEvent, AuditKind};
 use fleetlaps_proto::command::{BackupConfirmation, BackupOutcome, BackupRefusal};
 use fleetlaps_proto::event::{DecodeError, Envelope, Event, EventKind, PasswordBackedUp, sealing_context};
 use fleetlaps_proto::ids::{DeviceId, EventId, RotationId};
@@ -72,11 +72,11 @@ impl Projections {
         &self,
         staged: &Staged<'_>,
         message: StreamMessage<'_>,
-        checked: Option<&CheckedSignature>,
+        precheck: Precheck,
         escrow: &dyn SealCheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         if let Some(kind) = subject::parse_audit_event(message.subject) {
-            return self.verify_orchestrator_event(staged, kind, message, checked);
+            return self.verify_orchestrator_event(staged, kind, message, precheck);
         }
         let Some((subject_device, subject_kind)) = subject::parse_device_event(message.subject) else {
             return Ok(Err((
@@ -85,7 +85,7 @@ impl Projections {
             )
                 .into()));
         };
-        self.verify_device_event(staged, &subject_device, subject_kind, message, checked, escrow)
+        self.verify_device_event(staged, &subject_device, subject_kind, message, precheck, escrow)
     }
 
     fn verify_device_event(
@@ -94,11 +94,12 @@ impl Projections {
         subject_device: &DeviceId,
         subject_kind: EventKind,
         message: StreamMessage<'_>,
-        checked: Option<&CheckedSignature>,
+        precheck: Precheck,
         escrow: &dyn SealCheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         let enrolled = staged.enrolled_key(subject_device)?;
-        let envelope = match Envelope::from_json(message.payload) {
+        let checked = precheck.signature.as_ref();
+        let envelope = match precheck.decoded.into_device(message.payload) {
             Ok(envelope) => envelope,
             Err(err) => {
                 let (reason, detail) = describe_decode_error(&err);
@@ -197,14 +198,15 @@ impl Projections {
         staged: &Staged<'_>,
         subject_kind: AuditKind,
         message: StreamMessage<'_>,
-        checked: Option<&CheckedSignature>,
+        precheck: Precheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
-        let envelope = match AuditEnvelope::from_json(message.payload) {
+        let checked = precheck.signature.as_ref();
+        let envelope = match precheck.decoded.into_orchestrator(message.payload) {
             Ok(envelope) => envelope,
-            Err(fleetlaps_proto::audit::AuditDecodeError::Malformed(json)) => {
+            Err(AuditDecodeError::Malformed(json)) => {
                 return Ok(Err(describe_json_error(&json).into()));
             }
-            Err(err @ fleetlaps_proto::audit::AuditDecodeError::UnsupportedSchema { .. }) => {
+            Err(err @ AuditDecodeError::UnsupportedSchema { .. }) => {
                 return Ok(Err((QuarantineReason::UnsupportedSchema, err.to_string()).into()));
             }
         };
@@ -300,6 +302,72 @@ pub(super) struct CheckedSignature {
     key: String,
     /// `Err(why)` when the signature is not that key's over exactly the subject and payload.
     verdict: Result<(), String>,
+}
+
+/// What the fold needs of a message and can be worked out beside it, on every core and for the
+/// next batch while one folds ([`super::store::Projections::precheck`]): its envelope decoded
+/// and its signature checked. Pure: it changes nothing, and a verdict holds only for the key it
+/// names, so one worked out before an earlier batch changed that key is checked again.
+#[derive(Debug)]
+pub(super) struct Precheck {
+    /// The stream sequence of the message it was worked out for.
+    pub(super) sequence: u64,
+    /// Its envelope, decoded by its subject's kind.
+    decoded: Decoded,
+    /// Its signature, checked against its signer's key as it stood before.
+    signature: Option<CheckedSignature>,
+}
+
+impl Precheck {
+    /// Nothing worked out: the fold decodes and checks the message itself.
+    pub(super) fn none(sequence: u64) -> Self {
+        Self {
+            sequence,
+            decoded: Decoded::Nothing,
+            signature: None,
+        }
+    }
+}
+
+/// A message's payload decoded as its subject says: a device event's envelope or an
+/// orchestrator event's.
+#[derive(Debug)]
+enum Decoded {
+    /// Not decoded (a message already folded, or on neither kind of subject).
+    Nothing,
+    /// On a device event's subject.
+    Device(Result<Envelope, DecodeError>),
+    /// On an orchestrator event's subject.
+    Orchestrator(Result<AuditEnvelope, AuditDecodeError>),
+}
+
+impl Decoded {
+    /// Decodes `message` as its subject says.
+    fn of(message: &StreamMessage<'_>) -> Self {
+        if subject::parse_audit_event(message.subject).is_some() {
+            Self::Orchestrator(AuditEnvelope::from_json(message.payload))
+        } else if subject::parse_device_event(message.subject).is_some() {
+            Self::Device(Envelope::from_json(message.payload))
+        } else {
+            Self::Nothing
+        }
+    }
+
+    /// The device event's envelope: this one, or `payload` decoded now.
+    fn into_device(self, payload: &[u8]) -> Result<Envelope, DecodeError> {
+        match self {
+            Self::Device(decoded) => decoded,
+            _ => Envelope::from_json(payload),
+        }
+    }
+
+    /// The orchestrator event's envelope: this one, or `payload` decoded now.
+    fn into_orchestrator(self, payload: &[u8]) -> Result<AuditEnvelope, AuditDecodeError> {
+        match self {
+            Self::Orchestrator(decoded) => decoded,
+            _ => AuditEnvelope::from_json(payload),
+        }
+    }
 }
 
 /// Whose key an event is checked against: the words of a refusal name it.
@@ -427,44 +495,40 @@ impl SignerKeys {
         Ok(key)
     }
 
-    /// Checks the signature of every event in `messages` after stream sequence `after` whose
-    /// signer's key `tree` holds (before the batch): a device event against its device's
-    /// enrolled key, an orchestrator event against the recorded orchestrator key; spread over
-    /// the machine's cores. One entry per message; `None` where nothing was checked (a device
-    /// not enrolled yet, no orchestrator key recorded yet).
-    pub(super) fn check_all(
-        &self,
-        tree: &sled::Tree,
-        messages: &[StreamMessage<'_>],
-        after: u64,
-    ) -> Vec<Option<CheckedSignature>> {
+    /// Works out the [`Precheck`] of every message in `messages` after stream sequence `after`,
+    /// spread over the machine's cores: its envelope decoded, and its signature checked when
+    /// `tree` holds its signer's key (a device event against its device's enrolled key, an
+    /// orchestrator event against the recorded orchestrator key). One entry per message.
+    pub(super) fn precheck_all(&self, tree: &sled::Tree, messages: &[StreamMessage<'_>], after: u64) -> Vec<Precheck> {
         // A batch holds many events of each device: each enrolled key is read once.
         let mut enrolled_keys: HashMap<DeviceId, Option<String>> = HashMap::new();
         let mut orchestrator_key: Option<Option<String>> = None;
-        let work: Vec<Option<(String, Signer)>> = messages
+        let work: Vec<Work> = messages
             .iter()
             .map(|message| {
                 if message.sequence <= after {
-                    return None;
+                    return Work::Skip;
                 }
                 if subject::parse_audit_event(message.subject).is_some() {
                     let recorded = orchestrator_key
                         .get_or_insert_with(|| tree.orchestrator_key().ok().flatten().map(|key| key.public_key))
-                        .clone()?;
-                    return Some((recorded, Signer::Orchestrator));
+                        .clone();
+                    return Work::Check(recorded.map(|key| (key, Signer::Orchestrator)));
                 }
-                let (device_id, _) = subject::parse_device_event(message.subject)?;
+                let Some((device_id, _)) = subject::parse_device_event(message.subject) else {
+                    return Work::Check(None);
+                };
                 let enrolled = enrolled_keys
                     .entry(device_id.clone())
                     .or_insert_with(|| tree.enrolled_key(&device_id).ok().flatten().map(|key| key.public_key))
-                    .clone()?;
-                Some((enrolled, Signer::Device(device_id)))
+                    .clone();
+                Work::Check(enrolled.map(|key| (key, Signer::Device(device_id))))
             })
             .collect();
-        let count = work.iter().flatten().count();
+        let count = work.iter().filter(|work| matches!(work, Work::Check(_))).count();
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         if threads < 2 || count < Self::PARALLEL_FROM {
-            return self.check_batch(messages, work);
+            return self.precheck_batch(messages, work);
         }
         let chunk = messages.len().div_ceil(threads);
         let mut work = work.into_iter();
@@ -473,14 +537,56 @@ impl SignerKeys {
                 .chunks(chunk)
                 .map(|messages| {
                     let work: Vec<_> = work.by_ref().take(messages.len()).collect();
-                    scope.spawn(move || self.check_batch(messages, work))
+                    scope.spawn(move || self.precheck_batch(messages, work))
                 })
                 .collect();
             handles
                 .into_iter()
-                .flat_map(|handle| handle.join().expect("a signature check does not panic"))
+                .flat_map(|handle| handle.join().expect("a precheck does not panic"))
                 .collect()
         })
+    }
+
+    /// The prechecks of `messages` (one [`Work`] each): each decoded, and their signatures
+    /// checked as one batch.
+    fn precheck_batch(&self, messages: &[StreamMessage<'_>], work: Vec<Work>) -> Vec<Precheck> {
+        let decoded: Vec<Decoded> = messages
+            .iter()
+            .zip(&work)
+            .map(|(message, work)| match work {
+                Work::Skip => Decoded::Nothing,
+                Work::Check(_) => Decoded::of(message),
+            })
+            .collect();
+        let signatures = self.check_batch(messages, work.into_iter().map(Work::into_key).collect());
+        messages
+            .iter()
+            .zip(decoded)
+            .zip(signatures)
+            .map(|((message, decoded), signature)| Precheck {
+                sequence: message.sequence,
+                decoded,
+                signature,
+            })
+            .collect()
+    }
+}
+
+/// What a precheck does with one message.
+enum Work {
+    /// Nothing: folded before.
+    Skip,
+    /// Decode it, and check its signature against this key when its signer has one.
+    Check(Option<(String, Signer)>),
+}
+
+impl Work {
+    /// The key to check the signature against, if any.
+    fn into_key(self) -> Option<(String, Signer)> {
+        match self {
+            Self::Skip => None,
+            Self::Check(key) => key,
+        }
     }
 }
 

@@ -811,6 +811,99 @@ fn a_fetchs_orchestrator_events_checked_in_batches_give_each_the_verdict_it_gets
 }
 
 #[test]
+fn a_precheck_made_before_an_earlier_batch_replaced_the_devices_key_is_checked_again_in_the_fold() {
+    // A consumer prechecks the next batch while the one before it folds. Here the one before
+    // enrolls dev-1 again with a new key: events signed with the old key, which the precheck
+    // passed, must be refused, and events signed with the new key, which it refused, applied.
+    let old_key = key_of(&device());
+    let new_key = key_of(&DeviceId::parse("dev-new-key").unwrap());
+    let orchestrator = |(subject, payload): (String, Vec<u8>)| {
+        let signature = orchestrator_key().sign(&subject, &payload);
+        (subject, payload, Some(signature))
+    };
+    let enrolled_again = vec![orchestrator(audit(AuditEvent::DeviceEnrolled(
+        fleetlaps_proto::audit::DeviceEnrolled {
+            device_id: device(),
+            device_name: DeviceName::parse("host-1").unwrap(),
+            public_key: new_key.public_key().to_string(),
+            enrollment_token_id: enrollment_token_id(),
+            tags: Vec::new(),
+        },
+    )))];
+    let next: Vec<(String, Vec<u8>, Option<String>)> = (1..=40)
+        .map(|sequence| {
+            let (subject, payload, _) = signed(&policy_applied(sequence));
+            let key = if sequence % 2 == 0 { &new_key } else { &old_key };
+            let signature = key.sign(&subject, &payload);
+            (subject, payload, Some(signature))
+        })
+        .collect();
+
+    let enrollment = enrollment_messages(&[&device()]);
+    let mut pipelined = Fixture::new();
+    pipelined.enroll(&enrollment);
+    let first = pipelined.projections.last_applied_sequence().unwrap() + 1;
+    let enrolled_again_messages = as_stream_messages(&enrolled_again, first);
+    let next_messages = as_stream_messages(&next, first + 1);
+    let prechecked = pipelined.projections.precheck(&next_messages).unwrap();
+    let outcomes = pipelined
+        .projections
+        .apply_all(&enrolled_again_messages, &escrow())
+        .unwrap();
+    assert_eq!(outcomes[0].outcome, Outcome::Recorded(AuditKind::DeviceEnrolled));
+    let outcomes = pipelined
+        .projections
+        .apply_prechecked(&next_messages, prechecked, &escrow())
+        .unwrap();
+
+    let applied: Vec<u64> = next_messages
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, applied)| applied.outcome == Outcome::Applied(EventKind::PolicyApplied))
+        .map(|(message, _)| message.sequence - first)
+        .collect();
+    assert_eq!(applied, (1..=40).filter(|n| n % 2 == 0).collect::<Vec<u64>>());
+    assert!(
+        outcomes
+            .iter()
+            .filter(|applied| applied.outcome != Outcome::Applied(EventKind::PolicyApplied))
+            .all(|applied| applied.outcome == Outcome::Quarantined(QuarantineReason::Forged))
+    );
+    // The same as folding both batches without prechecks made ahead.
+    let mut one_by_one = Fixture::new();
+    one_by_one.enroll(&enrollment);
+    for (subject, payload, signature) in enrolled_again.iter().chain(&next) {
+        one_by_one.apply_full(subject, payload, signature.as_deref());
+    }
+    assert_eq!(
+        pipelined.projections.digest().unwrap(),
+        one_by_one.projections.digest().unwrap()
+    );
+}
+
+#[test]
+fn a_precheck_made_for_other_messages_is_not_used() {
+    // Prechecks belong to the messages they were made for: given with other messages (a
+    // consumer re-bound between fetching and folding), they are ignored, not misapplied.
+    let mut forged = signed(&policy_applied(1));
+    forged.2 = Some(key_of(&DeviceId::parse("dev-2").unwrap()).sign(&forged.0, &forged.1));
+    let good = signed(&policy_applied(1));
+    let fixture = Fixture::enrolled();
+    let first = fixture.projections.last_applied_sequence().unwrap() + 1;
+    let good_messages = [good];
+    let forged_messages = [forged];
+    let prechecked_good = fixture
+        .projections
+        .precheck(&as_stream_messages(&good_messages, first + 1))
+        .unwrap();
+    let outcomes = fixture
+        .projections
+        .apply_prechecked(&as_stream_messages(&forged_messages, first), prechecked_good, &escrow())
+        .unwrap();
+    assert_eq!(outcomes[0].outcome, Outcome::Quarantined(QuarantineReason::Forged));
+}
+
+#[test]
 fn the_name_index_finds_a_device_in_any_case_and_follows_its_renames() {
     let mut fixture = Fixture::enrolled();
     let named = |fixture: &Fixture, name: &str| -> Vec<String> {
