@@ -7,6 +7,7 @@
 //! opened as the live fold opens them); it takes no lock, so it runs beside a live orchestrator.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -14,10 +15,21 @@ use chrono::{DateTime, Utc};
 use crate::bus::{self, History};
 use crate::config::Config;
 use crate::escrow::{self, EscrowKeyring};
-use crate::projection::Projections;
+use crate::projection::{ProjectionError, Projections};
 
 /// How many messages a replay folds in one sled batch, as the live consumer folds what waits.
 const REPLAY_BATCH: usize = 256;
+
+/// Waits for the fold of a batch, if one is folding: how many messages it folded.
+async fn finish(folding: Option<tokio::task::JoinHandle<Result<u64, ProjectionError>>>) -> anyhow::Result<u64> {
+    let Some(folding) = folding else {
+        return Ok(0);
+    };
+    match folding.await {
+        Ok(folded) => Ok(folded?),
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    }
+}
 
 /// What a replay did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +75,10 @@ pub async fn replay(
     let history = History::open(&jetstream).await?;
     let mut reader = history.reader().await?;
     let total = reader.total();
+    let keyring = Arc::new(keyring);
     let (mut messages, mut last_sequence) = (0, 0);
+    // The batch folding now (on the blocking pool), while the next is read and prechecked.
+    let mut folding: Option<tokio::task::JoinHandle<Result<u64, ProjectionError>>> = None;
     let mut batch = Vec::with_capacity(REPLAY_BATCH);
     loop {
         let next = reader.next().await?;
@@ -75,17 +90,30 @@ pub async fn replay(
             batch.extend(next);
         }
         if batch.len() == REPLAY_BATCH || (ended && !batch.is_empty()) {
-            let stream_messages: Vec<_> = batch.iter().map(bus::HistoryMessage::as_stream_message).collect();
-            projections.apply_all(&stream_messages, &keyring)?;
-            messages += batch.len() as u64;
-            last_sequence = batch.last().map_or(last_sequence, |message| message.sequence);
-            batch.clear();
+            let read = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
+            last_sequence = read.last().map_or(last_sequence, |message| message.sequence);
+            let prechecking = projections.clone();
+            let (read, prechecked) = crate::on_blocking_pool(move || {
+                let stream_messages: Vec<_> = read.iter().map(bus::HistoryMessage::as_stream_message).collect();
+                let prechecked = prechecking.precheck(&stream_messages);
+                (read, prechecked)
+            })
+            .await;
+            messages += finish(folding.take()).await?;
             progress(messages, total);
+            let (folder, keyring) = (projections.clone(), Arc::clone(&keyring));
+            folding = Some(tokio::task::spawn_blocking(move || {
+                let stream_messages: Vec<_> = read.iter().map(bus::HistoryMessage::as_stream_message).collect();
+                folder.apply_prechecked(&stream_messages, prechecked?, keyring.as_ref())?;
+                Ok(read.len() as u64)
+            }));
         }
         if ended {
             break;
         }
     }
+    messages += finish(folding.take()).await?;
+    progress(messages, total);
     projections.flush().await?;
     Ok(ReplayReport {
         messages,

@@ -28,7 +28,7 @@ use crate::detectors::{DetectorBatch, DetectorFeed, Observation};
 use crate::escrow::EscrowKeyring;
 use crate::health::Health;
 use crate::metrics::{IngestOutcome, Metrics};
-use crate::projection::{Outcome, ProjectionError, Projections, StreamMessage};
+use crate::projection::{Outcome, Prechecked, ProjectionError, Projections, StreamMessage};
 
 /// A failure of the bus (not of a message: those are quarantined).
 #[derive(Debug, thiserror::Error)]
@@ -179,9 +179,10 @@ async fn open_at(
 }
 
 /// At most this many messages already waiting are folded at once; one flush and one
-/// acknowledgement cover them all. Below the consumer's `max_ack_pending` (1,000 by default): a
+/// acknowledgement cover them all. Two batches are out at once (one folding, the next fetched
+/// meanwhile), so twice this stays below the consumer's `max_ack_pending` (1,000 by default): a
 /// pull asking for more than the server may deliver unacknowledged waits for them forever.
-const BATCH_SIZE: usize = 512;
+const BATCH_SIZE: usize = 496;
 /// How long the consumer waits for a message when none is waiting, before it asks again: short,
 /// so a request lost with a restarted server stalls it little.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
@@ -240,14 +241,32 @@ impl Consumer {
     /// while the API keeps serving.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut pause = FIRST_RETRY_PAUSE;
+        // The next batch, fetched and prechecked while the one before it folded.
+        let mut fetched = None;
         loop {
-            let batch = tokio::select! {
-                () = shutdown.cancelled() => return,
-                batch = self.fetch() => batch,
+            let batch = match fetched.take() {
+                Some(batch) => batch,
+                None => tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    batch = self.fetch_prechecked() => batch,
+                },
             };
             let failed = match batch {
-                Ok(messages) if messages.is_empty() => None,
-                Ok(messages) => self.process(messages).await.err(),
+                Ok(batch) if batch.messages.is_empty() => None,
+                Ok(batch) => {
+                    // The next batch is fetched and prechecked while this one folds; a batch
+                    // that fails leaves it unused (the consumer is re-bound below).
+                    let next = async {
+                        tokio::select! {
+                            () = shutdown.cancelled() => None,
+                            batch = self.fetch_prechecked() => Some(batch),
+                        }
+                    };
+                    let (processed, next) = tokio::join!(self.process(batch), next);
+                    let Some(next) = next else { return };
+                    fetched = processed.is_ok().then_some(next);
+                    processed.err()
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "fetching events failed; retrying");
                     Some(BusError::Consumer {
@@ -306,6 +325,31 @@ impl Consumer {
         }
     }
 
+    /// [`Self::fetch`], then the batch's [`Projections::precheck`] on the blocking pool: the
+    /// signatures checked and the envelopes decoded on every core, while the batch before it
+    /// folds.
+    async fn fetch_prechecked(&self) -> Result<Fetched, async_nats::Error> {
+        let messages = self.fetch().await?;
+        if messages.is_empty() {
+            return Ok(Fetched {
+                messages,
+                prechecked: None,
+            });
+        }
+        let projections = self.projections.clone();
+        let (messages, prechecked) = crate::on_blocking_pool(move || {
+            let (_, stream_messages) = stream_messages(&messages);
+            let prechecked = projections.precheck(&stream_messages);
+            (messages, prechecked)
+        })
+        .await;
+        Ok(Fetched {
+            messages,
+            // A precheck the store failed to make is made again in the fold.
+            prechecked: prechecked.ok(),
+        })
+    }
+
     /// [`Self::fetch`] without its deadline.
     async fn pull(&self) -> Result<Vec<jetstream::Message>, async_nats::Error> {
         let waiting = self.consumer.fetch().max_messages(BATCH_SIZE).messages().await?;
@@ -323,7 +367,7 @@ impl Consumer {
         collect(next).await
     }
 
-    async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BusError> {
+    async fn process(&self, Fetched { messages, prechecked }: Fetched) -> Result<(), BusError> {
         let started = Instant::now();
         let mut last_sequence = None;
         let mut confirmations = Vec::new();
@@ -339,7 +383,7 @@ impl Consumer {
         let projections = self.projections.clone();
         let escrow = Arc::clone(&self.escrow);
         let (messages, folded) = crate::on_blocking_pool(move || {
-            let folded = fold_batch(&projections, escrow.as_ref(), &messages);
+            let folded = fold_batch(&projections, escrow.as_ref(), &messages, prechecked);
             (messages, folded)
         })
         .await;
@@ -554,13 +598,18 @@ struct Folded {
     applied: crate::projection::Applied,
 }
 
-/// Folds `messages` into `projections` as one batch ([`Projections::apply_all`]); a message
-/// without JetStream metadata is skipped.
-fn fold_batch(
-    projections: &Projections,
-    escrow: &EscrowKeyring,
-    messages: &[jetstream::Message],
-) -> Result<Vec<Folded>, ProjectionError> {
+/// A fetched batch and, when the store could make them, its prechecks.
+struct Fetched {
+    /// The messages, in stream order.
+    messages: Vec<jetstream::Message>,
+    /// Their prechecks ([`Projections::precheck`]).
+    prechecked: Option<Prechecked>,
+}
+
+/// The messages of a batch as the projections fold them, each with its index in the batch and
+/// how many messages were still waiting after it; a message without JetStream metadata is
+/// skipped.
+fn stream_messages(messages: &[jetstream::Message]) -> (Vec<(usize, u64)>, Vec<StreamMessage<'_>>) {
     let mut placed = Vec::with_capacity(messages.len());
     let mut stream_messages = Vec::with_capacity(messages.len());
     for (index, message) in messages.iter().enumerate() {
@@ -581,8 +630,24 @@ fn fold_batch(
             signature,
         });
     }
+    (placed, stream_messages)
+}
+
+/// Folds `messages` into `projections` as one batch ([`Projections::apply_prechecked`], with
+/// `prechecked` or prechecks made now).
+fn fold_batch(
+    projections: &Projections,
+    escrow: &EscrowKeyring,
+    messages: &[jetstream::Message],
+    prechecked: Option<Prechecked>,
+) -> Result<Vec<Folded>, ProjectionError> {
+    let (placed, stream_messages) = stream_messages(messages);
+    let prechecked = match prechecked {
+        Some(prechecked) => prechecked,
+        None => projections.precheck(&stream_messages)?,
+    };
     // One sled batch for them all: far fewer log writes than one per message.
-    let outcomes = projections.apply_all(&stream_messages, escrow)?;
+    let outcomes = projections.apply_prechecked(&stream_messages, prechecked, escrow)?;
     Ok(placed
         .into_iter()
         .zip(stream_messages)
