@@ -1,8 +1,8 @@
-//! The Graph-compatible API's authorisation, against a real orchestrator with a real device.
+//! The Graph-compatible API's authorisation, against a real orchestrator with a real device, and its paging links.
 
 use reqwest::StatusCode;
 
-use crate::apps::{READ_BASIC_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator};
+use crate::apps::{ADMIN_TOKEN, READ_BASIC_TOKEN, READ_TOKEN, TestAgent, TestOrchestrator, create_enrollment_token};
 use crate::harness::TestNats;
 
 #[tokio::test]
@@ -60,4 +60,48 @@ async fn scopes_decide_between_401_metadata_and_passwords() {
             .status(),
         StatusCode::NOT_FOUND
     );
+}
+
+#[tokio::test]
+async fn next_links_are_absolute_on_the_origin_the_client_addressed() {
+    // Arrange: two enrollment tokens, so that pages of one make two pages.
+    let nats = TestNats::start();
+    let orchestrator = TestOrchestrator::spawn(&nats).await;
+    for name in ["first", "second"] {
+        create_enrollment_token(&orchestrator, serde_json::json!({ "name": name })).await;
+    }
+    let path = "/v1.0/fleetlaps/enrollmentTokens?$top=1";
+
+    for origin in [
+        orchestrator.base_url.clone(),
+        orchestrator.base_url.replacen("127.0.0.1", "localhost", 1),
+    ] {
+        // Act
+        let response = orchestrator
+            .http
+            .get(format!("{origin}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the API answers");
+
+        // Assert: Graph's SDKs follow only absolute links, so the link names the origin asked.
+        assert_eq!(response.status(), StatusCode::OK);
+        let page: serde_json::Value = response.json().await.expect("json");
+        let next = page["@odata.nextLink"].as_str().expect("a second page");
+        assert!(
+            next.starts_with(&format!("{origin}/v1.0/fleetlaps/enrollmentTokens?$top=1&$skiptoken=")),
+            "{next}"
+        );
+        let second = orchestrator
+            .http
+            .get(next)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the API answers");
+        let second: serde_json::Value = second.json().await.expect("json");
+        assert_eq!(second["value"].as_array().map(Vec::len), Some(1), "{second}");
+        assert!(second.get("@odata.nextLink").is_none(), "{second}");
+    }
 }

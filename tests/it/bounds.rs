@@ -25,7 +25,9 @@ async fn all_pages(orchestrator: &TestOrchestrator, path: &str, token: &str) -> 
         let response = orchestrator.get(&link, Some(token)).await;
         assert_eq!(response.status(), StatusCode::OK, "{link}");
         let page: Value = response.json().await.expect("a JSON collection");
-        next = page["@odata.nextLink"].as_str().map(str::to_owned);
+        next = page["@odata.nextLink"]
+            .as_str()
+            .map(|link| orchestrator.next_path(link));
         pages.push(page);
     }
     pages

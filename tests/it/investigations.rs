@@ -33,7 +33,7 @@ pub(crate) async fn timeline(orchestrator: &TestOrchestrator, token: &str, devic
         let page: ODataCollection<TimelineEntry> = answer.json().await.expect("a timeline page");
         entries.extend(page.value);
         match page.next_link {
-            Some(next) => path = next,
+            Some(next) => path = orchestrator.next_path(&next),
             None => return entries,
         }
     }

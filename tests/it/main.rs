@@ -30,6 +30,7 @@ mod investigations;
 pub mod linux;
 mod linux_account;
 mod liveness;
+mod msgraph_sdk;
 mod nats_permissions;
 mod nats_security;
 mod post_authentication;

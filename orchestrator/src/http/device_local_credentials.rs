@@ -6,8 +6,8 @@
 //!   `$select=credentials` also its newest passwords (`DeviceLocalCredential.Read.All`), each
 //!   such read recorded in the history before the answer leaves.
 //!
-//! Context and next links are relative to the server (`$metadata#…`, `/v1.0/…`), not absolute as
-//! Graph's: the server does not trust the `Host` header to tell it its own name.
+//! Context URLs are relative to the server (`$metadata#…`), not absolute as Graph's; next links
+//! are absolute over TLS, on the origin the client addressed (see `odata`).
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};

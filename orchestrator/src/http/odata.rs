@@ -5,6 +5,11 @@
 //! `@odata.nextLink` whose `$skiptoken` is the last item's key, so a page starts after it
 //! whatever was added or removed meanwhile.
 //!
+//! Next links are absolute, as Graph's are, over TLS: Microsoft's Graph SDKs follow only absolute
+//! ones (msgraph-sdk's `PageIterator` refuses a relative link, and a request builder's
+//! `with_url` sends it nowhere). Their origin is the one the client addressed ([`link_base`]);
+//! over plain HTTP they stay relative to the server.
+//!
 //! Options this API does not implement (`$orderby`, `$count`, …) are refused with
 //! `Request_UnsupportedQuery` rather than ignored, so a caller never mistakes an unfiltered or
 //! unordered answer for what it asked. Parameters without a `$` are not OData's and are ignored.
@@ -12,9 +17,12 @@
 use std::fmt::Write as _;
 
 use axum::extract::{FromRequestParts, Query};
+use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::uri::Authority;
 
 use super::error::ApiError;
+use super::serve::OverTls;
 
 /// The default page size of a collection, as Graph's.
 pub(super) const DEFAULT_TOP: usize = 100;
@@ -32,6 +40,9 @@ pub(super) struct QueryOptions {
     pub(super) top: Option<String>,
     /// `$skiptoken`, decoded.
     pub(super) skip_token: Option<String>,
+    /// Where the request went, `https://<authority>`, when [`link_base`] knows it: what
+    /// [`next_link`] puts before the path. `None`: links are relative to the server.
+    pub(super) link_base: Option<String>,
 }
 
 /// A `$filter` this API can evaluate: one equality on one property.
@@ -139,7 +150,10 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryOptions {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
             .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-        let mut options = Self::default();
+        let mut options = Self {
+            link_base: link_base(parts),
+            ..Self::default()
+        };
         for (key, value) in pairs {
             let slot = match key.as_str() {
                 "$filter" => &mut options.filter,
@@ -250,7 +264,8 @@ pub(super) fn page<T>(
 }
 
 /// The link to the page of `path` after `skip_token`: the request's `$filter` and `$select`,
-/// then `parameters` (a resource's own, percent-encoded here), then `$top` and `$skiptoken`.
+/// then `parameters` (a resource's own, percent-encoded here), then `$top` and `$skiptoken`;
+/// absolute when the request's [`QueryOptions::link_base`] is known.
 pub(super) fn next_link(
     path: &str,
     options: &QueryOptions,
@@ -258,7 +273,7 @@ pub(super) fn next_link(
     page_size: usize,
     skip_token: &str,
 ) -> String {
-    let mut link = format!("{path}?");
+    let mut link = format!("{}{path}?", options.link_base.as_deref().unwrap_or_default());
     if let Some(filter) = &options.filter {
         link.push_str(&format!("$filter={}&", percent_encode(filter)));
     }
@@ -270,6 +285,32 @@ pub(super) fn next_link(
     }
     link.push_str(&format!("$top={page_size}&$skiptoken={}", percent_encode(skip_token)));
     link
+}
+
+/// The origin of a request as its client addressed it, `https://` and the request target's
+/// authority (else its `Host` header), when it came over TLS; `None` otherwise.
+///
+/// Over TLS only the client chose that authority, so a link on it leads where the client already
+/// sends its token, and the scheme is known. Over plain HTTP the server may sit behind a
+/// TLS-terminating proxy whose scheme and name it cannot know, so there, and for a request
+/// without a valid authority, links stay relative.
+fn link_base(parts: &Parts) -> Option<String> {
+    parts.extensions.get::<OverTls>()?;
+    let authority = match parts.uri.authority() {
+        Some(authority) => authority.clone(),
+        None => parts
+            .headers
+            .get(header::HOST)?
+            .to_str()
+            .ok()?
+            .parse::<Authority>()
+            .ok()?,
+    };
+    // A Host never holds user information (RFC 9110, 7.2); one that does is not repeated.
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    Some(format!("https://{authority}"))
 }
 
 /// Percent-encodes `text` for a query string: everything but RFC 3986's unreserved characters.
@@ -416,6 +457,60 @@ mod tests {
             next_link("/v1.0/x", &QueryOptions::default(), &[], 100, "7"),
             "/v1.0/x?$top=100&$skiptoken=7"
         );
+    }
+
+    #[test]
+    fn next_links_are_absolute_when_the_request_s_origin_is_known() {
+        let options = QueryOptions {
+            link_base: Some("https://laps.example.org:8443".to_owned()),
+            ..QueryOptions::default()
+        };
+        assert_eq!(
+            next_link("/v1.0/x", &options, &[], 1, "dev-1"),
+            "https://laps.example.org:8443/v1.0/x?$top=1&$skiptoken=dev-1"
+        );
+    }
+
+    #[test]
+    fn the_link_base_is_the_authority_a_client_addressed_over_tls() {
+        let parts = |uri: &str, host: Option<&str>, over_tls: bool| {
+            let mut request = axum::http::Request::builder().uri(uri);
+            if let Some(host) = host {
+                request = request.header(header::HOST, host);
+            }
+            let (mut parts, ()) = request.body(()).unwrap().into_parts();
+            if over_tls {
+                parts.extensions.insert(OverTls);
+            }
+            parts
+        };
+        assert_eq!(
+            link_base(&parts("/v1.0/devices", Some("laps.example.org:8443"), true)).as_deref(),
+            Some("https://laps.example.org:8443")
+        );
+        assert_eq!(
+            link_base(&parts("/v1.0/devices", Some("[::1]:8443"), true)).as_deref(),
+            Some("https://[::1]:8443")
+        );
+        // The request target's authority wins over Host, as RFC 9112 (3.2.2) says.
+        assert_eq!(
+            link_base(&parts("https://laps.example.org/v1.0/devices", Some("other"), true)).as_deref(),
+            Some("https://laps.example.org")
+        );
+        // Plain HTTP, no Host, or a Host that is no authority: relative links.
+        assert_eq!(
+            link_base(&parts("/v1.0/devices", Some("laps.example.org"), false)),
+            None
+        );
+        assert_eq!(link_base(&parts("/v1.0/devices", None, true)), None);
+        for host in [
+            "evil.example@laps.example.org",
+            "laps example",
+            "laps.example.org/path",
+            "",
+        ] {
+            assert_eq!(link_base(&parts("/v1.0/devices", Some(host), true)), None, "{host:?}");
+        }
     }
 
     #[test]

@@ -57,6 +57,11 @@ use crate::metrics::{ConnectionDropReason, Metrics};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// Marks a request that came over TLS, in its extensions: the API then knows its scheme, for the
+/// absolute links it answers with (`@odata.nextLink`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OverTls;
+
 /// What [`serve`] needs besides the listener and the router.
 pub struct ServeOptions {
     /// The TLS configuration; `None` serves plain HTTP (`http.plain_http = true`).
@@ -191,8 +196,12 @@ impl Connection {
         );
         let router = self.shared.router.clone();
         let peer = self.peer;
+        let over_tls = self.shared.tls.is_some();
         let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+            if over_tls {
+                request.extensions_mut().insert(OverTls);
+            }
             let in_progress = InProgress::enter(&requests);
             let router = router.clone();
             async move {
