@@ -246,33 +246,41 @@ fn msgraph_venv() -> PathBuf {
     target_dir().join("tools").join("msgraph-venv")
 }
 
-/// Makes sure Microsoft's Graph SDK for Python (`msgraph-sdk` from PyPI, pinned) is installed, for
-/// the test that reads the API with it as a Graph client would: in a virtual environment under
-/// the target directory, like [`ensure_newer_nats_server`]'s. Returns that environment's Python.
+/// Makes sure Microsoft's Graph SDK for Python (`msgraph-sdk` from PyPI) is installed, for the
+/// test that reads the API with it as a Graph client would: in a virtual environment under the
+/// target directory, like [`ensure_newer_nats_server`]'s, with every package pinned by
+/// [`MSGRAPH_REQUIREMENTS`]. Returns that environment's Python.
 pub(crate) fn ensure_msgraph_sdk() -> anyhow::Result<PathBuf> {
     let venv = msgraph_venv();
     let python = venv.join("bin").join("python");
-    // Written once pip has installed the pinned version: an environment left half-installed, or
-    // holding another pin, is installed again.
+    let requirements_path = workspace_root().join(MSGRAPH_REQUIREMENTS);
+    let requirements =
+        fs::read_to_string(&requirements_path).with_context(|| format!("reading {}", requirements_path.display()))?;
+    // A copy of the requirements, written once pip has installed them: an environment left
+    // half-installed, or installed from other pins, is installed again.
     let installed_marker = venv.join("fleetlaps-installed.txt");
     let installed = fs::read_to_string(&installed_marker).unwrap_or_default();
-    if is_executable(&python) && installed == MSGRAPH_SDK_REQUIREMENT {
+    if is_executable(&python) && installed == requirements {
         return Ok(python);
     }
     eprintln!(
-        "    no {MSGRAPH_SDK_REQUIREMENT} in {}: installing it with pip",
+        "    {} not installed in {}: installing it with pip",
+        MSGRAPH_REQUIREMENTS,
         venv.display()
     );
     ensure_venv(&venv)?;
-    run_step(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", MSGRAPH_SDK_REQUIREMENT]))?;
-    fs::write(&installed_marker, MSGRAPH_SDK_REQUIREMENT)
-        .with_context(|| format!("writing {}", installed_marker.display()))?;
+    run_step(
+        Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "--requirement"])
+            .arg(&requirements_path),
+    )?;
+    fs::write(&installed_marker, &requirements).with_context(|| format!("writing {}", installed_marker.display()))?;
     Ok(python)
 }
 
-/// The PyPI package of Microsoft's Graph SDK for Python, pinned to the release the test was
-/// written against.
-const MSGRAPH_SDK_REQUIREMENT: &str = "msgraph-sdk==1.65.0";
+/// The pinned requirements of Microsoft's Graph SDK for Python (`msgraph-sdk` and everything it
+/// pulls in, from `pip freeze`), relative to the workspace root.
+const MSGRAPH_REQUIREMENTS: &str = "tests/it/msgraph/requirements.txt";
 
 /// Makes sure `cargo fmt` and `cargo clippy` work, adding the rustup components if they don't.
 pub(crate) fn ensure_rust_components() -> anyhow::Result<()> {
