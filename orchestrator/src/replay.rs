@@ -18,7 +18,7 @@ use crate::escrow::{self, EscrowKeyring};
 use crate::projection::{ProjectionError, Projections};
 
 /// How many messages a replay folds in one sled batch, as the live consumer folds what waits.
-const REPLAY_BATCH: usize = 256;
+const REPLAY_BATCH: usize = 512;
 
 /// Waits for the fold of a batch, if one is folding: how many messages it folded.
 async fn finish(folding: Option<tokio::task::JoinHandle<Result<u64, ProjectionError>>>) -> anyhow::Result<u64> {
