@@ -185,7 +185,7 @@ const ONE_BY_ONE_BELOW: usize = 8;
 
 /// Checks each event's signature, as [`DevicePublicKey::verify`] would, but many at once: each
 /// verdict is the one [`DevicePublicKey::verify`] gives it alone (ZIP 215 makes the two agree).
-/// The events are checked in groups of up to [`BATCH`] in one equation each (ZIP 215's batch
+/// The events are checked in groups of up to 256 in one equation each (ZIP 215's batch
 /// equation, as `ed25519_zebra::batch`, over the keys' points decoded when they were parsed); a
 /// group whose equation fails is split in halves, each checked the same way, down to a few
 /// checked one by one, so one bad signature costs a few smaller equations rather than a whole
