@@ -709,6 +709,32 @@ fn find_nats_server() -> PathBuf {
 }
 
 /// A loopback port that was free a moment ago (see [`START_ATTEMPTS`] for the race).
+/// A program that `cargo xtask test` installs with pip in a virtual environment under
+/// `<target>/tools/<venv>` (`program` inside it, such as `bin/python`): the path in the
+/// environment variable `env_var` when it is set, else that one; `how` says how to install it
+/// by hand when it is missing.
+pub fn installed_tool(env_var: &str, venv: &str, program: &str, how: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var) {
+        return PathBuf::from(path);
+    }
+    let test_binary = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/it-<hash> → target/tools/…
+    let target = test_binary.ancestors().nth(3).expect("target/<profile>/deps");
+    let venv = target.join("tools").join(venv);
+    let installed = venv.join(program);
+    assert!(
+        installed.exists(),
+        "no {} at {}: run `cargo xtask test`, or `python3 -m venv {venv} && {venv}/bin/pip install {how}`, or set {env_var}",
+        installed
+            .file_name()
+            .map(|name| name.to_string_lossy())
+            .unwrap_or_default(),
+        installed.display(),
+        venv = venv.display(),
+    );
+    installed
+}
+
 pub fn free_loopback_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())

@@ -219,21 +219,12 @@ fn script_path() -> PathBuf {
 }
 
 /// A Python with msgraph-sdk: `MSGRAPH_PYTHON_FOR_TESTS`, else the one `cargo xtask test`
-/// installs (`pip install msgraph-sdk` in `<target>/tools/msgraph-venv`).
+/// installs (the pins of `msgraph/requirements.txt` in `<target>/tools/msgraph-venv`).
 fn msgraph_python() -> PathBuf {
-    if let Some(path) = std::env::var_os("MSGRAPH_PYTHON_FOR_TESTS") {
-        return PathBuf::from(path);
-    }
-    let test_binary = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/it-<hash> → target/tools/…
-    let target = test_binary.ancestors().nth(3).expect("target/<profile>/deps");
-    let installed = target.join("tools/msgraph-venv/bin/python");
-    assert!(
-        Path::new(&installed).exists(),
-        "no Python with msgraph-sdk at {}: run `cargo xtask test`, or `python3 -m venv {venv} && \
-         {venv}/bin/pip install msgraph-sdk`, or set MSGRAPH_PYTHON_FOR_TESTS",
-        installed.display(),
-        venv = target.join("tools/msgraph-venv").display()
-    );
-    installed
+    crate::harness::installed_tool(
+        "MSGRAPH_PYTHON_FOR_TESTS",
+        "msgraph-venv",
+        "bin/python",
+        "--requirement tests/it/msgraph/requirements.txt",
+    )
 }

