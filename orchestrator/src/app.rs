@@ -36,6 +36,8 @@ pub struct App {
     api_tls: Option<ServerTls>,
     /// The API's timeouts and connection caps (`[http]`).
     http_limits: HttpLimits,
+    /// `http.public_url`, checked.
+    public_url: Option<String>,
     /// The metrics listener, already bound.
     metrics_listener: TcpListener,
     /// Shared with the HTTP handlers.
@@ -64,6 +66,7 @@ impl App {
         let policy = config.policy()?;
         let escrow_recovery_public_key = config.escrow_recovery_public_key()?;
         let http_limits = config.http.limits()?;
+        let public_url = config.http.public_url()?;
         let api_tls = match config.http.transport()? {
             ApiTransport::Tls(source) => Some(tls::load(&source, &config.data_dir)?),
             ApiTransport::PlainHttp => {
@@ -194,6 +197,7 @@ impl App {
             http_listener,
             api_tls,
             http_limits,
+            public_url,
             metrics_listener,
             state,
             consumer,
@@ -259,6 +263,7 @@ impl App {
                 tls: self.api_tls.map(|api_tls| api_tls.config),
                 limits: self.http_limits,
                 metrics: self.state.metrics.clone(),
+                public_url: self.public_url,
             },
             cancel.clone(),
         );

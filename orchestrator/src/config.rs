@@ -391,6 +391,12 @@ pub struct HttpConfig {
     /// is never a default: only for a TLS-terminating proxy on the same host, or tests.
     #[serde(default)]
     pub plain_http: bool,
+    /// The API's origin as its clients reach it (`https://host[:port]`), when that is not what
+    /// they address here: behind a TLS-terminating proxy. Absolute links (`@odata.nextLink`) are
+    /// made on it; without it they are made on the origin a client addressed over TLS, and are
+    /// relative over plain HTTP. See [`Self::public_url`].
+    #[serde(default)]
+    pub public_url: Option<String>,
     /// Seconds a client has, from its first byte, to send a whole request head (and, over TLS,
     /// from connecting to finish the handshake); a client sending its headers byte by byte is cut
     /// off then. See [`HttpLimits`].
@@ -521,6 +527,7 @@ impl Default for HttpConfig {
             tls: None,
             rotate_min_interval_secs: default_rotate_min_interval_secs(),
             plain_http: false,
+            public_url: None,
             header_read_timeout_secs: default_header_read_timeout_secs(),
             idle_timeout_secs: default_idle_timeout_secs(),
             request_timeout_secs: default_request_timeout_secs(),
@@ -581,6 +588,32 @@ impl HttpConfig {
             }
         }
         Ok(ApiTransport::Tls(source))
+    }
+
+    /// `public_url`, checked: an `http://` or `https://` origin (a host and maybe a port, no
+    /// path, query or user), without a trailing slash.
+    pub fn public_url(&self) -> anyhow::Result<Option<String>> {
+        let Some(text) = &self.public_url else {
+            return Ok(None);
+        };
+        let invalid = |why: &str| {
+            anyhow::anyhow!(
+                "invalid config: http.public_url = {text:?}: {why}; allowed: the origin clients reach the API at, \
+                 https://host or https://host:port (http:// only where clients really use plain HTTP)"
+            )
+        };
+        let uri: axum::http::Uri = text.parse().map_err(|_| invalid("not a URL"))?;
+        if !matches!(uri.scheme_str(), Some("https" | "http")) {
+            return Err(invalid("the scheme is not https or http"));
+        }
+        let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("it names a user"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(invalid("it has a path or a query (the API's paths start at /v1.0)"));
+        }
+        Ok(Some(format!("{}://{authority}", uri.scheme_str().unwrap_or("https"))))
     }
 
     /// The connection and timeout limits; fails, naming the setting and its allowed range, when
@@ -823,6 +856,7 @@ impl Config {
         self.detectors.validate()?;
         self.http.transport()?;
         self.http.limits()?;
+        self.http.public_url()?;
         self.nats_credentials()?;
         if !(self.nats.url.starts_with("nats://") || self.nats.url.starts_with("tls://")) {
             anyhow::bail!(
@@ -843,6 +877,38 @@ mod tests {
         Config::from_toml(&format!(
             "data_dir = \"/tmp/x\"\n[nats]\nurl = \"nats://127.0.0.1:4222\"\nnkey_seed_file = \"/x/nk\"\n{extra}"
         ))
+    }
+
+    #[test]
+    fn the_public_url_is_an_origin_and_anything_else_is_refused_naming_it() {
+        let public_url = |value: &str| {
+            config_with(&format!("[http]\nplain_http = true\npublic_url = {value:?}\n"))
+                .map(|config| config.http.public_url().expect("validated"))
+        };
+        assert_eq!(
+            public_url("https://laps.example.org").expect("valid").as_deref(),
+            Some("https://laps.example.org")
+        );
+        assert_eq!(
+            public_url("https://laps.example.org:8443/").expect("valid").as_deref(),
+            Some("https://laps.example.org:8443")
+        );
+        for refused in [
+            "laps.example.org",
+            "ftp://laps.example.org",
+            "https://laps.example.org/v1.0",
+            "https://laps.example.org/?a=b",
+            "https://user@laps.example.org",
+            "https://",
+        ] {
+            let err = public_url(refused).expect_err(refused).to_string();
+            assert!(
+                err.contains("http.public_url") && err.contains("allowed"),
+                "{refused}: {err}"
+            );
+        }
+        let unset = config_with("[http]\nplain_http = true\n").expect("valid");
+        assert_eq!(unset.http.public_url().expect("valid"), None);
     }
 
     #[test]

@@ -105,3 +105,29 @@ async fn next_links_are_absolute_on_the_origin_the_client_addressed() {
         assert!(second.get("@odata.nextLink").is_none(), "{second}");
     }
 }
+
+#[tokio::test]
+async fn next_links_start_at_the_public_url_when_one_is_configured() {
+    // Arrange: behind a proxy, clients reach the API at another origin than this listener's.
+    let nats = TestNats::start();
+    let orchestrator =
+        TestOrchestrator::spawn_with_http_config(&nats, "public_url = \"https://laps.example.org:8443/\"").await;
+    for name in ["first", "second"] {
+        create_enrollment_token(&orchestrator, serde_json::json!({ "name": name })).await;
+    }
+
+    // Act
+    let page: serde_json::Value = orchestrator
+        .get("/v1.0/fleetlaps/enrollmentTokens?$top=1", Some(ADMIN_TOKEN))
+        .await
+        .json()
+        .await
+        .expect("json");
+
+    // Assert: the link is on the public origin, not on the address this request used.
+    let next = page["@odata.nextLink"].as_str().expect("a second page");
+    assert!(
+        next.starts_with("https://laps.example.org:8443/v1.0/fleetlaps/enrollmentTokens?$top=1&$skiptoken="),
+        "{next}"
+    );
+}

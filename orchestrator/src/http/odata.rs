@@ -7,8 +7,8 @@
 //!
 //! Next links are absolute, as Graph's are, over TLS: Microsoft's Graph SDKs follow only absolute
 //! ones (msgraph-sdk's `PageIterator` refuses a relative link, and a request builder's
-//! `with_url` sends it nowhere). Their origin is the one the client addressed ([`link_base`]);
-//! over plain HTTP they stay relative to the server.
+//! `with_url` sends it nowhere). Their origin is `http.public_url` when set, else the one the
+//! client addressed ([`link_base`]); over plain HTTP without it they stay relative.
 //!
 //! Options this API does not implement (`$orderby`, `$count`, …) are refused with
 //! `Request_UnsupportedQuery` rather than ignored, so a caller never mistakes an unfiltered or
@@ -22,7 +22,7 @@ use axum::http::request::Parts;
 use axum::http::uri::Authority;
 
 use super::error::ApiError;
-use super::serve::OverTls;
+use super::serve::LinkOrigin;
 
 /// The default page size of a collection, as Graph's.
 pub(super) const DEFAULT_TOP: usize = 100;
@@ -287,30 +287,35 @@ pub(super) fn next_link(
     link
 }
 
-/// The origin of a request as its client addressed it, `https://` and the request target's
-/// authority (else its `Host` header), when it came over TLS; `None` otherwise.
+/// Where a request's absolute links start ([`LinkOrigin`]): `http.public_url` when it is set;
+/// else, over TLS, `https://` and the request target's authority (else its `Host` header);
+/// `None` otherwise.
 ///
 /// Over TLS only the client chose that authority, so a link on it leads where the client already
 /// sends its token, and the scheme is known. Over plain HTTP the server may sit behind a
-/// TLS-terminating proxy whose scheme and name it cannot know, so there, and for a request
-/// without a valid authority, links stay relative.
+/// TLS-terminating proxy whose scheme and name it cannot know (`http.public_url` names them), so
+/// there, and for a request without a valid authority, links stay relative.
 fn link_base(parts: &Parts) -> Option<String> {
-    parts.extensions.get::<OverTls>()?;
-    let authority = match parts.uri.authority() {
-        Some(authority) => authority.clone(),
-        None => parts
-            .headers
-            .get(header::HOST)?
-            .to_str()
-            .ok()?
-            .parse::<Authority>()
-            .ok()?,
-    };
-    // A Host never holds user information (RFC 9110, 7.2); one that does is not repeated.
-    if authority.as_str().contains('@') {
-        return None;
+    match parts.extensions.get::<LinkOrigin>()? {
+        LinkOrigin::Configured(public_url) => Some(public_url.to_string()),
+        LinkOrigin::Addressed => {
+            let authority = match parts.uri.authority() {
+                Some(authority) => authority.clone(),
+                None => parts
+                    .headers
+                    .get(header::HOST)?
+                    .to_str()
+                    .ok()?
+                    .parse::<Authority>()
+                    .ok()?,
+            };
+            // A Host never holds user information (RFC 9110, 7.2); one that does is not repeated.
+            if authority.as_str().contains('@') {
+                return None;
+            }
+            Some(format!("https://{authority}"))
+        }
     }
-    Some(format!("https://{authority}"))
 }
 
 /// Percent-encodes `text` for a query string: everything but RFC 3986's unreserved characters.
@@ -472,18 +477,27 @@ mod tests {
     }
 
     #[test]
-    fn the_link_base_is_the_authority_a_client_addressed_over_tls() {
-        let parts = |uri: &str, host: Option<&str>, over_tls: bool| {
+    fn the_link_base_is_the_public_url_else_the_authority_a_client_addressed_over_tls() {
+        let with_origin = |uri: &str, host: Option<&str>, origin: Option<LinkOrigin>| {
             let mut request = axum::http::Request::builder().uri(uri);
             if let Some(host) = host {
                 request = request.header(header::HOST, host);
             }
             let (mut parts, ()) = request.body(()).unwrap().into_parts();
-            if over_tls {
-                parts.extensions.insert(OverTls);
+            if let Some(origin) = origin {
+                parts.extensions.insert(origin);
             }
             parts
         };
+        let parts = |uri: &str, host: Option<&str>, over_tls: bool| {
+            with_origin(uri, host, over_tls.then_some(LinkOrigin::Addressed))
+        };
+        // `http.public_url`, whatever the client addressed (a proxy forwards to this server).
+        let configured = LinkOrigin::Configured("https://laps.example.org".into());
+        assert_eq!(
+            link_base(&with_origin("/v1.0/devices", Some("127.0.0.1:8080"), Some(configured))).as_deref(),
+            Some("https://laps.example.org")
+        );
         assert_eq!(
             link_base(&parts("/v1.0/devices", Some("laps.example.org:8443"), true)).as_deref(),
             Some("https://laps.example.org:8443")

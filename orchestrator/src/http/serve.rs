@@ -57,10 +57,16 @@ use crate::metrics::{ConnectionDropReason, Metrics};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// Marks a request that came over TLS, in its extensions: the API then knows its scheme, for the
-/// absolute links it answers with (`@odata.nextLink`).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct OverTls;
+/// Where the absolute links the API answers with (`@odata.nextLink`) start, in each request's
+/// extensions: the configured `http.public_url`, else, over TLS, the origin the client addressed
+/// (plain HTTP carries none: links stay relative).
+#[derive(Debug, Clone)]
+pub(super) enum LinkOrigin {
+    /// `http.public_url`.
+    Configured(Arc<str>),
+    /// `https://` and the authority the request addressed.
+    Addressed,
+}
 
 /// What [`serve`] needs besides the listener and the router.
 pub struct ServeOptions {
@@ -70,17 +76,30 @@ pub struct ServeOptions {
     pub limits: HttpLimits,
     /// Where refused and timed-out connections are counted.
     pub metrics: Metrics,
+    /// `http.public_url`, checked ([`crate::config::HttpConfig::public_url`]).
+    pub public_url: Option<String>,
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then stops accepting and waits
 /// for the open connections to finish their requests in progress.
 pub async fn serve(listener: TcpListener, router: Router, options: ServeOptions, shutdown: CancellationToken) {
-    let ServeOptions { tls, limits, metrics } = options;
+    let ServeOptions {
+        tls,
+        limits,
+        metrics,
+        public_url,
+    } = options;
+    let link_origin = match (public_url, &tls) {
+        (Some(public_url), _) => Some(LinkOrigin::Configured(public_url.into())),
+        (None, Some(_)) => Some(LinkOrigin::Addressed),
+        (None, None) => None,
+    };
     let shared = Arc::new(Shared {
         router,
         tls: tls.map(TlsAcceptor::from),
         limits,
         metrics,
+        link_origin,
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let per_address = PerAddress::new(limits.max_connections_per_address);
@@ -144,6 +163,8 @@ struct Shared {
     limits: HttpLimits,
     /// Where dropped connections are counted.
     metrics: Metrics,
+    /// Where absolute links start, given to every request.
+    link_origin: Option<LinkOrigin>,
 }
 
 /// One accepted connection, holding its slots until it ends.
@@ -196,11 +217,11 @@ impl Connection {
         );
         let router = self.shared.router.clone();
         let peer = self.peer;
-        let over_tls = self.shared.tls.is_some();
+        let link_origin = self.shared.link_origin.clone();
         let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-            if over_tls {
-                request.extensions_mut().insert(OverTls);
+            if let Some(link_origin) = &link_origin {
+                request.extensions_mut().insert(link_origin.clone());
             }
             let in_progress = InProgress::enter(&requests);
             let router = router.clone();
@@ -531,6 +552,7 @@ mod tests {
             tls,
             limits,
             metrics: Metrics::new(),
+            public_url: None,
         };
         tokio::spawn(serve(listener, router, options, shutdown.clone()));
         (addr, shutdown)
