@@ -603,9 +603,9 @@ impl HttpConfig {
             )
         };
         let uri: axum::http::Uri = text.parse().map_err(|_| invalid("not a URL"))?;
-        if !matches!(uri.scheme_str(), Some("https" | "http")) {
+        let Some(scheme @ ("https" | "http")) = uri.scheme_str() else {
             return Err(invalid("the scheme is not https or http"));
-        }
+        };
         let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("it names a user"));
@@ -613,7 +613,7 @@ impl HttpConfig {
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
             return Err(invalid("it has a path or a query (the API's paths start at /v1.0)"));
         }
-        Ok(Some(format!("{}://{authority}", uri.scheme_str().unwrap_or("https"))))
+        Ok(Some(format!("{scheme}://{authority}")))
     }
 
     /// The connection and timeout limits; fails, naming the setting and its allowed range, when

