@@ -12,22 +12,66 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 
-use crate::bus::{self, History};
+use tokio::sync::mpsc;
+
+use crate::bus::{self, BusError, History, HistoryMessage, HistoryReader};
 use crate::config::Config;
 use crate::escrow::{self, EscrowKeyring};
-use crate::projection::{ProjectionError, Projections};
+use crate::projection::{Prechecked, ProjectionError, Projections};
 
 /// How many messages a replay folds in one sled batch, as the live consumer folds what waits.
 const REPLAY_BATCH: usize = 512;
 
-/// Waits for the fold of a batch, if one is folding: how many messages it folded.
-async fn finish(folding: Option<tokio::task::JoinHandle<Result<u64, ProjectionError>>>) -> anyhow::Result<u64> {
-    let Some(folding) = folding else {
-        return Ok(0);
-    };
-    match folding.await {
-        Ok(folded) => Ok(folded?),
-        Err(err) => std::panic::resume_unwind(err.into_panic()),
+/// Messages read, in order, and the precheck of each.
+type PrecheckedBatch = (Vec<HistoryMessage>, Result<Prechecked, ProjectionError>);
+
+/// Reads the history in batches of [`REPLAY_BATCH`], up to the last message stored at or before
+/// `until` when given, into `batches`; stops early when nobody takes them any more.
+async fn read_batches(
+    mut reader: HistoryReader,
+    until: Option<DateTime<Utc>>,
+    batches: mpsc::Sender<Vec<HistoryMessage>>,
+) -> Result<(), BusError> {
+    let mut batch = Vec::with_capacity(REPLAY_BATCH);
+    loop {
+        let next = reader.next().await?;
+        let ended = match &next {
+            None => true,
+            Some(message) => until.is_some_and(|until| message.published > until),
+        };
+        if !ended {
+            batch.extend(next);
+        }
+        if batch.len() == REPLAY_BATCH || (ended && !batch.is_empty()) {
+            let read = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
+            if batches.send(read).await.is_err() {
+                return Ok(());
+            }
+        }
+        if ended {
+            return Ok(());
+        }
+    }
+}
+
+/// Prechecks each batch from `batches` on the blocking pool ([`Projections::precheck`]) into
+/// `prechecked`, in order.
+async fn precheck_batches(
+    projections: Projections,
+    mut batches: mpsc::Receiver<Vec<HistoryMessage>>,
+    prechecked: mpsc::Sender<PrecheckedBatch>,
+) {
+    while let Some(read) = batches.recv().await {
+        let prechecking = projections.clone();
+        let checked = crate::on_blocking_pool(move || {
+            let stream_messages: Vec<_> = read.iter().map(HistoryMessage::as_stream_message).collect();
+            let checked = prechecking.precheck(&stream_messages);
+            (read, checked)
+        })
+        .await;
+        if prechecked.send(checked).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -73,51 +117,42 @@ pub async fn replay(
         .with_quarantine_max_entries(config.quarantine.max_entries);
     let (jetstream, _) = bus::connect(config).await?;
     let history = History::open(&jetstream).await?;
-    let mut reader = history.reader().await?;
+    let reader = history.reader().await?;
     let total = reader.total();
     let keyring = Arc::new(keyring);
+    // Three stages at once, each a batch ahead of the next: reading, prechecking (both cores),
+    // folding (one thread, on the blocking pool).
+    let (read_tx, read_rx) = mpsc::channel(1);
+    let (prechecked_tx, mut prechecked_rx) = mpsc::channel(1);
+    let reading = tokio::spawn(read_batches(reader, until, read_tx));
+    let prechecking = tokio::spawn(precheck_batches(projections.clone(), read_rx, prechecked_tx));
     let (mut messages, mut last_sequence) = (0, 0);
-    // The batch folding now (on the blocking pool), while the next is read and prechecked.
-    let mut folding: Option<tokio::task::JoinHandle<Result<u64, ProjectionError>>> = None;
-    let mut batch = Vec::with_capacity(REPLAY_BATCH);
-    loop {
-        let next = reader.next().await?;
-        let ended = match &next {
-            None => true,
-            Some(message) => until.is_some_and(|until| message.published > until),
-        };
-        if !ended {
-            batch.extend(next);
-        }
-        if batch.len() == REPLAY_BATCH || (ended && !batch.is_empty()) {
-            let read = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
-            last_sequence = read.last().map_or(last_sequence, |message| message.sequence);
-            let prechecking = projections.clone();
-            let (read, prechecked) = crate::on_blocking_pool(move || {
-                let stream_messages: Vec<_> = read.iter().map(bus::HistoryMessage::as_stream_message).collect();
-                let prechecked = prechecking.precheck(&stream_messages);
-                (read, prechecked)
-            })
-            .await;
-            messages += finish(folding.take()).await?;
-            progress(messages, total);
-            let (folder, keyring) = (projections.clone(), Arc::clone(&keyring));
-            folding = Some(tokio::task::spawn_blocking(move || {
-                let stream_messages: Vec<_> = read.iter().map(bus::HistoryMessage::as_stream_message).collect();
-                folder.apply_prechecked(&stream_messages, prechecked?, keyring.as_ref())?;
-                Ok(read.len() as u64)
-            }));
-        }
-        if ended {
-            break;
-        }
+    while let Some((read, prechecked)) = prechecked_rx.recv().await {
+        last_sequence = read.last().map_or(last_sequence, |message| message.sequence);
+        let (folder, keyring) = (projections.clone(), Arc::clone(&keyring));
+        messages += crate::on_blocking_pool(move || {
+            let stream_messages: Vec<_> = read.iter().map(HistoryMessage::as_stream_message).collect();
+            folder.apply_prechecked(&stream_messages, prechecked?, keyring.as_ref())?;
+            Ok::<_, ProjectionError>(read.len() as u64)
+        })
+        .await?;
+        progress(messages, total);
     }
-    messages += finish(folding.take()).await?;
-    progress(messages, total);
+    // The fold took every batch the reader sent: a read that failed ended it early.
+    joined(reading).await?;
+    joined(prechecking).await;
     projections.flush().await?;
     Ok(ReplayReport {
         messages,
         last_sequence,
         digest: projections.digest()?,
     })
+}
+
+/// What a task of the pipeline returned; its panic goes on.
+async fn joined<T>(task: tokio::task::JoinHandle<T>) -> T {
+    match task.await {
+        Ok(done) => done,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    }
 }

@@ -2,20 +2,28 @@
 //! later messages of the same fold read them back, and are then written as one sled batch, one
 //! log write instead of one per message.
 //!
+//! A fold holds many events of each device, so records are staged as they are, decoded
+//! ([`Staged::insert_record`]), and encoded once, when the batch is made; a record read from
+//! the tree is decoded once per fold. A later message reads a clone, never the JSON.
+//!
 //! [`Records`] is how the projections are read, by the API from the tree itself and by the fold
 //! from [`Staged`]: the same typed reads either way.
 //!
 //! Invariant: a message's writes are kept whole or not at all ([`Staged::keep`],
 //! [`Staged::discard`]): a message refused half-way leaves only what its refusal writes.
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::iter::Peekable;
+use std::rc::Rc;
 
 use fleetlaps_proto::audit::TokenId;
 use fleetlaps_proto::breach::BreachId;
 use fleetlaps_proto::event::Envelope;
 use fleetlaps_proto::ids::{DeviceId, EventId};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::IVec;
 
@@ -40,7 +48,7 @@ pub(super) trait Records {
     fn raw_prefix<'a>(&'a self, prefix: &'a [u8]) -> Box<dyn Iterator<Item = Entry> + 'a>;
 
     /// The record under `key`, decoded.
-    fn record<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
+    fn record<T: DeserializeOwned + Clone + 'static>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
         self.raw(key)?.map(|value| decode(key, &value)).transpose()
     }
 
@@ -165,15 +173,53 @@ impl Records for sled::Tree {
     }
 }
 
+/// A record staged as it is, encoded only when the batch is made.
+trait StagedRecord {
+    /// Its bytes, as the tree keeps them.
+    fn encode(&self) -> Vec<u8>;
+    /// Itself, to be read back as its own type.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Serialize + 'static> StagedRecord for T {
+    fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// What a fold wrote under a key.
+#[derive(Clone)]
+enum Staging {
+    /// Bytes, as given.
+    Bytes(IVec),
+    /// A record, encoded when the batch is made (or when its bytes are read).
+    Record(Rc<dyn StagedRecord>),
+}
+
+impl Staging {
+    fn bytes(&self) -> IVec {
+        match self {
+            Self::Bytes(bytes) => bytes.clone(),
+            Self::Record(record) => IVec::from(record.encode()),
+        }
+    }
+}
+
 /// The writes of a fold not yet in the tree, read before the tree's own records.
 pub(super) struct Staged<'t> {
     /// The records as they were before the fold.
     tree: &'t sled::Tree,
     /// Every key the fold wrote: its new value, or `None` where it removed the record.
-    writes: BTreeMap<IVec, Option<IVec>>,
+    writes: BTreeMap<IVec, Option<Staging>>,
     /// What the current message's writes replaced, oldest first, to put back if it is refused:
     /// the key and its staged entry before (`None` when the fold had not written it).
-    undo: Vec<(IVec, Option<Option<IVec>>)>,
+    undo: Vec<(IVec, Option<Option<Staging>>)>,
+    /// Records read from the tree, decoded (the tree does not change during a fold).
+    decoded: RefCell<HashMap<IVec, Rc<dyn Any>>>,
 }
 
 impl<'t> Staged<'t> {
@@ -183,12 +229,22 @@ impl<'t> Staged<'t> {
             tree,
             writes: BTreeMap::new(),
             undo: Vec::new(),
+            decoded: RefCell::new(HashMap::new()),
         }
     }
 
     /// Stages `value` under `key`.
     pub(super) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.stage(IVec::from(key.as_ref()), Some(IVec::from(value.as_ref())));
+        self.stage(
+            IVec::from(key.as_ref()),
+            Some(Staging::Bytes(IVec::from(value.as_ref()))),
+        );
+    }
+
+    /// Stages `record` under `key`, as it is: later messages of the fold read it back without
+    /// decoding it, and it is encoded once, in the batch.
+    pub(super) fn insert_record<T: Serialize + 'static>(&mut self, key: impl AsRef<[u8]>, record: T) {
+        self.stage(IVec::from(key.as_ref()), Some(Staging::Record(Rc::new(record))));
     }
 
     /// Records that the device event `envelope` was applied by the message at stream `sequence`:
@@ -210,7 +266,7 @@ impl<'t> Staged<'t> {
         self.stage(IVec::from(key.as_ref()), None);
     }
 
-    fn stage(&mut self, key: IVec, value: Option<IVec>) {
+    fn stage(&mut self, key: IVec, value: Option<Staging>) {
         let before = self.writes.insert(key.clone(), value);
         self.undo.push((key, before));
     }
@@ -246,7 +302,7 @@ impl<'t> Staged<'t> {
         let mut batch = sled::Batch::default();
         for (key, value) in self.writes {
             match value {
-                Some(value) => batch.insert(key, value),
+                Some(value) => batch.insert(key, value.bytes()),
                 None => batch.remove(key),
             }
         }
@@ -257,9 +313,39 @@ impl<'t> Staged<'t> {
 impl Records for Staged<'_> {
     fn raw(&self, key: &[u8]) -> Result<Option<IVec>, sled::Error> {
         match self.writes.get(key) {
-            Some(staged) => Ok(staged.clone()),
+            Some(staged) => Ok(staged.as_ref().map(Staging::bytes)),
             None => self.tree.get(key),
         }
+    }
+
+    fn record<T: DeserializeOwned + Clone + 'static>(&self, key: &[u8]) -> Result<Option<T>, ProjectionError> {
+        match self.writes.get(key) {
+            None => {}
+            Some(None) => return Ok(None),
+            Some(Some(Staging::Record(record))) => {
+                if let Some(record) = record.as_any().downcast_ref::<T>() {
+                    return Ok(Some(record.clone()));
+                }
+                return decode(key, &record.encode()).map(Some);
+            }
+            Some(Some(Staging::Bytes(bytes))) => return decode(key, bytes).map(Some),
+        }
+        if let Some(record) = self
+            .decoded
+            .borrow()
+            .get(key)
+            .and_then(|record| record.downcast_ref::<T>())
+        {
+            return Ok(Some(record.clone()));
+        }
+        let Some(bytes) = self.tree.get(key)? else {
+            return Ok(None);
+        };
+        let record: T = decode(key, &bytes)?;
+        self.decoded
+            .borrow_mut()
+            .insert(IVec::from(key), Rc::new(record.clone()));
+        Ok(Some(record))
     }
 
     fn raw_prefix<'a>(&'a self, prefix: &'a [u8]) -> Box<dyn Iterator<Item = Entry> + 'a> {
@@ -275,14 +361,14 @@ impl Records for Staged<'_> {
 }
 
 /// The tree's entries under a prefix with the staged writes laid over them, in key order.
-struct Merged<'a, S: Iterator<Item = (&'a IVec, &'a Option<IVec>)>> {
+struct Merged<'a, S: Iterator<Item = (&'a IVec, &'a Option<Staging>)>> {
     /// The tree's entries.
     tree: Peekable<sled::Iter>,
     /// The staged writes under the same prefix.
     staged: Peekable<S>,
 }
 
-impl<'a, S: Iterator<Item = (&'a IVec, &'a Option<IVec>)>> Iterator for Merged<'a, S> {
+impl<'a, S: Iterator<Item = (&'a IVec, &'a Option<Staging>)>> Iterator for Merged<'a, S> {
     type Item = Entry;
 
     fn next(&mut self) -> Option<Entry> {
@@ -302,7 +388,7 @@ impl<'a, S: Iterator<Item = (&'a IVec, &'a Option<IVec>)>> Iterator for Merged<'
             }
             let (key, value) = self.staged.next()?;
             if let Some(value) = value {
-                return Some(Ok((key.clone(), value.clone())));
+                return Some(Ok((key.clone(), value.bytes())));
             }
             // A staged removal: the record is gone; look further.
         }
@@ -315,6 +401,11 @@ pub(super) fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T,
         key: String::from_utf8_lossy(key).into_owned(),
         source,
     })
+}
+
+/// A record's bytes, as the tree keeps them.
+pub(super) fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("projection records serialise: string keys only")
 }
 
 /// A big-endian `u64` (shorter values are padded on the right, as before).
@@ -388,6 +479,64 @@ mod tests {
             [("p/1", "a"), ("p/2", "b"), ("p/3", "C")].map(|(k, v)| (k.to_owned(), v.to_owned()))
         );
         assert_eq!(entries(&tree, b"q/").len(), 1);
+    }
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Counter {
+        count: u64,
+    }
+
+    #[test]
+    fn a_staged_record_is_read_back_as_it_is_and_encoded_once_in_the_batch() {
+        let (_dir, tree) = tree();
+        tree.insert("r/1", encode(&Counter { count: 1 })).expect("insert");
+        let mut staged = Staged::new(&tree);
+        let read: Counter = staged.record(b"r/1").expect("read").expect("stored");
+        assert_eq!(read, Counter { count: 1 });
+        staged.insert_record("r/1", Counter { count: 2 });
+        staged.keep();
+        assert_eq!(
+            staged.record::<Counter>(b"r/1").expect("read"),
+            Some(Counter { count: 2 })
+        );
+        assert_eq!(
+            staged.raw(b"r/1").expect("read").as_deref(),
+            Some(encode(&Counter { count: 2 }).as_slice()),
+            "its bytes are what the batch will write"
+        );
+        assert_eq!(
+            entries(&staged, b"r/"),
+            [("r/1".to_owned(), r#"{"count":2}"#.to_owned())],
+            "a scan sees it encoded"
+        );
+
+        // A refused message's record goes; the one kept before it, and the tree's, stay.
+        staged.insert_record("r/1", Counter { count: 3 });
+        staged.insert_record("r/2", Counter { count: 1 });
+        staged.discard();
+        assert_eq!(
+            staged.record::<Counter>(b"r/1").expect("read"),
+            Some(Counter { count: 2 })
+        );
+        assert_eq!(staged.record::<Counter>(b"r/2").expect("read"), None);
+        staged.remove("r/1");
+        staged.keep();
+        assert_eq!(
+            staged.record::<Counter>(b"r/1").expect("read"),
+            None,
+            "a removal hides the decoded tree record"
+        );
+
+        tree.apply_batch(staged.into_batch()).expect("batch applies");
+        assert_eq!(tree.get("r/1").expect("read"), None);
+        let mut staged = Staged::new(&tree);
+        staged.insert_record("r/3", Counter { count: 7 });
+        staged.keep();
+        tree.apply_batch(staged.into_batch()).expect("batch applies");
+        assert_eq!(
+            tree.get("r/3").expect("read").as_deref(),
+            Some(encode(&Counter { count: 7 }).as_slice())
+        );
     }
 
     #[test]

@@ -30,7 +30,6 @@ use fleetlaps_proto::command::BackupConfirmation;
 use fleetlaps_proto::event::{Envelope, Event, EventKind, RotationReason};
 use fleetlaps_proto::ids::{DeviceId, DeviceName};
 use fleetlaps_proto::seal::{EscrowPublicKey, EscrowSecretKey, SealedBox};
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::campaigns::{CampaignRecord, CampaignTarget};
@@ -42,7 +41,7 @@ use super::principals::{EnrolledKeyRecord, TokenKind, TokenRecord};
 use super::quarantine::{self, QuarantineReason, QuarantineRecord};
 
 use super::keys::{self, LAST_SEQUENCE as LAST_SEQUENCE_KEY};
-use super::staged::{Records, Staged, decode, decode_u64};
+use super::staged::{Records, Staged, decode, decode_u64, encode};
 use super::verify::{Precheck, Refusal, SignerKeys, Verified};
 
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
@@ -366,7 +365,7 @@ impl Projections {
                     && let Some(mut device) = staged.device(&confirmation.device_id)?
                 {
                     device.latest_backup = Some(confirmation.clone());
-                    staged.insert(keys::device(&confirmation.device_id), encode(&device));
+                    staged.insert_record(keys::device(&confirmation.device_id), device);
                     refused_device = Some(confirmation.device_id.clone());
                 }
                 Applied {
@@ -791,7 +790,7 @@ impl Projections {
                 let credential = CredentialRecord::backed_up(body, envelope.time, message.sequence);
                 let credential_key = keys::credential(&device_id, message.sequence);
                 staged.insert(keys::rotation(&device_id, &body.rotation_id), credential_key.as_slice());
-                staged.insert(credential_key, encode(&credential));
+                staged.insert_record(credential_key, credential);
             }
             Event::PasswordRotated(body) => {
                 let Some(credential_key) = staged.raw(&keys::rotation(&device_id, &body.rotation_id))? else {
@@ -809,11 +808,12 @@ impl Projections {
                             source: serde::de::Error::custom("rotation index points to no credential"),
                         })?;
                 credential.applied(envelope.time);
-                staged.insert(credential_key, encode(&credential));
+                let reason = credential.reason;
+                staged.insert_record(credential_key, credential);
                 let (campaign_delays, completes_a_campaign) =
                     count_campaign_rotations(staged, &device_id, envelope.time)?;
                 rotation = Some(ConfirmedRotation {
-                    reason: credential.reason,
+                    reason,
                     campaign_delays,
                     completes_a_campaign,
                 });
@@ -832,7 +832,7 @@ impl Projections {
             staged.insert(keys::clone_report(&device_id), encode(detected));
         }
         staged.device_event_applied(envelope, message.sequence);
-        staged.insert(keys::device(&device_id), encode(&device));
+        staged.insert_record(keys::device(&device_id), device);
         Ok(Ok(Applied {
             outcome: Outcome::Applied(envelope.event.kind()),
             confirmation,
@@ -952,10 +952,10 @@ impl Projections {
                     let last_rotated = staged.device(device_id)?.and_then(|device| device.last_rotated);
                     let target = CampaignTarget::targeted(device_id.clone(), campaign.declared_at, last_rotated);
                     campaign.target_added(target.rotated_at.is_some());
-                    staged.insert(key, encode(&target));
+                    staged.insert_record(key, target);
                     staged.insert(keys::device_campaign(device_id, &body.breach_id), []);
                 }
-                staged.insert(keys::campaign(&body.breach_id), encode(&campaign));
+                staged.insert_record(keys::campaign(&body.breach_id), campaign);
             }
             AuditEvent::BreachWaveCommanded(body) => {
                 let Some(mut campaign) = staged.campaign(&body.breach_id)? else {
@@ -976,7 +976,7 @@ impl Projections {
                         );
                     }
                 }
-                staged.insert(keys::campaign(&body.breach_id), encode(&campaign));
+                staged.insert_record(keys::campaign(&body.breach_id), campaign);
             }
             AuditEvent::BreachEnded(body) => {
                 let Some(mut campaign) = staged.campaign(&body.breach_id)? else {
@@ -986,7 +986,7 @@ impl Projections {
                     );
                 };
                 campaign.ended(&body.outcome, envelope.time);
-                staged.insert(keys::campaign(&body.breach_id), encode(&campaign));
+                staged.insert_record(keys::campaign(&body.breach_id), campaign);
             }
             AuditEvent::DeviceEnrolled(body) => {
                 let key = match EnrolledKeyRecord::enrolled(body, envelope.time) {
@@ -1001,7 +1001,7 @@ impl Projections {
                 };
                 token.count_use();
                 insert_token(staged, &token);
-                staged.insert(keys::enrolled_key(&body.device_id), encode(&key));
+                staged.insert_record(keys::enrolled_key(&body.device_id), key);
                 let device_key = keys::device(&body.device_id);
                 let existing = staged.record::<DeviceRecord>(&device_key)?;
                 let fresh = existing.is_none();
@@ -1013,7 +1013,7 @@ impl Projections {
                 }
                 if fresh || !body.tags.is_empty() {
                     device.tags_set(&body.tags);
-                    staged.insert(device_key, encode(&device));
+                    staged.insert_record(device_key, device);
                 }
             }
             AuditEvent::DeviceTagsSet(body) => {
@@ -1024,7 +1024,7 @@ impl Projections {
                     );
                 };
                 device.tags_set(&body.tags);
-                staged.insert(keys::device(&body.device_id), encode(&device));
+                staged.insert_record(keys::device(&body.device_id), device);
             }
         }
         staged.insert(keys::event(&envelope.id), message.sequence.to_be_bytes());
@@ -1093,8 +1093,8 @@ fn count_campaign_rotations(
             campaign.target_rotated();
             completed |= campaign.all_rotated();
             delays.push(at - campaign.declared_at);
-            staged.insert(keys::campaign_target(&breach_id, device_id), encode(&target));
-            staged.insert(keys::campaign(&breach_id), encode(&campaign));
+            staged.insert_record(keys::campaign_target(&breach_id, device_id), target);
+            staged.insert_record(keys::campaign(&breach_id), campaign);
         }
     }
     Ok((delays, completed))
@@ -1146,10 +1146,6 @@ fn insert_token(staged: &mut Staged<'_>, record: &TokenRecord) {
         keys::token_digest(&record.token_sha256),
         record.token_id.to_string().as_bytes(),
     );
-}
-
-fn encode<T: Serialize>(record: &T) -> Vec<u8> {
-    serde_json::to_vec(record).expect("projection records serialise: string keys only")
 }
 
 #[cfg(test)]
