@@ -136,6 +136,7 @@ impl App {
                 health: Arc::clone(&health),
                 detectors: detector_feed,
                 campaign_wake: Arc::clone(&campaign_wake),
+                signatures_verified_every: config.history.signatures_verified_every,
             },
         )
         .await?;

@@ -64,6 +64,9 @@ pub struct Config {
     /// Breach campaigns: how fast their waves command devices.
     #[serde(default)]
     pub campaigns: CampaignsConfig,
+    /// The history: how often the orchestrator attests the signatures it verified.
+    #[serde(default)]
+    pub history: HistoryConfig,
     /// The detectors: breach signals the orchestrator raises itself from what the fleet reports.
     #[serde(default)]
     pub detectors: DetectorsConfig,
@@ -321,6 +324,33 @@ const WAVE_DEVICES_PER_SECOND: std::ops::RangeInclusive<u32> = 1..=100_000;
 
 fn default_wave_devices_per_second() -> u32 {
     500
+}
+
+/// `[history]`: what the orchestrator records of its own work on the history.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Messages folded between two `signatures_verified` attestations (100 to 1,000,000): a
+    /// replay takes the orchestrator's word for the signatures of the messages attested
+    /// instead of checking each again ([`crate::attestation`]); the ones folded since the last
+    /// attestation it checks itself.
+    #[serde(default = "default_signatures_verified_every")]
+    pub signatures_verified_every: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            signatures_verified_every: default_signatures_verified_every(),
+        }
+    }
+}
+
+/// The allowed `history.signatures_verified_every`.
+const SIGNATURES_VERIFIED_EVERY: std::ops::RangeInclusive<u64> = 100..=1_000_000;
+
+fn default_signatures_verified_every() -> u64 {
+    10_000
 }
 
 /// `[quarantine]`: how many refused messages the projections keep.
@@ -837,6 +867,14 @@ impl Config {
                 range.end()
             );
         }
+        if !SIGNATURES_VERIFIED_EVERY.contains(&self.history.signatures_verified_every) {
+            anyhow::bail!(
+                "invalid config: history.signatures_verified_every = {}: allowed {} to {}",
+                self.history.signatures_verified_every,
+                SIGNATURES_VERIFIED_EVERY.start(),
+                SIGNATURES_VERIFIED_EVERY.end()
+            );
+        }
         if !WAVE_DEVICES_PER_SECOND.contains(&self.campaigns.wave_devices_per_second) {
             anyhow::bail!(
                 "invalid config: campaigns.wave_devices_per_second = {}: allowed {} to {}",
@@ -1202,6 +1240,26 @@ mod tests {
             assert!(
                 err.to_string()
                     .contains(&format!("quarantine.max_entries = {bad}: allowed 1 to 1000000")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn attestations_default_to_every_ten_thousand_messages_and_are_refused_out_of_range() {
+        let plain = "[http]\nplain_http = true\n";
+        assert_eq!(
+            config_with(plain).expect("valid").history.signatures_verified_every,
+            10_000
+        );
+        let often = config_with(&format!("{plain}[history]\nsignatures_verified_every = 100\n")).expect("valid");
+        assert_eq!(often.history.signatures_verified_every, 100);
+        for bad in ["99", "1000001"] {
+            let err = config_with(&format!("{plain}[history]\nsignatures_verified_every = {bad}\n")).expect_err(bad);
+            assert!(
+                err.to_string().contains(&format!(
+                    "history.signatures_verified_every = {bad}: allowed 100 to 1000000"
+                )),
                 "{err}"
             );
         }

@@ -474,7 +474,8 @@ fn describe_orchestrator_event(event: &AuditEvent, device_id: &DeviceId) -> Desc
         | AuditEvent::EnrollmentTokenRevoked(_)
         | AuditEvent::EscrowKeyCreated(_)
         | AuditEvent::OrchestratorKeyCreated(_)
-        | AuditEvent::BreachDeclared(_) => {
+        | AuditEvent::BreachDeclared(_)
+        | AuditEvent::SignaturesVerified(_) => {
             Described::by_orchestrator(event.kind().as_str().replace('_', " "), json!({}))
         }
     }

@@ -28,6 +28,7 @@
 //! - [`client`]: the API client behind `lapsctl`.
 
 pub mod app;
+pub mod attestation;
 pub mod auth;
 pub mod bus;
 pub mod campaigns;

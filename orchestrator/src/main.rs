@@ -56,6 +56,10 @@ enum Command {
         /// Replay only the messages stored at or before this instant (RFC 3339).
         #[arg(long, value_name = "TIME")]
         until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Check every signature, taking none of the orchestrator's attestations of the
+        /// signatures it verified (`signatures_verified`): slower, trusting only the keys.
+        #[arg(long)]
+        verify_every_signature: bool,
     },
     /// Print the nats-server configuration: JetStream, and a user with its permissions for the
     /// orchestrator and for each device.
@@ -196,21 +200,34 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Replay { config, out, until } => {
+        Command::Replay {
+            config,
+            out,
+            until,
+            verify_every_signature,
+        } => {
             let config = Config::load(&config)?;
             telemetry::init(&config.log);
             let bar = indicatif::ProgressBar::new(0).with_message("replaying the history");
-            let report = fleetlaps_orchestrator::replay::replay(&config, &out, until, |read, total| {
-                bar.set_length(total);
-                bar.set_position(read);
-            })
-            .await?;
+            let report =
+                fleetlaps_orchestrator::replay::replay(&config, &out, until, verify_every_signature, |read, total| {
+                    bar.set_length(total);
+                    bar.set_position(read);
+                })
+                .await?;
             bar.finish_and_clear();
+            if let Some(broken) = &report.restarted {
+                println!("replayed again checking every signature: {broken}");
+            }
             println!(
                 "replayed {} message(s), up to stream sequence {}, into {}",
                 report.messages,
                 report.last_sequence,
                 out.display()
+            );
+            println!(
+                "signatures taken from the orchestrator's attestations: {} of {} message(s)",
+                report.attested, report.messages
             );
             println!("digest {}", report.digest);
             Ok(())

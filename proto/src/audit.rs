@@ -77,6 +77,9 @@ pub enum AuditEvent {
     BreachEnded(BreachEnded),
     /// A detector saw what it watches for; the evidence is named ([`crate::breach`]).
     BreachDetected(BreachDetected),
+    /// The orchestrator verified the signatures of a run of the history's messages: a replay
+    /// may take its word for them rather than check each again.
+    SignaturesVerified(SignaturesVerified),
 }
 
 /// The kind of an orchestrator event, without its body.
@@ -116,6 +119,8 @@ pub enum AuditKind {
     BreachEnded,
     /// See [`AuditEvent::BreachDetected`].
     BreachDetected,
+    /// See [`AuditEvent::SignaturesVerified`].
+    SignaturesVerified,
 }
 
 /// Body of [`AuditEvent::PasswordRead`].
@@ -365,6 +370,31 @@ pub struct OrchestratorKeyCreated {
     pub public_key: String,
 }
 
+/// Body of [`AuditEvent::SignaturesVerified`]: the orchestrator's word that every message of
+/// the events stream from `from_sequence` through `through_sequence` whose digest is
+/// `messages_sha256` was signed by its signer's key as the fold found it, except those in
+/// `not_verified` (refused, for one reason or another). A replay of the same messages takes
+/// that word, once it has found this event signed by the orchestrator key and the digest
+/// equal, instead of checking each signature again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignaturesVerified {
+    /// The first stream sequence it covers.
+    pub from_sequence: u64,
+    /// The last stream sequence it covers; always before this event's own.
+    pub through_sequence: u64,
+    /// SHA-256 (lowercase hex) of the covered messages, each as its sequence, subject,
+    /// signature header and payload (`fleetlaps_orchestrator::attestation::MessagesDigest`).
+    pub messages_sha256: String,
+    /// The covered messages whose signature is not vouched for (they were refused), ascending:
+    /// at most [`SignaturesVerified::MAX_NOT_VERIFIED`].
+    pub not_verified: Vec<u64>,
+}
+
+impl SignaturesVerified {
+    /// The most messages one attestation leaves out: past it, a run is attested early.
+    pub const MAX_NOT_VERIFIED: usize = 1_000;
+}
+
 /// Why bytes are not a valid orchestrator event.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditDecodeError {
@@ -426,13 +456,14 @@ impl AuditEvent {
             Self::BreachWaveCommanded(_) => AuditKind::BreachWaveCommanded,
             Self::BreachEnded(_) => AuditKind::BreachEnded,
             Self::BreachDetected(_) => AuditKind::BreachDetected,
+            Self::SignaturesVerified(_) => AuditKind::SignaturesVerified,
         }
     }
 }
 
 impl AuditKind {
     /// Every kind.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::PasswordRead,
         Self::TokenCreated,
         Self::TokenRevoked,
@@ -450,6 +481,7 @@ impl AuditKind {
         Self::BreachWaveCommanded,
         Self::BreachEnded,
         Self::BreachDetected,
+        Self::SignaturesVerified,
     ];
 
     /// The kind's name on the wire and in subjects.
@@ -472,6 +504,7 @@ impl AuditKind {
             Self::BreachWaveCommanded => "breach_wave_commanded",
             Self::BreachEnded => "breach_ended",
             Self::BreachDetected => "breach_detected",
+            Self::SignaturesVerified => "signatures_verified",
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull, stream};
-use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind};
+use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, AuditKind, SignaturesVerified};
 use fleetlaps_proto::command::{BackupOutcome, CurrentPasswordVersion};
 use fleetlaps_proto::event::EventKind;
 use fleetlaps_proto::ids::DeviceId;
@@ -24,6 +24,7 @@ use fleetlaps_proto::signature::OrchestratorSigningKey;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::attestation::Window;
 use crate::detectors::{DetectorBatch, DetectorFeed, Observation};
 use crate::escrow::EscrowKeyring;
 use crate::health::Health;
@@ -108,6 +109,11 @@ pub struct Consumer {
     /// Wakes the campaign runner when a rotation was the last a running campaign waited for, so
     /// its end is recorded without waiting for the runner's next round.
     campaign_wake: Arc<tokio::sync::Notify>,
+    /// Messages folded between two attestations (`history.signatures_verified_every`).
+    signatures_verified_every: u64,
+    /// The run folded since the last attestation; taken by the batch folding, put back once it
+    /// is durable (a batch that fails leaves a new run).
+    window: std::sync::Mutex<Window>,
 }
 
 /// What the consumer needs besides the stream: where to fold, what to count, which keys.
@@ -128,6 +134,8 @@ pub struct ConsumerParts {
     pub detectors: Option<DetectorFeed>,
     /// The campaign runner's wake-up, notified when a rotation completes a running campaign.
     pub campaign_wake: Arc<tokio::sync::Notify>,
+    /// Messages folded between two attestations (`history.signatures_verified_every`).
+    pub signatures_verified_every: u64,
 }
 
 /// The durable consumer `name` on `stream`, delivering from the message after `last_applied`:
@@ -213,6 +221,7 @@ impl Consumer {
             health,
             detectors,
             campaign_wake,
+            signatures_verified_every,
         } = parts;
         let last_applied = projections.last_applied_sequence()?;
         let consumer = open_at(stream, name, last_applied).await?;
@@ -232,6 +241,8 @@ impl Consumer {
             health,
             detectors,
             campaign_wake,
+            signatures_verified_every,
+            window: std::sync::Mutex::default(),
         })
     }
 
@@ -382,9 +393,10 @@ impl Consumer {
         // are not kept waiting behind a batch.
         let projections = self.projections.clone();
         let escrow = Arc::clone(&self.escrow);
-        let (messages, folded) = crate::on_blocking_pool(move || {
-            let folded = fold_batch(&projections, escrow.as_ref(), &messages, prechecked);
-            (messages, folded)
+        let mut window = std::mem::take(&mut *self.window());
+        let (messages, folded, window) = crate::on_blocking_pool(move || {
+            let folded = fold_batch(&projections, escrow.as_ref(), &messages, prechecked, &mut window);
+            (messages, folded, window)
         })
         .await;
         let folded = folded?;
@@ -430,6 +442,7 @@ impl Consumer {
             last_sequence = Some(sequence);
         }
         self.projections.flush().await?;
+        *self.window() = window;
         let durable_at = chrono::Utc::now();
         // Counted once durable: a batch that fails is folded again and must not count twice.
         for rotation in &rotations {
@@ -482,6 +495,10 @@ impl Consumer {
         if caught_up {
             self.report_clones().await?;
         }
+        let due = self.window().take_due(self.signatures_verified_every);
+        for attestation in due {
+            self.attest(attestation).await;
+        }
         if let Some(detectors) = &self.detectors {
             detectors
                 .send(DetectorBatch {
@@ -513,6 +530,30 @@ impl Consumer {
             }
         }
         Ok(())
+    }
+
+    /// The run folded since the last attestation.
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records on the history that the signatures of a run of messages were verified
+    /// ([`crate::attestation`]). The `Nats-Msg-Id` names the run, so one sent twice is stored
+    /// once; one that fails to be recorded leaves its run for a replay to check itself.
+    async fn attest(&self, attestation: SignaturesVerified) {
+        let message_id = format!(
+            "signatures-verified-{}-{}",
+            attestation.from_sequence, attestation.through_sequence
+        );
+        let envelope = AuditEnvelope::new(chrono::Utc::now(), AuditEvent::SignaturesVerified(attestation));
+        let (subject, message) = super::journal::signed_audit_message(&self.signing_key, &envelope, message_id);
+        let sent = match self.jetstream.send_publish(subject, message).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
+            Err(err) => Err(err.into()),
+        };
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "recording an attestation of verified signatures failed; a replay checks those messages itself");
+        }
     }
 
     /// Publishes the centre's view of each device in `device_ids` for it to compare with its own.
@@ -640,6 +681,7 @@ fn fold_batch(
     escrow: &EscrowKeyring,
     messages: &[jetstream::Message],
     prechecked: Option<Prechecked>,
+    window: &mut Window,
 ) -> Result<Vec<Folded>, ProjectionError> {
     let (placed, stream_messages) = stream_messages(messages);
     let prechecked = match prechecked {
@@ -648,6 +690,11 @@ fn fold_batch(
     };
     // One sled batch for them all: far fewer log writes than one per message.
     let outcomes = projections.apply_prechecked(&stream_messages, prechecked, escrow)?;
+    for (message, applied) in stream_messages.iter().zip(&outcomes) {
+        if applied.outcome != Outcome::AlreadySeen {
+            window.add(message, matches!(applied.outcome, Outcome::Quarantined(_)));
+        }
+    }
     Ok(placed
         .into_iter()
         .zip(stream_messages)

@@ -63,6 +63,39 @@ impl History {
         last_audit_event(&self.stream, kind).await
     }
 
+    /// The attestations of verified signatures (`laps.audit.signatures_verified`) stored at or
+    /// before `until` when given, with their stream sequences, as stored: not verified (a
+    /// replay checks them, [`crate::attestation`]); and the stream's last sequence when they
+    /// were read, past which none is.
+    pub async fn attestations(&self, until: Option<DateTime<Utc>>) -> Result<(Vec<(u64, Vec<u8>)>, u64), BusError> {
+        let stream_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Stream { source };
+        let end = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|err| stream_error(err.into()))?
+            .state
+            .last_sequence;
+        let filter = subject::audit_event(AuditKind::SignaturesVerified);
+        let mut found = Vec::new();
+        let mut next = 1;
+        // A message get at a time, as a device's events are read: each answer is a message or
+        // "none", never a wait.
+        while next <= end {
+            let message = match self.stream.get_first_raw_message_by_subject(&filter, next).await {
+                Ok(message) => message,
+                Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
+                Err(err) => return Err(stream_error(err.into())),
+            };
+            if message.sequence > end || until.is_some_and(|until| message.time > until) {
+                break;
+            }
+            next = message.sequence + 1;
+            found.push((message.sequence, message.payload.to_vec()));
+        }
+        Ok((found, end))
+    }
+
     /// Starts reading every message from the first.
     pub async fn reader(&self) -> Result<HistoryReader, BusError> {
         HistoryReader::open(&self.stream).await

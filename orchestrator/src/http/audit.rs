@@ -155,7 +155,8 @@ fn principal_of(event: &AuditEvent) -> Option<&str> {
         | AuditEvent::OrchestratorKeyCreated(_)
         | AuditEvent::BreachTargeted(_)
         | AuditEvent::BreachWaveCommanded(_)
-        | AuditEvent::BreachDetected(_) => None,
+        | AuditEvent::BreachDetected(_)
+        | AuditEvent::SignaturesVerified(_) => None,
     }
 }
 
@@ -179,7 +180,8 @@ fn device_of(event: &AuditEvent) -> Option<&str> {
         | AuditEvent::BreachTargeted(_)
         | AuditEvent::BreachWaveCommanded(_)
         | AuditEvent::BreachEnded(_)
-        | AuditEvent::BreachDetected(_) => None,
+        | AuditEvent::BreachDetected(_)
+        | AuditEvent::SignaturesVerified(_) => None,
     }
 }
 

@@ -43,6 +43,7 @@ use super::quarantine::{self, QuarantineReason, QuarantineRecord};
 use super::keys::{self, LAST_SEQUENCE as LAST_SEQUENCE_KEY};
 use super::staged::{Records, Staged, decode, decode_u64, encode};
 use super::verify::{Precheck, Refusal, SignerKeys, Verified};
+use crate::attestation::Attestations;
 
 /// The layout of the keys in [`super::keys`]. Raised when a change of keys or records needs a
 /// rebuild: 2 keeps API and enrollment tokens as one record under `t/`; 3 indexes the
@@ -279,8 +280,23 @@ impl Projections {
     /// holds only for the key it was checked against, so one that an earlier batch made stale
     /// (a device enrolled again) is checked again in the fold.
     pub fn precheck(&self, messages: &[StreamMessage<'_>]) -> Result<Prechecked, ProjectionError> {
+        self.precheck_attested(messages, &Attestations::default())
+    }
+
+    /// [`Self::precheck`] for a replay: the signatures `attestations` vouch for are not checked
+    /// (the replay makes sure of the attestations themselves, [`crate::attestation`]).
+    pub fn precheck_attested(
+        &self,
+        messages: &[StreamMessage<'_>],
+        attestations: &Attestations,
+    ) -> Result<Prechecked, ProjectionError> {
         let after = self.last_applied_sequence()?;
-        Ok(Prechecked(self.signer_keys.precheck_all(&self.tree, messages, after)))
+        Ok(Prechecked(self.signer_keys.precheck_all(
+            &self.tree,
+            messages,
+            after,
+            attestations,
+        )))
     }
 
     /// [`Self::apply_all`] with the prechecks of `messages` worked out before
@@ -929,8 +945,8 @@ impl Projections {
                 }
             }
             // A detection changes nothing but the audit history; the breach it declared, if any,
-            // has its own events.
-            AuditEvent::BreachDetected(_) => {}
+            // has its own events. An attestation neither: a replay reads it from the stream.
+            AuditEvent::BreachDetected(_) | AuditEvent::SignaturesVerified(_) => {}
             AuditEvent::BreachDeclared(body) => {
                 staged.insert(
                     keys::campaign(&body.breach_id),
@@ -1135,7 +1151,8 @@ pub(super) fn devices_concerned(event: &AuditEvent) -> Vec<&DeviceId> {
         | AuditEvent::EnrollmentTokenRevoked(_)
         | AuditEvent::EscrowKeyCreated(_)
         | AuditEvent::OrchestratorKeyCreated(_)
-        | AuditEvent::BreachDeclared(_) => Vec::new(),
+        | AuditEvent::BreachDeclared(_)
+        | AuditEvent::SignaturesVerified(_) => Vec::new(),
     }
 }
 

@@ -27,6 +27,7 @@ use super::principals::EnrolledKeyRecord;
 use super::quarantine::QuarantineReason;
 use super::staged::{Records as _, Staged};
 use super::store::{ProjectionError, Projections, SealCheck, StreamMessage};
+use crate::attestation::Attestations;
 
 /// A message that passed every check.
 #[derive(Debug)]
@@ -99,6 +100,7 @@ impl Projections {
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         let enrolled = staged.enrolled_key(subject_device)?;
         let checked = precheck.signature.as_ref();
+        let attested = precheck.attested;
         let envelope = match precheck.decoded.into_device(message.payload) {
             Ok(envelope) => envelope,
             Err(err) => {
@@ -107,7 +109,7 @@ impl Projections {
                 // schema, a wrong code): the device must hear that it was refused.
                 let confirmation = (subject_kind == EventKind::PasswordBackedUp
                     && self
-                        .signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked)
+                        .signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked, attested)
                         .is_ok())
                 .then(|| lenient_event_id(message.payload))
                 .flatten()
@@ -136,7 +138,8 @@ impl Projections {
             )
                 .into()));
         };
-        if let Err(detail) = self.signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked) {
+        if let Err(detail) = self.signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked, attested)
+        {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         let answer = |rotation_id: Option<RotationId>, outcome: BackupOutcome| BackupConfirmation {
@@ -200,7 +203,7 @@ impl Projections {
         message: StreamMessage<'_>,
         precheck: Precheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
-        let checked = precheck.signature.as_ref();
+        let (checked, attested) = (precheck.signature.as_ref(), precheck.attested);
         let envelope = match precheck.decoded.into_orchestrator(message.payload) {
             Ok(envelope) => envelope,
             Err(AuditDecodeError::Malformed(json)) => {
@@ -219,7 +222,7 @@ impl Projections {
         }
         // Only the orchestrator writes here: anyone else who can publish on `laps.audit.>` would
         // otherwise plant tokens or devices.
-        if let Err(detail) = signed_by_orchestrator(&self.signer_keys, staged, &envelope, message, checked)? {
+        if let Err(detail) = signed_by_orchestrator(&self.signer_keys, staged, &envelope, message, checked, attested)? {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         if staged.event_applied(&envelope.id)? {
@@ -230,17 +233,21 @@ impl Projections {
 
     /// Whether `message` is signed, on exactly its subject, by `enrolled`, the key `device_id`
     /// enrolled with: `Err(why)` when it is not. `checked` is the batch's prepass, used when it
-    /// checked against that same key.
+    /// checked against that same key; an `attested` signature is not checked again.
     fn signed_by_enrolled_key(
         &self,
         enrolled: Option<&EnrolledKeyRecord>,
         device_id: &DeviceId,
         message: StreamMessage<'_>,
         checked: Option<&CheckedSignature>,
+        attested: bool,
     ) -> Result<(), String> {
         let Some(enrolled) = enrolled else {
             return Err(format!("device {device_id} never enrolled"));
         };
+        if attested {
+            return Ok(());
+        }
         if let Some(checked) = checked.filter(|checked| checked.key == enrolled.public_key) {
             return checked.verdict.clone();
         }
@@ -274,19 +281,23 @@ fn backup_opens(
 /// Whether `message` (an orchestrator event, `envelope`) is signed, on exactly its subject, by
 /// the recorded orchestrator key; before any key is recorded, only an
 /// `orchestrator_key_created` signed by the key it names is (trust on first use).
-/// `Ok(Err(why))` when it is not.
+/// `Ok(Err(why))` when it is not; an `attested` signature is not checked again.
 fn signed_by_orchestrator(
     keys: &SignerKeys,
     staged: &Staged<'_>,
     envelope: &AuditEnvelope,
     message: StreamMessage<'_>,
     checked: Option<&CheckedSignature>,
+    attested: bool,
 ) -> Result<Result<(), String>, ProjectionError> {
     let public_key = match (staged.orchestrator_key()?, &envelope.event) {
         (Some(recorded), _) => recorded.public_key,
         (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
         (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
     };
+    if attested {
+        return Ok(Ok(()));
+    }
     if let Some(checked) = checked.filter(|checked| checked.key == public_key) {
         return Ok(checked.verdict.clone());
     }
@@ -316,6 +327,9 @@ pub(super) struct Precheck {
     decoded: Decoded,
     /// Its signature, checked against its signer's key as it stood before.
     signature: Option<CheckedSignature>,
+    /// Its signature is attested by the orchestrator ([`crate::attestation`]): a replay takes
+    /// that word for it, whatever key the fold finds.
+    attested: bool,
 }
 
 impl Precheck {
@@ -325,6 +339,7 @@ impl Precheck {
             sequence,
             decoded: Decoded::Nothing,
             signature: None,
+            attested: false,
         }
     }
 }
@@ -499,7 +514,13 @@ impl SignerKeys {
     /// spread over the machine's cores: its envelope decoded, and its signature checked when
     /// `tree` holds its signer's key (a device event against its device's enrolled key, an
     /// orchestrator event against the recorded orchestrator key). One entry per message.
-    pub(super) fn precheck_all(&self, tree: &sled::Tree, messages: &[StreamMessage<'_>], after: u64) -> Vec<Precheck> {
+    pub(super) fn precheck_all(
+        &self,
+        tree: &sled::Tree,
+        messages: &[StreamMessage<'_>],
+        after: u64,
+        attestations: &Attestations,
+    ) -> Vec<Precheck> {
         // A batch holds many events of each device: each enrolled key is read once.
         let mut enrolled_keys: HashMap<DeviceId, Option<String>> = HashMap::new();
         let mut orchestrator_key: Option<Option<String>> = None;
@@ -508,6 +529,9 @@ impl SignerKeys {
             .map(|message| {
                 if message.sequence <= after {
                     return Work::Skip;
+                }
+                if attestations.attested(message.sequence) {
+                    return Work::Attested;
                 }
                 if subject::parse_audit_event(message.subject).is_some() {
                     let recorded = orchestrator_key
@@ -525,7 +549,7 @@ impl SignerKeys {
                 Work::Check(enrolled.map(|key| (key, Signer::Device(device_id))))
             })
             .collect();
-        let count = work.iter().filter(|work| matches!(work, Work::Check(_))).count();
+        let count = work.iter().filter(|work| !matches!(work, Work::Skip)).count();
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         if threads < 2 || count < Self::PARALLEL_FROM {
             return self.precheck_batch(messages, work);
@@ -555,18 +579,21 @@ impl SignerKeys {
             .zip(&work)
             .map(|(message, work)| match work {
                 Work::Skip => Decoded::Nothing,
-                Work::Check(_) => Decoded::of(message),
+                Work::Attested | Work::Check(_) => Decoded::of(message),
             })
             .collect();
+        let attested: Vec<bool> = work.iter().map(|work| matches!(work, Work::Attested)).collect();
         let signatures = self.check_batch(messages, work.into_iter().map(Work::into_key).collect());
         messages
             .iter()
             .zip(decoded)
             .zip(signatures)
-            .map(|((message, decoded), signature)| Precheck {
+            .zip(attested)
+            .map(|(((message, decoded), signature), attested)| Precheck {
                 sequence: message.sequence,
                 decoded,
                 signature,
+                attested,
             })
             .collect()
     }
@@ -576,6 +603,8 @@ impl SignerKeys {
 enum Work {
     /// Nothing: folded before.
     Skip,
+    /// Decode it; its signature is attested.
+    Attested,
     /// Decode it, and check its signature against this key when its signer has one.
     Check(Option<(String, Signer)>),
 }
@@ -584,7 +613,7 @@ impl Work {
     /// The key to check the signature against, if any.
     fn into_key(self) -> Option<(String, Signer)> {
         match self {
-            Self::Skip => None,
+            Self::Skip | Self::Attested => None,
             Self::Check(key) => key,
         }
     }
