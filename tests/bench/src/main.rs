@@ -364,9 +364,10 @@ async fn benchmarks(bench: &Bench<'_>) -> anyhow::Result<(Vec<report::Row>, Vec<
     Ok((rows, notes))
 }
 
-/// The replay benchmark: enrolls devices for its events, stops the orchestrator (for good: it
-/// would fold the events otherwise), tops the stream up, reads it with an ordered consumer, then
-/// runs `fleetlaps-orchestrator replay` on it.
+/// The replay benchmark: enrolls devices for its events, stops the orchestrator, tops the
+/// stream up, lets the orchestrator fold it all (attesting the signatures it verifies, as a live
+/// one does) and stops it for good, reads the stream with an ordered consumer, then runs
+/// `fleetlaps-orchestrator replay` on it, taking the attestations, then checking every signature.
 async fn replay(
     bench: &Bench<'_>,
     running: &mut Option<ChildGuard>,
@@ -394,15 +395,23 @@ async fn replay(
     .await
     .context("topping the events stream up")?;
     progress.finish();
+    eprintln!("bench: the orchestrator folds the {last} messages");
+    ensure_started(running, bench).await?;
+    wait_caught_up(orchestrator, http, reader).await?;
+    if let Some(mut child) = running.take() {
+        child.stop().context("stopping the orchestrator before replaying")?;
+    }
     let progress = bar("baseline: ordered consumer");
     let (baseline_messages, baseline) = replay::ordered_read(reader, &progress)
         .await
         .context("baseline: reading the stream in order")?;
     progress.finish();
-    eprintln!("bench: replaying {last} messages with fleetlaps-orchestrator replay");
-    let replayed = replay::replay(orchestrator, bench.work)?;
+    eprintln!("bench: replaying the stream with fleetlaps-orchestrator replay");
+    let replayed = replay::replay(orchestrator, bench.work, &[])?;
+    eprintln!("bench: replaying the stream with fleetlaps-orchestrator replay --verify-every-signature");
+    let checked = replay::replay(orchestrator, bench.work, &["--verify-every-signature"])?;
     let (stream_bytes, _) = footprint::stream_state(reader).await?;
-    Ok(replay::rows(&replayed, baseline_messages, baseline, stream_bytes))
+    Ok(replay::rows(&replayed, &checked, baseline_messages, baseline, stream_bytes))
 }
 
 /// Devices the replay's events are spread over.
@@ -498,14 +507,16 @@ async fn ingest(
 }
 
 /// Waits until the running orchestrator has folded everything on the stream (the enrollments
-/// and the baseline's events), so the ingest starts from the enrolled state.
+/// and the baseline's events), so the ingest starts from the enrolled state; gives up after a
+/// minute without progress.
 pub(crate) async fn wait_caught_up(
     orchestrator: &Orchestrator,
     http: &reqwest::Client,
     reader: &async_nats::jetstream::Context,
 ) -> anyhow::Result<()> {
     let last = ingest::last_sequence(reader).await?;
-    for _ in 0..3_000 {
+    let (mut before, mut still) = (0.0, 0);
+    while still < 3_000 {
         let folded = orchestrator
             .metric(http, ingest::metric_names::PROJECTION_LAST_SEQUENCE)
             .await?
@@ -513,7 +524,9 @@ pub(crate) async fn wait_caught_up(
         if folded as u64 >= last {
             return Ok(());
         }
+        still = if folded > before { 0 } else { still + 1 };
+        before = folded;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    anyhow::bail!("the orchestrator did not fold the stream's sequence {last} within a minute")
+    anyhow::bail!("the orchestrator stopped short of the stream's sequence {last}: no progress for a minute")
 }
