@@ -411,7 +411,13 @@ async fn replay(
     eprintln!("bench: replaying the stream with fleetlaps-orchestrator replay --verify-every-signature");
     let checked = replay::replay(orchestrator, bench.work, &["--verify-every-signature"])?;
     let (stream_bytes, _) = footprint::stream_state(reader).await?;
-    Ok(replay::rows(&replayed, &checked, baseline_messages, baseline, stream_bytes))
+    Ok(replay::rows(
+        &replayed,
+        &checked,
+        baseline_messages,
+        baseline,
+        stream_bytes,
+    ))
 }
 
 /// Devices the replay's events are spread over.

@@ -104,7 +104,12 @@ pub(crate) fn replay(orchestrator: &Orchestrator, work: &std::path::Path, args: 
         .find_map(|line| line.strip_prefix("signatures taken from the orchestrator's attestations: "))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|count| count.parse().ok())
-        .with_context(|| format!("fleetlaps-orchestrator replay printed no attested count: {}", stdout.trim()))?;
+        .with_context(|| {
+            format!(
+                "fleetlaps-orchestrator replay printed no attested count: {}",
+                stdout.trim()
+            )
+        })?;
     let storage = Storage::read(&out)?;
     let _ = std::fs::remove_dir_all(&out);
     Ok(Replayed {
