@@ -234,6 +234,12 @@ impl InstanceId {
             .map(Self)
             .map_err(|_| IdError::new("instance id", value, "a UUID"))
     }
+
+    /// The id as `Display` writes it (hyphenated, lower case), written into `buffer` without
+    /// the formatting machinery: for storage keys built once per event.
+    pub fn encode<'b>(&self, buffer: &'b mut [u8; 36]) -> &'b str {
+        self.0.hyphenated().encode_lower(buffer)
+    }
 }
 
 impl Default for InstanceId {
