@@ -5,13 +5,11 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use chrono::Utc;
 use fleetlaps_orchestrator::attestation::MessagesDigest;
 use fleetlaps_orchestrator::bus::History;
 use fleetlaps_orchestrator::config::Config;
 use fleetlaps_orchestrator::projection::{Projections, TokenKind};
-use fleetlaps_proto::api::SIGNATURE_HEADER;
 use fleetlaps_proto::audit::{AuditEnvelope, AuditEvent, SignaturesVerified};
 use fleetlaps_proto::event::{Envelope, Event, PolicyApplied};
 use fleetlaps_proto::ids::DeviceName;
@@ -22,6 +20,7 @@ use serde_json::json;
 
 use crate::apps::{ADMIN_TOKEN, TestAgent, TestOrchestrator, publish_noise, run};
 use crate::harness::TestNats;
+use crate::signed_history::publish;
 
 #[tokio::test]
 async fn a_replay_of_ten_thousand_events_has_the_live_digest_and_until_gives_the_state_at_that_instant() {
@@ -204,22 +203,7 @@ async fn attested_forgery(
     let mut agent = TestAgent::spawn(nats, orchestrator).await;
     orchestrator.wait_for_passwords(&agent.device_id, 1).await;
     agent.stop().await;
-    let client = nats.client().await;
-    let jetstream = async_nats::jetstream::new(client);
-    let publish = |subject: String, payload: Vec<u8>, signature: String| {
-        let jetstream = jetstream.clone();
-        async move {
-            let mut headers = HeaderMap::new();
-            headers.insert(SIGNATURE_HEADER, signature.as_str());
-            jetstream
-                .publish_with_headers(subject, headers, payload.into())
-                .await
-                .expect("published")
-                .await
-                .expect("stored")
-                .sequence
-        }
-    };
+    let jetstream = async_nats::jetstream::new(nats.client().await);
     let forged = Envelope::new(
         agent.device_id.clone(),
         1_000,
@@ -233,7 +217,7 @@ async fn attested_forgery(
     let forged_subject = subject::device_event(&agent.device_id, forged.event.kind());
     let forged_payload = forged.to_json();
     let forged_signature = DeviceSigningKey::generate().sign(&forged_subject, &forged_payload);
-    let through = publish(forged_subject, forged_payload, forged_signature).await;
+    let through = publish(nats, forged_subject, forged_payload, Some(forged_signature)).await;
     let mut digest = MessagesDigest::default();
     if true_digest {
         let mut reader = History::open(&jetstream)
@@ -268,7 +252,13 @@ async fn attested_forgery(
     let attestation_subject = subject::audit_event(attestation.event.kind());
     let attestation_payload = attestation.to_json();
     let attestation_signature = key.sign(&attestation_subject, &attestation_payload);
-    publish(attestation_subject, attestation_payload, attestation_signature).await;
+    publish(
+        nats,
+        attestation_subject,
+        attestation_payload,
+        Some(attestation_signature),
+    )
+    .await;
     orchestrator.wait_until_folded(nats).await;
     orchestrator.stop().await;
     live_digest(orchestrator)

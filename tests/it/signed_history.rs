@@ -19,8 +19,9 @@ use crate::enrollment::quarantine_reasons;
 use crate::harness::{TestNats, wait_until};
 
 /// Publishes `payload` on `subject` as any client of the test NATS could, with a
-/// `Fleetlaps-Signature` header when `signature` is given, and waits for JetStream's ack.
-async fn publish(nats: &TestNats, subject: String, payload: Vec<u8>, signature: Option<String>) {
+/// `Fleetlaps-Signature` header when `signature` is given, and waits for JetStream's ack: the
+/// message's stream sequence.
+pub(crate) async fn publish(nats: &TestNats, subject: String, payload: Vec<u8>, signature: Option<String>) -> u64 {
     let jetstream = async_nats::jetstream::new(nats.client().await);
     let mut headers = HeaderMap::new();
     if let Some(signature) = signature {
@@ -31,7 +32,8 @@ async fn publish(nats: &TestNats, subject: String, payload: Vec<u8>, signature: 
         .await
         .expect("published")
         .await
-        .expect("stored");
+        .expect("stored")
+        .sequence
 }
 
 /// A forged orchestrator event: its subject and payload.

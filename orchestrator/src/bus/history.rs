@@ -209,6 +209,12 @@ fn history_message(message: &jetstream::Message) -> Result<HistoryMessage, Box<d
     })
 }
 
+/// How long a pull of the history reader waits at most. A replay reading a million messages
+/// against nats-server 2.9 was seen to stop for a minute now and then, its pull answered by no
+/// message until it expired (async-nats's ordered consumer asks for 30 s by default), then again:
+/// a short expiry makes such a pull be asked again in seconds.
+const HISTORY_PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The name of [`HistoryReader`] in errors.
 const HISTORY_READER: &str = "ordered history reader";
 
@@ -247,6 +253,7 @@ impl HistoryReader {
     pub async fn open(stream: &stream::Stream) -> Result<Self, BusError> {
         let config = consumer::pull::OrderedConfig {
             deliver_policy: consumer::DeliverPolicy::All,
+            max_expires: HISTORY_PULL_EXPIRES,
             ..Default::default()
         };
         let (total, messages) = open_ordered(stream, config, HISTORY_READER).await?;

@@ -31,6 +31,8 @@ pub(crate) async fn ordered_read(
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             deliver_policy: consumer::DeliverPolicy::All,
+            // As the replay's reader asks (`HISTORY_PULL_EXPIRES`).
+            max_expires: Duration::from_secs(2),
             ..Default::default()
         })
         .await
