@@ -135,8 +135,7 @@ async fn replay_into(
 ) -> anyhow::Result<Result<ReplayReport, Broken>> {
     let projections = Projections::open(out)
         .with_context(|| format!("opening sled db at {}", out.display()))?
-        .with_quarantine_max_entries(config.quarantine.max_entries)
-        .read_only_by_its_fold();
+        .with_quarantine_max_entries(config.quarantine.max_entries);
     let reader = history.reader().await?;
     let total = reader.total();
     let attestations = Arc::new(attestations);

@@ -190,9 +190,6 @@ pub struct Projections {
     quarantine_max_entries: u64,
     /// The devices' enrolled keys, parsed once, and the check of a batch's signatures.
     pub(super) signer_keys: std::sync::Arc<SignerKeys>,
-    /// Whether each batch's keys are traversed once written ([`Self::apply_prechecked`]), for
-    /// the reads that may follow a failed flush; not for a store only its fold reads.
-    settles_splits: bool,
 }
 
 impl Projections {
@@ -221,17 +218,7 @@ impl Projections {
             position: std::sync::Arc::new(position),
             quarantine_max_entries: quarantine::DEFAULT_MAX_ENTRIES,
             signer_keys: std::sync::Arc::default(),
-            settles_splits: true,
         })
-    }
-
-    /// For a store nothing but its fold reads until the fold is done, and which any failure of
-    /// the store ends (a replay into a fresh directory): the traversal after each batch, there
-    /// for the reads that follow a failed flush, is left out. It was a fifth of a replay's fold.
-    #[must_use]
-    pub fn read_only_by_its_fold(mut self) -> Self {
-        self.settles_splits = false;
-        self
     }
 
     /// Keeps at most `max_entries` quarantine records from now on (at least one). Give a replay
@@ -341,7 +328,7 @@ impl Projections {
         }
         staged.insert(LAST_SEQUENCE_KEY, last.to_be_bytes());
         staged.keep();
-        let written = if self.settles_splits { staged.keys() } else { Vec::new() };
+        let written = staged.keys();
         self.tree.apply_batch(staged.into_batch())?;
         // sled finishes a node's split on a later traversal through it, and such a traversal
         // writes: once a flush has failed (a full disk) it fails, and a read meeting it would
