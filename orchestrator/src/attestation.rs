@@ -199,11 +199,6 @@ impl Attestations {
         Self { runs }
     }
 
-    /// Whether any attestation is used.
-    pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
-    }
-
     /// Whether the signature of the message at `sequence` is attested.
     pub fn attested(&self, sequence: u64) -> bool {
         let index = self.runs.partition_point(|run| run.body.through_sequence < sequence);
@@ -212,13 +207,7 @@ impl Attestations {
         })
     }
 
-    /// Whether `sequence` is an attestation's own message, which must fold as a signed
-    /// orchestrator event.
-    pub fn is_attestation(&self, sequence: u64) -> bool {
-        self.runs.iter().any(|run| run.sequence == sequence)
-    }
-
-    /// The attestations' own stream sequences.
+    /// The attestations' own stream sequences: each must fold as a signed orchestrator event.
     pub fn sequences(&self) -> impl Iterator<Item = u64> + '_ {
         self.runs.iter().map(|run| run.sequence)
     }

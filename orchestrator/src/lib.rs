@@ -57,7 +57,12 @@ pub use config::Config;
 /// read of the projections never holds the threads that answer requests; a panic in `work`
 /// goes on unwinding here.
 pub(crate) async fn on_blocking_pool<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(work).await {
+    joined(tokio::task::spawn_blocking(work)).await
+}
+
+/// What `task` returned; a panic in it goes on unwinding here.
+pub(crate) async fn joined<T>(task: tokio::task::JoinHandle<T>) -> T {
+    match task.await {
         Ok(done) => done,
         Err(err) => std::panic::resume_unwind(err.into_panic()),
     }

@@ -186,8 +186,8 @@ async fn replay_into(
     }
     // Stops the stages still running, and waits for them to let go of the projections.
     drop(prechecked_rx);
-    let read = joined(reading).await?;
-    joined(prechecking).await;
+    let read = crate::joined(reading).await?;
+    crate::joined(prechecking).await;
     if let Some(broken) = broken.or(read.err()) {
         return Ok(Err(broken));
     }
@@ -258,13 +258,5 @@ async fn precheck_batches(
         if prechecked.send(checked).await.is_err() {
             return;
         }
-    }
-}
-
-/// What a task of the pipeline returned; its panic goes on.
-async fn joined<T>(task: tokio::task::JoinHandle<T>) -> T {
-    match task.await {
-        Ok(done) => done,
-        Err(err) => std::panic::resume_unwind(err.into_panic()),
     }
 }

@@ -79,13 +79,10 @@ impl History {
         let filter = subject::audit_event(AuditKind::SignaturesVerified);
         let mut found = Vec::new();
         let mut next = 1;
-        // A message get at a time, as a device's events are read: each answer is a message or
-        // "none", never a wait.
+        // A message get at a time, as a device's events are read.
         while next <= end {
-            let message = match self.stream.get_first_raw_message_by_subject(&filter, next).await {
-                Ok(message) => message,
-                Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
-                Err(err) => return Err(stream_error(err.into())),
+            let Some(message) = self.first_from(&filter, next).await? else {
+                break;
             };
             if message.sequence > end || until.is_some_and(|until| message.time > until) {
                 break;
@@ -94,6 +91,20 @@ impl History {
             found.push((message.sequence, message.payload.to_vec()));
         }
         Ok((found, end))
+    }
+
+    /// The first message on `filter` at or after stream sequence `sequence`, if there is one: a
+    /// message get, whose answer is a message or "none", never a wait.
+    async fn first_from(
+        &self,
+        filter: &str,
+        sequence: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, BusError> {
+        match self.stream.get_first_raw_message_by_subject(filter, sequence).await {
+            Ok(message) => Ok(Some(message)),
+            Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(BusError::Stream { source: err.into() }),
+        }
     }
 
     /// Starts reading every message from the first.
@@ -143,10 +154,8 @@ impl DeviceEvents for History {
             let mut found = Vec::new();
             let mut next = after.saturating_add(1);
             while found.len() < limit && next <= until {
-                let message = match self.stream.get_first_raw_message_by_subject(&filter, next).await {
-                    Ok(message) => message,
-                    Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
-                    Err(err) => return Err(BusError::Stream { source: err.into() }),
+                let Some(message) = self.first_from(&filter, next).await? else {
+                    break;
                 };
                 if message.sequence > until {
                     break;

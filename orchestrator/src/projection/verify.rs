@@ -100,7 +100,6 @@ impl Projections {
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
         let enrolled = staged.enrolled_key(subject_device)?;
         let checked = precheck.signature.as_ref();
-        let attested = precheck.attested;
         let envelope = match precheck.decoded.into_device(message.payload) {
             Ok(envelope) => envelope,
             Err(err) => {
@@ -109,7 +108,7 @@ impl Projections {
                 // schema, a wrong code): the device must hear that it was refused.
                 let confirmation = (subject_kind == EventKind::PasswordBackedUp
                     && self
-                        .signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked, attested)
+                        .signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked)
                         .is_ok())
                 .then(|| lenient_event_id(message.payload))
                 .flatten()
@@ -138,8 +137,7 @@ impl Projections {
             )
                 .into()));
         };
-        if let Err(detail) = self.signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked, attested)
-        {
+        if let Err(detail) = self.signed_by_enrolled_key(enrolled.as_ref(), subject_device, message, checked) {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         let answer = |rotation_id: Option<RotationId>, outcome: BackupOutcome| BackupConfirmation {
@@ -203,7 +201,7 @@ impl Projections {
         message: StreamMessage<'_>,
         precheck: Precheck,
     ) -> Result<Result<Verified, Refusal>, ProjectionError> {
-        let (checked, attested) = (precheck.signature.as_ref(), precheck.attested);
+        let checked = precheck.signature.as_ref();
         let envelope = match precheck.decoded.into_orchestrator(message.payload) {
             Ok(envelope) => envelope,
             Err(AuditDecodeError::Malformed(json)) => {
@@ -222,7 +220,7 @@ impl Projections {
         }
         // Only the orchestrator writes here: anyone else who can publish on `laps.audit.>` would
         // otherwise plant tokens or devices.
-        if let Err(detail) = signed_by_orchestrator(&self.signer_keys, staged, &envelope, message, checked, attested)? {
+        if let Err(detail) = signed_by_orchestrator(&self.signer_keys, staged, &envelope, message, checked)? {
             return Ok(Err((QuarantineReason::Forged, detail).into()));
         }
         if staged.event_applied(&envelope.id)? {
@@ -233,23 +231,19 @@ impl Projections {
 
     /// Whether `message` is signed, on exactly its subject, by `enrolled`, the key `device_id`
     /// enrolled with: `Err(why)` when it is not. `checked` is the batch's prepass, used when it
-    /// checked against that same key; an `attested` signature is not checked again.
+    /// checked against that same key (or found it attested).
     fn signed_by_enrolled_key(
         &self,
         enrolled: Option<&EnrolledKeyRecord>,
         device_id: &DeviceId,
         message: StreamMessage<'_>,
         checked: Option<&CheckedSignature>,
-        attested: bool,
     ) -> Result<(), String> {
         let Some(enrolled) = enrolled else {
             return Err(format!("device {device_id} never enrolled"));
         };
-        if attested {
-            return Ok(());
-        }
-        if let Some(checked) = checked.filter(|checked| checked.key == enrolled.public_key) {
-            return checked.verdict.clone();
+        if let Some(verdict) = checked.and_then(|checked| checked.verdict_for(&enrolled.public_key)) {
+            return verdict;
         }
         self.signer_keys
             .check(&enrolled.public_key, &Signer::Device(device_id.clone()), message)
@@ -281,38 +275,50 @@ fn backup_opens(
 /// Whether `message` (an orchestrator event, `envelope`) is signed, on exactly its subject, by
 /// the recorded orchestrator key; before any key is recorded, only an
 /// `orchestrator_key_created` signed by the key it names is (trust on first use).
-/// `Ok(Err(why))` when it is not; an `attested` signature is not checked again.
+/// `Ok(Err(why))` when it is not.
 fn signed_by_orchestrator(
     keys: &SignerKeys,
     staged: &Staged<'_>,
     envelope: &AuditEnvelope,
     message: StreamMessage<'_>,
     checked: Option<&CheckedSignature>,
-    attested: bool,
 ) -> Result<Result<(), String>, ProjectionError> {
     let public_key = match (staged.orchestrator_key()?, &envelope.event) {
         (Some(recorded), _) => recorded.public_key,
         (None, AuditEvent::OrchestratorKeyCreated(body)) => body.public_key.clone(),
         (None, _) => return Ok(Err("no orchestrator key is recorded yet".to_owned())),
     };
-    if attested {
-        return Ok(Ok(()));
-    }
-    if let Some(checked) = checked.filter(|checked| checked.key == public_key) {
-        return Ok(checked.verdict.clone());
+    if let Some(verdict) = checked.and_then(|checked| checked.verdict_for(&public_key)) {
+        return Ok(verdict);
     }
     Ok(keys.check(&public_key, &Signer::Orchestrator, message))
 }
 
-/// An event's signature, checked before the fold against the key its device had enrolled (or,
-/// for an orchestrator event, the orchestrator key recorded) when the batch began.
+/// An event's signature, worked out before the fold.
 #[derive(Debug, Clone)]
-pub(super) struct CheckedSignature {
-    /// The key (base64) it was checked against: the verdict holds only while the signer's key
-    /// is still this one.
-    key: String,
-    /// `Err(why)` when the signature is not that key's over exactly the subject and payload.
-    verdict: Result<(), String>,
+pub(super) enum CheckedSignature {
+    /// Checked against the key its device had enrolled (or, for an orchestrator event, the
+    /// orchestrator key recorded) when the batch began.
+    Against {
+        /// The key (base64) it was checked against: the verdict holds only while the signer's
+        /// key is still this one.
+        key: String,
+        /// `Err(why)` when the signature is not that key's over exactly the subject and payload.
+        verdict: Result<(), String>,
+    },
+    /// Attested by the orchestrator ([`crate::attestation`]): a replay takes that word for it,
+    /// whatever key the fold finds.
+    Attested,
+}
+
+impl CheckedSignature {
+    /// The verdict for a signature whose signer's key is now `key`, if this one holds for it.
+    fn verdict_for(&self, key: &str) -> Option<Result<(), String>> {
+        match self {
+            Self::Against { key: checked, verdict } => (checked == key).then(|| verdict.clone()),
+            Self::Attested => Some(Ok(())),
+        }
+    }
 }
 
 /// What the fold needs of a message and can be worked out beside it, on every core and for the
@@ -325,11 +331,8 @@ pub(super) struct Precheck {
     pub(super) sequence: u64,
     /// Its envelope, decoded by its subject's kind.
     decoded: Decoded,
-    /// Its signature, checked against its signer's key as it stood before.
+    /// Its signature, checked against its signer's key as it stood before, or attested.
     signature: Option<CheckedSignature>,
-    /// Its signature is attested by the orchestrator ([`crate::attestation`]): a replay takes
-    /// that word for it, whatever key the fold finds.
-    attested: bool,
 }
 
 impl Precheck {
@@ -339,7 +342,6 @@ impl Precheck {
             sequence,
             decoded: Decoded::Nothing,
             signature: None,
-            attested: false,
         }
     }
 }
@@ -484,7 +486,7 @@ impl SignerKeys {
         prepared
             .into_iter()
             .map(|prepared| {
-                prepared.map(|(key, signer, ready)| CheckedSignature {
+                prepared.map(|(key, signer, ready)| CheckedSignature::Against {
                     key,
                     verdict: ready.and_then(|_| {
                         verdicts
@@ -592,8 +594,11 @@ impl SignerKeys {
             .map(|(((message, decoded), signature), attested)| Precheck {
                 sequence: message.sequence,
                 decoded,
-                signature,
-                attested,
+                signature: if attested {
+                    Some(CheckedSignature::Attested)
+                } else {
+                    signature
+                },
             })
             .collect()
     }
