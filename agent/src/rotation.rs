@@ -36,8 +36,8 @@ use fleetlaps_proto::command::{
 };
 use fleetlaps_proto::control::StatusReport;
 use fleetlaps_proto::event::{
-    AccountMissing, CommandExecuted, Envelope, Event, ImageRollbackDetected, PasswordBackedUp, PasswordRotated,
-    PolicyApplied, RotationFailed, RotationReason, RotationStage, sealing_context,
+    AccountMissing, Envelope, Event, ImageRollbackDetected, PasswordBackedUp, PasswordRotated, PolicyApplied,
+    RotationFailed, RotationReason, RotationStage, sealing_context,
 };
 use fleetlaps_proto::ids::{AccountName, DeviceName, EventId, RotationId};
 use fleetlaps_proto::liveness::Heartbeat;
@@ -714,13 +714,17 @@ impl Processor {
         // nor while the outbox cannot be read or updated, even for a backup already confirmed:
         // a store that cannot record an ack would not record the commit either.
         let mut confirmations = self.confirmations.subscribe();
+        // A backup still in the outbox leaves now, after the subscription: its live confirmation
+        // cannot be missed but by a broken connection, so the centre's version is read only
+        // once the first poll passes without it.
+        let sent_now = self.state.in_outbox(pending.backup_sequence)?;
         self.drain_through(&pending).await?;
         if let Some(backup_event_id) = pending.backup_event_id
             && !self.state.backup_is_confirmed(&backup_event_id)?
         {
             self.resend_unconfirmed().await;
             self.faults.point("after_backup");
-            match self.await_answer(&backup_event_id, &mut confirmations).await {
+            match self.await_answer(&backup_event_id, &mut confirmations, sent_now).await {
                 Answer::Stored => {
                     self.metrics.backup_answered(metrics::BackupOutcome::Stored);
                     self.state.backup_confirmed(&backup_event_id)?;
@@ -777,19 +781,12 @@ impl Processor {
             applied_at: now,
             expires_at: pending.expires_at,
         };
-        let rotated = Event::PasswordRotated(PasswordRotated {
+        let rotated = PasswordRotated {
             rotation_id: pending.rotation_id,
             account_name: pending.account_name.clone(),
-        });
+            command_id: pending.command_id,
+        };
         self.state.complete_rotation(now, &current, rotated).await?;
-        if let Some(command_id) = pending.command_id {
-            let executed = Event::CommandExecuted(CommandExecuted {
-                command_id,
-                rotation_id: Some(pending.rotation_id),
-                error: None,
-            });
-            self.state.record_command(&command_id, now, executed).await?;
-        }
         self.faults.point("after_commit");
         self.metrics.rotation_ended(pending.reason, RotationOutcome::Succeeded);
         self.metrics.set_current_password(now, pending.expires_at);
@@ -825,11 +822,14 @@ impl Processor {
 
     /// Waits for the orchestrator's answer to the backup `event_id`: a live confirmation, or
     /// the newest backup's answer in the centre's password version (for one missed while
-    /// disconnected), for at most the configured wait.
+    /// disconnected), for at most the configured wait. The version is read at once, and again
+    /// at every poll, unless the backup was `sent_now` (after `confirmations` subscribed): then
+    /// first at the first poll.
     async fn await_answer(
         &self,
         event_id: &EventId,
         confirmations: &mut broadcast::Receiver<BackupConfirmation>,
+        sent_now: bool,
     ) -> Answer {
         let deadline = tokio::time::Instant::now() + self.settings.backup_confirmation_wait;
         let answer = |confirmation: &BackupConfirmation| match &confirmation.outcome {
@@ -839,20 +839,24 @@ impl Processor {
                 detail: detail.clone(),
             },
         };
+        let mut read_version = !sent_now;
         loop {
-            match self.publisher.password_version(self.state.device_id()).await {
-                Ok(Some(version)) => {
-                    if let Some(latest) = version
-                        .latest_backup
-                        .as_ref()
-                        .filter(|latest| latest.event_id == *event_id)
-                    {
-                        return answer(latest);
+            if read_version {
+                match self.publisher.password_version(self.state.device_id()).await {
+                    Ok(Some(version)) => {
+                        if let Some(latest) = version
+                            .latest_backup
+                            .as_ref()
+                            .filter(|latest| latest.event_id == *event_id)
+                        {
+                            return answer(latest);
+                        }
                     }
+                    Ok(None) => {}
+                    Err(err) => tracing::debug!(error = %err, "reading the current password version failed"),
                 }
-                Ok(None) => {}
-                Err(err) => tracing::debug!(error = %err, "reading the current password version failed"),
             }
+            read_version = true;
             let poll = tokio::time::Instant::now() + CONFIRMATION_POLL;
             loop {
                 tokio::select! {

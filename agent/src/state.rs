@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use fleetlaps_proto::command::{BackupRefusal, CommandId, DevicePosition};
-use fleetlaps_proto::event::{Envelope, Event, EventKind, RotationReason};
+use fleetlaps_proto::event::{Envelope, Event, EventKind, PasswordRotated, RotationReason};
 use fleetlaps_proto::ids::{AccountName, DeviceId, EventId, InstanceId, RotationId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -430,15 +430,19 @@ impl AgentState {
     }
 
     /// Records that the pending rotation's password is on the account, with its commit event; a
-    /// rollback's or a refusal's owed rotation is then paid.
+    /// rollback's or a refusal's owed rotation is then paid. A rotation a command caused
+    /// ([`PasswordRotated::command_id`]) records that command as executed in the same batch.
     pub async fn complete_rotation(
         &self,
         time: DateTime<Utc>,
         current: &CurrentCredential,
-        rotated: Event,
+        rotated: PasswordRotated,
     ) -> Result<Envelope, StateError> {
         let mut batch = sled::Batch::default();
-        let envelope = self.essential_envelope(&mut batch, time, rotated)?;
+        if let Some(command_id) = &rotated.command_id {
+            batch.insert(executed_key(command_id), encode(&time));
+        }
+        let envelope = self.essential_envelope(&mut batch, time, Event::PasswordRotated(rotated))?;
         batch.insert(CURRENT_KEY, encode(current));
         batch.remove(PENDING_KEY);
         batch.remove(ROLLBACK_DUE_KEY);
@@ -480,20 +484,6 @@ impl AgentState {
     /// Whether a command was already executed.
     pub fn command_executed(&self, command_id: &CommandId) -> Result<bool, StateError> {
         Ok(self.tree.contains_key(executed_key(command_id))?)
-    }
-
-    /// Records a command as executed, with its outcome event, durably.
-    pub async fn record_command(
-        &self,
-        command_id: &CommandId,
-        time: DateTime<Utc>,
-        executed: Event,
-    ) -> Result<Option<Envelope>, StateError> {
-        let mut batch = sled::Batch::default();
-        let envelope = self.envelope(&mut batch, time, executed)?;
-        batch.insert(executed_key(command_id), encode(&time));
-        self.commit(batch).await?;
-        Ok(envelope)
     }
 
     /// When `fleetlaps-agent reset` last rotated.
@@ -700,6 +690,47 @@ mod tests {
 
     fn test_device() -> DeviceId {
         DeviceId::parse("dev-1").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_commanded_rotations_commit_records_its_command_executed_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let command_id = CommandId::new();
+        let other_command = CommandId::new();
+        {
+            let state = AgentState::open(dir.path(), &test_device()).unwrap();
+            for command in [None, Some(command_id)] {
+                let rotation_id = RotationId::new();
+                let account_name = AccountName::parse("lapsadmin").unwrap();
+                let current = CurrentCredential {
+                    rotation_id,
+                    account_name: account_name.clone(),
+                    applied_at: Utc::now(),
+                    expires_at: Utc::now(),
+                };
+                let rotated = PasswordRotated {
+                    rotation_id,
+                    account_name,
+                    command_id: command,
+                };
+                let envelope = state
+                    .complete_rotation(Utc::now(), &current, rotated.clone())
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    envelope.event,
+                    Event::PasswordRotated(rotated),
+                    "the commit names its command"
+                );
+            }
+        }
+        let reopened = AgentState::open(dir.path(), &test_device()).unwrap();
+        assert!(
+            reopened.command_executed(&command_id).unwrap(),
+            "recorded with the commit"
+        );
+        assert!(!reopened.command_executed(&other_command).unwrap());
+        assert_eq!(reopened.outbox_len(), 2, "one event per rotation, no command_executed");
     }
 
     #[test]

@@ -228,8 +228,14 @@ fn describe_device_event(envelope: &Envelope) -> Described {
             }),
         ),
         Event::PasswordRotated(body) => Described::by_device(
-            format!("rotation {} applied to {}", body.rotation_id, body.account_name),
-            json!({"rotation_id": body.rotation_id, "account_name": body.account_name}),
+            match &body.command_id {
+                Some(command_id) => format!(
+                    "rotation {} applied to {}: command {command_id} executed",
+                    body.rotation_id, body.account_name
+                ),
+                None => format!("rotation {} applied to {}", body.rotation_id, body.account_name),
+            },
+            json!({"rotation_id": body.rotation_id, "account_name": body.account_name, "command_id": body.command_id}),
         ),
         Event::RotationFailed(body) => Described::by_device(
             format!("rotation failed at {}: {}", wire_name(&body.stage), body.error),

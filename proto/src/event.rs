@@ -70,7 +70,9 @@ pub enum Event {
     PostAuthenticationActionsSucceeded(PostAuthenticationActions),
     /// The post-authentication reset or an action failed; it will be retried (LAPS 10043).
     PostAuthenticationActionsFailed(PostAuthenticationActionsFailed),
-    /// A command from the orchestrator was carried out (or refused).
+    /// A command from the orchestrator was carried out (or refused). Agents no longer send it
+    /// for a rotation a command caused: its [`PasswordRotated::command_id`] says so in the same
+    /// event.
     CommandExecuted(CommandExecuted),
     /// The device's state is behind the centre's view of it: the device was restored from an
     /// older copy (an image rollback, a snapshot) or lost its state; it rotates at once (LAPS
@@ -193,6 +195,12 @@ pub struct PasswordRotated {
     pub rotation_id: RotationId,
     /// The managed account.
     pub account_name: AccountName,
+    /// The command this rotation carried out, when one caused it (a rotation request, a breach
+    /// campaign's wave): the rotation is the command's execution, and no `command_executed`
+    /// follows it. Absent from rotations no command caused, and from agents that reported the
+    /// execution as a `command_executed` of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<crate::command::CommandId>,
 }
 
 /// Where in the rotation a failure happened.
@@ -586,6 +594,21 @@ mod tests {
         assert_eq!((observed.count, observed.first_at, observed.last_at), (1, None, None));
         let text = serde_json::to_string(&observed).unwrap();
         assert!(text.contains(r#""count":1"#) && !text.contains("first_at"), "{text}");
+    }
+
+    #[test]
+    fn a_rotation_names_its_command_only_when_one_caused_it() {
+        let before = r#"{"rotation_id":"01a23d42-241a-71ad-a5f1-aa81c489c0c2","account_name":"admin"}"#;
+        let rotated: PasswordRotated = serde_json::from_str(before).unwrap();
+        assert_eq!(rotated.command_id, None);
+        assert_eq!(serde_json::to_string(&rotated).unwrap(), before, "encoded as before");
+        let commanded = PasswordRotated {
+            command_id: Some(crate::command::CommandId::new()),
+            ..rotated
+        };
+        let text = serde_json::to_string(&commanded).unwrap();
+        assert!(text.contains("command_id"), "{text}");
+        assert_eq!(serde_json::from_str::<PasswordRotated>(&text).unwrap(), commanded);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Commands from the orchestrator reach devices that were offline, and run once.
 
 use async_nats::jetstream;
-use fleetlaps_proto::command::CommandAction;
+use fleetlaps_proto::command::{CommandAction, CommandId};
 use fleetlaps_proto::control::{ControlRequest, ControlResponse};
+use fleetlaps_proto::event::{Envelope, Event};
 use fleetlaps_proto::subject;
+use futures::StreamExt as _;
 
 use crate::apps::{TestAgent, TestOrchestrator};
 use crate::harness::TestNats;
@@ -20,7 +22,7 @@ async fn an_offline_agent_runs_a_rotate_command_issued_while_it_was_down_exactly
     let action = CommandAction::RotatePassword {
         reason: "suspected breach".to_owned(),
     };
-    fleetlaps_orchestrator::bus::issue_command(&jetstream, &agent.device_id, action)
+    let command = fleetlaps_orchestrator::bus::issue_command(&jetstream, &agent.device_id, action)
         .await
         .expect("issued");
 
@@ -41,7 +43,43 @@ async fn an_offline_agent_runs_a_rotate_command_issued_while_it_was_down_exactly
         "{answer:?}"
     );
     assert_eq!(count(&jetstream, &agent, "password_backed_up").await, 2);
-    assert_eq!(count(&jetstream, &agent, "command_executed").await, 1);
+    assert_eq!(
+        rotations_commands(&jetstream, &agent).await,
+        [None, Some(command.id)],
+        "the second rotation names the command it carried out"
+    );
+    assert_eq!(
+        count(&jetstream, &agent, "command_executed").await,
+        0,
+        "the rotation says it"
+    );
+}
+
+/// The command each of the device's rotations names, in the stream's order.
+async fn rotations_commands(jetstream: &jetstream::Context, agent: &TestAgent) -> Vec<Option<CommandId>> {
+    let stream = jetstream
+        .get_stream(subject::EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("laps.events.{}.password_rotated", agent.device_id),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let rotations = count(jetstream, agent, "password_rotated").await;
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut commands = Vec::new();
+    for _ in 0..rotations {
+        let message = messages.next().await.expect("a message").expect("readable");
+        let envelope = Envelope::from_json(&message.payload).expect("an event");
+        let Event::PasswordRotated(rotated) = envelope.event else {
+            panic!("not a rotation: {envelope:?}");
+        };
+        commands.push(rotated.command_id);
+    }
+    commands
 }
 
 /// How many events of `kind` the device has in the stream.

@@ -175,7 +175,7 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
         .await
         .expect("the API answers");
     assert_eq!(rotate.status(), StatusCode::NO_CONTENT);
-    wait_for_timeline(&orchestrator, &auditor, &device_id, "command_executed", 1).await;
+    wait_for_timeline(&orchestrator, &auditor, &device_id, "password_rotated", 2).await;
     // 6. A breach naming the device: its campaign commands a rotation.
     let deadline = Utc::now() + chrono::Duration::hours(1);
     let declared = orchestrator
@@ -193,7 +193,7 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
     assert_eq!(declared.status(), StatusCode::CREATED);
     let declared: Value = declared.json().await.expect("json");
     let breach_id = declared["id"].as_str().expect("a breach id").to_owned();
-    let entries = wait_for_timeline(&orchestrator, &auditor, &device_id, "command_executed", 2).await;
+    let entries = wait_for_timeline(&orchestrator, &auditor, &device_id, "password_rotated", 3).await;
 
     // Assert: the exact timeline, in the history's order.
     let kinds: Vec<(&str, &str)> = entries
@@ -213,12 +213,10 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
             ("rotation_requested", "operator"),
             ("password_backed_up", "device"),
             ("password_rotated", "device"),
-            ("command_executed", "device"),
             ("breach_targeted", "orchestrator"),
             ("breach_wave_commanded", "orchestrator"),
             ("password_backed_up", "device"),
             ("password_rotated", "device"),
-            ("command_executed", "device"),
         ],
         "{entries:#?}"
     );
@@ -234,15 +232,13 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
         requested,
         second_backup,
         second_applied,
-        requested_done,
         targeted,
         wave,
         third_backup,
         third_applied,
-        wave_done,
     ] = entries.as_slice()
     else {
-        unreachable!("sixteen entries")
+        unreachable!("fourteen entries")
     };
     assert_eq!(field(enrolled, "device_name"), "device-1");
     let first = field(first_backup, "rotation_id");
@@ -267,14 +263,24 @@ async fn a_device_s_timeline_and_the_exposure_of_its_password_between_two_rotati
     );
     assert_eq!(login.fields["count"], 1);
     assert_eq!(field(login, "remote_host"), "203.0.113.7");
-    // The request's command, then the campaign's, each carried out by one rotation.
+    // The request's command, then the campaign's, each carried out by the rotation that names it.
     assert_eq!(field(requested, "reason"), "INC-1234 follow-up");
-    assert_eq!(field(requested_done, "command_id"), field(requested, "command_id"));
-    assert_eq!(field(requested_done, "rotation_id"), second);
+    assert_eq!(field(second_applied, "command_id"), field(requested, "command_id"));
+    assert!(
+        second_applied
+            .summary
+            .ends_with(&format!("command {} executed", field(requested, "command_id"))),
+        "{}",
+        second_applied.summary
+    );
     assert_eq!(field(targeted, "breach_id"), breach_id);
     assert_eq!(field(wave, "breach_id"), breach_id);
-    assert_eq!(field(wave_done, "command_id"), field(wave, "command_id"));
-    assert_eq!(field(wave_done, "rotation_id"), third);
+    assert_eq!(field(third_applied, "command_id"), field(wave, "command_id"));
+    assert_eq!(
+        first_applied.fields["command_id"],
+        Value::Null,
+        "no command caused the first"
+    );
     // Never a password, sealed or not.
     let text = serde_json::to_string(&entries).expect("json");
     assert!(!text.contains("sealed"), "{text}");

@@ -75,6 +75,7 @@ impl History {
             Event::PasswordRotated(PasswordRotated {
                 rotation_id,
                 account_name: AccountName::parse("lapsadmin").unwrap(),
+                command_id: None,
             }),
         )
     }

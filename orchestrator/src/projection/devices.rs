@@ -434,6 +434,7 @@ mod tests {
             Event::PasswordRotated(PasswordRotated {
                 rotation_id,
                 account_name: account(),
+                command_id: None,
             }),
             Event::RotationFailed(RotationFailed {
                 rotation_id: None,
@@ -560,6 +561,7 @@ mod tests {
                 Event::PasswordRotated(PasswordRotated {
                     rotation_id,
                     account_name: account(),
+                    command_id: None,
                 }),
             ),
             None,

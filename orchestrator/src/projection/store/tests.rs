@@ -251,6 +251,7 @@ fn rotated(sequence: u64, rotation_id: RotationId) -> Envelope {
         Event::PasswordRotated(PasswordRotated {
             rotation_id,
             account_name: AccountName::parse("lapsadmin").unwrap(),
+            command_id: None,
         }),
     )
 }
