@@ -57,9 +57,26 @@ use crate::metrics::{self, Metrics, RotationOutcome};
 use crate::password_hash::PasswordHash;
 use crate::state::{AgentState, CurrentCredential, OUTBOX_RESERVED, PendingRotation, RefusedBackup, StateError};
 
-/// How often a rotation waiting for its confirmation also reads the centre's password version,
-/// in case the live confirmation was missed.
+/// How long a rotation waiting for its confirmation first waits before it also reads the
+/// centre's password version, in case the live confirmation was missed; each later wait is twice
+/// the one before, up to [`CONFIRMATION_POLL_MAX`] ([`confirmation_poll`]).
 const CONFIRMATION_POLL: Duration = Duration::from_secs(1);
+/// The longest wait between two reads of the centre's password version during one rotation.
+const CONFIRMATION_POLL_MAX: Duration = Duration::from_secs(8);
+
+/// How long a rotation waits, after its `attempt`-th read of the centre's password version (the
+/// first is 0), before it reads it again: [`CONFIRMATION_POLL`] doubled at each attempt, at most
+/// [`CONFIRMATION_POLL_MAX`], less up to half of it chosen by the backup's event id (random
+/// bits). So the devices a campaign commanded at once, all waiting on a busy centre, neither
+/// read every second nor all in the same instant; the live confirmation answers most at once.
+fn confirmation_poll(attempt: u32, event_id: &EventId) -> Duration {
+    let full = CONFIRMATION_POLL
+        .saturating_mul(1 << attempt.min(16))
+        .min(CONFIRMATION_POLL_MAX);
+    let bytes = event_id.as_bytes();
+    let spread = f64::from(u16::from_be_bytes([bytes[14], bytes[15]])) / f64::from(u16::MAX);
+    full.mul_f64(1.0 - spread / 2.0)
+}
 
 /// Why a cycle did not finish. Messages never contain a password.
 #[derive(Debug, thiserror::Error)]
@@ -840,7 +857,8 @@ impl Processor {
             },
         };
         let mut read_version = !sent_now;
-        loop {
+        let mut listening = true;
+        for attempt in 0.. {
             if read_version {
                 match self.publisher.password_version(self.state.device_id()).await {
                     Ok(Some(version)) => {
@@ -857,21 +875,22 @@ impl Processor {
                 }
             }
             read_version = true;
-            let poll = tokio::time::Instant::now() + CONFIRMATION_POLL;
+            let poll = tokio::time::Instant::now() + confirmation_poll(attempt, event_id);
             loop {
                 tokio::select! {
-                    received = confirmations.recv() => match received {
+                    received = confirmations.recv(), if listening => match received {
                         Ok(confirmation) if confirmation.event_id == *event_id => return answer(&confirmation),
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => break,
+                        Err(broadcast::error::RecvError::Closed) => listening = false,
                     },
                     () = tokio::time::sleep_until(poll.min(deadline)) => break,
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Answer::NotYet;
+                break;
             }
         }
+        Answer::NotYet
     }
 
     /// Gives up a rotation whose backup the orchestrator refused: the account never had the
@@ -1014,4 +1033,34 @@ enum DrainError {
     /// The outbox could not be read or updated.
     #[error(transparent)]
     State(StateError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waits_between_version_reads_double_up_to_the_most_and_are_spread_by_event_id() {
+        let ids: Vec<EventId> = (0..200).map(|_| EventId::new()).collect();
+        for id in &ids {
+            let waits: Vec<Duration> = (0..8).map(|attempt| confirmation_poll(attempt, id)).collect();
+            assert!(
+                waits[0] >= CONFIRMATION_POLL / 2 && waits[0] <= CONFIRMATION_POLL,
+                "{waits:?}"
+            );
+            for pair in waits.windows(2).take(3) {
+                let ratio = pair[1].as_secs_f64() / pair[0].as_secs_f64();
+                assert!((ratio - 2.0).abs() < 1e-6, "doubles: {waits:?}");
+            }
+            for wait in &waits[3..] {
+                assert!(
+                    *wait <= CONFIRMATION_POLL_MAX && *wait >= CONFIRMATION_POLL_MAX / 2,
+                    "at most the most: {waits:?}"
+                );
+            }
+            assert_eq!(confirmation_poll(u32::MAX, id), waits[7], "no overflow");
+        }
+        let firsts: std::collections::BTreeSet<Duration> = ids.iter().map(|id| confirmation_poll(0, id)).collect();
+        assert!(firsts.len() > 100, "spread over the devices: {} distinct", firsts.len());
+    }
 }

@@ -493,7 +493,8 @@ async fn simulated_rss(
     devices: u32,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<u64> {
-    let mut fleet = rotation::start_fleet(simulators, orchestrator, http, name, devices, progress).await?;
+    let state = simulators.work.join(name).join("state");
+    let mut fleet = rotation::start_fleet(simulators, orchestrator, http, name, &state, devices, progress).await?;
     tokio::time::sleep(IDLE_SETTLE).await;
     let rss = memory(fleet.process.id())?.rss;
     fleet.process.stop().context("stopping the fleet simulator")?;

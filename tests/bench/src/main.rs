@@ -78,6 +78,11 @@ struct Args {
     /// Devices `fleetlaps-agent simulate` runs for the fleet-wide rotation.
     #[arg(long, default_value_t = 10_000)]
     rotation_devices: u32,
+    /// Keep the rotation's simulated devices' state (sled and account files) under the run's
+    /// directory, on the disk the orchestrator and nats-server use, rather than in memory
+    /// (`/dev/shm`): see the rotation's note.
+    #[arg(long)]
+    simulated_state_on_disk: bool,
     /// Messages on the events stream the replay rebuilds from: the stream is topped up to this
     /// many with signed device events (the figure is 1,000,000).
     #[arg(long, default_value_t = 1_000_000)]
@@ -221,6 +226,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             "api_secs": args.api_secs,
             "replay_events": args.replay_events,
             "rotation_devices": args.rotation_devices,
+            "simulated_state_on_disk": args.simulated_state_on_disk,
             "footprint_simulated": args.footprint_simulated,
             "footprint_devices": args.footprint_devices,
             "cpus": std::thread::available_parallelism().map(usize::from).unwrap_or(0),
@@ -317,6 +323,7 @@ async fn benchmarks(bench: &Bench<'_>) -> anyhow::Result<(Vec<report::Row>, Vec<
             orchestrator_pid,
             bench.http,
             args.rotation_devices,
+            args.simulated_state_on_disk,
         )
         .await
         .context("fleet-wide rotation")?;
