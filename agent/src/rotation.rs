@@ -732,8 +732,9 @@ impl Processor {
         // a store that cannot record an ack would not record the commit either.
         let mut confirmations = self.confirmations.subscribe();
         // A backup still in the outbox leaves now, after the subscription: its live confirmation
-        // cannot be missed but by a broken connection, so the centre's version is read only
-        // once the first poll passes without it.
+        // is missed only through a broken connection, or when JetStream drops the backup as a
+        // copy of one sent before a crash, so the centre's version is read only once the first
+        // poll passes without it.
         let sent_now = self.state.in_outbox(pending.backup_sequence)?;
         self.drain_through(&pending).await?;
         if let Some(backup_event_id) = pending.backup_event_id

@@ -57,18 +57,8 @@ async fn an_offline_agent_runs_a_rotate_command_issued_while_it_was_down_exactly
 
 /// The command each of the device's rotations names, in the stream's order.
 async fn rotations_commands(jetstream: &jetstream::Context, agent: &TestAgent) -> Vec<Option<CommandId>> {
-    let stream = jetstream
-        .get_stream(subject::EVENTS_STREAM)
-        .await
-        .expect("events stream");
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: format!("laps.events.{}.password_rotated", agent.device_id),
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let rotations = count(jetstream, agent, "password_rotated").await;
+    let mut consumer = device_events(jetstream, agent, "password_rotated").await;
+    let rotations = consumer.info().await.expect("consumer info").num_pending;
     let mut messages = consumer.messages().await.expect("messages");
     let mut commands = Vec::new();
     for _ in 0..rotations {
@@ -84,17 +74,25 @@ async fn rotations_commands(jetstream: &jetstream::Context, agent: &TestAgent) -
 
 /// How many events of `kind` the device has in the stream.
 async fn count(jetstream: &jetstream::Context, agent: &TestAgent, kind: &str) -> u64 {
+    let mut consumer = device_events(jetstream, agent, kind).await;
+    consumer.info().await.expect("consumer info").num_pending
+}
+
+/// An ordered consumer of the device's events of `kind`, from the first.
+async fn device_events(
+    jetstream: &jetstream::Context,
+    agent: &TestAgent,
+    kind: &str,
+) -> jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig> {
     let stream = jetstream
         .get_stream(subject::EVENTS_STREAM)
         .await
         .expect("events stream");
-    let consumer = stream
+    stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: format!("laps.events.{}.{kind}", agent.device_id),
             ..Default::default()
         })
         .await
-        .expect("ordered consumer");
-    let mut consumer = consumer;
-    consumer.info().await.expect("consumer info").num_pending
+        .expect("ordered consumer")
 }
