@@ -68,12 +68,11 @@ impl History {
     /// replay checks them, [`crate::attestation`]); and the stream's last sequence when they
     /// were read, past which none is.
     pub async fn attestations(&self, until: Option<DateTime<Utc>>) -> Result<(Vec<(u64, Vec<u8>)>, u64), BusError> {
-        let stream_error = |source: Box<dyn std::error::Error + Send + Sync>| BusError::Stream { source };
         let end = self
             .stream
             .get_info()
             .await
-            .map_err(|err| stream_error(err.into()))?
+            .map_err(|err| BusError::Stream { source: err.into() })?
             .state
             .last_sequence;
         let filter = subject::audit_event(AuditKind::SignaturesVerified);
